@@ -1,0 +1,268 @@
+"""The dataset directory: the one contract between diffumask's stages.
+
+Layout (Pascal VOC compatible, plus soft maps and a manifest)::
+
+    DATASET/
+      dataset.json                  how the dataset was made (checked on every re-run)
+      classes.json                  label map: 0 background, 1..n classes, 255 ignore
+      manifest.jsonl                one line per finished item
+      JPEGImages/<id>.jpg|png
+      SoftMaps/<id>.npz             per-class soft maps, float16
+      SegmentationClass/<id>.png    palette PNG, class index per pixel, 255 = uncertain
+      ImageSets/Segmentation/<split>.txt
+
+Every file is written under a temporary name and renamed, and an item counts as finished only
+once its manifest line is written (last), so a run killed at any moment leaves whole items only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IGNORE_INDEX = 255
+IMAGE_FORMATS = ("jpg", "png")
+
+
+class DatasetMismatch(ValueError):
+    """The output folder holds a dataset made with other classes or settings."""
+
+
+def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
+    """Pascal VOC's bit-interleaved colour map (index 255 is (224, 224, 192) in VOC itself)."""
+    palette = []
+    for index in range(n):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette.append((r, g, b))
+    palette[IGNORE_INDEX] = (224, 224, 192)
+    return palette
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_palette_png(path: Path, mask: np.ndarray) -> None:
+    """Class indices as a palette PNG: viewers show colours, trainers read indices."""
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be 2-D (H, W), got shape {mask.shape}")
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette([v for rgb in voc_palette() for v in rgb])
+    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """Read a palette (or grey) PNG back as class indices, never as colours."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"{path} is a {image.mode} image, not a class-index PNG")
+        return np.array(image)
+
+
+class Dataset:
+    """A dataset directory on disk; see the module docstring for the layout."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        if not (self.root / "classes.json").is_file():
+            raise FileNotFoundError(
+                f"{self.root} is not a diffumask dataset (no classes.json); "
+                "create one with `diffumask generate` or Dataset.create()"
+            )
+        label_map = json.loads((self.root / "classes.json").read_text())
+        self.classes: list[str] = [c["name"] for c in label_map["classes"][1:]]
+        info = json.loads((self.root / "dataset.json").read_text())
+        self.settings: dict[str, Any] = info["settings"]
+        self.image_format: str = info["image_format"]
+
+    # ----------------------------------------------------------------- creation
+    @classmethod
+    def create(
+        cls,
+        root: str | os.PathLike[str],
+        classes: Iterable[str],
+        settings: Mapping[str, Any],
+        image_format: str = "jpg",
+        jpeg_quality: int = 95,
+    ) -> Dataset:
+        """Create the directory, or reopen it when it was made with the same classes and settings."""
+        root = Path(root)
+        classes = list(classes)
+        if not classes:
+            raise ValueError("a dataset needs at least one class")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"duplicate class names in {classes}")
+        if len(classes) >= IGNORE_INDEX:
+            raise ValueError(f"at most {IGNORE_INDEX - 1} classes fit in a palette PNG, got {len(classes)}")
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+        info = {"image_format": image_format, "jpeg_quality": jpeg_quality, "settings": dict(settings)}
+        info = json.loads(json.dumps(info))  # normalise tuples etc. so the comparison is exact
+        if (root / "dataset.json").is_file():
+            existing = json.loads((root / "dataset.json").read_text())
+            old_classes = [c["name"] for c in json.loads((root / "classes.json").read_text())["classes"][1:]]
+            if old_classes != classes:
+                raise DatasetMismatch(
+                    f"{root} holds a dataset of classes {old_classes}, not {classes}; "
+                    "choose another output folder"
+                )
+            if existing != info:
+                changed = sorted(
+                    k for k in set(existing["settings"]) | set(info["settings"])
+                    if existing["settings"].get(k) != info["settings"].get(k)
+                ) or [k for k in info if existing.get(k) != info[k]]
+                raise DatasetMismatch(
+                    f"{root} holds a dataset made with other settings ({', '.join(changed)} differ); "
+                    "re-run with the same settings to resume, or choose another output folder"
+                )
+            return cls(root)
+        if root.exists() and any(root.iterdir()):
+            raise DatasetMismatch(f"{root} exists and is not a diffumask dataset; choose an empty or new folder")
+        palette = voc_palette()
+        label_map = {
+            "ignore_index": IGNORE_INDEX,
+            "classes": [{"index": i, "name": name, "color": list(palette[i])}
+                        for i, name in enumerate(["background", *classes])],
+        }
+        write_text_atomic(root / "classes.json", json.dumps(label_map, indent=1) + "\n")
+        write_text_atomic(root / "dataset.json", json.dumps(info, indent=1) + "\n")
+        return cls(root)
+
+    @property
+    def jpeg_quality(self) -> int:
+        return int(json.loads((self.root / "dataset.json").read_text())["jpeg_quality"])
+
+    def class_index(self, name: str) -> int:
+        return self.classes.index(name) + 1
+
+    # ----------------------------------------------------------------- paths
+    def image_path(self, item_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{item_id}.{self.image_format}"
+
+    def mask_path(self, item_id: str) -> Path:
+        return self.root / "SegmentationClass" / f"{item_id}.png"
+
+    def soft_maps_path(self, item_id: str) -> Path:
+        return self.root / "SoftMaps" / f"{item_id}.npz"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.jsonl"
+
+    # ----------------------------------------------------------------- manifest
+    def records(self) -> list[dict[str, Any]]:
+        """Finished items in write order; a torn last line (a killed run) is dropped."""
+        if not self.manifest_path.is_file():
+            return []
+        lines = self.manifest_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        records = []
+        for number, line in enumerate(lines):
+            try:
+                if not line.endswith("\n"):
+                    raise ValueError("unterminated line")
+                records.append(json.loads(line))
+            except ValueError:
+                if number != len(lines) - 1:
+                    raise ValueError(f"{self.manifest_path}: line {number + 1} is not valid JSON") from None
+                # A run died while appending: cut the torn line so the next append starts clean.
+                write_text_atomic(self.manifest_path, "".join(lines[:-1]))
+        return records
+
+    def finished_ids(self) -> set[str]:
+        return {r["id"] for r in self.records()}
+
+    def _append_record(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with open(self.manifest_path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    # ----------------------------------------------------------------- items
+    def write_item(
+        self,
+        item_id: str,
+        image: np.ndarray | Image.Image,
+        record: Mapping[str, Any],
+        mask: np.ndarray | None = None,
+        soft_maps: Mapping[str, np.ndarray] | None = None,
+        split: str = "train",
+    ) -> None:
+        """Write one item's files, then its manifest line (which marks it finished)."""
+        if "/" in item_id or item_id.startswith("."):
+            raise ValueError(f"invalid item id {item_id!r}")
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+        pil = pil.convert("RGB")
+        if self.image_format == "jpg":
+            quality = self.jpeg_quality
+            _atomic_write(self.image_path(item_id),
+                          lambda tmp: pil.save(tmp, format="JPEG", quality=quality, subsampling=0))
+        else:
+            _atomic_write(self.image_path(item_id), lambda tmp: pil.save(tmp, format="PNG"))
+        if soft_maps is not None:
+            arrays = {k: np.asarray(v, dtype=np.float16) for k, v in soft_maps.items()}
+            _atomic_write(self.soft_maps_path(item_id), lambda tmp: _save_npz(tmp, arrays))
+        if mask is not None:
+            if mask.shape != (pil.height, pil.width):
+                raise ValueError(f"mask shape {mask.shape} does not match image size {(pil.height, pil.width)}")
+            write_palette_png(self.mask_path(item_id), mask)
+        self._append_record({"id": item_id, "split": split, **record})
+
+    def rewrite_mask(self, item_id: str, mask: np.ndarray) -> None:
+        write_palette_png(self.mask_path(item_id), mask)
+
+    def finalize(self) -> None:
+        """Rewrite the ImageSets split lists from the manifest (ids in write order, no duplicates)."""
+        splits: dict[str, dict[str, None]] = {}
+        for record in self.records():
+            splits.setdefault(record.get("split", "train"), {})[record["id"]] = None
+        for split, ids in splits.items():
+            write_text_atomic(self.root / "ImageSets" / "Segmentation" / f"{split}.txt",
+                              "".join(f"{i}\n" for i in ids))
+
+    # ----------------------------------------------------------------- reading
+    def read_image(self, item_id: str) -> np.ndarray:
+        with Image.open(self.image_path(item_id)) as image:
+            return np.array(image.convert("RGB"))
+
+    def read_mask(self, item_id: str) -> np.ndarray:
+        return read_index_png(self.mask_path(item_id))
+
+    def read_soft_maps(self, item_id: str) -> dict[str, np.ndarray]:
+        with np.load(self.soft_maps_path(item_id)) as data:
+            return {k: data[k].astype(np.float32) for k in data.files}
+
+    def split_ids(self, split: str = "train") -> list[str]:
+        path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        return path.read_text().split() if path.is_file() else []
+
+
+def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object stops numpy from appending ".npz" to the temp name
+        np.savez_compressed(f, **arrays)
