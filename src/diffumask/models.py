@@ -1,0 +1,136 @@
+"""Model names → ready diffusers pipelines: a hub id, a local diffusers folder, or ``shapes``.
+
+One loader for every source, so the built-in model goes through the same path as a user's
+Stable Diffusion checkpoint, and every failure names its cause and its fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUILTIN_MODELS = ("shapes",)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SCHEDULERS = {
+    "pndm": "PNDMScheduler",  # the paper's (SD 1.4's default)
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
+
+class ModelError(ValueError):
+    """A model cannot be loaded or used for recording; the message says how to fix it."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _dtype_keyword() -> str:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (0.42 accepts both and warns on the old name)."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+
+
+def _hub_folder(model_id: str, revision: str | None) -> Path:
+    """The local snapshot of a hub id: from the cache first, then (if allowed) downloaded."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(model_id, revision=revision, local_files_only=True))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            return Path(DiffusionPipeline.download(model_id, revision=revision))
+        except Exception as error:
+            reason = str(error).splitlines()[0][:200]
+            raise ModelError(
+                f"cannot load {model_id!r}: it is not in the local Hugging Face cache and the Hub could "
+                f"not be reached ({reason}). Download it where there is internet access "
+                f"(`hf download {model_id}`) and copy the cache, or pass a local diffusers folder "
+                "(--model /path/to/folder)"
+            ) from None
+    raise ModelError(
+        f"cannot load {model_id!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+        "pass a local diffusers folder (--model /path/to/folder)"
+    )
+
+
+def load_pipeline(
+    model: str = "shapes",
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    scheduler: str | None = None,
+    revision: str | None = None,
+) -> Any:
+    """Load ``model`` (``shapes``, a local diffusers folder or a hub id) for generation with recording."""
+    torch_dtype = resolve_dtype(dtype)
+    if model in BUILTIN_MODELS:
+        from .shapes import load_pipeline as load_shapes
+
+        pipe = load_shapes(device=device, dtype=torch_dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        path = Path(model).expanduser()
+        local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+        if local and not path.is_dir():
+            raise ModelError(f"model folder {model} does not exist")
+        folder = path if local else _hub_folder(model, revision)
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise ModelError(
+                f"{folder} is not a diffusers pipeline folder (no model_index.json). For a single "
+                ".safetensors/.ckpt file, convert it once: "
+                "StableDiffusionPipeline.from_single_file(FILE).save_pretrained(FOLDER)"
+            )
+        components = json.loads(index.read_text())
+        extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in components else {}
+        extra[_dtype_keyword()] = torch_dtype
+        try:
+            pipe = DiffusionPipeline.from_pretrained(folder, **extra)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"cannot load the pipeline in {folder}: {str(error).splitlines()[0]}") from None
+        pipe.to(device)
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "tokenizer"):
+        raise ModelError(
+            f"{model} loads as {type(pipe).__name__}, which has no UNet with cross-attention and tokenizer; "
+            "diffumask records Stable Diffusion 1.x/2.x/XL-style pipelines"
+        )
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    return pipe
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap the sampler, keeping the model's noise schedule and prediction type."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ModelError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def model_description(model: str, pipe: Any) -> dict[str, Any]:
+    """What the manifest records about the model, so a dataset names its exact source."""
+    config = getattr(pipe, "config", {})
+    return {
+        "model": model,
+        "pipeline": type(pipe).__name__,
+        "revision": config.get("_commit_hash") if hasattr(config, "get") else None,
+        "name_or_path": str(getattr(config, "_name_or_path", "") or model),
+    }
