@@ -92,7 +92,7 @@ def test_recorder_matches_reference(saved_pipelines, kind):
     size = images.shape[1]
     expected_default = (4, 8, 16) if kind != "sdxl" else (4, 8)  # SDXL-shaped: no grid-16 cross-attention
     for i, image_maps in enumerate(maps):
-        assert image_maps.default_resolutions == expected_default
+        assert image_maps.resolutions == expected_default
         for name, token_ids in image_maps.tokens.items():
             grids = hand_grids(store, i, len(PROMPTS), token_ids, latent)
             assert sorted(grids) == sorted(image_maps.grids[name])
@@ -100,6 +100,9 @@ def test_recorder_matches_reference(saved_pipelines, kind):
                 np.testing.assert_allclose(image_maps.grids[name][res], grid, rtol=1e-4, atol=1e-7)
             fused = hand_fuse(grids, size, expected_default)
             np.testing.assert_allclose(image_maps[name], fused, atol=1e-5)
+            image_maps.resolutions = (16,) if kind != "sdxl" else (8,)  # re-fusing needs no generation
+            np.testing.assert_allclose(image_maps[name], hand_fuse(grids, size, image_maps.resolutions), atol=1e-5)
+            image_maps.resolutions = expected_default
             assert image_maps[name].shape == (size, size)
             assert 0.0 <= image_maps[name].min() and image_maps[name].max() <= 1.0
 

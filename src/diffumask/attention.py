@@ -80,28 +80,31 @@ def fuse(
 
 @dataclass
 class ImageMaps:
-    """One image's class maps: raw per-resolution grids and the fused map at image size."""
+    """One image's class maps: raw per-resolution grids and the fused map at image size.
+
+    ``maps["dog"]`` is the fused map at ``resolutions`` (by default the paper's latent/4, /2, /1;
+    assign another tuple of grid heights to re-fuse without generating again).
+    """
 
     prompt: str
     tokens: dict[str, list[int]]
     grids: dict[str, dict[int, np.ndarray]]  # class -> grid height -> (h, w) mean attention
     size: tuple[int, int]  # image (H, W)
-    default_resolutions: tuple[int, ...]
-    _fused: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    resolutions: tuple[int, ...]
+    _cache: dict[tuple[str, tuple[int, ...]], np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def classes(self) -> list[str]:
         return list(self.grids)
 
-    def fused(self, resolutions: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        """Fuse every class at ``resolutions`` (grid heights; default latent/4, /2, /1)."""
-        chosen = tuple(self.default_resolutions if resolutions is None else resolutions)
-        return {name: fuse(grids, self.size, chosen) for name, grids in self.grids.items()}
-
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._fused:
-            self._fused[name] = fuse(self.grids[name], self.size, self.default_resolutions)
-        return self._fused[name]
+        key = (name, tuple(self.resolutions))
+        if key not in self._cache:
+            self._cache[key] = fuse(self.grids[name], self.size, key[1])
+        return self._cache[key]
+
+    def fused(self) -> dict[str, np.ndarray]:
+        return {name: self[name] for name in self.grids}
 
     def soft_maps(self) -> dict[str, np.ndarray]:
         """Arrays for ``SoftMaps/<id>.npz``: ``name`` (fused) and ``name@res`` (raw grids)."""

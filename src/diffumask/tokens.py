@@ -48,6 +48,14 @@ def class_token_indices(tokenizer: Any, prompt: str, classes: Sequence[str]) -> 
         phrase = _ids(tokenizer, name, special=False)
         if not phrase:
             raise PromptError(f"class name {name!r} tokenises to nothing; use a real word")
+        # CLIP's unknown token is its end token, which byte-level BPE never emits for real text;
+        # word-level tokenizers (the shapes model's) map any word they lack to a real <unk>.
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        if unknown is not None and unknown in phrase and unknown not in _ids(tokenizer, "", special=True):
+            raise PromptError(
+                f"class {name!r} is not in this model's vocabulary (it tokenises to the unknown token); "
+                "choose a class the model knows"
+            )
         starts = [i for i in range(len(body) - len(phrase) + 1) if body[i:i + len(phrase)] == phrase]
         if not starts:
             raise PromptError(

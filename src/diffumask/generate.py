@@ -1,0 +1,233 @@
+"""Class names in, a segmentation dataset out: work items → batches → pipeline + recorder → disk.
+
+Work items are enumerated deterministically (class × index → id, seed, prompt), batched per
+class in fixed groups, and written one whole item at a time, so a killed run resumes where it
+stopped, a larger ``images_per_class`` extends a dataset, and the result does not depend on
+how often the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .attention import ImageMaps, trace
+from .dataset import Dataset
+from .masks import threshold_masks
+from .models import load_pipeline, model_description
+from .prompts import PromptBank, resolve_bank
+from .tokens import class_token_indices
+
+
+@dataclass
+class GenerateConfig:
+    """Everything that decides what ``generate`` writes (recorded in the dataset)."""
+
+    classes: list[str]
+    out: str
+    images_per_class: int = 10
+    model: str = "shapes"
+    seed: int = 0
+    steps: int | None = None  # None: the pipeline's own default
+    guidance: float | None = None  # None: the pipeline's own default
+    scheduler: str | None = None  # None: the model's own
+    size: int | None = None  # None: the model's native size
+    negative_prompt: str | None = None
+    prompts: str = "auto"  # a bank name or file
+    resolutions: list[int] | None = None  # attention grid heights to fuse; None: latent/4, /2, /1
+    layers: list[str] | None = None  # cross-attention module prefixes to record; None: all
+    step_window: tuple[float, float] | None = None  # fraction of the UNet calls to record, e.g. (0.6, 1.0)
+    threshold: float = 0.4
+    uncertain: float | None = None  # lower edge of the 255 band; None: no band
+    image_format: str = "jpg"
+    batch_size: int = 4
+    device: str = "cpu"
+    dtype: str = "float32"
+    revision: str | None = None
+    runtime_only: tuple[str, ...] = field(default=("batch_size", "device", "images_per_class", "out"),
+                                          repr=False)
+
+    def settings(self) -> dict[str, Any]:
+        """The options that change the data, so a re-run with other ones is refused."""
+        values = dataclasses.asdict(self)
+        values.pop("runtime_only")
+        for key in self.runtime_only:
+            values.pop(key)
+        return values
+
+
+@dataclass
+class WorkItem:
+    id: str
+    class_name: str
+    index: int
+    seed: int
+
+
+@dataclass
+class GeneratedImage:
+    """One generated image with its class maps and thresholded mask."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    maps: ImageMaps
+    mask: np.ndarray  # (H, W) uint8 label indices, in order of ``classes`` starting at 1
+    prompt: str
+    seed: int
+
+
+def item_seed(base_seed: int, class_name: str, index: int) -> int:
+    """A seed per item from (base seed, class, index): stable across runs, machines and batchings."""
+    digest = hashlib.sha256(f"{base_seed}/{class_name}/{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def class_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "class"
+
+
+def work_items(classes: Sequence[str], images_per_class: int, base_seed: int) -> list[WorkItem]:
+    return [WorkItem(f"{class_slug(c)}_{k:06d}", c, k, item_seed(base_seed, c, k))
+            for c in classes for k in range(images_per_class)]
+
+
+def _pipeline_default(pipe: Any, argument: str) -> Any:
+    return inspect.signature(pipe.__call__).parameters[argument].default
+
+
+def _step_range(window: tuple[float, float] | None, steps: int, pipe: Any) -> tuple[int, int] | None:
+    """A window of UNet calls from fractions of the sampler's timesteps."""
+    if window is None:
+        return None
+    start, stop = window
+    if not 0.0 <= start < stop <= 1.0:
+        raise ValueError(f"step window {window} must satisfy 0 <= start < stop <= 1")
+    pipe.scheduler.set_timesteps(steps)
+    calls = len(pipe.scheduler.timesteps)  # PNDM makes one call more than steps
+    return int(round(start * calls)), max(int(round(start * calls)) + 1, int(round(stop * calls)))
+
+
+def generate_images(
+    pipe: Any,
+    prompts: Sequence[str],
+    classes: Sequence[Sequence[str]],
+    seeds: Sequence[int],
+    steps: int | None = None,
+    guidance: float | None = None,
+    size: int | None = None,
+    negative_prompt: str | None = None,
+    threshold: float = 0.4,
+    uncertain: float | None = None,
+    resolutions: Sequence[int] | None = None,
+    layers: Sequence[str] | None = None,
+    step_window: tuple[float, float] | None = None,
+) -> list[GeneratedImage]:
+    """Generate one batch: each prompt with its classes (words in the prompt) and seed."""
+    steps = steps or _pipeline_default(pipe, "num_inference_steps")
+    guidance = _pipeline_default(pipe, "guidance_scale") if guidance is None else guidance
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    window = _step_range(step_window, steps, pipe)
+    with trace(pipe, list(prompts), [list(c) for c in classes], layers=layers, steps=window) as recorder:
+        output = pipe(
+            list(prompts), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+            generator=generators, output_type="np",
+        )
+    results = []
+    for image, image_maps, names, prompt, seed in zip(output.images, recorder.maps(), classes, prompts, seeds):
+        if resolutions is not None:
+            image_maps.resolutions = tuple(resolutions)
+        mask = threshold_masks({i + 1: image_maps[n] for i, n in enumerate(names)}, threshold, uncertain)
+        pixels = np.clip(np.rint(np.asarray(image) * 255), 0, 255).astype(np.uint8)
+        results.append(GeneratedImage(pixels, image_maps, mask, prompt, int(seed)))
+    return results
+
+
+def generate_one(pipe: Any, prompt: str, classes: Sequence[str], seed: int = 0, **options: Any) -> GeneratedImage:
+    """One image with its class maps and mask: the five-line entry point."""
+    return generate_images(pipe, [prompt], [list(classes)], [seed], **options)[0]
+
+
+def _batches(items: list[WorkItem], batch_size: int) -> Iterator[list[WorkItem]]:
+    """Fixed groups per class (indices [k·B, (k+1)·B)), so resuming regenerates identical batches."""
+    groups: dict[tuple[str, int], list[WorkItem]] = {}
+    for item in items:
+        groups.setdefault((item.class_name, item.index // batch_size), []).append(item)
+    yield from groups.values()
+
+
+def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: bool = True) -> Dataset:
+    """Run ``generate`` (see :class:`GenerateConfig`); finished items are skipped on a re-run."""
+    if not config.classes:
+        raise ValueError("no classes given: pass at least one class name")
+    if len(set(config.classes)) != len(config.classes):
+        raise ValueError(f"duplicate class names in {config.classes}")
+    if config.images_per_class < 1 or config.batch_size < 1:
+        raise ValueError("images per class and batch size must be at least 1")
+    bank: PromptBank = resolve_bank(config.prompts, config.model)
+    items = work_items(config.classes, config.images_per_class, config.seed)
+    prompts = {item.id: bank.draw(item.class_name, item.seed) for item in items}
+    words = {c: bank.display_name(c) for c in config.classes}
+    if pipe is None:
+        pipe = load_pipeline(config.model, config.device, config.dtype, config.scheduler, config.revision)
+    pipe.set_progress_bar_config(disable=True)
+    # Every prompt is checked before any denoising: a missing class word or an over-long prompt
+    # is an error now, never an empty map later.
+    tokens = {i.id: class_token_indices(pipe.tokenizer, prompts[i.id], [words[i.class_name]]) for i in items}
+    settings = {**config.settings(), "prompt_bank": bank.source,
+                "prompt_bank_sha256": hashlib.sha256(repr((bank.templates, bank.slots, bank.classes)).encode()).hexdigest()}
+    dataset = Dataset.create(config.out, config.classes, settings, image_format=config.image_format)
+    done = dataset.finished_ids()
+    pending = [item for item in items if item.id not in done]
+    steps = config.steps or _pipeline_default(pipe, "num_inference_steps")
+    guidance = _pipeline_default(pipe, "guidance_scale") if config.guidance is None else config.guidance
+    model_info = model_description(config.model, pipe)
+    bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="img", desc="generate",
+               disable=not progress, dynamic_ncols=True)
+    with bar:
+        for batch in _batches(pending, config.batch_size):
+            results = generate_images(
+                pipe, [prompts[i.id] for i in batch], [[words[i.class_name]] for i in batch],
+                [i.seed for i in batch], steps=steps, guidance=guidance, size=config.size,
+                negative_prompt=config.negative_prompt, threshold=config.threshold,
+                uncertain=config.uncertain, resolutions=config.resolutions, layers=config.layers,
+                step_window=config.step_window,
+            )
+            for item, result in zip(batch, results):
+                soft = {k.replace(words[item.class_name], item.class_name, 1): v
+                        for k, v in result.maps.soft_maps().items()}
+                mask = np.where(result.mask == 1, dataset.class_index(item.class_name), result.mask)
+                record = {
+                    "classes": [item.class_name],
+                    "prompt": result.prompt,
+                    "negative_prompt": config.negative_prompt,
+                    "seed": item.seed,
+                    "tokens": {item.class_name: tokens[item.id][words[item.class_name]]},
+                    **model_info,
+                    "scheduler": type(pipe.scheduler).__name__,
+                    "steps": steps,
+                    "guidance": guidance,
+                    "size": list(result.image.shape[:2]),
+                    "threshold": config.threshold,
+                    "uncertain": config.uncertain,
+                    "resolutions": list(result.maps.resolutions),
+                    "diffumask": __version__,
+                }
+                dataset.write_item(item.id, result.image, record, mask=mask.astype(np.uint8), soft_maps=soft)
+                bar.update()
+    dataset.finalize()
+    return dataset
+
+
+__all__ = ["GenerateConfig", "GeneratedImage", "generate_dataset", "generate_images", "generate_one",
+           "item_seed", "work_items"]

@@ -1,0 +1,34 @@
+"""The paper's binarisation B = 1[M > γ], for several classes at once, with an optional 255 band."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..dataset import IGNORE_INDEX
+
+
+def threshold_masks(
+    maps: Mapping[int, np.ndarray],
+    threshold: float = 0.4,
+    uncertain: float | None = None,
+) -> np.ndarray:
+    """Label mask from soft maps keyed by label index.
+
+    A pixel takes the label whose map is highest there if that value exceeds ``threshold``
+    (ties go to the first label), else background 0. With ``uncertain`` (< ``threshold``),
+    pixels whose best value lies in (uncertain, threshold] get 255, which trainers ignore.
+    """
+    if not maps:
+        raise ValueError("no soft maps to threshold")
+    if uncertain is not None and not uncertain < threshold:
+        raise ValueError(f"the uncertainty band's lower edge ({uncertain}) must be below the threshold ({threshold})")
+    labels = np.array(list(maps), dtype=np.uint8)
+    stack = np.stack([np.asarray(m, dtype=np.float32) for m in maps.values()])
+    best = stack.argmax(axis=0)
+    value = np.take_along_axis(stack, best[None], axis=0)[0]
+    mask = np.where(value > threshold, labels[best], 0).astype(np.uint8)
+    if uncertain is not None:
+        mask[(value > uncertain) & (value <= threshold)] = IGNORE_INDEX
+    return mask
