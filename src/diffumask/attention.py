@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
+from .errors import ConfigError, DiffumaskError
 from .tokens import class_token_indices
 
 #: Processors whose arithmetic the recording processor reproduces; anything else (xformers,
@@ -37,7 +38,7 @@ STOCK_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 DEFAULT_FACTORS = (1, 2, 4)
 
 
-class RecorderError(RuntimeError):
+class RecorderError(DiffumaskError, RuntimeError):
     """The recorder cannot give correct maps for this pipeline or this call."""
 
 
@@ -67,7 +68,7 @@ def fuse(
     chosen = sorted(grids) if resolutions is None else list(resolutions)
     missing = [r for r in chosen if r not in grids]
     if missing or not chosen:
-        raise ValueError(f"resolutions {missing or chosen} not recorded; available: {sorted(grids)}")
+        raise ConfigError(f"resolutions {missing or chosen} not recorded; available: {sorted(grids)}")
     upsampled = []
     for r in chosen:
         grid = torch.as_tensor(np.asarray(grids[r], dtype=np.float32))[None, None]
@@ -249,7 +250,7 @@ class AttentionRecorder:
             raise RecorderError("this UNet has no cross-attention layers; nothing to record")
         chosen = [n for n in layers if prefixes is None or any(n.startswith(p) for p in prefixes)]
         if not chosen:
-            raise ValueError(f"no cross-attention layer matches {list(prefixes or [])}; "
+            raise ConfigError(f"no cross-attention layer matches {list(prefixes or [])}; "
                              f"layers are {sorted(layers)}")
         return chosen
 

@@ -27,11 +27,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .errors import ConfigError, DiffumaskError
+
 IGNORE_INDEX = 255
 IMAGE_FORMATS = ("jpg", "png")
 
 
-class DatasetMismatch(ValueError):
+class DatasetMismatch(DiffumaskError, ValueError):
     """The output folder holds a dataset made with other classes or settings."""
 
 
@@ -111,7 +113,10 @@ class Dataset:
         image_format: str = "jpg",
         jpeg_quality: int = 95,
     ) -> Dataset:
-        """Create the directory, or reopen it when it was made with the same classes and settings."""
+        """Create the directory, or reopen it when it was made with the same classes and settings.
+
+        A folder whose dataset has no finished item yet is simply re-initialised.
+        """
         root = Path(root)
         classes = list(classes)
         if not classes:
@@ -119,12 +124,12 @@ class Dataset:
         if len(set(classes)) != len(classes):
             raise ValueError(f"duplicate class names in {classes}")
         if len(classes) >= IGNORE_INDEX:
-            raise ValueError(f"at most {IGNORE_INDEX - 1} classes fit in a palette PNG, got {len(classes)}")
+            raise ConfigError(f"at most {IGNORE_INDEX - 1} classes fit in a palette PNG, got {len(classes)}")
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         info = {"image_format": image_format, "jpeg_quality": jpeg_quality, "settings": dict(settings)}
         info = json.loads(json.dumps(info))  # normalise tuples etc. so the comparison is exact
-        if (root / "dataset.json").is_file():
+        if (root / "dataset.json").is_file() and cls(root).records():
             existing = json.loads((root / "dataset.json").read_text())
             old_classes = [c["name"] for c in json.loads((root / "classes.json").read_text())["classes"][1:]]
             if old_classes != classes:
@@ -142,7 +147,8 @@ class Dataset:
                     "re-run with the same settings to resume, or choose another output folder"
                 )
             return cls(root)
-        if root.exists() and any(root.iterdir()):
+        holds_empty_dataset = (root / "dataset.json").is_file()  # a run that failed before its first item
+        if root.exists() and any(root.iterdir()) and not holds_empty_dataset:
             raise DatasetMismatch(f"{root} exists and is not a diffumask dataset; choose an empty or new folder")
         palette = voc_palette()
         label_map = {

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attention import ImageMaps, trace
 from .dataset import Dataset
+from .errors import DiffumaskError
 from .masks import threshold_masks
 from .models import load_pipeline, model_description
 from .prompts import PromptBank, resolve_bank
@@ -111,7 +112,7 @@ def _step_range(window: tuple[float, float] | None, steps: int, pipe: Any) -> tu
         return None
     start, stop = window
     if not 0.0 <= start < stop <= 1.0:
-        raise ValueError(f"step window {window} must satisfy 0 <= start < stop <= 1")
+        raise DiffumaskError(f"step window {window} must satisfy 0 <= start < stop <= 1")
     pipe.scheduler.set_timesteps(steps)
     calls = len(pipe.scheduler.timesteps)  # PNDM makes one call more than steps
     return int(round(start * calls)), max(int(round(start * calls)) + 1, int(round(stop * calls)))
@@ -169,11 +170,13 @@ def _batches(items: list[WorkItem], batch_size: int) -> Iterator[list[WorkItem]]
 def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: bool = True) -> Dataset:
     """Run ``generate`` (see :class:`GenerateConfig`); finished items are skipped on a re-run."""
     if not config.classes:
-        raise ValueError("no classes given: pass at least one class name")
+        raise DiffumaskError("no classes given: pass at least one class name, e.g. --classes dog,cat")
     if len(set(config.classes)) != len(config.classes):
-        raise ValueError(f"duplicate class names in {config.classes}")
+        raise DiffumaskError(f"duplicate class names in {config.classes}")
     if config.images_per_class < 1 or config.batch_size < 1:
-        raise ValueError("images per class and batch size must be at least 1")
+        raise DiffumaskError("--images-per-class and --batch-size must be at least 1")
+    if config.uncertain is not None and not config.uncertain < config.threshold:
+        raise DiffumaskError(f"--uncertain ({config.uncertain}) must be below --threshold ({config.threshold})")
     bank: PromptBank = resolve_bank(config.prompts, config.model)
     items = work_items(config.classes, config.images_per_class, config.seed)
     prompts = {item.id: bank.draw(item.class_name, item.seed) for item in items}

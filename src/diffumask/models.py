@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .errors import DiffumaskError
+
 BUILTIN_MODELS = ("shapes",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SCHEDULERS = {
@@ -23,7 +25,7 @@ SCHEDULERS = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(DiffumaskError, ValueError):
     """A model cannot be loaded or used for recording; the message says how to fix it."""
 
 

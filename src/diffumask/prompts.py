@@ -30,10 +30,12 @@ from typing import Any
 
 import yaml
 
+from .errors import DiffumaskError
+
 BUILTIN_BANKS = ("voc", "cityscapes", "shapes", "default")
 
 
-class PromptBankError(ValueError):
+class PromptBankError(DiffumaskError, ValueError):
     """A prompt bank file is malformed; the message names the file and the entry."""
 
 
@@ -77,7 +79,8 @@ class PromptBank:
 
     def display_name(self, class_name: str) -> str:
         """The words that stand for the class in prompts (e.g. 'pottedplant' → 'potted plant')."""
-        return str(self.entry(class_name).get("name", class_name))
+        key = self._aliases.get(_normalise(class_name), class_name)
+        return str(self.entry(class_name).get("name", key))
 
     def draw(self, class_name: str, seed: int) -> str:
         """The prompt for one item: a seeded choice of template and of every slot it uses."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import DiffumaskError
 
-class PromptError(ValueError):
+
+class PromptError(DiffumaskError, ValueError):
     """A prompt cannot give a class map: the class word is missing or the prompt is too long."""
 
 
