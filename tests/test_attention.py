@@ -208,8 +208,9 @@ def test_prompt_errors_come_before_denoising(sd1_pipe):
     assert not calls
 
 
-def test_bfloat16_maps_match_float32(saved_pipelines, sd1_pipe):
-    pipe = load_pipeline(saved_pipelines["sd1"], dtype="bfloat16")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_maps_match_float32(saved_pipelines, sd1_pipe, dtype):
+    pipe = load_pipeline(saved_pipelines["sd1"], dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     maps = []
     for p in (pipe, sd1_pipe):

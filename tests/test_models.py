@@ -43,3 +43,22 @@ def test_unknown_scheduler_and_dtype(saved_pipelines):
         load_pipeline(saved_pipelines["sd1"], scheduler="plms")
     with pytest.raises(ModelError, match="unknown dtype"):
         load_pipeline(saved_pipelines["sd1"], dtype="float8")
+
+
+def test_hub_id_loads_from_the_local_cache(saved_pipelines, tmp_path):
+    """A hub id resolves through the Hugging Face cache offline, and the manifest gets its commit."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(saved_pipelines["sd1"], repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    code = ("from diffumask.models import load_pipeline, model_description; "
+            "pipe = load_pipeline('someone/tiny-sd'); print(model_description('someone/tiny-sd', pipe)['revision'])")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "0123abcd"

@@ -128,11 +128,8 @@ def set_scheduler(pipe: Any, name: str) -> None:
 
 
 def model_description(model: str, pipe: Any) -> dict[str, Any]:
-    """What the manifest records about the model, so a dataset names its exact source."""
-    config = getattr(pipe, "config", {})
-    return {
-        "model": model,
-        "pipeline": type(pipe).__name__,
-        "revision": config.get("_commit_hash") if hasattr(config, "get") else None,
-        "name_or_path": str(getattr(config, "_name_or_path", "") or model),
-    }
+    """What the manifest records about the model: the name given, the folder, the hub commit."""
+    folder = str(getattr(pipe, "name_or_path", "") or model)
+    parts = Path(folder).parts
+    revision = parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+    return {"model": model, "pipeline": type(pipe).__name__, "model_folder": folder, "revision": revision}
