@@ -24,8 +24,9 @@ class StoreEverything:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         out = AttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
         probs = attn.get_attention_scores(query.float(), key.float(), None)
         batch = hidden_states.shape[0]
         self.store.append((self.name, probs.reshape(batch, attn.heads, *probs.shape[1:])))
@@ -37,11 +38,11 @@ def run(pipe, prompts, seeds, steps=3, **call):
     return pipe(prompts, num_inference_steps=steps, generator=generators, output_type="np", **call).images
 
 
-def reference_run(pipe, prompts, seeds, steps=3, **call):
+def reference_run(pipe, prompts, seeds, steps=3, cross=True, **call):
     store: list = []
     saved = dict(pipe.unet.attn_processors)
     procs = dict(saved)
-    for name in cross_attention_layers(pipe.unet):
+    for name in cross_attention_layers(pipe.unet, cross=cross):
         procs[name] = StoreEverything(name, store)
     pipe.unet.set_attn_processor(procs)
     try:
@@ -219,3 +220,22 @@ def test_half_precision_maps_match_float32(saved_pipelines, sd1_pipe, dtype):
         maps.append(recorder.maps()[0]["dog"])
     assert np.isfinite(maps[0]).all()
     np.testing.assert_allclose(maps[0], maps[1], atol=0.05)
+
+
+def test_self_attention_matches_reference(sd1_pipe):
+    with trace(sd1_pipe, PROMPTS, CLASSES, self_attention=2) as recorder:
+        run(sd1_pipe, PROMPTS, [3, 4])
+    _, store = reference_run(sd1_pipe, PROMPTS, [3, 4], cross=False)
+    for i, image_maps in enumerate(recorder.maps()):
+        wanted = [p[len(PROMPTS) + i].double().mean(0).numpy() for _, p in store if p.shape[-1] == 8 * 8]
+        assert image_maps.self_attention_grid == (8, 8) and len(wanted) == 3 * 3  # 3 layers x 3 steps
+        np.testing.assert_allclose(image_maps.self_attention, np.mean(wanted, axis=0), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(image_maps.self_attention.sum(1), 1.0, atol=1e-5)
+        assert image_maps.soft_maps()["__self__@8"].shape == (64, 64)
+
+
+def test_self_attention_at_a_missing_resolution_is_an_error(sd1_pipe):
+    with trace(sd1_pipe, PROMPTS[0], ["dog"], self_attention=16) as recorder:
+        run(sd1_pipe, PROMPTS[0], [1], steps=1)
+    with pytest.raises(RecorderError, match="latent/16"):
+        recorder.maps()

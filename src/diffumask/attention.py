@@ -37,6 +37,9 @@ STOCK_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 #: The paper's fusion: attention grids at latent/4, latent/2 and latent/1.
 DEFAULT_FACTORS = (1, 2, 4)
 
+#: Soft-map file key prefix of the recorded self-attention matrix (class names may not use it).
+SELF_ATTENTION_KEY = "__self__"
+
 
 class RecorderError(DiffumaskError, RuntimeError):
     """The recorder cannot give correct maps for this pipeline or this call."""
@@ -92,6 +95,9 @@ class ImageMaps:
     grids: dict[str, dict[int, np.ndarray]]  # class -> grid height -> (h, w) mean attention
     size: tuple[int, int]  # image (H, W)
     resolutions: tuple[int, ...]
+    #: Mean self-attention at one grid, (h·w, h·w) rows summing to 1, or None when not recorded.
+    self_attention: np.ndarray | None = None
+    self_attention_grid: tuple[int, int] | None = None
     _cache: dict[tuple[str, tuple[int, ...]], np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -108,11 +114,14 @@ class ImageMaps:
         return {name: self[name] for name in self.grids}
 
     def soft_maps(self) -> dict[str, np.ndarray]:
-        """Arrays for ``SoftMaps/<id>.npz``: ``name`` (fused) and ``name@res`` (raw grids)."""
+        """Arrays for ``SoftMaps/<id>.npz``: ``name`` (fused), ``name@res`` (raw grids) and
+        ``__self__@h`` (the self-attention matrix at grid height h, when recorded)."""
         out: dict[str, np.ndarray] = {}
         for name, grids in self.grids.items():
             out[name] = self[name]
             out.update({f"{name}@{res}": grid for res, grid in grids.items()})
+        if self.self_attention is not None:
+            out[f"{SELF_ATTENTION_KEY}@{self.self_attention_grid[0]}"] = self.self_attention
         return out
 
 
@@ -165,7 +174,10 @@ class RecordingProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        self.recorder._record(attn, query, key, attention_mask)
+        if attn.is_cross_attention:
+            self.recorder._record(attn, query, key, attention_mask)
+        else:
+            self.recorder._record_self(attn, query, key)
 
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
@@ -181,10 +193,10 @@ class RecordingProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def cross_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
-    """Cross-attention modules keyed by their processor name in ``unet.attn_processors``."""
+def cross_attention_layers(unet: torch.nn.Module, cross: bool = True) -> dict[str, Attention]:
+    """Cross- (or self-) attention modules keyed by their processor name in ``unet.attn_processors``."""
     return {f"{name}.processor": module for name, module in unet.named_modules()
-            if isinstance(module, Attention) and module.is_cross_attention}
+            if isinstance(module, Attention) and module.is_cross_attention == cross}
 
 
 class AttentionRecorder:
@@ -199,6 +211,9 @@ class AttentionRecorder:
         layers: record only cross-attention layers whose module path starts with one of these
             (e.g. ``["up_blocks.3"]``); default all.
         steps: record only UNet calls ``start <= i < stop`` (0-based); default all.
+        self_attention: also record the mean self-attention matrix at grid latent/F for this F
+            (e.g. 2: 32x32 at 512 px; the matrix has (h·w)² entries, so the finest grid is
+            never a default); None records none. Used by self-attention propagation.
     """
 
     def __init__(
@@ -209,6 +224,7 @@ class AttentionRecorder:
         images_per_prompt: int = 1,
         layers: Sequence[str] | None = None,
         steps: tuple[int | None, int | None] | None = None,
+        self_attention: int | None = None,
     ):
         self.pipe = pipe
         self.unet = pipe.unet
@@ -232,6 +248,11 @@ class AttentionRecorder:
         )
         self.layers = self._select_layers(layers)
         self.steps = steps or (None, None)
+        self.self_attention_factor = self_attention
+        self.self_layers = list(cross_attention_layers(self.unet, cross=False)) if self_attention else []
+        self._self_sum: torch.Tensor | None = None
+        self._self_count = 0
+        self._self_grid: tuple[int, int] | None = None
         self._sums: dict[tuple[int, int], torch.Tensor] = {}
         self._counts: dict[tuple[int, int], int] = {}
         self._latent_hw: tuple[int, int] | None = None
@@ -257,7 +278,7 @@ class AttentionRecorder:
     # ------------------------------------------------------------------ attach / detach
     def _check_processors(self) -> None:
         processors = self.unet.attn_processors
-        for name in self.layers:
+        for name in self.layers + self.self_layers:
             proc = processors[name]
             if not isinstance(proc, STOCK_PROCESSORS):
                 raise RecorderError(
@@ -273,7 +294,7 @@ class AttentionRecorder:
         self._check_processors()
         self._saved_processors = dict(self.unet.attn_processors)
         procs = dict(self._saved_processors)
-        for name in self.layers:
+        for name in self.layers + self.self_layers:
             procs[name] = RecordingProcessor(self, name)
         self.unet.set_attn_processor(procs)
         self._hook = self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
@@ -311,31 +332,37 @@ class AttentionRecorder:
         start, stop = self.steps
         return (start is None or self._step >= start) and (stop is None or self._step < stop)
 
+    def _conditional_half(self, batch: int) -> slice:
+        if self._latent_hw is None:
+            raise RecorderError("the UNet was called without passing through its forward()")
+        n = self.num_images
+        guided = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if batch == 2 * n and guided is not False:
+            return slice(n, 2 * n)  # diffusers batches [unconditional; conditional]
+        if batch == n and not guided:
+            return slice(0, n)
+        raise RecorderError(
+            f"the UNet ran a batch of {batch} but the recorder expects {n} images "
+            f"({len(self.prompts)} prompts x {self.images_per_prompt} per prompt"
+            f"{', doubled by guidance' if guided else ''}); pass the same prompts and "
+            "images_per_prompt to the recorder as to the pipeline"
+        )
+
+    @staticmethod
+    def _probabilities(attn: Attention, query: torch.Tensor, key: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(QKᵀ·scale) in float32, (n, heads, queries, keys)."""
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(attn.scale)
+        if mask is not None:
+            scores += mask.float()
+        return scores.softmax(dim=-1)
+
     def _record(self, attn: Attention, query: torch.Tensor, key: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
         if not self._in_window():
             return
-        if self._latent_hw is None:
-            raise RecorderError("the UNet was called without passing through its forward()")
-        batch, n = query.shape[0], self.num_images
-        guided = getattr(self.pipe, "do_classifier_free_guidance", None)
-        if batch == 2 * n and guided is not False:
-            cond = slice(n, 2 * n)  # diffusers batches [unconditional; conditional]
-        elif batch == n and not guided:
-            cond = slice(0, n)
-        else:
-            raise RecorderError(
-                f"the UNet ran a batch of {batch} but the recorder expects {n} images "
-                f"({len(self.prompts)} prompts x {self.images_per_prompt} per prompt"
-                f"{', doubled by guidance' if guided else ''}); pass the same prompts and "
-                "images_per_prompt to the recorder as to the pipeline"
-            )
-        q = query[cond].float()
-        k = key[cond].float()
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(attn.scale)
-        if mask is not None:
-            scores += mask[cond].float()
-        probs = scores.softmax(dim=-1)  # (n, heads, queries, keys)
+        cond = self._conditional_half(query.shape[0])
+        probs = self._probabilities(attn, query[cond], key[cond], None if mask is None else mask[cond])
         index = self._column_index.to(probs.device)[:, None, None, :].expand(
             -1, probs.shape[1], probs.shape[2], -1)
         picked = torch.gather(probs, 3, index).mean(dim=1)  # (n, queries, columns)
@@ -347,10 +374,25 @@ class AttentionRecorder:
         buffer.add_(picked)
         self._counts[grid] += 1
 
+    def _record_self(self, attn: Attention, query: torch.Tensor, key: torch.Tensor) -> None:
+        if not self._in_window():
+            return
+        h, w = (math.ceil(side / self.self_attention_factor) for side in self._latent_hw)
+        if query.shape[2] != h * w:
+            return  # another resolution: left to the fused kernel alone
+        cond = self._conditional_half(query.shape[0])
+        mean = self._probabilities(attn, query[cond], key[cond]).mean(dim=1)  # (n, hw, hw)
+        if self._self_sum is None:
+            self._self_sum = torch.zeros_like(mean)
+            self._self_grid = (h, w)
+        self._self_sum.add_(mean)
+        self._self_count += 1
+
     # ------------------------------------------------------------------ reading
     def state_bytes(self) -> int:
         """Bytes held by the accumulation buffers (constant once every resolution was seen)."""
-        return sum(t.numel() * t.element_size() for t in self._sums.values())
+        buffers = [*self._sums.values(), *([self._self_sum] if self._self_sum is not None else [])]
+        return sum(t.numel() * t.element_size() for t in buffers)
 
     def default_resolutions(self) -> tuple[int, ...]:
         """Grid heights at latent/1, /2, /4 that were recorded (the paper's fusion)."""
@@ -372,6 +414,10 @@ class AttentionRecorder:
         size = image_size or (latent_h * scale, latent_w * scale)
         defaults = self.default_resolutions()
         means = {grid: (s / self._counts[grid]).cpu() for grid, s in self._sums.items()}
+        if self.self_attention_factor and self._self_sum is None:
+            raise RecorderError(f"no self-attention layer runs at latent/{self.self_attention_factor}; "
+                                "choose another self-attention factor")
+        self_mean = None if self._self_sum is None else (self._self_sum / self._self_count).cpu().numpy()
         result = []
         for i in range(self.num_images):
             p = i // self.images_per_prompt
@@ -383,7 +429,8 @@ class AttentionRecorder:
                     h: m[i, :, positions].mean(dim=1).reshape(h, w).numpy()
                     for (h, w), m in sorted(means.items())
                 }
-            result.append(ImageMaps(self.prompts[p], self.tokens[p], grids, size, defaults))
+            result.append(ImageMaps(self.prompts[p], self.tokens[p], grids, size, defaults,
+                                    None if self_mean is None else self_mean[i], self._self_grid))
         return result
 
 

@@ -75,6 +75,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "e.g. up_blocks.3 (default: all)")
     p.add_argument("--step-window", type=_window,
                    help="record only this fraction of the denoising steps, e.g. 0.6,1.0 for the last 40%% (default: all)")
+    p.add_argument("--self-attention", type=lambda v: None if v == "none" else int(v), default=2, metavar="F",
+                   help="also store the mean self-attention at latent/F for self-attention propagation "
+                        "(default: 2, i.e. 32x32 at 512 px, 2 MiB per image; 'none' to skip)")
     p.add_argument("--threshold", type=float, default=0.4, help="γ: a pixel belongs to the class when its map exceeds it (default: 0.4)")
     p.add_argument("--uncertain", type=float,
                    help="lower edge of an uncertainty band: pixels with map in (uncertain, threshold] are labelled 255 (ignored)")
@@ -95,7 +98,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         classes=args.classes, out=args.out, images_per_class=args.images_per_class, model=args.model,
         seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, size=args.size,
         negative_prompt=args.negative_prompt, prompts=args.prompts, resolutions=args.resolutions,
-        layers=args.layers, step_window=args.step_window, threshold=args.threshold, uncertain=args.uncertain,
+        layers=args.layers, step_window=args.step_window, self_attention=args.self_attention, threshold=args.threshold, uncertain=args.uncertain,
         image_format=args.image_format, batch_size=args.batch_size, device=device, dtype=dtype,
         revision=args.revision,
     )

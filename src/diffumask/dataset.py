@@ -123,6 +123,8 @@ class Dataset:
             raise ValueError("a dataset needs at least one class")
         if len(set(classes)) != len(classes):
             raise ValueError(f"duplicate class names in {classes}")
+        if reserved := [c for c in classes if c.startswith("__") or "@" in c]:
+            raise ConfigError(f"class names may not start with '__' or contain '@' (soft-map keys use them): {reserved}")
         if len(classes) >= IGNORE_INDEX:
             raise ConfigError(f"at most {IGNORE_INDEX - 1} classes fit in a palette PNG, got {len(classes)}")
         if image_format not in IMAGE_FORMATS:

@@ -49,6 +49,7 @@ class GenerateConfig:
     resolutions: list[int] | None = None  # attention grid heights to fuse; None: latent/4, /2, /1
     layers: list[str] | None = None  # cross-attention module prefixes to record; None: all
     step_window: tuple[float, float] | None = None  # fraction of the UNet calls to record, e.g. (0.6, 1.0)
+    self_attention: int | None = 2  # record self-attention at latent/F for refinement; None: off
     threshold: float = 0.4
     uncertain: float | None = None  # lower edge of the 255 band; None: no band
     image_format: str = "jpg"
@@ -132,13 +133,15 @@ def generate_images(
     resolutions: Sequence[int] | None = None,
     layers: Sequence[str] | None = None,
     step_window: tuple[float, float] | None = None,
+    self_attention: int | None = None,
 ) -> list[GeneratedImage]:
     """Generate one batch: each prompt with its classes (words in the prompt) and seed."""
     steps = steps or _pipeline_default(pipe, "num_inference_steps")
     guidance = _pipeline_default(pipe, "guidance_scale") if guidance is None else guidance
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     window = _step_range(step_window, steps, pipe)
-    with trace(pipe, list(prompts), [list(c) for c in classes], layers=layers, steps=window) as recorder:
+    with trace(pipe, list(prompts), [list(c) for c in classes], layers=layers, steps=window,
+               self_attention=self_attention) as recorder:
         output = pipe(
             list(prompts), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
             negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
@@ -204,7 +207,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                 [i.seed for i in batch], steps=steps, guidance=guidance, size=config.size,
                 negative_prompt=config.negative_prompt, threshold=config.threshold,
                 uncertain=config.uncertain, resolutions=config.resolutions, layers=config.layers,
-                step_window=config.step_window,
+                step_window=config.step_window, self_attention=config.self_attention,
             )
             for item, result in zip(batch, results):
                 soft = {k.replace(words[item.class_name], item.class_name, 1): v
