@@ -196,3 +196,13 @@ def test_help_explains_every_option(capsys):
                    "--scheduler", "--size", "--batch-size", "--device", "--dtype", "--negative-prompt",
                    "--prompts", "--resolutions", "--threshold", "--uncertain"):
         assert option in text
+
+
+def test_update_records_merges_fields(tmp_path):
+    ds = Dataset.create(tmp_path / "d", ["a"], {})
+    for i in range(3):
+        ds.write_item(f"i{i}", np.zeros((4, 4, 3), np.uint8), {"prompt": "p"})
+    ds.update_records({"i1": {"refine": {"method": "otsu"}}})
+    assert [r.get("refine") for r in ds.records()] == [None, {"method": "otsu"}, None]
+    with pytest.raises(KeyError):
+        ds.update_records({"nope": {}})

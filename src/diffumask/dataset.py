@@ -245,6 +245,15 @@ class Dataset:
     def rewrite_mask(self, item_id: str, mask: np.ndarray) -> None:
         write_palette_png(self.mask_path(item_id), mask)
 
+    def update_records(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
+        """Merge fields into items' manifest lines (e.g. how a later stage changed them), atomically."""
+        records = self.records()
+        unknown = set(updates) - {r["id"] for r in records}
+        if unknown:
+            raise KeyError(f"no such items in {self.root}: {sorted(unknown)[:5]}")
+        lines = [json.dumps({**r, **updates.get(r["id"], {})}, ensure_ascii=False) + "\n" for r in records]
+        write_text_atomic(self.manifest_path, "".join(lines))
+
     def finalize(self) -> None:
         """Rewrite the ImageSets split lists from the manifest (ids in write order, no duplicates)."""
         splits: dict[str, dict[str, None]] = {}
