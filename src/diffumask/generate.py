@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +57,17 @@ class GenerateConfig:
     device: str = "cpu"
     dtype: str = "float32"
     revision: str | None = None
-    runtime_only: tuple[str, ...] = field(default=("batch_size", "device", "images_per_class", "out"),
-                                          repr=False)
 
     def settings(self) -> dict[str, Any]:
         """The options that change the data, so a re-run with other ones is refused."""
         values = dataclasses.asdict(self)
-        values.pop("runtime_only")
-        for key in self.runtime_only:
+        for key in RUNTIME_OPTIONS:
             values.pop(key)
         return values
+
+
+#: Options that may differ between the runs that build one dataset.
+RUNTIME_OPTIONS = ("batch_size", "device", "images_per_class", "out")
 
 
 @dataclass
