@@ -355,7 +355,10 @@ class AttentionRecorder:
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(attn.scale)
         if mask is not None:
             scores += mask.float()
-        return scores.softmax(dim=-1)
+        # In place, so the only full-size temporary is the score tensor itself.
+        scores -= scores.amax(dim=-1, keepdim=True)
+        scores.exp_()
+        return scores.div_(scores.sum(dim=-1, keepdim=True))
 
     def _record(self, attn: Attention, query: torch.Tensor, key: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
