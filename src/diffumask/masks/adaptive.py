@@ -1,0 +1,77 @@
+"""The paper's adaptive threshold (§7, Fig. 3): the γ whose mask best agrees with AffinityNet's.
+
+For each γ of a sweep (default 0.35 … 0.54), the soft maps are thresholded and, by default,
+CRF-refined; the candidate is scored per class by IoU against the AffinityNet mask B̂. Per
+image, the best-scoring γ wins. Per class, the intersections and unions are pooled over that
+class's images first — the class's IoU-vs-γ curve — and the curve's best γ is used for all of
+them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .assign import assign_labels
+from .crf import CRFParams, DenseCRF
+
+DEFAULT_GAMMAS: tuple[float, ...] = tuple(round(0.35 + 0.01 * k, 2) for k in range(20))
+
+
+def gamma_range(start: float, stop: float, step: float) -> tuple[float, ...]:
+    """γ values from ``start`` to ``stop`` inclusive, rounded so that 0.35 + 19·0.01 is 0.54."""
+    count = int(round((stop - start) / step)) + 1
+    if count < 1 or step <= 0:
+        raise ValueError(f"empty γ sweep {start}..{stop} step {step}")
+    return tuple(round(start + step * k, 6) for k in range(count))
+
+
+def candidate_mask(image: np.ndarray, maps: Mapping[int, np.ndarray], thresholds: Mapping[int, float] | float,
+                   crf: CRFParams | DenseCRF | None) -> np.ndarray:
+    """Threshold the maps (one γ, or one per class) and optionally CRF-refine the result."""
+    mask = assign_labels(maps, thresholds)
+    if crf is None:
+        return mask
+    return (crf if isinstance(crf, DenseCRF) else DenseCRF(image, [0, *maps], crf))(mask)
+
+
+def sweep(image: np.ndarray, maps: Mapping[int, np.ndarray], reference: np.ndarray, gammas: Sequence[float],
+          crf: CRFParams | None) -> tuple[dict[int, list[tuple[int, int]]], list[np.ndarray]]:
+    """Every γ's candidate mask and, per class, its (|B_γ ∩ B̂|, |B_γ ∪ B̂|) against ``reference``:
+    one image's contribution to the IoU-vs-γ curves."""
+    dense = DenseCRF(image, [0, *maps], crf) if crf is not None else None
+    refined: dict[bytes, np.ndarray] = {}  # neighbouring γ often threshold to the same mask
+    counts: dict[int, list[tuple[int, int]]] = {label: [] for label in maps}
+    candidates = []
+    for gamma in gammas:
+        mask = assign_labels(maps, gamma)
+        key = mask.tobytes()
+        if key not in refined:
+            refined[key] = dense(mask) if dense is not None else mask
+        candidate = refined[key]
+        candidates.append(candidate)
+        for label in maps:
+            a, b = candidate == label, reference == label
+            counts[label].append((int((a & b).sum()), int((a | b).sum())))
+    return counts, candidates
+
+
+def best_gamma(counts: Mapping[int, Sequence[tuple[int, int]]], gammas: Sequence[float]) -> float | None:
+    """The γ maximising the mean IoU over classes (first γ on ties); None when every IoU is zero."""
+    scores = np.zeros(len(gammas))
+    for pairs in counts.values():
+        scores += np.array([i / u if u else 0.0 for i, u in pairs])
+    if not scores.any():
+        return None
+    return float(gammas[int(scores.argmax())])
+
+
+def pool_counts(per_image: Sequence[Mapping[int, Sequence[tuple[int, int]]]], n_gammas: int) -> dict[int, list[tuple[int, int]]]:
+    """Sum each class's (intersection, union) per γ over images: the class's IoU-vs-γ curve."""
+    pooled: dict[int, np.ndarray] = {}
+    for counts in per_image:
+        for label, pairs in counts.items():
+            pooled.setdefault(label, np.zeros((n_gammas, 2), np.int64))
+            pooled[label] += np.asarray(pairs, np.int64)
+    return {label: [tuple(map(int, row)) for row in table] for label, table in pooled.items()}

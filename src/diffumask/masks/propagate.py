@@ -1,0 +1,132 @@
+"""Propagating soft maps over a grid: random walks on affinities, self-attention propagation.
+
+Both are the same operation, maps · T^t for a column-stochastic transition matrix T: every step
+replaces each pixel's value by an affinity-weighted average of its neighbours' values. It is run
+as t products with the (sparse or dense) matrix, never by forming T^t, so a 64×64 grid (4096
+nodes, about 80 neighbours each for radius 5) costs t sparse products instead of dense
+4096×4096 matrix powers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from ..attention import fuse
+from ..errors import DiffumaskError
+from .threshold import threshold_masks
+
+Matrix = np.ndarray | sp.spmatrix | sp.sparray
+
+
+def half_disc_offsets(radius: int) -> list[tuple[int, int]]:
+    """Offsets (dy, dx) to the neighbours within ``radius`` that come later in raster order.
+
+    Every unordered pair of grid pixels closer than ``radius`` appears exactly once (PSA's set:
+    (0, 1..r−1) and dy ≥ 1 with dx² + dy² < r²).
+    """
+    offsets = [(0, dx) for dx in range(1, radius)]
+    offsets += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius)
+                if dx * dx + dy * dy < radius * radius]
+    return offsets
+
+
+def pair_slices(height: int, width: int, dy: int, dx: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Index windows (source, target) pairing grid pixel (y, x) with (y + dy, x + dx) inside the grid."""
+    x0, x1 = max(0, -dx), width - max(0, dx)
+    return (slice(0, height - dy), slice(x0, x1)), (slice(dy, height), slice(x0 + dx, x1 + dx))
+
+
+def grid_affinity_matrix(features: torch.Tensor, radius: int = 5) -> sp.csr_matrix:
+    """Sparse symmetric affinity matrix of one (D, h, w) feature map: a_ij = exp(−mean_c |f_i − f_j|)
+    for pixels closer than ``radius``, 1 on the diagonal (PSA's affinity)."""
+    _, height, width = features.shape
+    index = np.arange(height * width).reshape(height, width)
+    rows, cols, values = [index.ravel()], [index.ravel()], [np.ones(height * width, np.float32)]
+    with torch.no_grad():
+        for dy, dx in half_disc_offsets(radius):
+            src, dst = pair_slices(height, width, dy, dx)
+            if src[0].stop - src[0].start <= 0 or src[1].stop <= src[1].start:
+                continue
+            a = torch.exp(-(features[:, src[0], src[1]] - features[:, dst[0], dst[1]]).abs().mean(0))
+            i, j, a = index[src].ravel(), index[dst].ravel(), a.numpy().ravel()
+            rows += [i, j]
+            cols += [j, i]
+            values += [a, a]
+    n = height * width
+    return sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+
+
+def transition_matrix(affinity: Matrix, beta: float = 16.0) -> Matrix:
+    """Column-stochastic T = A^∘β / colsum(A^∘β) (element-wise power sharpens weak affinities away)."""
+    if sp.issparse(affinity):
+        powered = sp.csr_matrix(affinity, dtype=np.float64, copy=True)
+        powered.data **= beta
+        colsum = np.asarray(powered.sum(axis=0)).ravel()
+        return sp.csr_matrix(powered @ sp.diags(1.0 / colsum))
+    powered = np.asarray(affinity, np.float64) ** beta
+    return powered / powered.sum(axis=0, keepdims=True)
+
+
+def random_walk(maps: np.ndarray, transition: Matrix, steps: int) -> np.ndarray:
+    """maps · T^steps for maps of shape (K, n): ``steps`` rounds of affinity-weighted averaging."""
+    state = np.asarray(maps, np.float64)
+    transposed = transition.T.tocsr() if sp.issparse(transition) else None
+    for _ in range(steps):
+        state = (transposed @ state.T).T if transposed is not None else state @ transition
+    return state.astype(np.float32)
+
+
+def resize_maps(maps: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """(K, h, w) maps resized to ``size`` (area averaging when shrinking, bilinear when growing)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(maps, np.float32))[None]
+    if mode == "area":
+        return F.adaptive_avg_pool2d(tensor, size)[0].numpy()
+    return F.interpolate(tensor, size=size, mode=mode, align_corners=False)[0].numpy()
+
+
+def self_attention_grid(soft_maps: dict[str, np.ndarray]) -> tuple[str, int]:
+    """The key and grid height of the self-attention matrix in an item's soft maps."""
+    keys = [k for k in soft_maps if k.startswith("__self__@")]
+    if not keys:
+        raise DiffumaskError(
+            "this dataset holds no self-attention (no '__self__@<h>' in its soft maps); regenerate it "
+            "with `diffumask generate --self-attention 2` (the default) to use --method propagate"
+        )
+    key = min(keys, key=lambda k: int(k.split("@")[1]))
+    return key, int(key.split("@")[1])
+
+
+def self_attention_maps(soft_maps: dict[str, np.ndarray], classes: list[str], resolutions: list[int] | None,
+                        size: tuple[int, int], power: int = 4) -> dict[str, np.ndarray]:
+    """Dataset Diffusion's refinement: each class's cross-attention, fused at the self-attention
+    grid, multiplied by the self-attention matrix ``power`` times, min–max normalised per class,
+    then upsampled (bilinear) to the image ``size``.
+
+    Self-attention rows sum to one, so S·m averages each pixel over the pixels it attends to —
+    pixels of one object attend to each other — spreading a coarse blob over the object's
+    extent and away from the background.
+    """
+    key, grid_h = self_attention_grid(soft_maps)
+    matrix = soft_maps[key]
+    grid_w = matrix.shape[0] // grid_h
+    out = {}
+    for name in classes:
+        grids = {int(k.split("@")[1]): v for k, v in soft_maps.items() if k.startswith(f"{name}@")}
+        cross = fuse(grids, (grid_h, grid_w), resolutions) if grids else resize_maps(
+            soft_maps[name][None], (grid_h, grid_w), "area")[0]
+        walked = random_walk(cross.reshape(1, -1), matrix.T, power)[0]
+        span = walked.max() - walked.min()
+        walked = (walked - walked.min()) / span if span > 0 else np.zeros_like(walked)
+        out[name] = resize_maps(walked.reshape(1, grid_h, grid_w), size)[0].clip(0, 1)
+    return out
+
+
+def propagate_mask(soft_maps: dict[str, np.ndarray], labels: dict[str, int], resolutions: list[int] | None,
+                   size: tuple[int, int], power: int = 4, threshold: float = 0.6,
+                   uncertain: float | None = 0.5) -> np.ndarray:
+    """Label mask by self-attention propagation with Dataset Diffusion's 0.6 threshold and 0.5–0.6 band (255)."""
+    maps = self_attention_maps(soft_maps, list(labels), resolutions, size, power)
+    return threshold_masks({labels[name]: m for name, m in maps.items()}, threshold, uncertain)

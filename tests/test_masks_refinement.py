@@ -1,0 +1,228 @@
+"""Refinement building blocks, each on a hand-checkable case: Otsu, per-class assignment, cleanup,
+random walk against a dense reference, self-attention propagation, CRF marginals, AffinityNet."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from diffumask.dataset import IGNORE_INDEX
+from diffumask.masks.adaptive import best_gamma, gamma_range, pool_counts, sweep
+from diffumask.masks.affinity import (AffinityConfig, AffinityNet, affinity_loss, affinity_mask, grid_labels,
+                                      seed_labels, train_affinity_net, walked_maps)
+from diffumask.masks.assign import assign_labels
+from diffumask.masks.cleanup import cleanup_mask
+from diffumask.masks.otsu import otsu_threshold
+from diffumask.masks.propagate import (grid_affinity_matrix, half_disc_offsets, random_walk, self_attention_maps,
+                                       transition_matrix)
+
+
+def disc(size: int, cy: float, cx: float, r: float) -> np.ndarray:
+    y, x = np.mgrid[:size, :size]
+    return (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+
+
+def blurred(mask: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    """A soft map like attention: the object blurred, max-normalised, on a raised floor."""
+    soft = ndimage.gaussian_filter(mask.astype(np.float32), sigma)
+    return 0.3 + 0.7 * soft / soft.max()
+
+
+def scene(size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A red disc on a noisy grey background (like the shapes world) and its exact mask."""
+    rng = np.random.default_rng(seed)
+    truth = disc(size, size * 0.45, size * 0.55, size * 0.25)
+    grey = rng.integers(90, 140, (size, size, 1)).repeat(3, axis=2)
+    image = np.where(truth[..., None], np.array([220, 30, 30]), grey).astype(np.uint8)
+    return image, truth
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+# ----------------------------------------------------------------------------- Otsu, assignment
+def test_otsu_splits_a_two_level_map_at_the_object():
+    truth = disc(40, 20, 18, 9)
+    soft = np.where(truth, 0.8, 0.25) + np.random.default_rng(0).normal(0, 0.03, truth.shape)
+    gamma = otsu_threshold(soft)
+    assert 0.25 < gamma < 0.8
+    np.testing.assert_array_equal(soft > gamma, truth)
+    assert otsu_threshold(np.full((8, 8), 0.6)) == 1.0  # a flat map has no object
+
+
+def test_assign_labels_per_class_thresholds_and_largest_margin():
+    a = np.array([[0.7, 0.5, 0.5, 0.1]], np.float32)
+    b = np.array([[0.8, 0.75, 0.2, 0.1]], np.float32)
+    # a counts above 0.4, b above 0.6. Pixel 0: margins 0.3 vs 0.2 -> a, though b's value is
+    # higher; pixel 1: margins 0.1 vs 0.15 -> b; pixel 2: only a passes; pixel 3: neither.
+    np.testing.assert_array_equal(assign_labels({1: a, 2: b}, {1: 0.4, 2: 0.6}), [[1, 2, 1, 0]])
+    # one shared threshold is the plain argmax against γ
+    np.testing.assert_array_equal(assign_labels({1: a, 2: b}, 0.6), [[2, 2, 0, 0]])
+
+
+# ----------------------------------------------------------------------------- cleanup
+def test_cleanup_drops_specks_fills_small_holes_keeps_large_ones_and_other_classes():
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:8, 2:8] = 1
+    mask[4, 4] = 0  # one-pixel hole: filled
+    mask[0, 19] = 1  # one-pixel speck: dropped
+    mask[10:19, 8:17] = 2
+    mask[12:17, 10:15] = 0  # 25-pixel hole (6 % of the image): kept at max_hole 0.01
+    mask[5:7, 5:7] = 3  # another class inside class 1: stays
+    out = cleanup_mask(mask, min_area=2 / 400, max_hole=0.01)
+    expected = mask.copy()
+    expected[4, 4] = 1
+    expected[0, 19] = 0
+    np.testing.assert_array_equal(out, expected)
+    assert cleanup_mask(mask, max_hole=1.0)[14, 12] == 2  # every hole filled
+    ignored = np.full((4, 4), IGNORE_INDEX, np.uint8)
+    np.testing.assert_array_equal(cleanup_mask(ignored, 0.5, 0.5), ignored)
+
+
+# ----------------------------------------------------------------------------- random walk
+def test_half_disc_offsets_cover_each_close_pair_once():
+    radius = 4
+    pairs = {(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
+             if 0 < dy * dy + dx * dx < radius * radius}
+    offsets = half_disc_offsets(radius)
+    assert len(offsets) == len(set(offsets)) == len(pairs) // 2
+    assert {(-dy, -dx) for dy, dx in offsets}.isdisjoint(offsets) and set(offsets) <= pairs
+
+
+def test_random_walk_matches_dense_matrix_power():
+    torch.manual_seed(0)
+    features = torch.randn(3, 4, 5)
+    radius, beta, steps = 3, 2.0, 7
+    n = 20
+    coords = [(y, x) for y in range(4) for x in range(5)]
+    dense = np.zeros((n, n))
+    for i, (yi, xi) in enumerate(coords):  # direct definition, pixel by pixel
+        for j, (yj, xj) in enumerate(coords):
+            if (yi - yj) ** 2 + (xi - xj) ** 2 < radius * radius:
+                dense[i, j] = np.exp(-(features[:, yi, xi] - features[:, yj, xj]).abs().mean().item())
+    sparse = grid_affinity_matrix(features, radius)
+    np.testing.assert_allclose(sparse.toarray(), dense, rtol=1e-5)
+    transition = dense ** beta / (dense ** beta).sum(axis=0, keepdims=True)
+    np.testing.assert_allclose(transition_matrix(sparse, beta).toarray(), transition, rtol=1e-5)
+    maps = np.random.default_rng(0).random((2, n))
+    expected = maps @ np.linalg.matrix_power(transition, steps)
+    np.testing.assert_allclose(random_walk(maps, transition_matrix(sparse, beta), steps), expected, rtol=1e-5)
+    np.testing.assert_allclose(random_walk(maps, transition, steps), expected, rtol=1e-5)
+
+
+def test_self_attention_propagation_recovers_the_object():
+    """Pixels attend uniformly within their region (object or background): S·m averages the
+    blurry cross-attention over each region, so the normalised result is the object exactly."""
+    grid = 8
+    truth = disc(grid, 3.5, 4, 2.6).ravel()
+    same = truth[:, None] == truth[None, :]
+    attention = same / same.sum(axis=1, keepdims=True)
+    cross = blurred(disc(grid, 2.5, 3, 2.0), 1.5)  # off-centre, too small, blurred
+    soft = {"dog": cross, "dog@8": cross, "__self__@8": attention.astype(np.float32)}
+    refined = self_attention_maps(soft, ["dog"], None, (grid, grid), power=1)["dog"]
+    np.testing.assert_allclose(refined.ravel(), truth.astype(np.float32), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- CRF
+def test_crf_labels_are_the_argmax_of_the_marginals():
+    pytest.importorskip("pydensecrf")
+    from diffumask.masks.crf import CRFParams, crf_marginals, crf_refine
+
+    image = np.zeros((6, 6, 3), np.uint8)
+    labels = np.zeros((6, 6), np.uint8)
+    labels[:, 3:] = 7
+    labels[0, 0] = IGNORE_INDEX
+    no_pairwise = CRFParams(gt_prob=0.9, gaussian_compat=0, bilateral_compat=0)
+    q = crf_marginals(image, labels, [0, 7], no_pairwise)
+    np.testing.assert_allclose(q[:, 2, 1], [0.9, 0.1], atol=1e-5)  # label 0 is the likely one
+    np.testing.assert_allclose(q[:, 0, 0], [0.5, 0.5], atol=1e-5)  # unsure pixel: uniform
+    refined = crf_refine(image, labels, [0, 7], no_pairwise)
+    assert refined[2, 1] == 0 and refined[2, 4] == 7  # argmax(1 - q) would swap them (the official bug)
+    assert np.array_equal(np.array([0, 7])[q.argmax(0)], refined)
+
+
+def test_crf_snaps_stray_labels_to_colour_regions():
+    pytest.importorskip("pydensecrf")
+    from diffumask.masks.crf import CRFParams, crf_refine
+
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[:, 8:] = 200
+    labels = np.zeros((16, 16), np.uint8)
+    labels[:, 8:] = 1
+    labels[3, 2] = 1
+    labels[12, 13] = 0
+    labels[5:8, 8:11] = IGNORE_INDEX
+    expected = np.zeros((16, 16), np.uint8)
+    expected[:, 8:] = 1
+    np.testing.assert_array_equal(crf_refine(image, labels, [0, 1], CRFParams(reference_size=16)), expected)
+
+
+def test_missing_crf_extra_is_a_clear_error(monkeypatch):
+    from diffumask.errors import DiffumaskError
+    from diffumask.masks.crf import crf_available, crf_refine
+
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    assert not crf_available()
+    with pytest.raises(DiffumaskError, match=r"diffumask\[crf\]"):
+        crf_refine(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8), [0, 1])
+
+
+# ----------------------------------------------------------------------------- adaptive γ
+def test_sweep_picks_the_gamma_that_matches_the_reference():
+    image, truth = scene()
+    soft = blurred(truth, 1.0)
+    gammas = gamma_range(0.3, 0.9, 0.05)
+    assert len(gammas) == 13 and gammas[-1] == 0.9
+    reference = assign_labels({4: soft}, 0.6)
+    counts, candidates = sweep(image, {4: soft}, reference, gammas, None)
+    assert best_gamma(counts, gammas) == 0.6
+    np.testing.assert_array_equal(candidates[gammas.index(0.6)], reference)
+    assert best_gamma({4: [(0, 5)] * 13}, gammas) is None  # nothing matches: no γ
+    pooled = pool_counts([{4: [(1, 2), (3, 4)]}, {4: [(1, 1), (0, 4)], 5: [(2, 2), (0, 1)]}], 2)
+    assert pooled == {4: [(2, 3), (3, 8)], 5: [(2, 2), (0, 1)]}
+
+
+# ----------------------------------------------------------------------------- AffinityNet
+def test_seeds_are_sure_inside_and_far_outside_unsure_between():
+    image, truth = scene()
+    seeds = seed_labels(image, {3: blurred(truth)}, crf=None)
+    assert set(np.unique(seeds)) == {0, 3, IGNORE_INDEX}
+    assert truth[seeds == 3].all() and not truth[seeds == 0].any()
+    assert (seeds == IGNORE_INDEX).any()
+    cells = np.array([[1, 1, 0, 0], [1, 1, 0, 2]], np.uint8)
+    np.testing.assert_array_equal(grid_labels(cells, 2), [[1, IGNORE_INDEX]])
+
+
+def test_affinity_loss_rewards_same_label_pairs_and_punishes_different_ones():
+    labels = torch.tensor([[[0, 0, 1, 1]]])
+    constant = torch.zeros(1, 2, 1, 4)  # every affinity is 1
+    split = torch.tensor([[[[0.0, 0, 50, 50]], [[0, 0, 50, 50]]]])  # affinity 1 within, ~0 across
+    assert affinity_loss(split, labels, radius=2) < 1e-3
+    assert affinity_loss(constant, labels, radius=2) > 5  # -log(1e-5) / 2 for the negative pairs
+
+
+def test_affinity_net_learns_object_boundaries_from_seeds():
+    """Trained on seeds of a few scenes, its random walk pulls a blurred, shifted soft map onto
+    the object: the walked map is flat inside the object and low outside, and its mask beats
+    the soft map's best threshold by a clear margin."""
+    config = AffinityConfig(width=16, blocks=2, feature_dim=16, train_steps=60, batch_size=4, lr=1e-2,
+                            walk_steps=32, background=0.5)
+    scenes = [scene(seed=s) for s in range(4)]
+    seeds = [grid_labels(seed_labels(img, {1: blurred(t, 1.0)}, config, crf=None), 1) for img, t in scenes]
+    net = train_affinity_net(AffinityNet(1, config.width, config.feature_dim, config.blocks),
+                             lambda i: scenes[i][0], seeds, config)
+    image, truth = scene(seed=9)
+    soft = blurred(np.roll(truth, 2, axis=1), 3.0)
+    raw_best = max(iou(soft > g, truth) for g in np.arange(0.3, 0.95, 0.05))
+    walked = walked_maps(net, image, {1: soft}, config)[1]
+    interior = ndimage.binary_erosion(truth, iterations=2)
+    far = ~ndimage.binary_dilation(truth, iterations=3)
+    assert walked[interior].min() > 0.6 and walked[far].max() < 0.3
+    refined = affinity_mask(net, image, {1: soft}, config) == 1
+    assert iou(refined, truth) > raw_best + 0.05
