@@ -144,6 +144,99 @@ def _run_shapes_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.train} train, {args.val} val and {args.test} test scenes to {out}")
 
 
+def _sweep(text: str) -> tuple[float, float, float]:
+    try:
+        start, stop, step = (float(v) for v in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START,STOP,STEP such as 0.35,0.54,0.01, got {text!r}") from None
+    return start, stop, step
+
+
+def _add_refine(sub: argparse._SubParsersAction) -> None:
+    from .refine import METHODS
+
+    p = sub.add_parser(
+        "refine", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="rewrite a dataset's masks from its soft maps with a better method (adaptive γ, AffinityNet, CRF, ...)",
+        description="Recompute every mask of a dataset folder from its soft maps; images and soft maps stay as they "
+                    "are, and each item's manifest line records the method and its parameters under 'refine'. "
+                    "Re-running the same command resumes (progress in DATASET/refine.jsonl).\n\n"
+                    "methods:\n"
+                    "  threshold  fixed γ (--threshold), optional uncertainty band (--uncertain, labelled 255)\n"
+                    "  otsu       Otsu's threshold per image and class: no parameters, no training\n"
+                    "  affinity   AffinityNet map alone: seeds → AffinityNet trained on the dataset → random walk\n"
+                    "  adaptive   the paper's adaptive γ: the γ of a sweep whose CRF-refined mask best matches the\n"
+                    "             AffinityNet map, per image (or per class with --per-class)\n"
+                    "  propagate  Dataset Diffusion's self-attention propagation with its 0.5-0.6 band (255)\n"
+                    "Every method can end with a dense CRF (--crf; needs pip install 'diffumask[crf]') and ends with "
+                    "the cleanup (--min-area, --max-hole).",
+        epilog="examples:\n  diffumask refine data/shapes --method otsu --crf\n"
+               "  diffumask refine data/shapes --method adaptive --per-class --gammas 0.3,0.9,0.05\n",
+    )
+    p.add_argument("dataset", help="dataset folder made by `diffumask generate`")
+    p.add_argument("--method", choices=list(METHODS), required=True, help="how masks are made (see above)")
+    p.add_argument("--threshold", type=float, default=0.4,
+                   help="γ of --method threshold, and adaptive's γ when no candidate matches the AffinityNet map (default: 0.4)")
+    p.add_argument("--uncertain", type=float, help="threshold: pixels with map in (uncertain, threshold] become 255")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
+                   help="dense CRF on the result (adaptive: on every candidate; default: on for adaptive, off otherwise)")
+    p.add_argument("--crf-srgb", type=float, default=13.0,
+                   help="colour scale of every CRF's bilateral kernel; larger groups textured backgrounds (default: 13)")
+    p.add_argument("--crf-sxy", type=float, default=80.0,
+                   help="spatial scale of the bilateral kernel, at 512 px, scaled to the image size (default: 80)")
+    p.add_argument("--crf-gt-prob", type=float, default=0.95,
+                   help="how sure the CRF is of each pixel's input label (default: 0.95)")
+    p.add_argument("--min-area", type=float, default=0.005,
+                   help="drop a class's blobs smaller than this fraction of the image (default: 0.005; 0 keeps all)")
+    p.add_argument("--max-hole", type=float, default=0.01,
+                   help="fill holes up to this fraction of the image (default: 0.01; 1 fills all, 0 none)")
+    p.add_argument("--per-class", action="store_true", help="adaptive: one γ per class from its IoU-vs-γ curve")
+    p.add_argument("--gammas", type=_sweep, default=(0.35, 0.54, 0.01), metavar="START,STOP,STEP",
+                   help="adaptive: the γ sweep (default: the paper's 0.35,0.54,0.01)")
+    p.add_argument("--affinity-steps", type=int, default=300, help="AffinityNet training steps (default: 300; 0 with "
+                   "--affinity-weights uses those weights as they are)")
+    p.add_argument("--affinity-weights", help="initialise the AffinityNet from these weights (.safetensors of the same "
+                   "architecture, e.g. DATASET/refine/affinitynet-*.safetensors of another dataset)")
+    p.add_argument("--affinity-background", type=float, default=0.45,
+                   help="background score the random-walked maps must beat (default: the paper's 0.45)")
+    p.add_argument("--walk-steps", type=int, default=64, help="random-walk steps on the affinity graph (default: 64)")
+    p.add_argument("--beta", type=float, default=16.0, help="affinity power before the walk (default: PSA's 16)")
+    p.add_argument("--no-seed-crf", action="store_true", help="AffinityNet seeds without the CRF (works without the extra)")
+    p.add_argument("--power", type=int, default=4, help="propagate: self-attention matrix power (default: 4)")
+    p.add_argument("--propagate-threshold", type=float, default=0.6, help="propagate: foreground above (default: 0.6)")
+    p.add_argument("--propagate-uncertain", type=float, default=0.5,
+                   help="propagate: 255 band lower edge (default: 0.5; a negative value disables the band)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_refine)
+
+
+def _run_refine(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from .masks.adaptive import gamma_range
+    from .masks.affinity import AffinityConfig
+    from .masks.crf import SEED_CRF, CRFParams
+    from .refine import RefineConfig, refine_dataset
+
+    try:
+        gammas = gamma_range(*args.gammas)
+    except ValueError as error:
+        raise DiffumaskError(str(error)) from None
+    config = RefineConfig(
+        method=args.method, threshold=args.threshold, uncertain=args.uncertain, crf=args.crf,
+        crf_params=CRFParams(gt_prob=args.crf_gt_prob, bilateral_sxy=args.crf_sxy, bilateral_srgb=args.crf_srgb),
+        seed_crf_params=replace(SEED_CRF, bilateral_srgb=args.crf_srgb),
+        min_area=args.min_area, max_hole=args.max_hole, per_class=args.per_class, gammas=gammas,
+        affinity=AffinityConfig(train_steps=args.affinity_steps, background=args.affinity_background,
+                                walk_steps=args.walk_steps, beta=args.beta, seed_crf=not args.no_seed_crf),
+        affinity_weights=args.affinity_weights, power=args.power, propagate_threshold=args.propagate_threshold,
+        propagate_uncertain=None if args.propagate_uncertain < 0 else args.propagate_uncertain,
+    )
+    result = refine_dataset(args.dataset, config, progress=not args.quiet)
+    print(f"refined {result.refined} of {result.items} items in {result.dataset.root} with --method {args.method}"
+          + (f" ({result.items - result.refined} were already done)" if result.refined < result.items else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffumask", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -154,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"diffumask {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,shapes}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,refine,shapes}")
     _add_generate(sub)
+    _add_refine(sub)
     _add_shapes(sub)
     return parser
 

@@ -1,0 +1,296 @@
+"""``diffumask refine``: rewrite a dataset's masks from its soft maps with a better method.
+
+Images and soft maps stay untouched; each item's mask is recomputed, cleaned up (small blobs
+dropped, small holes filled) and rewritten atomically, and the method with its parameters is
+recorded in the item's manifest line under ``refine``.
+
+Progress lives in ``DATASET/refine.jsonl``: a header line with the method's parameters, then
+one line per finished item. A re-run with the same parameters skips what is listed there (a
+killed run resumes); other parameters start the log afresh. A trained AffinityNet is saved in
+``DATASET/refine/`` keyed by everything its training depends on, so resuming does not train
+again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .dataset import Dataset
+from .errors import ConfigError, DiffumaskError
+from .masks.adaptive import DEFAULT_GAMMAS, best_gamma, candidate_mask, pool_counts, sweep
+from .masks.affinity import (AffinityConfig, AffinityNet, affinity_mask, build_affinity_net, grid_labels,
+                             load_affinity_weights, save_affinity_weights, seed_labels, train_affinity_net)
+from .masks.assign import assign_labels
+from .masks.cleanup import cleanup_mask
+from .masks.crf import SEED_CRF, CRFParams, crf_refine
+from .masks.otsu import otsu_threshold
+from .masks.propagate import propagate_mask
+from .masks.threshold import threshold_masks
+
+METHODS = ("threshold", "otsu", "affinity", "adaptive", "propagate")
+LOG_NAME = "refine.jsonl"
+
+
+@dataclass
+class RefineConfig:
+    """How ``refine`` turns soft maps into masks; see ``diffumask refine --help`` for each option."""
+
+    method: str = "threshold"
+    threshold: float = 0.4  # fixed γ (threshold), and the adaptive fallback when no γ matches B̂
+    uncertain: float | None = None  # threshold: lower edge of the 255 band
+    crf: bool | None = None  # None: the method's default (on for adaptive, off otherwise)
+    crf_params: CRFParams = field(default_factory=CRFParams)
+    seed_crf_params: CRFParams = SEED_CRF  # the AffinityNet seeds' CRF (when affinity.seed_crf)
+    min_area: float = 0.005  # drop components below this fraction of the image
+    max_hole: float = 0.01  # fill holes up to this fraction of the image
+    per_class: bool = False  # adaptive: one γ per class from its curve instead of one per image
+    gammas: tuple[float, ...] = DEFAULT_GAMMAS
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    affinity_weights: str | None = None  # initialise the AffinityNet from these weights
+    power: int = 4  # propagate: self-attention matrix power
+    propagate_threshold: float = 0.6
+    propagate_uncertain: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.uncertain is not None and not self.uncertain < self.threshold:
+            raise ConfigError(f"--uncertain ({self.uncertain}) must be below --threshold ({self.threshold})")
+        if self.propagate_uncertain is not None and not self.propagate_uncertain < self.propagate_threshold:
+            raise ConfigError("the propagate uncertainty edge must be below its threshold")
+        if not (0 <= self.min_area < 1 and 0 <= self.max_hole <= 1):
+            raise ConfigError("--min-area and --max-hole are fractions of the image area, in [0, 1]")
+        if self.per_class and self.method != "adaptive":
+            raise ConfigError("--per-class applies to --method adaptive only")
+        if not self.gammas:
+            raise ConfigError("the γ sweep is empty")
+
+    @property
+    def use_crf(self) -> bool:
+        return self.method == "adaptive" if self.crf is None else self.crf
+
+    @property
+    def uses_affinity(self) -> bool:
+        return self.method in ("affinity", "adaptive")
+
+    def params(self) -> dict[str, Any]:
+        """The parameters this method actually uses (what the manifest records)."""
+        out: dict[str, Any] = {"method": self.method, "crf": self.use_crf,
+                               "min_area": self.min_area, "max_hole": self.max_hole}
+        if self.use_crf:
+            out["crf_params"] = self.crf_params.as_dict()
+        if self.method == "threshold":
+            out.update(threshold=self.threshold, uncertain=self.uncertain)
+        if self.uses_affinity:
+            out.update(affinity=self.affinity.as_dict(), affinity_weights=self.affinity_weights)
+            if self.affinity.seed_crf:
+                out["seed_crf_params"] = self.seed_crf_params.as_dict()
+        if self.method == "adaptive":
+            out.update(per_class=self.per_class, gammas=list(self.gammas), fallback_threshold=self.threshold)
+        if self.method == "propagate":
+            out.update(power=self.power, threshold=self.propagate_threshold, uncertain=self.propagate_uncertain)
+        return out
+
+
+@dataclass
+class RefineResult:
+    dataset: Dataset
+    items: int  # items in the dataset
+    refined: int  # items refined by this call (the rest were done by an earlier run)
+    train_seconds: float  # AffinityNet seeds + training (0 when loaded or not needed)
+    seconds: float  # everything else: the per-item work of this call
+
+
+class ProgressLog:
+    """``refine.jsonl``: a header with the parameters, then one JSON line per finished step."""
+
+    def __init__(self, path: Path, params: Mapping[str, Any]):
+        self.path = path
+        self.header = {"refine": json.loads(json.dumps(params))}
+        self.entries: list[dict[str, Any]] = []
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if lines and _loads(lines[0]) == self.header:
+                self.entries = [e for line in lines[1:] if line.endswith("\n") and (e := _loads(line))]
+                self._rewrite()  # drops a torn last line
+                return
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        from .dataset import write_text_atomic
+
+        lines = [self.header, *self.entries]
+        write_text_atomic(self.path, "".join(json.dumps(e) + "\n" for e in lines))
+
+    def done(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {e["id"]: e for e in self.entries if e["kind"] == kind}
+
+    def append(self, entry: dict[str, Any]) -> None:
+        self.entries.append(entry)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _loads(line: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+class _Item:
+    """One manifest record with lazily read image and soft maps, keyed by label index."""
+
+    def __init__(self, dataset: Dataset, record: Mapping[str, Any]):
+        self.dataset = dataset
+        self.id: str = record["id"]
+        self.classes: list[str] = list(record["classes"])
+        self.labels = {name: dataset.class_index(name) for name in self.classes}
+
+    def image(self) -> np.ndarray:
+        return self.dataset.read_image(self.id)
+
+    def soft(self) -> dict[str, np.ndarray]:
+        return self.dataset.read_soft_maps(self.id)
+
+    def maps(self, soft: Mapping[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+        soft = self.soft() if soft is None else soft
+        missing = [c for c in self.classes if c not in soft]
+        if missing:
+            raise DiffumaskError(f"item {self.id} has no soft map for {missing} in {self.dataset.soft_maps_path(self.id)}")
+        return {self.labels[c]: soft[c] for c in self.classes}
+
+
+def _affinity_net(dataset: Dataset, items: list[_Item], config: RefineConfig,
+                  progress: bool) -> tuple[AffinityNet, float]:
+    """Load the AffinityNet this configuration trains, or compute seeds and train it (timed)."""
+    size = tuple(items[0].image().shape[:2])
+    net = build_affinity_net(config.affinity, size)
+    if config.affinity_weights:
+        load_affinity_weights(net, config.affinity_weights)
+    key = json.dumps({"affinity": config.affinity.training_dict(), "seed_crf": config.seed_crf_params.as_dict(),
+                      "weights": config.affinity_weights and str(Path(config.affinity_weights).resolve()),
+                      "items": [i.id for i in items], "size": size}, sort_keys=True)
+    path = dataset.root / "refine" / f"affinitynet-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        load_affinity_weights(net, path)
+        return net.eval(), 0.0
+    if config.affinity.train_steps == 0:
+        return net.eval(), 0.0
+    start = time.perf_counter()
+    seed_crf = config.seed_crf_params if config.affinity.seed_crf else None
+    seeds = []
+    for item in tqdm(items, desc="affinity seeds", unit="img", disable=not progress, dynamic_ncols=True):
+        labels = seed_labels(item.image(), item.maps(), config.affinity, seed_crf)
+        seeds.append(grid_labels(labels, net.stride))
+    bar = tqdm(total=config.affinity.train_steps, desc="train AffinityNet", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    with bar:
+        def report(step: int, loss: float) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        train_affinity_net(net, lambda i: items[i].image(), seeds, config.affinity, report)
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(exist_ok=True)
+    save_affinity_weights(net, path)
+    return net.eval(), seconds
+
+
+def _final_crf(image: np.ndarray, mask: np.ndarray, labels: list[int], config: RefineConfig) -> np.ndarray:
+    return crf_refine(image, mask, [0, *labels], config.crf_params) if config.use_crf else mask
+
+
+def _item_mask(item: _Item, config: RefineConfig, net: AffinityNet | None,
+               gammas: Mapping[int, float] | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """One item's mask before cleanup, and what to record about it."""
+    soft = item.soft()
+    image = item.image()
+    maps = item.maps(soft)
+    labels = list(maps)
+    crf = config.crf_params if config.use_crf else None
+    extra: dict[str, Any] = {}
+    if config.method == "threshold":
+        mask = _final_crf(image, threshold_masks(maps, config.threshold, config.uncertain), labels, config)
+    elif config.method == "otsu":
+        thresholds = {label: otsu_threshold(m) for label, m in maps.items()}
+        extra["thresholds"] = {str(k): round(v, 4) for k, v in thresholds.items()}
+        mask = _final_crf(image, assign_labels(maps, thresholds), labels, config)
+    elif config.method == "propagate":
+        mask = propagate_mask(soft, item.labels, None, image.shape[:2], config.power,
+                              config.propagate_threshold, config.propagate_uncertain)
+        mask = _final_crf(image, mask, labels, config)
+    elif config.method == "affinity":
+        mask = _final_crf(image, affinity_mask(net, image, maps, config.affinity), labels, config)
+    elif gammas is not None:  # adaptive per class, second pass
+        mask = candidate_mask(image, maps, {label: gammas[label] for label in labels}, crf)
+        extra["gammas"] = {str(k): gammas[k] for k in labels}
+    else:  # adaptive per image
+        counts, candidates = sweep(image, maps, affinity_mask(net, image, maps, config.affinity), config.gammas, crf)
+        gamma = best_gamma(counts, config.gammas)
+        extra["gamma"] = gamma
+        mask = (candidate_mask(image, maps, config.threshold, crf) if gamma is None
+                else candidates[config.gammas.index(gamma)])
+    return mask, extra
+
+
+def _class_gammas(log: ProgressLog, items: list[_Item], config: RefineConfig, net: AffinityNet,
+                  progress: bool) -> dict[int, float]:
+    """Per-class adaptive γ: every image's sweep counts (logged, resumable), pooled per class."""
+    crf = config.crf_params if config.use_crf else None
+    done = log.done("curve")
+    for item in tqdm([i for i in items if i.id not in done], desc="adaptive curves", unit="img",
+                     disable=not progress, dynamic_ncols=True):
+        image, maps = item.image(), item.maps()
+        counts, _ = sweep(image, maps, affinity_mask(net, image, maps, config.affinity), config.gammas, crf)
+        log.append({"kind": "curve", "id": item.id, "counts": {str(k): v for k, v in counts.items()}})
+    curves = [{int(k): v for k, v in e["counts"].items()} for e in log.done("curve").values()]
+    pooled = pool_counts(curves, len(config.gammas))
+    chosen = {label: best_gamma({label: pairs}, config.gammas) for label, pairs in pooled.items()}
+    return {label: config.threshold if gamma is None else gamma for label, gamma in chosen.items()}
+
+
+def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True) -> RefineResult:
+    """Run ``refine`` on a dataset folder (see the module docstring); resumable."""
+    try:
+        dataset = Dataset(root)
+    except FileNotFoundError as error:
+        raise DiffumaskError(str(error)) from None
+    records = dataset.records()
+    if not records:
+        raise DiffumaskError(f"{dataset.root} holds no finished items to refine")
+    if config.use_crf or (config.uses_affinity and config.affinity.seed_crf):
+        crf_refine(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8), [0, 1], config.crf_params)  # fail early
+    items = [_Item(dataset, r) for r in records]
+    log = ProgressLog(dataset.root / LOG_NAME, config.params())
+    done = log.done("mask")
+    pending = [item for item in items if item.id not in done]
+    net, train_seconds = None, 0.0
+    start = time.perf_counter()
+    if pending and config.uses_affinity:
+        net, train_seconds = _affinity_net(dataset, items, config, progress)
+    gammas = _class_gammas(log, items, config, net, progress) if pending and config.per_class else None
+    for item in tqdm(pending, desc=f"refine {config.method}", unit="img", disable=not progress, dynamic_ncols=True):
+        mask, extra = _item_mask(item, config, net, gammas)
+        mask = cleanup_mask(mask, config.min_area, config.max_hole)
+        dataset.rewrite_mask(item.id, mask)
+        log.append({"kind": "mask", "id": item.id, **extra})
+    seconds = time.perf_counter() - start - train_seconds
+    params = config.params()
+    dataset.update_records({
+        entry_id: {"refine": {**params, **{k: v for k, v in entry.items() if k not in ("kind", "id")}}}
+        for entry_id, entry in log.done("mask").items()
+    })
+    return RefineResult(dataset, len(items), len(pending), train_seconds, seconds)
+
+
+__all__ = ["METHODS", "RefineConfig", "RefineResult", "refine_dataset"]

@@ -1,0 +1,211 @@
+"""`diffumask refine` on a synthetic dataset whose right masks are known: every method, several
+classes per item, resume, the manifest record and the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from diffumask.cli import main
+from diffumask.dataset import IGNORE_INDEX, Dataset
+from diffumask.masks.affinity import AffinityConfig
+from diffumask.masks.crf import crf_available
+from diffumask.refine import RefineConfig, refine_dataset
+
+SIZE, GRID = 32, 16
+CLASSES = ["disc", "box"]
+#: Small and quick, for the tests' dozen 32 px images.
+TINY_AFFINITY = AffinityConfig(width=16, blocks=2, feature_dim=16, train_steps=40, batch_size=4, lr=1e-2,
+                               walk_steps=32, background=0.5)
+
+
+def shape_mask(kind: str, cy: float, cx: float, r: float) -> np.ndarray:
+    y, x = np.mgrid[:SIZE, :SIZE] + 0.5
+    if kind == "disc":
+        return (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+    return (abs(y - cy) <= r * 0.8) & (abs(x - cx) <= r * 0.8)
+
+
+def soft_maps(image: np.ndarray, truths: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Attention-like maps: each object blurred and shifted a pixel, on a raised floor; the
+    grids at 16×16; self-attention from colour similarity on the 16×16 grid."""
+    out = {}
+    for name, truth in truths.items():
+        shifted = np.roll(truth, tuple(rng.integers(-1, 2, 2)), axis=(0, 1)).astype(np.float32)
+        soft = ndimage.gaussian_filter(shifted, 2.0)
+        soft = 0.25 + 0.75 * soft / soft.max()
+        out[name] = soft
+        out[f"{name}@{GRID}"] = soft.reshape(GRID, 2, GRID, 2).mean(axis=(1, 3))
+    colours = image.astype(np.float32).reshape(GRID, 2, GRID, 2, 3).mean(axis=(1, 3)).reshape(-1, 3)
+    similarity = np.exp(-((colours[:, None] - colours[None]) ** 2).sum(-1) / (2 * 40.0**2))
+    out[f"__self__@{GRID}"] = similarity / similarity.sum(axis=1, keepdims=True)
+    return out
+
+
+def make_dataset(root: Path, n_per_class: int = 5) -> tuple[Dataset, dict[str, np.ndarray]]:
+    """Single-object items of each class plus two items with both classes; returns the true masks."""
+    dataset = Dataset.create(root, CLASSES, {"made_by": "test"}, image_format="png")
+    rng = np.random.default_rng(0)
+    truths = {}
+    layouts = [[(c, 16 + rng.uniform(-3, 3), 16 + rng.uniform(-3, 3), rng.uniform(7, 10))]
+               for c in CLASSES for _ in range(n_per_class)]
+    layouts += [[("disc", 10, 9, 6), ("box", 22, 23, 7)], [("box", 9, 22, 6), ("disc", 22, 10, 7)]]
+    for k, layout in enumerate(layouts):
+        image = np.repeat(rng.integers(100, 150, (SIZE, SIZE, 1)), 3, axis=2).astype(np.uint8)
+        label = np.zeros((SIZE, SIZE), np.uint8)
+        objects = {}
+        for name, cy, cx, r in layout:
+            objects[name] = shape_mask(name, cy, cx, r)
+            image[objects[name]] = (230, 40, 30) if name == "disc" else (30, 60, 230)
+            label[objects[name]] = dataset.class_index(name)
+        item_id = f"item_{k:03d}"
+        truths[item_id] = label
+        names = [name for name, *_ in layout]
+        dataset.write_item(item_id, image, {"classes": names, "resolutions": [GRID]},
+                           mask=np.zeros_like(label), soft_maps=soft_maps(image, objects, rng))
+    dataset.finalize()
+    return dataset, truths
+
+
+def miou(dataset: Dataset, truths: dict[str, np.ndarray]) -> float:
+    """Per-class IoU pooled over the items, pixels labelled 255 left out."""
+    inter, union = np.zeros(3), np.zeros(3)
+    for item_id, truth in truths.items():
+        mask = dataset.read_mask(item_id)
+        kept = mask != IGNORE_INDEX
+        for c in (1, 2):
+            inter[c] += ((mask == c) & (truth == c) & kept).sum()
+            union[c] += (((mask == c) | (truth == c)) & kept).sum()
+    return float(np.mean(inter[1:] / union[1:]))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    root = tmp_path_factory.mktemp("refine") / "ds"
+    _, truths = make_dataset(root)
+    return root, truths
+
+
+@pytest.fixture
+def dataset(template, tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    root, truths = template
+    copy = tmp_path / "ds"
+    shutil.copytree(root, copy)
+    return copy, truths
+
+
+def files(root: Path, folder: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / folder).iterdir())}
+
+
+NEEDS_CRF = pytest.mark.skipif(not crf_available(), reason="the crf extra (pydensecrf2) is not installed")
+CASES = {
+    "threshold 0.5": (RefineConfig(method="threshold", threshold=0.5), 0.78),
+    "otsu": (RefineConfig(method="otsu"), 0.82),
+    "propagate": (RefineConfig(method="propagate"), 0.85),
+    "affinity": (RefineConfig(method="affinity", affinity=TINY_AFFINITY), 0.85),
+    "adaptive, no crf": (RefineConfig(method="adaptive", crf=False, gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                                      affinity=TINY_AFFINITY), 0.82),
+}
+CRF_CASES = {
+    "threshold 0.5 + crf": (RefineConfig(method="threshold", threshold=0.5, crf=True), 0.95),
+    "otsu + crf": (RefineConfig(method="otsu", crf=True), 0.95),
+    "adaptive": (RefineConfig(method="adaptive", gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), affinity=TINY_AFFINITY), 0.9),
+    "adaptive per class": (RefineConfig(method="adaptive", per_class=True, gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                                        affinity=TINY_AFFINITY), 0.9),
+}
+
+
+@pytest.mark.parametrize("case", [*CASES, *[pytest.param(c, marks=NEEDS_CRF) for c in CRF_CASES]])
+def test_each_method_recovers_the_known_objects(dataset, case):
+    root, truths = dataset
+    config, bound = {**CASES, **CRF_CASES}[case]
+    images, soft = files(root, "JPEGImages"), files(root, "SoftMaps")
+    result = refine_dataset(root, config, progress=False)
+    assert result.refined == result.items == len(truths)
+    score = miou(result.dataset, truths)
+    assert score >= bound, f"{case}: mIoU {score:.3f} < {bound}"
+    assert files(root, "JPEGImages") == images and files(root, "SoftMaps") == soft
+    for record in result.dataset.records():
+        assert record["refine"]["method"] == config.method
+        assert record["refine"]["crf"] == config.use_crf
+        assert record["classes"] and record["resolutions"] == [GRID]  # generation's fields kept
+        if config.method == "adaptive" and not config.per_class:
+            assert record["refine"]["gamma"] in config.gammas
+        if config.per_class:
+            assert set(record["refine"]["gammas"]) == {str(result.dataset.class_index(c)) for c in record["classes"]}
+
+
+def test_refinement_beats_the_raw_threshold(dataset):
+    """The synthetic maps are blurred and shifted like attention: refinement must recover more."""
+    root, truths = dataset
+    raw = miou(refine_dataset(root, RefineConfig(method="threshold", threshold=0.5, min_area=0, max_hole=0),
+                              progress=False).dataset, truths)
+    refined = miou(refine_dataset(root, RefineConfig(method="affinity", affinity=TINY_AFFINITY),
+                                  progress=False).dataset, truths)
+    assert refined > raw + 0.03
+
+
+@pytest.mark.parametrize("method", ["threshold", "otsu", "propagate"])
+def test_items_with_several_classes_get_each_class_where_its_map_wins(dataset, method):
+    root, truths = dataset
+    result = refine_dataset(root, RefineConfig(method=method, threshold=0.5), progress=False)
+    for item_id in ("item_010", "item_011"):
+        mask, truth = result.dataset.read_mask(item_id), truths[item_id]
+        assert set(np.unique(mask)) - {IGNORE_INDEX} == {0, 1, 2}
+        for c in (1, 2):
+            kept = mask != IGNORE_INDEX
+            inter = ((mask == c) & (truth == c) & kept).sum()
+            assert inter / (((mask == c) | (truth == c)) & kept).sum() > 0.7
+
+
+def test_propagate_marks_an_uncertainty_band(dataset):
+    root, _ = dataset
+    masks = [refine_dataset(root, RefineConfig(method="propagate", propagate_uncertain=u), progress=False)
+             .dataset.read_mask("item_000") for u in (0.3, None)]
+    assert (masks[0] == IGNORE_INDEX).any() and not (masks[1] == IGNORE_INDEX).any()
+
+
+def test_resume_redoes_only_unfinished_items_and_new_settings_start_over(dataset):
+    root, truths = dataset
+    config = RefineConfig(method="otsu")
+    refine_dataset(root, config, progress=False)
+    log = root / "refine.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    assert len(lines) == 1 + len(truths)
+    log.write_text("".join(lines[:-2]) + lines[-2][:10])  # killed while writing the second-to-last line
+    again = refine_dataset(root, config, progress=False)
+    assert again.refined == 2
+    assert log.read_text().splitlines(keepends=True)[:-2] == lines[:-2]
+    assert refine_dataset(root, config, progress=False).refined == 0
+    other = refine_dataset(root, RefineConfig(method="threshold", threshold=0.6), progress=False)
+    assert other.refined == len(truths)
+    assert {r["refine"]["method"] for r in other.dataset.records()} == {"threshold"}
+
+
+def test_a_trained_affinity_net_is_saved_and_reused(dataset):
+    root, truths = dataset
+    first = refine_dataset(root, RefineConfig(method="affinity", affinity=TINY_AFFINITY), progress=False)
+    assert first.train_seconds > 0
+    (weights,) = (root / "refine").glob("affinitynet-*.safetensors")
+    walk_only = RefineConfig(method="affinity", affinity=AffinityConfig(**{**TINY_AFFINITY.as_dict(), "walk_steps": 16}))
+    assert refine_dataset(root, walk_only, progress=False).train_seconds == 0  # no retraining for walk settings
+    as_is = RefineConfig(method="affinity", affinity_weights=str(weights),
+                         affinity=AffinityConfig(**{**TINY_AFFINITY.as_dict(), "train_steps": 0}))
+    assert miou(refine_dataset(root, as_is, progress=False).dataset, truths) >= 0.8
+
+
+def test_cli_refine(dataset, capsys):
+    root, truths = dataset
+    assert main(["refine", str(root), "--method", "otsu", "--quiet"]) == 0
+    assert f"refined {len(truths)} of {len(truths)} items" in capsys.readouterr().out
+    record = json.loads((root / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["refine"]["method"] == "otsu" and record["refine"]["min_area"] == 0.005
+    assert main(["refine", str(root / "missing"), "--method", "otsu"]) == 2
+    assert main(["refine", str(root), "--method", "otsu", "--per-class"]) == 2
+    assert "--per-class applies to --method adaptive only" in capsys.readouterr().err
