@@ -226,3 +226,15 @@ def test_affinity_net_learns_object_boundaries_from_seeds():
     assert walked[interior].min() > 0.6 and walked[far].max() < 0.3
     refined = affinity_mask(net, image, {1: soft}, config) == 1
     assert iou(refined, truth) > raw_best + 0.05
+
+
+def test_affinity_net_works_on_a_feature_grid_for_large_images():
+    """Stable Diffusion-sized images run at a coarser stride (8 at 512 px: a 64×64 grid)."""
+    config = AffinityConfig(width=8, blocks=1, feature_dim=8)
+    assert [config.grid_stride((s, s)) for s in (32, 64, 128, 256, 512, 1024)] == [1, 1, 2, 4, 8, 8]
+    net = AffinityNet(config.grid_stride((256, 200)), config.width, config.feature_dim, config.blocks)
+    image = np.random.default_rng(0).integers(0, 255, (256, 200, 3), dtype=np.uint8)
+    soft = blurred(disc(256, 120, 100, 50)[:, :200], 8.0)
+    walked = walked_maps(net, image, {1: soft}, config)[1]
+    assert walked.shape == (256, 200) and 0 <= walked.min() and walked.max() <= 1 + 1e-6
+    assert affinity_mask(net, image, {1: soft}, config).shape == (256, 200)

@@ -64,8 +64,9 @@ def transition_matrix(affinity: Matrix, beta: float = 16.0) -> Matrix:
     if sp.issparse(affinity):
         powered = sp.csr_matrix(affinity, dtype=np.float64, copy=True)
         powered.data **= beta
-        colsum = np.asarray(powered.sum(axis=0)).ravel()
-        return sp.csr_matrix(powered @ sp.diags(1.0 / colsum))
+        colsum = np.bincount(powered.indices, weights=powered.data, minlength=powered.shape[1])
+        powered.data /= colsum[powered.indices]
+        return powered
     powered = np.asarray(affinity, np.float64) ** beta
     return powered / powered.sum(axis=0, keepdims=True)
 

@@ -1,0 +1,151 @@
+"""Benchmark `diffumask refine` on the built-in shapes world, where ground truth is exact.
+
+    python bench/bench_refine.py [--weights DIR] [--per-class 50] [--work DIR] [--threads N]
+
+Generates a fixed dataset with the shapes model (seeded, resumable in --work), then runs every
+refinement method on it and prints one table in the style of the paper's Table 4a: mIoU against
+the objects' true pixels and seconds per image for each method with and without the dense CRF.
+
+Ground truth of a generated image: the pixels whose chroma stands out from the image's median
+(``diffumask.shapes.classifier.foreground``), cleaned of specks, as in the shapes benchmark.
+mIoU: per class, intersection and union pooled over its images; the mean over classes. Pixels a
+method labels 255 (uncertain) are left out of both, as trainers ignore them; the table shows
+how many there are. Seconds per image cover everything a method does per item (reading, the
+method, cleanup, writing the mask), on the same threads as the generation time it is compared
+with; the AffinityNet's seeds and training are timed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffumask.dataset import IGNORE_INDEX, Dataset
+from diffumask.generate import GenerateConfig, generate_dataset
+from diffumask.masks.adaptive import DEFAULT_GAMMAS, gamma_range
+from diffumask.masks.affinity import AffinityConfig
+from diffumask.masks.crf import SEED_CRF, CRFParams
+from diffumask.refine import RefineConfig, refine_dataset
+from diffumask.shapes import CLASSES, load_pipeline
+from diffumask.shapes.classifier import clean, foreground
+from diffumask.shapes.model import WEIGHTS_DIR
+
+BENCH_SEED = 5_000_000
+
+
+def generated(work: Path, weights: str, per_class: int, batch_size: int) -> tuple[Dataset, float]:
+    """The benchmark dataset (generated once, then reused) and generation seconds per image."""
+    timing = work / "bench_generate.json"
+    config = GenerateConfig(classes=list(CLASSES), out=str(work / "dataset"), images_per_class=per_class,
+                            seed=BENCH_SEED, batch_size=batch_size)
+    if timing.is_file() and json.loads(timing.read_text())["images"] == per_class * len(CLASSES):
+        return Dataset(config.out), json.loads(timing.read_text())["seconds_per_image"]
+    pipe = load_pipeline(path=weights)
+    start = time.perf_counter()
+    dataset = generate_dataset(config, pipe=pipe, progress=True)
+    seconds = (time.perf_counter() - start) / len(dataset.records())
+    work.mkdir(parents=True, exist_ok=True)
+    timing.write_text(json.dumps({"images": len(dataset.records()), "seconds_per_image": seconds}))
+    return dataset, seconds
+
+
+def truths(dataset: Dataset) -> dict[str, np.ndarray]:
+    return {r["id"]: clean(foreground(dataset.read_image(r["id"]))) for r in dataset.records()}
+
+
+def score(dataset: Dataset, truth: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(mIoU over classes with pooled pixels and 255 left out, fraction of pixels labelled 255)."""
+    inter: dict[str, int] = {}
+    union: dict[str, int] = {}
+    ignored = total = 0
+    for record in dataset.records():
+        name = record["classes"][0]
+        mask = dataset.read_mask(record["id"])
+        kept = mask != IGNORE_INDEX
+        predicted = mask == dataset.class_index(name)
+        inter[name] = inter.get(name, 0) + int((predicted & truth[record["id"]] & kept).sum())
+        union[name] = union.get(name, 0) + int(((predicted | truth[record["id"]]) & kept).sum())
+        ignored += int((~kept).sum())
+        total += mask.size
+    return float(np.mean([inter[c] / union[c] for c in inter if union[c]])), ignored / total
+
+
+def rows(args: argparse.Namespace) -> list[tuple[str, RefineConfig]]:
+    crf = CRFParams(bilateral_srgb=args.crf_srgb)
+    seed_crf = replace(SEED_CRF, bilateral_srgb=args.crf_srgb)
+    affinity = AffinityConfig(train_steps=args.affinity_steps, background=args.affinity_background)
+    common = dict(crf_params=crf, seed_crf_params=seed_crf, affinity=affinity)
+    wide = gamma_range(*args.wide_gammas)
+    out: list[tuple[str, RefineConfig]] = []
+    for with_crf in (False, True):
+        tag = " + CRF" if with_crf else ""
+        for gamma in (0.3, 0.4, 0.5, 0.6):
+            out.append((f"fixed γ {gamma}{tag}", RefineConfig(method="threshold", threshold=gamma, crf=with_crf, **common)))
+        out.append((f"Otsu{tag}", RefineConfig(method="otsu", crf=with_crf, **common)))
+        out.append((f"AffinityNet map alone{tag}", RefineConfig(method="affinity", crf=with_crf, **common)))
+        for sweep, name in ((DEFAULT_GAMMAS, "0.35–0.54"), (wide, f"{wide[0]}–{wide[-1]}")):
+            out.append((f"adaptive per image, γ {name}{tag}",
+                        RefineConfig(method="adaptive", crf=with_crf, gammas=sweep, **common)))
+            out.append((f"adaptive per class, γ {name}{tag}",
+                        RefineConfig(method="adaptive", per_class=True, crf=with_crf, gammas=sweep, **common)))
+        out.append((f"propagate (self-attention){tag}", RefineConfig(method="propagate", crf=with_crf, **common)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default=str(WEIGHTS_DIR), help="shapes pipeline folder (default: the shipped one)")
+    parser.add_argument("--per-class", type=int, default=50, help="images per class (default: 50)")
+    parser.add_argument("--work", default="bench_refine_work", help="folder for the dataset (reused on a re-run)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--batch-size", type=int, default=50, help="generation batch size (default: 50)")
+    parser.add_argument("--crf-srgb", type=float, default=30.0,
+                        help="CRF colour scale; the world's textured grey backgrounds want 30 (default: 30)")
+    parser.add_argument("--affinity-steps", type=int, default=300)
+    parser.add_argument("--affinity-background", type=float, default=0.45)
+    parser.add_argument("--wide-gammas", type=float, nargs=3, default=(0.3, 0.9, 0.05), metavar=("START", "STOP", "STEP"))
+    parser.add_argument("--only", help="run only rows whose name contains this text")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    work = Path(args.work)
+    dataset, generation = generated(work, args.weights, args.per_class, args.batch_size)
+    truth = truths(dataset)
+    n = len(truth)
+    print(f"{n} images ({args.per_class} per class, {len(CLASSES)} classes), generation {generation:.3f} s/image, "
+          f"{args.threads} thread(s)\n")
+    results = []
+    train_seconds = None
+    for name, config in rows(args):
+        if args.only and args.only not in name:
+            continue
+        result = refine_dataset(dataset.root, config, progress=False)
+        if result.train_seconds:
+            train_seconds = result.train_seconds
+        miou, ignored = score(dataset, truth)
+        per_image = result.seconds / max(1, result.refined)
+        results.append({"method": name, "miou": miou, "ignored": ignored, "seconds_per_image": per_image,
+                        "percent_of_generation": 100 * per_image / generation})
+        print(f"  {name:<44} mIoU {miou:.3f}  ignored {100 * ignored:4.1f}%  {per_image * 1000:6.1f} ms/img", flush=True)
+
+    print(f"\n| method | mIoU | 255 px | s / image | % of generation |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['method']} | {r['miou']:.3f} | {100 * r['ignored']:.1f} % | {r['seconds_per_image']:.4f} "
+              f"| {r['percent_of_generation']:.1f} % |")
+    print(f"\ngeneration: {generation:.3f} s/image; AffinityNet seeds + training "
+          f"({args.affinity_steps} steps, once per dataset): "
+          + (f"{train_seconds:.1f} s ({train_seconds / n:.3f} s/image)" if train_seconds else "loaded from an earlier run"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"generation_seconds_per_image": generation, "images": n,
+                                               "affinity_train_seconds": train_seconds, "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
