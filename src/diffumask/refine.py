@@ -154,6 +154,7 @@ class _Item:
         self.dataset = dataset
         self.id: str = record["id"]
         self.classes: list[str] = list(record["classes"])
+        self.resolutions: list[int] | None = record.get("resolutions")  # the grids generate fused
         self.labels = {name: dataset.class_index(name) for name in self.classes}
 
     def image(self) -> np.ndarray:
@@ -226,7 +227,7 @@ def _item_mask(item: _Item, config: RefineConfig, net: AffinityNet | None,
         extra["thresholds"] = {str(k): round(v, 4) for k, v in thresholds.items()}
         mask = _final_crf(image, assign_labels(maps, thresholds), labels, config)
     elif config.method == "propagate":
-        mask = propagate_mask(soft, item.labels, None, image.shape[:2], config.power,
+        mask = propagate_mask(soft, item.labels, item.resolutions, image.shape[:2], config.power,
                               config.propagate_threshold, config.propagate_uncertain)
         mask = _final_crf(image, mask, labels, config)
     elif config.method == "affinity":
