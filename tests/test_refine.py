@@ -138,7 +138,8 @@ def test_each_method_recovers_the_known_objects(dataset, case):
         if config.method == "adaptive" and not config.per_class:
             assert record["refine"]["gamma"] in config.gammas
         if config.per_class:
-            assert set(record["refine"]["gammas"]) == {str(result.dataset.class_index(c)) for c in record["classes"]}
+            assert record["refine"]["gammas"] == list(config.gammas)
+            assert set(record["refine"]["class_gammas"]) == {str(result.dataset.class_index(c)) for c in record["classes"]}
 
 
 def test_refinement_beats_the_raw_threshold(dataset):

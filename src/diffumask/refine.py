@@ -234,7 +234,7 @@ def _item_mask(item: _Item, config: RefineConfig, net: AffinityNet | None,
         mask = _final_crf(image, affinity_mask(net, image, maps, config.affinity), labels, config)
     elif gammas is not None:  # adaptive per class, second pass
         mask = candidate_mask(image, maps, {label: gammas[label] for label in labels}, crf)
-        extra["gammas"] = {str(k): gammas[k] for k in labels}
+        extra["class_gammas"] = {str(k): gammas[k] for k in labels}
     else:  # adaptive per image
         counts, candidates = sweep(image, maps, affinity_mask(net, image, maps, config.affinity), config.gammas, crf)
         gamma = best_gamma(counts, config.gammas)
