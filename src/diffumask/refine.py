@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .dataset import Dataset
+from .dataset import Dataset, write_text_atomic
 from .errors import ConfigError, DiffumaskError
 from .masks.adaptive import DEFAULT_GAMMAS, best_gamma, candidate_mask, pool_counts, sweep
 from .masks.affinity import (AffinityConfig, AffinityNet, affinity_mask, build_affinity_net, grid_labels,
@@ -126,8 +126,6 @@ class ProgressLog:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        from .dataset import write_text_atomic
-
         lines = [self.header, *self.entries]
         write_text_atomic(self.path, "".join(json.dumps(e) + "\n" for e in lines))
 
