@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffumask.cli import main
 from diffumask.dataset import Dataset, voc_palette
+from diffumask.errors import DiffumaskError
 from diffumask.generate import GenerateConfig, generate_dataset
 
 CLASSES = ["dog", "potted plant"]
@@ -72,6 +73,26 @@ def test_layout_manifest_and_voc_reader(tmp_path, sd1_pipe):
         expected = np.where(fused > 0.8, class_index, np.where(fused > 0.7, 255, 0))
         np.testing.assert_array_equal(indices[decided], expected[decided])
     assert voc_palette()[255] == (224, 224, 192)
+
+
+def test_threshold_defaults_to_the_models_own(tmp_path, sd1_pipe, monkeypatch):
+    """No --threshold: the paper's 0.4 for Stable Diffusion, or the γ a pipeline declares."""
+    from diffumask.shapes.model import DEFAULT_THRESHOLD, ShapesPipeline
+
+    assert ShapesPipeline.default_threshold == DEFAULT_THRESHOLD
+    generate_dataset(config(tmp_path / "sd", threshold=None, uncertain=None, images_per_class=1), pipe=sd1_pipe,
+                     progress=False)
+    assert Dataset(tmp_path / "sd").records()[0]["threshold"] == 0.4
+    monkeypatch.setattr(type(sd1_pipe), "default_threshold", 0.9, raising=False)
+    out = tmp_path / "declared"
+    generate_dataset(config(out, threshold=None, uncertain=None, images_per_class=1), pipe=sd1_pipe, progress=False)
+    record = Dataset(out).records()[0]
+    assert record["threshold"] == 0.9 and json.loads((out / "dataset.json").read_text())["settings"]["threshold"] == 0.9
+    fused = Dataset(out).read_soft_maps(record["id"])["dog"]
+    decided = np.abs(fused - 0.9) > 1e-2
+    np.testing.assert_array_equal((Dataset(out).read_mask(record["id"]) == 1)[decided], (fused > 0.9)[decided])
+    with pytest.raises(DiffumaskError, match="below the model's threshold"):
+        generate_dataset(config(tmp_path / "bad", threshold=None, uncertain=0.95), pipe=sd1_pipe, progress=False)
 
 
 def test_same_command_same_bytes(tmp_path, sd1_pipe):

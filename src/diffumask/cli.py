@@ -78,7 +78,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--self-attention", type=lambda v: None if v == "none" else int(v), default=2, metavar="F",
                    help="also store the mean self-attention at latent/F for self-attention propagation "
                         "(default: 2, i.e. 32x32 at 512 px, 2 MiB per image; 'none' to skip)")
-    p.add_argument("--threshold", type=float, default=0.4, help="γ: a pixel belongs to the class when its map exceeds it (default: 0.4)")
+    p.add_argument("--threshold", type=float,
+                   help="γ: a pixel belongs to the class when its map exceeds it (default: the model's own; "
+                        "0.4, the paper's, for Stable Diffusion)")
     p.add_argument("--uncertain", type=float,
                    help="lower edge of an uncertainty band: pixels with map in (uncertain, threshold] are labelled 255 (ignored)")
     p.add_argument("--image-format", choices=["jpg", "png"], default="jpg", help="image files (default: jpg, quality 95)")

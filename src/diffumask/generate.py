@@ -50,7 +50,7 @@ class GenerateConfig:
     layers: list[str] | None = None  # cross-attention module prefixes to record; None: all
     step_window: tuple[float, float] | None = None  # fraction of the UNet calls to record, e.g. (0.6, 1.0)
     self_attention: int | None = 2  # record self-attention at latent/F for refinement; None: off
-    threshold: float = 0.4
+    threshold: float | None = None  # None: the model's own γ (see default_threshold)
     uncertain: float | None = None  # lower edge of the 255 band; None: no band
     image_format: str = "jpg"
     batch_size: int = 4
@@ -68,6 +68,8 @@ class GenerateConfig:
 
 #: Options that may differ between the runs that build one dataset.
 RUNTIME_OPTIONS = ("batch_size", "device", "images_per_class", "out")
+#: γ of the paper's fixed-threshold baseline on Stable Diffusion (its Table 4a).
+PAPER_THRESHOLD = 0.4
 
 
 @dataclass
@@ -87,6 +89,15 @@ class GeneratedImage:
     mask: np.ndarray  # (H, W) uint8 label indices, in order of ``classes`` starting at 1
     prompt: str
     seed: int
+
+
+def default_threshold(pipe: Any) -> float:
+    """The model's own γ: the paper's 0.4 for Stable Diffusion, or what a pipeline declares.
+
+    Fused maps are divided by their maximum, so how high the background sits depends on the model;
+    a pipeline may carry the γ measured for it (the shapes model does) as ``default_threshold``.
+    """
+    return float(getattr(pipe, "default_threshold", PAPER_THRESHOLD))
 
 
 def item_seed(base_seed: int, class_name: str, index: int) -> int:
@@ -129,7 +140,7 @@ def generate_images(
     guidance: float | None = None,
     size: int | None = None,
     negative_prompt: str | None = None,
-    threshold: float = 0.4,
+    threshold: float | None = None,
     uncertain: float | None = None,
     resolutions: Sequence[int] | None = None,
     layers: Sequence[str] | None = None,
@@ -140,6 +151,7 @@ def generate_images(
     steps = steps or _pipeline_default(pipe, "num_inference_steps")
     guidance = _pipeline_default(pipe, "guidance_scale") if guidance is None else guidance
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    threshold = default_threshold(pipe) if threshold is None else threshold
     window = _step_range(step_window, steps, pipe)
     with trace(pipe, list(prompts), [list(c) for c in classes], layers=layers, steps=window,
                self_attention=self_attention) as recorder:
@@ -179,7 +191,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         raise DiffumaskError(f"duplicate class names in {config.classes}")
     if config.images_per_class < 1 or config.batch_size < 1:
         raise DiffumaskError("--images-per-class and --batch-size must be at least 1")
-    if config.uncertain is not None and not config.uncertain < config.threshold:
+    if config.uncertain is not None and config.threshold is not None and not config.uncertain < config.threshold:
         raise DiffumaskError(f"--uncertain ({config.uncertain}) must be below --threshold ({config.threshold})")
     bank: PromptBank = resolve_bank(config.prompts, config.model)
     items = work_items(config.classes, config.images_per_class, config.seed)
@@ -188,6 +200,11 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     if pipe is None:
         pipe = load_pipeline(config.model, config.device, config.dtype, config.scheduler, config.revision)
     pipe.set_progress_bar_config(disable=True)
+    if config.threshold is None:
+        config = dataclasses.replace(config, threshold=default_threshold(pipe))
+        if config.uncertain is not None and not config.uncertain < config.threshold:
+            raise DiffumaskError(f"--uncertain ({config.uncertain}) must be below the model's threshold "
+                                 f"({config.threshold}); pass --threshold")
     # Every prompt is checked before any denoising: a missing class word or an over-long prompt
     # is an error now, never an empty map later.
     tokens = {i.id: class_token_indices(pipe.tokenizer, prompts[i.id], [words[i.class_name]]) for i in items}
