@@ -1,6 +1,6 @@
 """Benchmark the shapes model against issue 4's targets and draw the README's picture grid.
 
-    python bench/bench_shapes.py [--weights DIR] [--per-class 20] [--gamma 0.5] [--grid docs/shapes_grid.png]
+    python bench/bench_shapes.py [--weights DIR] [--per-class 20] [--gamma G] [--grid docs/shapes_grid.png]
 
 Prints, for single-object and two-object prompts: generation seconds per image (batched, default
 settings, without and with the recorder), the % of requested objects present, the % with the
@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from diffumask.shapes.classifier import load_classifier
-from diffumask.shapes.evaluate import DEFAULT_GAMMA, generate, judge, prompts_for, summarise
-from diffumask.shapes.model import WEIGHTS_DIR, load_pipeline
+from diffumask.shapes.evaluate import generate, judge, prompts_for, summarise
+from diffumask.shapes.model import DEFAULT_THRESHOLD, WEIGHTS_DIR, load_pipeline
 
 REPORT_SEED = 1_000_000
 TUNE_SEED = 2_000_000
@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", default=str(WEIGHTS_DIR))
     parser.add_argument("--per-class", type=int, default=20)
-    parser.add_argument("--gamma", type=float, default=DEFAULT_GAMMA)
+    parser.add_argument("--gamma", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--batch", type=int, default=120, help="images per pipeline call")
     parser.add_argument("--tune", action="store_true", help="use the development seeds")
     parser.add_argument("--grid", default=None, help="write the picture grid PNG here")

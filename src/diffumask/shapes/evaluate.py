@@ -22,9 +22,6 @@ from .classifier import ShapeClassifier, clean, is_present, object_masks
 from .model import ShapesPipeline, to_uint8
 from .world import CLASSES, COLOURS, TEXTURES, caption_for
 
-#: The fixed threshold on the recorder's default fused map, chosen on development seeds
-#: (bench --tune) that are disjoint from the ones reported.
-DEFAULT_GAMMA = 0.5
 GAMMA_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 

@@ -39,6 +39,9 @@ VOCABULARY = ("a", "an", "and", "on", "background", ",", *CLASSES, *COLOURS, *TE
 #: 15 words; plus <bos>/<eos> and room for a few filler words.
 CONTEXT_LENGTH = 20
 DEFAULT_GUIDANCE = 2.0
+#: γ for this model's fused maps (``diffumask generate``'s default here), chosen with
+#: ``bench/bench_shapes.py --tune`` on development seeds disjoint from the reported ones.
+DEFAULT_THRESHOLD = 0.7
 DEFAULT_STEPS = 20
 
 UNET_CONFIG: dict[str, Any] = dict(
@@ -98,6 +101,7 @@ class ShapesPipeline(DiffusionPipeline):
     """Text-to-image pipeline for the shapes world, called exactly like ``StableDiffusionPipeline``."""
 
     model_cpu_offload_seq = "text_encoder->unet"
+    default_threshold = DEFAULT_THRESHOLD
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
@@ -177,7 +181,7 @@ class ShapesPipeline(DiffusionPipeline):
                     pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
                 latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    state = {name: locals()[name] for name in tensor_inputs}
+                    state = {"latents": latents}  # the only tensor input this pipeline offers
                     latents = callback_on_step_end(self, i, t, state).pop("latents", latents)
                 progress_bar.update()
 

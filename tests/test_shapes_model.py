@@ -1,0 +1,125 @@
+"""The shipped shapes model: loads offline, behaves like an SD pipeline, and its masks measure up."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+from diffumask.shapes import CLASSES, ShapesPipeline, load_pipeline
+from diffumask.shapes.classifier import load_classifier, training_masks
+from diffumask.shapes.model import DEFAULT_THRESHOLD, WEIGHTS_DIR
+from diffumask.shapes.train import TrainSettings, train
+
+
+@pytest.fixture(scope="module")
+def pipe() -> ShapesPipeline:
+    return load_pipeline()
+
+
+def test_shipped_weights_are_small_and_documented() -> None:
+    size = sum(f.stat().st_size for f in WEIGHTS_DIR.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
+    record = json.loads((WEIGHTS_DIR / "training.json").read_text())
+    assert record["command"].startswith("python -m diffumask.shapes.train")
+    assert record["settings"]["steps"] >= record["steps_done"] > 0
+
+
+def test_components_look_like_stable_diffusion(pipe: ShapesPipeline) -> None:
+    tok = pipe.tokenizer
+    assert tok("a red circle", add_special_tokens=False).input_ids == [tok.convert_tokens_to_ids(w)
+                                                                      for w in ("a", "red", "circle")]
+    ids = tok("a photo of a star", padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt").input_ids
+    assert ids.shape == (1, tok.model_max_length) and tok.unk_token_id in ids.tolist()[0]
+    context = pipe.text_encoder(ids).last_hidden_state
+    assert context.shape[-1] == pipe.unet.config.cross_attention_dim
+    assert pipe.vae_scale_factor == 1 and pipe.scheduler.config.prediction_type == "v_prediction"
+    assert any(name.endswith("attn2.processor") for name in pipe.unet.attn_processors)
+
+
+def test_batched_image_equals_same_seed_alone(pipe: ShapesPipeline) -> None:
+    prompts = ["a red circle on a plain background", "a blue star on a dotted background"]
+    batch = pipe(prompts, num_inference_steps=4, output_type="np",
+                 generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images
+    alone = pipe(prompts[1], num_inference_steps=4, output_type="np",
+                 generator=[torch.Generator().manual_seed(2)]).images
+    assert batch.shape == (2, 32, 32, 3) and 0 <= batch.min() and batch.max() <= 1
+    np.testing.assert_allclose(batch[1], alone[0], atol=1e-4)
+
+
+def test_call_options(pipe: ShapesPipeline) -> None:
+    seen = []
+
+    def callback(p, i, t, state):
+        seen.append(i)
+        return state
+
+    out = pipe("a ring", num_inference_steps=3, num_images_per_prompt=2, negative_prompt="a cross",
+               callback_on_step_end=callback, generator=torch.Generator().manual_seed(0))
+    assert len(out.images) == 2 and out.images[0].size == (32, 32) and seen == [0, 1, 2]
+    unguided = pipe(["a ring", "a star"], guidance_scale=1.0, num_inference_steps=2, output_type="np",
+                    return_dict=False)[0]
+    assert unguided.shape == (2, 32, 32, 3) and not pipe.do_classifier_free_guidance
+
+
+@pytest.mark.parametrize("scheduler", [PNDMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+def test_other_schedulers_give_images(pipe: ShapesPipeline, scheduler) -> None:
+    default = pipe.scheduler
+    pipe.scheduler = scheduler.from_config(default.config)
+    try:
+        image = pipe("a yellow square on a plain background", num_inference_steps=10, output_type="np",
+                     generator=torch.Generator().manual_seed(3)).images[0]
+    finally:
+        pipe.scheduler = default
+    assert np.isfinite(image).all() and image.std() > 0.05
+
+
+def test_recorder_gives_maps(pipe: ShapesPipeline) -> None:
+    from diffumask import trace
+
+    prompts = ["a red circle and a blue star on a plain background", "a green cross"]
+    with trace(pipe, prompts, classes=[["circle", "star"], ["cross"]]) as tr:
+        pipe(prompts, num_inference_steps=4)
+    maps = tr.maps()
+    assert maps[0]["circle"].shape == (32, 32) and maps[1]["cross"].max() == pytest.approx(1.0)
+    assert not np.allclose(maps[0]["circle"], maps[0]["star"])
+
+
+def test_classifier_knows_the_world() -> None:
+    classifier = load_classifier()
+    masks, labels = training_masks(300, seed=77)
+    predicted = classifier.predict(masks)
+    assert np.mean([CLASSES.index(p) == y for p, y in zip(predicted, labels)]) >= 0.95
+
+
+def test_masks_measure_up_on_a_small_sample(pipe: ShapesPipeline) -> None:
+    """Issue 4's presence (90 %) and mask mIoU (0.55) targets, with a small-sample tolerance.
+
+    The shipped model does not draw the requested shape yet (26.7 % on the benchmark, target 80 %;
+    see the README): here the right-shape rate is only held above chance (1/6 = 17 %), so a model
+    that loses what little it has fails.
+    """
+    from diffumask.shapes.evaluate import generate, judge, prompts_for, summarise
+
+    samples, _ = generate(pipe, prompts_for(1, 4, seed=31), seed=4_000)
+    judge(samples, load_classifier())
+    figures = summarise(samples, DEFAULT_THRESHOLD)
+    assert figures["images"] == 24
+    assert figures["present"] >= 0.85
+    assert figures["miou"] >= 0.6
+    assert figures["miou"] == max(figures["miou_sweep"].values())  # the model's γ is the best fixed one here
+    assert figures["right_shape"] > 1 / 6
+
+
+def test_training_command_writes_a_loadable_pipeline(tmp_path) -> None:
+    out = train(tmp_path / "run", TrainSettings(steps=2, batch_size=4, warmup_steps=1))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 1 and np.isfinite(log[0]["loss"])
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps_done"] == 2 and record["settings"]["batch_size"] == 4
+    reloaded = load_pipeline(path=out)
+    assert reloaded(["a star"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
