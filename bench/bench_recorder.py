@@ -2,8 +2,8 @@
 
 Runs are interleaved A/B (order alternating per pair) in one process, so both sides see the same
 machine state; the printed figure is the median of the per-pair time ratios. Memory: the
-recorder's accumulation buffers, and the peak-memory difference of one generation with and
-without the recorder (CUDA: max_memory_allocated; CPU: peak RSS of two fresh subprocesses).
+recorder's accumulation buffers, and the peak live tensor memory of one generation with and
+without the recorder (CUDA: max_memory_allocated; CPU: the torch profiler's allocation events).
 
     python bench/bench_recorder.py --sizes 256 512 --pairs 3 --steps 2
 """
@@ -11,11 +11,7 @@ without the recorder (CUDA: max_memory_allocated; CPU: peak RSS of two fresh sub
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -69,12 +65,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory_child(size: int, steps: int, record: bool, device: str, dtype: str) -> None:
-    pipe = sd15_pipeline(device, getattr(torch, dtype))
-    generate(pipe, size, steps, record)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -82,14 +72,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per generation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--_child", nargs=2, metavar=("SIZE", "RECORD"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args._child:
-        peak_memory_child(int(args._child[0]), args.steps, args._child[1] == "1", args.device, args.dtype)
-        return
-
+    torch.set_num_threads(args.threads)
     pipe = sd15_pipeline(args.device, getattr(torch, args.dtype))
     params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
     print(f"SD-1.5-shaped UNet, {params:.1f} M parameters, {args.device} {args.dtype}, "
@@ -114,27 +100,28 @@ def main() -> None:
                 f"(pairs {', '.join(f'{r:.3f}' for r in ratios)}; generation {statistics.median(plain_times):.1f} s); "
                 f"recorder buffers {buffers:.2f} MiB")
         if not args.no_memory:
-            line += f"; extra peak memory {extra_peak_memory(args, size):.0f} MiB"
+            without, with_recorder = (peak_memory_mib(pipe, size, r, args.device) for r in (False, True))
+            line += (f"; peak tensor memory {without:.1f} MiB without, {with_recorder:.1f} MiB with "
+                     f"(+{with_recorder - without:.2f} MiB)")
         print(line, flush=True)
 
 
-def extra_peak_memory(args: argparse.Namespace, size: int) -> float:
-    if args.device.startswith("cuda"):
-        peaks = []
-        for record in (False, True):
-            torch.cuda.reset_peak_memory_stats()
-            generate(sd15_pipeline(args.device, getattr(torch, args.dtype)), size, 1, record)
-            peaks.append(torch.cuda.max_memory_allocated() / 2**20)
-        return peaks[1] - peaks[0]
-    peaks = []
-    for record in ("0", "1"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--_child", str(size), record, "--steps", "1",
-             "--device", args.device, "--dtype", args.dtype],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip().splitlines()[-1]
-        peaks.append(json.loads(out)["peak_rss_mib"])
-    return peaks[1] - peaks[0]
+def peak_memory_mib(pipe, size: int, record: bool, device: str) -> float:
+    """Peak live tensor memory of one 1-step generation (CUDA: the allocator's peak; CPU: the
+    running sum of the profiler's per-op allocations and frees)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        generate(pipe, size, 1, record)
+        return torch.cuda.max_memory_allocated() / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        generate(pipe, size, 1, record)
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 if __name__ == "__main__":
