@@ -85,7 +85,7 @@ def rows(args: argparse.Namespace) -> list[tuple[str, RefineConfig]]:
     out: list[tuple[str, RefineConfig]] = []
     for with_crf in (False, True):
         tag = " + CRF" if with_crf else ""
-        for gamma in (0.3, 0.4, 0.5, 0.6):
+        for gamma in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
             out.append((f"fixed γ {gamma}{tag}", RefineConfig(method="threshold", threshold=gamma, crf=with_crf, **common)))
         out.append((f"Otsu{tag}", RefineConfig(method="otsu", crf=with_crf, **common)))
         out.append((f"AffinityNet map alone{tag}", RefineConfig(method="affinity", crf=with_crf, **common)))
