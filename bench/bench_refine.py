@@ -89,7 +89,8 @@ def rows(args: argparse.Namespace) -> list[tuple[str, RefineConfig]]:
             out.append((f"fixed γ {gamma}{tag}", RefineConfig(method="threshold", threshold=gamma, crf=with_crf, **common)))
         out.append((f"Otsu{tag}", RefineConfig(method="otsu", crf=with_crf, **common)))
         out.append((f"AffinityNet map alone{tag}", RefineConfig(method="affinity", crf=with_crf, **common)))
-        for sweep, name in ((DEFAULT_GAMMAS, "0.35–0.54"), (wide, f"{wide[0]}–{wide[-1]}")):
+        for sweep, name in ((DEFAULT_GAMMAS, "0.35–0.54"), (None, "default (the dataset's γ −0.05…+0.14)"),
+                            (wide, f"{wide[0]}–{wide[-1]}")):
             out.append((f"adaptive per image, γ {name}{tag}",
                         RefineConfig(method="adaptive", crf=with_crf, gammas=sweep, **common)))
             out.append((f"adaptive per class, γ {name}{tag}",

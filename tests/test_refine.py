@@ -210,3 +210,25 @@ def test_cli_refine(dataset, capsys):
     assert main(["refine", str(root / "missing"), "--method", "otsu"]) == 2
     assert main(["refine", str(root), "--method", "otsu", "--per-class"]) == 2
     assert "--per-class applies to --method adaptive only" in capsys.readouterr().err
+
+
+def test_defaults_follow_the_gamma_the_dataset_was_made_with(dataset):
+    """No --threshold / --gammas: the dataset's own γ, and the paper's sweep moved around it."""
+    from diffumask.masks.adaptive import DEFAULT_GAMMAS, sweep_around
+
+    assert DEFAULT_GAMMAS == tuple(round(0.35 + 0.01 * k, 2) for k in range(20))  # the paper's 0.35 … 0.54
+    assert sweep_around(0.7) == tuple(round(0.65 + 0.01 * k, 2) for k in range(20))
+    root, _ = dataset
+    info = json.loads((root / "dataset.json").read_text())
+    info["settings"]["threshold"] = 0.7
+    (root / "dataset.json").write_text(json.dumps(info))
+    refine_dataset(root, RefineConfig(method="threshold", min_area=0, max_hole=0), progress=False)
+    ds = Dataset(root)
+    record = ds.records()[0]
+    assert record["refine"]["threshold"] == 0.7
+    fused = ds.read_soft_maps(record["id"])[record["classes"][0]]
+    decided = np.abs(fused - 0.7) > 1e-2
+    np.testing.assert_array_equal((ds.read_mask(record["id"]) != 0)[decided], (fused > 0.7)[decided])
+    refine_dataset(root, RefineConfig(method="adaptive", crf=False, affinity=TINY_AFFINITY), progress=False)
+    refined = Dataset(root).records()[0]["refine"]
+    assert refined["gammas"] == list(sweep_around(0.7)) and refined["fallback_threshold"] == 0.7

@@ -173,12 +173,14 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
                     "Every method can end with a dense CRF (--crf; needs pip install 'diffumask[crf]') and ends with "
                     "the cleanup (--min-area, --max-hole).",
         epilog="examples:\n  diffumask refine data/shapes --method otsu --crf\n"
-               "  diffumask refine data/shapes --method adaptive --per-class --gammas 0.3,0.9,0.05\n",
+               "  diffumask refine data/shapes --method adaptive --per-class\n"
+               "  diffumask refine data/shapes --method affinity --crf\n",
     )
     p.add_argument("dataset", help="dataset folder made by `diffumask generate`")
     p.add_argument("--method", choices=list(METHODS), required=True, help="how masks are made (see above)")
-    p.add_argument("--threshold", type=float, default=0.4,
-                   help="γ of --method threshold, and adaptive's γ when no candidate matches the AffinityNet map (default: 0.4)")
+    p.add_argument("--threshold", type=float,
+                   help="γ of --method threshold, and adaptive's γ when no candidate matches the AffinityNet map "
+                        "(default: the γ the dataset was generated with)")
     p.add_argument("--uncertain", type=float, help="threshold: pixels with map in (uncertain, threshold] become 255")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
                    help="dense CRF on the result (adaptive: on every candidate; default: on for adaptive, off otherwise)")
@@ -193,8 +195,9 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-hole", type=float, default=0.01,
                    help="fill holes up to this fraction of the image (default: 0.01; 1 fills all, 0 none)")
     p.add_argument("--per-class", action="store_true", help="adaptive: one γ per class from its IoU-vs-γ curve")
-    p.add_argument("--gammas", type=_sweep, default=(0.35, 0.54, 0.01), metavar="START,STOP,STEP",
-                   help="adaptive: the γ sweep (default: the paper's 0.35,0.54,0.01)")
+    p.add_argument("--gammas", type=_sweep, metavar="START,STOP,STEP",
+                   help="adaptive: the γ sweep (default: the paper's 0.35,0.54,0.01 moved to the dataset's γ: "
+                        "γ-0.05 … γ+0.14, e.g. 0.65,0.84,0.01 for the shapes model)")
     p.add_argument("--affinity-steps", type=int, default=300, help="AffinityNet training steps (default: 300; 0 with "
                    "--affinity-weights uses those weights as they are)")
     p.add_argument("--affinity-weights", help="initialise the AffinityNet from these weights (.safetensors of the same "
@@ -221,7 +224,7 @@ def _run_refine(args: argparse.Namespace) -> None:
     from .refine import RefineConfig, refine_dataset
 
     try:
-        gammas = gamma_range(*args.gammas)
+        gammas = None if args.gammas is None else gamma_range(*args.gammas)
     except ValueError as error:
         raise DiffumaskError(str(error)) from None
     config = RefineConfig(

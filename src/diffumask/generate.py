@@ -26,6 +26,7 @@ from .attention import ImageMaps, trace
 from .dataset import Dataset
 from .errors import DiffumaskError
 from .masks import threshold_masks
+from .masks.threshold import PAPER_THRESHOLD
 from .models import load_pipeline, model_description
 from .prompts import PromptBank, resolve_bank
 from .tokens import class_token_indices
@@ -68,8 +69,6 @@ class GenerateConfig:
 
 #: Options that may differ between the runs that build one dataset.
 RUNTIME_OPTIONS = ("batch_size", "device", "images_per_class", "out")
-#: γ of the paper's fixed-threshold baseline on Stable Diffusion (its Table 4a).
-PAPER_THRESHOLD = 0.4
 
 
 @dataclass

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .dataset import Dataset, write_text_atomic
 from .errors import ConfigError, DiffumaskError
-from .masks.adaptive import DEFAULT_GAMMAS, best_gamma, candidate_mask, pool_counts, sweep
+from .masks.adaptive import best_gamma, candidate_mask, pool_counts, sweep, sweep_around
 from .masks.affinity import (AffinityConfig, AffinityNet, affinity_mask, build_affinity_net, grid_labels,
                              load_affinity_weights, save_affinity_weights, seed_labels, train_affinity_net)
 from .masks.assign import assign_labels
@@ -34,7 +34,7 @@ from .masks.cleanup import cleanup_mask
 from .masks.crf import SEED_CRF, CRFParams, crf_refine
 from .masks.otsu import otsu_threshold
 from .masks.propagate import propagate_mask
-from .masks.threshold import threshold_masks
+from .masks.threshold import PAPER_THRESHOLD, threshold_masks
 
 METHODS = ("threshold", "otsu", "affinity", "adaptive", "propagate")
 LOG_NAME = "refine.jsonl"
@@ -45,7 +45,7 @@ class RefineConfig:
     """How ``refine`` turns soft maps into masks; see ``diffumask refine --help`` for each option."""
 
     method: str = "threshold"
-    threshold: float = 0.4  # fixed γ (threshold), and the adaptive fallback when no γ matches B̂
+    threshold: float | None = None  # fixed γ, and adaptive's fallback; None: the γ the dataset was made with
     uncertain: float | None = None  # threshold: lower edge of the 255 band
     crf: bool | None = None  # None: the method's default (on for adaptive, off otherwise)
     crf_params: CRFParams = field(default_factory=CRFParams)
@@ -53,7 +53,7 @@ class RefineConfig:
     min_area: float = 0.005  # drop components below this fraction of the image
     max_hole: float = 0.01  # fill holes up to this fraction of the image
     per_class: bool = False  # adaptive: one γ per class from its curve instead of one per image
-    gammas: tuple[float, ...] = DEFAULT_GAMMAS
+    gammas: tuple[float, ...] | None = None  # None: the paper's sweep around the dataset's γ (sweep_around)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     affinity_weights: str | None = None  # initialise the AffinityNet from these weights
     power: int = 4  # propagate: self-attention matrix power
@@ -63,7 +63,7 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.uncertain is not None and not self.uncertain < self.threshold:
+        if self.uncertain is not None and self.threshold is not None and not self.uncertain < self.threshold:
             raise ConfigError(f"--uncertain ({self.uncertain}) must be below --threshold ({self.threshold})")
         if self.propagate_uncertain is not None and not self.propagate_uncertain < self.propagate_threshold:
             raise ConfigError("the propagate uncertainty edge must be below its threshold")
@@ -71,7 +71,7 @@ class RefineConfig:
             raise ConfigError("--min-area and --max-hole are fractions of the image area, in [0, 1]")
         if self.per_class and self.method != "adaptive":
             raise ConfigError("--per-class applies to --method adaptive only")
-        if not self.gammas:
+        if self.gammas is not None and not self.gammas:
             raise ConfigError("the γ sweep is empty")
 
     @property
@@ -269,6 +269,14 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
         raise DiffumaskError(f"{dataset.root} holds no finished items to refine")
     if config.use_crf or (config.uses_affinity and config.affinity.seed_crf):
         crf_refine(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8), [0, 1], config.crf_params)  # fail early
+    made_with = float(dataset.settings.get("threshold") or PAPER_THRESHOLD)  # generate's γ
+    if config.threshold is None:
+        config = replace(config, threshold=made_with)
+        if config.uncertain is not None and not config.uncertain < config.threshold:
+            raise ConfigError(f"--uncertain ({config.uncertain}) must be below the dataset's γ ({config.threshold}); "
+                              "pass --threshold")
+    if config.gammas is None:
+        config = replace(config, gammas=sweep_around(made_with))
     items = [_Item(dataset, r) for r in records]
     log = ProgressLog(dataset.root / LOG_NAME, config.params())
     done = log.done("mask")

@@ -15,8 +15,20 @@ import numpy as np
 
 from .assign import assign_labels
 from .crf import CRFParams, DenseCRF
+from .threshold import PAPER_THRESHOLD
 
-DEFAULT_GAMMAS: tuple[float, ...] = tuple(round(0.35 + 0.01 * k, 2) for k in range(20))
+
+
+def sweep_around(threshold: float) -> tuple[float, ...]:
+    """The paper's sweep moved to another model's γ: γ − 0.05 … γ + 0.14 in steps of 0.01.
+
+    The paper sweeps 0.35 … 0.54 around Stable Diffusion's fixed γ 0.4; a model whose fused maps
+    want another γ (the shapes model's is 0.7) needs the same bracket around its own.
+    """
+    return tuple(round(threshold - 0.05 + 0.01 * k, 2) for k in range(20))
+
+
+DEFAULT_GAMMAS: tuple[float, ...] = sweep_around(PAPER_THRESHOLD)
 
 
 def gamma_range(start: float, stop: float, step: float) -> tuple[float, ...]:

@@ -8,10 +8,13 @@ import numpy as np
 
 from ..dataset import IGNORE_INDEX
 
+#: γ of the paper's fixed-threshold baseline on Stable Diffusion (its Table 4a).
+PAPER_THRESHOLD = 0.4
+
 
 def threshold_masks(
     maps: Mapping[int, np.ndarray],
-    threshold: float = 0.4,
+    threshold: float = PAPER_THRESHOLD,
     uncertain: float | None = None,
 ) -> np.ndarray:
     """Label mask from soft maps keyed by label index.
