@@ -269,7 +269,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
         raise DiffumaskError(f"{dataset.root} holds no finished items to refine")
     if config.use_crf or (config.uses_affinity and config.affinity.seed_crf):
         crf_refine(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8), [0, 1], config.crf_params)  # fail early
-    made_with = float(dataset.settings.get("threshold") or PAPER_THRESHOLD)  # generate's γ
+    recorded = dataset.settings.get("threshold")  # generate's γ; absent in exported ground-truth data
+    made_with = PAPER_THRESHOLD if recorded is None else float(recorded)
     if config.threshold is None:
         config = replace(config, threshold=made_with)
         if config.uncertain is not None and not config.uncertain < config.threshold:
