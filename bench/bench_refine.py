@@ -95,6 +95,11 @@ def rows(args: argparse.Namespace) -> list[tuple[str, RefineConfig]]:
                         RefineConfig(method="adaptive", crf=with_crf, gammas=sweep, **common)))
             out.append((f"adaptive per class, γ {name}{tag}",
                         RefineConfig(method="adaptive", per_class=True, crf=with_crf, gammas=sweep, **common)))
+            if with_crf and sweep is None:  # the paper's way: a CRF on every candidate, no shortlist
+                for per_class, kind in ((False, "image"), (True, "class")):
+                    out.append((f"adaptive per {kind}, γ {name}, CRF on every candidate",
+                                RefineConfig(method="adaptive", per_class=per_class, crf=True, crf_shortlist=0,
+                                             gammas=sweep, **common)))
         out.append((f"propagate (self-attention){tag}", RefineConfig(method="propagate", crf=with_crf, **common)))
     return out
 

@@ -66,6 +66,8 @@ def test_layout_manifest_and_voc_reader(tmp_path, sd1_pipe):
         cls = CLASSES[class_index - 1]
         assert {cls, f"{cls}@16", f"{cls}@8", f"{cls}@4", "__self__@8"} == set(soft)
         assert soft["__self__@8"].shape == (64, 64)
+        only = ds.read_soft_maps(name, [cls, "unknown"])
+        assert set(only) == {cls} and np.array_equal(only[cls], soft[cls])
         fused = soft[cls]
         assert fused.shape == (32, 32) and 0 <= fused.min() and fused.max() <= 1
         # the mask is the thresholded soft map (float16 on disk, so allow the rounding)

@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 
 from diffumask.dataset import IGNORE_INDEX
-from diffumask.masks.adaptive import best_gamma, gamma_range, pool_counts, sweep
+from diffumask.masks.adaptive import best_gamma, gamma_range, mean_ious, pool_counts, shortlisted_sweep, sweep
 from diffumask.masks.affinity import (AffinityConfig, AffinityNet, affinity_loss, affinity_mask, grid_labels,
                                       seed_labels, train_affinity_net, walked_maps)
 from diffumask.masks.assign import assign_labels
@@ -186,6 +186,41 @@ def test_sweep_picks_the_gamma_that_matches_the_reference():
     assert best_gamma({4: [(0, 5)] * 13}, gammas) is None  # nothing matches: no γ
     pooled = pool_counts([{4: [(1, 2), (3, 4)]}, {4: [(1, 1), (0, 4)], 5: [(2, 2), (0, 1)]}], 2)
     assert pooled == {4: [(2, 3), (3, 8)], 5: [(2, 2), (0, 1)]}
+
+
+def test_mean_iou_per_gamma_averages_classes():
+    counts = {1: [(1, 2), (0, 0)], 2: [(3, 3), (0, 4)]}
+    np.testing.assert_allclose(mean_ious(counts, 2), [0.75, 0.0])
+
+
+def test_shortlist_crf_refines_only_the_best_raw_candidates():
+    pytest.importorskip("pydensecrf")
+    from diffumask.masks.crf import CRFParams, DenseCRF
+
+    image, truth = scene()
+    maps = {4: blurred(truth, 1.5)}
+    gammas = gamma_range(0.3, 0.9, 0.05)
+    reference = assign_labels(maps, 0.6)
+    crf = CRFParams(reference_size=32)
+    raw_counts, raw = sweep(image, maps, reference, gammas, None)
+    tried, counts, candidates = shortlisted_sweep(image, maps, reference, gammas, crf, 2)
+    ranked = mean_ious(raw_counts, len(gammas))
+    assert len(tried) == 2 and 0.6 in tried  # the exact match is the best raw candidate
+    kept = {raw[gammas.index(g)].tobytes() for g in tried}
+    assert len(kept) == 2  # two distinct raw masks, and no other raw mask scores better
+    worst_kept = min(ranked[gammas.index(g)] for g in tried)
+    assert all(ranked[k] <= worst_kept for k in range(len(gammas)) if raw[k].tobytes() not in kept)
+    dense = DenseCRF(image, [0, 4], crf)
+    for gamma, candidate in zip(tried, candidates):
+        np.testing.assert_array_equal(candidate, dense(assign_labels(maps, gamma)))
+    # A shortlist as long as the sweep chooses what the exhaustive sweep chooses; 0 or no CRF is the sweep.
+    full_counts, full = sweep(image, maps, reference, gammas, crf)
+    tried_all, counts_all, _ = shortlisted_sweep(image, maps, reference, gammas, crf, len(gammas))
+    assert best_gamma(counts_all, tried_all) == best_gamma(full_counts, gammas)
+    for shortlist, params in ((0, crf), (3, None)):
+        every, every_counts, _ = shortlisted_sweep(image, maps, reference, gammas, params, shortlist)
+        assert every == list(gammas)
+        assert every_counts == (full_counts if params else raw_counts)
 
 
 # ----------------------------------------------------------------------------- AffinityNet

@@ -118,6 +118,11 @@ CRF_CASES = {
     "adaptive": (RefineConfig(method="adaptive", gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), affinity=TINY_AFFINITY), 0.9),
     "adaptive per class": (RefineConfig(method="adaptive", per_class=True, gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
                                         affinity=TINY_AFFINITY), 0.9),
+    "adaptive, every candidate CRF'd": (RefineConfig(method="adaptive", gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                                                     crf_shortlist=0, affinity=TINY_AFFINITY), 0.9),
+    "adaptive per class, CRF'd curves": (RefineConfig(method="adaptive", per_class=True, crf_shortlist=0,
+                                                      gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                                                      affinity=TINY_AFFINITY), 0.9),
 }
 
 
@@ -137,6 +142,8 @@ def test_each_method_recovers_the_known_objects(dataset, case):
         assert record["classes"] and record["resolutions"] == [GRID]  # generation's fields kept
         if config.method == "adaptive" and not config.per_class:
             assert record["refine"]["gamma"] in config.gammas
+        if config.method == "adaptive" and config.use_crf:
+            assert record["refine"]["crf_shortlist"] == config.crf_shortlist
         if config.per_class:
             assert record["refine"]["gammas"] == list(config.gammas)
             assert set(record["refine"]["class_gammas"]) == {str(result.dataset.class_index(c)) for c in record["classes"]}
@@ -210,6 +217,8 @@ def test_cli_refine(dataset, capsys):
     assert main(["refine", str(root / "missing"), "--method", "otsu"]) == 2
     assert main(["refine", str(root), "--method", "otsu", "--per-class"]) == 2
     assert "--per-class applies to --method adaptive only" in capsys.readouterr().err
+    assert main(["refine", str(root), "--method", "adaptive", "--crf-shortlist", "-1"]) == 2
+    assert "--crf-shortlist must be 0 (every candidate) or more" in capsys.readouterr().err
 
 
 def test_defaults_follow_the_gamma_the_dataset_was_made_with(dataset):

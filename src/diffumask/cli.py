@@ -183,7 +183,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
                         "(default: the γ the dataset was generated with)")
     p.add_argument("--uncertain", type=float, help="threshold: pixels with map in (uncertain, threshold] become 255")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
-                   help="dense CRF on the result (adaptive: on every candidate; default: on for adaptive, off otherwise)")
+                   help="dense CRF on the result (adaptive: on its shortlisted candidates; default: on for adaptive, off otherwise)")
     p.add_argument("--crf-srgb", type=float, default=13.0,
                    help="colour scale of every CRF's bilateral kernel; larger groups textured backgrounds (default: 13)")
     p.add_argument("--crf-sxy", type=float, default=80.0,
@@ -197,7 +197,10 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-class", action="store_true", help="adaptive: one γ per class from its IoU-vs-γ curve")
     p.add_argument("--gammas", type=_sweep, metavar="START,STOP,STEP",
                    help="adaptive: the γ sweep (default: the paper's 0.35,0.54,0.01 moved to the dataset's γ: "
-                        "γ-0.05 … γ+0.14, e.g. 0.65,0.84,0.01 for the shapes model)")
+                        "γ-0.05 … γ+0.14, e.g. 0.55,0.74,0.01 for the shapes model)")
+    p.add_argument("--crf-shortlist", type=int, default=3, metavar="K",
+                   help="adaptive with CRF: score every γ's raw mask against the AffinityNet map and CRF only the K "
+                        "best (per class: curves from raw masks); 0 CRFs every candidate, as the paper (default: 3)")
     p.add_argument("--affinity-steps", type=int, default=300, help="AffinityNet training steps (default: 300; 0 with "
                    "--affinity-weights uses those weights as they are)")
     p.add_argument("--affinity-weights", help="initialise the AffinityNet from these weights (.safetensors of the same "
@@ -232,6 +235,7 @@ def _run_refine(args: argparse.Namespace) -> None:
         crf_params=CRFParams(gt_prob=args.crf_gt_prob, bilateral_sxy=args.crf_sxy, bilateral_srgb=args.crf_srgb),
         seed_crf_params=replace(SEED_CRF, bilateral_srgb=args.crf_srgb),
         min_area=args.min_area, max_hole=args.max_hole, per_class=args.per_class, gammas=gammas,
+        crf_shortlist=args.crf_shortlist,
         affinity=AffinityConfig(train_steps=args.affinity_steps, background=args.affinity_background,
                                 walk_steps=args.walk_steps, beta=args.beta, seed_crf=not args.no_seed_crf),
         affinity_weights=args.affinity_weights, power=args.power, propagate_threshold=args.propagate_threshold,

@@ -271,9 +271,12 @@ class Dataset:
     def read_mask(self, item_id: str) -> np.ndarray:
         return read_index_png(self.mask_path(item_id))
 
-    def read_soft_maps(self, item_id: str) -> dict[str, np.ndarray]:
+    def read_soft_maps(self, item_id: str, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """An item's soft maps as float32; only ``keys`` (those present) when given, since decompressing
+        the self-attention matrix costs more than everything else a fixed-γ refine does."""
         with np.load(self.soft_maps_path(item_id)) as data:
-            return {k: data[k].astype(np.float32) for k in data.files}
+            wanted = data.files if keys is None else [k for k in keys if k in data.files]
+            return {k: data[k].astype(np.float32) for k in wanted}
 
     def split_ids(self, split: str = "train") -> list[str]:
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .dataset import Dataset, write_text_atomic
 from .errors import ConfigError, DiffumaskError
-from .masks.adaptive import best_gamma, candidate_mask, pool_counts, sweep, sweep_around
+from .masks.adaptive import best_gamma, candidate_mask, pool_counts, shortlisted_sweep, sweep, sweep_around
 from .masks.affinity import (AffinityConfig, AffinityNet, affinity_mask, build_affinity_net, grid_labels,
                              load_affinity_weights, save_affinity_weights, seed_labels, train_affinity_net)
 from .masks.assign import assign_labels
@@ -54,6 +54,7 @@ class RefineConfig:
     max_hole: float = 0.01  # fill holes up to this fraction of the image
     per_class: bool = False  # adaptive: one γ per class from its curve instead of one per image
     gammas: tuple[float, ...] | None = None  # None: the paper's sweep around the dataset's γ (sweep_around)
+    crf_shortlist: int = 3  # adaptive + CRF: CRF only the k best raw candidates (0: every one, as the paper)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     affinity_weights: str | None = None  # initialise the AffinityNet from these weights
     power: int = 4  # propagate: self-attention matrix power
@@ -73,6 +74,8 @@ class RefineConfig:
             raise ConfigError("--per-class applies to --method adaptive only")
         if self.gammas is not None and not self.gammas:
             raise ConfigError("the γ sweep is empty")
+        if self.crf_shortlist < 0:
+            raise ConfigError(f"--crf-shortlist must be 0 (every candidate) or more, got {self.crf_shortlist}")
 
     @property
     def use_crf(self) -> bool:
@@ -96,6 +99,8 @@ class RefineConfig:
                 out["seed_crf_params"] = self.seed_crf_params.as_dict()
         if self.method == "adaptive":
             out.update(per_class=self.per_class, gammas=list(self.gammas), fallback_threshold=self.threshold)
+            if self.use_crf:
+                out["crf_shortlist"] = self.crf_shortlist
         if self.method == "propagate":
             out.update(power=self.power, threshold=self.propagate_threshold, uncertain=self.propagate_uncertain)
         return out
@@ -162,7 +167,7 @@ class _Item:
         return self.dataset.read_soft_maps(self.id)
 
     def maps(self, soft: Mapping[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
-        soft = self.soft() if soft is None else soft
+        soft = self.dataset.read_soft_maps(self.id, self.classes) if soft is None else soft
         missing = [c for c in self.classes if c not in soft]
         if missing:
             raise DiffumaskError(f"item {self.id} has no soft map for {missing} in {self.dataset.soft_maps_path(self.id)}")
@@ -212,7 +217,7 @@ def _final_crf(image: np.ndarray, mask: np.ndarray, labels: list[int], config: R
 def _item_mask(item: _Item, config: RefineConfig, net: AffinityNet | None,
                gammas: Mapping[int, float] | None) -> tuple[np.ndarray, dict[str, Any]]:
     """One item's mask before cleanup, and what to record about it."""
-    soft = item.soft()
+    soft = item.soft() if config.method == "propagate" else None  # only propagate reads the self-attention
     image = item.image()
     maps = item.maps(soft)
     labels = list(maps)
@@ -234,18 +239,23 @@ def _item_mask(item: _Item, config: RefineConfig, net: AffinityNet | None,
         mask = candidate_mask(image, maps, {label: gammas[label] for label in labels}, crf)
         extra["class_gammas"] = {str(k): gammas[k] for k in labels}
     else:  # adaptive per image
-        counts, candidates = sweep(image, maps, affinity_mask(net, image, maps, config.affinity), config.gammas, crf)
-        gamma = best_gamma(counts, config.gammas)
+        reference = affinity_mask(net, image, maps, config.affinity)
+        tried, counts, candidates = shortlisted_sweep(image, maps, reference, config.gammas, crf, config.crf_shortlist)
+        gamma = best_gamma(counts, tried)
         extra["gamma"] = gamma
         mask = (candidate_mask(image, maps, config.threshold, crf) if gamma is None
-                else candidates[config.gammas.index(gamma)])
+                else candidates[tried.index(gamma)])
     return mask, extra
 
 
 def _class_gammas(log: ProgressLog, items: list[_Item], config: RefineConfig, net: AffinityNet,
                   progress: bool) -> dict[int, float]:
-    """Per-class adaptive γ: every image's sweep counts (logged, resumable), pooled per class."""
-    crf = config.crf_params if config.use_crf else None
+    """Per-class adaptive γ: every image's sweep counts (logged, resumable), pooled per class.
+
+    With a CRF shortlist the curves are pooled from raw candidates (a full CRF sweep per image is
+    what the shortlist avoids); the second pass CRF-refines the chosen mask either way.
+    """
+    crf = config.crf_params if config.use_crf and config.crf_shortlist == 0 else None
     done = log.done("curve")
     for item in tqdm([i for i in items if i.id not in done], desc="adaptive curves", unit="img",
                      disable=not progress, dynamic_ncols=True):

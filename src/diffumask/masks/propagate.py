@@ -9,6 +9,9 @@ nodes, about 80 neighbours each for radius 5) costs t sparse products instead of
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -39,24 +42,48 @@ def pair_slices(height: int, width: int, dy: int, dx: int) -> tuple[tuple[slice,
     return (slice(0, height - dy), slice(x0, x1)), (slice(dy, height), slice(x0 + dx, x1 + dx))
 
 
+@functools.lru_cache(maxsize=16)
+def _grid_pairs(height: int, width: int, radius: int) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray, np.ndarray]:
+    """The sparsity pattern of a grid's affinity matrix, computed once per grid size.
+
+    Returns the offsets that pair any pixels, and the CSR ``indptr``, ``indices`` and the order
+    that takes values listed as [diagonal, each offset's pairs (i→j), the same pairs (j→i)] into
+    CSR order — the sort is what building the matrix from scratch costs, every image.
+    """
+    index = np.arange(height * width).reshape(height, width)
+    offsets, rows, cols = [], [index.ravel()], [index.ravel()]
+    backward_rows, backward_cols = [], []
+    for dy, dx in half_disc_offsets(radius):
+        src, dst = pair_slices(height, width, dy, dx)
+        if src[0].stop - src[0].start <= 0 or src[1].stop <= src[1].start:
+            continue
+        offsets.append((dy, dx))
+        i, j = index[src].ravel(), index[dst].ravel()
+        rows.append(i)
+        cols.append(j)
+        backward_rows.append(j)
+        backward_cols.append(i)
+    rows_all = np.concatenate(rows + backward_rows)
+    cols_all = np.concatenate(cols + backward_cols)
+    order = np.lexsort((cols_all, rows_all))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows_all, minlength=height * width))])
+    return offsets, indptr, cols_all[order], order
+
+
 def grid_affinity_matrix(features: torch.Tensor, radius: int = 5) -> sp.csr_matrix:
     """Sparse symmetric affinity matrix of one (D, h, w) feature map: a_ij = exp(−mean_c |f_i − f_j|)
     for pixels closer than ``radius``, 1 on the diagonal (PSA's affinity)."""
     _, height, width = features.shape
-    index = np.arange(height * width).reshape(height, width)
-    rows, cols, values = [index.ravel()], [index.ravel()], [np.ones(height * width, np.float32)]
+    offsets, indptr, indices, order = _grid_pairs(height, width, radius)
+    values = [np.ones(height * width, np.float32)]
     with torch.no_grad():
-        for dy, dx in half_disc_offsets(radius):
+        for dy, dx in offsets:
             src, dst = pair_slices(height, width, dy, dx)
-            if src[0].stop - src[0].start <= 0 or src[1].stop <= src[1].start:
-                continue
-            a = torch.exp(-(features[:, src[0], src[1]] - features[:, dst[0], dst[1]]).abs().mean(0))
-            i, j, a = index[src].ravel(), index[dst].ravel(), a.numpy().ravel()
-            rows += [i, j]
-            cols += [j, i]
-            values += [a, a]
+            values.append(torch.exp(-(features[:, src[0], src[1]] - features[:, dst[0], dst[1]]).abs().mean(0))
+                          .numpy().ravel())
+    values = np.concatenate(values + values[1:])
     n = height * width
-    return sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    return sp.csr_matrix((values[order], indices.copy(), indptr.copy()), shape=(n, n))
 
 
 def transition_matrix(affinity: Matrix, beta: float = 16.0) -> Matrix:
@@ -72,12 +99,27 @@ def transition_matrix(affinity: Matrix, beta: float = 16.0) -> Matrix:
 
 
 def random_walk(maps: np.ndarray, transition: Matrix, steps: int) -> np.ndarray:
-    """maps · T^steps for maps of shape (K, n): ``steps`` rounds of affinity-weighted averaging."""
-    state = np.asarray(maps, np.float64)
-    transposed = transition.T.tocsr() if sp.issparse(transition) else None
+    """maps · T^steps for maps of shape (K, n): ``steps`` rounds of affinity-weighted averaging.
+
+    A sparse T is walked as torch CSR products (three times faster than scipy's here); a dense
+    one with numpy.
+    """
+    if not sp.issparse(transition):
+        state = np.asarray(maps, np.float64)
+        for _ in range(steps):
+            state = state @ transition
+        return state.astype(np.float32)
+    transposed = sp.csr_matrix(transition.T, dtype=np.float32)
+    with warnings.catch_warnings():  # torch calls CSR tensors beta; the sparse-dense product is all we use
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        matrix = torch.sparse_csr_tensor(torch.from_numpy(transposed.indptr.astype(np.int64)),
+                                         torch.from_numpy(transposed.indices.astype(np.int64)),
+                                         torch.from_numpy(transposed.data), size=transposed.shape,
+                                         check_invariants=False)  # scipy's CSR is valid by construction
+    state = torch.from_numpy(np.ascontiguousarray(np.asarray(maps, np.float32).T))
     for _ in range(steps):
-        state = (transposed @ state.T).T if transposed is not None else state @ transition
-    return state.astype(np.float32)
+        state = matrix @ state
+    return np.ascontiguousarray(state.T.numpy())
 
 
 def resize_maps(maps: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
