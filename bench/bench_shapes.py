@@ -1,12 +1,12 @@
 """Benchmark the shapes model against issue 4's targets and draw the README's picture grid.
 
-    python bench/bench_shapes.py [--weights DIR] [--per-class 20] [--gamma G] [--grid docs/shapes_grid.png]
+    python bench/bench_shapes.py [--weights DIR] [--per-class 20] [--gamma G] [--guidance W] [--grid docs/shapes_grid.png]
 
 Prints, for single-object and two-object prompts: generation seconds per image (batched, default
 settings, without and with the recorder), the % of requested objects present, the % with the
 requested shape (shape classifier trained on the world's exact masks), and the class masks' mIoU
 against the objects' chroma-read pixels with the recorder's default aggregation and a fixed gamma.
---tune reports on development seeds instead (the ones gamma was chosen on).
+--tune reports on development seeds instead (the ones gamma and guidance were chosen on).
 """
 
 from __future__ import annotations
@@ -21,19 +21,19 @@ from PIL import Image
 
 from diffumask.shapes.classifier import load_classifier
 from diffumask.shapes.evaluate import generate, judge, prompts_for, summarise
-from diffumask.shapes.model import DEFAULT_THRESHOLD, WEIGHTS_DIR, load_pipeline
+from diffumask.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_THRESHOLD, WEIGHTS_DIR, load_pipeline
 
 REPORT_SEED = 1_000_000
 TUNE_SEED = 2_000_000
 
 
-def seconds_per_image(pipe, batch: int, seed: int) -> float:
-    """Plain generation time per image at the default settings for one batch of prompts."""
+def seconds_per_image(pipe, batch: int, seed: int, **call: object) -> float:
+    """Plain generation time per image for one batch of prompts."""
     prompts = [p for p, _ in prompts_for(1, batch // 6 + 1, seed)][:batch]
     generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
     pipe(prompts[:2], num_inference_steps=2)  # warm-up
     start = time.perf_counter()
-    pipe(prompts, generator=generators, output_type="np")
+    pipe(prompts, generator=generators, output_type="np", **call)
     return (time.perf_counter() - start) / batch
 
 
@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--weights", default=str(WEIGHTS_DIR))
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--gamma", type=float, default=DEFAULT_THRESHOLD)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
     parser.add_argument("--batch", type=int, default=120, help="images per pipeline call")
     parser.add_argument("--tune", action="store_true", help="use the development seeds")
     parser.add_argument("--grid", default=None, help="write the picture grid PNG here")
@@ -70,11 +72,12 @@ def main() -> None:
     pipe = load_pipeline(path=args.weights)
     classifier = load_classifier()
 
-    report: dict[str, object] = {"weights": args.weights, "seed": seed,
-                                 "seconds_per_image": seconds_per_image(pipe, args.batch, seed)}
+    call = {"guidance_scale": args.guidance, "num_inference_steps": args.steps}
+    report: dict[str, object] = {"weights": args.weights, "seed": seed, **call,
+                                 "seconds_per_image": seconds_per_image(pipe, args.batch, seed, **call)}
     for n in (1, 2):
         samples, spi = generate(pipe, prompts_for(n, args.per_class, seed + n), seed + 10 * n,
-                                batch_size=args.batch)
+                                batch_size=args.batch, **call)
         judge(samples, classifier)
         figures = summarise(samples, args.gamma)
         figures["seconds_per_image_with_recorder"] = spi
@@ -82,7 +85,8 @@ def main() -> None:
         if n == 1 and args.grid:
             grid(samples, args.gamma, args.grid)
 
-    print(f"generation: {report['seconds_per_image']:.3f} s/image (batch {args.batch}, default settings)")
+    print(f"generation: {report['seconds_per_image']:.3f} s/image (batch {args.batch}, guidance {args.guidance}, "
+          f"{args.steps} steps)")
     for key in ("1-object", "2-object"):
         f = report[key]
         sweep = "  ".join(f"{g}:{v:.3f}" for g, v in f["miou_sweep"].items())

@@ -12,7 +12,7 @@ from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMS
 from diffumask.shapes import CLASSES, ShapesPipeline, load_pipeline
 from diffumask.shapes.classifier import load_classifier, training_masks
 from diffumask.shapes.model import DEFAULT_THRESHOLD, WEIGHTS_DIR
-from diffumask.shapes.train import TrainSettings, train
+from diffumask.shapes.train import TrainSettings, train, training_batch, training_scenes
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,9 @@ def test_recorder_gives_maps(pipe: ShapesPipeline) -> None:
     with trace(pipe, prompts, classes=[["circle", "star"], ["cross"]]) as tr:
         pipe(prompts, num_inference_steps=4)
     maps = tr.maps()
-    assert maps[0]["circle"].shape == (32, 32) and maps[1]["cross"].max() == pytest.approx(1.0)
+    assert maps[0]["circle"].shape == (32, 32)
+    # each grid (16 and 8 px here) is max-normalised before the mean, so the fused peak is near 1
+    assert 0.5 < maps[1]["cross"].max() <= 1 + 1e-6 and maps[1]["cross"].min() >= 0
     assert not np.allclose(maps[0]["circle"], maps[0]["star"])
 
 
@@ -97,12 +99,8 @@ def test_classifier_knows_the_world() -> None:
 
 
 def test_masks_measure_up_on_a_small_sample(pipe: ShapesPipeline) -> None:
-    """Issue 4's presence (90 %) and mask mIoU (0.55) targets, with a small-sample tolerance.
-
-    The shipped model does not draw the requested shape yet (26.7 % on the benchmark, target 80 %;
-    see the README): here the right-shape rate is only held above chance (1/6 = 17 %), so a model
-    that loses what little it has fails.
-    """
+    """Issue 4's presence (90 %), right-shape (80 %) and mask mIoU (0.55) targets, with a
+    small-sample tolerance (this sample of 24: present 100 %, right shape 96 %, mIoU 0.79)."""
     from diffumask.shapes.evaluate import generate, judge, prompts_for, summarise
 
     samples, _ = generate(pipe, prompts_for(1, 4, seed=31), seed=4_000)
@@ -110,9 +108,23 @@ def test_masks_measure_up_on_a_small_sample(pipe: ShapesPipeline) -> None:
     figures = summarise(samples, DEFAULT_THRESHOLD)
     assert figures["images"] == 24
     assert figures["present"] >= 0.85
+    assert figures["right_shape"] >= 0.75
     assert figures["miou"] >= 0.6
     assert figures["miou"] == max(figures["miou_sweep"].values())  # the model's γ is the best fixed one here
-    assert figures["right_shape"] > 1 / 6
+
+
+def test_training_mix_follows_the_single_object_share() -> None:
+    def counts(share: float) -> list[int]:
+        settings = TrainSettings(batch_size=64, single_object_share=share)
+        rng = np.random.default_rng(0)
+        return [len(scene.objects) for step in (1, 2) for scene in training_scenes(step, settings, rng)]
+
+    assert set(counts(1.0)) == {1} and set(counts(0.0)) == {2, 3}
+    mixed = counts(0.85)
+    assert 0.75 < mixed.count(1) / len(mixed) < 0.95
+    images, captions = training_batch(3, TrainSettings(batch_size=8))
+    again = training_batch(3, TrainSettings(batch_size=8))
+    assert torch.equal(images, again[0]) and captions == again[1]  # a pure function of (seed, step)
 
 
 def test_training_command_writes_a_loadable_pipeline(tmp_path) -> None:

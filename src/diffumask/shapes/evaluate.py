@@ -22,7 +22,7 @@ from .classifier import ShapeClassifier, clean, is_present, object_masks
 from .model import ShapesPipeline, to_uint8
 from .world import CLASSES, COLOURS, TEXTURES, caption_for
 
-GAMMA_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+GAMMA_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass

@@ -37,7 +37,7 @@ DEFAULT_SIZE = 32
 _RADIUS_SINGLE = (0.25, 0.4)
 _RADIUS_MULTI = (0.18, 0.3)
 #: Probability of 1, 2 and 3 objects in a scene.
-_COUNT_PROBS = (0.5, 0.3, 0.2)
+COUNT_PROBS = (0.5, 0.3, 0.2)
 #: An object is only kept when at least this fraction of it stays visible under later objects.
 _MIN_VISIBLE = 0.6
 
@@ -157,7 +157,7 @@ def render_scene(seed: int, size: int = DEFAULT_SIZE, num_objects: int | None = 
     two identical objects and colour alone tells objects apart.
     """
     rng = np.random.default_rng(seed)
-    count = num_objects if num_objects is not None else int(rng.choice(3, p=_COUNT_PROBS)) + 1
+    count = num_objects if num_objects is not None else int(rng.choice(3, p=COUNT_PROBS)) + 1
     if not 1 <= count <= 3:
         raise ValueError("num_objects must be 1, 2 or 3")
     texture = str(rng.choice(TEXTURES))
