@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diffumask.masks import threshold_masks
+from diffumask.masks.threshold import threshold_sweep
 
 
 def loop_reference(maps: dict[int, np.ndarray], threshold: float, uncertain: float | None) -> np.ndarray:
@@ -28,6 +29,15 @@ def test_threshold_matches_loop(n_classes, uncertain):
     rng = np.random.default_rng(n_classes)
     maps = {label: rng.random((12, 9)).astype(np.float32) for label in range(2, 2 + n_classes)}
     np.testing.assert_array_equal(threshold_masks(maps, 0.45, uncertain), loop_reference(maps, 0.45, uncertain))
+
+
+@pytest.mark.parametrize("n_classes", [1, 3])
+def test_threshold_sweep_matches_loop_at_each_gamma(n_classes):
+    rng = np.random.default_rng(10 + n_classes)
+    maps = {label: rng.random((12, 9)).astype(np.float32) for label in range(4, 4 + n_classes)}
+    gammas = [0.2, 0.45, 0.5, 0.77]
+    for gamma, mask in zip(gammas, threshold_sweep(maps, gammas), strict=True):
+        np.testing.assert_array_equal(mask, loop_reference(maps, gamma, None))
 
 
 def test_known_disc():

@@ -198,9 +198,9 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gammas", type=_sweep, metavar="START,STOP,STEP",
                    help="adaptive: the γ sweep (default: the paper's 0.35,0.54,0.01 moved to the dataset's γ: "
                         "γ-0.05 … γ+0.14, e.g. 0.55,0.74,0.01 for the shapes model)")
-    p.add_argument("--crf-shortlist", type=int, default=3, metavar="K",
+    p.add_argument("--crf-shortlist", type=int, default=2, metavar="K",
                    help="adaptive with CRF: score every γ's raw mask against the AffinityNet map and CRF only the K "
-                        "best (per class: curves from raw masks); 0 CRFs every candidate, as the paper (default: 3)")
+                        "best (per class: curves from raw masks); 0 CRFs every candidate, as the paper (default: 2)")
     p.add_argument("--affinity-steps", type=int, default=300, help="AffinityNet training steps (default: 300; 0 with "
                    "--affinity-weights uses those weights as they are)")
     p.add_argument("--affinity-weights", help="initialise the AffinityNet from these weights (.safetensors of the same "

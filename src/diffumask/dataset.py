@@ -17,6 +17,7 @@ once its manifest line is written (last), so a run killed at any moment leaves w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -37,8 +38,12 @@ class DatasetMismatch(DiffumaskError, ValueError):
     """The output folder holds a dataset made with other classes or settings."""
 
 
-def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
-    """Pascal VOC's bit-interleaved colour map (index 255 is (224, 224, 192) in VOC itself)."""
+@functools.lru_cache(maxsize=None)
+def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
+    """Pascal VOC's bit-interleaved colour map (index 255 is (224, 224, 192) in VOC itself).
+
+    Cached: every mask write needs it, and building it cost more than writing a small PNG.
+    """
     palette = []
     for index in range(n):
         r = g = b = 0
@@ -50,7 +55,7 @@ def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
             c >>= 3
         palette.append((r, g, b))
     palette[IGNORE_INDEX] = (224, 224, 192)
-    return palette
+    return tuple(palette)
 
 
 def _atomic_write(path: Path, write: Any) -> None:

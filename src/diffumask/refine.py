@@ -54,7 +54,7 @@ class RefineConfig:
     max_hole: float = 0.01  # fill holes up to this fraction of the image
     per_class: bool = False  # adaptive: one γ per class from its curve instead of one per image
     gammas: tuple[float, ...] | None = None  # None: the paper's sweep around the dataset's γ (sweep_around)
-    crf_shortlist: int = 3  # adaptive + CRF: CRF only the k best raw candidates (0: every one, as the paper)
+    crf_shortlist: int = 2  # adaptive + CRF: CRF only the k best raw candidates (0: every one, as the paper)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     affinity_weights: str | None = None  # initialise the AffinityNet from these weights
     power: int = 4  # propagate: self-attention matrix power

@@ -21,7 +21,7 @@ import numpy as np
 
 from .assign import assign_labels
 from .crf import CRFParams, DenseCRF
-from .threshold import PAPER_THRESHOLD
+from .threshold import PAPER_THRESHOLD, threshold_sweep
 
 
 
@@ -59,19 +59,20 @@ def sweep(image: np.ndarray, maps: Mapping[int, np.ndarray], reference: np.ndarr
     """Every γ's candidate mask and, per class, its (|B_γ ∩ B̂|, |B_γ ∪ B̂|) against ``reference``:
     one image's contribution to the IoU-vs-γ curves."""
     dense = DenseCRF(image, [0, *maps], crf) if crf is not None else None
-    refined: dict[bytes, np.ndarray] = {}  # neighbouring γ often threshold to the same mask
+    seen: dict[bytes, tuple[np.ndarray, list[tuple[int, int]]]] = {}  # neighbouring γ often give one mask
+    truth = {label: reference == label for label in maps}
     counts: dict[int, list[tuple[int, int]]] = {label: [] for label in maps}
     candidates = []
-    for gamma in gammas:
-        mask = assign_labels(maps, gamma)
+    for mask in threshold_sweep(maps, gammas):
         key = mask.tobytes()
-        if key not in refined:
-            refined[key] = dense(mask) if dense is not None else mask
-        candidate = refined[key]
+        if key not in seen:
+            candidate = dense(mask) if dense is not None else mask
+            seen[key] = candidate, [(int(((candidate == label) & b).sum()), int(((candidate == label) | b).sum()))
+                                    for label, b in truth.items()]
+        candidate, pairs = seen[key]
         candidates.append(candidate)
-        for label in maps:
-            a, b = candidate == label, reference == label
-            counts[label].append((int((a & b).sum()), int((a | b).sum())))
+        for label, pair in zip(truth, pairs):
+            counts[label].append(pair)
     return counts, candidates
 
 
