@@ -96,11 +96,14 @@ def rows(args: argparse.Namespace) -> list[tuple[str, RefineConfig]]:
                         RefineConfig(method="adaptive", crf=with_crf, gammas=sweep, **adaptive)))
             out.append((f"adaptive per class, γ {name}{tag}",
                         RefineConfig(method="adaptive", per_class=True, crf=with_crf, gammas=sweep, **adaptive)))
-            if with_crf and sweep is None:  # the paper's way: a CRF on every candidate, no shortlist
+            if with_crf and sweep is None:  # what the shortlist and the reference CRF each change
                 for per_class, kind in ((False, "image"), (True, "class")):
-                    out.append((f"adaptive per {kind}, γ {name}, CRF on every candidate",
+                    out.append((f"adaptive per {kind}, γ {name} + CRF, raw AffinityNet mask as reference",
+                                RefineConfig(method="adaptive", per_class=per_class, crf=True, reference_crf=False,
+                                             gammas=sweep, **adaptive)))
+                    out.append((f"adaptive per {kind}, γ {name}, the paper's way: CRF on every candidate, raw reference",
                                 RefineConfig(method="adaptive", per_class=per_class, crf=True, crf_shortlist=0,
-                                             gammas=sweep, **common)))
+                                             reference_crf=False, gammas=sweep, **common)))
         out.append((f"propagate (self-attention){tag}", RefineConfig(method="propagate", crf=with_crf, **common)))
     return out
 

@@ -118,8 +118,8 @@ CRF_CASES = {
     "adaptive": (RefineConfig(method="adaptive", gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), affinity=TINY_AFFINITY), 0.9),
     "adaptive per class": (RefineConfig(method="adaptive", per_class=True, gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
                                         affinity=TINY_AFFINITY), 0.9),
-    "adaptive, every candidate CRF'd": (RefineConfig(method="adaptive", gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-                                                     crf_shortlist=0, affinity=TINY_AFFINITY), 0.9),
+    "adaptive, the paper's way": (RefineConfig(method="adaptive", gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                                               crf_shortlist=0, reference_crf=False, affinity=TINY_AFFINITY), 0.9),
     "adaptive per class, CRF'd curves": (RefineConfig(method="adaptive", per_class=True, crf_shortlist=0,
                                                       gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
                                                       affinity=TINY_AFFINITY), 0.9),
@@ -144,6 +144,7 @@ def test_each_method_recovers_the_known_objects(dataset, case):
             assert record["refine"]["gamma"] in config.gammas
         if config.method == "adaptive" and config.use_crf:
             assert record["refine"]["crf_shortlist"] == config.crf_shortlist
+            assert record["refine"]["reference_crf"] == config.reference_crf
         if config.per_class:
             assert record["refine"]["gammas"] == list(config.gammas)
             assert set(record["refine"]["class_gammas"]) == {str(result.dataset.class_index(c)) for c in record["classes"]}
@@ -219,6 +220,15 @@ def test_cli_refine(dataset, capsys):
     assert "--per-class applies to --method adaptive only" in capsys.readouterr().err
     assert main(["refine", str(root), "--method", "adaptive", "--crf-shortlist", "-1"]) == 2
     assert "--crf-shortlist must be 0 (every candidate) or more" in capsys.readouterr().err
+
+
+@NEEDS_CRF
+def test_cli_refine_adaptive_the_papers_way(dataset):
+    root, truths = dataset
+    assert main(["refine", str(root), "--method", "adaptive", "--affinity-steps", "3", "--crf-shortlist", "0",
+                 "--no-reference-crf", "--quiet"]) == 0
+    record = json.loads((root / "manifest.jsonl").read_text().splitlines()[0])["refine"]
+    assert record["crf_shortlist"] == 0 and record["reference_crf"] is False and record["crf"] is True
 
 
 def test_defaults_follow_the_gamma_the_dataset_was_made_with(dataset):

@@ -198,9 +198,13 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gammas", type=_sweep, metavar="START,STOP,STEP",
                    help="adaptive: the γ sweep (default: the paper's 0.35,0.54,0.01 moved to the dataset's γ: "
                         "γ-0.05 … γ+0.14, e.g. 0.55,0.74,0.01 for the shapes model)")
-    p.add_argument("--crf-shortlist", type=int, default=2, metavar="K",
+    p.add_argument("--crf-shortlist", type=int, default=1, metavar="K",
                    help="adaptive with CRF: score every γ's raw mask against the AffinityNet map and CRF only the K "
-                        "best (per class: curves from raw masks); 0 CRFs every candidate, as the paper (default: 2)")
+                        "best, which then compete (per class: curves from raw masks); 0 CRFs every candidate, as "
+                        "the paper does (default: 1)")
+    p.add_argument("--no-reference-crf", action="store_true",
+                   help="adaptive with CRF: match candidates to the raw AffinityNet map, as the paper does, instead "
+                        "of to its CRF-refined version")
     p.add_argument("--affinity-steps", type=int, default=300, help="AffinityNet training steps (default: 300; 0 with "
                    "--affinity-weights uses those weights as they are)")
     p.add_argument("--affinity-weights", help="initialise the AffinityNet from these weights (.safetensors of the same "
@@ -235,7 +239,7 @@ def _run_refine(args: argparse.Namespace) -> None:
         crf_params=CRFParams(gt_prob=args.crf_gt_prob, bilateral_sxy=args.crf_sxy, bilateral_srgb=args.crf_srgb),
         seed_crf_params=replace(SEED_CRF, bilateral_srgb=args.crf_srgb),
         min_area=args.min_area, max_hole=args.max_hole, per_class=args.per_class, gammas=gammas,
-        crf_shortlist=args.crf_shortlist,
+        crf_shortlist=args.crf_shortlist, reference_crf=not args.no_reference_crf,
         affinity=AffinityConfig(train_steps=args.affinity_steps, background=args.affinity_background,
                                 walk_steps=args.walk_steps, beta=args.beta, seed_crf=not args.no_seed_crf),
         affinity_weights=args.affinity_weights, power=args.power, propagate_threshold=args.propagate_threshold,

@@ -31,7 +31,7 @@ from .masks.affinity import (AffinityConfig, AffinityNet, affinity_mask, build_a
                              load_affinity_weights, save_affinity_weights, seed_labels, train_affinity_net)
 from .masks.assign import assign_labels
 from .masks.cleanup import cleanup_mask
-from .masks.crf import SEED_CRF, CRFParams, crf_refine
+from .masks.crf import SEED_CRF, CRFParams, DenseCRF, crf_refine
 from .masks.otsu import otsu_threshold
 from .masks.propagate import propagate_mask
 from .masks.threshold import PAPER_THRESHOLD, threshold_masks
@@ -54,7 +54,8 @@ class RefineConfig:
     max_hole: float = 0.01  # fill holes up to this fraction of the image
     per_class: bool = False  # adaptive: one γ per class from its curve instead of one per image
     gammas: tuple[float, ...] | None = None  # None: the paper's sweep around the dataset's γ (sweep_around)
-    crf_shortlist: int = 2  # adaptive + CRF: CRF only the k best raw candidates (0: every one, as the paper)
+    crf_shortlist: int = 1  # adaptive + CRF: CRF only the k best raw candidates (0: every one, as the paper)
+    reference_crf: bool = True  # adaptive + CRF: CRF-refine the AffinityNet mask too before matching (paper: not)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     affinity_weights: str | None = None  # initialise the AffinityNet from these weights
     power: int = 4  # propagate: self-attention matrix power
@@ -100,7 +101,7 @@ class RefineConfig:
         if self.method == "adaptive":
             out.update(per_class=self.per_class, gammas=list(self.gammas), fallback_threshold=self.threshold)
             if self.use_crf:
-                out["crf_shortlist"] = self.crf_shortlist
+                out.update(crf_shortlist=self.crf_shortlist, reference_crf=self.reference_crf)
         if self.method == "propagate":
             out.update(power=self.power, threshold=self.propagate_threshold, uncertain=self.propagate_uncertain)
         return out
@@ -239,13 +240,26 @@ def _item_mask(item: _Item, config: RefineConfig, net: AffinityNet | None,
         mask = candidate_mask(image, maps, {label: gammas[label] for label in labels}, crf)
         extra["class_gammas"] = {str(k): gammas[k] for k in labels}
     else:  # adaptive per image
-        reference = affinity_mask(net, image, maps, config.affinity)
-        tried, counts, candidates = shortlisted_sweep(image, maps, reference, config.gammas, crf, config.crf_shortlist)
+        dense = DenseCRF(image, [0, *labels], crf) if crf is not None else None  # kernels built once per image
+        reference = _reference(net, image, maps, config, dense)
+        tried, counts, candidates = shortlisted_sweep(image, maps, reference, config.gammas, dense, config.crf_shortlist)
         gamma = best_gamma(counts, tried)
         extra["gamma"] = gamma
-        mask = (candidate_mask(image, maps, config.threshold, crf) if gamma is None
+        mask = (candidate_mask(image, maps, config.threshold, dense) if gamma is None
                 else candidates[tried.index(gamma)])
     return mask, extra
+
+
+def _reference(net: AffinityNet, image: np.ndarray, maps: Mapping[int, np.ndarray], config: RefineConfig,
+               dense: DenseCRF | None = None) -> np.ndarray:
+    """The AffinityNet mask B̂ that adaptive candidates are matched to; CRF-refined like the candidates
+    (``reference_crf``), so that both sides of the match have the CRF's sharp edges."""
+    reference = affinity_mask(net, image, maps, config.affinity)
+    if config.use_crf and config.reference_crf:
+        if dense is None:
+            dense = DenseCRF(image, [0, *maps], config.crf_params)
+        reference = dense(reference)
+    return reference
 
 
 def _class_gammas(log: ProgressLog, items: list[_Item], config: RefineConfig, net: AffinityNet,
@@ -260,7 +274,7 @@ def _class_gammas(log: ProgressLog, items: list[_Item], config: RefineConfig, ne
     for item in tqdm([i for i in items if i.id not in done], desc="adaptive curves", unit="img",
                      disable=not progress, dynamic_ncols=True):
         image, maps = item.image(), item.maps()
-        counts, _ = sweep(image, maps, affinity_mask(net, image, maps, config.affinity), config.gammas, crf)
+        counts, _ = sweep(image, maps, _reference(net, image, maps, config), config.gammas, crf)
         log.append({"kind": "curve", "id": item.id, "counts": {str(k): v for k, v in counts.items()}})
     curves = [{int(k): v for k, v in e["counts"].items()} for e in log.done("curve").values()]
     pooled = pool_counts(curves, len(config.gammas))

@@ -55,10 +55,10 @@ def candidate_mask(image: np.ndarray, maps: Mapping[int, np.ndarray], thresholds
 
 
 def sweep(image: np.ndarray, maps: Mapping[int, np.ndarray], reference: np.ndarray, gammas: Sequence[float],
-          crf: CRFParams | None) -> tuple[dict[int, list[tuple[int, int]]], list[np.ndarray]]:
+          crf: CRFParams | DenseCRF | None) -> tuple[dict[int, list[tuple[int, int]]], list[np.ndarray]]:
     """Every γ's candidate mask and, per class, its (|B_γ ∩ B̂|, |B_γ ∪ B̂|) against ``reference``:
     one image's contribution to the IoU-vs-γ curves."""
-    dense = DenseCRF(image, [0, *maps], crf) if crf is not None else None
+    dense = crf if crf is None or isinstance(crf, DenseCRF) else DenseCRF(image, [0, *maps], crf)
     seen: dict[bytes, tuple[np.ndarray, list[tuple[int, int]]]] = {}  # neighbouring γ often give one mask
     truth = {label: reference == label for label in maps}
     counts: dict[int, list[tuple[int, int]]] = {label: [] for label in maps}
@@ -85,7 +85,7 @@ def mean_ious(counts: Mapping[int, Sequence[tuple[int, int]]], n_gammas: int) ->
 
 
 def shortlisted_sweep(image: np.ndarray, maps: Mapping[int, np.ndarray], reference: np.ndarray,
-                      gammas: Sequence[float], crf: CRFParams | None,
+                      gammas: Sequence[float], crf: CRFParams | DenseCRF | None,
                       shortlist: int) -> tuple[list[float], dict[int, list[tuple[int, int]]], list[np.ndarray]]:
     """:func:`sweep` where only the γ of the ``shortlist`` best distinct raw candidates are CRF-refined.
 
