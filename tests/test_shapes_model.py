@@ -127,6 +127,21 @@ def test_training_mix_follows_the_single_object_share() -> None:
     assert torch.equal(images, again[0]) and captions == again[1]  # a pure function of (seed, step)
 
 
+def test_diffumask_shapes_train_hands_its_options_to_the_trainer(tmp_path, capsys) -> None:
+    from diffumask.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["shapes", "train", "--help"])
+    assert exited.value.code == 0 and "--single-object-share" in capsys.readouterr().out
+    assert main(["shapes", "train", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+                 "--single-object-share", "1"]) == 0
+    record = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert record["steps_done"] == 1 and record["settings"]["single_object_share"] == 1.0
+    with pytest.raises(SystemExit) as exited:
+        main(["shapes", "export", str(tmp_path / "x"), "--bogus"])
+    assert exited.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_training_command_writes_a_loadable_pipeline(tmp_path) -> None:
     out = train(tmp_path / "run", TrainSettings(steps=2, batch_size=4, warmup_steps=1))
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]

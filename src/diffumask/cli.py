@@ -127,10 +127,9 @@ def _add_shapes(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--test", type=int, default=200, help="test scenes (default: 200)")
     export.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
     export.set_defaults(run=_run_shapes_export)
-    train = shapes.add_parser("train", add_help=False,
+    train = shapes.add_parser("train", add_help=False,  # its options and --help are the trainer's own
                               help="train the shapes text-to-image model from scratch (see --help)")
-    train.add_argument("train_args", nargs=argparse.REMAINDER)
-    train.set_defaults(run=_run_shapes_train)
+    train.set_defaults(run=_run_shapes_train, train_args=[])
 
 
 def _run_shapes_train(args: argparse.Namespace) -> None:
@@ -268,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "shapes_command", None) == "train":
+        args.train_args = extra  # handed to python -m diffumask.shapes.train as they are
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
     except DiffumaskError as error:
