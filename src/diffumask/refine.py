@@ -251,15 +251,11 @@ def _item_mask(item: _Item, config: RefineConfig, net: AffinityNet | None,
 
 
 def _reference(net: AffinityNet, image: np.ndarray, maps: Mapping[int, np.ndarray], config: RefineConfig,
-               dense: DenseCRF | None = None) -> np.ndarray:
-    """The AffinityNet mask B̂ that adaptive candidates are matched to; CRF-refined like the candidates
-    (``reference_crf``), so that both sides of the match have the CRF's sharp edges."""
+               dense: DenseCRF | None) -> np.ndarray:
+    """The AffinityNet mask B̂ that adaptive candidates are matched to; with ``reference_crf`` refined by
+    the image's CRF (``dense``) like the candidates, so both sides of the match have the CRF's edges."""
     reference = affinity_mask(net, image, maps, config.affinity)
-    if config.use_crf and config.reference_crf:
-        if dense is None:
-            dense = DenseCRF(image, [0, *maps], config.crf_params)
-        reference = dense(reference)
-    return reference
+    return dense(reference) if dense is not None and config.reference_crf else reference
 
 
 def _class_gammas(log: ProgressLog, items: list[_Item], config: RefineConfig, net: AffinityNet,
@@ -269,12 +265,14 @@ def _class_gammas(log: ProgressLog, items: list[_Item], config: RefineConfig, ne
     With a CRF shortlist the curves are pooled from raw candidates (a full CRF sweep per image is
     what the shortlist avoids); the second pass CRF-refines the chosen mask either way.
     """
-    crf = config.crf_params if config.use_crf and config.crf_shortlist == 0 else None
     done = log.done("curve")
     for item in tqdm([i for i in items if i.id not in done], desc="adaptive curves", unit="img",
                      disable=not progress, dynamic_ncols=True):
         image, maps = item.image(), item.maps()
-        counts, _ = sweep(image, maps, _reference(net, image, maps, config), config.gammas, crf)
+        needs_crf = config.use_crf and (config.reference_crf or config.crf_shortlist == 0)
+        dense = DenseCRF(image, [0, *maps], config.crf_params) if needs_crf else None  # kernels built once
+        reference = _reference(net, image, maps, config, dense)
+        counts, _ = sweep(image, maps, reference, config.gammas, dense if config.crf_shortlist == 0 else None)
         log.append({"kind": "curve", "id": item.id, "counts": {str(k): v for k, v in counts.items()}})
     curves = [{int(k): v for k, v in e["counts"].items()} for e in log.done("curve").values()]
     pooled = pool_counts(curves, len(config.gammas))

@@ -67,7 +67,8 @@ def sweep(image: np.ndarray, maps: Mapping[int, np.ndarray], reference: np.ndarr
         key = mask.tobytes()
         if key not in seen:
             candidate = dense(mask) if dense is not None else mask
-            seen[key] = candidate, [(int(((candidate == label) & b).sum()), int(((candidate == label) | b).sum()))
+            mine = {label: candidate == label for label in truth}
+            seen[key] = candidate, [(int((mine[label] & b).sum()), int((mine[label] | b).sum()))
                                     for label, b in truth.items()]
         candidate, pairs = seen[key]
         candidates.append(candidate)

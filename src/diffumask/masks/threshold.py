@@ -14,6 +14,8 @@ PAPER_THRESHOLD = 0.4
 
 def _winners(maps: Mapping[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Each pixel's highest-scoring label (ties to the first) and its value."""
+    if not maps:
+        raise ValueError("no soft maps to threshold")
     labels = np.array(list(maps), dtype=np.uint8)
     stack = np.stack([np.asarray(m, dtype=np.float32) for m in maps.values()])
     best = stack.argmax(axis=0)
@@ -22,8 +24,6 @@ def _winners(maps: Mapping[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def threshold_sweep(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -> list[np.ndarray]:
     """``threshold_masks(maps, γ)`` for each γ, finding each pixel's winning label once."""
-    if not maps:
-        raise ValueError("no soft maps to threshold")
     winner, value = _winners(maps)
     return [np.where(value > gamma, winner, 0).astype(np.uint8) for gamma in thresholds]
 
@@ -39,8 +39,6 @@ def threshold_masks(
     (ties go to the first label), else background 0. With ``uncertain`` (< ``threshold``),
     pixels whose best value lies in (uncertain, threshold] get 255, which trainers ignore.
     """
-    if not maps:
-        raise ValueError("no soft maps to threshold")
     if uncertain is not None and not uncertain < threshold:
         raise ValueError(f"the uncertainty band's lower edge ({uncertain}) must be below the threshold ({threshold})")
     winner, value = _winners(maps)
