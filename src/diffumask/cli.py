@@ -15,6 +15,7 @@ examples:
   diffumask generate --model runwayml/stable-diffusion-v1-5 --classes "dog,potted plant" \\
       --images-per-class 1000 --out data/voc --device cuda --dtype float16 --batch-size 8
   diffumask shapes export data/shapes-real --train 2000 --val 200 --test 500
+  diffumask train data/shapes --out runs/shapes && diffumask evaluate runs/shapes data/shapes-real --split test
 """
 
 
@@ -249,6 +250,159 @@ def _run_refine(args: argparse.Namespace) -> None:
           + (f" ({result.items - result.refined} were already done)" if result.refined < result.items else ""))
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+_DATA_HELP = ("a dataset folder: ours (generate / refine / shapes export), or a real benchmark as voc:PATH, "
+              "cityscapes:PATH, ade20k:PATH (bare paths are detected)")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .segment.presets import PRESETS
+
+    p = sub.add_parser(
+        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train a semantic segmenter on one or more dataset folders (real, synthetic or both)",
+        description="Train a segmenter (SegFormer or Mask2Former from transformers) on the --split of every DATA "
+                    "folder, in one label space matched by class name. RUN holds classes.json, settings.json, "
+                    "train_log.jsonl, an atomic checkpoint every --save-every steps and, at the end, model/. "
+                    "Re-running the same command resumes from the last checkpoint.\n\n"
+                    "presets (defaults as data, in diffumask/segment/presets.py):\n"
+                    "  tiny              SegFormer, 2 M parameters, from scratch: the shapes world, CPU-light\n"
+                    "  tiny-mask2former  Mask2Former with a tiny Swin, 16 queries, from scratch\n"
+                    "  r50, swin-b       the paper's Mask2Former; the Mask2Former recipe (AdamW 1e-4, weight decay\n"
+                    "                    0.05, backbone lr x0.1, poly, batch 16, crop 512, 160k steps); weights\n"
+                    "                    through --init-from\n\n"
+                    "Several GPUs: accelerate launch -m diffumask train ... (or torchrun --nproc_per_node N -m diffumask train ...).",
+        epilog="examples:\n"
+               "  diffumask train data/shapes-synthetic --out runs/synthetic\n"
+               "  diffumask train data/voc-synthetic voc:VOCdevkit --weights 3,1 --split train --out runs/mix \\\n"
+               "      --preset swin-b --init-from ./swin-base-patch4-window12-384-in22k --device cuda\n",
+    )
+    p.add_argument("data", nargs="+", metavar="DATA", help=_DATA_HELP)
+    p.add_argument("--out", required=True, help="run folder to create or resume")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="architecture and schedule (default: tiny)")
+    p.add_argument("--split", default="train", help="ImageSets/Segmentation/<split>.txt of every DATA (default: train)")
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="images per step over all processes (default: the preset's)")
+    p.add_argument("--crop", type=int, help="square training crop in pixels; images are resized so their short "
+                   "side is the crop times a random ratio, and predicted at that size (default: the preset's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    p.add_argument("--augment", type=_csv, help="on-the-fly augmentations besides resize and crop: flip, rot90, hue "
+                   "(default: the preset's; 'flip' for r50 and swin-b)")
+    p.add_argument("--weights", type=_floats, help="sampling weight per DATA, e.g. 1,1 for half real, half synthetic "
+                   "(default: proportional to their sizes)")
+    p.add_argument("--init-from", help="pretrained weights: a folder (or hub id, when online) holding the same "
+                   "segmenter or its backbone (Swin, ResNet, SegFormer MiT)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation (default: 0)")
+    p.add_argument("--device", help="cpu, cuda or mps (default: cuda if available)")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                   help="(default: bf16 on a GPU that supports it, else off)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes per training process (default: 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from .segment.train import TrainConfig, train, train_summary
+
+    _quiet_transformers()
+    config = TrainConfig(
+        data=args.data, out=args.out, preset=args.preset, split=args.split, steps=args.steps,
+        batch_size=args.batch_size, crop=args.crop, lr=args.lr, augment=args.augment, save_every=args.save_every,
+        weights=args.weights, init_from=args.init_from, seed=args.seed, device=args.device,
+        mixed_precision=args.mixed_precision, workers=args.workers,
+    )
+    run = train(config, progress=not args.quiet)
+    summary = train_summary(run)
+    print(f"trained {run.root} ({summary.get('steps', 0)} steps, last loss {summary.get('loss', float('nan')):.4f}); "
+          f"evaluate with: diffumask evaluate {run.root} DATA --split test")
+
+
+def _add_run_and_data(p: argparse.ArgumentParser) -> None:
+    """The arguments predict and evaluate share: which run, on which data, how."""
+    p.add_argument("run_dir", metavar="RUN", help="run folder made by `diffumask train`")
+    p.add_argument("data", metavar="DATA", help=_DATA_HELP)
+    p.add_argument("--split", default="test", help="which split of DATA (default: test)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--device", help="cpu, cuda or mps (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="write a trained run's label maps for a split as palette PNGs",
+                       description="Predict every image of DATA's --split with RUN and write OUT/<id>.png (palette "
+                                   "PNGs, indices as in RUN/classes.json, copied to OUT). Finished images are "
+                                   "skipped on a re-run.")
+    _add_run_and_data(p)
+    p.add_argument("--out", required=True, help="folder for the predictions")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    from .segment.predict import predict_folder
+
+    _quiet_transformers()
+    out = predict_folder(args.run_dir, args.data, args.out, args.split, args.device,
+                         _positive(args.batch_size, "--batch-size"), progress=not args.quiet)
+    print(f"predictions in {out}")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from .segment.evaluate import PROTOCOLS, UNSEEN_SETS
+
+    p = sub.add_parser(
+        "evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="per-class IoU and mIoU of a trained run on a labelled split",
+        description="Predict DATA's --split with RUN and print per-class IoU and mIoU, accumulated over the whole "
+                    "split (intersections and unions summed over images, 255 ignored), as the papers report it. "
+                    "Classes are matched by name (aeroplane = airplane, tvmonitor = tv monitor, ...); a class in "
+                    "neither prediction nor truth shows n/a. Classes of DATA that the run does not know are not "
+                    "reported, but predictions on their pixels count as errors.",
+        epilog="examples:\n  diffumask evaluate runs/synthetic data/shapes-real --split test\n"
+               "  diffumask evaluate runs/voc voc:VOCdevkit --split val --unseen voc --json val.json\n"
+               "  diffumask evaluate runs/city cityscapes:data/cityscapes --split val "
+               "--protocol cityscapes-human-vehicle\n",
+    )
+    _add_run_and_data(p)
+    p.add_argument("--unseen", help="zero-shot report: comma-separated unseen classes, or a named set "
+                   f"({', '.join(f'{k}: {chr(44).join(v)}' for k, v in UNSEEN_SETS.items())}); prints seen, unseen "
+                   "and harmonic mIoU without background")
+    p.add_argument("--protocol", choices=list(PROTOCOLS),
+                   help="merge classes first: cityscapes-human-vehicle is the paper's (person+rider = human; car, "
+                        "truck, bus, train = vehicle; motorcycle, bicycle ignored)")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from .segment.evaluate import evaluate_run, parse_unseen
+
+    _quiet_transformers()
+    evaluation = evaluate_run(args.run_dir, args.data, args.split, parse_unseen(args.unseen), args.protocol,
+                              args.device, _positive(args.batch_size, "--batch-size"), progress=not args.quiet,
+                              json_path=args.json)
+    print(evaluation.table())
+
+
+def _positive(value: int, option: str) -> int:
+    if value < 1:
+        raise DiffumaskError(f"{option} must be at least 1, got {value}")
+    return value
+
+
+def _quiet_transformers() -> None:
+    """transformers' per-file loading bars say nothing to a user of these commands."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffumask", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -259,9 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"diffumask {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,refine,shapes}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{generate,refine,train,predict,evaluate,shapes}")
     _add_generate(sub)
     _add_refine(sub)
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
     _add_shapes(sub)
     return parser
 

@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,23 @@ def read_index_png(path: Path) -> np.ndarray:
         return np.array(image)
 
 
+def write_label_map(folder: Path, names: Sequence[str]) -> None:
+    """``classes.json``: index, name and palette colour of every class (0 background), 255 ignored.
+
+    Datasets and training runs share it, so a run's predictions read like a dataset's masks.
+    """
+    palette = voc_palette()
+    label_map = {"ignore_index": IGNORE_INDEX,
+                 "classes": [{"index": i, "name": name, "color": list(palette[i])} for i, name in enumerate(names)]}
+    write_text_atomic(Path(folder) / "classes.json", json.dumps(label_map, indent=1) + "\n")
+
+
+def read_label_map(folder: Path) -> list[str]:
+    """Class names by index from a ``classes.json`` (index 0 first)."""
+    label_map = json.loads((Path(folder) / "classes.json").read_text())
+    return [c["name"] for c in sorted(label_map["classes"], key=lambda c: c["index"])]
+
+
 class Dataset:
     """A dataset directory on disk; see the module docstring for the layout."""
 
@@ -102,8 +119,7 @@ class Dataset:
                 f"{self.root} is not a diffumask dataset (no classes.json); "
                 "create one with `diffumask generate` or Dataset.create()"
             )
-        label_map = json.loads((self.root / "classes.json").read_text())
-        self.classes: list[str] = [c["name"] for c in label_map["classes"][1:]]
+        self.classes: list[str] = read_label_map(self.root)[1:]
         info = json.loads((self.root / "dataset.json").read_text())
         self.settings: dict[str, Any] = info["settings"]
         self.image_format: str = info["image_format"]
@@ -157,13 +173,7 @@ class Dataset:
         holds_empty_dataset = (root / "dataset.json").is_file()  # a run that failed before its first item
         if root.exists() and any(root.iterdir()) and not holds_empty_dataset:
             raise DatasetMismatch(f"{root} exists and is not a diffumask dataset; choose an empty or new folder")
-        palette = voc_palette()
-        label_map = {
-            "ignore_index": IGNORE_INDEX,
-            "classes": [{"index": i, "name": name, "color": list(palette[i])}
-                        for i, name in enumerate(["background", *classes])],
-        }
-        write_text_atomic(root / "classes.json", json.dumps(label_map, indent=1) + "\n")
+        write_label_map(root, ["background", *classes])
         write_text_atomic(root / "dataset.json", json.dumps(info, indent=1) + "\n")
         return cls(root)
 

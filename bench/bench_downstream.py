@@ -1,0 +1,165 @@
+"""The paper's Table 1 in miniature: segmenters trained on real, synthetic and mixed shapes data.
+
+    python bench/bench_downstream.py [--work DIR] [--n 600] [--steps 2500] [--rows a,b,c,d,scale,zeroshot]
+
+Everything is scored on the shapes world's held-out real test split (scenes of 1-3 objects, exact
+masks). The same segmenter preset (``tiny`` unless --preset) is trained, with the same steps, on:
+
+  (a) real        the world's train split with its exact masks, N scenes
+  (b) raw         N images from ``diffumask generate`` with their fixed-γ masks
+  (c) refined     the same N images refined with ``refine --method propagate --crf`` (the refine table's best)
+  (d) real + synthetic (c), sampled half and half
+  scale           (c) with 2N and 4N images
+  zeroshot        real masks for 4 shapes only (ring and cross pixels ignored) against synthetic data for all 6:
+                  seen / unseen / harmonic mIoU, background excluded (the paper's Protocol II)
+
+Data is made once in --work and reused (generation and refinement resume); every run folder too,
+so a killed benchmark continues where it stopped. Prints per-class IoU, mIoU over the six shapes (the
+target's figure) and with background, the ratio to (a), and the training minutes of each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffumask.dataset import IGNORE_INDEX, Dataset, write_palette_png
+from diffumask.generate import GenerateConfig, generate_dataset
+from diffumask.refine import RefineConfig, refine_dataset
+from diffumask.segment import TrainConfig, evaluate_run, train
+from diffumask.shapes import CLASSES, export_world
+
+GENERATE_SEED = 7_000_000
+TEST_SCENES = 300
+UNSEEN = ("ring", "cross")
+
+
+def subset(source: Dataset, out: Path, ids: list[str], relabel: dict[int, int] | None = None) -> Path:
+    """A dataset of some of ``source``'s items, all in split train: files hard-linked (so images stay
+    byte-identical), masks rewritten only when ``relabel`` maps some classes to others or to 255."""
+    if (out / "ImageSets" / "Segmentation" / "train.txt").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    info = json.loads((source.root / "dataset.json").read_text())
+    target = Dataset.create(tmp, source.classes, info["settings"], image_format=info["image_format"])
+    records = {r["id"]: r for r in source.records()}
+    lut = np.arange(256, dtype=np.uint8)
+    for old, new in (relabel or {}).items():
+        lut[old] = new
+    lines = []
+    for item_id in ids:
+        for path in (source.image_path(item_id), source.soft_maps_path(item_id), source.mask_path(item_id)):
+            if path.is_file() and not (relabel and path == source.mask_path(item_id)):
+                (tmp / path.parent.name).mkdir(exist_ok=True)
+                os.link(path, tmp / path.parent.name / path.name)
+        if relabel:
+            write_palette_png(target.mask_path(item_id), lut[source.read_mask(item_id)])
+        lines.append(json.dumps({**records[item_id], "split": "train"}) + "\n")
+    target.manifest_path.write_text("".join(lines))
+    target.finalize()
+    os.replace(tmp, out)
+    return out
+
+
+def first_per_class(dataset: Dataset, per_class: int) -> list[str]:
+    """The first ``per_class`` items of each class (ids end in their index)."""
+    return [r["id"] for r in dataset.records() if int(r["id"].rsplit("_", 1)[1]) < per_class]
+
+
+def prepare(work: Path, n: int, sizes: list[int]) -> dict[str, Path]:
+    """Real scenes, synthetic images (raw and refined) and the subsets the rows train on."""
+    real = export_world(work / "real", n_train=n, n_val=0, n_test=TEST_SCENES)
+    per_class = max(sizes) // len(CLASSES)
+    raw = generate_dataset(GenerateConfig(classes=list(CLASSES), out=str(work / "synthetic-raw"),
+                                          images_per_class=per_class, seed=GENERATE_SEED, batch_size=120))
+    paths = {"real": Path(real), "test": Path(real)}
+    for size in sizes:
+        ids = first_per_class(raw, size // len(CLASSES))
+        paths[f"raw-{size}"] = subset(raw, work / f"raw-{size}", ids)
+        paths[f"refined-{size}"] = subset(raw, work / f"refined-{size}", ids)
+        refine_dataset(paths[f"refined-{size}"], RefineConfig(method="propagate", crf=True))
+    real_ds = Dataset(real)
+    unseen = {CLASSES.index(c) + 1: IGNORE_INDEX for c in UNSEEN}
+    paths["real-seen"] = subset(real_ds, work / "real-seen", real_ds.split_ids("train"), relabel=unseen)
+    return paths
+
+
+def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, test: Path,
+            weights: list[float] | None = None, unseen: tuple[str, ...] | None = None) -> dict:
+    out = work / "runs" / name
+    start = time.perf_counter()
+    run = train(TrainConfig(data=[str(d) for d in data], out=str(out), preset=args.preset, steps=args.steps,
+                            weights=weights, seed=args.seed, workers=args.workers), progress=not args.quiet)
+    minutes = json.loads((out / "minutes.json").read_text())["minutes"] if (out / "minutes.json").is_file() else None
+    if minutes is None:
+        minutes = (time.perf_counter() - start) / 60
+        (out / "minutes.json").write_text(json.dumps({"minutes": minutes}))
+    evaluation = evaluate_run(run.root, str(test), split="test", unseen=unseen, progress=False)
+    iou = dict(zip(evaluation.classes, evaluation.iou))
+    shapes_miou = float(np.nanmean([iou[c] for c in CLASSES]))
+    row = {"row": name, "iou": iou, "miou_shapes": shapes_miou, "miou_with_background": evaluation.miou,
+           "minutes": minutes, "seen": evaluation.seen, "unseen": evaluation.unseen, "harmonic": evaluation.harmonic}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("bench_downstream_work"))
+    parser.add_argument("--n", type=int, default=600, help="N: real scenes and synthetic images per row")
+    parser.add_argument("--steps", type=int, default=2500, help="training steps of every row")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="data-loading processes")
+    parser.add_argument("--rows", default="a,b,c,d,scale,zeroshot")
+    parser.add_argument("--prepare-only", action="store_true", help="make the data and stop")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    wanted = set(args.rows.split(","))
+    sizes = [args.n] + ([2 * args.n, 4 * args.n] if "scale" in wanted else [])
+    paths = prepare(args.work, args.n, sizes)
+    if args.prepare_only:
+        return
+    test = paths["test"]
+    rows = []
+    plan = {
+        "a": ("a-real", [paths["real"]], None),
+        "b": ("b-raw", [paths[f"raw-{args.n}"]], None),
+        "c": ("c-refined", [paths[f"refined-{args.n}"]], None),
+        "d": ("d-real+refined", [paths["real"], paths[f"refined-{args.n}"]], [1.0, 1.0]),
+    }
+    for key in ("a", "b", "c", "d"):
+        if key in wanted:
+            name, data, weights = plan[key]
+            rows.append(run_row(name, data, args.work, args, test, weights))
+    if "scale" in wanted:
+        for size in sizes[1:]:
+            rows.append(run_row(f"c-refined-{size}", [paths[f"refined-{size}"]], args.work, args, test))
+    if "zeroshot" in wanted:
+        rows.append(run_row("zs-real-seen", [paths["real-seen"]], args.work, args, test, unseen=UNSEEN))
+        rows.append(run_row("zs-refined", [paths[f"refined-{args.n}"]], args.work, args, test, unseen=UNSEEN))
+        rows.append(run_row("zs-real-seen+refined", [paths["real-seen"], paths[f"refined-{args.n}"]], args.work,
+                            args, test, weights=[1.0, 1.0], unseen=UNSEEN))
+    ceiling = next((r["miou_shapes"] for r in rows if r["row"] == "a-real"), None)
+    print(f"\n{'row':<24}" + "".join(f"{c:>9}" for c in CLASSES) + f"{'mIoU':>8}{'+bg':>7}{'/real':>7}{'min':>6}")
+    for r in rows:
+        ratio = f"{r['miou_shapes'] / ceiling:7.2f}" if ceiling else "      -"
+        print(f"{r['row']:<24}" + "".join(f"{100 * r['iou'][c]:9.1f}" for c in CLASSES)
+              + f"{100 * r['miou_shapes']:8.1f}{100 * r['miou_with_background']:7.1f}{ratio}{r['minutes']:6.1f}")
+        if r["seen"] is not None:
+            print(f"{'':<24}zero-shot: seen {100 * r['seen']:.1f}  unseen {100 * r['unseen']:.1f}  "
+                  f"harmonic {100 * r['harmonic']:.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

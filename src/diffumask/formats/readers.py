@@ -1,0 +1,236 @@
+"""Read labelled image folders: our own datasets and the real benchmarks, behind one small interface.
+
+A DATA argument is ``FORMAT:PATH`` (``diffumask``, ``voc``, ``cityscapes``, ``ade20k``) or a bare PATH
+whose format is detected from its layout. Every reader gives item ids per split, the RGB image and
+its label map, and ``label_names`` (label value → class name); pixels without a class read as 255.
+
+- ``diffumask``: a folder made by ``generate``/``refine``/``shapes export`` (``classes.json``).
+- ``voc``: ``VOCdevkit/VOC2012`` (or the ``VOC2012`` folder): ``ImageSets/Segmentation/<split>.txt``,
+  masks from ``SegmentationClass``, else ``SegmentationClassAug`` (the 10,582-image ``train_aug``).
+- ``cityscapes``: ``gtFine/<split>/<city>/*_gtFine_labelIds.png`` mapped to the 19 train ids,
+  images from ``leftImg8bit``; ids are ``<split>/<city>/<name>``.
+- ``ade20k``: ``ADEChallengeData2016/{images,annotations}/{training,validation}``; 0 ("other")
+  reads as 255, classes 1…150 keep their index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..dataset import IGNORE_INDEX, Dataset, read_index_png
+from ..errors import DiffumaskError
+from .tables import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS, VOC_CLASSES
+
+FORMATS = ("diffumask", "voc", "cityscapes", "ade20k")
+
+
+class SourceError(DiffumaskError, ValueError):
+    """A DATA argument names no readable dataset, or a split or item it does not have."""
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB"))
+
+
+class LabelledSource:
+    """Images with semantic label maps; subclasses know one on-disk layout each."""
+
+    format: str = ""
+
+    def __init__(self, root: Path, label_names: dict[int, str]):
+        self.root = root
+        self.label_names = label_names
+
+    @property
+    def spec(self) -> str:
+        return f"{self.format}:{self.root}"
+
+    def splits(self) -> list[str]:
+        raise NotImplementedError
+
+    def _split_ids(self, split: str) -> list[str] | None:
+        raise NotImplementedError
+
+    def ids(self, split: str = "train") -> list[str]:
+        """Item ids of a split; a missing split is an error that lists the ones there are."""
+        ids = self._split_ids(split)
+        if ids is None:
+            have = ", ".join(self.splits()) or "none"
+            raise SourceError(f"{self.spec} has no split {split!r} (it has: {have}); choose one with --split")
+        return ids
+
+    def read_image(self, item_id: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_labels(self, item_id: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def read(self, item_id: str) -> tuple[np.ndarray, np.ndarray]:
+        image, labels = self.read_image(item_id), self.read_labels(item_id)
+        if image.shape[:2] != labels.shape:
+            raise SourceError(f"{self.spec}: item {item_id!r} has a {image.shape[1]}x{image.shape[0]} image but a "
+                              f"{labels.shape[1]}x{labels.shape[0]} label map")
+        return image, labels
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec}>"
+
+
+class DiffumaskSource(LabelledSource):
+    format = "diffumask"
+
+    def __init__(self, root: Path):
+        try:
+            self.dataset = Dataset(root)
+        except FileNotFoundError as error:
+            raise SourceError(str(error)) from None
+        super().__init__(Path(root), dict(enumerate(["background", *self.dataset.classes])))
+
+    def splits(self) -> list[str]:
+        folder = self.root / "ImageSets" / "Segmentation"
+        return sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
+
+    def _split_ids(self, split: str) -> list[str] | None:
+        if split not in self.splits():
+            return None
+        return self.dataset.split_ids(split)
+
+    def read_image(self, item_id: str) -> np.ndarray:
+        return self.dataset.read_image(item_id)
+
+    def read_labels(self, item_id: str) -> np.ndarray:
+        path = self.dataset.mask_path(item_id)
+        if not path.is_file():
+            raise SourceError(f"{self.spec}: item {item_id!r} has no mask ({path}); generate or refine it first")
+        return read_index_png(path)
+
+
+class VOCSource(LabelledSource):
+    format = "voc"
+
+    def __init__(self, root: Path):
+        if (root / "VOC2012").is_dir():
+            root = root / "VOC2012"
+        super().__init__(root, dict(enumerate(VOC_CLASSES)))
+
+    def splits(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "ImageSets" / "Segmentation").glob("*.txt"))
+
+    def _split_ids(self, split: str) -> list[str] | None:
+        path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        return path.read_text().split() if path.is_file() else None
+
+    def read_image(self, item_id: str) -> np.ndarray:
+        return _read_rgb(self.root / "JPEGImages" / f"{item_id}.jpg")
+
+    def read_labels(self, item_id: str) -> np.ndarray:
+        for folder in ("SegmentationClass", "SegmentationClassAug"):
+            path = self.root / folder / f"{item_id}.png"
+            if path.is_file():
+                return read_index_png(path)
+        raise SourceError(f"{self.spec}: no SegmentationClass or SegmentationClassAug mask for {item_id!r}")
+
+
+class CityscapesSource(LabelledSource):
+    format = "cityscapes"
+    _SUFFIX = "_gtFine_labelIds.png"
+
+    def __init__(self, root: Path):
+        super().__init__(root, {train_id: name for train_id, name in CITYSCAPES_TRAIN_IDS.values()})
+        self._lut = np.full(256, IGNORE_INDEX, np.uint8)
+        for label_id, (train_id, _) in CITYSCAPES_TRAIN_IDS.items():
+            self._lut[label_id] = train_id
+
+    def splits(self) -> list[str]:
+        return sorted(p.name for p in (self.root / "gtFine").iterdir() if p.is_dir())
+
+    def _split_ids(self, split: str) -> list[str] | None:
+        folder = self.root / "gtFine" / split
+        if not folder.is_dir():
+            return None
+        return sorted(f"{split}/{p.parent.name}/{p.name[:-len(self._SUFFIX)]}" for p in folder.glob(f"*/*{self._SUFFIX}"))
+
+    def read_image(self, item_id: str) -> np.ndarray:
+        return _read_rgb(self.root / "leftImg8bit" / f"{item_id}_leftImg8bit.png")
+
+    def read_labels(self, item_id: str) -> np.ndarray:
+        return self._lut[read_index_png(self.root / "gtFine" / f"{item_id}{self._SUFFIX}")]
+
+
+class ADE20KSource(LabelledSource):
+    format = "ade20k"
+    _FOLDERS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
+
+    def __init__(self, root: Path):
+        if (root / "ADEChallengeData2016").is_dir():
+            root = root / "ADEChallengeData2016"
+        super().__init__(root, {i + 1: name for i, name in enumerate(ADE20K_CLASSES)})
+        self._folder_of: dict[str, str] = {}
+
+    def splits(self) -> list[str]:
+        return [s for s, folder in (("train", "training"), ("val", "validation"))
+                if (self.root / "annotations" / folder).is_dir()]
+
+    def _split_ids(self, split: str) -> list[str] | None:
+        folder = self._FOLDERS.get(split)
+        if folder is None or not (self.root / "annotations" / folder).is_dir():
+            return None
+        ids = sorted(p.stem for p in (self.root / "annotations" / folder).glob("*.png"))
+        self._folder_of.update(dict.fromkeys(ids, folder))
+        return ids
+
+    def _folder(self, item_id: str) -> str:
+        if item_id not in self._folder_of:
+            for split in self.splits():
+                self._split_ids(split)
+        if item_id not in self._folder_of:
+            raise SourceError(f"{self.spec}: no annotation for item {item_id!r}")
+        return self._folder_of[item_id]
+
+    def read_image(self, item_id: str) -> np.ndarray:
+        return _read_rgb(self.root / "images" / self._folder(item_id) / f"{item_id}.jpg")
+
+    def read_labels(self, item_id: str) -> np.ndarray:
+        labels = read_index_png(self.root / "annotations" / self._folder(item_id) / f"{item_id}.png")
+        return np.where(labels == 0, IGNORE_INDEX, labels).astype(np.uint8)
+
+
+_READERS: dict[str, type[LabelledSource]] = {
+    "diffumask": DiffumaskSource, "voc": VOCSource, "cityscapes": CityscapesSource, "ade20k": ADE20KSource,
+}
+
+
+def detect_format(root: Path) -> str:
+    """The layout of a folder, from the files that only that layout has."""
+    if (root / "classes.json").is_file():
+        return "diffumask"
+    if (root / "gtFine").is_dir() and (root / "leftImg8bit").is_dir():
+        return "cityscapes"
+    ade = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+    if (ade / "images").is_dir() and (ade / "annotations").is_dir():
+        return "ade20k"
+    voc = root / "VOC2012" if (root / "VOC2012").is_dir() else root
+    if (voc / "JPEGImages").is_dir() and any((voc / f).is_dir() for f in ("SegmentationClass", "SegmentationClassAug")):
+        return "voc"
+    raise SourceError(
+        f"{root} is none of the layouts diffumask reads (a diffumask dataset with classes.json, VOC's "
+        "JPEGImages + SegmentationClass, Cityscapes' gtFine + leftImg8bit, ADE20K's images + annotations); "
+        "name the format as voc:PATH, cityscapes:PATH, ade20k:PATH or diffumask:PATH")
+
+
+def open_source(spec: str | Path) -> LabelledSource:
+    """Open ``FORMAT:PATH`` or a bare PATH (format detected)."""
+    text = str(spec)
+    name, sep, rest = text.partition(":")
+    if sep and name in _READERS:
+        fmt, root = name, Path(rest)
+    else:
+        fmt, root = None, Path(text)
+    if not root.is_dir():
+        raise SourceError(f"{root} is not a folder; DATA is a dataset folder, optionally as FORMAT:PATH "
+                          f"with FORMAT one of {', '.join(FORMATS)}")
+    return _READERS[fmt or detect_format(root)](root)

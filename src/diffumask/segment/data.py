@@ -1,0 +1,157 @@
+"""Training samples for the segmenter: one label space over several sources, seeded augmentation.
+
+Every sample is a pure function of (seed, step, slot): which source and item it shows and how it is
+augmented come from a generator seeded by those three numbers. So a run gives the same batches with
+any number of loader workers or processes, and a resumed run continues exactly where it stopped
+(only the step counter needs saving).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Sampler
+
+from ..errors import ConfigError
+from ..formats import LabelledSource, SourceError, match_names
+
+IGNORE_INDEX = 255
+AUGMENTATIONS = ("flip", "rot90", "hue")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+@dataclass
+class SourceSplit:
+    """One DATA argument's split, with the lookup table from its label values to the run's indices."""
+
+    source: LabelledSource
+    ids: list[str]
+    lut: np.ndarray  # (256,) uint8: source label value → run class index, 255 where none
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, labels = self.source.read(self.ids[index])
+        return image, self.lut[labels]
+
+
+def union_classes(sources: Sequence[LabelledSource]) -> list[str]:
+    """The run's classes: background, then every source's classes in first-seen order (aliases merged)."""
+    names = ["background"]
+    for source in sources:
+        for name in source.label_names.values():
+            if name not in match_names([name], names):
+                names.append(name)
+    return names
+
+
+def label_lut(source: LabelledSource, run_classes: Sequence[str]) -> np.ndarray:
+    """Source label value → run class index (by name), 255 for values the run does not know."""
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    matched = match_names(source.label_names.values(), run_classes)
+    for value, name in source.label_names.items():
+        if name in matched:
+            lut[value] = run_classes.index(matched[name])
+    return lut
+
+
+def open_splits(sources: Sequence[LabelledSource], split: str, run_classes: Sequence[str]) -> list[SourceSplit]:
+    parts = []
+    for source in sources:
+        ids = source.ids(split)
+        if not ids:
+            raise SourceError(f"{source.spec} has no items in split {split!r}; generate some, or choose another --split")
+        parts.append(SourceSplit(source, ids, label_lut(source, run_classes)))
+    return parts
+
+
+def normalise(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) → float (3, H, W), ImageNet mean/std (what pretrained backbones expect)."""
+    return torch.from_numpy(((image.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy())
+
+
+def resize_short_side(image: np.ndarray, labels: np.ndarray | None, short: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale so the shorter side is ``short`` px: bilinear for the image, nearest for labels."""
+    h, w = image.shape[:2]
+    scale = short / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    if labels is not None:
+        labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+    return image, labels
+
+
+def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, crop: int,
+                 scale_range: tuple[float, float], augment: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Random resize (short side = crop × ratio), pad, random crop, then the named augmentations."""
+    image, labels = resize_short_side(image, labels, crop * rng.uniform(*scale_range))
+    h, w = labels.shape
+    pad_h, pad_w = max(0, crop - h), max(0, crop - w)
+    if pad_h or pad_w:
+        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
+        labels = np.pad(labels, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+        h, w = labels.shape
+    y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+    image, labels = image[y:y + crop, x:x + crop], labels[y:y + crop, x:x + crop]
+    if "flip" in augment and rng.random() < 0.5:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    if "rot90" in augment:
+        k = int(rng.integers(4))
+        image, labels = np.rot90(image, k), np.rot90(labels, k)
+    if "hue" in augment:
+        hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV_FULL)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(rng.integers(256))) % 256
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+    return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+def check_augment(names: Sequence[str]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise ConfigError(f"unknown augmentation {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
+    return tuple(names)
+
+
+class TrainingSamples(TorchDataset):
+    """Indexed by (step, slot): the slot-th sample of the step-th global batch."""
+
+    def __init__(self, parts: list[SourceSplit], weights: Sequence[float] | None, crop: int,
+                 scale_range: tuple[float, float], augment: Sequence[str], seed: int):
+        self.parts, self.crop, self.scale_range, self.augment, self.seed = parts, crop, scale_range, augment, seed
+        sizes = np.array([len(p.ids) for p in parts], np.float64)
+        share = sizes if weights is None else np.asarray(weights, np.float64)
+        if len(share) != len(parts) or (share < 0).any() or share.sum() <= 0:
+            raise ConfigError(f"--weights needs one non-negative weight per DATA ({len(parts)}), not all zero")
+        self.probabilities = share / share.sum()
+
+    def __len__(self) -> int:
+        return sum(len(p.ids) for p in self.parts)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        step, slot = key
+        rng = np.random.default_rng([self.seed, step, slot])
+        part = self.parts[int(rng.choice(len(self.parts), p=self.probabilities))]
+        image, labels = part.read(int(rng.integers(len(part.ids))))
+        image, labels = augment_pair(image, labels, rng, self.crop, self.scale_range, self.augment)
+        return normalise(image), torch.from_numpy(labels.astype(np.int64))
+
+
+class StepBatches(Sampler):
+    """This process's share of each global batch, from ``start`` to ``stop`` steps."""
+
+    def __init__(self, start: int, stop: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ConfigError(f"--batch-size {batch_size} does not split evenly over {world_size} processes")
+        self.start, self.stop, self.per_rank, self.rank = start, stop, batch_size // world_size, rank
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        first = self.rank * self.per_rank
+        for step in range(self.start, self.stop):
+            yield [(step, slot) for slot in range(first, first + self.per_rank)]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)

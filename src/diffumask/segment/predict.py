@@ -1,0 +1,86 @@
+"""``diffumask predict``: a trained run's label map for every image of a split.
+
+An image is resized so its short side is the run's training crop (the scale it learnt at), the class
+scores are resized back to the image's own size, and the argmax is the prediction, in the run's
+class indices (``RUN/classes.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..dataset import write_label_map, write_palette_png
+from ..errors import ConfigError
+from ..formats import LabelledSource, open_source
+from .data import normalise, resize_short_side
+from .model import Segmenter
+from .run import RunFolder
+
+
+def pick_device(device: str | None) -> torch.device:
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}, but torch sees no CUDA device here; use --device cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict_images(segmenter: Segmenter, images: list[np.ndarray], short_side: int) -> list[np.ndarray]:
+    """Label maps (uint8, run indices) for images of one size, in one forward pass."""
+    device = next(segmenter.parameters()).device
+    height, width = images[0].shape[:2]
+    pixels = torch.stack([normalise(resize_short_side(image, None, short_side)[0]) for image in images]).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        scores = segmenter.scores(pixels)
+    scores = F.interpolate(scores.float(), size=(height, width), mode="bilinear", align_corners=False)
+    return list(scores.argmax(dim=1).to(torch.uint8).cpu().numpy())
+
+
+def iter_predictions(run: RunFolder, source: LabelledSource, split: str, device: str | None = None,
+                     batch_size: int = 16, progress: bool = True,
+                     ids: list[str] | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(id, prediction, truth) for every item of ``split`` (or of ``ids``); truth in the source's values."""
+    segmenter = run.load_segmenter().to(pick_device(device)).eval()
+    short_side = run.preset.schedule.crop
+    ids = source.ids(split) if ids is None else ids
+    bar = tqdm(total=len(ids), unit="img", desc="predict", disable=not progress)
+    pending: list[tuple[str, np.ndarray, np.ndarray]] = []
+
+    def flush() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        predictions = predict_images(segmenter, [image for _, image, _ in pending], short_side)
+        for (item_id, _, truth), prediction in zip(pending, predictions):
+            yield item_id, prediction, truth
+        bar.update(len(pending))
+        pending.clear()
+
+    for item_id in ids:
+        image, truth = source.read(item_id)
+        if pending and (len(pending) == batch_size or pending[0][1].shape != image.shape):
+            yield from flush()
+        pending.append((item_id, image, truth))
+    if pending:
+        yield from flush()
+    bar.close()
+
+
+def predict_folder(run_dir: str | Path, data: str, out: str | Path, split: str = "test", device: str | None = None,
+                   batch_size: int = 16, progress: bool = True) -> Path:
+    """Write ``out/<id>.png`` (palette PNGs in the run's indices) and ``out/classes.json``; images already
+    predicted are skipped, so a killed run resumes."""
+    run = RunFolder(run_dir)
+    source = open_source(data)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; predictions go into a folder")
+    todo = [i for i in source.ids(split) if not (out / f"{i}.png").is_file()]
+    if not (out / "classes.json").is_file():
+        write_label_map(out, run.classes)
+    for item_id, prediction, _ in iter_predictions(run, source, split, device, batch_size, progress, ids=todo):
+        write_palette_png(out / f"{item_id}.png", prediction)
+    return out

@@ -1,0 +1,133 @@
+"""A training run's folder, with a dataset's habits: label map, settings, a jsonl log, atomic files.
+
+    RUN/
+      classes.json        the run's label space, in a dataset's format (predictions use these indices)
+      settings.json       what the run was started with; a re-run must match it to resume
+      train_log.jsonl     step, loss, lr, seconds per step, one line every few steps
+      checkpoint.pt       the latest training state (model, optimiser, schedule, step), written atomically
+      model/              the trained model (transformers ``save_pretrained``), written when training ends
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..dataset import _atomic_write, read_label_map, write_label_map, write_text_atomic
+from ..errors import DiffumaskError
+from .model import Segmenter, build_segmenter, load_segmenter
+from .presets import Preset, Schedule
+
+
+class RunError(DiffumaskError, ValueError):
+    """A run folder that is not one, or that was started with other settings."""
+
+
+class RunFolder:
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        if not (self.root / "settings.json").is_file() or not (self.root / "classes.json").is_file():
+            raise RunError(f"{self.root} is not a training run (no settings.json / classes.json); "
+                           "make one with `diffumask train DATA --out RUN`")
+        self.settings: dict[str, Any] = json.loads((self.root / "settings.json").read_text())
+        self.classes: list[str] = read_label_map(self.root)
+
+    @classmethod
+    def create(cls, root: str | os.PathLike[str], classes: list[str], settings: Mapping[str, Any]) -> RunFolder:
+        """Start a run, or reopen one started with the same settings (to resume it)."""
+        root = Path(root)
+        settings = json.loads(json.dumps(dict(settings)))  # tuples → lists, so the comparison is exact
+        if (root / "settings.json").is_file():
+            run = cls(root)
+            changed = sorted(k for k in set(run.settings) | set(settings) if run.settings.get(k) != settings.get(k))
+            if changed:
+                raise RunError(f"{root} holds a run started with other settings ({', '.join(changed)} differ); "
+                               "re-run the same command to resume it, or choose another --out")
+            if run.classes != classes:
+                raise RunError(f"{root} holds a run of classes {run.classes[1:]}, not {classes[1:]}; choose another --out")
+            return run
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise RunError(f"{root} exists and is not a training run; choose an empty or new folder for --out")
+        root.mkdir(parents=True, exist_ok=True)
+        write_label_map(root, classes)
+        write_text_atomic(root / "settings.json", json.dumps(settings, indent=1) + "\n")
+        return cls(root)
+
+    # ----------------------------------------------------------------- paths
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "train_log.jsonl"
+
+    @property
+    def preset(self) -> Preset:
+        data = self.settings["preset"]
+        schedule = {k: tuple(v) if isinstance(v, list) else v for k, v in data["schedule"].items()}
+        return Preset(family=data["family"], model=data["model"], schedule=Schedule(**schedule),
+                      backbone=data.get("backbone", {}))
+
+    # ----------------------------------------------------------------- state
+    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+        _atomic_write(self.checkpoint_path, lambda tmp: torch.save(dict(state), tmp))
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.checkpoint_path.is_file():
+            return None
+        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+
+    def save_model(self, segmenter: Segmenter) -> None:
+        """Write ``model/`` under a temporary name and rename it: a reader sees all of it or none."""
+        tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=self.root))
+        try:
+            segmenter.save(tmp)
+            if self.model_dir.exists():
+                shutil.rmtree(self.model_dir)
+            os.replace(tmp, self.model_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def load_segmenter(self) -> Segmenter:
+        """The finished model, else the latest checkpoint (evaluate a run while it trains)."""
+        family = self.settings["preset"]["family"]
+        if self.model_dir.is_dir():
+            return load_segmenter(self.model_dir, family)
+        state = self.load_checkpoint()
+        if state is None:
+            raise RunError(f"{self.root} has no trained model or checkpoint yet; let `diffumask train` run first")
+        segmenter = build_segmenter(self.preset, self.classes)
+        segmenter.model.load_state_dict(state["model"])
+        return segmenter
+
+    # ----------------------------------------------------------------- log
+    def log_entries(self) -> list[dict[str, Any]]:
+        if not self.log_path.is_file():
+            return []
+        entries = []
+        for line in self.log_path.read_text().splitlines(keepends=True):
+            if line.endswith("\n"):  # a torn last line (a killed run) is not an entry
+                entries.append(json.loads(line))
+        return entries
+
+    def truncate_log(self, step: int) -> None:
+        """Keep the log up to ``step`` (the checkpoint a resumed run restarts from)."""
+        kept = [e for e in self.log_entries() if e["step"] <= step]
+        write_text_atomic(self.log_path, "".join(json.dumps(e) + "\n" for e in kept))
+
+    def append_log(self, entry: Mapping[str, Any]) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(entry)) + "\n")

@@ -1,0 +1,192 @@
+"""``diffumask train``: a semantic segmenter from one or more labelled folders, through accelerate.
+
+One process or many (``accelerate launch -m diffumask train …``, or ``torchrun``): each process
+takes its share of every global batch, gradients are averaged by accelerate's DDP, and only the
+main process writes. A checkpoint is written atomically every ``save_every`` steps; re-running the
+same command resumes from it and ends with the same weights as an unbroken run, because every
+batch and every dropout mask is a function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..formats import open_source
+from .data import StepBatches, TrainingSamples, check_augment, open_splits, union_classes
+from .model import build_segmenter, init_from
+from .presets import Preset, get_preset
+from .run import RunFolder
+
+LOG_EVERY = 10
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """What ``diffumask train`` does; ``None`` takes the preset's default."""
+
+    data: Sequence[str]
+    out: str
+    preset: str = "tiny"
+    split: str = "train"
+    steps: int | None = None
+    batch_size: int | None = None
+    crop: int | None = None
+    lr: float | None = None
+    augment: Sequence[str] | None = None
+    save_every: int | None = None
+    weights: Sequence[float] | None = None
+    init_from: str | None = None
+    seed: int = 0
+    device: str | None = None  # runtime only: cpu, cuda, mps (None: cuda when present)
+    mixed_precision: str = "auto"  # runtime only: bf16 on a GPU that has it, else off
+    workers: int = 2  # runtime only: data-loading processes per training process
+    extra: dict[str, Any] = field(default_factory=dict)  # schedule fields without a flag (e.g. scale_range)
+
+    def resolved_preset(self) -> Preset:
+        overrides = {"steps": self.steps, "batch_size": self.batch_size, "crop": self.crop, "lr": self.lr,
+                     "save_every": self.save_every,
+                     "augment": None if self.augment is None else check_augment(self.augment), **self.extra}
+        preset = get_preset(self.preset).with_schedule(**{k: v for k, v in overrides.items() if v is not None})
+        s = preset.schedule
+        for name in ("steps", "batch_size", "crop", "save_every"):
+            if getattr(s, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+        if not s.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {s.lr}")
+        return preset
+
+    def settings(self, preset: Preset) -> dict[str, Any]:
+        """What a resumed run must share with the first one (not where or on what it runs)."""
+        return {"data": [str(d) for d in self.data], "split": self.split, "preset_name": self.preset,
+                "preset": preset.as_dict(), "weights": None if self.weights is None else list(self.weights),
+                "init_from": self.init_from, "seed": self.seed}
+
+
+def lr_factor(step: int, schedule: Any) -> float:
+    """Linear warm-up, then the poly decay (1 - t)^power of the Mask2Former/mmseg recipes."""
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    return (1 - step / schedule.steps) ** schedule.poly_power
+
+
+def _accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}, but torch sees no CUDA device here; use --device cpu "
+                          "or install the torch build for your CUDA")
+    if ":" in device:
+        raise ConfigError(f"--device {device}: pick the GPU with CUDA_VISIBLE_DEVICES and pass --device cuda "
+                          "(several GPUs: accelerate launch or torchrun)")
+    if device not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device must be cpu, cuda or mps, not {device!r}")
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision)
+
+
+def train(config: TrainConfig, progress: bool = True,
+          on_step: Callable[[int], None] | None = None) -> RunFolder:
+    """Train (or resume) the run in ``config.out``; ``on_step(step)`` is called after each finished step."""
+    if not config.data:
+        raise ConfigError("train needs at least one DATA folder")
+    preset = config.resolved_preset()
+    schedule = preset.schedule
+    accelerator = _accelerator(config)
+    sources = [open_source(d) for d in config.data]
+    classes = union_classes(sources)
+    parts = open_splits(sources, config.split, classes)
+    samples = TrainingSamples(parts, config.weights, schedule.crop, schedule.scale_range, schedule.augment, config.seed)
+
+    run = RunFolder.create(config.out, classes, config.settings(preset)) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    run = run or RunFolder(config.out)
+    state = run.load_checkpoint()
+    start = 0 if state is None else int(state["step"])
+    if start >= schedule.steps and run.model_dir.is_dir():
+        return run
+
+    torch.manual_seed(config.seed)
+    segmenter = build_segmenter(preset, classes)
+    if config.init_from and state is None:
+        init_from(segmenter, config.init_from)
+    optimizer = torch.optim.AdamW(segmenter.parameter_groups(schedule.lr, schedule.backbone_lr_mult,
+                                                             schedule.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule))
+    if state is not None:
+        segmenter.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if accelerator.is_main_process:
+            run.truncate_log(start)
+    model, optimizer = accelerator.prepare(segmenter, optimizer)
+
+    batches = StepBatches(start, schedule.steps, schedule.batch_size, accelerator.process_index,
+                          accelerator.num_processes)
+    loader = DataLoader(samples, batch_sampler=batches, num_workers=config.workers,
+                        persistent_workers=False, pin_memory=accelerator.device.type == "cuda")
+    bar = tqdm(total=schedule.steps, initial=start, unit="step", disable=not (progress and accelerator.is_main_process),
+               desc="train")
+    losses: list[torch.Tensor] = []
+    tick = time.perf_counter()
+    model.train()
+    for step, (pixels, labels) in zip(range(start, schedule.steps), loader):
+        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout / drop-path: the same on resume
+        pixels = pixels.to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            loss = model(pixels, labels)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        done = step + 1
+        if done % LOG_EVERY == 0 or done == schedule.steps:
+            mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            seconds = (time.perf_counter() - tick) / len(losses)
+            if accelerator.is_main_process:
+                run.append_log({"step": done, "loss": round(mean_loss, 5), "lr": scheduler.get_last_lr()[-1],
+                                "seconds_per_step": round(seconds, 4)})
+            if not math.isfinite(mean_loss):
+                raise ConfigError(f"the loss became {mean_loss} at step {done}; lower --lr")
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            losses.clear()
+            tick = time.perf_counter()
+        bar.update(1)
+        if done % schedule.save_every == 0 or done == schedule.steps:
+            if accelerator.is_main_process:
+                run.save_checkpoint({"step": done, "model": accelerator.unwrap_model(model).model.state_dict(),
+                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+            accelerator.wait_for_everyone()
+        if on_step is not None:
+            on_step(done)
+    bar.close()
+    if accelerator.is_main_process:
+        run.save_model(accelerator.unwrap_model(model))
+    accelerator.wait_for_everyone()
+    return run
+
+
+def train_summary(run: RunFolder) -> dict[str, Any]:
+    """The last logged loss and the mean seconds per step, for messages and benchmarks."""
+    entries = run.log_entries()
+    if not entries:
+        return {}
+    return {"steps": entries[-1]["step"], "loss": entries[-1]["loss"],
+            "seconds_per_step": sum(e["seconds_per_step"] for e in entries) / len(entries)}
+

@@ -1,0 +1,184 @@
+"""The segmenter stage: training falls, resumes exactly, presets build, predictions and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffumask.cli import main
+from diffumask.dataset import read_index_png, read_label_map
+from diffumask.errors import ConfigError
+from diffumask.formats import SourceError
+from diffumask.segment import RunError, TrainConfig, evaluate_run, get_preset, predict_folder, train
+from diffumask.segment.model import build_segmenter, init_from, semantic_to_mask_labels
+from diffumask.shapes import CLASSES, export_world
+
+FAST = {"batch_size": 4, "crop": 32, "workers": 0}
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_world(tmp_path_factory.mktemp("data") / "shapes", 24, 0, 6)
+
+
+def test_tiny_run_learns_and_writes_a_run_folder(shapes_data, tmp_path):
+    run = train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "run"), steps=40, lr=3e-3, **FAST),
+                progress=False)
+    log = run.log_entries()
+    assert [e["step"] for e in log] == [10, 20, 30, 40]
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    assert read_label_map(run.root) == ["background", *CLASSES]
+    assert json.loads((run.root / "settings.json").read_text())["preset"]["schedule"]["steps"] == 40
+    assert (run.root / "model" / "model.safetensors").is_file() and run.checkpoint_path.is_file()
+    assert not list(run.root.glob(".*")), "no temporary files are left"
+
+    out = predict_folder(run.root, str(shapes_data), tmp_path / "pred", split="test", progress=False)
+    predictions = sorted(out.glob("*.png"))
+    assert len(predictions) == 6 and read_label_map(out) == read_label_map(run.root)
+    assert read_index_png(predictions[0]).shape == (32, 32)
+    assert max(read_index_png(p).max() for p in predictions) <= len(CLASSES)
+    evaluation = evaluate_run(run.root, str(shapes_data), split="test", progress=False,
+                              json_path=tmp_path / "eval.json")
+    assert evaluation.classes == ["background", *CLASSES] and evaluation.images == 6
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["miou"] == pytest.approx(evaluation.miou) and set(saved["iou"]) == {"background", *CLASSES}
+
+
+def test_resume_after_a_kill_gives_the_same_weights(shapes_data, tmp_path):
+    def config(out: Path) -> TrainConfig:
+        return TrainConfig(data=[str(shapes_data)], out=str(out), steps=8, save_every=4, **FAST)
+
+    train(config(tmp_path / "whole"), progress=False)
+
+    def kill_at_6(step: int) -> None:
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "broken"), progress=False, on_step=kill_at_6)
+    assert not (tmp_path / "broken" / "model").exists()
+    resumed = train(config(tmp_path / "broken"), progress=False)
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    again = load_file(resumed.model_dir / "model.safetensors")
+    assert whole.keys() == again.keys()
+    for key in whole:
+        torch.testing.assert_close(again[key], whole[key], rtol=0, atol=0)
+    assert [e["step"] for e in resumed.log_entries()] == [8]  # logged once per LOG_EVERY or at the end
+
+
+def test_other_settings_on_an_existing_run_are_refused(shapes_data, tmp_path):
+    train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "run"), steps=2, **FAST), progress=False)
+    with pytest.raises(RunError, match="steps.*differ|preset differ"):
+        train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "run"), steps=3, **FAST), progress=False)
+
+
+@pytest.mark.parametrize("preset", ["r50", "swin-b"])
+def test_paper_presets_build_from_config(preset):
+    torch.manual_seed(0)
+    segmenter = build_segmenter(get_preset(preset), ["background", "dog", "cat"]).eval()
+    params = sum(p.numel() for p in segmenter.parameters()) / 1e6
+    assert 40 < params < 120  # R50 Mask2Former has 44 M parameters, Swin-B 107 M
+    pixels = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        scores = segmenter.scores(pixels)
+    assert scores.shape == (1, 3, 64, 96)
+    labels = torch.zeros(1, 64, 96, dtype=torch.long)
+    labels[:, 10:30, 20:50] = 1
+    labels[:, :4] = 255
+    assert torch.isfinite(segmenter.loss(pixels, labels))
+
+
+def test_mask2former_targets_and_scores_match_transformers():
+    from transformers import Mask2FormerImageProcessorPil
+
+    labels = np.zeros((2, 16, 16), np.int64)
+    labels[0, 2:8, 3:9] = 2
+    labels[0, 10:, :] = 255
+    labels[1, :, 8:] = 1
+    processor = Mask2FormerImageProcessorPil(do_resize=False, do_rescale=False, do_normalize=False, ignore_index=255,
+                                             num_labels=3)
+    images = [np.zeros((3, 16, 16), np.float32)] * 2
+    reference = processor(images=images, segmentation_maps=list(labels.astype(np.uint8)), return_tensors="pt",
+                          input_data_format="channels_first")
+    masks, classes = semantic_to_mask_labels(torch.from_numpy(labels))
+    for ours, theirs, our_classes, their_classes in zip(masks, reference["mask_labels"], classes,
+                                                         reference["class_labels"]):
+        order = torch.argsort(their_classes)
+        torch.testing.assert_close(our_classes, their_classes[order])
+        torch.testing.assert_close(ours, theirs[order].float())
+
+    torch.manual_seed(0)
+    segmenter = build_segmenter(get_preset("tiny-mask2former"), ["background", "a", "b"]).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = segmenter.scores(pixels).argmax(dim=1)
+        outputs = segmenter.model(pixel_values=pixels)
+    theirs = processor.post_process_semantic_segmentation(outputs, target_sizes=[(32, 32)] * 2)
+    for mine, reference_map in zip(ours, theirs):
+        assert (mine == reference_map).float().mean() > 0.99  # bilinear order of operations differs at edges
+
+
+def test_init_from_a_backbone_folder(tmp_path):
+    from transformers import SwinBackbone, SwinConfig
+
+    preset = get_preset("tiny-mask2former")
+    backbone_kwargs = {k: v for k, v in preset.backbone.items() if k != "model_type"}
+    torch.manual_seed(1)
+    pretrained = SwinBackbone(SwinConfig(**backbone_kwargs))
+    pretrained.save_pretrained(tmp_path / "swin")
+    segmenter = build_segmenter(preset, ["background", "a"])
+    counts = init_from(segmenter, str(tmp_path / "swin"))
+    assert counts["loaded"] > 10
+    encoder = segmenter.model.model.pixel_level_module.encoder.state_dict()
+    for key, value in pretrained.state_dict().items():
+        torch.testing.assert_close(encoder[key], value)
+    with pytest.raises(ConfigError, match="not a transformers model"):
+        init_from(segmenter, str(tmp_path))
+
+
+def test_api_errors(shapes_data, tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("resnet9000")
+    with pytest.raises(SourceError, match="no split 'nope'.*test, train"):
+        train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "r"), split="nope", **FAST), progress=False)
+    with pytest.raises(ConfigError, match="one non-negative weight per DATA"):
+        train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "r"), weights=[1, 1], **FAST), progress=False)
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffumask: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
+    from diffumask.dataset import Dataset
+
+    Dataset.create(tmp_path / "empty", ["circle"], {"source": "test"})
+    assert "has no split 'train' (it has: none)" in _cli_error(["train", str(tmp_path / "empty"), "--out",
+                                                                 str(tmp_path / "r1"), "--quiet"], capsys)
+    assert "no split 'val'" in _cli_error(["train", str(shapes_data), "--split", "val", "--out", str(tmp_path / "r2"),
+                                           "--quiet"], capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in _cli_error(["train", str(shapes_data), "--out", str(tmp_path / "r3"),
+                                               "--device", "cuda", "--quiet"], capsys)
+    assert "--steps must be at least 1" in _cli_error(["train", str(shapes_data), "--out", str(tmp_path / "r4"),
+                                                       "--steps", "0", "--quiet"], capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(shapes_data), "--out", str(tmp_path / "r5"), "--preset", "huge"])
+    assert exit_info.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
+    assert "not a training run" in _cli_error(["evaluate", str(tmp_path), str(shapes_data)], capsys)
+
+    assert main(["train", str(shapes_data), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+                 "--crop", "32", "--workers", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    voc = tmp_path / "VOC2012"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "SegmentationClass").mkdir()
+    assert "none in common" in _cli_error(["evaluate", str(tmp_path / "run"), f"voc:{voc}", "--quiet"], capsys)
