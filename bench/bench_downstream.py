@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from diffumask.dataset import IGNORE_INDEX, Dataset, write_palette_png
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.refine import RefineConfig, refine_dataset
 from diffumask.segment import TrainConfig, evaluate_run, train
+from diffumask.segment.train import train_summary
 from diffumask.shapes import CLASSES, export_world
 
 GENERATE_SEED = 7_000_000
@@ -94,13 +94,9 @@ def prepare(work: Path, n: int, sizes: list[int]) -> dict[str, Path]:
 def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, test: Path,
             weights: list[float] | None = None, unseen: tuple[str, ...] | None = None) -> dict:
     out = work / "runs" / name
-    start = time.perf_counter()
     run = train(TrainConfig(data=[str(d) for d in data], out=str(out), preset=args.preset, steps=args.steps,
                             weights=weights, seed=args.seed, workers=args.workers), progress=not args.quiet)
-    minutes = json.loads((out / "minutes.json").read_text())["minutes"] if (out / "minutes.json").is_file() else None
-    if minutes is None:
-        minutes = (time.perf_counter() - start) / 60
-        (out / "minutes.json").write_text(json.dumps({"minutes": minutes}))
+    minutes = train_summary(run)["minutes"]  # training time as logged by the run (resumes included)
     evaluation = evaluate_run(run.root, str(test), split="test", unseen=unseen, progress=False)
     iou = dict(zip(evaluation.classes, evaluation.iou))
     shapes_miou = float(np.nanmean([iou[c] for c in CLASSES]))

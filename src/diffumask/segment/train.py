@@ -117,6 +117,7 @@ def train(config: TrainConfig, progress: bool = True,
     run = run or RunFolder(config.out)
     state = run.load_checkpoint()
     start = 0 if state is None else int(state["step"])
+    elapsed_before = 0.0 if state is None else float(state.get("elapsed", 0.0))  # training seconds before a resume
     if start >= schedule.steps and run.model_dir.is_dir():
         return run
 
@@ -142,7 +143,7 @@ def train(config: TrainConfig, progress: bool = True,
     bar = tqdm(total=schedule.steps, initial=start, unit="step", disable=not (progress and accelerator.is_main_process),
                desc="train")
     losses: list[torch.Tensor] = []
-    tick = time.perf_counter()
+    tick = began = time.perf_counter()
     model.train()
     for step, (pixels, labels) in zip(range(start, schedule.steps), loader):
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout / drop-path: the same on resume
@@ -161,7 +162,8 @@ def train(config: TrainConfig, progress: bool = True,
             seconds = (time.perf_counter() - tick) / len(losses)
             if accelerator.is_main_process:
                 run.append_log({"step": done, "loss": round(mean_loss, 5), "lr": scheduler.get_last_lr()[-1],
-                                "seconds_per_step": round(seconds, 4)})
+                                "seconds_per_step": round(seconds, 4),
+                                "elapsed": round(elapsed_before + time.perf_counter() - began, 1)})
             if not math.isfinite(mean_loss):
                 raise ConfigError(f"the loss became {mean_loss} at step {done}; lower --lr")
             bar.set_postfix(loss=f"{mean_loss:.4f}")
@@ -171,7 +173,8 @@ def train(config: TrainConfig, progress: bool = True,
         if done % schedule.save_every == 0 or done == schedule.steps:
             if accelerator.is_main_process:
                 run.save_checkpoint({"step": done, "model": accelerator.unwrap_model(model).model.state_dict(),
-                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                     "elapsed": elapsed_before + time.perf_counter() - began})
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(done)
@@ -183,10 +186,9 @@ def train(config: TrainConfig, progress: bool = True,
 
 
 def train_summary(run: RunFolder) -> dict[str, Any]:
-    """The last logged loss and the mean seconds per step, for messages and benchmarks."""
+    """The last logged step and loss, and the training time (resumes included), for messages and benchmarks."""
     entries = run.log_entries()
     if not entries:
         return {}
-    return {"steps": entries[-1]["step"], "loss": entries[-1]["loss"],
-            "seconds_per_step": sum(e["seconds_per_step"] for e in entries) / len(entries)}
+    return {"steps": entries[-1]["step"], "loss": entries[-1]["loss"], "minutes": entries[-1]["elapsed"] / 60}
 
