@@ -14,7 +14,7 @@ from diffumask.cli import main
 from diffumask.dataset import read_index_png, read_label_map
 from diffumask.errors import ConfigError
 from diffumask.formats import SourceError
-from diffumask.segment import RunError, TrainConfig, evaluate_run, get_preset, predict_folder, train
+from diffumask.segment import RunError, RunFolder, TrainConfig, evaluate_run, get_preset, predict_folder, train
 from diffumask.segment.model import build_segmenter, init_from, semantic_to_mask_labels
 from diffumask.shapes import CLASSES, export_world
 
@@ -182,3 +182,21 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
     (voc / "JPEGImages").mkdir(parents=True)
     (voc / "SegmentationClass").mkdir()
     assert "none in common" in _cli_error(["evaluate", str(tmp_path / "run"), f"voc:{voc}", "--quiet"], capsys)
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun(shapes_data, tmp_path):
+    """Data-parallel training through accelerate: torchrun on CPU (gloo), each rank half of every batch."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffumask", "train",
+               str(shapes_data), "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "4", "--crop", "32",
+               "--workers", "0", "--quiet"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trained ") == 1  # one process reports
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert [e["step"] for e in RunFolder(tmp_path / "run").log_entries()] == [3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -319,6 +320,8 @@ def _run_train(args: argparse.Namespace) -> None:
         mixed_precision=args.mixed_precision, workers=args.workers,
     )
     run = train(config, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun / accelerate every process trains; one reports
     summary = train_summary(run)
     print(f"trained {run.root} ({summary.get('steps', 0)} steps, last loss {summary.get('loss', float('nan')):.4f}); "
           f"evaluate with: diffumask evaluate {run.root} DATA --split test")
