@@ -237,9 +237,12 @@ def test_sdxl_text_encoders_must_agree(saved_pipelines):
                                                 r"\['a cat on a mat'\] \(text_encoder_2\)"):
             with recorder:
                 run(pipe, PROMPTS[0], [1], steps=1, prompt_2="a cat on a mat")
+    # The second tokenizer's pad token is "!": another id than the first's "!", the same word.
+    prompt = "a dog on a sofa!"
+    assert pipe.tokenizer(prompt).input_ids != pipe.tokenizer_2(prompt).input_ids
     with trace(pipe) as tr:
-        run(pipe, PROMPTS[0], [1], steps=1, prompt_2=PROMPTS[0])
-    assert tr.maps()[0].prompt == PROMPTS[0] and tr.maps()[0]["sofa"].shape == (32, 32)
+        run(pipe, prompt, [1], steps=1, prompt_2=prompt)
+    assert tr.maps()[0].prompt == "a dog on a sofa !" and tr.maps()[0]["sofa"].shape == (32, 32)
 
 
 def test_step_window_and_layer_selection(sd1_pipe):

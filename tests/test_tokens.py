@@ -59,13 +59,15 @@ def test_absent_word_says_so(sd1_tokenizer):
         class_token_indices(sd1_tokenizer, "a photo of a cat", ["dog"])
 
 
-def test_decoded_prompt_round_trips(sd1_tokenizer):
-    ids = sd1_tokenizer("A Dog's life, 2 sheepdogs!", padding="max_length", max_length=77).input_ids
-    row = trim_padding(sd1_tokenizer, ids)
-    assert len(row) < 77 and row[-1] == sd1_tokenizer.eos_token_id
-    text = decode_prompt(sd1_tokenizer, row)
-    assert text == "a dog 's life , 2 sheepdogs !" and prompt_ids(sd1_tokenizer, text) == row
-    assert class_token_indices(sd1_tokenizer, text, ["dog"])["dog"] == [2]
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])  # SD 2.x pads with id 0, the token "!"
+def test_decoded_prompt_round_trips(pad):
+    tokenizer = clip_tokenizer(pad_token=pad)
+    ids = tokenizer("A Dog's life, 2 sheepdogs!", padding="max_length", max_length=77).input_ids
+    row = trim_padding(tokenizer, ids)
+    assert len(row) == 11 and row[-1] == tokenizer.eos_token_id
+    text = decode_prompt(tokenizer, row)
+    assert text == "a dog 's life , 2 sheepdogs !" and prompt_ids(tokenizer, text) == row
+    assert class_token_indices(tokenizer, text, ["dog"])["dog"] == [2]
 
 
 def test_sd2_zero_padding_gives_the_same_spans(sd1_tokenizer):

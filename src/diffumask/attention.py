@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from .errors import ConfigError, DiffumaskError
-from .tokens import class_token_indices, decode_prompt, prompt_ids, trim_padding
+from .tokens import class_token_indices, decode_prompt, prompt_ids, prompt_text, token_texts, trim_padding
 
 #: Processors whose arithmetic the recording processor reproduces; anything else (xformers,
 #: sliced or fused-QKV attention, adapters) would be silently replaced, so it is refused instead.
@@ -278,7 +278,7 @@ def text_encoders(pipe: Any) -> list[tuple[str, torch.nn.Module, Any]]:
 
 def _shown(tokenizer: Any, rows: Sequence[Sequence[int]]) -> list[str]:
     """Encoded rows as text, for error messages."""
-    return [tokenizer.decode(list(r), skip_special_tokens=True) for r in rows]
+    return [prompt_text(tokenizer, r) for r in rows]
 
 
 class AttentionRecorder:
@@ -446,8 +446,7 @@ class AttentionRecorder:
         if index > 0 and 0 in self._encoded:
             first_name, _, first_tokenizer = self.encoders[0]
             first = self._encoded[0]
-            if [first_tokenizer.convert_ids_to_tokens(r) for r in first] != \
-                    [tokenizer.convert_ids_to_tokens(r) for r in rows]:
+            if [token_texts(first_tokenizer, r) for r in first] != [token_texts(tokenizer, r) for r in rows]:
                 raise RecorderError(
                     f"the pipeline's text encoders read different prompts: {_shown(first_tokenizer, first)} "
                     f"({first_name}) and {_shown(tokenizer, rows)} ({name}), so one token column would "

@@ -47,26 +47,34 @@ def trim_padding(tokenizer: Any, ids: Sequence[int]) -> list[int]:
     return ids
 
 
+def prompt_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The text of an encoder input row (``trim_padding``-ed), without its start and end tokens."""
+    ids = list(ids)
+    # Only the wrapping specials go: SD 2.x pads with id 0, which is also the real token "!".
+    start = 1 if ids and ids[0] == getattr(tokenizer, "bos_token_id", None) else 0
+    stop = len(ids) - 1 if len(ids) > start and ids[-1] == getattr(tokenizer, "eos_token_id", None) else len(ids)
+    return tokenizer.decode(ids[start:stop])
+
+
 def decode_prompt(tokenizer: Any, ids: Sequence[int]) -> str:
     """The text of an encoder input row (``trim_padding``-ed), such that encoding it gives ``ids`` back.
 
     Raises PromptError when the tokenizer cannot round-trip the row (then the words of the
     prompt cannot be located and the prompts must be given).
     """
-    ids = list(ids)
-    specials = {getattr(tokenizer, n, None) for n in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    start, stop = 0, len(ids)
-    while start < stop and ids[start] in specials:
-        start += 1
-    while stop > start and ids[stop - 1] in specials:
-        stop -= 1
-    text = tokenizer.decode(ids[start:stop])
-    if prompt_ids(tokenizer, text) != ids:
+    text = prompt_text(tokenizer, ids)
+    if prompt_ids(tokenizer, text) != list(ids):
         raise PromptError(
-            f"cannot recover the prompt's words from the token ids the text encoder read ({ids[:8]}…): "
+            f"cannot recover the prompt's words from the token ids the text encoder read ({list(ids)[:8]}…): "
             "pass the prompts to trace(pipe, prompts, classes)"
         )
     return text
+
+
+def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Each token's text, to compare what two tokenizers put in each position: SDXL's second one
+    spells "!" as its pad token, a different id for the same word."""
+    return [tokenizer.decode([i]).strip() for i in ids]
 
 
 def _offsets(tokenizer: Any, prompt: str) -> list[tuple[int, int]]:
