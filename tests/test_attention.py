@@ -219,6 +219,27 @@ def test_every_word_form_with_images_per_prompt_and_whole_words(sd1_pipe):
         trace(sd1_pipe, "a photo of a sheepdog", ["dog"])
 
 
+def test_classes_without_prompts(sd1_pipe):
+    """Classes alone: the prompts are read from the text encoder, the classes found in them before
+    denoising, and only their columns kept."""
+    with trace(sd1_pipe, classes=["dog"]) as tr:
+        run(sd1_pipe, PROMPTS[0], [4], steps=2)
+    with trace(sd1_pipe, PROMPTS[0], ["dog"]) as given:
+        run(sd1_pipe, PROMPTS[0], [4], steps=2)
+    maps = tr.maps()[0]
+    assert maps.prompt == PROMPTS[0] and maps.columns == [5] and maps.tokens == {"dog": [5]}
+    np.testing.assert_allclose(maps["dog"], given.maps()[0]["dog"], atol=1e-6)
+    calls = []
+    hook = sd1_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(PromptError, match="'dog' occurs only inside 'sheepdog'"):
+            with trace(sd1_pipe, classes=["dog"]):
+                run(sd1_pipe, "a sheepdog on a sofa", [4], steps=1)
+    finally:
+        hook.remove()
+    assert not calls
+
+
 def test_every_word_form_needs_the_text_encoder(sd1_pipe):
     embeds, negative = sd1_pipe.encode_prompt(PROMPTS[0], "cpu", 1, True)
     with pytest.raises(RecorderError, match="no text encoder did"):
