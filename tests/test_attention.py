@@ -8,7 +8,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 
-from diffumask.attention import RecorderError, cross_attention_layers, trace
+from torch.profiler import ProfilerActivity, profile
+
+from diffumask.attention import RecorderError, cross_attention_layers, fuse, trace
+from diffumask.errors import ConfigError
 from diffumask.models import load_pipeline
 from diffumask.tokens import PromptError
 
@@ -52,9 +55,10 @@ def reference_run(pipe, prompts, seeds, steps=3, cross=True, **call):
     return images, store
 
 
-def hand_grids(store, image: int, n_images: int, tokens: list[int], latent: int,
-               keep=lambda name, call: True) -> dict[int, np.ndarray]:
-    """Mean over steps, layers and heads per resolution, conditional half, mean over tokens."""
+def hand_token_grids(store, image: int, n_images: int, tokens: list[int], latent: int,
+                     keep=lambda name, call: True) -> dict[int, np.ndarray]:
+    """Per resolution, (len(tokens), side, side): mean over steps, layers and heads of each token's
+    column, conditional half."""
     by_res: dict[int, list[np.ndarray]] = {}
     calls: dict[str, int] = {}
     for name, probs in store:
@@ -64,15 +68,27 @@ def hand_grids(store, image: int, n_images: int, tokens: list[int], latent: int,
         cond = n_images + image if probs.shape[0] == 2 * n_images else image
         side = int(round(probs.shape[2] ** 0.5))
         by_res.setdefault(side, []).append(probs[cond].double().numpy())
-    return {side: np.mean([p.mean(0) for p in ps], axis=0)[:, tokens].mean(-1).reshape(side, side)
+    return {side: np.mean([p.mean(0) for p in ps], axis=0)[:, tokens].T.reshape(len(tokens), side, side)
             for side, ps in by_res.items()}
 
 
-def hand_fuse(grids: dict[int, np.ndarray], size: int, resolutions) -> np.ndarray:
+def hand_grids(store, image: int, n_images: int, tokens: list[int], latent: int,
+               keep=lambda name, call: True) -> dict[int, np.ndarray]:
+    """The raw grids of a class: the mean of its token columns."""
+    return {side: grid.mean(0) for side, grid in hand_token_grids(store, image, n_images, tokens, latent, keep).items()}
+
+
+def hand_fuse(token_grids: dict[int, np.ndarray], size: int, resolutions, order: str = "maps") -> np.ndarray:
+    """The official code's order ("maps"): per token and resolution, bicubic upsampling (cv2) and
+    division by the maximum; mean over resolutions and tokens. "columns": tokens averaged first."""
     maps = []
     for r in resolutions:
-        up = cv2.resize(grids[r].astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
-        maps.append(np.clip(up / up.max(), 0, 1))
+        grids = token_grids[r] if token_grids[r].ndim == 3 else token_grids[r][None]
+        if order == "columns":
+            grids = grids.mean(0, keepdims=True)
+        for grid in grids:
+            up = cv2.resize(grid.astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+            maps.append(np.clip(up / up.max(), 0, 1))
     return np.mean(maps, axis=0)
 
 
@@ -95,24 +111,159 @@ def test_recorder_matches_reference(saved_pipelines, kind):
     for i, image_maps in enumerate(maps):
         assert image_maps.resolutions == expected_default
         for name, token_ids in image_maps.tokens.items():
-            grids = hand_grids(store, i, len(PROMPTS), token_ids, latent)
-            assert sorted(grids) == sorted(image_maps.grids[name])
-            for res, grid in grids.items():
-                np.testing.assert_allclose(image_maps.grids[name][res], grid, rtol=1e-4, atol=1e-7)
-            fused = hand_fuse(grids, size, expected_default)
+            token_grids = hand_token_grids(store, i, len(PROMPTS), token_ids, latent)
+            assert sorted(token_grids) == sorted(image_maps.grids[name])
+            for res, grid in token_grids.items():
+                np.testing.assert_allclose(image_maps.token_grids(name)[res], grid, rtol=1e-4, atol=1e-7)
+                np.testing.assert_allclose(image_maps.grids[name][res], grid.mean(0), rtol=1e-4, atol=1e-7)
+            fused = hand_fuse(token_grids, size, expected_default)
             np.testing.assert_allclose(image_maps[name], fused, atol=1e-5)
             image_maps.resolutions = (16,) if kind != "sdxl" else (8,)  # re-fusing needs no generation
-            np.testing.assert_allclose(image_maps[name], hand_fuse(grids, size, image_maps.resolutions), atol=1e-5)
+            np.testing.assert_allclose(image_maps[name], hand_fuse(token_grids, size, image_maps.resolutions),
+                                       atol=1e-5)
             image_maps.resolutions = expected_default
             assert image_maps[name].shape == (size, size)
             assert 0.0 <= image_maps[name].min() and image_maps[name].max() <= 1.0
 
 
 def test_multi_token_and_repeated_words_are_averaged(sd1_pipe):
-    with trace(sd1_pipe, PROMPTS[1], ["potted plant"]) as recorder:
-        run(sd1_pipe, PROMPTS[1], [3], steps=2)
-    tokens = recorder.maps()[0].tokens["potted plant"]
-    assert tokens == [2, 3, 7, 8]  # <bos> a potted plant next to a potted plant
+    """Every token of every occurrence counts, in the paper's order (each token's map normalised,
+    then averaged); the raw-column order is an option, and the two give different maps here."""
+    prompt = "an aeroplane above a potted plant next to a potted plant"
+    classes = ["aeroplane", "potted plant"]
+    with trace(sd1_pipe, prompt, classes) as paper:
+        images = run(sd1_pipe, prompt, [3], steps=2)
+    with trace(sd1_pipe, prompt, classes, token_average="columns") as columns:
+        run(sd1_pipe, prompt, [3], steps=2)
+    _, store = reference_run(sd1_pipe, prompt, [3], steps=2)
+    maps, size = paper.maps()[0], images.shape[1]
+    # <bos> an aerop|lane above a potted plant next to a potted plant
+    assert maps.tokens == {"aeroplane": [2, 3], "potted plant": [6, 7, 11, 12]}
+    for name, tokens in maps.tokens.items():
+        token_grids = hand_token_grids(store, 0, 1, tokens, 16)
+        for res, grid in token_grids.items():
+            np.testing.assert_allclose(maps.token_grids(name)[res], grid, rtol=1e-4, atol=1e-7)
+        by_maps = hand_fuse(token_grids, size, maps.resolutions, "maps")
+        by_columns = hand_fuse(token_grids, size, maps.resolutions, "columns")
+        # The orders differ by far more than the tolerance, so this test can tell them apart.
+        assert np.abs(by_maps - by_columns).max() > 100 * 1e-5
+        np.testing.assert_allclose(maps[name], by_maps, atol=1e-5)
+        np.testing.assert_allclose(columns.maps()[0][name], by_columns, atol=1e-5)
+        maps.token_average = "columns"  # re-fusing in the other order needs no generation
+        np.testing.assert_allclose(maps[name], by_columns, atol=1e-5)
+        maps.token_average = "maps"
+        # The soft-map file keeps each token's grid, so the paper's order can be re-fused from it.
+        soft = maps.soft_maps()
+        assert soft[f"{name}@8"].shape == (len(tokens), 8, 8)
+        refused = fuse({r: soft[f"{name}@{r}"] for r in maps.resolutions}, (size, size))
+        np.testing.assert_allclose(refused, soft[name], atol=1e-6)
+    with pytest.raises(ConfigError, match="token_average"):
+        trace(sd1_pipe, prompt, classes, token_average="tokens")
+
+
+def test_trace_reads_what_the_pipeline_encodes(sd1_pipe):
+    """The issue's case: a trace of "a photo of a dog" around a call on another prompt used to
+    give a "dog" map from column 5, which there is the word "a"."""
+    calls = []
+    hook = sd1_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(RecorderError, match="given the prompt.*'a photo of a dog'.* encodes "
+                                                ".*'a cat sitting on a red mat'"):
+            with trace(sd1_pipe, "a photo of a dog", ["dog"]):
+                run(sd1_pipe, "a cat sitting on a red mat", [1], steps=1)
+        with pytest.raises(RecorderError, match=r"given the prompt.*\['a photo of a dog on a sofa'\].* encodes "
+                                                r"\['a photo of a dog on a sofa', 'a potted plant"):
+            with trace(sd1_pipe, PROMPTS[0], ["dog"]):
+                run(sd1_pipe, PROMPTS, [1, 2], steps=1)
+    finally:
+        hook.remove()
+    assert not calls, "the mismatch is found before any denoising"
+    assert all(isinstance(p, (AttnProcessor, AttnProcessor2_0)) for p in sd1_pipe.unet.attn_processors.values())
+
+
+def test_every_word_after_the_call(sd1_pipe):
+    """DAAM's form: trace(pipe) keeps every token column; any whole word is asked for afterwards
+    and equals the independent reference and the classes form."""
+    with trace(sd1_pipe) as tr:
+        images = run(sd1_pipe, PROMPTS, [7, 8])
+    _, store = reference_run(sd1_pipe, PROMPTS, [7, 8])
+    with trace(sd1_pipe, PROMPTS, CLASSES) as classed:
+        run(sd1_pipe, PROMPTS, [7, 8])
+    maps, size = tr.maps(), images.shape[1]
+    assert [m.prompt for m in maps] == PROMPTS and maps[0].columns == list(range(77))
+    # <bos> a photo of a dog on a sofa | <bos> a potted plant next to a potted plant
+    for i, word, tokens in [(0, "dog", [5]), (0, "sofa", [8]), (0, "photo", [2]), (1, "potted plant", [2, 3, 7, 8]),
+                            (1, "next", [4])]:
+        np.testing.assert_allclose(maps[i][word], hand_fuse(hand_token_grids(store, i, 2, tokens, 16), size,
+                                                            maps[i].resolutions), atol=1e-5)
+        assert maps[i].tokens[word] == tokens
+    for i, names in enumerate(CLASSES):
+        for name in names:
+            np.testing.assert_allclose(maps[i][name], classed.maps()[i][name], atol=1e-6)
+    with pytest.raises(PromptError, match="'cat' does not occur"):
+        maps[0]["cat"]
+    with pytest.raises(RecorderError, match="'photo' was not recorded"):
+        classed.maps()[0]["photo"]
+
+
+def test_every_word_form_with_images_per_prompt_and_whole_words(sd1_pipe):
+    prompt = "a sheepdog next to a dog"
+    with trace(sd1_pipe) as tr:
+        sd1_pipe(prompt, num_inference_steps=2, num_images_per_prompt=2, output_type="np",
+                 generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+    maps = tr.maps()
+    assert len(maps) == 2 and maps[0].tokens == {} and maps[0]["dog"].shape == (32, 32)
+    assert maps[0].tokens == {"dog": [7]}  # <bos> a sheep|dog next to a dog: only the whole word
+    assert not np.allclose(maps[0]["dog"], maps[1]["dog"])
+    with pytest.raises(PromptError, match="'dog' occurs only inside 'sheepdog'"):
+        trace(sd1_pipe, "a photo of a sheepdog", ["dog"])
+
+
+def test_classes_without_prompts(sd1_pipe):
+    """Classes alone: the prompts are read from the text encoder, the classes found in them before
+    denoising, and only their columns kept."""
+    with trace(sd1_pipe, classes=["dog"]) as tr:
+        run(sd1_pipe, PROMPTS[0], [4], steps=2)
+    with trace(sd1_pipe, PROMPTS[0], ["dog"]) as given:
+        run(sd1_pipe, PROMPTS[0], [4], steps=2)
+    maps = tr.maps()[0]
+    assert maps.prompt == PROMPTS[0] and maps.columns == [5] and maps.tokens == {"dog": [5]}
+    np.testing.assert_allclose(maps["dog"], given.maps()[0]["dog"], atol=1e-6)
+    calls = []
+    hook = sd1_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(PromptError, match="'dog' occurs only inside 'sheepdog'"):
+            with trace(sd1_pipe, classes=["dog"]):
+                run(sd1_pipe, "a sheepdog on a sofa", [4], steps=1)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_every_word_form_needs_the_text_encoder(sd1_pipe):
+    embeds, negative = sd1_pipe.encode_prompt(PROMPTS[0], "cpu", 1, True)
+    with pytest.raises(RecorderError, match="no text encoder did"):
+        with trace(sd1_pipe):
+            sd1_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=1)
+    with trace(sd1_pipe, PROMPTS[0], ["dog"]) as tr:  # given prompts are trusted when nothing is encoded
+        sd1_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=1, output_type="np")
+    assert tr.maps()[0]["dog"].shape == (32, 32)
+
+
+def test_sdxl_text_encoders_must_agree(saved_pipelines):
+    pipe = load_pipeline(saved_pipelines["sdxl"])
+    pipe.set_progress_bar_config(disable=True)
+    for recorder in (trace(pipe), trace(pipe, PROMPTS[0], ["dog"])):
+        with pytest.raises(RecorderError, match=r"\['a photo of a dog on a sofa'\] \(text_encoder\) and "
+                                                r"\['a cat on a mat'\] \(text_encoder_2\)"):
+            with recorder:
+                run(pipe, PROMPTS[0], [1], steps=1, prompt_2="a cat on a mat")
+    # The second tokenizer's pad token is "!": another id than the first's "!", the same word.
+    prompt = "a dog on a sofa!"
+    assert pipe.tokenizer(prompt).input_ids != pipe.tokenizer_2(prompt).input_ids
+    with trace(pipe) as tr:
+        run(pipe, prompt, [1], steps=1, prompt_2=prompt)
+    assert tr.maps()[0].prompt == "a dog on a sofa !" and tr.maps()[0]["sofa"].shape == (32, 32)
 
 
 def test_step_window_and_layer_selection(sd1_pipe):
@@ -149,13 +300,38 @@ def test_images_per_prompt_and_no_guidance(sd1_pipe):
     assert not np.allclose(maps[0]["dog"], maps[1]["dog"])  # different seeds, different maps
 
 
-def test_memory_is_constant_in_steps(sd1_pipe):
-    sizes = []
+def live_tensor_bytes(fn) -> tuple[int, int]:
+    """Tensor bytes still allocated after ``fn()`` and the peak during it, from the torch
+    profiler's allocation events (not from anything the recorder reports)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kept = fn()  # noqa: F841 - what fn returns stays alive until the events are summed
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return live, peak
+
+
+@pytest.mark.parametrize("form", ["classes", "every word"])
+def test_memory_is_constant_in_steps(sd1_pipe, form):
+    def generate(steps: int, record: bool):
+        if not record:
+            return run(sd1_pipe, PROMPTS, [1, 2], steps=steps)
+        with (trace(sd1_pipe, PROMPTS, CLASSES) if form == "classes" else trace(sd1_pipe)) as recorder:
+            images = run(sd1_pipe, PROMPTS, [1, 2], steps=steps)
+        return images, recorder  # the images' memory is on both sides
+
+    generate(1, True)  # warm-up: lazily built state outside the recorder
+    extra = {}
     for steps in (2, 6):
-        with trace(sd1_pipe, PROMPTS, CLASSES) as recorder:
-            run(sd1_pipe, PROMPTS, [1, 2], steps=steps)
-        sizes.append(recorder.state_bytes())
-    assert sizes[0] == sizes[1] > 0
+        (base_live, base_peak), (live, peak) = (live_tensor_bytes(lambda: generate(steps, r)) for r in (False, True))
+        extra[steps] = (live - base_live, peak - base_peak)
+    assert extra[2] == extra[6], f"what the recorder holds grows with the steps: {extra}"
+    # Grids 16, 8 and 4 of 2 images, float32: all 77 token columns, or the 4 columns of the widest
+    # image's classes ("potted plant" twice) plus their int64 index.
+    columns = 77 if form == "every word" else 4
+    kept = 2 * (16 * 16 + 8 * 8 + 4 * 4) * columns * 4 + (0 if form == "every word" else 2 * columns * 8)
+    assert extra[2][0] == kept
 
 
 def test_second_call_inside_one_trace_is_refused(sd1_pipe):
@@ -166,9 +342,9 @@ def test_second_call_inside_one_trace_is_refused(sd1_pipe):
 
 
 def test_batch_mismatch_is_refused(sd1_pipe):
-    with pytest.raises(RecorderError, match="expects 1 images"):
-        with trace(sd1_pipe, PROMPTS[0], ["dog"]):
-            run(sd1_pipe, PROMPTS, [1, 2], steps=1)
+    with pytest.raises(RecorderError, match="expects 2 images"):
+        with trace(sd1_pipe, PROMPTS[0], ["dog"], images_per_prompt=2):
+            run(sd1_pipe, PROMPTS[0], [1], steps=1)
 
 
 def test_replaced_processors_are_refused(saved_pipelines):

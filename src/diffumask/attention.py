@@ -8,17 +8,25 @@ separately, for the conditional half of the guidance batch only, reduced to the 
 classes' token columns, averaged over heads and added in place into one preallocated buffer
 per resolution, so memory does not grow with the number of steps.
 
+The token ids the text encoder(s) really receive are read through a forward pre-hook on each
+encoder, so the maps always belong to the words the pipeline encoded.
+
 Usage::
 
-    with trace(pipe, prompts, classes=["dog"]) as tr:
+    with trace(pipe) as tr:                              # DAAM's form: every word kept
+        images = pipe("a photo of a dog on a sofa").images
+    tr.maps()[0]["dog"]       # (H, W) float32 in [0, 1]; any whole word of the prompt
+
+    with trace(pipe, prompts, classes=["dog"]) as tr:    # only the classes' columns kept
         images = pipe(prompts).images
-    maps = tr.maps()          # maps[i]["dog"]: (H, W) float32 in [0, 1]
+    maps = tr.maps()          # maps[i]["dog"]
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +36,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from .errors import ConfigError, DiffumaskError
-from .tokens import class_token_indices
+from .tokens import class_token_indices, decode_prompt, prompt_ids, prompt_text, token_texts, trim_padding
 
 #: Processors whose arithmetic the recording processor reproduces; anything else (xformers,
 #: sliced or fused-QKV attention, adapters) would be silently replaced, so it is refused instead.
@@ -36,6 +44,10 @@ STOCK_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 
 #: The paper's fusion: attention grids at latent/4, latent/2 and latent/1.
 DEFAULT_FACTORS = (1, 2, 4)
+
+#: How a class of several tokens is fused: the paper's "maps" (normalise each token's map, then
+#: average) or "columns" (average the raw token columns, then normalise).
+TOKEN_AVERAGES = ("maps", "columns")
 
 #: Soft-map file key prefix of the recorded self-attention matrix (class names may not use it).
 SELF_ATTENTION_KEY = "__self__"
@@ -58,68 +70,126 @@ def _as_2d_grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 def fuse(
-    grids: dict[int, np.ndarray],
+    grids: Mapping[int, np.ndarray],
     size: tuple[int, int],
     resolutions: Sequence[int] | None = None,
+    token_average: str = "maps",
 ) -> np.ndarray:
     """The paper's fusion of one class's per-resolution attention grids into one map.
 
-    Each grid (keyed by its height) is upsampled bicubically to ``size`` (H, W), divided by its
-    maximum and clipped to [0, 1] (bicubic overshoots); the result is the mean over
-    ``resolutions`` (default: all given grids).
+    A grid (keyed by its height) is (h, w), or (k, h, w) for a class of k token columns. Each
+    token's grid is upsampled bicubically to ``size`` (H, W), divided by its maximum and clipped
+    to [0, 1] (bicubic overshoots); the result is the mean over tokens and ``resolutions``
+    (default: all given grids). That is the official code's order (``token_average="maps"``):
+    averaging the raw columns first (``"columns"``) lets the stronger sub-word of "aerop|lane"
+    dominate the class map.
     """
+    if token_average not in TOKEN_AVERAGES:
+        raise ConfigError(f"token_average must be one of {TOKEN_AVERAGES}, not {token_average!r}")
     chosen = sorted(grids) if resolutions is None else list(resolutions)
     missing = [r for r in chosen if r not in grids]
     if missing or not chosen:
         raise ConfigError(f"resolutions {missing or chosen} not recorded; available: {sorted(grids)}")
     upsampled = []
     for r in chosen:
-        grid = torch.as_tensor(np.asarray(grids[r], dtype=np.float32))[None, None]
-        up = F.interpolate(grid, size=size, mode="bicubic", align_corners=False)[0, 0]
-        peak = up.max()
-        up = up / peak if peak > 0 else torch.zeros_like(up)
-        upsampled.append(up.clamp_(0.0, 1.0))
+        grid = torch.as_tensor(np.asarray(grids[r], dtype=np.float32))
+        grid = grid.reshape(-1, *grid.shape[-2:])  # (tokens, h, w)
+        if token_average == "columns":
+            grid = grid.mean(0, keepdim=True)
+        up = F.interpolate(grid[:, None], size=size, mode="bicubic", align_corners=False)[:, 0]
+        peak = up.amax(dim=(1, 2), keepdim=True)
+        up = torch.where(peak > 0, up / peak, torch.zeros_like(up))
+        upsampled.append(up.clamp_(0.0, 1.0).mean(0))
     return torch.stack(upsampled).mean(0).numpy()
+
+
+class _WordGrids(Mapping[str, dict[int, np.ndarray]]):
+    """``ImageMaps.grids``: word -> grid height -> (h, w) raw attention, mean of its token columns."""
+
+    def __init__(self, maps: ImageMaps):
+        self._maps = maps
+
+    def __getitem__(self, word: str) -> dict[int, np.ndarray]:
+        return {h: grid.mean(0) for h, grid in self._maps.token_grids(word).items()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._maps.tokens))
+
+    def __len__(self) -> int:
+        return len(self._maps.tokens)
 
 
 @dataclass
 class ImageMaps:
-    """One image's class maps: raw per-resolution grids and the fused map at image size.
+    """One image's class maps: raw per-token, per-resolution attention and fused maps at image size.
 
-    ``maps["dog"]`` is the fused map at ``resolutions`` (by default the paper's latent/4, /2, /1;
-    assign another tuple of grid heights to re-fuse without generating again).
+    ``maps["dog"]`` is the fused map at ``resolutions`` (by default the paper's latent/4, /2, /1)
+    with ``token_average`` ("maps": the paper's order, "columns": raw columns averaged first);
+    assign either to re-fuse without generating again. Any whole word of the prompt whose token
+    columns were recorded can be asked for (all of them when ``trace`` was given no classes).
     """
 
     prompt: str
-    tokens: dict[str, list[int]]
-    grids: dict[str, dict[int, np.ndarray]]  # class -> grid height -> (h, w) mean attention
+    tokens: dict[str, list[int]]  # word -> its token positions (columns of the encoder output)
+    columns: list[int]  # the token positions recorded, in the order of ``attention``'s first axis
+    attention: dict[int, np.ndarray]  # grid height -> (len(columns), h, w) mean attention per token
     size: tuple[int, int]  # image (H, W)
     resolutions: tuple[int, ...]
+    token_average: str = "maps"
     #: Mean self-attention at one grid, (h·w, h·w) rows summing to 1, or None when not recorded.
     self_attention: np.ndarray | None = None
     self_attention_grid: tuple[int, int] | None = None
-    _cache: dict[tuple[str, tuple[int, ...]], np.ndarray] = field(default_factory=dict, repr=False)
+    #: The tokenizer that locates words asked for after the call (None: only ``tokens``).
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    _cache: dict[tuple[str, tuple[int, ...], str], np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def classes(self) -> list[str]:
-        return list(self.grids)
+        """The traced classes, then the words asked for since."""
+        return list(self.tokens)
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        key = (name, tuple(self.resolutions))
+    @property
+    def grids(self) -> Mapping[str, dict[int, np.ndarray]]:
+        return _WordGrids(self)
+
+    def positions(self, word: str) -> list[int]:
+        """The token positions of ``word`` (whole words only), found on first use."""
+        if word not in self.tokens:
+            if self.tokenizer is None:
+                raise RecorderError(f"{word!r} was not traced; traced classes: {self.classes}")
+            spans = class_token_indices(self.tokenizer, self.prompt, [word])[word]
+            if not set(spans) <= set(self.columns):
+                raise RecorderError(
+                    f"{word!r} was not recorded: a trace with classes keeps only their token columns "
+                    f"({self.classes}); add {word!r} to the classes, or trace(pipe) without classes to "
+                    "keep every word"
+                )
+            self.tokens[word] = spans
+        return self.tokens[word]
+
+    def token_grids(self, word: str) -> dict[int, np.ndarray]:
+        """Grid height -> (k, h, w): the raw mean attention of each of the word's k token columns."""
+        rows = [self.columns.index(t) for t in self.positions(word)]
+        return {h: attention[rows] for h, attention in sorted(self.attention.items())}
+
+    def __getitem__(self, word: str) -> np.ndarray:
+        key = (word, tuple(self.resolutions), self.token_average)
         if key not in self._cache:
-            self._cache[key] = fuse(self.grids[name], self.size, key[1])
+            self._cache[key] = fuse(self.token_grids(word), self.size, key[1], self.token_average)
         return self._cache[key]
 
     def fused(self) -> dict[str, np.ndarray]:
-        return {name: self[name] for name in self.grids}
+        return {name: self[name] for name in self.tokens}
 
     def soft_maps(self) -> dict[str, np.ndarray]:
-        """Arrays for ``SoftMaps/<id>.npz``: ``name`` (fused), ``name@res`` (raw grids) and
-        ``__self__@h`` (the self-attention matrix at grid height h, when recorded)."""
+        """Arrays for ``SoftMaps/<id>.npz``: ``name`` (fused), ``name@res`` (raw grids: (h, w) for a
+        one-token class, (k, h, w) per token column for k > 1, so the paper's order can be
+        re-fused) and ``__self__@h`` (the self-attention matrix at grid height h, when recorded)."""
         out: dict[str, np.ndarray] = {}
-        for name, grids in self.grids.items():
+        for name in self.tokens:
             out[name] = self[name]
-            out.update({f"{name}@{res}": grid for res, grid in grids.items()})
+            out.update({f"{name}@{res}": grid[0] if len(grid) == 1 else grid
+                        for res, grid in self.token_grids(name).items()})
         if self.self_attention is not None:
             out[f"{SELF_ATTENTION_KEY}@{self.self_attention_grid[0]}"] = self.self_attention
         return out
@@ -199,57 +269,81 @@ def cross_attention_layers(unet: torch.nn.Module, cross: bool = True) -> dict[st
             if isinstance(module, Attention) and module.is_cross_attention == cross}
 
 
+def text_encoders(pipe: Any) -> list[tuple[str, torch.nn.Module, Any]]:
+    """(name, module, its tokenizer) of each text encoder the pipeline runs, in encoding order."""
+    pairs = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]
+    return [(enc, getattr(pipe, enc), getattr(pipe, tok)) for enc, tok in pairs
+            if getattr(pipe, enc, None) is not None and getattr(pipe, tok, None) is not None]
+
+
+def _shown(tokenizer: Any, rows: Sequence[Sequence[int]]) -> list[str]:
+    """Encoded rows as text, for error messages."""
+    return [prompt_text(tokenizer, r) for r in rows]
+
+
 class AttentionRecorder:
     """Accumulates per-class cross-attention for one pipeline call; see the module docstring.
 
     Args:
-        pipe: a diffusers pipeline with ``unet`` and ``tokenizer`` (SD 1.x/2.x/XL, the shapes model).
-        prompts: the prompts the pipeline will be called with, in order.
+        pipe: a diffusers pipeline with ``unet`` and a tokenizer (SD 1.x/2.x/XL, the shapes model).
+        prompts: the prompts the pipeline will be called with, in order; checked against the token
+            ids its text encoder(s) receive. None: read from those ids.
         classes: class phrases, one list for all prompts or one list per prompt; each must occur
-            in its prompt.
-        images_per_prompt: the ``num_images_per_prompt`` the pipeline will be called with.
+            in its prompt as whole words. None: keep every token column, so any word of the
+            prompt can be asked for after the call (about 1.7 MB per image at 512 px).
+        images_per_prompt: the ``num_images_per_prompt`` the pipeline will be called with;
+            None: read from the UNet's batch.
         layers: record only cross-attention layers whose module path starts with one of these
             (e.g. ``["up_blocks.3"]``); default all.
         steps: record only UNet calls ``start <= i < stop`` (0-based); default all.
         self_attention: also record the mean self-attention matrix at grid latent/F for this F
             (e.g. 2: 32x32 at 512 px; the matrix has (h·w)² entries, so the finest grid is
             never a default); None records none. Used by self-attention propagation.
+        token_average: how a class of several tokens is fused: "maps" (the paper's: each token's
+            map normalised, then averaged) or "columns" (raw columns averaged, then normalised).
     """
 
     def __init__(
         self,
         pipe: Any,
-        prompts: str | Sequence[str],
-        classes: Sequence[str] | Sequence[Sequence[str]],
-        images_per_prompt: int = 1,
+        prompts: str | Sequence[str] | None = None,
+        classes: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        images_per_prompt: int | None = None,
         layers: Sequence[str] | None = None,
         steps: tuple[int | None, int | None] | None = None,
         self_attention: int | None = None,
+        token_average: str = "maps",
     ):
         self.pipe = pipe
         self.unet = pipe.unet
-        self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not self.prompts:
-            raise ValueError("no prompts given")
-        if classes and all(isinstance(c, str) for c in classes):
-            per_prompt = [list(classes)] * len(self.prompts)
-        else:
-            per_prompt = [list(c) for c in classes]
-        if len(per_prompt) != len(self.prompts) or not all(per_prompt):
-            raise ValueError("give one non-empty class list for all prompts or one per prompt")
+        self.encoders = text_encoders(pipe)
+        self.tokenizer = self.encoders[0][2] if self.encoders else getattr(pipe, "tokenizer", None)
+        if self.tokenizer is None:
+            raise RecorderError(f"{type(pipe).__name__} has no tokenizer; the recorder needs one to find words")
+        if token_average not in TOKEN_AVERAGES:
+            raise ConfigError(f"token_average must be one of {TOKEN_AVERAGES}, not {token_average!r}")
+        self.token_average = token_average
+        self.classes = classes
+        if classes is not None and (not classes or not all(isinstance(c, str) or c for c in classes)):
+            raise ConfigError("give one non-empty class list for all prompts or one per prompt "
+                              "(or no classes, to keep every word)")
+        self.given_prompts = None if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
+        if self.given_prompts is not None and not self.given_prompts:
+            raise ConfigError("no prompts given")
+        self.prompts: list[str] | None = None
+        self.tokens: list[dict[str, list[int]]] = []
+        if self.given_prompts is not None:
+            self._set_prompts(self.given_prompts)  # a missing class word fails here, before denoising
         self.images_per_prompt = images_per_prompt
-        self.tokens = [class_token_indices(pipe.tokenizer, p, c) for p, c in zip(self.prompts, per_prompt)]
-        # Per image: the token columns to keep (union over its classes), padded to a common width.
-        columns = [sorted({i for idx in t.values() for i in idx}) for t in self.tokens]
-        width = max(len(c) for c in columns)
-        self._columns = columns
-        self._column_index = torch.tensor(
-            [c + [c[0]] * (width - len(c)) for c in columns for _ in range(images_per_prompt)]
-        )
         self.layers = self._select_layers(layers)
         self.steps = steps or (None, None)
         self.self_attention_factor = self_attention
         self.self_layers = list(cross_attention_layers(self.unet, cross=False)) if self_attention else []
+        self._encoded: dict[int, list[list[int]]] = {}
+        self._columns: list[list[int]] | None = None  # per prompt; None: every column
+        self._column_index: torch.Tensor | None = None
+        self._batch: int | None = None
+        self._cond = slice(0)
         self._self_sum: torch.Tensor | None = None
         self._self_count = 0
         self._self_grid: tuple[int, int] | None = None
@@ -259,11 +353,27 @@ class AttentionRecorder:
         self._step = -1
         self._last_timestep: float | None = None
         self._saved_processors: dict[str, Any] | None = None
-        self._hook: Any = None
+        self._hooks: list[Any] = []
 
     @property
     def num_images(self) -> int:
+        if self.prompts is None or self.images_per_prompt is None:
+            raise RecorderError("the number of images is known once the pipeline has run")
         return len(self.prompts) * self.images_per_prompt
+
+    def _set_prompts(self, prompts: list[str]) -> None:
+        """Fix the prompts and find each class's token positions in them (PromptError if absent)."""
+        if self.classes is None:
+            per_prompt: list[list[str]] = [[] for _ in prompts]
+        elif all(isinstance(c, str) for c in self.classes):
+            per_prompt = [list(self.classes)] * len(prompts)
+        else:
+            per_prompt = [list(c) for c in self.classes]
+            if len(per_prompt) != len(prompts):
+                raise ConfigError(f"{len(per_prompt)} class lists for {len(prompts)} prompts; give one "
+                                  "class list for all prompts or one per prompt")
+        self.tokens = [class_token_indices(self.tokenizer, p, c) for p, c in zip(prompts, per_prompt)]
+        self.prompts = prompts
 
     def _select_layers(self, prefixes: Sequence[str] | None) -> list[str]:
         layers = cross_attention_layers(self.unet)
@@ -291,13 +401,19 @@ class AttentionRecorder:
     def attach(self) -> AttentionRecorder:
         if self._saved_processors is not None:
             raise RecorderError("recorder is already attached")
+        if self.given_prompts is None and not self.encoders:
+            raise RecorderError(f"{type(self.pipe).__name__} has no text encoder whose input the recorder "
+                                "can read; pass the prompts: trace(pipe, prompts, classes)")
         self._check_processors()
         self._saved_processors = dict(self.unet.attn_processors)
         procs = dict(self._saved_processors)
         for name in self.layers + self.self_layers:
             procs[name] = RecordingProcessor(self, name)
         self.unet.set_attn_processor(procs)
-        self._hook = self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
+        self._hooks = [self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)]
+        self._hooks += [module.register_forward_pre_hook(functools.partial(self._on_encoder_call, i),
+                                                         with_kwargs=True)
+                        for i, (_, module, _) in enumerate(self.encoders)]
         return self
 
     def detach(self) -> None:
@@ -305,8 +421,9 @@ class AttentionRecorder:
             return
         self.unet.set_attn_processor(self._saved_processors)
         self._saved_processors = None
-        self._hook.remove()
-        self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def __enter__(self) -> AttentionRecorder:
         return self.attach()
@@ -314,39 +431,96 @@ class AttentionRecorder:
     def __exit__(self, *exc: Any) -> None:
         self.detach()
 
+    # ------------------------------------------------------------------ what is encoded
+    def _on_encoder_call(self, index: int, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Read the token ids a text encoder receives: its first call in a pipeline call is the prompts
+        (later ones, before the UNet runs, encode the negative prompts)."""
+        if self._step >= 0:
+            raise RecorderError(_CALLED_AGAIN)
+        ids = args[0] if args else kwargs.get("input_ids")
+        if index in self._encoded or ids is None:
+            return
+        name, _, tokenizer = self.encoders[index]
+        rows = [trim_padding(tokenizer, row) for row in ids.tolist()]  # once per call, not per step
+        self._encoded[index] = rows
+        if index > 0 and 0 in self._encoded:
+            first_name, _, first_tokenizer = self.encoders[0]
+            first = self._encoded[0]
+            if [token_texts(first_tokenizer, r) for r in first] != [token_texts(tokenizer, r) for r in rows]:
+                raise RecorderError(
+                    f"the pipeline's text encoders read different prompts: {_shown(first_tokenizer, first)} "
+                    f"({first_name}) and {_shown(tokenizer, rows)} ({name}), so one token column would "
+                    "hold two words; call the pipeline without prompt_2 (or with prompt_2 equal to prompt)"
+                )
+        if index > 0:
+            return
+        if self.given_prompts is None:
+            self._set_prompts([decode_prompt(tokenizer, row) for row in rows])
+            return
+        expected = [prompt_ids(tokenizer, p) for p in self.given_prompts]
+        if expected != rows:
+            given, encoded = self.given_prompts, _shown(tokenizer, rows)
+            if len(given) == len(encoded):
+                i = next(i for i, (e, r) in enumerate(zip(expected, rows)) if e != r)
+                given, encoded = given[i], encoded[i]
+            raise RecorderError(
+                f"trace was given the prompt(s) {given!r} but the pipeline encodes {encoded!r}; pass trace "
+                "the prompts the pipeline is called with, or use trace(pipe) and ask for words after the call"
+            )
+
     # ------------------------------------------------------------------ recording
     def _on_unet_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         t = float(torch.as_tensor(timestep).flatten()[0]) if timestep is not None else None
         if t is not None and self._last_timestep is not None and t > self._last_timestep:
-            raise RecorderError(
-                "the pipeline was called again inside one recording (the timesteps restarted); "
-                "use one trace per pipeline call so each image's maps come from its own generation"
-            )
+            raise RecorderError(_CALLED_AGAIN)
         self._last_timestep = t
+        if self._batch is None:
+            self._start(sample)
+        elif sample.shape[0] != self._batch:
+            raise RecorderError(f"the UNet's batch changed from {self._batch} to {sample.shape[0]} "
+                                "within one pipeline call; use one trace per pipeline call")
         self._latent_hw = tuple(sample.shape[-2:])
         self._step += 1
+
+    def _start(self, sample: torch.Tensor) -> None:
+        """At the first UNet call: which rows are the conditional images, which columns to keep."""
+        if self.prompts is None:
+            raise RecorderError(
+                "the UNet ran but no text encoder did (prompt_embeds?), so the recorder cannot tell which "
+                "words the token columns hold; pass the prompts: trace(pipe, prompts, classes)"
+            )
+        batch, n_prompts = sample.shape[0], len(self.prompts)
+        guided = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if self.images_per_prompt is None:
+            images = batch // 2 if guided else batch
+            self.images_per_prompt = max(1, images // n_prompts) if guided is not None else 1
+        n = self.num_images
+        if batch == 2 * n and guided is not False:
+            self._cond = slice(n, 2 * n)  # diffusers batches [unconditional; conditional]
+        elif batch == n and not guided:
+            self._cond = slice(0, n)
+        else:
+            raise RecorderError(
+                f"the UNet ran a batch of {batch} but the recorder expects {n} images "
+                f"({n_prompts} prompts x {self.images_per_prompt} per prompt"
+                f"{', doubled by guidance' if guided else ''}); pass the same prompts and "
+                "images_per_prompt to the recorder as to the pipeline"
+            )
+        self._batch = batch
+        if any(self.tokens):
+            # Per image: the token columns to keep (union over its classes), padded to a common width.
+            self._columns = [sorted({i for idx in t.values() for i in idx}) for t in self.tokens]
+            width = max(len(c) for c in self._columns)
+            self._column_index = torch.tensor(
+                [c + [c[0]] * (width - len(c)) for c in self._columns for _ in range(self.images_per_prompt)],
+                device=sample.device,
+            )
 
     def _in_window(self) -> bool:
         start, stop = self.steps
         return (start is None or self._step >= start) and (stop is None or self._step < stop)
-
-    def _conditional_half(self, batch: int) -> slice:
-        if self._latent_hw is None:
-            raise RecorderError("the UNet was called without passing through its forward()")
-        n = self.num_images
-        guided = getattr(self.pipe, "do_classifier_free_guidance", None)
-        if batch == 2 * n and guided is not False:
-            return slice(n, 2 * n)  # diffusers batches [unconditional; conditional]
-        if batch == n and not guided:
-            return slice(0, n)
-        raise RecorderError(
-            f"the UNet ran a batch of {batch} but the recorder expects {n} images "
-            f"({len(self.prompts)} prompts x {self.images_per_prompt} per prompt"
-            f"{', doubled by guidance' if guided else ''}); pass the same prompts and "
-            "images_per_prompt to the recorder as to the pipeline"
-        )
 
     @staticmethod
     def _probabilities(attn: Attention, query: torch.Tensor, key: torch.Tensor,
@@ -360,15 +534,22 @@ class AttentionRecorder:
         scores.exp_()
         return scores.div_(scores.sum(dim=-1, keepdim=True))
 
+    def _check_started(self) -> None:
+        if self._batch is None:
+            raise RecorderError("the UNet was called without passing through its forward()")
+
     def _record(self, attn: Attention, query: torch.Tensor, key: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
         if not self._in_window():
             return
-        cond = self._conditional_half(query.shape[0])
+        self._check_started()
+        cond = self._cond
         probs = self._probabilities(attn, query[cond], key[cond], None if mask is None else mask[cond])
-        index = self._column_index.to(probs.device)[:, None, None, :].expand(
-            -1, probs.shape[1], probs.shape[2], -1)
-        picked = torch.gather(probs, 3, index).mean(dim=1)  # (n, queries, columns)
+        if self._column_index is None:
+            picked = probs.mean(dim=1)  # every token column: (n, queries, keys)
+        else:
+            index = self._column_index[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
+            picked = torch.gather(probs, 3, index).mean(dim=1)  # (n, queries, columns)
         grid = _as_2d_grid(picked.shape[1], self._latent_hw)
         buffer = self._sums.get(grid)
         if buffer is None:
@@ -383,7 +564,8 @@ class AttentionRecorder:
         h, w = (math.ceil(side / self.self_attention_factor) for side in self._latent_hw)
         if query.shape[2] != h * w:
             return  # another resolution: left to the fused kernel alone
-        cond = self._conditional_half(query.shape[0])
+        self._check_started()
+        cond = self._cond
         mean = self._probabilities(attn, query[cond], key[cond]).mean(dim=1)  # (n, hw, hw)
         if self._self_sum is None:
             self._self_sum = torch.zeros_like(mean)
@@ -406,7 +588,8 @@ class AttentionRecorder:
         return chosen or tuple(sorted(h for h, _ in self._sums))
 
     def maps(self, image_size: tuple[int, int] | None = None) -> list[ImageMaps]:
-        """Per image (prompt-major, like the pipeline's output): its classes' maps."""
+        """Per image (prompt-major, like the pipeline's output): its classes' maps (every word's,
+        asked by name, when no classes were traced)."""
         if not self._sums:
             raise RecorderError(
                 "no cross-attention was recorded: call the pipeline inside the trace, and do not "
@@ -421,27 +604,33 @@ class AttentionRecorder:
             raise RecorderError(f"no self-attention layer runs at latent/{self.self_attention_factor}; "
                                 "choose another self-attention factor")
         self_mean = None if self._self_sum is None else (self._self_sum / self._self_count).cpu().numpy()
+        keys = next(iter(means.values())).shape[-1]
         result = []
         for i in range(self.num_images):
             p = i // self.images_per_prompt
-            columns = self._columns[p]
-            grids: dict[str, dict[int, np.ndarray]] = {}
-            for name, token_ids in self.tokens[p].items():
-                positions = [columns.index(t) for t in token_ids]
-                grids[name] = {
-                    h: m[i, :, positions].mean(dim=1).reshape(h, w).numpy()
-                    for (h, w), m in sorted(means.items())
-                }
-            result.append(ImageMaps(self.prompts[p], self.tokens[p], grids, size, defaults,
-                                    None if self_mean is None else self_mean[i], self._self_grid))
+            columns = list(range(keys)) if self._columns is None else self._columns[p]
+            attention = {h: m[i, :, :len(columns)].T.reshape(len(columns), h, w).numpy()
+                         for (h, w), m in sorted(means.items())}
+            result.append(ImageMaps(self.prompts[p], dict(self.tokens[p]), columns, attention, size, defaults,
+                                    self.token_average, None if self_mean is None else self_mean[i],
+                                    self._self_grid, self.tokenizer))
         return result
+
+
+_CALLED_AGAIN = ("the pipeline was called again inside one recording (the timesteps restarted); "
+                 "use one trace per pipeline call so each image's maps come from its own generation")
 
 
 def trace(
     pipe: Any,
-    prompts: str | Sequence[str],
-    classes: Sequence[str] | Sequence[Sequence[str]],
+    prompts: str | Sequence[str] | None = None,
+    classes: Sequence[str] | Sequence[Sequence[str]] | None = None,
     **options: Any,
 ) -> AttentionRecorder:
-    """Record ``classes`` in ``pipe``'s next call on ``prompts``; use as a context manager."""
+    """Record ``pipe``'s next call; use as a context manager.
+
+    ``trace(pipe)`` keeps every word (ask ``maps()[i][word]`` after the call); with ``prompts``
+    and ``classes`` only the classes' token columns are kept, and both are checked against what
+    the pipeline's text encoder(s) receive. Options: see :class:`AttentionRecorder`.
+    """
     return AttentionRecorder(pipe, prompts, classes, **options)
