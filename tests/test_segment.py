@@ -49,26 +49,56 @@ def test_tiny_run_learns_and_writes_a_run_folder(shapes_data, tmp_path):
     assert saved["miou"] == pytest.approx(evaluation.miou) and set(saved["iou"]) == {"background", *CLASSES}
 
 
+def _kill_at(step_to_kill: int):
+    def on_step(step: int) -> None:
+        if step == step_to_kill:
+            raise KeyboardInterrupt
+    return on_step
+
+
 def test_resume_after_a_kill_gives_the_same_weights(shapes_data, tmp_path):
     def config(out: Path) -> TrainConfig:
-        return TrainConfig(data=[str(shapes_data)], out=str(out), steps=8, save_every=4, **FAST)
+        return TrainConfig(data=[str(shapes_data)], out=str(out), steps=25, save_every=15, **FAST)
 
-    train(config(tmp_path / "whole"), progress=False)
-
-    def kill_at_6(step: int) -> None:
-        if step == 6:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path / "broken"), progress=False, on_step=kill_at_6)
-    assert not (tmp_path / "broken" / "model").exists()
+    whole_run = train(config(tmp_path / "whole"), progress=False)
+    # killed before the first checkpoint (restarts from 0), then past it (resumes from 15)
+    for kill_at in (12, 22):
+        with pytest.raises(KeyboardInterrupt):
+            train(config(tmp_path / "broken"), progress=False, on_step=_kill_at(kill_at))
+        assert not (tmp_path / "broken" / "model").exists()
     resumed = train(config(tmp_path / "broken"), progress=False)
-    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    whole = load_file(whole_run.model_dir / "model.safetensors")
     again = load_file(resumed.model_dir / "model.safetensors")
     assert whole.keys() == again.keys()
     for key in whole:
         torch.testing.assert_close(again[key], whole[key], rtol=0, atol=0)
-    assert [e["step"] for e in resumed.log_entries()] == [8]  # logged once per LOG_EVERY or at the end
+    entries = resumed.log_entries()
+    assert [e["step"] for e in entries] == [10, 20, 25]  # each logged step once, no duplicates from the kills
+    assert entries[-1]["loss"] == whole_run.log_entries()[-1]["loss"]  # the same steps 21-25 in both
+
+
+def test_each_process_takes_its_own_slots_of_every_batch():
+    from diffumask.segment.data import StepBatches
+
+    ranks = [list(StepBatches(3, 5, 6, rank, 3)) for rank in range(3)]
+    for step in range(2):
+        slots = [key for rank in ranks for key in rank[step]]
+        assert sorted(slots) == [(3 + step, slot) for slot in range(6)]
+    with pytest.raises(ConfigError, match="does not split evenly"):
+        StepBatches(0, 1, 5, 0, 2)
+
+
+def test_a_sources_own_classes_stay_distinct_even_when_aliases_join_them(tmp_path):
+    from diffumask.formats import open_source
+    from diffumask.segment.data import label_lut, union_classes
+
+    (tmp_path / "ADEChallengeData2016" / "images").mkdir(parents=True)
+    (tmp_path / "ADEChallengeData2016" / "annotations").mkdir()
+    ade = open_source(f"ade20k:{tmp_path}")
+    classes = union_classes([ade])
+    assert len(classes) == 151 and {"boat", "ship", "plant"} <= set(classes)
+    lut = label_lut(ade, classes)
+    assert sorted(lut[1:151].tolist()) == list(range(1, 151))
 
 
 def test_other_settings_on_an_existing_run_are_refused(shapes_data, tmp_path):
@@ -161,7 +191,7 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
     from diffumask.dataset import Dataset
 
     Dataset.create(tmp_path / "empty", ["circle"], {"source": "test"})
-    assert "has no split 'train' (it has: none)" in _cli_error(["train", str(tmp_path / "empty"), "--out",
+    assert "holds no items yet" in _cli_error(["train", str(tmp_path / "empty"), "--out",
                                                                  str(tmp_path / "r1"), "--quiet"], capsys)
     assert "no split 'val'" in _cli_error(["train", str(shapes_data), "--split", "val", "--out", str(tmp_path / "r2"),
                                            "--quiet"], capsys)
@@ -174,6 +204,8 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
         main(["train", str(shapes_data), "--out", str(tmp_path / "r5"), "--preset", "huge"])
     assert exit_info.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
     assert "not a training run" in _cli_error(["evaluate", str(tmp_path), str(shapes_data)], capsys)
+    assert "is not a cityscapes folder: it has no gtFine, leftImg8bit" in _cli_error(
+        ["train", f"cityscapes:{shapes_data}", "--out", str(tmp_path / "r6")], capsys)
 
     assert main(["train", str(shapes_data), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
                  "--crop", "32", "--workers", "0", "--quiet"]) == 0
@@ -181,11 +213,18 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
     voc = tmp_path / "VOC2012"
     (voc / "JPEGImages").mkdir(parents=True)
     (voc / "SegmentationClass").mkdir()
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     assert "none in common" in _cli_error(["evaluate", str(tmp_path / "run"), f"voc:{voc}", "--quiet"], capsys)
+    assert main(["predict", str(tmp_path / "run"), str(shapes_data), "--out", str(tmp_path / "pred"), "--quiet"]) == 0
+    (tmp_path / "pred" / "classes.json").write_text((tmp_path / "run" / "classes.json").read_text()
+                                                   .replace("circle", "dog"))
+    assert "predictions of other classes" in _cli_error(["predict", str(tmp_path / "run"), str(shapes_data), "--out",
+                                                         str(tmp_path / "pred"), "--quiet"], capsys)
 
 
 @pytest.mark.slow
-def test_two_processes_under_torchrun(shapes_data, tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mask2former"])
+def test_two_processes_under_torchrun(shapes_data, tmp_path, preset):
     """Data-parallel training through accelerate: torchrun on CPU (gloo), each rank half of every batch."""
     import os
     import subprocess
@@ -194,7 +233,7 @@ def test_two_processes_under_torchrun(shapes_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffumask", "train",
                str(shapes_data), "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "4", "--crop", "32",
-               "--workers", "0", "--quiet"]
+               "--workers", "0", "--preset", preset, "--quiet"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("trained ") == 1  # one process reports

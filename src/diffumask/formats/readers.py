@@ -69,6 +69,19 @@ class LabelledSource:
     def read_labels(self, item_id: str) -> np.ndarray:
         raise NotImplementedError
 
+    def check_labels(self, ids: list[str]) -> None:
+        """Fail now, in one line, rather than in a loader process mid-training, when a label map is missing."""
+        for item_id in ids:
+            if not self.labels_path(item_id).is_file():
+                raise SourceError(f"{self.spec}: item {item_id!r} has no label map ({self.labels_path(item_id)})")
+
+    def labels_path(self, item_id: str) -> Path:
+        raise NotImplementedError
+
+    def _require(self, *folders: str) -> None:
+        if missing := [f for f in folders if not (self.root / f).is_dir()]:
+            raise SourceError(f"{self.root} is not a {self.format} folder: it has no {', '.join(missing)}")
+
     def read(self, item_id: str) -> tuple[np.ndarray, np.ndarray]:
         image, labels = self.read_image(item_id), self.read_labels(item_id)
         if image.shape[:2] != labels.shape:
@@ -86,8 +99,9 @@ class DiffumaskSource(LabelledSource):
     def __init__(self, root: Path):
         try:
             self.dataset = Dataset(root)
-        except FileNotFoundError as error:
-            raise SourceError(str(error)) from None
+        except (OSError, ValueError, KeyError) as error:
+            raise SourceError(f"{root} is not a readable diffumask dataset ({error}); a training run or a "
+                              "predictions folder is not a dataset") from None
         super().__init__(Path(root), dict(enumerate(["background", *self.dataset.classes])))
 
     def splits(self) -> list[str]:
@@ -96,17 +110,19 @@ class DiffumaskSource(LabelledSource):
 
     def _split_ids(self, split: str) -> list[str] | None:
         if split not in self.splits():
+            if not self.splits():
+                raise SourceError(f"{self.spec} holds no items yet; generate some first (diffumask generate)")
             return None
         return self.dataset.split_ids(split)
 
     def read_image(self, item_id: str) -> np.ndarray:
         return self.dataset.read_image(item_id)
 
+    def labels_path(self, item_id: str) -> Path:
+        return self.dataset.mask_path(item_id)
+
     def read_labels(self, item_id: str) -> np.ndarray:
-        path = self.dataset.mask_path(item_id)
-        if not path.is_file():
-            raise SourceError(f"{self.spec}: item {item_id!r} has no mask ({path}); generate or refine it first")
-        return read_index_png(path)
+        return read_index_png(self.labels_path(item_id))
 
 
 class VOCSource(LabelledSource):
@@ -116,6 +132,7 @@ class VOCSource(LabelledSource):
         if (root / "VOC2012").is_dir():
             root = root / "VOC2012"
         super().__init__(root, dict(enumerate(VOC_CLASSES)))
+        self._require("JPEGImages", "ImageSets/Segmentation")
 
     def splits(self) -> list[str]:
         return sorted(p.stem for p in (self.root / "ImageSets" / "Segmentation").glob("*.txt"))
@@ -127,12 +144,13 @@ class VOCSource(LabelledSource):
     def read_image(self, item_id: str) -> np.ndarray:
         return _read_rgb(self.root / "JPEGImages" / f"{item_id}.jpg")
 
+    def labels_path(self, item_id: str) -> Path:
+        """SegmentationClass's mask, else SegmentationClassAug's (SBD) one."""
+        path = self.root / "SegmentationClass" / f"{item_id}.png"
+        return path if path.is_file() else self.root / "SegmentationClassAug" / f"{item_id}.png"
+
     def read_labels(self, item_id: str) -> np.ndarray:
-        for folder in ("SegmentationClass", "SegmentationClassAug"):
-            path = self.root / folder / f"{item_id}.png"
-            if path.is_file():
-                return read_index_png(path)
-        raise SourceError(f"{self.spec}: no SegmentationClass or SegmentationClassAug mask for {item_id!r}")
+        return read_index_png(self.labels_path(item_id))
 
 
 class CityscapesSource(LabelledSource):
@@ -141,6 +159,7 @@ class CityscapesSource(LabelledSource):
 
     def __init__(self, root: Path):
         super().__init__(root, {train_id: name for train_id, name in CITYSCAPES_TRAIN_IDS.values()})
+        self._require("gtFine", "leftImg8bit")
         self._lut = np.full(256, IGNORE_INDEX, np.uint8)
         for label_id, (train_id, _) in CITYSCAPES_TRAIN_IDS.items():
             self._lut[label_id] = train_id
@@ -157,8 +176,11 @@ class CityscapesSource(LabelledSource):
     def read_image(self, item_id: str) -> np.ndarray:
         return _read_rgb(self.root / "leftImg8bit" / f"{item_id}_leftImg8bit.png")
 
+    def labels_path(self, item_id: str) -> Path:
+        return self.root / "gtFine" / f"{item_id}{self._SUFFIX}"
+
     def read_labels(self, item_id: str) -> np.ndarray:
-        return self._lut[read_index_png(self.root / "gtFine" / f"{item_id}{self._SUFFIX}")]
+        return self._lut[read_index_png(self.labels_path(item_id))]
 
 
 class ADE20KSource(LabelledSource):
@@ -169,6 +191,7 @@ class ADE20KSource(LabelledSource):
         if (root / "ADEChallengeData2016").is_dir():
             root = root / "ADEChallengeData2016"
         super().__init__(root, {i + 1: name for i, name in enumerate(ADE20K_CLASSES)})
+        self._require("images", "annotations")
         self._folder_of: dict[str, str] = {}
 
     def splits(self) -> list[str]:
@@ -194,8 +217,11 @@ class ADE20KSource(LabelledSource):
     def read_image(self, item_id: str) -> np.ndarray:
         return _read_rgb(self.root / "images" / self._folder(item_id) / f"{item_id}.jpg")
 
+    def labels_path(self, item_id: str) -> Path:
+        return self.root / "annotations" / self._folder(item_id) / f"{item_id}.png"
+
     def read_labels(self, item_id: str) -> np.ndarray:
-        labels = read_index_png(self.root / "annotations" / self._folder(item_id) / f"{item_id}.png")
+        labels = read_index_png(self.labels_path(item_id))
         return np.where(labels == 0, IGNORE_INDEX, labels).astype(np.uint8)
 
 

@@ -43,8 +43,9 @@ def union_classes(sources: Sequence[LabelledSource]) -> list[str]:
     """The run's classes: background, then every source's classes in first-seen order (aliases merged)."""
     names = ["background"]
     for source in sources:
+        earlier = list(names)  # a source's own classes are all distinct, even where an alias joins them
         for name in source.label_names.values():
-            if name not in match_names([name], names):
+            if name not in match_names([name], earlier):
                 names.append(name)
     return names
 
@@ -65,6 +66,7 @@ def open_splits(sources: Sequence[LabelledSource], split: str, run_classes: Sequ
         ids = source.ids(split)
         if not ids:
             raise SourceError(f"{source.spec} has no items in split {split!r}; generate some, or choose another --split")
+        source.check_labels(ids)
         parts.append(SourceSplit(source, ids, label_lut(source, run_classes)))
     return parts
 

@@ -22,7 +22,7 @@ import numpy as np
 from ..dataset import IGNORE_INDEX, write_text_atomic
 from ..errors import ConfigError
 from ..formats import open_source
-from ..formats.names import match_names, normalise
+from ..formats.names import canonical, match_names, normalise
 from ..metrics import ConfusionMatrix, harmonic_mean
 from .predict import iter_predictions
 from .run import RunFolder
@@ -40,11 +40,11 @@ class Protocol:
 
     def rename(self, name: str) -> str | None:
         """The protocol's name for a class; None when the protocol drops it."""
-        key = normalise(name)
-        if key in {normalise(n) for n in self.ignore}:
+        key = canonical(name)  # VOC's "motorbike" is Cityscapes' "motorcycle"
+        if key in {canonical(n) for n in self.ignore}:
             return None
         for merged, members in self.merge.items():
-            if key in {normalise(m) for m in (merged, *members)}:
+            if key in {canonical(m) for m in (merged, *members)}:
                 return merged
         return name
 
@@ -65,6 +65,7 @@ class Evaluation:
     miou: float
     images: int
     not_in_run: list[str] = field(default_factory=list)  # evaluation classes the run cannot predict
+    miou_all_classes: float | None = None  # with every class of not_in_run at IoU 0 (the papers' count)
     seen: float | None = None
     unseen: float | None = None
     harmonic: float | None = None
@@ -74,7 +75,7 @@ class Evaluation:
         data = asdict(self)
         data["iou"] = {c: (None if math.isnan(v) else v) for c, v in zip(self.classes, self.iou)}
         del data["classes"]
-        return data
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}  # strict JSON
 
     def table(self) -> str:
         width = max([len(c) for c in self.classes] + [10])
@@ -87,7 +88,8 @@ class Evaluation:
                          f"harmonic {100 * self.harmonic:.1f} (unseen: {', '.join(self.unseen_classes)})")
         if self.not_in_run:
             lines.append(f"not in the run, so not reported (predictions on them count as errors): "
-                         f"{', '.join(self.not_in_run)}")
+                         f"{', '.join(self.not_in_run)}; counting them at IoU 0, mIoU is "
+                         f"{100 * self.miou_all_classes:.1f}")
         return "\n".join(lines)
 
 
@@ -140,8 +142,10 @@ class Scorer:
     def result(self) -> Evaluation:
         reported = range(len(self.classes))
         iou = self.matrix.iou()[: len(self.classes)]
-        evaluation = Evaluation(self.classes, [float(v) for v in iou], self.matrix.mean_iou(reported), self.images,
-                                self.not_in_run)
+        miou = self.matrix.mean_iou(reported)
+        counted = iou[~np.isnan(iou)]
+        evaluation = Evaluation(self.classes, [float(v) for v in iou], miou, self.images, self.not_in_run,
+                                float(counted.sum() / (counted.size + len(self.not_in_run))) if counted.size else miou)
         if self.unseen:
             foreground = [i for i, c in enumerate(self.classes) if normalise(c) != "background"]
             unseen = [self.classes.index(c) for c in self.unseen]

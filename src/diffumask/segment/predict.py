@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..dataset import write_label_map, write_palette_png
+from ..dataset import read_label_map, write_label_map, write_palette_png
 from ..errors import ConfigError
 from ..formats import LabelledSource, open_source
 from .data import normalise, resize_short_side
@@ -79,7 +79,11 @@ def predict_folder(run_dir: str | Path, data: str, out: str | Path, split: str =
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; predictions go into a folder")
     todo = [i for i in source.ids(split) if not (out / f"{i}.png").is_file()]
-    if not (out / "classes.json").is_file():
+    if (out / "classes.json").is_file():
+        if read_label_map(out) != run.classes:
+            raise ConfigError(f"{out} holds predictions of other classes ({', '.join(read_label_map(out))}); "
+                              "choose another --out")
+    else:
         write_label_map(out, run.classes)
     for item_id, prediction, _ in iter_predictions(run, source, split, device, batch_size, progress, ids=todo):
         write_palette_png(out / f"{item_id}.png", prediction)

@@ -40,8 +40,8 @@ class RunFolder:
         self.classes: list[str] = read_label_map(self.root)
 
     @classmethod
-    def create(cls, root: str | os.PathLike[str], classes: list[str], settings: Mapping[str, Any]) -> RunFolder:
-        """Start a run, or reopen one started with the same settings (to resume it)."""
+    def check(cls, root: str | os.PathLike[str], classes: list[str], settings: Mapping[str, Any]) -> None:
+        """Refuse (read-only) a folder that holds another run, or anything else."""
         root = Path(root)
         settings = json.loads(json.dumps(dict(settings)))  # tuples → lists, so the comparison is exact
         if (root / "settings.json").is_file():
@@ -52,12 +52,28 @@ class RunFolder:
                                "re-run the same command to resume it, or choose another --out")
             if run.classes != classes:
                 raise RunError(f"{root} holds a run of classes {run.classes[1:]}, not {classes[1:]}; choose another --out")
-            return run
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        elif root.exists() and (not root.is_dir() or any(p.name != "classes.json" for p in root.iterdir()
+                                                          if not p.name.startswith("."))):
             raise RunError(f"{root} exists and is not a training run; choose an empty or new folder for --out")
+
+    @classmethod
+    def create(cls, root: str | os.PathLike[str], classes: list[str], settings: Mapping[str, Any]) -> RunFolder:
+        """Start a run, or reopen one started with the same settings (to resume it).
+
+        ``settings.json`` is written last: a folder without it (a start that was killed) starts afresh.
+        Temporary files of a killed write are removed.
+        """
+        root = Path(root)
+        cls.check(root, classes, settings)
         root.mkdir(parents=True, exist_ok=True)
-        write_label_map(root, classes)
-        write_text_atomic(root / "settings.json", json.dumps(settings, indent=1) + "\n")
+        for stale in root.glob(".*"):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        if not (root / "settings.json").is_file():
+            write_label_map(root, classes)
+            write_text_atomic(root / "settings.json", json.dumps(json.loads(json.dumps(dict(settings))), indent=1) + "\n")
         return cls(root)
 
     # ----------------------------------------------------------------- paths

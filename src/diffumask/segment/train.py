@@ -73,14 +73,16 @@ class TrainConfig:
 
 
 def lr_factor(step: int, schedule: Any) -> float:
-    """Linear warm-up, then the poly decay (1 - t)^power of the Mask2Former/mmseg recipes."""
-    if step < schedule.warmup_steps:
-        return (step + 1) / schedule.warmup_steps
+    """Linear warm-up (at most a fifth of the run), then the poly decay (1 - t)^power of the
+    Mask2Former/mmseg recipes."""
+    warmup = min(schedule.warmup_steps, schedule.steps // 5)
+    if step < warmup:
+        return (step + 1) / warmup
     return (1 - step / schedule.steps) ** schedule.poly_power
 
 
-def _accelerator(config: TrainConfig) -> Any:
-    from accelerate import Accelerator
+def _accelerator(config: TrainConfig, family: str) -> Any:
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -96,7 +98,9 @@ def _accelerator(config: TrainConfig) -> Any:
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(cpu=device == "cpu", mixed_precision=precision)
+    # Swin backbones have a final norm Mask2Former never uses: DDP must not wait for its gradient.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if family == "mask2former" else []
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision, kwargs_handlers=handlers)
 
 
 def train(config: TrainConfig, progress: bool = True,
@@ -106,13 +110,15 @@ def train(config: TrainConfig, progress: bool = True,
         raise ConfigError("train needs at least one DATA folder")
     preset = config.resolved_preset()
     schedule = preset.schedule
-    accelerator = _accelerator(config)
+    accelerator = _accelerator(config, preset.family)
     sources = [open_source(d) for d in config.data]
     classes = union_classes(sources)
     parts = open_splits(sources, config.split, classes)
     samples = TrainingSamples(parts, config.weights, schedule.crop, schedule.scale_range, schedule.augment, config.seed)
 
-    run = RunFolder.create(config.out, classes, config.settings(preset)) if accelerator.is_main_process else None
+    settings = config.settings(preset)
+    RunFolder.check(config.out, classes, settings)  # every process, before any waits: a mismatch never hangs
+    run = RunFolder.create(config.out, classes, settings) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     run = run or RunFolder(config.out)
     state = run.load_checkpoint()
@@ -132,8 +138,8 @@ def train(config: TrainConfig, progress: bool = True,
         segmenter.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if accelerator.is_main_process:
-            run.truncate_log(start)
+    if accelerator.is_main_process:
+        run.truncate_log(start)  # entries past the checkpoint (or all, before the first) are redone
     model, optimizer = accelerator.prepare(segmenter, optimizer)
 
     batches = StepBatches(start, schedule.steps, schedule.batch_size, accelerator.process_index,
