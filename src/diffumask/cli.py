@@ -406,6 +406,40 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .formats.export import EXPORT_FORMATS
+
+    p = sub.add_parser(
+        "export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write a dataset in COCO, Cityscapes, ADE20K or Hugging Face datasets layout",
+        description="Write DATASET's images and masks into OUT in another ecosystem's layout, readable there "
+                    "with no glue code. OUT must be new or empty; it is written whole or not at all.\n\n"
+                    "formats:\n"
+                    "  coco        instances_<split>.json (compressed RLE per instance: the items' own objects\n"
+                    "              from SegmentationObject/ where present, else connected components per class)\n"
+                    "              and panoptic_<split>.json + PNGs; pycocotools, detectron2, mmdet\n"
+                    "  cityscapes  gtFine *_labelIds.png / *_labelTrainIds.png (classes matched to the 19 train\n"
+                    "              classes by name, others 255) + leftImg8bit; cityscapesscripts, mmseg\n"
+                    "  ade20k      ADEChallengeData2016 (0 = other: background and 255); mmseg\n"
+                    "  hf          Hugging Face datasets save_to_disk folder (needs pip install 'diffumask[hf]')",
+        epilog="examples:\n  diffumask export data/voc --format coco --out data/voc-coco\n"
+               "  diffumask export data/city --format cityscapes --out data/city-cs\n",
+    )
+    p.add_argument("dataset", help="dataset folder (generate / refine / shapes export)")
+    p.add_argument("--format", required=True, choices=list(EXPORT_FORMATS), help="target layout (see above)")
+    p.add_argument("--out", required=True, help="new (or empty) folder for the export")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from .formats.export import export_dataset
+
+    result = export_dataset(args.dataset, args.format, args.out)
+    print(f"exported {result.items} items as {result.format} to {result.out}")
+    for note in result.notes:
+        print(f"note: {note}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffumask", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -417,13 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"diffumask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,refine,train,predict,evaluate,shapes}")
+                                metavar="{generate,refine,train,predict,evaluate,shapes,export}")
     _add_generate(sub)
     _add_refine(sub)
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
     _add_shapes(sub)
+    _add_export(sub)
     return parser
 
 
