@@ -440,6 +440,30 @@ def _run_export(args: argparse.Namespace) -> None:
         print(f"note: {note}")
 
 
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="check every item of a dataset folder; one line per problem, non-zero exit if any",
+        description="Check DATASET against its contract: each manifest item's image, mask and soft maps exist and "
+                    "agree in size; mask values are classes of classes.json or 255; manifest and ImageSets agree; "
+                    "no temporary file of an interrupted write and no unmerged manifest shard is left. Prints one "
+                    "line per problem and exits with 1 when there is any.")
+    p.add_argument("dataset", help="dataset folder")
+    p.set_defaults(run=_run_validate)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from .validate import validate_dataset
+
+    problems, items = validate_dataset(args.dataset)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem{'s' * (len(problems) != 1)} in {args.dataset} ({items} items)", file=sys.stderr)
+        return 1
+    print(f"{args.dataset}: {items} items, no problems")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffumask", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -451,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"diffumask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,refine,train,predict,evaluate,shapes,export}")
+                                metavar="{generate,refine,train,predict,evaluate,shapes,export,validate}")
     _add_generate(sub)
     _add_refine(sub)
     _add_train(sub)
@@ -459,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_shapes(sub)
     _add_export(sub)
+    _add_validate(sub)
     return parser
 
 
@@ -470,14 +495,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.run(args)
+        status = args.run(args)  # None, or an exit status (validate: 1 when it found problems)
     except DiffumaskError as error:
         print(f"diffumask: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffumask: interrupted; finished items are kept, re-run the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
