@@ -464,6 +464,39 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write a static HTML report of a dataset: gallery, per-class statistics, figures, results",
+        description="Write OUT (an .html file) and OUT's _files folder beside it (thumbnails, the gallery's item "
+                    "list): opens offline from disk, no server and no network. Shows a paged gallery (image, mask "
+                    "overlay, each class's soft map; filter by class; sort by mask area or noise score), per-class "
+                    "counts, area distributions and 255 shares, the adaptive γ curves of refine --per-class (the "
+                    "paper's Fig. 3), per-resolution attention maps (Fig. 2), and refine / train / evaluate results.",
+        epilog="examples:\n  diffumask report data/shapes --out data/shapes-report.html\n"
+               "  diffumask report data/voc --out voc.html --run runs/voc --evaluation runs/voc/val.json\n",
+    )
+    p.add_argument("dataset", help="dataset folder")
+    p.add_argument("--out", required=True, help="the report's .html file (thumbnails go to <name>_files/ beside it)")
+    p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN",
+                   help="a training run folder (diffumask train --out RUN) to show; repeatable")
+    p.add_argument("--evaluation", action="append", default=[], metavar="FILE",
+                   help="the JSON of `diffumask evaluate --json FILE`, shown as a per-class IoU table and chart; repeatable")
+    p.add_argument("--fig2-items", type=int, default=4, help="items shown per resolution (Fig. 2) (default: 4)")
+    p.add_argument("--page-size", type=int, default=48, help="gallery cards per page (default: 48)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    result = build_report(args.dataset, args.out, args.runs, args.evaluation, args.fig2_items, args.page_size,
+                          progress=not args.quiet)
+    print(f"report of {result.items} items in {result.html} (+ {result.assets.name}/, "
+          f"{result.size_bytes / 2**20:.1f} MiB, {result.seconds:.1f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffumask", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -475,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"diffumask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,refine,train,predict,evaluate,shapes,export,validate}")
+                                metavar="{generate,refine,train,predict,evaluate,shapes,export,validate,report}")
     _add_generate(sub)
     _add_refine(sub)
     _add_train(sub)
@@ -484,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shapes(sub)
     _add_export(sub)
     _add_validate(sub)
+    _add_report(sub)
     return parser
 
 

@@ -54,14 +54,18 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
+class NoDataset(DiffumaskError, ValueError):
+    """The folder is not a dataset, or holds no finished item yet."""
+
+
 def open_dataset(root: str | os.PathLike[str]) -> Dataset:
-    """The dataset at ``root`` with at least one finished item, or a one-line error."""
+    """The dataset at ``root`` with at least one finished item, or a one-line error (export and report)."""
     try:
         dataset = Dataset(root)
     except FileNotFoundError as error:
-        raise ExportError(str(error)) from None
+        raise NoDataset(str(error)) from None
     if not dataset.records():
-        raise ExportError(f"{dataset.root} holds no finished items")
+        raise NoDataset(f"{dataset.root} holds no finished items")
     return dataset
 
 
@@ -367,5 +371,5 @@ def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLik
     return ExportResult(out, fmt, len(dataset.records()), notes)
 
 
-__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "ade20k_lookup", "cityscapes_lookup", "export_dataset",
+__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "NoDataset", "open_dataset", "ade20k_lookup", "cityscapes_lookup", "export_dataset",
            "instance_masks"]
