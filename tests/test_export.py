@@ -4,6 +4,7 @@ classes each, 255 bands along every edge, and (for half of them) their own objec
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -59,6 +60,9 @@ def test_coco_instances_union_is_the_semantic_mask(mixed, tmp_path):
                 assert not union[~valid].any()
             checked += 1
     assert checked == 12
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only 0700
 
 
 def test_coco_instances_follow_the_items_objects(tmp_path):

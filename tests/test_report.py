@@ -4,6 +4,7 @@ page itself loaded in headless Chromium (skipped, saying why, where no Chromium 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -72,10 +73,9 @@ def test_report_files_and_statistics(tmp_path):
         assert entry["u"] == pytest.approx((mask == IGNORE_INDEX).mean(), abs=1e-4)
         assert entry["a"] == pytest.approx(((mask != 0) & (mask != IGNORE_INDEX)).mean(), abs=1e-4)
         assert entry["z"] == refined.records()[[r["id"] for r in refined.records()].index(entry["i"])]["noise"]["score"]
-        for suffix in (".jpg", "_o.jpg", *(f"_m{k}.jpg" for k in entry["m"])):
-            with Image.open(assets / f"{entry['f']}{suffix}") as thumb:
-                assert max(thumb.size) == 128
-        assert entry["m"]  # every item has soft maps here
+        assert entry["v"] == ["image", "mask", *present]  # every item has soft maps here
+        with Image.open(assets / f"{entry['f']}.jpg") as strip:  # 96 px panels, 2 px apart
+            assert strip.size == (len(entry["v"]) * 98 - 2, 96)
     for k, name in enumerate(MIXED_NAMES, start=1):  # the class table: items whose mask has it, their 255 share
         having = [m for m in masks.values() if (m == k).any()]
         share = 100 * sum(int((m == IGNORE_INDEX).sum()) for m in having) / sum(m.size for m in having)
@@ -116,6 +116,10 @@ def test_report_replaces_an_older_one_whole(refined, tmp_path):
     assert not (tmp_path / "r_files" / "stale.jpg").exists()
     assert _items_js(out)["meta"]["pageSize"] == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r_files"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "r_files").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only 0700
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_report_bad_input_is_a_one_line_error(refined, tmp_path, capsys):
@@ -164,9 +168,9 @@ def test_report_in_headless_chromium(refined, run_and_evaluation, tmp_path):
 def test_the_browser_check_catches_a_broken_page(refined, tmp_path):
     out = tmp_path / "report.html"
     build_report(refined.root, out)
-    next((tmp_path / "report_files").glob("*/000000_o.jpg")).unlink()  # a thumbnail the first card shows
+    next((tmp_path / "report_files").glob("*/000000.jpg")).unlink()  # the thumbnails the first card shows
     page = load_page(out)
-    assert any("000000_o.jpg" in e for e in page.errors)
+    assert any("000000.jpg" in e for e in page.errors)
     (tmp_path / "report_files" / "items.js").unlink()
     page = load_page(out)
     assert not page.ready and any("items.js did not load" in e for e in page.errors)

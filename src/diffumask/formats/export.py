@@ -54,6 +54,16 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
+def plain_modes(root: Path) -> None:
+    """Give ``root`` and all below it the modes mkdir/open would (umask applied): mkdtemp and
+    mkstemp, which make outputs appear whole, make them owner-only, unusable from a web server or share."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 class NoDataset(DiffumaskError, ValueError):
     """The folder is not a dataset, or holds no finished item yet."""
 
@@ -362,6 +372,7 @@ def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLik
         write_text_atomic(tmp / "export.json", json.dumps(
             {"format": fmt, "source": str(dataset.root.resolve()), "items": len(dataset.records()),
              "notes": notes}, indent=1) + "\n")
+        plain_modes(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -371,5 +382,5 @@ def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLik
     return ExportResult(out, fmt, len(dataset.records()), notes)
 
 
-__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "NoDataset", "open_dataset", "ade20k_lookup", "cityscapes_lookup", "export_dataset",
+__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "NoDataset", "open_dataset", "plain_modes", "ade20k_lookup", "cityscapes_lookup", "export_dataset",
            "instance_masks"]

@@ -1,7 +1,7 @@
 """``diffumask report``: one static HTML page (plus a folder of thumbnails) to *look at* a dataset.
 
 ``REPORT.html`` holds the statistics, plots (inline SVG) and the gallery's code; ``REPORT_files/``
-holds one small JPEG per image, mask overlay and soft map (128 px, in folders of 1,000) and
+holds one small JPEG strip per item (image, mask overlay, soft maps; 96 px each, in folders of 1,000) and
 ``items.js``, the gallery's item list, loaded by a ``<script>`` tag so the page works from
 ``file://`` with no server and no network. The gallery pages through the items in the browser, so
 a 10,000-item dataset costs 10,000 small thumbnails, not 10,000 inlined images.
@@ -40,10 +40,11 @@ from PIL import Image
 
 from ..dataset import IGNORE_INDEX, Dataset, read_index_png, voc_palette, write_text_atomic
 from ..errors import DiffumaskError
-from ..formats.export import open_dataset
+from ..formats.export import open_dataset, plain_modes
 from . import plots
 
-THUMB = 128  # thumbnail side in pixels (the longer side)
+THUMB = 96  # thumbnail side in pixels (the longer side); the gallery shows them at this size
+GAP = 2  # white pixels between the panels of an item's strip
 FIG2_SIDE = 160
 PAGE_SIZE = 48  # gallery cards per page
 JPEG_QUALITY = 82
@@ -141,7 +142,7 @@ def _item_assets(dataset: Dataset, record: Mapping[str, Any], number: int, asset
     (assets / folder).mkdir(exist_ok=True)
     named = [names.index(c) for c in record.get("classes", []) if c in names]
     entry: dict[str, Any] = {"i": item_id, "f": stem, "s": record.get("split", "train"), "c": named,
-                             "p": record.get("prompt", ""), "m": [], "a": None, "u": None, "z": None}
+                             "p": record.get("prompt", ""), "a": None, "u": None, "z": None}
     noise = record.get("noise")
     if isinstance(noise, Mapping) and isinstance(noise.get("score"), (int, float)):
         entry["z"] = round(float(noise["score"]), 4)
@@ -153,10 +154,10 @@ def _item_assets(dataset: Dataset, record: Mapping[str, Any], number: int, asset
     stats.add(named, counts)
     shape = image.shape[:2] if image is not None else (mask.shape if mask is not None else (THUMB, THUMB))
     size = _fit(shape, THUMB)
+    panels: list[tuple[str | int, np.ndarray]] = []  # one strip per item: fewer, larger files than one per panel
     if image is not None:
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if image.shape[1] > size[0] else cv2.INTER_CUBIC)
-        _save_jpeg(assets / f"{stem}.jpg", image)
-        entry["img"] = 1
+        panels.append(("image", image))
     if counts is not None:
         total = int(counts.sum())
         entry["a"] = round(float(total - counts[0] - counts[IGNORE_INDEX]) / total, 4)
@@ -164,13 +165,18 @@ def _item_assets(dataset: Dataset, record: Mapping[str, Any], number: int, asset
         entry["c"] = sorted(set(named) | {int(k) for k in np.flatnonzero(counts[1:len(names)]) + 1})
         small = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
         base = image if image is not None else np.full((*small.shape, 3), 128, np.uint8)
-        _save_jpeg(assets / f"{stem}_o.jpg", _overlay(base, small))
+        panels.append(("mask", _overlay(base, small)))
     soft_path = dataset.soft_maps_path(item_id)
     if soft_path.is_file():
         wanted = [names[k] for k in entry["c"]]
         for name, soft in dataset.read_soft_maps(item_id, wanted).items():  # only the fused maps are read
-            _save_jpeg(assets / f"{stem}_m{names.index(name)}.jpg", _soft_map_thumb(soft, size))
-            entry["m"].append(names.index(name))
+            panels.append((names.index(name), _soft_map_thumb(soft, size)))
+    entry["v"] = [code for code, _ in panels]
+    entry["w"] = size[0]
+    if panels:
+        gap = np.full((size[1], GAP, 3), 255, np.uint8)
+        strip = [part for _, panel in panels for part in (panel, gap)][:-1]
+        _save_jpeg(assets / f"{stem}.jpg", np.hstack(strip))
     return entry
 
 
@@ -219,7 +225,7 @@ def _gamma_curves(dataset: Dataset, records: Sequence[Mapping[str, Any]], names:
         marks.append(best)
         rows.append({"name": series[-1][0], "color": palette[label], "gamma": best,
                      "iou": None if best is None else ious[gammas.index(best)], "images": len(curves)})
-    svg = plots.line_chart(gammas, series, "IoU against the AffinityNet mask per γ", "γ", "IoU", marks, y_max=1.0)
+    svg = plots.line_chart(gammas, series, "IoU against the AffinityNet mask per γ", "γ", "IoU", marks, y_max=1.0, zoom=True)
     return {"svg": svg, "rows": rows, "gammas": gammas}
 
 
@@ -293,7 +299,8 @@ def _runs(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
         preset = run.settings.get("preset", {})
         summary = {"path": str(run.root), "name": run.root.name, "classes": run.classes[1:],
                    "data": run.settings.get("data"), "split": run.settings.get("split"),
-                   "preset": preset.get("name") or preset.get("family"), "model": preset.get("model"),
+                   "preset": run.settings.get("preset_name") or preset.get("family"),
+                   "model": preset.get("model") if isinstance(preset.get("model"), str) else None,
                    "finished": run.model_dir.is_dir(), **train_summary(run), "svg": ""}
         if len(entries) >= 2:
             summary["svg"] = plots.line_chart([e["step"] for e in entries], [("loss", [e["loss"] for e in entries],
@@ -321,7 +328,7 @@ def _evaluations(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any] | No
     for e in evaluations:
         values = [None if e["iou"].get(c) is None else 100 * e["iou"][c] for c in classes]
         e["svg"] = plots.bar_chart([*classes, "mIoU"], [*values, 100 * e["miou"]],
-                                   [palette[k + 1] for k in range(len(classes))] + [(40, 40, 40)],
+                                   [palette[k] if k else (150, 150, 150) for k in range(len(classes))] + [(40, 40, 40)],
                                    f"per-class IoU: {e['label']}", "IoU (%)", y_max=100)
     return {"classes": classes, "evaluations": evaluations}
 
@@ -381,15 +388,17 @@ def build_report(dataset_root: str | os.PathLike[str], out: str | os.PathLike[st
             title=dataset.root.name, root=str(dataset.root), items=len(entries), splits=dict(splits),
             classes=_class_table(stats, names), ignored=(stats.total_ignored / stats.total_pixels)
             if stats.total_pixels else None, with_masks=sum(e["a"] is not None for e in entries),
-            with_maps=sum(bool(e["m"]) for e in entries), settings=dataset.settings, assets=assets_name,
+            with_maps=sum(any(isinstance(v, int) for v in e["v"]) for e in entries), settings=dataset.settings, assets=assets_name,
             fig3=_gamma_curves(dataset, records, names), fig2=figures, refine=_refine_summary(records),
             noise=_noise_summary(entries), runs=run_summaries, evaluation=evaluation_summary, meta=meta,
             generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        plain_modes(tmp)
         _replace_folder(tmp, html.parent / assets_name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_text_atomic(html, page)
+    plain_modes(html)
     return ReportResult(html, html.parent / assets_name, len(entries), time.perf_counter() - start)
 
 

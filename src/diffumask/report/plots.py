@@ -18,12 +18,12 @@ def _rgb(color: Sequence[int]) -> str:
     return f"rgb({int(color[0])},{int(color[1])},{int(color[2])})"
 
 
-def _frame(body: list[str], title: str, y_max: float, y_label: str, width: int = WIDTH) -> str:
-    """Axes, a y grid at quarters of ``y_max`` and the body, as one ``<svg>``."""
+def _frame(body: list[str], title: str, y_max: float, y_label: str, width: int = WIDTH, y_min: float = 0.0) -> str:
+    """Axes, a y grid at quarters of [``y_min``, ``y_max``] and the body, as one ``<svg>``."""
     plot_h = HEIGHT - TOP - BOTTOM
     grid = []
     for k in range(5):
-        value = y_max * k / 4
+        value = y_min + (y_max - y_min) * k / 4
         y = TOP + plot_h * (1 - k / 4)
         grid.append(f'<line x1="{LEFT}" x2="{width - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
                     f'<text x="{LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">{_tick(value)}</text>')
@@ -66,16 +66,20 @@ def bar_chart(labels: Sequence[str], values: Sequence[float | None], colors: Seq
 
 def line_chart(x: Sequence[float], series: Sequence[tuple[str, Sequence[float], Sequence[int]]], title: str,
                x_label: str, y_label: str, marks: Sequence[float | None] | None = None,
-               y_max: float | None = None) -> str:
-    """Lines over a shared x; ``marks[i]`` puts a dot on series i at that x (e.g. the chosen γ)."""
+               y_max: float | None = None, zoom: bool = False) -> str:
+    """Lines over a shared x; ``marks[i]`` puts a dot on series i at that x (e.g. the chosen γ).
+
+    ``zoom`` starts the y axis at the data's minimum (rounded down to a tenth) instead of 0.
+    """
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     values = [v for _, ys, _ in series for v in ys if math.isfinite(v)]
     top = y_max if y_max is not None else (max(values) if values and max(values) > 0 else 1.0)
+    bottom = min(math.floor(min(values) * 10) / 10, top - 0.1) if zoom and values else 0.0
     x0, x1 = min(x), max(x)
     span = (x1 - x0) or 1.0
 
     def point(xv: float, yv: float) -> tuple[float, float]:
-        return LEFT + plot_w * (xv - x0) / span, TOP + plot_h * (1 - min(yv, top) / top)
+        return LEFT + plot_w * (xv - x0) / span, TOP + plot_h * (1 - (min(yv, top) - bottom) / (top - bottom))
 
     body = []
     for k, (name, ys, color) in enumerate(series):
@@ -90,7 +94,7 @@ def line_chart(x: Sequence[float], series: Sequence[tuple[str, Sequence[float], 
         px, _ = point(value, 0)
         body.append(f'<text x="{px:.1f}" y="{TOP + plot_h + 14}" text-anchor="middle">{value:.3g}</text>')
     body.append(f'<text x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 8}" text-anchor="middle">{escape(x_label)}</text>')
-    return _frame(body, title, top, y_label)
+    return _frame(body, title, top, y_label, y_min=bottom)
 
 
 def histogram(values: Sequence[float], bins: int, lo: float, hi: float, color: Sequence[int], title: str,
