@@ -266,8 +266,8 @@ def ade20k_lookup(classes: list[str]) -> tuple[np.ndarray, list[str], str | None
         return lut, ["other", *ADE20K_CLASSES], None
     lut[1:len(classes) + 1] = np.arange(1, len(classes) + 1)
     missing = [c for c in classes if c not in matched]
-    note = (f"not all classes are ADE20K classes ({', '.join(missing)} are not), so the annotations use this "
-            "dataset's own indices 1..n (objectInfo.csv), not ADE20K's 150")
+    note = (f"not ADE20K classes: {', '.join(missing)}; so the annotations use this dataset's own indices 1..n "
+            "(objectInfo.csv), not ADE20K's 150")
     return lut, ["other", *classes], note
 
 
