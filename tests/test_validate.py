@@ -39,6 +39,10 @@ def _bigger_mask(root: Path) -> None:
     write_palette_png(root / "SegmentationClass" / "item_0002.png", np.zeros((50, 48), np.uint8))
 
 
+def _small_objects(root: Path) -> None:
+    write_palette_png(root / "SegmentationObject" / "item_0004.png", np.zeros((48, 40), np.uint8))
+
+
 def _bad_label(root: Path) -> None:
     mask = np.array(Image.open(root / "SegmentationClass" / "item_0003.png"))
     mask[0, 0], mask[0, 1] = 7, 200  # 6 classes: 7 and 200 are no class
@@ -80,6 +84,7 @@ BREAKS = {
                      ["item_0004: mask missing (SegmentationClass/item_0004.png)"]),
     "missing soft maps": (_remove("SoftMaps/item_0005.npz"), ["item_0005: soft maps missing (SoftMaps/item_0005.npz)"]),
     "mask size": (_bigger_mask, ["item_0002: mask is 48x50 but the image is 48x48"]),
+    "object map size": (_small_objects, ["item_0004: object map is 40x48 but the image is 48x48"]),
     "label values": (_bad_label, ["item_0003: mask values [7, 200] are neither classes of classes.json (0..6) nor 255"]),
     "soft map size": (_small_soft_map, ["item_0001: soft map {name!r} is (24, 24) but the image is (48, 48)"]),
     "splits": (_drop_from_split, [

@@ -23,12 +23,13 @@ from PIL import Image
 
 from .dataset import IGNORE_INDEX, IMAGE_FORMATS, Dataset, read_index_png
 from .errors import DiffumaskError
+from .formats.export import OBJECT_FOLDER
 
 #: Names that ``dataset._atomic_write`` gives a file while it is being written: ``.<name>.<random>.tmp``.
 TEMPORARY = re.compile(r"^\..+\.tmp$")
 SHARD = re.compile(r"^manifest\..+\.jsonl$")
 ITEM_FOLDERS = {"JPEGImages": tuple(f".{f}" for f in IMAGE_FORMATS), "SegmentationClass": (".png",),
-                "SoftMaps": (".npz",), "SegmentationObject": (".png",)}
+                "SoftMaps": (".npz",), OBJECT_FOLDER: (".png",)}
 
 
 class ValidateError(DiffumaskError, ValueError):
@@ -105,6 +106,11 @@ def _check_item(dataset: Dataset, record: dict, n_classes: int, soft_maps: bool)
             values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
             if bad := [int(v) for v in values if v > n_classes and v != IGNORE_INDEX]:
                 yield Problem(item_id, f"mask values {bad} are neither classes of classes.json (0..{n_classes}) nor 255")
+    objects = dataset.root / OBJECT_FOLDER / f"{item_id}.png"  # optional per-item instance layer
+    if objects.is_file() and size is not None:
+        with Image.open(objects) as image:
+            if (image.height, image.width) != size:
+                yield Problem(item_id, f"object map is {image.width}x{image.height} but the image is {size[1]}x{size[0]}")
     for name in record.get("classes", []):
         if name not in dataset.classes:
             yield Problem(item_id, f"manifest class {name!r} is not in classes.json")
