@@ -314,6 +314,26 @@ def _column_type(values: list[Any]) -> str:
     return "json"
 
 
+def _hf_rows(root: str, records: list[dict[str, Any]], kinds: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """One split's rows, read one item at a time (the files' bytes as they are: a palette PNG stays one)."""
+    dataset = Dataset(root)
+    for record in records:
+        mask_path = dataset.mask_path(record["id"])
+        if not mask_path.is_file():
+            raise ExportError(f"item {record['id']!r} has no mask ({mask_path}); run `diffumask validate` on {root}")
+        image_path = dataset.image_path(record["id"])
+        row = {"image": {"bytes": image_path.read_bytes(), "path": image_path.name},
+               "mask": {"bytes": mask_path.read_bytes(), "path": mask_path.name}}
+        for name, kind in kinds.items():
+            value = record.get(name)
+            if value is not None and kind == "json":
+                value = json.dumps(value)
+            elif value is not None and kind in ("float64", "floats"):
+                value = float(value) if kind == "float64" else [float(x) for x in value]
+            row[name] = value
+        yield row
+
+
 def _export_hf(dataset: Dataset, out: Path) -> list[str]:
     try:
         import datasets
@@ -328,26 +348,20 @@ def _export_hf(dataset: Dataset, out: Path) -> list[str]:
              "json": datasets.Value("string")}
     features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image(),
                                   **{name: value[kind] for name, kind in kinds.items()}})
-    by_split: dict[str, list[dict[str, Any]]] = {}
-    for record, image_path, _ in _items(dataset):
-        row = {"image": {"bytes": image_path.read_bytes(), "path": image_path.name},
-               "mask": {"bytes": dataset.mask_path(record["id"]).read_bytes(), "path": f"{record['id']}.png"}}
-        for name, kind in kinds.items():
-            v = record.get(name)
-            if v is not None and kind == "json":
-                v = json.dumps(v)
-            elif v is not None and kind in ("float64", "floats"):
-                v = float(v) if kind == "float64" else [float(x) for x in v]
-            row[name] = v
-        by_split.setdefault(record.get("split", "train"), []).append(row)
-    splits = {split: datasets.Dataset.from_list(rows, features=features) for split, rows in by_split.items()}
+    split_names = list(dict.fromkeys(r.get("split", "train") for r in records))
+    cache = Path(tempfile.mkdtemp(prefix=f".{out.name}.cache.", dir=out.parent))  # Arrow files, not memory
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one bar per split and shard says nothing to an export's user
     try:
+        splits = {split: datasets.Dataset.from_generator(
+            _hf_rows, features=features, cache_dir=str(cache), split=datasets.Split(split),
+            gen_kwargs={"root": str(dataset.root), "records": [r for r in records if r.get("split", "train") == split],
+                        "kinds": kinds}) for split in split_names}
         datasets.DatasetDict(splits).save_to_disk(str(out))
     finally:
         if bars:
             datasets.enable_progress_bars()
+        shutil.rmtree(cache, ignore_errors=True)
     json_columns = [name for name, kind in kinds.items() if kind == "json"]
     return [f"manifest fields stored as JSON text (json.loads to read): {', '.join(json_columns)}"] if json_columns else []
 
