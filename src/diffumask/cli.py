@@ -406,6 +406,97 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .formats.export import EXPORT_FORMATS
+
+    p = sub.add_parser(
+        "export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write a dataset in COCO, Cityscapes, ADE20K or Hugging Face datasets layout",
+        description="Write DATASET's images and masks into OUT in another ecosystem's layout, readable there "
+                    "with no glue code. OUT must be new or empty; it is written whole or not at all.\n\n"
+                    "formats:\n"
+                    "  coco        instances_<split>.json (compressed RLE per instance: the items' own objects\n"
+                    "              from SegmentationObject/ where present, else connected components per class)\n"
+                    "              and panoptic_<split>.json + PNGs; pycocotools, detectron2, mmdet\n"
+                    "  cityscapes  gtFine *_labelIds.png / *_labelTrainIds.png (classes matched to the 19 train\n"
+                    "              classes by name, others 255) + leftImg8bit; cityscapesscripts, mmseg\n"
+                    "  ade20k      ADEChallengeData2016 (0 = other: background and 255); mmseg\n"
+                    "  hf          Hugging Face datasets save_to_disk folder (needs pip install 'diffumask[hf]')",
+        epilog="examples:\n  diffumask export data/voc --format coco --out data/voc-coco\n"
+               "  diffumask export data/city --format cityscapes --out data/city-cs\n",
+    )
+    p.add_argument("dataset", help="dataset folder (generate / refine / shapes export)")
+    p.add_argument("--format", required=True, choices=list(EXPORT_FORMATS), help="target layout (see above)")
+    p.add_argument("--out", required=True, help="new (or empty) folder for the export")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from .formats.export import export_dataset
+
+    result = export_dataset(args.dataset, args.format, args.out)
+    print(f"exported {result.items} items as {result.format} to {result.out}")
+    for note in result.notes:
+        print(f"note: {note}")
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="check every item of a dataset folder; one line per problem, non-zero exit if any",
+        description="Check DATASET against its contract: each manifest item's image, mask and soft maps exist and "
+                    "agree in size; mask values are classes of classes.json or 255; manifest and ImageSets agree; "
+                    "no temporary file of an interrupted write and no unmerged manifest shard is left. Prints one "
+                    "line per problem and exits with 1 when there is any.")
+    p.add_argument("dataset", help="dataset folder")
+    p.set_defaults(run=_run_validate)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from .validate import validate_dataset
+
+    problems, items = validate_dataset(args.dataset)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem{'s' * (len(problems) != 1)} in {args.dataset} ({items} items)", file=sys.stderr)
+        return 1
+    print(f"{args.dataset}: {items} items, no problems")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write a static HTML report of a dataset: gallery, per-class statistics, figures, results",
+        description="Write OUT (an .html file) and OUT's _files folder beside it (thumbnails, the gallery's item "
+                    "list): opens offline from disk, no server and no network. Shows a paged gallery (image, mask "
+                    "overlay, each class's soft map; filter by class; sort by mask area or noise score), per-class "
+                    "counts, area distributions and 255 shares, the adaptive γ curves of refine --per-class (the "
+                    "paper's Fig. 3), per-resolution attention maps (Fig. 2), and refine / train / evaluate results.",
+        epilog="examples:\n  diffumask report data/shapes --out data/shapes-report.html\n"
+               "  diffumask report data/voc --out voc.html --run runs/voc --evaluation runs/voc/val.json\n",
+    )
+    p.add_argument("dataset", help="dataset folder")
+    p.add_argument("--out", required=True, help="the report's .html file (thumbnails go to <name>_files/ beside it)")
+    p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN",
+                   help="a training run folder (diffumask train --out RUN) to show; repeatable")
+    p.add_argument("--evaluation", action="append", default=[], metavar="FILE",
+                   help="the JSON of `diffumask evaluate --json FILE`, shown as a per-class IoU table and chart; repeatable")
+    p.add_argument("--fig2-items", type=int, default=4, help="items shown per resolution (Fig. 2) (default: 4)")
+    p.add_argument("--page-size", type=int, default=48, help="gallery cards per page (default: 48)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    result = build_report(args.dataset, args.out, args.runs, args.evaluation, args.fig2_items, args.page_size,
+                          progress=not args.quiet)
+    print(f"report of {result.items} items in {result.html} (+ {result.assets.name}/, "
+          f"{result.size_bytes / 2**20:.1f} MiB, {result.seconds:.1f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffumask", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -417,13 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"diffumask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,refine,train,predict,evaluate,shapes}")
+                                metavar="{generate,refine,train,predict,evaluate,shapes,export,validate,report}")
     _add_generate(sub)
     _add_refine(sub)
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
     _add_shapes(sub)
+    _add_export(sub)
+    _add_validate(sub)
+    _add_report(sub)
     return parser
 
 
@@ -435,14 +529,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.run(args)
+        status = args.run(args)  # None, or an exit status (validate: 1 when it found problems)
     except DiffumaskError as error:
         print(f"diffumask: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffumask: interrupted; finished items are kept, re-run the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""``diffumask validate``: check a dataset folder against its contract before anyone trains on it.
+
+Every item of the manifest must have its image, its mask and (when the dataset holds soft maps) its
+soft maps; their sizes must agree; mask values must be classes of ``classes.json`` or 255; the
+``ImageSets`` lists must hold exactly the manifest's items of each split; no temporary file of an
+interrupted write may be left, and no per-rank manifest shard (``manifest.<rank>.jsonl``) unmerged.
+Sizes are read from file headers (the PNG/JPEG header, the ``.npy`` header inside the ``.npz``), so
+a check of 10,000 items decompresses only the masks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .dataset import IGNORE_INDEX, IMAGE_FORMATS, Dataset, read_index_png
+from .errors import DiffumaskError
+from .formats.export import OBJECT_FOLDER
+
+#: Names that ``dataset._atomic_write`` gives a file while it is being written: ``.<name>.<random>.tmp``.
+TEMPORARY = re.compile(r"^\..+\.tmp$")
+SHARD = re.compile(r"^manifest\..+\.jsonl$")
+ITEM_FOLDERS = {"JPEGImages": tuple(f".{f}" for f in IMAGE_FORMATS), "SegmentationClass": (".png",),
+                "SoftMaps": (".npz",), OBJECT_FOLDER: (".png",)}
+
+
+class ValidateError(DiffumaskError, ValueError):
+    """The folder is not a dataset at all (no classes.json / dataset.json)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str  # an item id or a path relative to the dataset
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Array shapes of an ``.npz`` from the ``.npy`` headers alone (nothing is decompressed beyond them)."""
+    shapes = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, _ = read_header(member)
+            shapes[name.removesuffix(".npy")] = tuple(shape)
+    return shapes
+
+
+def _records(dataset: Dataset) -> Iterator[Problem | dict]:
+    """Manifest lines as records, or problems for lines that are not (without repairing anything)."""
+    if not dataset.manifest_path.is_file():
+        yield Problem("manifest.jsonl", "missing: the dataset has no finished item")
+        return
+    lines = dataset.manifest_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        try:
+            if not line.endswith("\n"):
+                raise ValueError
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                raise ValueError
+        except ValueError:
+            torn = number == len(lines) and not line.endswith("\n")
+            yield Problem(f"manifest.jsonl:{number}", "torn last line (a killed write); the next run will drop it"
+                          if torn else "not a JSON object with an 'id'")
+            continue
+        yield record
+
+
+def _check_item(dataset: Dataset, record: dict, n_classes: int, soft_maps: bool) -> Iterator[Problem]:
+    item_id = record["id"]
+    size = None
+    image_path = dataset.image_path(item_id)
+    if not image_path.is_file():
+        yield Problem(item_id, f"image missing ({image_path.relative_to(dataset.root)})")
+    else:
+        try:
+            with Image.open(image_path) as image:
+                size = (image.height, image.width)
+        except OSError as error:
+            yield Problem(item_id, f"image unreadable: {error}")
+    mask_path = dataset.mask_path(item_id)
+    if not mask_path.is_file():
+        yield Problem(item_id, f"mask missing ({mask_path.relative_to(dataset.root)})")
+    else:
+        try:
+            mask = read_index_png(mask_path)
+        except (OSError, ValueError) as error:
+            yield Problem(item_id, f"mask unreadable: {error}")
+        else:
+            if size is not None and mask.shape != size:
+                yield Problem(item_id, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[1]}x{size[0]}")
+            values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+            if bad := [int(v) for v in values if v > n_classes and v != IGNORE_INDEX]:
+                yield Problem(item_id, f"mask values {bad} are neither classes of classes.json (0..{n_classes}) nor 255")
+    objects = dataset.root / OBJECT_FOLDER / f"{item_id}.png"  # optional per-item instance layer
+    if objects.is_file() and size is not None:
+        with Image.open(objects) as image:
+            if (image.height, image.width) != size:
+                yield Problem(item_id, f"object map is {image.width}x{image.height} but the image is {size[1]}x{size[0]}")
+    for name in record.get("classes", []):
+        if name not in dataset.classes:
+            yield Problem(item_id, f"manifest class {name!r} is not in classes.json")
+    if soft_maps:
+        path = dataset.soft_maps_path(item_id)
+        if not path.is_file():
+            yield Problem(item_id, f"soft maps missing ({path.relative_to(dataset.root)})")
+            return
+        try:
+            shapes = _npz_shapes(path)
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            yield Problem(item_id, f"soft maps unreadable: {error}")
+            return
+        for name in record.get("classes", []):
+            if name not in shapes:
+                yield Problem(item_id, f"soft maps lack the fused map of {name!r}")
+            elif size is not None and shapes[name] != size:
+                yield Problem(item_id, f"soft map {name!r} is {shapes[name]} but the image is {size}")
+
+
+def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
+    """Every problem of the dataset at ``root``, and the number of manifest items checked."""
+    root = Path(root)
+    for name in ("classes.json", "dataset.json"):
+        if not (root / name).is_file():
+            raise ValidateError(f"{root} is not a diffumask dataset (no {name})")
+    try:
+        dataset = Dataset(root)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValidateError(f"{root}: dataset.json or classes.json is unreadable ({error})") from None
+    problems: list[Problem] = []
+    n_classes = len(dataset.classes)
+    soft_maps = (root / "SoftMaps").is_dir() and any((root / "SoftMaps").iterdir())
+    records = []
+    seen: set[str] = set()
+    for entry in _records(dataset):
+        if isinstance(entry, Problem):
+            problems.append(entry)
+            continue
+        if entry["id"] in seen:
+            problems.append(Problem(entry["id"], "listed twice in manifest.jsonl"))
+            continue
+        seen.add(entry["id"])
+        records.append(entry)
+        problems.extend(_check_item(dataset, entry, n_classes, soft_maps))
+    problems.extend(_check_splits(dataset, records))
+    problems.extend(_check_files(dataset, seen))
+    return problems, len(records)
+
+
+def _check_splits(dataset: Dataset, records: list[dict]) -> Iterator[Problem]:
+    by_split: dict[str, list[str]] = {}
+    for record in records:
+        by_split.setdefault(record.get("split", "train"), []).append(record["id"])
+    folder = dataset.root / "ImageSets" / "Segmentation"
+    listed = {p.stem: p for p in folder.glob("*.txt")} if folder.is_dir() else {}
+    for split in sorted(set(by_split) | set(listed)):
+        where = f"ImageSets/Segmentation/{split}.txt"
+        if split not in listed:
+            yield Problem(where, f"missing, but the manifest has {len(by_split[split])} {split} items")
+            continue
+        ids = listed[split].read_text().split()
+        wanted = set(by_split.get(split, []))
+        if extra := [i for i in ids if i not in wanted]:
+            yield Problem(where, f"lists {len(extra)} items the manifest has not in split {split!r}: "
+                          f"{', '.join(extra[:5])}{' …' if len(extra) > 5 else ''}")
+        if missing := sorted(wanted - set(ids)):
+            yield Problem(where, f"lacks {len(missing)} of the manifest's {split} items: "
+                          f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+        if len(ids) != len(set(ids)):
+            yield Problem(where, "lists an item more than once")
+
+
+def _check_files(dataset: Dataset, ids: set[str]) -> Iterator[Problem]:
+    root = dataset.root
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and TEMPORARY.match(path.name):
+            yield Problem(str(path.relative_to(root)), "temporary file of an interrupted write; delete it")
+    for path in sorted(root.glob("manifest.*.jsonl")):
+        if SHARD.match(path.name):
+            yield Problem(path.name, "manifest shard not merged into manifest.jsonl")
+    for folder, suffixes in ITEM_FOLDERS.items():
+        if not (root / folder).is_dir():
+            continue
+        for path in sorted((root / folder).iterdir()):
+            if path.is_file() and path.suffix in suffixes and path.stem not in ids and not TEMPORARY.match(path.name):
+                yield Problem(str(path.relative_to(root)), "belongs to no manifest item (an unfinished item: "
+                              "re-run the command that made the dataset, or delete it)")
+
+
+__all__ = ["Problem", "ValidateError", "validate_dataset"]

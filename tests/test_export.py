@@ -1,0 +1,198 @@
+"""``diffumask export``: every format read back by its own ecosystem's reader, on items with several
+classes each, 255 bands along every edge, and (for half of them) their own object layer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from dataset_factory import ADE_NAMES, MIXED_NAMES, make_dataset
+from PIL import Image
+
+from diffumask.cli import main
+from diffumask.dataset import IGNORE_INDEX, Dataset, read_index_png
+from diffumask.formats import open_source
+from diffumask.formats.export import ExportError, export_dataset, instance_masks
+from diffumask.formats.tables import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    return make_dataset(tmp_path_factory.mktemp("mixed") / "data", n=12, names=MIXED_NAMES)
+
+
+def test_fixture_has_what_the_exports_must_survive(mixed):
+    masks = [mixed.read_mask(r["id"]) for r in mixed.records()]
+    assert sum(len(set(np.unique(m)) - {0, IGNORE_INDEX}) >= 2 for m in masks) >= 6  # several classes per image
+    assert all((m == IGNORE_INDEX).any() for m in masks)  # 255 bands
+
+
+def test_coco_instances_union_is_the_semantic_mask(mixed, tmp_path):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    out = tmp_path / "coco"
+    assert main(["export", str(mixed.root), "--format", "coco", "--out", str(out)]) == 0
+    checked = 0
+    for split in ("train", "val"):
+        coco = COCO(str(out / "annotations" / f"instances_{split}.json"))
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(MIXED_NAMES)
+        assert [c["id"] for c in coco.loadCats(coco.getCatIds())] == list(range(1, 7))
+        for image in coco.loadImgs(coco.getImgIds()):
+            truth = mixed.read_mask(image["diffumask_id"])
+            assert (image["height"], image["width"]) == truth.shape
+            assert (out / split / image["file_name"]).is_file()
+            annotations = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+            for label in range(1, 7):
+                union = np.zeros(truth.shape, bool)
+                for ann in (a for a in annotations if a["category_id"] == label):
+                    assert isinstance(ann["segmentation"]["counts"], str) and ann["iscrowd"] == 0
+                    pixels = mask_utils.decode(coco.annToRLE(ann)).astype(bool)
+                    assert not (union & pixels).any()  # instances of a class do not overlap
+                    union |= pixels
+                    assert ann["area"] == pixels.sum()
+                    ys, xs = np.nonzero(pixels)
+                    assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+                valid = truth != IGNORE_INDEX
+                np.testing.assert_array_equal(union[valid], truth[valid] == label)
+                assert not union[~valid].any()
+            checked += 1
+    assert checked == 12
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only 0700
+
+
+def test_coco_instances_follow_the_items_objects(tmp_path):
+    mask = np.zeros((6, 10), np.uint8)
+    mask[1:4, 1:8] = 2  # two objects of class 2 touching each other: one connected component
+    mask[1:4, 4] = IGNORE_INDEX
+    objects = np.zeros_like(mask)
+    objects[1:4, 1:4], objects[1:4, 5:8] = 1, 2
+    objects[1:4, 4] = IGNORE_INDEX
+    mask[5, 0] = 2  # a class pixel no object covers: still an instance, from its component
+    assert len(instance_masks(mask)) == 3  # components: the block split in two by the 255 column, and the pixel
+    mask[1:4, 4] = 2
+    assert len(instance_masks(mask)) == 2  # joined by the column: one block, one pixel
+    found = instance_masks(mask, objects)
+    assert [label for label, _ in found] == [2, 2, 2, 2]
+    assert [int(p.sum()) for _, p in found] == [9, 9, 3, 1]  # object 1, object 2, then the uncovered column, pixel
+
+
+def test_coco_panoptic_png_carries_the_semantic_mask(mixed, tmp_path):
+    out = tmp_path / "coco"
+    export_dataset(mixed.root, "coco", out)
+    panoptic = json.loads((out / "annotations" / "panoptic_train.json").read_text())
+    categories = {c["id"]: c for c in panoptic["categories"]}
+    assert categories[0]["isthing"] == 0 and categories[3]["name"] == "road" and categories[3]["isthing"] == 1
+    images = {i["id"]: i for i in panoptic["images"]}
+    for annotation in panoptic["annotations"]:
+        rgb = np.array(Image.open(out / "annotations" / "panoptic_train" / annotation["file_name"])).astype(np.int64)
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]  # panopticapi's rgb2id
+        semantic = np.full(ids.shape, IGNORE_INDEX, np.uint8)
+        for segment in annotation["segments_info"]:
+            assert (ids == segment["id"]).sum() == segment["area"]
+            semantic[ids == segment["id"]] = segment["category_id"]
+        np.testing.assert_array_equal(semantic, mixed.read_mask(images[annotation["image_id"]]["diffumask_id"]))
+
+
+def test_cityscapes_export_reads_back_through_the_label_table(mixed, tmp_path):
+    out = tmp_path / "cityscapes"
+    result = export_dataset(mixed.root, "cityscapes", out)
+    assert "dog, tree" in result.notes[0]
+    source = open_source(out)  # our Cityscapes reader: labelIds → train ids by the table
+    assert source.format == "cityscapes"
+    names = json.loads((out / "ids.json").read_text())
+    train_id = {name: t for t, name in CITYSCAPES_TRAIN_IDS.values()}
+    expected_lut = np.full(256, IGNORE_INDEX, np.uint8)
+    for index, name in enumerate(MIXED_NAMES, start=1):
+        expected_lut[index] = train_id.get(name, IGNORE_INDEX)
+    assert sorted(expected_lut[1:7]) == [0, 10, 11, 13, 255, 255]  # road, sky, person, car; dog, tree ignored
+    ids = source.ids("train") + source.ids("val")
+    assert len(ids) == 12
+    for cs_id in ids:
+        image, labels = source.read(cs_id)
+        truth = mixed.read_mask(names[cs_id])
+        np.testing.assert_array_equal(labels, expected_lut[truth])
+        np.testing.assert_array_equal(image, mixed.read_image(names[cs_id]))
+        stored = read_index_png(out / "gtFine" / f"{cs_id}_gtFine_labelTrainIds.png")
+        np.testing.assert_array_equal(stored, expected_lut[truth])
+
+
+def test_cityscapes_export_agrees_with_cityscapesscripts(mixed, tmp_path):
+    labels = pytest.importorskip("cityscapesscripts.helpers.labels", reason="cityscapesscripts is not installed")
+    out = tmp_path / "cityscapes"
+    export_dataset(mixed.root, "cityscapes", out)
+    for path in (out / "gtFine").glob("*/*/*_gtFine_labelIds.png"):
+        label_ids = read_index_png(path)
+        train_ids = read_index_png(path.with_name(path.name.replace("labelIds", "labelTrainIds")))
+        for value in np.unique(label_ids):
+            assert (train_ids[label_ids == value] == labels.id2label[int(value)].trainId).all()
+
+
+def test_cityscapes_refuses_a_dataset_without_cityscapes_classes(tmp_path):
+    data = make_dataset(tmp_path / "data", n=2, names=("circle", "square", "triangle", "star", "ring", "cross"),
+                        soft_maps=False)
+    with pytest.raises(ExportError, match="none of the classes"):
+        export_dataset(data.root, "cityscapes", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("names", [MIXED_NAMES, ADE_NAMES])
+def test_ade20k_export_reads_back_with_the_ade_reader(tmp_path, names):
+    data = make_dataset(tmp_path / "data", n=6, names=names, soft_maps=False)
+    out = tmp_path / "ade"
+    result = export_dataset(data.root, "ade20k", out)
+    source = open_source(out)  # our ADE20K reader: 0 "other" → 255, k → k
+    assert source.format == "ade20k" and len(source.ids("train")) == 3 and len(source.ids("val")) == 3
+    info = (out / "ADEChallengeData2016" / "objectInfo.csv").read_text().splitlines()
+    if names == ADE_NAMES:
+        assert not result.notes
+        target = {i: ADE20K_CLASSES.index(n) + 1 for i, n in enumerate(names, start=1)}
+        assert len(info) == 152
+    else:
+        assert result.notes[0].startswith("not ADE20K classes: dog;") and "own indices" in result.notes[0]
+        target = {i: i for i in range(1, 7)}
+        assert info[1:] == ["0,other", *(f"{i},{n}" for i, n in enumerate(names, start=1))]
+    for split in ("train", "val"):
+        for item in source.ids(split):
+            _, labels = source.read(item)
+            truth = data.read_mask(item)
+            expected = np.full(truth.shape, IGNORE_INDEX, np.uint8)  # background and 255 both read as 255
+            for ours, theirs in target.items():
+                expected[truth == ours] = theirs
+            np.testing.assert_array_equal(labels, expected)
+            raw = read_index_png(out / "ADEChallengeData2016" / "annotations" /
+                                 {"train": "training", "val": "validation"}[split] / f"{item}.png")
+            assert raw[truth == 0].max(initial=0) == 0 and raw[truth == IGNORE_INDEX].max(initial=0) == 0
+
+
+def test_hf_export_loads_with_datasets(mixed, tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the hf extra (pip install 'diffumask[hf]') is not installed")
+    out = tmp_path / "hf"
+    assert main(["export", str(mixed.root), "--format", "hf", "--out", str(out)]) == 0
+    loaded = datasets.load_from_disk(str(out))
+    assert sorted(loaded) == ["train", "val"] and len(loaded["train"]) == len(loaded["val"]) == 6
+    assert isinstance(loaded["train"].features["mask"], datasets.Image)
+    records = {r["id"]: r for r in mixed.records()}
+    for row in loaded["train"]:
+        record = records[row["id"]]
+        assert row["mask"].mode == "P"  # the palette PNG as it was written
+        assert row["mask"].getpalette()[3:6] == [128, 0, 0]
+        np.testing.assert_array_equal(np.array(row["mask"]), mixed.read_mask(row["id"]))
+        np.testing.assert_array_equal(np.array(row["image"].convert("RGB")), mixed.read_image(row["id"]))
+        assert row["classes"] == record["classes"] and row["prompt"] == record["prompt"]
+        assert row["seed"] == record["seed"] and row["size"] == record["size"] and row["split"] == "train"
+        assert json.loads(row["tokens"]) == record["tokens"]
+
+
+def test_export_refuses_a_taken_folder_and_a_non_dataset(mixed, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert main(["export", str(mixed.root), "--format", "coco", "--out", str(tmp_path / "taken")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--format", "ade20k", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffumask: error:") and "not a diffumask dataset" in err and err.count("\n") == 1

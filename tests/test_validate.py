@@ -1,0 +1,137 @@
+"""``diffumask validate`` on a sound dataset and on copies broken one way each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dataset_factory import make_dataset
+from PIL import Image
+
+from diffumask.cli import main
+from diffumask.dataset import Dataset, _save_npz, write_palette_png
+from diffumask.validate import validate_dataset
+
+
+@pytest.fixture(scope="module")
+def sound(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("sound") / "data", n=6).root
+
+
+def _lines(capsys) -> list[str]:
+    return capsys.readouterr().out.splitlines()
+
+
+def test_a_sound_dataset_passes(sound, capsys):
+    assert main(["validate", str(sound)]) == 0
+    assert _lines(capsys) == [f"{sound}: 6 items, no problems"]
+
+
+def _remove(path: str) -> Callable[[Path], None]:
+    return lambda root: (root / path).unlink()
+
+
+def _bigger_mask(root: Path) -> None:
+    write_palette_png(root / "SegmentationClass" / "item_0002.png", np.zeros((50, 48), np.uint8))
+
+
+def _small_objects(root: Path) -> None:
+    write_palette_png(root / "SegmentationObject" / "item_0004.png", np.zeros((48, 40), np.uint8))
+
+
+def _bad_label(root: Path) -> None:
+    mask = np.array(Image.open(root / "SegmentationClass" / "item_0003.png"))
+    mask[0, 0], mask[0, 1] = 7, 200  # 6 classes: 7 and 200 are no class
+    write_palette_png(root / "SegmentationClass" / "item_0003.png", mask)
+
+
+def _small_soft_map(root: Path) -> None:
+    dataset = Dataset(root)
+    maps = dataset.read_soft_maps("item_0001")
+    name = dataset.records()[1]["classes"][0]
+    maps[name] = maps[name][:24, :24]
+    _save_npz(root / "SoftMaps" / "item_0001.npz", maps)
+
+
+def _drop_from_split(root: Path) -> None:
+    path = root / "ImageSets" / "Segmentation" / "val.txt"
+    path.write_text(path.read_text().replace("item_0001\n", "") + "ghost_0001\n")
+
+
+def _torn_manifest(root: Path) -> None:
+    with open(root / "manifest.jsonl", "a") as f:
+        f.write('{"id": "item_0006", "spl')
+
+
+def _duplicate_line(root: Path) -> None:
+    lines = (root / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (root / "manifest.jsonl").write_text("".join(lines + lines[:1]))
+
+
+def _leftovers(root: Path) -> None:
+    (root / "SegmentationClass" / ".item_0004.png.ab12cd.tmp").write_bytes(b"half")
+    (root / "manifest.1.jsonl").write_text('{"id": "item_0099"}\n')
+    shutil.copy(root / "JPEGImages" / "item_0000.png", root / "JPEGImages" / "item_0099.png")
+
+
+BREAKS = {
+    "missing image": (_remove("JPEGImages/item_0000.png"), ["item_0000: image missing (JPEGImages/item_0000.png)"]),
+    "missing mask": (_remove("SegmentationClass/item_0004.png"),
+                     ["item_0004: mask missing (SegmentationClass/item_0004.png)"]),
+    "missing soft maps": (_remove("SoftMaps/item_0005.npz"), ["item_0005: soft maps missing (SoftMaps/item_0005.npz)"]),
+    "mask size": (_bigger_mask, ["item_0002: mask is 48x50 but the image is 48x48"]),
+    "object map size": (_small_objects, ["item_0004: object map is 40x48 but the image is 48x48"]),
+    "label values": (_bad_label, ["item_0003: mask values [7, 200] are neither classes of classes.json (0..6) nor 255"]),
+    "soft map size": (_small_soft_map, ["item_0001: soft map {name!r} is (24, 24) but the image is (48, 48)"]),
+    "splits": (_drop_from_split, [
+        "ImageSets/Segmentation/val.txt: lists 1 items the manifest has not in split 'val': ghost_0001",
+        "ImageSets/Segmentation/val.txt: lacks 1 of the manifest's val items: item_0001"]),
+    "torn manifest": (_torn_manifest,
+                      ["manifest.jsonl:7: torn last line (a killed write); the next run will drop it"]),
+    "duplicate": (_duplicate_line, ["item_0000: listed twice in manifest.jsonl"]),
+    "leftovers": (_leftovers, [
+        "SegmentationClass/.item_0004.png.ab12cd.tmp: temporary file of an interrupted write; delete it",
+        "manifest.1.jsonl: manifest shard not merged into manifest.jsonl",
+        "JPEGImages/item_0099.png: belongs to no manifest item (an unfinished item: re-run the command that "
+        "made the dataset, or delete it)"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(BREAKS))
+def test_each_break_is_one_line_and_a_failing_exit(sound, tmp_path, capsys, kind):
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+    breaker, expected = BREAKS[kind]
+    breaker(root)
+    if kind == "soft map size":
+        name = Dataset(root).records()[1]["classes"][0]
+        expected = [line.format(name=name) for line in expected]
+    manifest = (root / "manifest.jsonl").read_bytes()
+    assert main(["validate", str(root)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == expected
+    assert f"{len(expected)} problem" in captured.err
+    assert (root / "manifest.jsonl").read_bytes() == manifest  # it reports; repairing (a torn line) is not its job
+
+
+def test_problems_add_up_and_the_api_returns_them(sound, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+    _remove("JPEGImages/item_0000.png")(root)
+    _bad_label(root)
+    (root / "manifest.r2.jsonl").write_text("")
+    problems, items = validate_dataset(root)
+    assert items == 6 and [p.where for p in problems] == ["item_0000", "item_0003", "manifest.r2.jsonl"]
+
+
+def test_not_a_dataset_is_a_one_line_error(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"diffumask: error: {tmp_path} is not a diffumask dataset (no classes.json)\n"
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": [{"index": 0, "name": "background"}]}))
+    assert main(["validate", str(tmp_path)]) == 2
+    assert "no dataset.json" in capsys.readouterr().err
