@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..dataset import IGNORE_INDEX
-from ..errors import DiffumaskError
+from ..errors import ConfigError, DiffumaskError
 
 
 class CRFUnavailable(DiffumaskError, ImportError):
@@ -38,6 +38,17 @@ class CRFParams:
     bilateral_compat: float = 10.0
     iterations: int = 10
     reference_size: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gt_prob < 1:
+            raise ConfigError(f"the CRF's label confidence (--crf-gt-prob) must lie strictly between 0 and 1, "
+                              f"got {self.gt_prob}")
+        for name, value in (("--crf-sxy", self.bilateral_sxy), ("--crf-srgb", self.bilateral_srgb),
+                            ("the Gaussian kernel's sxy", self.gaussian_sxy), ("reference_size", self.reference_size)):
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.gaussian_compat < 0 or self.bilateral_compat < 0 or self.iterations < 1:
+            raise ConfigError("CRF compatibilities must be ≥ 0 and its iterations ≥ 1")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
