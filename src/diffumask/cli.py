@@ -54,6 +54,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="'shapes' (built-in, offline), a local diffusers folder, or a Hugging Face hub id "
                         "(default: shapes)")
     p.add_argument("--images-per-class", type=int, default=10, help="images to generate per class (default: 10)")
+    p.add_argument("--compose", type=int, default=0, metavar="N",
+                   help="also N images per class that show it with other classes of --classes: the prompt bank's "
+                        "multi-class templates ('a {person} riding a {horse}') or a pair of classes; each item lists "
+                        "all its classes and its mask gives each pixel to the class whose map wins (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each item's seed derives from (seed, class, index)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's own, 50 for Stable Diffusion)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's own, 7.5 for SD)")
@@ -79,10 +83,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="also store the mean self-attention at latent/F for self-attention propagation "
                         "(default: 2, i.e. 32x32 at 512 px, 2 MiB per image; 'none' to skip)")
     p.add_argument("--threshold", type=float,
-                   help="γ: a pixel belongs to the class when its map exceeds it (default: the model's own; "
+                   help="γ in (0, 1): a pixel belongs to the class when its map exceeds it (default: the model's own; "
                         "0.4, the paper's, for Stable Diffusion)")
     p.add_argument("--uncertain", type=float,
-                   help="lower edge of an uncertainty band: pixels with map in (uncertain, threshold] are labelled 255 (ignored)")
+                   help="lower edge of an uncertainty band, in (0, γ): pixels with map in (uncertain, threshold] are "
+                        "labelled 255 (ignored) (default: no band)")
     p.add_argument("--image-format", choices=["jpg", "png"], default="jpg", help="image files (default: jpg, quality 95)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,11 +99,14 @@ def _run_generate(args: argparse.Namespace) -> None:
 
     from .generate import GenerateConfig, generate_dataset
 
+    from .models import check_device
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     config = GenerateConfig(
         classes=args.classes, out=args.out, images_per_class=args.images_per_class, model=args.model,
-        seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, size=args.size,
+        compose=args.compose, seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, size=args.size,
         negative_prompt=args.negative_prompt, prompts=args.prompts, resolutions=args.resolutions,
         layers=args.layers, step_window=args.step_window, self_attention=args.self_attention, threshold=args.threshold, uncertain=args.uncertain,
         image_format=args.image_format, batch_size=args.batch_size, device=device, dtype=dtype,
