@@ -230,6 +230,7 @@ def test_bad_input_fails_cleanly(tmp_path, saved_pipelines, capsys):
     (["--self-attention", "0"], "--self-attention must be at least 1"),
     (["--resolutions", "0,16"], "--resolutions must be positive"),
     (["--device", "gpu0"], "unknown device 'gpu0'"),
+    (["--step-window", "0.8,0.2"], "step window (0.8, 0.2) must satisfy 0 <= start < stop <= 1"),
 ])
 def test_bad_option_values_are_one_line_errors(tmp_path, saved_pipelines, capsys, extra, fragment):
     out = tmp_path / "bad"

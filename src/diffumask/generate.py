@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attention import ImageMaps, trace
 from .dataset import IMAGE_FORMATS, Dataset
-from .errors import ConfigError, DiffumaskError
+from .errors import ConfigError
 from .masks import threshold_masks
 from .masks.threshold import PAPER_THRESHOLD, check_band
 from .models import DTYPES, SCHEDULERS, load_pipeline, model_description, pipeline_name
@@ -88,6 +88,7 @@ class GenerateConfig:
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         check_band(self.threshold, self.uncertain)
+        _check_window(self.step_window)
 
     def settings(self) -> dict[str, Any]:
         """The options that change the data, so a re-run with other ones is refused."""
@@ -154,13 +155,17 @@ def _pipeline_default(pipe: Any, argument: str) -> Any:
     return inspect.signature(pipe.__call__).parameters[argument].default
 
 
+def _check_window(window: tuple[float, float] | None) -> None:
+    if window is not None and not 0.0 <= window[0] < window[1] <= 1.0:
+        raise ConfigError(f"step window {window} must satisfy 0 <= start < stop <= 1")
+
+
 def _step_range(window: tuple[float, float] | None, steps: int, pipe: Any) -> tuple[int, int] | None:
     """A window of UNet calls from fractions of the sampler's timesteps."""
     if window is None:
         return None
+    _check_window(window)
     start, stop = window
-    if not 0.0 <= start < stop <= 1.0:
-        raise DiffumaskError(f"step window {window} must satisfy 0 <= start < stop <= 1")
     pipe.scheduler.set_timesteps(steps)
     calls = len(pipe.scheduler.timesteps)  # PNDM makes one call more than steps
     return int(round(start * calls)), max(int(round(start * calls)) + 1, int(round(stop * calls)))
