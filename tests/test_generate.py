@@ -282,6 +282,50 @@ def test_every_generate_option_is_in_its_help_and_in_the_readme_table():
     assert documented <= {max(a.option_strings, key=len) for a in actions}  # and no stale row
 
 
+def test_refine_help_states_the_apis_defaults():
+    """Each `(default: X)` of refine's help is the RefineConfig default it stands for, and the parsed
+    defaults build exactly RefineConfig() (the CLI and the API share one set of CRF defaults)."""
+    from diffumask.cli import build_parser, _run_refine
+    from diffumask.refine import RefineConfig
+
+    defaults = RefineConfig()
+    fields = {"--crf-srgb": defaults.crf_params.bilateral_srgb, "--crf-sxy": defaults.crf_params.bilateral_sxy,
+              "--crf-gt-prob": defaults.crf_params.gt_prob, "--min-area": defaults.min_area,
+              "--max-hole": defaults.max_hole, "--crf-shortlist": defaults.crf_shortlist,
+              "--affinity-steps": defaults.affinity.train_steps, "--affinity-background": defaults.affinity.background,
+              "--walk-steps": defaults.affinity.walk_steps, "--beta": defaults.affinity.beta,
+              "--power": defaults.power, "--propagate-threshold": defaults.propagate_threshold,
+              "--propagate-uncertain": defaults.propagate_uncertain, "--seed-grid": defaults.affinity.seed_grid}
+    actions, _ = _options("refine")
+    for action in actions:
+        option = max(action.option_strings, key=len)
+        if option not in fields:
+            continue
+        stated = re.search(r"\(default: (?:the paper's |PSA's )?([^;),]+)", " ".join(action.help.split()))
+        assert stated, option
+        value = stated.group(1).strip()
+        expected = fields[option]
+        assert (value == expected if isinstance(expected, str) else float(value) == expected), (option, value)
+    assert defaults.crf_params.bilateral_srgb == defaults.seed_crf_params.bilateral_srgb  # "every CRF's" scale
+
+    seen = {}
+    import diffumask.refine as refine_module
+
+    def capture(root, config, progress=True):
+        seen["config"] = config
+        raise KeyboardInterrupt
+
+    args = build_parser().parse_args(["refine", "somewhere", "--method", "affinity"])
+    original = refine_module.refine_dataset
+    refine_module.refine_dataset = capture
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run_refine(args)
+    finally:
+        refine_module.refine_dataset = original
+    assert seen["config"] == RefineConfig(method="affinity")
+
+
 def test_update_records_merges_fields(tmp_path):
     ds = Dataset.create(tmp_path / "d", ["a"], {})
     for i in range(3):
