@@ -169,12 +169,15 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
         "refine", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="rewrite a dataset's masks from its soft maps with a better method (adaptive γ, AffinityNet, CRF, ...)",
         description="Recompute every mask of a dataset folder from its soft maps; images and soft maps stay as they "
-                    "are, and each item's manifest line records the method and its parameters under 'refine'. "
-                    "Re-running the same command resumes (progress in DATASET/refine.jsonl).\n\n"
+                    "are. Each new mask is written with its item's manifest line, which records the method and its "
+                    "parameters under 'refine', so a killed run resumes where it stopped when the same command is "
+                    "re-run.\n\n"
                     "methods:\n"
                     "  threshold  fixed γ (--threshold), optional uncertainty band (--uncertain, labelled 255)\n"
                     "  otsu       Otsu's threshold per image and class: no parameters, no training\n"
                     "  affinity   AffinityNet map alone: seeds → AffinityNet trained on the dataset → random walk\n"
+                    "             (64 steps on min-max stretched maps, unanimous seed cells; the paper's code walks\n"
+                    "             256 on the maps as they are and votes: see --walk-steps, --no-stretch, --seed-grid)\n"
                     "  adaptive   the paper's adaptive γ: the γ of a sweep whose CRF-refined mask best matches the\n"
                     "             AffinityNet map, per image (or per class with --per-class)\n"
                     "  propagate  Dataset Diffusion's self-attention propagation with its 0.5-0.6 band (255)\n"
@@ -232,13 +235,18 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
                         "without it of the map's maximum, as in the paper's code)")
     p.add_argument("--walk-steps", type=int, default=affinity.walk_steps,
                    help=f"random-walk steps on the affinity graph (default: {affinity.walk_steps}; the paper's code "
-                        "walks 256, T^256: see the README for what each gives)")
+                        "walks 256, i.e. T^256, which on the shapes benchmark gave the AffinityNet map 0.833 mIoU "
+                        "instead of 0.821, and 0.952 instead of 0.950 with --crf, for 1.7x the map's time)")
     p.add_argument("--no-stretch", action="store_true",
-                   help="walk the soft maps as they are (the paper's code) instead of min-max stretching each first")
+                   help="walk the soft maps as they are, as the paper's code does, instead of min-max stretching each "
+                        "first (default: stretch; on the shapes benchmark the map without it fell from 0.821 to "
+                        "0.780 mIoU, 0.950 to 0.934 with --crf)")
     p.add_argument("--seed-grid", choices=list(SEED_GRID_RULES), default=affinity.seed_grid,
                    help="AffinityNet seeds per feature-grid cell: 'unanimous' keeps cells whose pixels all agree "
                         "(others unsure), 'vote' takes each cell's most frequent seed, like PSA's pooled argmax "
-                        f"(default: {affinity.seed_grid}; no difference where the grid stride is 1, images ≤ 64 px)")
+                        f"(default: {affinity.seed_grid}; the same where the grid stride is 1, images up to 64 px; "
+                        "at stride 2 on the shapes benchmark vote gave 0.790 mIoU instead of 0.782, 0.930 instead "
+                        "of 0.927 with --crf)")
     p.add_argument("--beta", type=float, default=affinity.beta,
                    help=f"affinity power before the walk (default: PSA's {affinity.beta:g})")
     p.add_argument("--no-seed-crf", action="store_true", help="AffinityNet seeds without the CRF (works without the extra)")
