@@ -236,7 +236,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--walk-steps", type=int, default=affinity.walk_steps,
                    help=f"random-walk steps on the affinity graph (default: {affinity.walk_steps}; the paper's code "
                         "walks 256, i.e. T^256, which on the shapes benchmark gave the AffinityNet map 0.833 mIoU "
-                        "instead of 0.821, and 0.952 instead of 0.950 with --crf, for 1.7x the map's time)")
+                        "instead of 0.821, and 0.952 instead of 0.950 with --crf, for about twice the map's time)")
     p.add_argument("--no-stretch", action="store_true",
                    help="walk the soft maps as they are, as the paper's code does, instead of min-max stretching each "
                         "first (default: stretch; on the shapes benchmark the map without it fell from 0.821 to "
