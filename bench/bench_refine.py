@@ -1,6 +1,6 @@
 """Benchmark `diffumask refine` on the built-in shapes world, where ground truth is exact.
 
-    python bench/bench_refine.py [--weights DIR] [--per-class 50] [--work DIR] [--threads N]
+    python bench/bench_refine.py [--weights DIR] [--per-class 50] [--work DIR] [--threads N] [--only REGEX]
 
 Generates a fixed dataset with the shapes model (seeded, resumable in --work), then runs every
 refinement method on it and prints one table in the style of the paper's Table 4a: mIoU against
@@ -13,12 +13,17 @@ method labels 255 (uncertain) are left out of both, as trainers ignore them; the
 how many there are. Seconds per image cover everything a method does per item (reading, the
 method, cleanup, writing the mask), on the same threads as the generation time it is compared
 with, the fastest of ``--repeat`` runs; the AffinityNet's seeds and training are timed separately.
+
+Every CRF and AffinityNet setting is ``RefineConfig``'s default, i.e. what ``diffumask refine``
+uses; the options below change them for every row. The "paper's code" rows change one thing each
+to what the paper's AffinityNet code (PSA) does, to measure what our defaults differ by.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,9 +34,7 @@ import torch
 from diffumask.dataset import IGNORE_INDEX, Dataset
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.masks.adaptive import DEFAULT_GAMMAS, gamma_range
-from diffumask.masks.affinity import AffinityConfig
-from diffumask.masks.crf import SEED_CRF, CRFParams
-from diffumask.refine import LOG_NAME, RefineConfig, refine_dataset
+from diffumask.refine import RefineConfig, refine_dataset
 from diffumask.shapes import CLASSES, load_pipeline
 from diffumask.shapes.classifier import clean, foreground
 from diffumask.shapes.model import WEIGHTS_DIR
@@ -77,9 +80,11 @@ def score(dataset: Dataset, truth: dict[str, np.ndarray]) -> tuple[float, float]
 
 
 def rows(args: argparse.Namespace) -> list[tuple[str, RefineConfig]]:
-    crf = CRFParams(bilateral_srgb=args.crf_srgb)
-    seed_crf = replace(SEED_CRF, bilateral_srgb=args.crf_srgb)
-    affinity = AffinityConfig(train_steps=args.affinity_steps, background=args.affinity_background)
+    defaults = RefineConfig()
+    srgb = {} if args.crf_srgb is None else {"bilateral_srgb": args.crf_srgb}
+    crf = replace(defaults.crf_params, **srgb)
+    seed_crf = replace(defaults.seed_crf_params, **srgb)
+    affinity = replace(defaults.affinity, train_steps=args.affinity_steps, background=args.affinity_background)
     common = dict(crf_params=crf, seed_crf_params=seed_crf, affinity=affinity)
     adaptive = dict(common, crf_shortlist=args.crf_shortlist)
     wide = gamma_range(*args.wide_gammas)
@@ -105,6 +110,15 @@ def rows(args: argparse.Namespace) -> list[tuple[str, RefineConfig]]:
                                 RefineConfig(method="adaptive", per_class=per_class, crf=True, crf_shortlist=0,
                                              reference_crf=False, gammas=sweep, **common)))
         out.append((f"propagate (self-attention){tag}", RefineConfig(method="propagate", crf=with_crf, **common)))
+        paper = {"walk 256 (the paper's code: T^256)": dict(walk_steps=256),
+                 "no stretch (the paper's code)": dict(stretch=False),
+                 "walk 256 and no stretch": dict(walk_steps=256, stretch=False),
+                 f"grid stride {args.grid_stride}, unanimous seed cells": dict(stride=args.grid_stride),
+                 f"grid stride {args.grid_stride}, seed cells by vote (PSA-like)": dict(stride=args.grid_stride,
+                                                                                       seed_grid="vote")}
+        for change, fields in paper.items():
+            out.append((f"AffinityNet map alone, {change}{tag}",
+                        RefineConfig(method="affinity", crf=with_crf, **dict(common, affinity=replace(affinity, **fields)))))
     return out
 
 
@@ -115,17 +129,20 @@ def main() -> None:
     parser.add_argument("--work", default="bench_refine_work", help="folder for the dataset (reused on a re-run)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--batch-size", type=int, default=50, help="generation batch size (default: 50)")
-    parser.add_argument("--crf-srgb", type=float, default=30.0,
-                        help="CRF colour scale; the world's textured grey backgrounds want 30 (default: 30)")
-    parser.add_argument("--affinity-steps", type=int, default=300)
-    parser.add_argument("--affinity-background", type=float, default=0.45)
+    parser.add_argument("--crf-srgb", type=float, default=None,
+                        help="colour scale of every CRF (the result's and the seeds'; default: RefineConfig's)")
+    parser.add_argument("--affinity-steps", type=int, default=RefineConfig().affinity.train_steps)
+    parser.add_argument("--affinity-background", type=float, default=RefineConfig().affinity.background)
+    parser.add_argument("--grid-stride", type=int, default=2,
+                        help="AffinityNet stride of the seed-grid rows (the default stride is 1 at 32 px, where the "
+                             "rule cannot matter; default: 2)")
     parser.add_argument("--crf-shortlist", type=int, default=RefineConfig.crf_shortlist,
                         help="adaptive + CRF rows: candidates CRF-refined per image (default: refine's)")
     parser.add_argument("--wide-gammas", type=float, nargs=3, default=(0.3, 0.9, 0.05), metavar=("START", "STOP", "STEP"))
     parser.add_argument("--repeat", type=int, default=3,
                         help="run each row this many times and report its fastest (default: 3; this VM's timings "
                              "vary by a fifth from run to run)")
-    parser.add_argument("--only", help="run only rows whose name contains this text")
+    parser.add_argument("--only", help="run only rows whose name matches this regular expression")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,16 +152,16 @@ def main() -> None:
     truth = truths(dataset)
     n = len(truth)
     print(f"{n} images ({args.per_class} per class, {len(CLASSES)} classes), generation {generation:.3f} s/image, "
-          f"{args.threads} thread(s)\n")
+          f"{args.threads} thread(s); CRF colour scale {rows(args)[0][1].crf_params.bilateral_srgb:g}, "
+          f"seeds' {rows(args)[0][1].seed_crf_params.bilateral_srgb:g}\n")
     results = []
     train_seconds = None
     for name, config in rows(args):
-        if args.only and args.only not in name:
+        if args.only and not re.search(args.only, name):
             continue
         timings = []
         for _ in range(args.repeat):
-            (dataset.root / LOG_NAME).unlink(missing_ok=True)  # else a repeat would resume, finding nothing to do
-            result = refine_dataset(dataset.root, config, progress=False)
+            result = refine_dataset(dataset.root, config, progress=False, redo=True)  # else a repeat finds nothing to do
             if result.train_seconds:
                 train_seconds = result.train_seconds
             timings.append(result.seconds / max(1, result.refined))

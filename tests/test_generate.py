@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -211,14 +213,117 @@ def test_bad_input_fails_cleanly(tmp_path, saved_pipelines, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'plms'" in capsys.readouterr().err
 
 
-def test_help_explains_every_option(capsys):
-    with pytest.raises(SystemExit):
-        main(["generate", "--help"])
-    text = capsys.readouterr().out
-    for option in ("--model", "--classes", "--images-per-class", "--out", "--seed", "--steps", "--guidance",
-                   "--scheduler", "--size", "--batch-size", "--device", "--dtype", "--negative-prompt",
-                   "--prompts", "--resolutions", "--threshold", "--uncertain"):
-        assert option in text
+@pytest.mark.parametrize("extra, fragment", [
+    (["--threshold", "1.5"], "--threshold must lie strictly between 0 and 1"),
+    (["--threshold", "0"], "--threshold must lie strictly between 0 and 1"),
+    (["--threshold", "nan"], "--threshold must lie strictly between 0 and 1"),
+    (["--threshold", "0.5", "--uncertain", "-0.2"], "--uncertain must lie strictly between 0 and 1"),
+    (["--uncertain", "1.2"], "--uncertain must lie strictly between 0 and 1"),
+    (["--images-per-class", "-1"], "must be 0 or more"),
+    (["--images-per-class", "0"], "not both 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--steps", "-2"], "--steps must be at least 1"),
+    (["--size", "0"], "--size must be at least 8"),
+    (["--size", "36"], "multiple of 8"),
+    (["--guidance", "-1"], "--guidance must be 0 or more"),
+    (["--compose", "-1"], "must be 0 or more"),
+    (["--self-attention", "0"], "--self-attention must be at least 1"),
+    (["--resolutions", "0,16"], "--resolutions must be positive"),
+    (["--device", "gpu0"], "unknown device 'gpu0'"),
+    (["--step-window", "0.8,0.2"], "step window (0.8, 0.2) must satisfy 0 <= start < stop <= 1"),
+])
+def test_bad_option_values_are_one_line_errors(tmp_path, saved_pipelines, capsys, extra, fragment):
+    out = tmp_path / "bad"
+    assert_clean_failure(capsys, out, run_cli(*cli_args(saved_pipelines["sd1"], out, *extra)), fragment)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_out_that_is_a_file_and_a_missing_cuda_are_one_line_errors(tmp_path, saved_pipelines, capsys, monkeypatch):
+    import torch
+
+    model = saved_pipelines["sd1"]
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    assert_clean_failure(capsys, tmp_path / "x", run_cli(*cli_args(model, existing)), "it is a file; choose a folder")
+    assert_clean_failure(capsys, tmp_path / "x", run_cli(*cli_args(model, existing / "ds")),
+                         "which is a file; choose a folder")
+    assert existing.read_text() == "mine"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "cuda"
+    assert_clean_failure(capsys, out, run_cli(*cli_args(model, out, "--device", "cuda")), "no usable CUDA device")
+    assert_clean_failure(capsys, out, run_cli(*cli_args(model, out, "--device", "cuda:1")), "no usable CUDA device")
+    assert not out.exists()
+    with pytest.raises(DiffumaskError, match="no usable CUDA device"):
+        generate_dataset(config(out, model=model, device="cuda"), progress=False)
+
+
+def _options(command: str) -> tuple[list[argparse.Action], str]:
+    """The actions of a subcommand's parser and its --help text."""
+    from diffumask.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    return [a for a in parser._actions if a.option_strings and "--help" not in a.option_strings], parser.format_help()
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_generate_option_is_in_its_help_and_in_the_readme_table():
+    actions, text = _options("generate")
+    table = README.read_text().split("## `diffumask generate`")[1].split("\n\n|")[1].split("\n\n")[0]
+    rows = {row.split("|")[1] for row in table.splitlines() if row.startswith("| `")}
+    documented = {o.strip("`") for row in rows for o in re.findall(r"`(--[a-z-]+)", row)}
+    for action in actions:
+        option = max(action.option_strings, key=len)
+        assert option in text, option
+        assert action.help and action.help != argparse.SUPPRESS, option
+        assert option in documented, f"{option} is missing from the README's generate option table"
+    assert documented <= {max(a.option_strings, key=len) for a in actions}  # and no stale row
+
+
+def test_refine_help_states_the_apis_defaults():
+    """Each `(default: X)` of refine's help is the RefineConfig default it stands for, and the parsed
+    defaults build exactly RefineConfig() (the CLI and the API share one set of CRF defaults)."""
+    from diffumask.cli import build_parser, _run_refine
+    from diffumask.refine import RefineConfig
+
+    defaults = RefineConfig()
+    fields = {"--crf-srgb": defaults.crf_params.bilateral_srgb, "--crf-sxy": defaults.crf_params.bilateral_sxy,
+              "--crf-gt-prob": defaults.crf_params.gt_prob, "--min-area": defaults.min_area,
+              "--max-hole": defaults.max_hole, "--crf-shortlist": defaults.crf_shortlist,
+              "--affinity-steps": defaults.affinity.train_steps, "--affinity-background": defaults.affinity.background,
+              "--walk-steps": defaults.affinity.walk_steps, "--beta": defaults.affinity.beta,
+              "--power": defaults.power, "--propagate-threshold": defaults.propagate_threshold,
+              "--propagate-uncertain": defaults.propagate_uncertain, "--seed-grid": defaults.affinity.seed_grid}
+    actions, _ = _options("refine")
+    for action in actions:
+        option = max(action.option_strings, key=len)
+        if option not in fields:
+            continue
+        stated = re.search(r"\(default: (?:the paper's |PSA's )?([^;),]+)", " ".join(action.help.split()))
+        assert stated, option
+        value = stated.group(1).strip()
+        expected = fields[option]
+        assert (value == expected if isinstance(expected, str) else float(value) == expected), (option, value)
+    assert defaults.crf_params.bilateral_srgb == defaults.seed_crf_params.bilateral_srgb  # "every CRF's" scale
+
+    seen = {}
+    import diffumask.refine as refine_module
+
+    def capture(root, config, progress=True):
+        seen["config"] = config
+        raise KeyboardInterrupt
+
+    args = build_parser().parse_args(["refine", "somewhere", "--method", "affinity"])
+    original = refine_module.refine_dataset
+    refine_module.refine_dataset = capture
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run_refine(args)
+    finally:
+        refine_module.refine_dataset = original
+    assert seen["config"] == RefineConfig(method="affinity")
 
 
 def test_update_records_merges_fields(tmp_path):
@@ -229,3 +334,129 @@ def test_update_records_merges_fields(tmp_path):
     assert [r.get("refine") for r in ds.records()] == [None, {"method": "otsu"}, None]
     with pytest.raises(KeyError):
         ds.update_records({"nope": {}})
+
+
+def test_generate_one_the_readme_entry_point():
+    """The README's snippet, run as written: one shapes image, its map and its mask (1 = star)."""
+    from diffumask.masks import threshold_masks
+    from diffumask.shapes.model import DEFAULT_THRESHOLD
+
+    code = README.read_text().split("from diffumask.generate import generate_one")[0].rsplit("```python", 1)[1]
+    code += "from diffumask.generate import generate_one" + \
+        README.read_text().split("from diffumask.generate import generate_one")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert result.image.dtype == np.uint8 and result.image.shape == (32, 32, 3)
+    assert result.prompt == "a red star on a striped background" and result.seed == 0
+    star = result.maps["star"]
+    assert star.shape == (32, 32) and 0 <= star.min() and 0.5 < star.max() <= 1
+    np.testing.assert_array_equal(result.mask, threshold_masks({1: star}, DEFAULT_THRESHOLD))
+    assert set(np.unique(result.mask)) == {0, 1}
+    generate_one = namespace["generate_one"]
+    again = generate_one(namespace["pipe"], "a red star on a striped background", classes=["star"], seed=0)
+    other = generate_one(namespace["pipe"], "a red star on a striped background", classes=["star"], seed=1)
+    assert np.array_equal(again.image, result.image) and not np.array_equal(other.image, result.image)
+    with pytest.raises(DiffumaskError, match="does not occur in the prompt"):
+        generate_one(namespace["pipe"], "a red star", classes=["ring"], steps=1)
+
+
+def test_generate_one_gives_each_pixel_to_the_winning_class(sd1_pipe):
+    from diffumask.generate import generate_one
+    from diffumask.masks import threshold_masks
+
+    result = generate_one(sd1_pipe, "a photo of a dog on a sofa", ["dog", "sofa"], seed=3, steps=2,
+                          threshold=0.5, uncertain=0.3)
+    maps = {1: result.maps["dog"], 2: result.maps["sofa"]}
+    np.testing.assert_array_equal(result.mask, threshold_masks(maps, 0.5, 0.3))
+    assert not np.allclose(maps[1], maps[2])
+
+
+def test_generate_dataset_takes_model_and_bank_from_the_pipeline_given(tmp_path, sd1_pipe):
+    from diffumask.shapes.model import load_pipeline
+
+    shapes = generate_dataset(GenerateConfig(classes=["star", "ring"], out=str(tmp_path / "shapes"),
+                                             images_per_class=1, steps=2), pipe=load_pipeline(), progress=False)
+    assert shapes.settings["model"] == "shapes" and shapes.settings["prompt_bank"] == "built-in bank 'shapes'"
+    caption = re.compile(r"^an? \w+ (star|ring)( on a \w+ background)?$")  # the shapes bank's, not VOC's
+    assert all(r["model"] == "shapes" and caption.match(r["prompt"]) for r in shapes.records())
+    sd = generate_dataset(GenerateConfig(classes=["dog"], out=str(tmp_path / "sd"), images_per_class=1, steps=2,
+                                         threshold=0.5), pipe=sd1_pipe, progress=False)
+    record = sd.records()[0]
+    assert record["model"] == str(sd1_pipe.name_or_path) != "shapes"
+    assert sd.settings["prompt_bank"].startswith("built-in banks (voc") and record["pipeline"] == "StableDiffusionPipeline"
+    named = generate_dataset(config(tmp_path / "named", images_per_class=1), pipe=sd1_pipe, progress=False)
+    assert named.records()[0]["model"] == "tiny-sd1"  # a name given in the config is what is recorded
+
+
+def test_compose_items_list_all_their_classes_and_masks_give_each_pixel_to_the_winner(tmp_path, sd1_pipe):
+    classes = ["person", "horse", "dog"]
+    cfg = config(tmp_path / "c", classes=classes, images_per_class=1, compose=2)
+    ds = generate_dataset(cfg, pipe=sd1_pipe, progress=False)
+    records = ds.records()
+    assert [r["id"] for r in records] == ["person_000000", "horse_000000", "dog_000000"] + [
+        f"{c}-compose-{k:06d}" for c in classes for k in range(2)]
+    composed = [r for r in records if "-compose-" in r["id"]]
+    assert any("riding a horse" in r["prompt"] for r in composed)  # a VOC co-occurrence template
+    for record in composed:
+        names = record["classes"]
+        assert len(names) >= 2 and set(names) <= set(classes) and record["id"].split("-")[0] in names
+        ids = sd1_pipe.tokenizer(record["prompt"]).input_ids
+        for name in names:
+            assert [ids[i] for i in record["tokens"][name]] == sd1_pipe.tokenizer(name, add_special_tokens=False).input_ids
+        soft = ds.read_soft_maps(record["id"])
+        assert {n for n in soft if "@" not in n} == set(names)
+        stack = np.stack([soft[n] for n in names])
+        winner = np.array([ds.class_index(n) for n in names])[stack.argmax(0)]
+        best = stack.max(0)
+        expected = np.where(best > 0.8, winner, np.where(best > 0.7, 255, 0))
+        sorted_stack = np.sort(stack, axis=0)
+        decided = ((np.abs(best - 0.8) > 1e-2) & (np.abs(best - 0.7) > 1e-2)
+                   & (sorted_stack[-1] - sorted_stack[-2] > 1e-2))  # float16 on disk: skip near-ties
+        mask = ds.read_mask(record["id"])
+        np.testing.assert_array_equal(mask[decided], expected[decided])
+        assert set(np.unique(mask)) <= {0, 255, *(ds.class_index(n) for n in names)}
+    before = snapshot(tmp_path / "c")
+    generate_dataset(config(tmp_path / "c", classes=classes, images_per_class=1, compose=3), pipe=sd1_pipe,
+                     progress=False)  # more composed items extend the dataset; the others stay as they were
+    after = snapshot(tmp_path / "c")
+    assert all(after[k] == v for k, v in before.items() if k.startswith(("JPEGImages", "SoftMaps", "Segmentation")))
+    assert len(Dataset(tmp_path / "c").records()) == 3 + 9
+
+
+def test_compose_on_shapes_gives_two_object_captions(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert run_cli("generate", "--classes", "star,ring,circle", "--images-per-class", "0", "--compose", "2",
+                   "--steps", "2", "--out", str(out), "--quiet") == 0
+    records = Dataset(out).records()
+    assert len(records) == 6
+    caption = re.compile(r"^an? (\w+) (star|ring|circle) and an? (\w+) (star|ring|circle) on a \w+ background$")
+    for record in records:
+        match = caption.match(record["prompt"])
+        assert match, record["prompt"]
+        assert match[1] != match[3] and match[2] != match[4]  # two colours, two shapes, as the world draws them
+        assert record["classes"] == [match[2], match[4]]
+
+
+def test_compose_refuses_what_cannot_work(tmp_path, sd1_pipe):
+    from diffumask.prompts import PromptBank, PromptBankError
+
+    with pytest.raises(DiffumaskError, match="at least two --classes"):
+        config(tmp_path / "one", classes=["dog"], compose=1)
+    bank = tmp_path / "bank.yaml"
+    bank.write_text("templates: ['a photo of a {name}']\n")
+    with pytest.raises(PromptBankError, match="no multi-class prompt for 'dog'"):
+        generate_dataset(config(tmp_path / "x", prompts=str(bank), compose=1), pipe=sd1_pipe, progress=False)
+    assert not (tmp_path / "x").exists()
+    bank.write_text("templates: ['a {name}']\npairs: ['a {name} and a dog']\n")
+    with pytest.raises(PromptBankError, match="needs both {name} and {name2}"):
+        PromptBank.load(str(bank))
+    bank.write_text("templates: ['a {name}']\ncompose: ['a {cat} on a mat']\nclasses: {cat: {}}\n")
+    with pytest.raises(PromptBankError, match="names fewer than two classes"):
+        PromptBank.load(str(bank))
+    voc = PromptBank.load("voc")
+    assert len(voc.compose) >= 36
+    prompt, names = voc.draw_compose("dining table", 4, ["dining table", "bottle", "chair", "potted plant"])
+    assert names[0] == "dining table" or "dining table" in names
+    assert all(voc.display_name(n) in prompt for n in names)
+    assert set(voc.draw_compose("diningtable", 4, ["diningtable", "bottle"])[1]) == {"diningtable", "bottle"}

@@ -11,6 +11,7 @@ import torch
 from scipy import ndimage
 
 from diffumask.dataset import IGNORE_INDEX
+from diffumask.errors import DiffumaskError
 from diffumask.masks.adaptive import best_gamma, gamma_range, mean_ious, pool_counts, shortlisted_sweep, sweep
 from diffumask.masks.affinity import (AffinityConfig, AffinityNet, affinity_loss, affinity_mask, grid_labels,
                                       seed_labels, train_affinity_net, walked_maps)
@@ -143,7 +144,40 @@ def test_crf_labels_are_the_argmax_of_the_marginals():
     np.testing.assert_allclose(q[:, 0, 0], [0.5, 0.5], atol=1e-5)  # unsure pixel: uniform
     refined = crf_refine(image, labels, [0, 7], no_pairwise)
     assert refined[2, 1] == 0 and refined[2, 4] == 7  # argmax(1 - q) would swap them (the official bug)
-    assert np.array_equal(np.array([0, 7])[q.argmax(0)], refined)
+
+
+def test_crf_matches_pydensecrf_called_directly_with_the_documented_parameters():
+    """The documented defaults (CRFParams' docstring: the paper's §7 CRF) against pydensecrf's own
+    DenseCRF2D, built here by hand: unary from labels, Gaussian sxy 3 / compat 3, bilateral sxy 80 /
+    compat 10 at 512 px (scaled to the image), 10 iterations, label = most probable."""
+    densecrf = pytest.importorskip("pydensecrf.densecrf")
+    from pydensecrf.utils import unary_from_labels
+
+    from diffumask.masks.crf import CRFParams, crf_refine
+
+    rng = np.random.default_rng(3)
+    size = 48
+    image = np.zeros((size, size, 3), np.uint8)
+    image[:, size // 2:] = (200, 60, 40)
+    image = np.clip(image.astype(int) + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
+    labels = np.zeros((size, size), np.uint8)
+    labels[:, size // 2 - 4:] = 5  # a boundary four pixels off the colour edge
+    labels[rng.random((size, size)) < 0.1] = 9  # speckles of a third label
+    labels[10:14, 30:34] = IGNORE_INDEX
+    params = CRFParams()
+    assert (params.gaussian_sxy, params.gaussian_compat, params.bilateral_sxy, params.bilateral_compat,
+            params.iterations, params.reference_size) == (3.0, 3.0, 80.0, 10.0, 10, 512)
+    scale = size / 512
+    crf = densecrf.DenseCRF2D(size, size, 3)
+    index = np.select([labels == 0, labels == 5, labels == 9], [1, 2, 3], 0)  # 0 = unsure
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_labels(index, 3, gt_prob=params.gt_prob, zero_unsure=True)))
+    crf.addPairwiseGaussian(sxy=3.0 * scale, compat=3.0)
+    crf.addPairwiseBilateral(sxy=80.0 * scale, srgb=params.bilateral_srgb, rgbim=np.ascontiguousarray(image),
+                             compat=10.0)
+    expected = np.array([0, 5, 9], np.uint8)[np.array(crf.inference(10)).reshape(3, size, size).argmax(0)]
+    refined = crf_refine(image, labels, [0, 5, 9], params)
+    np.testing.assert_array_equal(refined, expected)
+    assert (refined != labels).sum() > 20  # the pairwise terms did change labels, so the comparison is not vacuous
 
 
 def test_crf_snaps_stray_labels_to_colour_regions():
@@ -232,6 +266,16 @@ def test_seeds_are_sure_inside_and_far_outside_unsure_between():
     assert (seeds == IGNORE_INDEX).any()
     cells = np.array([[1, 1, 0, 0], [1, 1, 0, 2]], np.uint8)
     np.testing.assert_array_equal(grid_labels(cells, 2), [[1, IGNORE_INDEX]])
+
+
+def test_seed_grid_vote_takes_each_cells_most_frequent_label():
+    """PSA's rule (pooled scores, argmax) on label seeds: the majority, ties to the lower label."""
+    cells = np.array([[1, 1, 0, 0, 3, 3],
+                      [1, 2, 0, 255, 255, 255]], np.uint8)
+    np.testing.assert_array_equal(grid_labels(cells, 2, "vote"), [[1, 0, 3]])
+    np.testing.assert_array_equal(grid_labels(cells, 2, "unanimous"), [[255, 255, 255]])
+    with pytest.raises(DiffumaskError, match="unknown seed grid rule"):
+        grid_labels(cells, 2, "mean")
 
 
 def test_affinity_loss_rewards_same_label_pairs_and_punishes_different_ones():

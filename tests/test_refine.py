@@ -184,17 +184,85 @@ def test_resume_redoes_only_unfinished_items_and_new_settings_start_over(dataset
     root, truths = dataset
     config = RefineConfig(method="otsu")
     refine_dataset(root, config, progress=False)
-    log = root / "refine.jsonl"
-    lines = log.read_text().splitlines(keepends=True)
-    assert len(lines) == 1 + len(truths)
-    log.write_text("".join(lines[:-2]) + lines[-2][:10])  # killed while writing the second-to-last line
+    manifest = root / "manifest.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    assert len(lines) == 2 * len(truths)  # generation's lines, then one per refined item
+    manifest.write_text("".join(lines[:-2]) + lines[-2][:10])  # killed while appending the second-to-last
+    assert len(Dataset(root).records()) == len(truths)  # the torn line is skipped ...
     again = refine_dataset(root, config, progress=False)
-    assert again.refined == 2
-    assert log.read_text().splitlines(keepends=True)[:-2] == lines[:-2]
+    assert again.refined == 2  # ... and the two items without a refine line are redone
     assert refine_dataset(root, config, progress=False).refined == 0
     other = refine_dataset(root, RefineConfig(method="threshold", threshold=0.6), progress=False)
     assert other.refined == len(truths)
     assert {r["refine"]["method"] for r in other.dataset.records()} == {"threshold"}
+    assert len(manifest.read_text().splitlines()) == 2 * len(truths)  # compacted before each run appends
+
+
+def test_a_killed_refine_leaves_every_mask_with_its_manifest_line(dataset, monkeypatch):
+    """Killed after k items: those k masks are refined and their lines say so, the others keep the
+    generated mask and a line without 'refine'; the re-run finishes exactly as one whole run does."""
+    root, truths = dataset
+    whole = root.parent / "whole"
+    shutil.copytree(root, whole)
+    config = RefineConfig(method="otsu")
+    refine_dataset(whole, config, progress=False)
+    before = files(root, "SegmentationClass")
+    real = Dataset.rewrite_mask
+    written: list[str] = []
+
+    def dying(self, record, mask):
+        if len(written) == 5:
+            raise KeyboardInterrupt
+        real(self, record, mask)
+        written.append(record["id"])
+
+    monkeypatch.setattr(Dataset, "rewrite_mask", dying)
+    with pytest.raises(KeyboardInterrupt):
+        refine_dataset(root, config, progress=False)
+    monkeypatch.setattr(Dataset, "rewrite_mask", real)
+    records = {r["id"]: r for r in Dataset(root).records()}
+    refined = files(whole, "SegmentationClass")
+    for item_id, record in records.items():
+        on_disk = (root / "SegmentationClass" / f"{item_id}.png").read_bytes()
+        if item_id in written:
+            assert record["refine"]["method"] == "otsu" and on_disk == refined[f"{item_id}.png"]
+        else:
+            assert "refine" not in record and on_disk == before[f"{item_id}.png"]
+    assert refine_dataset(root, config, progress=False).refined == len(truths) - 5
+    assert files(root, "SegmentationClass") == refined
+    assert Dataset(root).records() == Dataset(whole).records()
+
+
+def test_readers_never_rewrite_the_manifest_and_the_writer_cuts_a_torn_line(dataset):
+    root, truths = dataset
+    manifest = root / "manifest.jsonl"
+    with open(manifest, "a") as f:
+        f.write('{"id": "item_000", "refi')
+    torn = manifest.read_bytes()
+    ds = Dataset(root)
+    assert len(ds.records()) == len(truths) and ds.finished_ids() == set(truths)
+    ds.finalize()
+    assert manifest.read_bytes() == torn  # reading (and listing splits) left it alone
+    ds.write_item("extra", np.zeros((SIZE, SIZE, 3), np.uint8), {"classes": ["disc"]})
+    text = manifest.read_text()
+    assert text == torn.decode()[:torn.decode().rindex("\n") + 1] + text.splitlines(keepends=True)[-1]
+    assert [r["id"] for r in Dataset(root).records()][-1] == "extra"
+
+
+def test_atomic_writes_sync_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+
+    from diffumask import dataset as dataset_module
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = dataset_module._fsync_path, os.replace
+    monkeypatch.setattr(dataset_module, "_fsync_path", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b)))
+    dataset_module.write_text_atomic(tmp_path / "sub" / "a.txt", "hello")
+    assert (tmp_path / "sub" / "a.txt").read_text() == "hello"
+    assert events[0][0] == "fsync" and events[0][1].startswith(".a.txt.") and events[0][1].endswith(".tmp")
+    assert events[1:] == [("rename", "a.txt"), ("fsync", "sub")]
+    assert not [p for p in (tmp_path / "sub").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_a_trained_affinity_net_is_saved_and_reused(dataset):
@@ -213,8 +281,8 @@ def test_cli_refine(dataset, capsys):
     root, truths = dataset
     assert main(["refine", str(root), "--method", "otsu", "--quiet"]) == 0
     assert f"refined {len(truths)} of {len(truths)} items" in capsys.readouterr().out
-    record = json.loads((root / "manifest.jsonl").read_text().splitlines()[0])
-    assert record["refine"]["method"] == "otsu" and record["refine"]["min_area"] == 0.005
+    record = Dataset(root).records()[0]
+    assert record["refine"]["method"] == "otsu" and record["refine"]["min_area"] == RefineConfig().min_area
     assert main(["refine", str(root / "missing"), "--method", "otsu"]) == 2
     assert main(["refine", str(root), "--method", "otsu", "--per-class"]) == 2
     assert "--per-class applies to --method adaptive only" in capsys.readouterr().err
@@ -227,7 +295,7 @@ def test_cli_refine_adaptive_the_papers_way(dataset):
     root, truths = dataset
     assert main(["refine", str(root), "--method", "adaptive", "--affinity-steps", "3", "--crf-shortlist", "0",
                  "--no-reference-crf", "--quiet"]) == 0
-    record = json.loads((root / "manifest.jsonl").read_text().splitlines()[0])["refine"]
+    record = Dataset(root).records()[0]["refine"]
     assert record["crf_shortlist"] == 0 and record["reference_crf"] is False and record["crf"] is True
 
 
@@ -251,3 +319,53 @@ def test_defaults_follow_the_gamma_the_dataset_was_made_with(dataset):
     refine_dataset(root, RefineConfig(method="adaptive", crf=False, affinity=TINY_AFFINITY), progress=False)
     refined = Dataset(root).records()[0]["refine"]
     assert refined["gammas"] == list(sweep_around(0.7)) and refined["fallback_threshold"] == 0.7
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--method", "threshold", "--threshold", "1.5"], "--threshold must lie strictly between 0 and 1"),
+    (["--method", "threshold", "--threshold", "0.5", "--uncertain", "0"], "--uncertain must lie strictly between"),
+    (["--method", "threshold", "--threshold", "0.5", "--uncertain", "0.6"], "--uncertain (0.6) must be below"),
+    (["--method", "threshold", "--uncertain", "0.95"], "must be below the dataset's γ"),
+    (["--method", "propagate", "--propagate-threshold", "1.2"], "--propagate-threshold must lie strictly"),
+    (["--method", "adaptive", "--gammas", "0.5,1.2,0.1"], "every γ of the sweep must lie in (0, 1)"),
+    (["--method", "adaptive", "--gammas", "0.5,0.4,0.1"], "empty γ sweep"),
+    (["--method", "affinity", "--affinity-background", "1.5"], "--affinity-background must lie strictly"),
+    (["--method", "affinity", "--walk-steps", "-1"], "--walk-steps and --affinity-steps must be 0 or more"),
+    (["--method", "affinity", "--affinity-steps", "-5"], "--walk-steps and --affinity-steps must be 0 or more"),
+    (["--method", "affinity", "--beta", "0"], "--beta must be positive"),
+    (["--method", "otsu", "--crf", "--crf-gt-prob", "1"], "--crf-gt-prob) must lie strictly between 0 and 1"),
+    (["--method", "otsu", "--crf", "--crf-srgb", "0"], "--crf-srgb must be positive"),
+    (["--method", "otsu", "--crf-sxy", "-3"], "--crf-sxy must be positive"),
+    (["--method", "propagate", "--power", "0"], "--power must be at least 1"),
+    (["--method", "otsu", "--min-area", "1.5"], "fractions of the image area"),
+    (["--method", "affinity", "--affinity-weights", "/nonexistent/w.safetensors", "--affinity-steps", "0"],
+     "cannot use AffinityNet weights"),
+])
+def test_bad_refine_options_are_one_line_errors_that_change_nothing(dataset, capsys, extra, fragment):
+    root, _ = dataset
+    before = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    assert main(["refine", str(root), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("diffumask: error: ") and fragment in err, err
+    assert {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == before
+
+
+def test_a_refine_dataset_that_is_not_a_dataset_is_a_one_line_error(dataset, tmp_path, capsys):
+    root, _ = dataset
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken)
+    (broken / "dataset.json").write_text("{not json")
+    no_soft = tmp_path / "no_soft"
+    shutil.copytree(root, no_soft)
+    shutil.rmtree(no_soft / "SoftMaps")
+    for folder, fragment in ((empty, "is not a diffumask dataset"), (a_file, "is not a diffumask dataset"),
+                             (tmp_path / "missing", "is not a diffumask dataset"),
+                             (broken, "classes.json or dataset.json is missing or damaged"),
+                             (no_soft, "has no soft maps for 12 item(s)")):
+        assert main(["refine", str(folder), "--method", "otsu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("diffumask: error: ") and fragment in err, err

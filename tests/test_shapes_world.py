@@ -87,3 +87,14 @@ def test_export_splits_are_disjoint_and_deterministic(tmp_path) -> None:
         assert record["prompt"] == scene.caption
     export_world(tmp_path / "a", 6, 3, 3, seed=5)  # resuming rewrites nothing
     assert len(a.records()) == 12
+
+
+@pytest.mark.parametrize("counts", [("--train", "-1"), ("--val", "-3"), ("--train", "0", "--val", "0", "--test", "0")])
+def test_export_refuses_negative_or_no_scenes(tmp_path, capsys, counts):
+    from diffumask.cli import main
+
+    out = tmp_path / "world"
+    assert main(["shapes", "export", str(out), *counts]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "scene counts must be 0 or more and not all 0" in err
+    assert not out.exists()

@@ -92,7 +92,7 @@ BREAKS = {
         "ImageSets/Segmentation/val.txt: lacks 1 of the manifest's val items: item_0001"]),
     "torn manifest": (_torn_manifest,
                       ["manifest.jsonl:7: torn last line (a killed write); the next run will drop it"]),
-    "duplicate": (_duplicate_line, ["item_0000: listed twice in manifest.jsonl"]),
+    "duplicate": (_duplicate_line, ["item_0000: listed twice in manifest.jsonl (a refine was interrupted: re-run it to finish)"]),
     "leftovers": (_leftovers, [
         "SegmentationClass/.item_0004.png.ab12cd.tmp: temporary file of an interrupted write; delete it",
         "manifest.1.jsonl: manifest shard not merged into manifest.jsonl",

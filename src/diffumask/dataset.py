@@ -11,8 +11,12 @@ Layout (Pascal VOC compatible, plus soft maps and a manifest)::
       SegmentationClass/<id>.png    palette PNG, class index per pixel, 255 = uncertain
       ImageSets/Segmentation/<split>.txt
 
-Every file is written under a temporary name and renamed, and an item counts as finished only
-once its manifest line is written (last), so a run killed at any moment leaves whole items only.
+Every file is written under a temporary name, flushed to the disk (``fsync``) and renamed, and the
+folder is synced after the rename; an item counts as finished only once its manifest line is
+written (last, and synced too), so a run killed at any moment — or a power cut — leaves whole
+items only. The manifest is append-only: a later line for an id (``refine`` appends one per item
+with its new mask) supersedes the earlier one, so a stage that rewrites masks records each one as
+it goes. Readers never change the manifest; a writer cuts a torn last line before appending.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ class DatasetMismatch(DiffumaskError, ValueError):
     """The output folder holds a dataset made with other classes or settings."""
 
 
+class NotADataset(DiffumaskError, FileNotFoundError):
+    """A folder given as a dataset is not one (or its label map / settings cannot be read)."""
+
+
 @functools.lru_cache(maxsize=None)
 def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
     """Pascal VOC's bit-interleaved colour map (index 255 is (224, 224, 192) in VOC itself).
@@ -58,21 +66,36 @@ def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
     return tuple(palette)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``, so readers never see a partial file."""
+def _fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's) data to the disk; a rename is durable only after both."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, fsync it, rename it over ``path`` and fsync the folder.
+
+    Readers never see a partial file, and after a power cut the file is either the old one or
+    the whole new one (the data is on disk before the rename, the rename before we return).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        _fsync_path(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_path(path.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_palette_png(path: Path, mask: np.ndarray) -> None:
@@ -81,7 +104,7 @@ def write_palette_png(path: Path, mask: np.ndarray) -> None:
         raise ValueError(f"a mask must be 2-D (H, W), got shape {mask.shape}")
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette([v for rgb in voc_palette() for v in rgb])
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -115,14 +138,32 @@ class Dataset:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
         if not (self.root / "classes.json").is_file():
-            raise FileNotFoundError(
+            raise NotADataset(
                 f"{self.root} is not a diffumask dataset (no classes.json); "
                 "create one with `diffumask generate` or Dataset.create()"
             )
-        self.classes: list[str] = read_label_map(self.root)[1:]
-        info = json.loads((self.root / "dataset.json").read_text())
-        self.settings: dict[str, Any] = info["settings"]
-        self.image_format: str = info["image_format"]
+        try:
+            self.classes: list[str] = read_label_map(self.root)[1:]
+            info = json.loads((self.root / "dataset.json").read_text())
+            self.settings: dict[str, Any] = info["settings"]
+            self.image_format: str = info["image_format"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise NotADataset(f"{self.root} is not a readable diffumask dataset: classes.json or dataset.json "
+                              f"is missing or damaged ({type(error).__name__}: {error})") from None
+
+    @staticmethod
+    def check_location(root: str | os.PathLike[str]) -> Path:
+        """Refuse, before any work, an output path that can never hold a dataset (a file, or under one)."""
+        root = Path(root)
+        for folder in [root, *root.parents]:
+            if folder.exists():
+                if not folder.is_dir():
+                    what = "is a file" if folder == root else f"lies under {folder}, which is a file"
+                    raise ConfigError(f"cannot write a dataset to {root}: it {what}; choose a folder")
+                if not os.access(folder, os.W_OK | os.X_OK):
+                    raise ConfigError(f"cannot write a dataset to {root}: {folder} is not writable")
+                break
+        return root
 
     # ----------------------------------------------------------------- creation
     @classmethod
@@ -138,7 +179,7 @@ class Dataset:
 
         A folder whose dataset has no finished item yet is simply re-initialised.
         """
-        root = Path(root)
+        root = Dataset.check_location(root)
         classes = list(classes)
         if not classes:
             raise ValueError("a dataset needs at least one class")
@@ -199,33 +240,62 @@ class Dataset:
         return self.root / "manifest.jsonl"
 
     # ----------------------------------------------------------------- manifest
-    def records(self) -> list[dict[str, Any]]:
-        """Finished items in write order; a torn last line (a killed run) is dropped."""
+    def _lines(self) -> list[dict[str, Any]]:
+        """Every complete manifest line; a torn last line (a killed run) is skipped, never rewritten."""
         if not self.manifest_path.is_file():
             return []
         lines = self.manifest_path.read_text(encoding="utf-8").splitlines(keepends=True)
-        records = []
+        out = []
         for number, line in enumerate(lines):
             try:
                 if not line.endswith("\n"):
                     raise ValueError("unterminated line")
-                records.append(json.loads(line))
+                out.append(json.loads(line))
             except ValueError:
                 if number != len(lines) - 1:
-                    raise ValueError(f"{self.manifest_path}: line {number + 1} is not valid JSON") from None
-                # A run died while appending: cut the torn line so the next append starts clean.
-                write_text_atomic(self.manifest_path, "".join(lines[:-1]))
-        return records
+                    raise DiffumaskError(f"{self.manifest_path}: line {number + 1} is not valid JSON") from None
+        return out
+
+    def records(self) -> list[dict[str, Any]]:
+        """Finished items in the order they were first written, each as its latest manifest line.
+
+        Read-only: a torn last line is skipped here and cut by the next writer.
+        """
+        latest: dict[str, dict[str, Any]] = {}
+        for record in self._lines():
+            latest[record["id"]] = record  # dict order stays the order of first appearance
+        return list(latest.values())
 
     def finished_ids(self) -> set[str]:
         return {r["id"] for r in self.records()}
 
+    def _repair_manifest(self) -> None:
+        """Cut a torn last line (a run killed mid-append), so the next line starts clean. Writers only."""
+        if not self.manifest_path.is_file():
+            return
+        with open(self.manifest_path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
     def _append_record(self, record: Mapping[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
+        self._repair_manifest()
+        created = not self.manifest_path.exists()
         with open(self.manifest_path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        if created:
+            _fsync_path(self.root)  # the new file's name is durable too
 
     # ----------------------------------------------------------------- items
     def write_item(
@@ -244,21 +314,29 @@ class Dataset:
         pil = pil.convert("RGB")
         if self.image_format == "jpg":
             quality = self.jpeg_quality
-            _atomic_write(self.image_path(item_id),
+            atomic_write(self.image_path(item_id),
                           lambda tmp: pil.save(tmp, format="JPEG", quality=quality, subsampling=0))
         else:
-            _atomic_write(self.image_path(item_id), lambda tmp: pil.save(tmp, format="PNG"))
+            atomic_write(self.image_path(item_id), lambda tmp: pil.save(tmp, format="PNG"))
         if soft_maps is not None:
             arrays = {k: np.asarray(v, dtype=np.float16) for k, v in soft_maps.items()}
-            _atomic_write(self.soft_maps_path(item_id), lambda tmp: _save_npz(tmp, arrays))
+            atomic_write(self.soft_maps_path(item_id), lambda tmp: _save_npz(tmp, arrays))
         if mask is not None:
             if mask.shape != (pil.height, pil.width):
                 raise ValueError(f"mask shape {mask.shape} does not match image size {(pil.height, pil.width)}")
             write_palette_png(self.mask_path(item_id), mask)
         self._append_record({"id": item_id, "split": split, **record})
 
-    def rewrite_mask(self, item_id: str, mask: np.ndarray) -> None:
-        write_palette_png(self.mask_path(item_id), mask)
+    def rewrite_mask(self, record: Mapping[str, Any], mask: np.ndarray) -> None:
+        """Replace a finished item's mask, then append its updated manifest line (``record``, whole).
+
+        The mask is durable before the line that describes it, and each item is recorded as soon
+        as its mask is written, so a stage killed mid-way (``refine``) leaves every finished item's
+        mask with the line that says how it was made; the item in flight keeps its previous line
+        and is redone by the next run.
+        """
+        write_palette_png(self.mask_path(record["id"]), mask)
+        self._append_record(record)
 
     def update_records(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
         """Merge fields into items' manifest lines (e.g. how a later stage changed them), atomically."""
@@ -266,8 +344,18 @@ class Dataset:
         unknown = set(updates) - {r["id"] for r in records}
         if unknown:
             raise KeyError(f"no such items in {self.root}: {sorted(unknown)[:5]}")
-        lines = [json.dumps({**r, **updates.get(r["id"], {})}, ensure_ascii=False) + "\n" for r in records]
-        write_text_atomic(self.manifest_path, "".join(lines))
+        self._rewrite_manifest([{**r, **updates.get(r["id"], {})} for r in records])
+
+    def compact(self) -> None:
+        """Rewrite the manifest as one line per item (its latest), atomically; a no-op when it is one already."""
+        lines = self._lines()
+        records = self.records()
+        if len(lines) != len(records) or (self.manifest_path.is_file() and
+                                          not self.manifest_path.read_bytes().endswith(b"\n")):
+            self._rewrite_manifest(records)
+
+    def _rewrite_manifest(self, records: Iterable[Mapping[str, Any]]) -> None:
+        write_text_atomic(self.manifest_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
     def finalize(self) -> None:
         """Rewrite the ImageSets split lists from the manifest (ids in write order, no duplicates)."""

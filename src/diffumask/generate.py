@@ -3,7 +3,9 @@
 Work items are enumerated deterministically (class × index → id, seed, prompt), batched per
 class in fixed groups, and written one whole item at a time, so a killed run resumes where it
 stopped, a larger ``images_per_class`` extends a dataset, and the result does not depend on
-how often the run was interrupted.
+how often the run was interrupted. ``compose`` adds, per class, items whose prompt names it with
+other classes of the run (the bank's multi-class templates, or a pair); each such item lists all
+its classes, and its mask gives every pixel to the class whose map wins there.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import hashlib
 import inspect
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,11 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attention import ImageMaps, trace
-from .dataset import Dataset
-from .errors import DiffumaskError
+from .dataset import IMAGE_FORMATS, Dataset
+from .errors import ConfigError
 from .masks import threshold_masks
-from .masks.threshold import PAPER_THRESHOLD
-from .models import load_pipeline, model_description
+from .masks.threshold import PAPER_THRESHOLD, check_band
+from .models import DTYPES, SCHEDULERS, load_pipeline, model_description, pipeline_name
 from .prompts import PromptBank, resolve_bank
 from .tokens import class_token_indices
 
@@ -39,7 +41,8 @@ class GenerateConfig:
     classes: list[str]
     out: str
     images_per_class: int = 10
-    model: str = "shapes"
+    model: str | None = None  # None: the pipeline given to generate_dataset (its own name), else "shapes"
+    compose: int = 0  # extra items per class whose prompt names it with other classes of the run
     seed: int = 0
     steps: int | None = None  # None: the pipeline's own default
     guidance: float | None = None  # None: the pipeline's own default
@@ -59,6 +62,34 @@ class GenerateConfig:
     dtype: str = "float32"
     revision: str | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse values that cannot work before anything is loaded or written."""
+        if not self.classes:
+            raise ConfigError("no classes given: pass at least one class name, e.g. --classes dog,cat")
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"duplicate class names in {self.classes}")
+        if self.images_per_class < 0 or self.compose < 0 or self.images_per_class + self.compose < 1:
+            raise ConfigError(f"--images-per-class ({self.images_per_class}) and --compose ({self.compose}) must be "
+                              "0 or more, and not both 0")
+        if self.compose and len(self.classes) < 2:
+            raise ConfigError("--compose puts several classes in one image: pass at least two --classes")
+        for name, value, least in (("--batch-size", self.batch_size, 1), ("--steps", self.steps, 1),
+                                   ("--size", self.size, 8), ("--self-attention", self.self_attention, 1)):
+            if value is not None and value < least:
+                raise ConfigError(f"{name} must be at least {least}, got {value}")
+        if self.guidance is not None and not self.guidance >= 0:
+            raise ConfigError(f"--guidance must be 0 or more, got {self.guidance}")
+        if self.resolutions is not None and (not self.resolutions or min(self.resolutions) < 1):
+            raise ConfigError(f"--resolutions must be positive grid sizes, got {self.resolutions}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        check_band(self.threshold, self.uncertain)
+        _check_window(self.step_window)
+
     def settings(self) -> dict[str, Any]:
         """The options that change the data, so a re-run with other ones is refused."""
         values = dataclasses.asdict(self)
@@ -68,15 +99,16 @@ class GenerateConfig:
 
 
 #: Options that may differ between the runs that build one dataset.
-RUNTIME_OPTIONS = ("batch_size", "device", "images_per_class", "out")
+RUNTIME_OPTIONS = ("batch_size", "device", "images_per_class", "compose", "out")
 
 
 @dataclass
 class WorkItem:
     id: str
-    class_name: str
+    class_name: str  # the class it is drawn for (composed items name others too)
     index: int
     seed: int
+    compose: bool = False
 
 
 @dataclass
@@ -109,22 +141,31 @@ def class_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "class"
 
 
-def work_items(classes: Sequence[str], images_per_class: int, base_seed: int) -> list[WorkItem]:
-    return [WorkItem(f"{class_slug(c)}_{k:06d}", c, k, item_seed(base_seed, c, k))
-            for c in classes for k in range(images_per_class)]
+def work_items(classes: Sequence[str], images_per_class: int, base_seed: int, compose: int = 0) -> list[WorkItem]:
+    """Every item of a run: ``images_per_class`` single-class items per class, then ``compose``
+    multi-class ones per class (ids ``<class>-compose-<k>``: slugs have no '-', so they never clash)."""
+    single = [WorkItem(f"{class_slug(c)}_{k:06d}", c, k, item_seed(base_seed, c, k))
+              for c in classes for k in range(images_per_class)]
+    composed = [WorkItem(f"{class_slug(c)}-compose-{k:06d}", c, k, item_seed(base_seed, f"compose/{c}", k), True)
+                for c in classes for k in range(compose)]
+    return single + composed
 
 
 def _pipeline_default(pipe: Any, argument: str) -> Any:
     return inspect.signature(pipe.__call__).parameters[argument].default
 
 
+def _check_window(window: tuple[float, float] | None) -> None:
+    if window is not None and not 0.0 <= window[0] < window[1] <= 1.0:
+        raise ConfigError(f"step window {window} must satisfy 0 <= start < stop <= 1")
+
+
 def _step_range(window: tuple[float, float] | None, steps: int, pipe: Any) -> tuple[int, int] | None:
     """A window of UNet calls from fractions of the sampler's timesteps."""
     if window is None:
         return None
+    _check_window(window)
     start, stop = window
-    if not 0.0 <= start < stop <= 1.0:
-        raise DiffumaskError(f"step window {window} must satisfy 0 <= start < stop <= 1")
     pipe.scheduler.set_timesteps(steps)
     calls = len(pipe.scheduler.timesteps)  # PNDM makes one call more than steps
     return int(round(start * calls)), max(int(round(start * calls)) + 1, int(round(stop * calls)))
@@ -176,66 +217,77 @@ def generate_one(pipe: Any, prompt: str, classes: Sequence[str], seed: int = 0, 
 
 def _batches(items: list[WorkItem], batch_size: int) -> Iterator[list[WorkItem]]:
     """Fixed groups per class (indices [k·B, (k+1)·B)), so resuming regenerates identical batches."""
-    groups: dict[tuple[str, int], list[WorkItem]] = {}
+    groups: dict[tuple[bool, str, int], list[WorkItem]] = {}
     for item in items:
-        groups.setdefault((item.class_name, item.index // batch_size), []).append(item)
+        groups.setdefault((item.compose, item.class_name, item.index // batch_size), []).append(item)
     yield from groups.values()
 
 
+def _check_size(pipe: Any, size: int | None) -> None:
+    """A size the pipeline can make: latent models need a multiple of 8 pixels (diffusers' own check)."""
+    if size is not None and hasattr(pipe, "vae_scale_factor") and size % 8:
+        raise ConfigError(f"--size {size}: this model makes images whose side is a multiple of 8 pixels")
+
+
 def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: bool = True) -> Dataset:
-    """Run ``generate`` (see :class:`GenerateConfig`); finished items are skipped on a re-run."""
-    if not config.classes:
-        raise DiffumaskError("no classes given: pass at least one class name, e.g. --classes dog,cat")
-    if len(set(config.classes)) != len(config.classes):
-        raise DiffumaskError(f"duplicate class names in {config.classes}")
-    if config.images_per_class < 1 or config.batch_size < 1:
-        raise DiffumaskError("--images-per-class and --batch-size must be at least 1")
-    if config.uncertain is not None and config.threshold is not None and not config.uncertain < config.threshold:
-        raise DiffumaskError(f"--uncertain ({config.uncertain}) must be below --threshold ({config.threshold})")
-    bank: PromptBank = resolve_bank(config.prompts, config.model)
-    items = work_items(config.classes, config.images_per_class, config.seed)
-    prompts = {item.id: bank.draw(item.class_name, item.seed) for item in items}
+    """Run ``generate`` (see :class:`GenerateConfig`); finished items are skipped on a re-run.
+
+    With ``pipe`` given, the model recorded (and the prompt bank ``auto`` picks) is that pipeline's
+    own unless ``config.model`` names one.
+    """
+    Dataset.check_location(config.out)
+    model = config.model if config.model is not None else (pipeline_name(pipe) if pipe is not None else "shapes")
+    config = dataclasses.replace(config, model=model)
+    bank: PromptBank = resolve_bank(config.prompts, model)
+    items = work_items(config.classes, config.images_per_class, config.seed, config.compose)
+    drawn = {item.id: (bank.draw_compose(item.class_name, item.seed, config.classes) if item.compose
+                       else (bank.draw(item.class_name, item.seed), [item.class_name])) for item in items}
     words = {c: bank.display_name(c) for c in config.classes}
+    if len(set(words.values())) < len(words):
+        raise ConfigError(f"two classes are the same word in prompts ({words}); name each class once")
     if pipe is None:
-        pipe = load_pipeline(config.model, config.device, config.dtype, config.scheduler, config.revision)
+        pipe = load_pipeline(model, config.device, config.dtype, config.scheduler, config.revision)
     pipe.set_progress_bar_config(disable=True)
+    _check_size(pipe, config.size)
     if config.threshold is None:
+        check_band(default_threshold(pipe), config.uncertain, names=("the model's threshold", "--uncertain"))
         config = dataclasses.replace(config, threshold=default_threshold(pipe))
-        if config.uncertain is not None and not config.uncertain < config.threshold:
-            raise DiffumaskError(f"--uncertain ({config.uncertain}) must be below the model's threshold "
-                                 f"({config.threshold}); pass --threshold")
     # Every prompt is checked before any denoising: a missing class word or an over-long prompt
     # is an error now, never an empty map later.
-    tokens = {i.id: class_token_indices(pipe.tokenizer, prompts[i.id], [words[i.class_name]]) for i in items}
+    tokens = {i: class_token_indices(pipe.tokenizer, prompt, [words[c] for c in names])
+              for i, (prompt, names) in drawn.items()}
     settings = {**config.settings(), "prompt_bank": bank.source,
-                "prompt_bank_sha256": hashlib.sha256(repr((bank.templates, bank.slots, bank.classes)).encode()).hexdigest()}
+                "prompt_bank_sha256": hashlib.sha256(repr((bank.templates, bank.slots, bank.classes, bank.compose,
+                                                           bank.pairs)).encode()).hexdigest()}
     dataset = Dataset.create(config.out, config.classes, settings, image_format=config.image_format)
     done = dataset.finished_ids()
     pending = [item for item in items if item.id not in done]
     steps = config.steps or _pipeline_default(pipe, "num_inference_steps")
     guidance = _pipeline_default(pipe, "guidance_scale") if config.guidance is None else config.guidance
-    model_info = model_description(config.model, pipe)
+    model_info = model_description(model, pipe)
     bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="img", desc="generate",
                disable=not progress, dynamic_ncols=True)
     with bar:
         for batch in _batches(pending, config.batch_size):
             results = generate_images(
-                pipe, [prompts[i.id] for i in batch], [[words[i.class_name]] for i in batch],
+                pipe, [drawn[i.id][0] for i in batch], [[words[c] for c in drawn[i.id][1]] for i in batch],
                 [i.seed for i in batch], steps=steps, guidance=guidance, size=config.size,
                 negative_prompt=config.negative_prompt, threshold=config.threshold,
                 uncertain=config.uncertain, resolutions=config.resolutions, layers=config.layers,
                 step_window=config.step_window, self_attention=config.self_attention,
             )
             for item, result in zip(batch, results):
-                soft = {k.replace(words[item.class_name], item.class_name, 1): v
-                        for k, v in result.maps.soft_maps().items()}
-                mask = np.where(result.mask == 1, dataset.class_index(item.class_name), result.mask)
+                names = drawn[item.id][1]
+                by_word = {words[c]: c for c in names}
+                soft = {_rename_map_key(k, by_word): v for k, v in result.maps.soft_maps().items()}
+                labels = np.arange(256, dtype=np.uint8)  # 1..n in prompt order → the dataset's indices
+                labels[1:len(names) + 1] = [dataset.class_index(c) for c in names]
                 record = {
-                    "classes": [item.class_name],
+                    "classes": names,
                     "prompt": result.prompt,
                     "negative_prompt": config.negative_prompt,
                     "seed": item.seed,
-                    "tokens": {item.class_name: tokens[item.id][words[item.class_name]]},
+                    "tokens": {c: tokens[item.id][words[c]] for c in names},
                     **model_info,
                     "scheduler": type(pipe.scheduler).__name__,
                     "steps": steps,
@@ -246,10 +298,16 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                     "resolutions": list(result.maps.resolutions),
                     "diffumask": __version__,
                 }
-                dataset.write_item(item.id, result.image, record, mask=mask.astype(np.uint8), soft_maps=soft)
+                dataset.write_item(item.id, result.image, record, mask=labels[result.mask], soft_maps=soft)
                 bar.update()
     dataset.finalize()
     return dataset
+
+
+def _rename_map_key(key: str, by_word: Mapping[str, str]) -> str:
+    """A soft-map key from the prompt's word to the class name: 'potted plant@16' → 'pottedplant@16'."""
+    word, at, grid = key.partition("@")
+    return f"{by_word.get(word, word)}{at}{grid}"
 
 
 __all__ = ["GenerateConfig", "GeneratedImage", "generate_dataset", "generate_images", "generate_one",

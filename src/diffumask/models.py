@@ -37,6 +37,31 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """A device this machine has, or one sentence saying why not (torch would assert deep inside)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ModelError(f"unknown device {device!r} ({str(error).splitlines()[0]}); use cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: this machine has no usable CUDA device "
+                             "(torch.cuda.is_available() is False); use --device cpu, or install a CUDA build of torch")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    elif resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ModelError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ModelError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+    return resolved
+
+
+def pipeline_name(pipe: Any) -> str:
+    """The name a pipeline goes by in a manifest: a built-in's own (``shapes``), else its folder or hub id."""
+    return str(getattr(pipe, "model_name", None) or getattr(pipe, "name_or_path", "") or type(pipe).__name__)
+
+
 def _dtype_keyword() -> str:
     """diffusers renamed ``torch_dtype`` to ``dtype`` (0.42 accepts both and warns on the old name)."""
     import diffusers
@@ -80,6 +105,9 @@ def load_pipeline(
 ) -> Any:
     """Load ``model`` (``shapes``, a local diffusers folder or a hub id) for generation with recording."""
     torch_dtype = resolve_dtype(dtype)
+    check_device(device)
+    if scheduler is not None:
+        _scheduler_class(scheduler)  # before the (slow) load
     if model in BUILTIN_MODELS:
         from .shapes import load_pipeline as load_shapes
 
@@ -119,12 +147,15 @@ def load_pipeline(
 
 def set_scheduler(pipe: Any, name: str) -> None:
     """Swap the sampler, keeping the model's noise schedule and prediction type."""
+    pipe.scheduler = _scheduler_class(name).from_config(pipe.scheduler.config)
+
+
+def _scheduler_class(name: str) -> Any:
     import diffusers
 
     if name not in SCHEDULERS:
         raise ModelError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls = getattr(diffusers, SCHEDULERS[name])
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return getattr(diffusers, SCHEDULERS[name])
 
 
 def model_description(model: str, pipe: Any) -> dict[str, Any]:

@@ -14,6 +14,16 @@ A bank is a YAML or JSON file::
 Every template must contain ``{name}``, so the class word is always in the prompt. A class with
 no entry gets the bank's templates with empty class slots (open vocabulary). The draw for an
 item is seeded by the item's own seed, so a run is reproducible and independent of batching.
+
+Several classes in one image (``generate --compose``) come from two optional lists::
+
+    compose:                    # scenes of named classes: a slot that names a class (or an alias;
+      - "a {person} riding a {horse}"   # spaces or _ alike) is that class's display name
+    pairs:                      # any two classes: {name} and {name2}; {sub2}, {colour2} ... are the
+      - "a {name} and a {name2}"        # second class's slots, drawn apart from the first's
+
+A composed item for class *c* draws from the ``compose`` templates that name *c* and only classes of
+the dataset; when there is none, from ``pairs`` with a partner drawn from the dataset's classes.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import json
 import random
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,12 +49,19 @@ class PromptBankError(DiffumaskError, ValueError):
     """A prompt bank file is malformed; the message names the file and the entry."""
 
 
+def _fields(template: str) -> list[str]:
+    """A template's slot names, in order, each once."""
+    return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f))
+
+
 @dataclass
 class PromptBank:
     templates: list[str]
     slots: dict[str, list[str]] = field(default_factory=dict)
     classes: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "<inline>"
+    compose: list[str] = field(default_factory=list)  # templates naming several classes
+    pairs: list[str] = field(default_factory=list)  # templates for any two classes: {name}, {name2}
 
     def __post_init__(self) -> None:
         if not self.templates:
@@ -54,10 +71,16 @@ class PromptBank:
             for alias in [key, *entry.get("aliases", [])]:
                 self._aliases[_normalise(alias)] = key
         for template in self.templates + [t for e in self.classes.values() for t in e.get("templates", [])]:
-            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
-            if "name" not in fields:
+            if "name" not in _fields(template):
                 raise PromptBankError(f"{self.source}: template {template!r} has no {{name}} slot, "
                                       "so the class word would be missing from the prompt")
+        for template in self.pairs:
+            if not {"name", "name2"} <= set(_fields(template)):
+                raise PromptBankError(f"{self.source}: pair template {template!r} needs both {{name}} and {{name2}}")
+        for template in self.compose:
+            if len(self.template_classes(template)) < 2:
+                raise PromptBankError(f"{self.source}: compose template {template!r} names fewer than two classes "
+                                      "of the bank; write each class as a slot, e.g. 'a {person} riding a {horse}'")
 
     @classmethod
     def load(cls, path_or_name: str | Path) -> PromptBank:
@@ -71,7 +94,16 @@ class PromptBank:
             raise PromptBankError(f"{source}: a prompt bank is a mapping with a 'templates' list")
         classes = {str(k): (v or {}) for k, v in (data.get("classes") or {}).items()}
         slots = {str(k): [str(x) for x in v] for k, v in (data.get("slots") or {}).items()}
-        return cls([str(t) for t in data["templates"]], slots, classes, source)
+        return cls([str(t) for t in data["templates"]], slots, classes, source,
+                   [str(t) for t in data.get("compose") or []], [str(t) for t in data.get("pairs") or []])
+
+    def key(self, class_name: str) -> str | None:
+        """The bank's own name for a class (through its aliases), or None when it has no entry."""
+        return self._aliases.get(_normalise(class_name))
+
+    def template_classes(self, template: str) -> list[str]:
+        """The bank classes a compose template names as slots, in order of appearance."""
+        return [key for f in _fields(template) if (key := self.key(f)) is not None]
 
     def entry(self, class_name: str) -> dict[str, Any]:
         key = self._aliases.get(_normalise(class_name))
@@ -87,11 +119,44 @@ class PromptBank:
         entry = self.entry(class_name)
         rng = random.Random(seed)
         template = rng.choice(entry.get("templates") or self.templates)
-        values: dict[str, str] = {"name": self.display_name(class_name)}
-        for _, slot, _, _ in string.Formatter().parse(template):
-            if slot and slot not in values:
-                options = entry.get(slot, self.slots.get(slot, [""]))
-                values[slot] = str(rng.choice(options)) if options else ""
+        return self._fill(template, {"name": self.display_name(class_name)}, [entry], rng)
+
+    def draw_compose(self, class_name: str, seed: int, available: Sequence[str]) -> tuple[str, list[str]]:
+        """A prompt with ``class_name`` and at least one other class of ``available`` (the dataset's
+        classes), and those classes as ``available`` spells them, in prompt order."""
+        rng = random.Random(seed)
+        spelled = {self.key(c) or c: c for c in available}
+        mine = self.key(class_name) or class_name
+        named = [t for t in self.compose
+                 if mine in (keys := self.template_classes(t)) and all(k in spelled for k in keys)]
+        if named:
+            template = rng.choice(named)
+            values = {f: self.display_name(key) for f in _fields(template) if (key := self.key(f)) is not None}
+            classes = [spelled[k] for k in self.template_classes(template)]
+            return self._fill(template, values, [self.entry(class_name)], rng), classes
+        others = [c for c in available if c != class_name]
+        if not self.pairs or not others:
+            raise PromptBankError(
+                f"{self.source}: no multi-class prompt for {class_name!r}: no compose template names it with "
+                f"classes of this run, and " + ("the bank has no pair templates" if others else
+                                                "a pair needs a second class (--classes)"))
+        partner = rng.choice(others)
+        template = rng.choice(self.pairs)
+        values = {"name": self.display_name(class_name), "name2": self.display_name(partner)}
+        return self._fill(template, values, [self.entry(class_name), self.entry(partner)], rng), [class_name, partner]
+
+    def _fill(self, template: str, values: dict[str, str], entries: list[dict[str, Any]], rng: random.Random) -> str:
+        """Fill the remaining slots: ``x`` from the first class's list (or the bank's), ``x2`` from the
+        second's, drawn apart from ``x`` where the list allows, so two objects get two colours."""
+        for slot in _fields(template):
+            if slot in values:
+                continue
+            base, second = (slot[:-1], True) if slot.endswith("2") and len(entries) > 1 else (slot, False)
+            entry = entries[1] if second else entries[0]
+            options = [str(o) for o in entry.get(base, self.slots.get(base, [""]))]
+            if second and base in values and len(set(options) - {values[base]}) > 0:
+                options = [o for o in options if o != values[base]]
+            values[slot] = rng.choice(options) if options else ""
         return re.sub(r"\s+", " ", template.format(**values)).strip()
 
 
@@ -125,6 +190,7 @@ def resolve_bank(prompts: str = "auto", model: str = "shapes") -> PromptBank:
     default = PromptBank.load("default")
     classes: dict[str, dict[str, Any]] = {}
     taken: set[str] = set()
+    compose: list[str] = []
     for name in ("voc", "cityscapes"):
         bank = PromptBank.load(name)
         for key, entry in bank.classes.items():
@@ -132,4 +198,6 @@ def resolve_bank(prompts: str = "auto", model: str = "shapes") -> PromptBank:
                 continue
             classes[key] = {**bank.slots, "templates": bank.templates, **entry}
             taken |= {_normalise(a) for a in [key, *entry.get("aliases", [])]}
-    return PromptBank(default.templates, default.slots, classes, "built-in banks (voc, cityscapes, default)")
+        compose += bank.compose
+    return PromptBank(default.templates, default.slots, classes, "built-in banks (voc, cityscapes, default)",
+                      compose, default.pairs)

@@ -1,20 +1,24 @@
 """``diffumask refine``: rewrite a dataset's masks from its soft maps with a better method.
 
 Images and soft maps stay untouched; each item's mask is recomputed, cleaned up (small blobs
-dropped, small holes filled) and rewritten atomically, and the method with its parameters is
-recorded in the item's manifest line under ``refine``.
+dropped, small holes filled) and rewritten atomically, and at once the item's manifest line is
+appended again with the method and its parameters under ``refine`` — mask first, then its line,
+one item at a time — so a run killed at any moment leaves every finished item's mask with the
+line that describes it, and the item in flight with its previous mask or its previous line only
+until the re-run redoes it.
 
-Progress lives in ``DATASET/refine.jsonl``: a header line with the method's parameters, then
-one line per finished item. A re-run with the same parameters skips what is listed there (a
-killed run resumes); other parameters start the log afresh. A trained AffinityNet is saved in
-``DATASET/refine/`` keyed by everything its training depends on, so resuming does not train
-again.
+The manifest is the progress record: a re-run with the same parameters skips the items whose
+line already says so (a killed run resumes); other parameters redo every item. The per-class
+adaptive γ's curves are kept in ``DATASET/refine.jsonl`` (a header with the parameters, then one
+line per image). A trained AffinityNet is saved in ``DATASET/refine/`` keyed by everything its
+training depends on, so resuming does not train again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -34,7 +38,7 @@ from .masks.cleanup import cleanup_mask
 from .masks.crf import SEED_CRF, CRFParams, DenseCRF, crf_refine
 from .masks.otsu import otsu_threshold
 from .masks.propagate import propagate_mask
-from .masks.threshold import PAPER_THRESHOLD, threshold_masks
+from .masks.threshold import PAPER_THRESHOLD, check_band, threshold_masks
 
 METHODS = ("threshold", "otsu", "affinity", "adaptive", "propagate")
 LOG_NAME = "refine.jsonl"
@@ -65,10 +69,13 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.uncertain is not None and self.threshold is not None and not self.uncertain < self.threshold:
-            raise ConfigError(f"--uncertain ({self.uncertain}) must be below --threshold ({self.threshold})")
-        if self.propagate_uncertain is not None and not self.propagate_uncertain < self.propagate_threshold:
-            raise ConfigError("the propagate uncertainty edge must be below its threshold")
+        check_band(self.threshold, self.uncertain)
+        check_band(self.propagate_threshold, self.propagate_uncertain,
+                   names=("--propagate-threshold", "--propagate-uncertain"))
+        if self.gammas is not None and not all(0 < g < 1 for g in self.gammas):
+            raise ConfigError(f"every γ of the sweep must lie in (0, 1), got {list(self.gammas)}")
+        if self.power < 1:
+            raise ConfigError(f"--power must be at least 1, got {self.power}")
         if not (0 <= self.min_area < 1 and 0 <= self.max_hole <= 1):
             raise ConfigError("--min-area and --max-hole are fractions of the image area, in [0, 1]")
         if self.per_class and self.method != "adaptive":
@@ -117,7 +124,8 @@ class RefineResult:
 
 
 class ProgressLog:
-    """``refine.jsonl``: a header with the parameters, then one JSON line per finished step."""
+    """``refine.jsonl``: a header with the parameters, then one JSON line per finished step (the
+    per-class curves; masks are recorded in the manifest)."""
 
     def __init__(self, path: Path, params: Mapping[str, Any]):
         self.path = path
@@ -142,6 +150,8 @@ class ProgressLog:
         self.entries.append(entry)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _loads(line: str) -> dict[str, Any] | None:
@@ -156,6 +166,7 @@ class _Item:
 
     def __init__(self, dataset: Dataset, record: Mapping[str, Any]):
         self.dataset = dataset
+        self.record = dict(record)
         self.id: str = record["id"]
         self.classes: list[str] = list(record["classes"])
         self.resolutions: list[int] | None = record.get("resolutions")  # the grids generate fused
@@ -196,7 +207,7 @@ def _affinity_net(dataset: Dataset, items: list[_Item], config: RefineConfig,
     seeds = []
     for item in tqdm(items, desc="affinity seeds", unit="img", disable=not progress, dynamic_ncols=True):
         labels = seed_labels(item.image(), item.maps(), config.affinity, seed_crf)
-        seeds.append(grid_labels(labels, net.stride))
+        seeds.append(grid_labels(labels, net.stride, config.affinity.seed_grid))
     bar = tqdm(total=config.affinity.train_steps, desc="train AffinityNet", unit="step", disable=not progress,
                dynamic_ncols=True)
     with bar:
@@ -280,46 +291,52 @@ def _class_gammas(log: ProgressLog, items: list[_Item], config: RefineConfig, ne
     return {label: config.threshold if gamma is None else gamma for label, gamma in chosen.items()}
 
 
-def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True) -> RefineResult:
-    """Run ``refine`` on a dataset folder (see the module docstring); resumable."""
-    try:
-        dataset = Dataset(root)
-    except FileNotFoundError as error:
-        raise DiffumaskError(str(error)) from None
+def _refined_with(record: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
+    """Whether an item's manifest line says it was refined with exactly these parameters."""
+    refine = record.get("refine") or {}
+    return all(refine.get(key) == value for key, value in params.items())
+
+
+def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True, redo: bool = False) -> RefineResult:
+    """Run ``refine`` on a dataset folder (see the module docstring); resumable.
+
+    ``redo`` refines every item again even where the manifest says it is done (benchmarks repeat runs).
+    """
+    dataset = Dataset(root)
     records = dataset.records()
     if not records:
         raise DiffumaskError(f"{dataset.root} holds no finished items to refine")
+    if missing := [r["id"] for r in records if not dataset.soft_maps_path(r["id"]).is_file()]:
+        raise DiffumaskError(f"{dataset.root} has no soft maps for {len(missing)} item(s) (e.g. "
+                             f"{dataset.soft_maps_path(missing[0])}); refine needs a dataset made by `diffumask generate`")
     if config.use_crf or (config.uses_affinity and config.affinity.seed_crf):
         crf_refine(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8), [0, 1], config.crf_params)  # fail early
     recorded = dataset.settings.get("threshold")  # generate's γ; absent in exported ground-truth data
     made_with = PAPER_THRESHOLD if recorded is None else float(recorded)
     if config.threshold is None:
+        check_band(made_with, config.uncertain, names=("the dataset's γ (pass --threshold)", "--uncertain"))
         config = replace(config, threshold=made_with)
-        if config.uncertain is not None and not config.uncertain < config.threshold:
-            raise ConfigError(f"--uncertain ({config.uncertain}) must be below the dataset's γ ({config.threshold}); "
-                              "pass --threshold")
     if config.gammas is None:
         config = replace(config, gammas=sweep_around(made_with))
+    dataset.compact()  # one line per item again before this run appends its own
+    params = json.loads(json.dumps(config.params()))
     items = [_Item(dataset, r) for r in records]
-    log = ProgressLog(dataset.root / LOG_NAME, config.params())
-    done = log.done("mask")
-    pending = [item for item in items if item.id not in done]
+    pending = [item for item in items if redo or not _refined_with(item.record, params)]
     net, train_seconds = None, 0.0
     start = time.perf_counter()
     if pending and config.uses_affinity:
         net, train_seconds = _affinity_net(dataset, items, config, progress)
-    gammas = _class_gammas(log, items, config, net, progress) if pending and config.per_class else None
+    gammas = None
+    if pending and config.per_class:
+        if redo:
+            (dataset.root / LOG_NAME).unlink(missing_ok=True)
+        gammas = _class_gammas(ProgressLog(dataset.root / LOG_NAME, params), items, config, net, progress)
     for item in tqdm(pending, desc=f"refine {config.method}", unit="img", disable=not progress, dynamic_ncols=True):
         mask, extra = _item_mask(item, config, net, gammas)
         mask = cleanup_mask(mask, config.min_area, config.max_hole)
-        dataset.rewrite_mask(item.id, mask)
-        log.append({"kind": "mask", "id": item.id, **extra})
+        dataset.rewrite_mask({**item.record, "refine": {**params, **extra}}, mask)
+    dataset.compact()  # a finished run leaves one line per item
     seconds = time.perf_counter() - start - train_seconds
-    params = config.params()
-    dataset.update_records({
-        entry_id: {"refine": {**params, **{k: v for k, v in entry.items() if k not in ("kind", "id")}}}
-        for entry_id, entry in log.done("mask").items()
-    })
     return RefineResult(dataset, len(items), len(pending), train_seconds, seconds)
 
 

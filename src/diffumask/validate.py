@@ -25,7 +25,7 @@ from .dataset import IGNORE_INDEX, IMAGE_FORMATS, Dataset, read_index_png
 from .errors import DiffumaskError
 from .formats.export import OBJECT_FOLDER
 
-#: Names that ``dataset._atomic_write`` gives a file while it is being written: ``.<name>.<random>.tmp``.
+#: Names that ``dataset.atomic_write`` gives a file while it is being written: ``.<name>.<random>.tmp``.
 TEMPORARY = re.compile(r"^\..+\.tmp$")
 SHARD = re.compile(r"^manifest\..+\.jsonl$")
 ITEM_FOLDERS = {"JPEGImages": tuple(f".{f}" for f in IMAGE_FORMATS), "SegmentationClass": (".png",),
@@ -151,7 +151,8 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
             problems.append(entry)
             continue
         if entry["id"] in seen:
-            problems.append(Problem(entry["id"], "listed twice in manifest.jsonl"))
+            problems.append(Problem(entry["id"], "listed twice in manifest.jsonl (a refine was interrupted: "
+                                                 "re-run it to finish)"))
             continue
         seen.add(entry["id"])
         records.append(entry)

@@ -32,6 +32,8 @@ from .propagate import grid_affinity_matrix, half_disc_offsets, pair_slices, ran
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: How pixel seeds become feature-grid seeds (see :func:`grid_labels`).
+SEED_GRID_RULES = ("unanimous", "vote")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,22 @@ class AffinityConfig:
     seed_offset_fg: float = 0.0  # added to the confident-foreground threshold (paper's δ_la)
     seed_offset_bg: float = 0.0  # added to the confident-background threshold (paper's δ_ha)
     seed_crf: bool = True  # CRF-refine the seeds (paper; needs the crf extra)
+    seed_grid: str = "unanimous"  # seeds on the feature grid: "unanimous" cells only, or PSA-like "vote"
+
+    def __post_init__(self) -> None:
+        if self.seed_grid not in SEED_GRID_RULES:
+            raise ConfigError(f"unknown seed grid rule {self.seed_grid!r}; choose one of {', '.join(SEED_GRID_RULES)}")
+        if not 0 < self.background < 1:
+            raise ConfigError(f"--affinity-background must lie strictly between 0 and 1 (the walked maps do), "
+                              f"got {self.background}")
+        if self.walk_steps < 0 or self.train_steps < 0:
+            raise ConfigError("--walk-steps and --affinity-steps must be 0 or more")
+        if not self.beta > 0:
+            raise ConfigError(f"--beta must be positive, got {self.beta}")
+        if self.radius < 2 or self.batch_size < 1 or self.crop < 1 or self.width < 1 or self.blocks < 0:
+            raise ConfigError("the AffinityNet needs radius ≥ 2, batch size ≥ 1, a positive crop and width")
+        if self.stride is not None and (self.stride < 1 or self.stride & (self.stride - 1)):
+            raise ConfigError(f"the AffinityNet stride must be a power of two, got {self.stride}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,13 +183,25 @@ def seed_labels(image: np.ndarray, maps: Mapping[int, np.ndarray], config: Affin
     return seeds
 
 
-def grid_labels(labels: np.ndarray, stride: int) -> np.ndarray:
-    """Seeds on the feature grid: a cell keeps a label only when all its pixels agree, else 255."""
+def grid_labels(labels: np.ndarray, stride: int, rule: str = "unanimous") -> np.ndarray:
+    """Seeds on the feature grid, one per ``stride``×``stride`` cell.
+
+    ``unanimous`` (default): a cell keeps a label only when all its pixels agree, else 255, so no
+    training pair straddles an edge. ``vote``: the cell's most frequent label (255 counted as one;
+    ties to the lower label) — PSA average-pools its seed scores by 8 and takes the argmax, which
+    on label seeds is this vote.
+    """
+    if rule not in SEED_GRID_RULES:
+        raise ConfigError(f"unknown seed grid rule {rule!r}; choose one of {', '.join(SEED_GRID_RULES)}")
     if stride == 1:
         return labels.copy()
     height, width = labels.shape
     h, w = height // stride, width // stride
     cells = labels[:h * stride, :w * stride].reshape(h, stride, w, stride)
+    if rule == "vote":
+        values = np.unique(cells)
+        counts = np.stack([(cells == v).sum(axis=(1, 3)) for v in values])
+        return values[counts.argmax(axis=0)].astype(np.uint8)
     first = cells[:, :1, :, :1]
     return np.where((cells == first).all(axis=(1, 3)), first[:, 0, :, 0], IGNORE_INDEX).astype(np.uint8)
 

@@ -7,9 +7,24 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..dataset import IGNORE_INDEX
+from ..errors import ConfigError
 
 #: γ of the paper's fixed-threshold baseline on Stable Diffusion (its Table 4a).
 PAPER_THRESHOLD = 0.4
+
+
+def check_band(threshold: float | None, uncertain: float | None,
+               names: tuple[str, str] = ("--threshold", "--uncertain"), unit_interval: bool = True) -> None:
+    """The one check of a γ and its uncertainty band: each in (0, 1) (maps are divided by their
+    maximum, so γ ≥ 1 gives all-background masks and γ ≤ 0 all-foreground ones), and the band's
+    lower edge below γ. ``None`` is "not given"; ``unit_interval=False`` checks the order only (for
+    margins, which may be negative)."""
+    if unit_interval:
+        for name, value in zip(names, (threshold, uncertain)):
+            if value is not None and not 0 < value < 1:
+                raise ConfigError(f"{name} must lie strictly between 0 and 1 (soft maps are in [0, 1]), got {value}")
+    if threshold is not None and uncertain is not None and not uncertain < threshold:
+        raise ConfigError(f"{names[1]} ({uncertain}) must be below {names[0]} ({threshold})")
 
 
 def _winners(maps: Mapping[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -39,8 +54,7 @@ def threshold_masks(
     (ties go to the first label), else background 0. With ``uncertain`` (< ``threshold``),
     pixels whose best value lies in (uncertain, threshold] get 255, which trainers ignore.
     """
-    if uncertain is not None and not uncertain < threshold:
-        raise ValueError(f"the uncertainty band's lower edge ({uncertain}) must be below the threshold ({threshold})")
+    check_band(threshold, uncertain, names=("the threshold", "the uncertainty band's lower edge"), unit_interval=False)
     winner, value = _winners(maps)
     mask = np.where(value > threshold, winner, 0).astype(np.uint8)
     if uncertain is not None:

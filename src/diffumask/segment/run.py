@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..dataset import _atomic_write, read_label_map, write_label_map, write_text_atomic
+from ..dataset import atomic_write, read_label_map, write_label_map, write_text_atomic
 from ..errors import DiffumaskError
 from .model import Segmenter, build_segmenter, load_segmenter
 from .presets import Preset, Schedule
@@ -98,7 +98,7 @@ class RunFolder:
 
     # ----------------------------------------------------------------- state
     def save_checkpoint(self, state: Mapping[str, Any]) -> None:
-        _atomic_write(self.checkpoint_path, lambda tmp: torch.save(dict(state), tmp))
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(dict(state), tmp))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.checkpoint_path.is_file():

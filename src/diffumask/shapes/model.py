@@ -104,6 +104,7 @@ class ShapesPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet"
     default_threshold = DEFAULT_THRESHOLD
+    model_name = "shapes"  # what generate records and which prompt bank "auto" picks, however it was loaded
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,

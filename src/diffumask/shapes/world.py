@@ -206,7 +206,14 @@ def export_world(out_dir: str | Path, n_train: int, n_val: int, n_test: int, see
     Resumable: scenes already in the manifest are skipped. Images are PNG so pixels stay exact.
     """
     from diffumask.dataset import Dataset
+    from diffumask.errors import ConfigError
 
+    counts = {"--train": n_train, "--val": n_val, "--test": n_test}
+    if min(counts.values()) < 0 or sum(counts.values()) < 1:
+        raise ConfigError(f"scene counts must be 0 or more and not all 0, got "
+                          f"{', '.join(f'{k} {v}' for k, v in counts.items())}")
+    if not 8 <= size:
+        raise ConfigError(f"scenes must be at least 8 px, got {size}")
     settings = {"source": "shapes-world", "seed": seed, "size": size,
                 "splits": {"train": n_train, "val": n_val, "test": n_test}}
     ds = Dataset.create(out_dir, classes=list(CLASSES), settings=settings, image_format="png")
