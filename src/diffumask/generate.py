@@ -256,9 +256,11 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     # is an error now, never an empty map later.
     tokens = {i: class_token_indices(pipe.tokenizer, prompt, [words[c] for c in names])
               for i, (prompt, names) in drawn.items()}
+    # The bank's fingerprint covers what the prompts depend on: a pair template added to a bank does not
+    # stop a dataset without composed items from resuming.
+    bank_parts = (bank.templates, bank.slots, bank.classes) + ((bank.compose, bank.pairs) if config.compose else ())
     settings = {**config.settings(), "prompt_bank": bank.source,
-                "prompt_bank_sha256": hashlib.sha256(repr((bank.templates, bank.slots, bank.classes, bank.compose,
-                                                           bank.pairs)).encode()).hexdigest()}
+                "prompt_bank_sha256": hashlib.sha256(repr(bank_parts).encode()).hexdigest()}
     dataset = Dataset.create(config.out, config.classes, settings, image_format=config.image_format)
     done = dataset.finished_ids()
     pending = [item for item in items if item.id not in done]
