@@ -183,11 +183,14 @@ def test_propagate_marks_an_uncertainty_band(dataset):
 def test_resume_redoes_only_unfinished_items_and_new_settings_start_over(dataset):
     root, truths = dataset
     config = RefineConfig(method="otsu")
-    refine_dataset(root, config, progress=False)
     manifest = root / "manifest.jsonl"
-    lines = manifest.read_text().splitlines(keepends=True)
-    assert len(lines) == 2 * len(truths)  # generation's lines, then one per refined item
-    manifest.write_text("".join(lines[:-2]) + lines[-2][:10])  # killed while appending the second-to-last
+    generated = manifest.read_text().splitlines(keepends=True)
+    refine_dataset(root, config, progress=False)
+    refined = manifest.read_text().splitlines(keepends=True)
+    assert len(refined) == len(truths) and all('"refine"' in line for line in refined)  # compacted at the end
+    # the manifest of a run killed while appending the second-to-last item's line: generation's lines,
+    # then one per refined item, the last of them torn
+    manifest.write_text("".join(generated + refined[:-2]) + refined[-2][:10])
     assert len(Dataset(root).records()) == len(truths)  # the torn line is skipped ...
     again = refine_dataset(root, config, progress=False)
     assert again.refined == 2  # ... and the two items without a refine line are redone
@@ -195,7 +198,7 @@ def test_resume_redoes_only_unfinished_items_and_new_settings_start_over(dataset
     other = refine_dataset(root, RefineConfig(method="threshold", threshold=0.6), progress=False)
     assert other.refined == len(truths)
     assert {r["refine"]["method"] for r in other.dataset.records()} == {"threshold"}
-    assert len(manifest.read_text().splitlines()) == 2 * len(truths)  # compacted before each run appends
+    assert len(manifest.read_text().splitlines()) == len(truths)  # compacted after each finished run
 
 
 def test_a_killed_refine_leaves_every_mask_with_its_manifest_line(dataset, monkeypatch):
