@@ -4,6 +4,7 @@ classes per item, resume, the manifest record and the command line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from diffumask.cli import main
-from diffumask.dataset import IGNORE_INDEX, Dataset
+from diffumask.dataset import IGNORE_INDEX, Dataset, read_index_png
 from diffumask.masks.affinity import AffinityConfig
 from diffumask.masks.crf import crf_available
 from diffumask.refine import RefineConfig, refine_dataset
@@ -234,6 +235,53 @@ def test_a_killed_refine_leaves_every_mask_with_its_manifest_line(dataset, monke
     assert refine_dataset(root, config, progress=False).refined == len(truths) - 5
     assert files(root, "SegmentationClass") == refined
     assert Dataset(root).records() == Dataset(whole).records()
+
+
+@pytest.mark.parametrize("moment", ["before the line", "after the line"])
+def test_a_mask_and_its_line_agree_at_every_moment_of_a_rewrite(dataset, monkeypatch, moment):
+    """Killed while rewriting one mask: before its line is appended the old mask and line stand; after
+    it (the commit), readers get the new mask with the new line, and the next writer finishes the rename."""
+    import diffumask.dataset as dataset_module
+
+    root, truths = dataset
+    whole = root.parent / "whole"
+    shutil.copytree(root, whole)
+    config = RefineConfig(method="otsu")
+    refine_dataset(whole, config, progress=False)
+    refined, before = files(whole, "SegmentationClass"), files(root, "SegmentationClass")
+    victim = sorted(truths)[3]
+    real_append, real_replace = Dataset._append_record, os.replace
+
+    def append(self, record):
+        if record["id"] == victim and moment == "before the line":
+            raise KeyboardInterrupt
+        real_append(self, record)
+
+    def replace(source, target):
+        if str(source).endswith(f".{victim}.pending.png"):
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(Dataset, "_append_record", append)
+    monkeypatch.setattr(dataset_module.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        refine_dataset(root, config, progress=False)
+    monkeypatch.undo()
+    ds = Dataset(root)
+    record = {r["id"]: r for r in ds.records()}[victim]
+    read_back = ds.read_mask(victim)
+    if moment == "before the line":
+        assert "refine" not in record
+        np.testing.assert_array_equal(read_back, read_index_png(root / "SegmentationClass" / f"{victim}.png"))
+        assert (root / "SegmentationClass" / f"{victim}.png").read_bytes() == before[f"{victim}.png"]
+    else:
+        assert record["refine"]["method"] == "otsu"
+        np.testing.assert_array_equal(read_back, read_index_png(whole / "SegmentationClass" / f"{victim}.png"))
+        assert (root / "SegmentationClass" / f"{victim}.png").read_bytes() == before[f"{victim}.png"]  # not renamed yet
+    again = refine_dataset(root, config, progress=False)
+    assert again.refined == len(truths) - 3 - (moment == "after the line")  # a committed item is not redone
+    assert not list((root / "SegmentationClass").glob(".*"))
+    assert files(root, "SegmentationClass") == refined
 
 
 def test_readers_never_rewrite_the_manifest_and_the_writer_cuts_a_torn_line(dataset):

@@ -22,6 +22,7 @@ it goes. Readers never change the manifest; a writer cuts a torn last line befor
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -35,6 +36,7 @@ from PIL import Image
 from .errors import ConfigError, DiffumaskError
 
 IGNORE_INDEX = 255
+PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
 IMAGE_FORMATS = ("jpg", "png")
 
 
@@ -328,15 +330,50 @@ class Dataset:
         self._append_record({"id": item_id, "split": split, **record})
 
     def rewrite_mask(self, record: Mapping[str, Any], mask: np.ndarray) -> None:
-        """Replace a finished item's mask, then append its updated manifest line (``record``, whole).
+        """Replace a finished item's mask and append its updated manifest line (``record``, whole), as one
+        step even across a kill or a power cut.
 
-        The mask is durable before the line that describes it, and each item is recorded as soon
-        as its mask is written, so a stage killed mid-way (``refine``) leaves every finished item's
-        mask with the line that says how it was made; the item in flight keeps its previous line
-        and is redone by the next run.
+        The new mask is written durably beside the old one (a pending file); appending the line that
+        describes it, with the pending file's SHA-256, is the commit; then the pending file is renamed over
+        the mask. Killed before the append: the old mask and old line stand. Killed after it: the line is
+        new and :meth:`read_mask` reads the pending mask, until the next writer (:meth:`recover_masks`)
+        renames it into place. Either way every mask agrees with its item's latest line.
         """
-        write_palette_png(self.mask_path(record["id"]), mask)
-        self._append_record(record)
+        item_id = record["id"]
+        pending = self.pending_mask_path(item_id)
+        write_palette_png(pending, mask)
+        self._append_record({**record, "mask_sha256": _file_sha256(pending)})
+        os.replace(pending, self.mask_path(item_id))
+        _fsync_path(pending.parent)
+
+    def pending_mask_path(self, item_id: str) -> Path:
+        return self.root / "SegmentationClass" / f".{item_id}{PENDING_MASK}"
+
+    def current_mask_path(self, item_id: str) -> Path:
+        """The mask file that agrees with the item's latest manifest line (a committed pending one, if any)."""
+        pending = self.pending_mask_path(item_id)
+        if pending.is_file() and self._committed(item_id, pending):
+            return pending
+        return self.mask_path(item_id)
+
+    def _committed(self, item_id: str, pending: Path) -> bool:
+        latest = next((r for r in reversed(self._lines()) if r["id"] == item_id), None)
+        return latest is not None and latest.get("mask_sha256") == _file_sha256(pending)
+
+    def recover_masks(self) -> int:
+        """Writers call this first: finish (rename) each committed pending mask a killed rewrite left, and drop
+        the uncommitted ones. Returns how many were finished."""
+        folder = self.root / "SegmentationClass"
+        finished = 0
+        for pending in sorted(folder.glob(f".*{PENDING_MASK}")):
+            item_id = pending.name[1:-len(PENDING_MASK)]
+            if self._committed(item_id, pending):
+                os.replace(pending, self.mask_path(item_id))
+                finished += 1
+            else:
+                pending.unlink()
+            _fsync_path(folder)
+        return finished
 
     def update_records(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
         """Merge fields into items' manifest lines (e.g. how a later stage changed them), atomically."""
@@ -372,7 +409,7 @@ class Dataset:
             return np.array(image.convert("RGB"))
 
     def read_mask(self, item_id: str) -> np.ndarray:
-        return read_index_png(self.mask_path(item_id))
+        return read_index_png(self.current_mask_path(item_id))
 
     def read_soft_maps(self, item_id: str, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """An item's soft maps as float32; only ``keys`` (those present) when given, since decompressing
@@ -384,6 +421,10 @@ class Dataset:
     def split_ids(self, split: str = "train") -> list[str]:
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         return path.read_text().split() if path.is_file() else []
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:

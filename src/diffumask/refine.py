@@ -318,6 +318,7 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
         config = replace(config, threshold=made_with)
     if config.gammas is None:
         config = replace(config, gammas=sweep_around(made_with))
+    dataset.recover_masks()  # a mask a killed run committed but did not rename yet
     dataset.compact()  # one line per item again before this run appends its own
     params = json.loads(json.dumps(config.params()))
     items = [_Item(dataset, r) for r in records]

@@ -86,7 +86,7 @@ def _items(dataset: Dataset) -> Iterator[tuple[dict[str, Any], Path, np.ndarray]
         if not mask_path.is_file():
             raise ExportError(f"item {record['id']!r} has no mask ({mask_path}); run `diffumask validate` on "
                               f"{dataset.root}")
-        yield record, dataset.image_path(record["id"]), read_index_png(mask_path)
+        yield record, dataset.image_path(record["id"]), dataset.read_mask(record["id"])
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -323,7 +323,7 @@ def _hf_rows(root: str, records: list[dict[str, Any]], kinds: dict[str, str]) ->
             raise ExportError(f"item {record['id']!r} has no mask ({mask_path}); run `diffumask validate` on {root}")
         image_path = dataset.image_path(record["id"])
         row = {"image": {"bytes": image_path.read_bytes(), "path": image_path.name},
-               "mask": {"bytes": mask_path.read_bytes(), "path": mask_path.name}}
+               "mask": {"bytes": dataset.current_mask_path(record["id"]).read_bytes(), "path": mask_path.name}}
         for name, kind in kinds.items():
             value = record.get(name)
             if value is not None and kind == "json":

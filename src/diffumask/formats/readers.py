@@ -122,7 +122,7 @@ class DiffumaskSource(LabelledSource):
         return self.dataset.mask_path(item_id)
 
     def read_labels(self, item_id: str) -> np.ndarray:
-        return read_index_png(self.labels_path(item_id))
+        return self.dataset.read_mask(item_id)  # the mask that agrees with the item's manifest line
 
 
 class VOCSource(LabelledSource):

@@ -149,7 +149,7 @@ def _item_assets(dataset: Dataset, record: Mapping[str, Any], number: int, asset
     image_path = dataset.image_path(item_id)
     image = _read_image_small(image_path, THUMB) if image_path.is_file() else None
     mask_path = dataset.mask_path(item_id)
-    mask = read_index_png(mask_path) if mask_path.is_file() else None
+    mask = dataset.read_mask(item_id) if mask_path.is_file() else None
     counts = None if mask is None else np.bincount(mask.ravel(), minlength=256)
     stats.add(named, counts)
     shape = image.shape[:2] if image is not None else (mask.shape if mask is not None else (THUMB, THUMB))
