@@ -81,6 +81,28 @@ def test_coco_instances_follow_the_items_objects(tmp_path):
     assert [int(p.sum()) for _, p in found] == [9, 9, 3, 1]  # object 1, object 2, then the uncovered column, pixel
 
 
+def test_shapes_world_exports_one_coco_instance_per_drawn_object(tmp_path):
+    """The world knows its objects: an occluded object split in two is still one instance, and every
+    instance has its object's class."""
+    from pycocotools.coco import COCO
+
+    from diffumask.shapes import export_world
+
+    root = export_world(tmp_path / "shapes", 0, 0, 40)
+    assert main(["export", str(root), "--format", "coco", "--out", str(tmp_path / "coco")]) == 0
+    coco = COCO(str(tmp_path / "coco" / "annotations" / "instances_test.json"))
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    records = {r["id"]: r for r in Dataset(root).records()}
+    split_components = 0
+    for image in coco.loadImgs(coco.getImgIds()):
+        record = records[image["diffumask_id"]]
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+        assert sorted(names[a["category_id"]] for a in annotations) == sorted(o["class"] for o in record["objects"])
+        mask = Dataset(root).read_mask(record["id"])
+        split_components += len(instance_masks(mask)) - len(annotations)
+    assert split_components != 0  # some scene's objects touch or are cut: components alone would miscount
+
+
 def test_coco_panoptic_png_carries_the_semantic_mask(mixed, tmp_path):
     out = tmp_path / "coco"
     export_dataset(mixed.root, "coco", out)

@@ -36,6 +36,7 @@ from PIL import Image
 from .errors import ConfigError, DiffumaskError
 
 IGNORE_INDEX = 255
+OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC's layout): 0 none, 255 void
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
 IMAGE_FORMATS = ("jpg", "png")
 

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .dataset import IGNORE_INDEX, IMAGE_FORMATS, Dataset, read_index_png
+from .dataset import IGNORE_INDEX, IMAGE_FORMATS, OBJECT_FOLDER, Dataset, read_index_png
 from .errors import DiffumaskError
-from .formats.export import OBJECT_FOLDER
 
 #: Names that ``dataset.atomic_write`` gives a file while it is being written: ``.<name>.<random>.tmp``.
 TEMPORARY = re.compile(r"^\..+\.tmp$")

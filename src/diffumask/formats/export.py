@@ -33,13 +33,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..dataset import IGNORE_INDEX, Dataset, read_index_png, voc_palette, write_text_atomic
+from ..dataset import IGNORE_INDEX, OBJECT_FOLDER, Dataset, read_index_png, voc_palette, write_text_atomic
 from ..errors import DiffumaskError
 from .names import match_names
 from .tables import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS
 
 EXPORT_FORMATS = ("coco", "cityscapes", "ade20k", "hf")
-OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance ids (VOC's layout): 0 none, 255 void
 
 
 class ExportError(DiffumaskError, ValueError):

@@ -205,7 +205,7 @@ def export_world(out_dir: str | Path, n_train: int, n_val: int, n_test: int, see
 
     Resumable: scenes already in the manifest are skipped. Images are PNG so pixels stay exact.
     """
-    from diffumask.dataset import Dataset
+    from diffumask.dataset import OBJECT_FOLDER, Dataset, write_palette_png
     from diffumask.errors import ConfigError
 
     counts = {"--train": n_train, "--val": n_val, "--test": n_test}
@@ -228,6 +228,10 @@ def export_world(out_dir: str | Path, n_train: int, n_val: int, n_test: int, see
                       "classes": sorted({c for c, _ in scene.objects}, key=CLASSES.index),
                       "objects": [{"class": c, "colour": col} for c, col in scene.objects],
                       "texture": scene.texture, "size": [size, size], "source": "shapes-world"}
-            ds.write_item(item_id, scene.image, record, mask=scene.mask, split=split)
+            objects = np.zeros((size, size), np.uint8)  # VOC's SegmentationObject: instance number per pixel
+            for number, visible in enumerate(scene.instance_masks, start=1):
+                objects[visible] = number
+            write_palette_png(Path(out_dir) / OBJECT_FOLDER / f"{item_id}.png", objects)
+            ds.write_item(item_id, scene.image, record, mask=scene.mask, split=split)  # its line comes last
     ds.finalize()
     return Path(out_dir)
