@@ -13,7 +13,7 @@ from .models import SCHEDULERS
 EXAMPLES = """\
 examples:
   diffumask generate --classes circle,star --images-per-class 20 --out data/shapes
-  diffumask generate --model runwayml/stable-diffusion-v1-5 --classes "dog,potted plant" \\
+  diffumask generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --classes "dog,potted plant" \\
       --images-per-class 1000 --out data/voc --device cuda --dtype float16 --batch-size 8
   diffumask shapes export data/shapes-real --train 2000 --val 200 --test 500
   diffumask train data/shapes --out runs/shapes && diffumask evaluate runs/shapes data/shapes-real --split test
