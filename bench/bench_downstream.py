@@ -94,7 +94,7 @@ def prepare(work: Path, n: int, sizes: list[int]) -> dict[str, Path]:
 def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, test: Path,
             weights: list[float] | None = None, unseen: tuple[str, ...] | None = None, label: str | None = None) -> dict:
     """Train (or reuse) the run ``name`` and score it on the real test split."""
-    out = work / "runs" / name
+    out = work / "runs" / (name if args.preset == "tiny" else f"{name}-{args.preset}")
     run = train(TrainConfig(data=[str(d) for d in data], out=str(out), preset=args.preset, steps=args.steps,
                             weights=weights, seed=args.seed, workers=args.workers), progress=not args.quiet)
     minutes = train_summary(run)["minutes"]  # training time as logged by the run (resumes included)
