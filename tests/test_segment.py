@@ -196,7 +196,7 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
     assert "no split 'val'" in _cli_error(["train", str(shapes_data), "--split", "val", "--out", str(tmp_path / "r2"),
                                            "--quiet"], capsys)
     if not torch.cuda.is_available():
-        assert "no CUDA device" in _cli_error(["train", str(shapes_data), "--out", str(tmp_path / "r3"),
+        assert "no usable CUDA device" in _cli_error(["train", str(shapes_data), "--out", str(tmp_path / "r3"),
                                                "--device", "cuda", "--quiet"], capsys)
     assert "--steps must be at least 1" in _cli_error(["train", str(shapes_data), "--out", str(tmp_path / "r4"),
                                                        "--steps", "0", "--quiet"], capsys)

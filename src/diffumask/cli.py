@@ -26,10 +26,18 @@ def _csv(text: str) -> list[str]:
 
 
 def _ints(text: str) -> list[int]:
+    return _numbers(text, int, "integers")
+
+
+def _floats(text: str) -> list[float]:
+    return _numbers(text, float, "numbers")
+
+
+def _numbers(text: str, kind: type, what: str) -> list:
     try:
-        return [int(v) for v in _csv(text)]
+        return [kind(v) for v in _csv(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
 
 
 def _window(text: str) -> tuple[float, float]:
@@ -290,13 +298,6 @@ def _run_refine(args: argparse.Namespace) -> None:
     result = refine_dataset(args.dataset, config, progress=not args.quiet)
     print(f"refined {result.refined} of {result.items} items in {result.dataset.root} with --method {args.method}"
           + (f" ({result.items - result.refined} were already done)" if result.refined < result.items else ""))
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 _DATA_HELP = ("a dataset folder: ours (generate / refine / shapes export), or a real benchmark as voc:PATH, "

@@ -130,9 +130,6 @@ class TrainingSamples(TorchDataset):
             raise ConfigError(f"--weights needs one non-negative weight per DATA ({len(parts)}), not all zero")
         self.probabilities = share / share.sum()
 
-    def __len__(self) -> int:
-        return sum(len(p.ids) for p in self.parts)
-
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         step, slot = key
         rng = np.random.default_rng([self.seed, step, slot])

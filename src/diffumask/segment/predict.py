@@ -18,16 +18,14 @@ from tqdm.auto import tqdm
 from ..dataset import read_label_map, write_label_map, write_palette_png
 from ..errors import ConfigError
 from ..formats import LabelledSource, open_source
+from ..models import check_device
 from .data import normalise, resize_short_side
 from .model import Segmenter
 from .run import RunFolder
 
 
 def pick_device(device: str | None) -> torch.device:
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}, but torch sees no CUDA device here; use --device cpu")
-    return torch.device(name)
+    return check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @torch.no_grad()

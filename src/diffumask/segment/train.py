@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..formats import open_source
+from ..models import check_device
 from .data import StepBatches, TrainingSamples, check_augment, open_splits, union_classes
 from .model import build_segmenter, init_from
 from .presets import Preset, get_preset
@@ -85,14 +86,9 @@ def _accelerator(config: TrainConfig, family: str) -> Any:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}, but torch sees no CUDA device here; use --device cpu "
-                          "or install the torch build for your CUDA")
-    if ":" in device:
-        raise ConfigError(f"--device {device}: pick the GPU with CUDA_VISIBLE_DEVICES and pass --device cuda "
+    if check_device(device).type not in ("cpu", "cuda", "mps") or ":" in device:
+        raise ConfigError(f"--device {device}: train takes cpu, cuda or mps; pick GPUs with CUDA_VISIBLE_DEVICES "
                           "(several GPUs: accelerate launch or torchrun)")
-    if device not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device must be cpu, cuda or mps, not {device!r}")
     if config.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
     precision = config.mixed_precision
