@@ -1,0 +1,68 @@
+"""Which share of the work this process does, read from the launcher's environment.
+
+torchrun and ``accelerate launch`` set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; a Slurm array or
+``srun`` sets ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``. No collectives are used:
+every worker enumerates the same work, takes every ``world_size``-th unit from ``rank`` on, and
+writes only its own items (and its own manifest shard), so workers never wait for each other and
+a job resumes with any number of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+#: (rank, world size, local rank) variables, in the order they are looked for.
+LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One process of a (possibly single-process) job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+    def take(self, units: Sequence[T]) -> list[T]:
+        """This worker's share of ``units``: every ``world_size``-th from ``rank`` on.
+
+        ``units`` must be the same full list on every worker (all work, finished or not), so the
+        shares are disjoint and cover everything however the workers' start times interleave.
+        """
+        return [unit for index, unit in enumerate(units) if index % self.world_size == self.rank]
+
+    def device(self, device: str) -> str:
+        """``cuda`` means this worker's own GPU (``cuda:LOCAL_RANK``) when the job is sharded."""
+        return f"cuda:{self.local_rank}" if self.sharded and device == "cuda" else device
+
+
+def current_worker(environ: Mapping[str, str] | None = None) -> Worker:
+    """The worker this process is, from torchrun / accelerate / Slurm variables; a lone process is 0 of 1."""
+    environ = os.environ if environ is None else environ
+    for rank_name, size_name, local_name in LAUNCHER_VARIABLES:
+        if rank_name in environ and size_name in environ:
+            try:
+                rank, size = int(environ[rank_name]), int(environ[size_name])
+                local = int(environ.get(local_name, rank))
+            except ValueError:
+                raise ConfigError(f"{rank_name}={environ[rank_name]!r} / {size_name}={environ[size_name]!r} are "
+                                  "not whole numbers; unset them or launch with torchrun or srun") from None
+            if not 0 <= rank < size or local < 0:
+                raise ConfigError(f"{rank_name}={rank} does not lie in 0..{size_name}-1={size - 1}; "
+                                  "check the launcher's settings")
+            return Worker(rank, size, local)
+    return Worker()
+
+
+__all__ = ["Worker", "current_worker"]
