@@ -328,9 +328,10 @@ def test_memory_is_constant_in_steps(sd1_pipe, form):
         extra[steps] = (live - base_live, peak - base_peak)
     assert extra[2] == extra[6], f"what the recorder holds grows with the steps: {extra}"
     # Grids 16, 8 and 4 of 2 images, float32: all 77 token columns, or the 4 columns of the widest
-    # image's classes ("potted plant" twice) plus their int64 index.
+    # image's classes ("potted plant" twice) plus their int64 index; and the one-byte flag that
+    # notes, on the UNet's device, whether the timesteps ever rose.
     columns = 77 if form == "every word" else 4
-    kept = 2 * (16 * 16 + 8 * 8 + 4 * 4) * columns * 4 + (0 if form == "every word" else 2 * columns * 8)
+    kept = 2 * (16 * 16 + 8 * 8 + 4 * 4) * columns * 4 + (0 if form == "every word" else 2 * columns * 8) + 1
     assert extra[2][0] == kept
 
 
@@ -408,6 +409,27 @@ def test_self_attention_matches_reference(sd1_pipe):
         np.testing.assert_allclose(image_maps.self_attention, np.mean(wanted, axis=0), rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(image_maps.self_attention.sum(1), 1.0, atol=1e-5)
         assert image_maps.soft_maps()["__self__@8"].shape == (64, 64)
+
+
+def test_self_attention_grid_is_capped(sd1_pipe):
+    """latent/1 (16x16) asked for with at most 8 a side: recorded at 8x8, as latent/2 would be."""
+    with trace(sd1_pipe, PROMPTS, CLASSES, self_attention=1, self_attention_max=8) as capped:
+        run(sd1_pipe, PROMPTS, [3, 4])
+    with trace(sd1_pipe, PROMPTS, CLASSES, self_attention=2) as half:
+        run(sd1_pipe, PROMPTS, [3, 4])
+    for a, b in zip(capped.maps(), half.maps()):
+        assert a.self_attention_grid == (8, 8)
+        np.testing.assert_array_equal(a.self_attention, b.self_attention)
+
+
+def test_second_call_without_text_encoder_is_refused(sd1_pipe):
+    """With prompt embeddings no encoder runs; the rising timesteps give the second call away."""
+    embeds, negative = sd1_pipe.encode_prompt(PROMPTS[0], "cpu", 1, True)
+    with trace(sd1_pipe, PROMPTS[0], ["dog"]) as recorder:
+        for _ in range(2):
+            sd1_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2, output_type="np")
+    with pytest.raises(RecorderError, match="called again"):
+        recorder.maps()
 
 
 def test_self_attention_at_a_missing_resolution_is_an_error(sd1_pipe):

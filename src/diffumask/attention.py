@@ -299,6 +299,8 @@ class AttentionRecorder:
         self_attention: also record the mean self-attention matrix at grid latent/F for this F
             (e.g. 2: 32x32 at 512 px; the matrix has (h·w)² entries, so the finest grid is
             never a default); None records none. Used by self-attention propagation.
+        self_attention_max: the largest self-attention grid side recorded: latent/F is halved until
+            it fits (SDXL at 1024 px: 32x32, not 64x64), so the matrix stays ≤ 32⁴ entries by default.
         token_average: how a class of several tokens is fused: "maps" (the paper's: each token's
             map normalised, then averaged) or "columns" (raw columns averaged, then normalised).
     """
@@ -313,6 +315,7 @@ class AttentionRecorder:
         steps: tuple[int | None, int | None] | None = None,
         self_attention: int | None = None,
         token_average: str = "maps",
+        self_attention_max: int = 32,
     ):
         self.pipe = pipe
         self.unet = pipe.unet
@@ -338,6 +341,9 @@ class AttentionRecorder:
         self.layers = self._select_layers(layers)
         self.steps = steps or (None, None)
         self.self_attention_factor = self_attention
+        if self_attention_max < 1:
+            raise ConfigError(f"self_attention_max must be at least 1, got {self_attention_max}")
+        self.self_attention_max = self_attention_max
         self.self_layers = list(cross_attention_layers(self.unet, cross=False)) if self_attention else []
         self._encoded: dict[int, list[list[int]]] = {}
         self._columns: list[list[int]] | None = None  # per prompt; None: every column
@@ -350,8 +356,10 @@ class AttentionRecorder:
         self._sums: dict[tuple[int, int], torch.Tensor] = {}
         self._counts: dict[tuple[int, int], int] = {}
         self._latent_hw: tuple[int, int] | None = None
+        self._self_hw: tuple[int, int] | None = None
         self._step = -1
-        self._last_timestep: float | None = None
+        self._last_timestep: torch.Tensor | None = None
+        self._restarted: torch.Tensor | None = None  # on the UNet's device: did the timesteps ever rise?
         self._saved_processors: dict[str, Any] | None = None
         self._hooks: list[Any] = []
 
@@ -472,17 +480,36 @@ class AttentionRecorder:
     def _on_unet_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        t = float(torch.as_tensor(timestep).flatten()[0]) if timestep is not None else None
-        if t is not None and self._last_timestep is not None and t > self._last_timestep:
-            raise RecorderError(_CALLED_AGAIN)
-        self._last_timestep = t
+        if timestep is not None:
+            self._check_timestep(torch.as_tensor(timestep).detach().reshape(-1)[:1])
         if self._batch is None:
             self._start(sample)
         elif sample.shape[0] != self._batch:
             raise RecorderError(f"the UNet's batch changed from {self._batch} to {sample.shape[0]} "
                                 "within one pipeline call; use one trace per pipeline call")
-        self._latent_hw = tuple(sample.shape[-2:])
+        if self._latent_hw != tuple(sample.shape[-2:]):
+            self._latent_hw = tuple(sample.shape[-2:])
+            self._self_hw = self._self_attention_grid(self._latent_hw) if self.self_attention_factor else None
         self._step += 1
+
+    def _check_timestep(self, timestep: torch.Tensor) -> None:
+        """Note whether the timesteps went up (a second pipeline call) without reading the value on the
+        host: on a GPU that would wait for every queued kernel, once per step. :meth:`maps` reads the flag."""
+        if self._last_timestep is not None:
+            rose = (timestep > self._last_timestep).reshape(())
+            if self._restarted is None:
+                self._restarted = rose
+            else:
+                self._restarted |= rose
+        self._last_timestep = timestep
+
+    def _self_attention_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """The self-attention grid to record: latent/F, halved until no side exceeds ``self_attention_max``
+        (a (h·w)² matrix per image: SDXL's latent/2 at 1024 px would be 4096², 64 MiB)."""
+        factor = self.self_attention_factor
+        while max(math.ceil(side / factor) for side in latent_hw) > self.self_attention_max and factor < max(latent_hw):
+            factor *= 2
+        return math.ceil(latent_hw[0] / factor), math.ceil(latent_hw[1] / factor)
 
     def _start(self, sample: torch.Tensor) -> None:
         """At the first UNet call: which rows are the conditional images, which columns to keep."""
@@ -561,7 +588,7 @@ class AttentionRecorder:
     def _record_self(self, attn: Attention, query: torch.Tensor, key: torch.Tensor) -> None:
         if not self._in_window():
             return
-        h, w = (math.ceil(side / self.self_attention_factor) for side in self._latent_hw)
+        h, w = self._self_hw
         if query.shape[2] != h * w:
             return  # another resolution: left to the fused kernel alone
         self._check_started()
@@ -595,13 +622,16 @@ class AttentionRecorder:
                 "no cross-attention was recorded: call the pipeline inside the trace, and do not "
                 "replace attention processors (xformers, attention slicing) while it is attached"
             )
+        if self._restarted is not None and bool(self._restarted):
+            raise RecorderError(_CALLED_AGAIN)
         latent_h, latent_w = self._latent_hw
         scale = int(getattr(self.pipe, "vae_scale_factor", 1))
         size = image_size or (latent_h * scale, latent_w * scale)
         defaults = self.default_resolutions()
         means = {grid: (s / self._counts[grid]).cpu() for grid, s in self._sums.items()}
         if self.self_attention_factor and self._self_sum is None:
-            raise RecorderError(f"no self-attention layer runs at latent/{self.self_attention_factor}; "
+            raise RecorderError(f"no self-attention layer runs at grid {self._self_hw[0]}x{self._self_hw[1]} "
+                                f"(latent/{self.self_attention_factor}, at most {self.self_attention_max} a side); "
                                 "choose another self-attention factor")
         self_mean = None if self._self_sum is None else (self._self_sum / self._self_count).cpu().numpy()
         keys = next(iter(means.values())).shape[-1]
