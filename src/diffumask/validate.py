@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import softmaps
 from .dataset import IGNORE_INDEX, IMAGE_FORMATS, OBJECT_FOLDER, Dataset, read_index_png
 from .errors import DiffumaskError
 
@@ -123,11 +124,17 @@ def _check_item(dataset: Dataset, record: dict, n_classes: int, soft_maps: bool)
         except (OSError, ValueError, zipfile.BadZipFile) as error:
             yield Problem(item_id, f"soft maps unreadable: {error}")
             return
+        if softmaps.META_KEY in shapes:  # fused maps are recomputed from the grids at the recorded size
+            with np.load(path) as data:
+                meta_size = tuple(json.loads(str(data[softmaps.META_KEY]))["size"])
+            if size is not None and meta_size != size:
+                yield Problem(item_id, f"soft maps are recorded for {meta_size} but the image is {size}")
         for name in record.get("classes", []):
-            if name not in shapes:
+            if name in shapes:
+                if size is not None and shapes[name] != size:
+                    yield Problem(item_id, f"soft map {name!r} is {shapes[name]} but the image is {size}")
+            elif softmaps.META_KEY not in shapes or not any(k.startswith(f"{name}@") for k in shapes):
                 yield Problem(item_id, f"soft maps lack the fused map of {name!r}")
-            elif size is not None and shapes[name] != size:
-                yield Problem(item_id, f"soft map {name!r} is {shapes[name]} but the image is {size}")
 
 
 def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
