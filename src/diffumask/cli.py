@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .errors import DiffumaskError
 from .models import SCHEDULERS
+from .softmaps import SELF_ATTENTION_KEEP
 
 EXAMPLES = """\
 examples:
@@ -91,7 +92,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="record only this fraction of the denoising steps, e.g. 0.6,1.0 for the last 40%% (default: all)")
     p.add_argument("--self-attention", type=lambda v: None if v == "none" else int(v), default=2, metavar="F",
                    help="also store the mean self-attention at latent/F for self-attention propagation "
-                        "(default: 2, i.e. 32x32 at 512 px, 2 MiB per image; 'none' to skip)")
+                        "(default: 2, i.e. 32x32 at 512 px; 'none' to skip)")
+    p.add_argument("--self-attention-max", type=int, default=32, metavar="N",
+                   help="halve the self-attention grid until no side exceeds N: SDXL at 1024 px records 32x32, "
+                        "not 64x64, a 16x larger matrix (default: 32)")
+    p.add_argument("--self-attention-keep", type=float, default=SELF_ATTENTION_KEEP, metavar="FRACTION",
+                   help="share of each self-attention row stored (its largest entries; rows are peaked): "
+                        "1/8 keeps a 512 px item near 0.3 MB; 1 stores the matrix dense, 2 MB "
+                        f"(default: {SELF_ATTENTION_KEEP})")
     p.add_argument("--threshold", type=float,
                    help="γ in (0, 1): a pixel belongs to the class when its map exceeds it (default: the model's own; "
                         "0.4, the paper's, for Stable Diffusion)")
@@ -107,18 +115,20 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from .distributed import current_worker
     from .generate import GenerateConfig, generate_dataset
-
     from .models import check_device
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device)
+    check_device(current_worker().device(device))
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     config = GenerateConfig(
         classes=args.classes, out=args.out, images_per_class=args.images_per_class, model=args.model,
         compose=args.compose, seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, size=args.size,
         negative_prompt=args.negative_prompt, prompts=args.prompts, resolutions=args.resolutions,
-        layers=args.layers, step_window=args.step_window, self_attention=args.self_attention, threshold=args.threshold, uncertain=args.uncertain,
+        layers=args.layers, step_window=args.step_window, self_attention=args.self_attention,
+        self_attention_max=args.self_attention_max, self_attention_keep=args.self_attention_keep,
+        threshold=args.threshold, uncertain=args.uncertain,
         image_format=args.image_format, batch_size=args.batch_size, device=device, dtype=dtype,
         revision=args.revision,
     )

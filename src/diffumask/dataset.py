@@ -5,7 +5,7 @@ Layout (Pascal VOC compatible, plus soft maps and a manifest)::
     DATASET/
       dataset.json                  how the dataset was made (checked on every re-run)
       classes.json                  label map: 0 background, 1..n classes, 255 ignore
-      manifest.jsonl                one line per finished item
+      manifest.jsonl                one line per finished item (+ manifest.<rank>.jsonl while sharded)
       JPEGImages/<id>.jpg|png
       SoftMaps/<id>.npz             per-class soft maps, float16
       SegmentationClass/<id>.png    palette PNG, class index per pixel, 255 = uncertain
@@ -17,15 +17,26 @@ written (last, and synced too), so a run killed at any moment — or a power cut
 items only. The manifest is append-only: a later line for an id (``refine`` appends one per item
 with its new mask) supersedes the earlier one, so a stage that rewrites masks records each one as
 it goes. Readers never change the manifest; a writer cuts a torn last line before appending.
+
+Workers of a sharded job (torchrun, Slurm: :mod:`diffumask.distributed`) never write the same item,
+and each appends to its own shard ``manifest.<rank>.jsonl``, so no two processes ever append to
+one file. Readers merge the shards; a line's ``rev`` (how many times the item was rewritten) says
+which line of an item is the latest across files. The worker that finishes the last item merges
+the shards back into ``manifest.jsonl`` (under a lock file), so a finished dataset has one manifest.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import softmaps
+from .distributed import Worker, current_worker
 from .errors import ConfigError, DiffumaskError
 
 IGNORE_INDEX = 255
@@ -138,8 +151,9 @@ def read_label_map(folder: Path) -> list[str]:
 class Dataset:
     """A dataset directory on disk; see the module docstring for the layout."""
 
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(self, root: str | os.PathLike[str], worker: Worker | None = None):
         self.root = Path(root)
+        self.worker = current_worker() if worker is None else worker  # whose manifest shard appends go to
         if not (self.root / "classes.json").is_file():
             raise NotADataset(
                 f"{self.root} is not a diffumask dataset (no classes.json); "
@@ -196,7 +210,7 @@ class Dataset:
             raise ValueError(f"image format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         info = {"image_format": image_format, "jpeg_quality": jpeg_quality, "settings": dict(settings)}
         info = json.loads(json.dumps(info))  # normalise tuples etc. so the comparison is exact
-        if (root / "dataset.json").is_file() and cls(root).records():
+        if (root / "dataset.json").is_file() and (root / "classes.json").is_file() and cls(root).records():
             existing = json.loads((root / "dataset.json").read_text())
             old_classes = [c["name"] for c in json.loads((root / "classes.json").read_text())["classes"][1:]]
             if old_classes != classes:
@@ -214,11 +228,13 @@ class Dataset:
                     "re-run with the same settings to resume, or choose another output folder"
                 )
             return cls(root)
-        holds_empty_dataset = (root / "dataset.json").is_file()  # a run that failed before its first item
-        if root.exists() and any(root.iterdir()) and not holds_empty_dataset:
+        # A run that failed before its first item, or another worker of this job creating it right now
+        # (dataset.json is written first, and temporary files are hidden, so it never looks foreign).
+        holds_empty_dataset = (root / "dataset.json").is_file()
+        if root.exists() and any(not p.name.startswith(".") for p in root.iterdir()) and not holds_empty_dataset:
             raise DatasetMismatch(f"{root} exists and is not a diffumask dataset; choose an empty or new folder")
-        write_label_map(root, ["background", *classes])
         write_text_atomic(root / "dataset.json", json.dumps(info, indent=1) + "\n")
+        write_label_map(root, ["background", *classes])
         return cls(root)
 
     @property
@@ -240,43 +256,60 @@ class Dataset:
 
     @property
     def manifest_path(self) -> Path:
+        """The merged manifest (what a finished dataset holds)."""
         return self.root / "manifest.jsonl"
+
+    @property
+    def append_path(self) -> Path:
+        """Where this process appends: the manifest, or its own shard when the job is sharded."""
+        return self.root / f"manifest.{self.worker.rank}.jsonl" if self.worker.sharded else self.manifest_path
+
+    def shard_paths(self) -> list[Path]:
+        """Per-rank manifest shards, by rank."""
+        shards = [p for p in self.root.glob("manifest.*.jsonl") if p.name.split(".")[1].isdigit()]
+        return sorted(shards, key=lambda p: int(p.name.split(".")[1]))
 
     # ----------------------------------------------------------------- manifest
     def _lines(self) -> list[dict[str, Any]]:
-        """Every complete manifest line; a torn last line (a killed run) is skipped, never rewritten."""
-        if not self.manifest_path.is_file():
-            return []
-        lines = self.manifest_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        """Every complete line of the manifest, then of each shard; a torn last line (a killed run) is
+        skipped, never rewritten."""
         out = []
-        for number, line in enumerate(lines):
-            try:
-                if not line.endswith("\n"):
-                    raise ValueError("unterminated line")
-                out.append(json.loads(line))
-            except ValueError:
-                if number != len(lines) - 1:
-                    raise DiffumaskError(f"{self.manifest_path}: line {number + 1} is not valid JSON") from None
+        for path in [self.manifest_path, *self.shard_paths()]:
+            if not path.is_file():
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            for number, line in enumerate(lines):
+                try:
+                    if not line.endswith("\n"):
+                        raise ValueError("unterminated line")
+                    out.append(json.loads(line))
+                except ValueError:
+                    if number != len(lines) - 1:
+                        raise DiffumaskError(f"{path}: line {number + 1} is not valid JSON") from None
         return out
 
     def records(self) -> list[dict[str, Any]]:
-        """Finished items in the order they were first written, each as its latest manifest line.
+        """Finished items in the order they were first written, each as its latest manifest line
+        (the highest ``rev``; among equal ones the later line).
 
         Read-only: a torn last line is skipped here and cut by the next writer.
         """
         latest: dict[str, dict[str, Any]] = {}
         for record in self._lines():
-            latest[record["id"]] = record  # dict order stays the order of first appearance
+            known = latest.get(record["id"])
+            if known is None or record.get("rev", 0) >= known.get("rev", 0):
+                latest[record["id"]] = record  # dict order stays the order of first appearance
         return list(latest.values())
 
     def finished_ids(self) -> set[str]:
         return {r["id"] for r in self.records()}
 
     def _repair_manifest(self) -> None:
-        """Cut a torn last line (a run killed mid-append), so the next line starts clean. Writers only."""
-        if not self.manifest_path.is_file():
+        """Cut a torn last line (a run killed mid-append) of this process's manifest file, so the next
+        line starts clean. Writers only."""
+        if not self.append_path.is_file():
             return
-        with open(self.manifest_path, "rb+") as f:
+        with open(self.append_path, "rb+") as f:
             size = f.seek(0, os.SEEK_END)
             if size == 0:
                 return
@@ -292,8 +325,8 @@ class Dataset:
     def _append_record(self, record: Mapping[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
         self._repair_manifest()
-        created = not self.manifest_path.exists()
-        with open(self.manifest_path, "a", encoding="utf-8") as f:
+        created = not self.append_path.exists()
+        with open(self.append_path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -322,7 +355,9 @@ class Dataset:
         else:
             atomic_write(self.image_path(item_id), lambda tmp: pil.save(tmp, format="PNG"))
         if soft_maps is not None:
-            arrays = {k: np.asarray(v, dtype=np.float16) for k, v in soft_maps.items()}
+            # softmaps.pack's arrays are stored as they are; plain maps (no __meta__) as float16
+            arrays = (dict(soft_maps) if softmaps.META_KEY in soft_maps
+                      else {k: np.asarray(v, dtype=np.float16) for k, v in soft_maps.items()})
             atomic_write(self.soft_maps_path(item_id), lambda tmp: _save_npz(tmp, arrays))
         if mask is not None:
             if mask.shape != (pil.height, pil.width):
@@ -343,7 +378,7 @@ class Dataset:
         item_id = record["id"]
         pending = self.pending_mask_path(item_id)
         write_palette_png(pending, mask)
-        self._append_record({**record, "mask_sha256": _file_sha256(pending)})
+        self._append_record({**record, "rev": record.get("rev", 0) + 1, "mask_sha256": _file_sha256(pending)})
         os.replace(pending, self.mask_path(item_id))
         _fsync_path(pending.parent)
 
@@ -358,7 +393,7 @@ class Dataset:
         return self.mask_path(item_id)
 
     def _committed(self, item_id: str, pending: Path) -> bool:
-        latest = next((r for r in reversed(self._lines()) if r["id"] == item_id), None)
+        latest = next((r for r in self.records() if r["id"] == item_id), None)
         return latest is not None and latest.get("mask_sha256") == _file_sha256(pending)
 
     def recover_masks(self) -> int:
@@ -384,25 +419,60 @@ class Dataset:
             raise KeyError(f"no such items in {self.root}: {sorted(unknown)[:5]}")
         self._rewrite_manifest([{**r, **updates.get(r["id"], {})} for r in records])
 
-    def compact(self) -> None:
-        """Rewrite the manifest as one line per item (its latest), atomically; a no-op when it is one already."""
+    def compact(self, order: Sequence[str] | None = None) -> None:
+        """Rewrite the manifest as one line per item (its latest), shards merged in, atomically; a no-op
+        when it is one already. ``order``: ids in the order their lines should take (others follow).
+
+        Only when no other process appends: a sharded job's workers leave it to :meth:`finalize`.
+        """
         lines = self._lines()
         records = self.records()
-        if len(lines) != len(records) or (self.manifest_path.is_file() and
-                                          not self.manifest_path.read_bytes().endswith(b"\n")):
+        if order is not None:
+            rank = {item_id: i for i, item_id in enumerate(order)}
+            records.sort(key=lambda r: rank.get(r["id"], len(rank)))
+        shards = self.shard_paths()
+        torn = self.manifest_path.is_file() and not self.manifest_path.read_bytes().endswith(b"\n")
+        if shards or torn or [r["id"] for r in lines] != [r["id"] for r in records]:
             self._rewrite_manifest(records)
+            for shard in shards:
+                shard.unlink()
+            if shards:
+                _fsync_path(self.root)
 
     def _rewrite_manifest(self, records: Iterable[Mapping[str, Any]]) -> None:
         write_text_atomic(self.manifest_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
-    def finalize(self) -> None:
-        """Rewrite the ImageSets split lists from the manifest (ids in write order, no duplicates)."""
-        splits: dict[str, dict[str, None]] = {}
-        for record in self.records():
-            splits.setdefault(record.get("split", "train"), {})[record["id"]] = None
-        for split, ids in splits.items():
-            write_text_atomic(self.root / "ImageSets" / "Segmentation" / f"{split}.txt",
-                              "".join(f"{i}\n" for i in ids))
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the dataset's lock file (``.lock``) against the other workers of a sharded job."""
+        with open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def finalize(self, order: Sequence[str] | None = None, complete: set[str] | None = None) -> None:
+        """Rewrite the ImageSets split lists from the manifest (ids in ``order``, else in write order).
+
+        ``complete``: every id the job makes. When all of them are finished, the shards are merged
+        into ``manifest.jsonl`` first. Under the lock, so of several workers finishing at once the
+        last one writes lists that hold every item.
+        """
+        with self.lock():
+            records = self.records()
+            if complete is not None and self.shard_paths() and complete <= {r["id"] for r in records}:
+                self.compact(order)
+                records = self.records()
+            if order is not None:
+                rank = {item_id: i for i, item_id in enumerate(order)}
+                records.sort(key=lambda r: rank.get(r["id"], len(rank)))
+            splits: dict[str, dict[str, None]] = {}
+            for record in records:
+                splits.setdefault(record.get("split", "train"), {})[record["id"]] = None
+            for split, ids in splits.items():
+                write_text_atomic(self.root / "ImageSets" / "Segmentation" / f"{split}.txt",
+                                  "".join(f"{i}\n" for i in ids))
 
     # ----------------------------------------------------------------- reading
     def read_image(self, item_id: str) -> np.ndarray:
@@ -413,15 +483,49 @@ class Dataset:
         return read_index_png(self.current_mask_path(item_id))
 
     def read_soft_maps(self, item_id: str, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """An item's soft maps as float32; only ``keys`` (those present) when given, since decompressing
-        the self-attention matrix costs more than everything else a fixed-γ refine does."""
+        """An item's soft maps as float32 (fused ``name``, grids ``name@h``, ``__self__@h``: see
+        :mod:`diffumask.softmaps`); only ``keys`` (those present) when given, since the self-attention
+        matrix costs more to read than everything else a fixed-γ refine does."""
         with np.load(self.soft_maps_path(item_id)) as data:
-            wanted = data.files if keys is None else [k for k in keys if k in data.files]
-            return {k: data[k].astype(np.float32) for k in wanted}
+            return softmaps.unpack(data, keys)
 
     def split_ids(self, split: str = "train") -> list[str]:
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         return path.read_text().split() if path.is_file() else []
+
+
+class BackgroundWriter:
+    """Runs write jobs (whole items) in one background thread, in the order given, so JPEG/PNG encoding
+    and soft-map compression overlap the next batch's denoising instead of stalling the GPU.
+
+    At most ``depth`` jobs wait (memory stays flat); an error in a job is raised by the next
+    :meth:`submit` or by leaving the ``with`` block. Each job writes its item atomically with its
+    manifest line last, so a kill loses only unfinished items, which a re-run makes again.
+    """
+
+    def __init__(self, depth: int = 16):
+        self.depth = depth
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffumask-writer")
+        self._queued: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+
+    def submit(self, job: Any, *args: Any, **kwargs: Any) -> None:
+        while self._queued and (self._queued[0].done() or len(self._queued) >= self.depth):
+            self._queued.popleft().result()
+        self._queued.append(self._pool.submit(job, *args, **kwargs))
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        try:
+            while self._queued:  # finish the queued items even after an error: each is whole
+                future = self._queued.popleft()
+                if kind is None:
+                    future.result()
+                else:
+                    future.exception()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _file_sha256(path: Path) -> str:

@@ -6,6 +6,12 @@ stopped, a larger ``images_per_class`` extends a dataset, and the result does no
 how often the run was interrupted. ``compose`` adds, per class, items whose prompt names it with
 other classes of the run (the bank's multi-class templates, or a pair); each such item lists all
 its classes, and its mask gives every pixel to the class whose map wins there.
+
+Under torchrun, ``accelerate launch`` or Slurm each worker takes every world-size-th batch of the
+full list (:mod:`diffumask.distributed`) on its own GPU and appends to its own manifest shard; the
+batches are the same whatever the number of workers, so 1, 2 or 3 workers write the same dataset,
+and a killed job resumes with any number. Items are encoded and written in a background thread
+while the next batch denoises.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attention import ImageMaps, trace
-from .dataset import IMAGE_FORMATS, Dataset
+from .dataset import IMAGE_FORMATS, BackgroundWriter, Dataset
+from .distributed import current_worker
 from .errors import ConfigError
 from .masks import threshold_masks
 from .masks.threshold import PAPER_THRESHOLD, check_band
 from .models import DTYPES, SCHEDULERS, load_pipeline, model_description, pipeline_name
 from .prompts import PromptBank, resolve_bank
+from .softmaps import SELF_ATTENTION_KEEP, pack
 from .tokens import class_token_indices
 
 
@@ -54,6 +62,8 @@ class GenerateConfig:
     layers: list[str] | None = None  # cross-attention module prefixes to record; None: all
     step_window: tuple[float, float] | None = None  # fraction of the UNet calls to record, e.g. (0.6, 1.0)
     self_attention: int | None = 2  # record self-attention at latent/F for refinement; None: off
+    self_attention_max: int = 32  # ... halving the grid until no side exceeds this (SDXL 1024 px: 32, not 64)
+    self_attention_keep: float = SELF_ATTENTION_KEEP  # share of each self-attention row stored; 1: dense
     threshold: float | None = None  # None: the model's own γ (see default_threshold)
     uncertain: float | None = None  # lower edge of the 255 band; None: no band
     image_format: str = "jpg"
@@ -74,13 +84,17 @@ class GenerateConfig:
         if self.compose and len(self.classes) < 2:
             raise ConfigError("--compose puts several classes in one image: pass at least two --classes")
         for name, value, least in (("--batch-size", self.batch_size, 1), ("--steps", self.steps, 1),
-                                   ("--size", self.size, 8), ("--self-attention", self.self_attention, 1)):
+                                   ("--size", self.size, 8), ("--self-attention", self.self_attention, 1),
+                                   ("--self-attention-max", self.self_attention_max, 1)):
             if value is not None and value < least:
                 raise ConfigError(f"{name} must be at least {least}, got {value}")
         if self.guidance is not None and not self.guidance >= 0:
             raise ConfigError(f"--guidance must be 0 or more, got {self.guidance}")
         if self.resolutions is not None and (not self.resolutions or min(self.resolutions) < 1):
             raise ConfigError(f"--resolutions must be positive grid sizes, got {self.resolutions}")
+        if not 0 < self.self_attention_keep <= 1:
+            raise ConfigError(f"--self-attention-keep must lie in (0, 1] (1 stores the matrix dense), "
+                              f"got {self.self_attention_keep}")
         if self.image_format not in IMAGE_FORMATS:
             raise ConfigError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         if self.dtype not in DTYPES:
@@ -186,6 +200,7 @@ def generate_images(
     layers: Sequence[str] | None = None,
     step_window: tuple[float, float] | None = None,
     self_attention: int | None = None,
+    self_attention_max: int = 32,
 ) -> list[GeneratedImage]:
     """Generate one batch: each prompt with its classes (words in the prompt) and seed."""
     steps = steps or _pipeline_default(pipe, "num_inference_steps")
@@ -194,7 +209,7 @@ def generate_images(
     threshold = default_threshold(pipe) if threshold is None else threshold
     window = _step_range(step_window, steps, pipe)
     with trace(pipe, list(prompts), [list(c) for c in classes], layers=layers, steps=window,
-               self_attention=self_attention) as recorder:
+               self_attention=self_attention, self_attention_max=self_attention_max) as recorder:
         output = pipe(
             list(prompts), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
             negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
@@ -216,7 +231,7 @@ def generate_one(pipe: Any, prompt: str, classes: Sequence[str], seed: int = 0, 
 
 
 def _batches(items: list[WorkItem], batch_size: int) -> Iterator[list[WorkItem]]:
-    """Fixed groups per class (indices [k·B, (k+1)·B)), so resuming regenerates identical batches."""
+    """Fixed groups per class (indices [k·B, (k+1)·B)): the same batches whatever the workers or resumes."""
     groups: dict[tuple[bool, str, int], list[WorkItem]] = {}
     for item in items:
         groups.setdefault((item.compose, item.class_name, item.index // batch_size), []).append(item)
@@ -245,8 +260,9 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     words = {c: bank.display_name(c) for c in config.classes}
     if len(set(words.values())) < len(words):
         raise ConfigError(f"two classes are the same word in prompts ({words}); name each class once")
+    worker = current_worker()
     if pipe is None:
-        pipe = load_pipeline(model, config.device, config.dtype, config.scheduler, config.revision)
+        pipe = load_pipeline(model, worker.device(config.device), config.dtype, config.scheduler, config.revision)
     pipe.set_progress_bar_config(disable=True)
     _check_size(pipe, config.size)
     if config.threshold is None:
@@ -263,25 +279,41 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                 "prompt_bank_sha256": hashlib.sha256(repr(bank_parts).encode()).hexdigest()}
     dataset = Dataset.create(config.out, config.classes, settings, image_format=config.image_format)
     done = dataset.finished_ids()
-    pending = [item for item in items if item.id not in done]
+    # Whole batches of the full list by rank: the shares never overlap however the workers interleave.
+    # A batch with any item left is made whole again (its finished items are not rewritten), so an
+    # item's bytes never depend on where an earlier run was killed.
+    batches = worker.take(list(_batches(items, config.batch_size)))
+    mine = [item for batch in batches for item in batch]
+    pending = [item for item in mine if item.id not in done]
     steps = config.steps or _pipeline_default(pipe, "num_inference_steps")
     guidance = _pipeline_default(pipe, "guidance_scale") if config.guidance is None else config.guidance
     model_info = model_description(model, pipe)
-    bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="img", desc="generate",
+    name = f"generate [{worker.rank + 1}/{worker.world_size}]" if worker.sharded else "generate"
+    bar = tqdm(total=len(mine), initial=len(mine) - len(pending), unit="img", desc=name,
                disable=not progress, dynamic_ncols=True)
-    with bar:
-        for batch in _batches(pending, config.batch_size):
+
+    def write(item: WorkItem, result: GeneratedImage, record: dict[str, Any], mask: np.ndarray) -> None:
+        by_word = {words[c]: c for c in record["classes"]}
+        logical = {_rename_map_key(k, by_word): v for k, v in result.maps.soft_maps().items()}
+        soft = pack(logical, result.image.shape[:2], result.maps.resolutions, result.maps.token_average,
+                    config.self_attention_keep)
+        dataset.write_item(item.id, result.image, record, mask=mask, soft_maps=soft)
+        bar.update()
+
+    with bar, BackgroundWriter() as writer:
+        for batch in (b for b in batches if any(item.id not in done for item in b)):
             results = generate_images(
                 pipe, [drawn[i.id][0] for i in batch], [[words[c] for c in drawn[i.id][1]] for i in batch],
                 [i.seed for i in batch], steps=steps, guidance=guidance, size=config.size,
                 negative_prompt=config.negative_prompt, threshold=config.threshold,
                 uncertain=config.uncertain, resolutions=config.resolutions, layers=config.layers,
                 step_window=config.step_window, self_attention=config.self_attention,
+                self_attention_max=config.self_attention_max,
             )
             for item, result in zip(batch, results):
+                if item.id in done:
+                    continue
                 names = drawn[item.id][1]
-                by_word = {words[c]: c for c in names}
-                soft = {_rename_map_key(k, by_word): v for k, v in result.maps.soft_maps().items()}
                 labels = np.arange(256, dtype=np.uint8)  # 1..n in prompt order → the dataset's indices
                 labels[1:len(names) + 1] = [dataset.class_index(c) for c in names]
                 record = {
@@ -300,9 +332,8 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                     "resolutions": list(result.maps.resolutions),
                     "diffumask": __version__,
                 }
-                dataset.write_item(item.id, result.image, record, mask=labels[result.mask], soft_maps=soft)
-                bar.update()
-    dataset.finalize()
+                writer.submit(write, item, result, record, labels[result.mask])
+    dataset.finalize(order=[item.id for item in items], complete={item.id for item in items})
     return dataset
 
 

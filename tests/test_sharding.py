@@ -1,0 +1,117 @@
+"""Sharded generation: workers from torchrun/Slurm variables, per-rank manifest shards, the same
+dataset for any number of workers, resume with another number."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffumask.dataset import Dataset
+from diffumask.distributed import Worker, current_worker
+from diffumask.errors import ConfigError
+from diffumask.generate import GenerateConfig, generate_dataset
+
+BIN = Path(sys.executable).parent
+CLASSES = ["dog", "cat"]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_worker_from_launcher_variables():
+    assert current_worker({}) == Worker(0, 1, 0)
+    assert current_worker({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == Worker(3, 8, 1)
+    assert current_worker({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}) == Worker(5, 6, 2)
+    # torchrun's variables win over Slurm's (torchrun inside an salloc)
+    both = {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert current_worker(both) == Worker(1, 2, 1)
+    assert Worker(1, 4, 1).device("cuda") == "cuda:1" and Worker().device("cuda") == "cuda"
+    for bad in ({"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "x", "WORLD_SIZE": "2"}):
+        with pytest.raises(ConfigError):
+            current_worker(bad)
+
+
+def test_shares_are_disjoint_and_cover_everything():
+    units = list(range(23))
+    for size in (1, 2, 3, 7):
+        shares = [Worker(rank, size).take(units) for rank in range(size)]
+        assert sorted(u for share in shares for u in share) == units
+
+
+def test_shards_merge_and_the_latest_rev_wins(tmp_path):
+    Dataset.create(tmp_path, ["a"], {})
+    image = np.zeros((4, 4, 3), np.uint8)
+    first, second = Dataset(tmp_path, Worker(0, 2)), Dataset(tmp_path, Worker(1, 2))
+    first.write_item("x", image, {"classes": ["a"]}, mask=np.zeros((4, 4), np.uint8))
+    second.write_item("y", image, {"classes": ["a"]}, mask=np.zeros((4, 4), np.uint8))
+    assert sorted(p.name for p in tmp_path.glob("manifest*")) == ["manifest.0.jsonl", "manifest.1.jsonl"]
+    # rank 1 rewrites x's mask (rev 1) although x was written to rank 0's shard, which sorts first
+    record = next(r for r in first.records() if r["id"] == "x")
+    second.rewrite_mask(record, np.ones((4, 4), np.uint8))
+    merged = Dataset(tmp_path)
+    assert [r["id"] for r in merged.records()] == ["x", "y"]
+    assert next(r for r in merged.records() if r["id"] == "x")["rev"] == 1
+    assert merged.read_mask("x").max() == 1
+    first.finalize(order=["y", "x"], complete={"x", "y"})
+    assert not merged.shard_paths()
+    lines = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["id"], r.get("rev", 0)) for r in lines] == [("y", 0), ("x", 1)]
+    assert (tmp_path / "ImageSets" / "Segmentation" / "train.txt").read_text() == "y\nx\n"
+
+
+def test_an_unfinished_job_keeps_its_shards(tmp_path):
+    Dataset.create(tmp_path, ["a"], {})
+    worker = Dataset(tmp_path, Worker(1, 2))
+    worker.write_item("x", np.zeros((4, 4, 3), np.uint8), {"classes": ["a"]})
+    worker.finalize(complete={"x", "y"})  # y is another worker's, not written yet
+    assert [p.name for p in worker.shard_paths()] == ["manifest.1.jsonl"]
+    assert (tmp_path / "ImageSets" / "Segmentation" / "train.txt").read_text() == "x\n"
+
+
+def config(out: Path, **changes) -> GenerateConfig:
+    values = dict(classes=CLASSES, out=str(out), images_per_class=5, model="tiny-sd1", steps=2,
+                  batch_size=2, prompts="voc", threshold=0.8)
+    return GenerateConfig(**{**values, **changes})
+
+
+def test_resume_with_another_number_of_workers(tmp_path, sd1_pipe, monkeypatch):
+    reference = tmp_path / "one"
+    generate_dataset(config(reference), pipe=sd1_pipe, progress=False)
+    out = tmp_path / "sharded"
+    # worker 0 of 3 runs alone (the other two were killed before writing anything) ...
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    partial = Dataset(out)
+    assert 0 < len(partial.records()) < 10 and [p.name for p in partial.shard_paths()] == ["manifest.0.jsonl"]
+    # ... and the job is resumed by two workers, one after the other
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    assert snapshot(out) == snapshot(reference)
+
+
+@pytest.mark.slow
+def test_torchrun_workers_write_the_same_dataset(tmp_path, saved_pipelines):
+    """1 and 3 workers (torchrun on CPU) make byte-identical datasets: ids, images, masks, soft maps,
+    manifest and split lists."""
+    args = ["diffumask", "generate", "--model", saved_pipelines["sd1"], "--classes", ",".join(CLASSES),
+            "--images-per-class", "5", "--steps", "2", "--batch-size", "2", "--prompts", "voc",
+            "--threshold", "0.8", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([str(BIN / "diffumask"), *args[1:], "--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "3", "--no-python",
+                    str(BIN / "diffumask"), *args[1:], "--out", str(tmp_path / "three")], check=True, env=env,
+                   capture_output=True)
+    one, three = snapshot(tmp_path / "one"), snapshot(tmp_path / "three")
+    assert len(Dataset(tmp_path / "three").records()) == 10
+    assert one == three
