@@ -62,3 +62,38 @@ def test_hub_id_loads_from_the_local_cache(saved_pipelines, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "0123abcd"
+
+
+def test_half_precision_reads_fp16_files_and_never_needs_the_safety_checker(saved_pipelines, tmp_path):
+    """A hub snapshot with fp16 weight files beside the full ones, whose model_index names a safety checker
+    and feature extractor it does not hold (as a download that skipped them leaves it): float16 loads the
+    fp16 files, float32 the full ones, and neither asks for the missing components."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sd" / "snapshots" / "0123abcd"
+    shutil.copytree(saved_pipelines["sd1"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    pipe = load_pipeline(saved_pipelines["sd1"])
+    with torch.no_grad():
+        pipe.unet.conv_in.bias.fill_(0.25)  # marks the fp16 files apart from the full ones
+    pipe.unet.to(torch.float16).save_pretrained(snapshot / "unet", variant="fp16")
+    index = json.loads((snapshot / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
+    (snapshot / "model_index.json").write_text(json.dumps(index))
+    code = ("import sys; from diffumask.models import load_pipeline; pipe = load_pipeline('someone/tiny-sd', dtype=sys.argv[1]); "
+            "print(pipe.safety_checker, pipe.unet.dtype, float(pipe.unet.conv_in.bias[0]))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    for dtype, marker in (("float16", 0.25), ("float32", None)):
+        result = subprocess.run([sys.executable, "-c", code, dtype], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        checker, loaded, bias = result.stdout.split()[-3:]
+        assert checker == "None" and loaded == f"torch.{dtype}"
+        assert (float(bias) == marker) if marker else float(bias) != 0.25

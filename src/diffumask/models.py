@@ -70,18 +70,36 @@ def _dtype_keyword() -> str:
     return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
 
 
-def _hub_folder(model_id: str, revision: str | None) -> Path:
-    """The local snapshot of a hub id: from the cache first, then (if allowed) downloaded."""
+#: Components a dataset never uses, so never downloaded: the safety checker would only be dropped
+#: (and the feature extractor only feeds it).
+UNUSED_COMPONENTS = {"safety_checker": None, "feature_extractor": None}
+HALF_VARIANT = "fp16"  # the hub's name for half-precision weight files (used for bf16 too)
+
+
+def _variant(folder: Path, torch_dtype: torch.dtype) -> str | None:
+    """The fp16 weight files, where the folder has them and the model runs in half precision: half the
+    bytes to download, read and convert."""
+    half = torch_dtype in (torch.float16, torch.bfloat16)
+    return HALF_VARIANT if half and any(folder.glob(f"*/*.{HALF_VARIANT}.*")) else None
+
+
+def _hub_folder(model_id: str, revision: str | None, torch_dtype: torch.dtype) -> Path:
+    """The local snapshot of a hub id: from the cache first, then (if allowed) downloaded, in fp16
+    files when the model runs in half precision and the repository has them."""
     from diffusers import DiffusionPipeline
 
-    try:
-        return Path(DiffusionPipeline.download(model_id, revision=revision, local_files_only=True))
-    except Exception:
-        pass
+    half = torch_dtype in (torch.float16, torch.bfloat16)
+    for variant in ((HALF_VARIANT, None) if half else (None,)):
+        try:
+            return Path(DiffusionPipeline.download(model_id, revision=revision, local_files_only=True,
+                                                   variant=variant, **UNUSED_COMPONENTS))
+        except Exception:
+            pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if not offline:
         try:
-            return Path(DiffusionPipeline.download(model_id, revision=revision))
+            return Path(DiffusionPipeline.download(model_id, revision=revision, variant=HALF_VARIANT if half else None,
+                                                   **UNUSED_COMPONENTS))
         except Exception as error:
             reason = str(error).splitlines()[0][:200]
             raise ModelError(
@@ -119,7 +137,7 @@ def load_pipeline(
         local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
         if local and not path.is_dir():
             raise ModelError(f"model folder {model} does not exist")
-        folder = path if local else _hub_folder(model, revision)
+        folder = path if local else _hub_folder(model, revision, torch_dtype)
         index = folder / "model_index.json"
         if not index.is_file():
             raise ModelError(
@@ -128,8 +146,11 @@ def load_pipeline(
                 "StableDiffusionPipeline.from_single_file(FILE).save_pretrained(FOLDER)"
             )
         components = json.loads(index.read_text())
-        extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in components else {}
+        extra: dict[str, Any] = {k: v for k, v in UNUSED_COMPONENTS.items() if k in components}
+        if "safety_checker" in components:
+            extra["requires_safety_checker"] = False
         extra[_dtype_keyword()] = torch_dtype
+        extra["variant"] = _variant(folder, torch_dtype)
         try:
             pipe = DiffusionPipeline.from_pretrained(folder, **extra)
         except (OSError, ValueError) as error:
