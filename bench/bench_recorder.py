@@ -19,6 +19,7 @@ import functools
 import statistics
 import time
 
+import diffusers
 import torch
 
 PROMPT = "a photo of a dog sitting on a sofa"
@@ -125,6 +126,7 @@ def main() -> None:
                         help="only save the random-weight pipeline to DIR (for `diffumask generate --model DIR`)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    diffusers.utils.logging.set_verbosity_error()  # the random pipelines' scheduler-config notices
     build = sd15_pipeline if args.model == "sd15" else sdxl_pipeline
     pipe = build(args.device, getattr(torch, args.dtype))
     if args.save_pipeline:
@@ -139,13 +141,14 @@ def main() -> None:
     for size in args.sizes:
         run(pipe, size, 1, True)  # warm-up
         run(pipe, size, 1, False)
-        ratios, plain_times = [], []
+        ratios, plain_times, recorder = [], [], None
         for pair in range(args.pairs):
             times = {}
             for record in ((False, True) if pair % 2 == 0 else (True, False)):
                 sync(args.device)
                 start = time.perf_counter()
-                _, recorder = run(pipe, size, args.steps, record)
+                _, traced = run(pipe, size, args.steps, record)
+                recorder = traced or recorder
                 sync(args.device)
                 times[record] = time.perf_counter() - start
             ratios.append(times[True] / times[False])

@@ -1,0 +1,47 @@
+"""`refine`'s cost per image on a dataset made elsewhere (e.g. 512 px by bench/gpu_checks.sh), per method.
+
+    python bench/bench_refine_gpu.py DATASET [--methods threshold,propagate] [--repeat 1]
+
+Each method runs on a copy of the dataset (the original keeps its masks), every item, through
+``refine_dataset``; seconds per image exclude the AffinityNet's seeds and training, printed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from diffumask.refine import RefineConfig, refine_dataset
+
+#: (row name, RefineConfig options)
+ROWS = {
+    "threshold": dict(method="threshold"),
+    "threshold+crf": dict(method="threshold", crf=True),
+    "otsu": dict(method="otsu"),
+    "propagate": dict(method="propagate"),
+    "propagate+crf": dict(method="propagate", crf=True),
+    "affinity": dict(method="affinity"),
+    "adaptive+crf": dict(method="adaptive", crf=True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", type=Path)
+    parser.add_argument("--methods", default=",".join(ROWS), help=f"rows to run (default: all: {','.join(ROWS)})")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        for row in args.methods.split(","):
+            copy = Path(scratch) / row
+            shutil.copytree(args.dataset, copy)
+            result = refine_dataset(copy, RefineConfig(**ROWS[row]), progress=False)
+            per_image = result.seconds / max(result.refined, 1)
+            extra = f"; AffinityNet seeds + training {result.train_seconds:.1f} s" if result.train_seconds else ""
+            print(f"{row:14s} {per_image * 1000:8.1f} ms/image over {result.refined} images{extra}", flush=True)
+            shutil.rmtree(copy)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The README's GPU figures in one short run on one GPU (a few minutes on an H100):
+#   recorder  the recorder's cost: SD-1.5 shape at 512 px fp16 batch 8, SDXL 1.0 shape at 1024 px;
+#   generate  `diffumask generate` at 512 px on a saved SD-1.5-shaped pipeline (its defaults: 50 steps),
+#             and the soft maps' bytes per item;
+#   refine    `diffumask refine` per image on that dataset, each method (bench/bench_refine_gpu.py);
+#   train     the r50 Mask2Former's training throughput at crop 512, batch 16, bf16, on that dataset.
+# Weights are random (nothing can be downloaded), so the figures are costs, not mask quality.
+#
+#   bash bench/gpu_checks.sh OUT [PARTS]   # PARTS: any of "recorder generate refine train" (default: all);
+#                                          # refine and train need generate. Needs diffusers, transformers and
+#                                          # open_clip_torch (CLIP's tokenizer file) importable, pydensecrf2 for
+#                                          # the CRF rows. Each part's figures go to OUT/<part>.txt, logs to
+#                                          # OUT/stderr.log.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_checks.sh OUT [PARTS]}
+parts=${2:-recorder generate refine train}
+mkdir -p "$out"
+work=${WORK:-$(mktemp -d)}  # WORK: keep generate's dataset for a later call
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+stamp() { echo "== $(date +%T) $*"; }
+want() { [[ " $parts " == *" $1 "* ]]; }
+exec 2>>"$out/stderr.log"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
+'transformers', transformers.__version__, 'cpus', len(__import__('os').sched_getaffinity(0)))" | tee -a "$out/gpu.txt"
+
+if want recorder; then
+    stamp "recorder, SD-1.5 shape, 512 px, fp16, batch 8, 20 steps"
+    python3 bench/bench_recorder.py --device cuda --dtype float16 --sizes 512 --batch 8 --steps 20 --pairs 3 \
+        | tee "$out/recorder_sd15.txt"
+    stamp "recorder, SDXL shape, 1024 px, fp16, batch 2, 20 steps"
+    python3 bench/bench_recorder.py --model sdxl --device cuda --dtype float16 --sizes 1024 --batch 2 --steps 20 \
+        --pairs 2 | tee "$out/recorder_sdxl.txt"
+fi
+
+if want generate; then
+    stamp "generate, 512 px, 48 items, batch 8, the pipeline's default 50 steps"
+    python3 bench/bench_recorder.py --save-pipeline "$work/sd15" --device cuda --dtype float16
+    start=$(date +%s.%N)
+    python3 -m diffumask generate --model "$work/sd15" --classes dog,cat --images-per-class 24 --batch-size 8 \
+        --size 512 --device cuda --out "$work/ds512" --quiet
+    end=$(date +%s.%N)
+    python3 - "$work/ds512" "$start" "$end" <<'PY' | tee "$out/generate.txt"
+import sys
+from pathlib import Path
+root, start, end = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+items = len((root / "manifest.jsonl").read_text().splitlines())
+soft = sum(p.stat().st_size for p in (root / "SoftMaps").glob("*.npz"))
+print(f"generate: {items} items in {end - start:.1f} s including loading ({(end - start) / items:.3f} s/image); "
+      f"soft maps {soft / items / 1e6:.3f} MB per item")
+PY
+fi
+
+if want refine; then
+    stamp "refine per image"
+    python3 bench/bench_refine_gpu.py "$work/ds512" --methods "${REFINE_METHODS:-threshold,threshold+crf,otsu,propagate,propagate+crf,affinity,adaptive+crf}" | tee "$out/refine.txt"
+fi
+
+if want train; then
+    stamp "train r50, crop 512, batch 16, bf16"
+    python3 -m diffumask train "$work/ds512" --preset r50 --crop 512 --batch-size 16 --steps 60 --device cuda \
+        --workers 8 --out "$work/r50" --quiet
+    python3 - "$work/r50/train_log.jsonl" <<'PY' | tee "$out/train.txt"
+import json, statistics, sys
+lines = [json.loads(line) for line in open(sys.argv[1])]
+times = [line["seconds_per_step"] for line in lines if "seconds_per_step" in line][1:]  # the first holds warm-up
+step = statistics.median(times)
+print(f"r50 Mask2Former, crop 512, batch 16, bf16: {step:.3f} s/step, {16 / step:.1f} images/s "
+      f"(median of {len(times)} logged intervals after the first)")
+PY
+fi
+stamp done
