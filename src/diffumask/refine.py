@@ -203,9 +203,9 @@ def _affinity_net(dataset: Dataset, items: list[Item], config: RefineConfig, pro
         train_affinity_net(net, lambda i: items[i].image(), seeds, config.affinity, report if progress else None,
                            device)
     seconds = time.perf_counter() - start
-    # Each worker of a sharded job trains this same network (same items, seeds and steps; deterministic
-    # on a CPU, and on GPUs up to their kernels' summation order). The save is atomic; one that finds
-    # another worker's file already there uses it, so the workers share one network.
+    # Each worker of a sharded job trains this same network: same items, seeds and steps, and training is
+    # deterministic on one kind of device, so they write identical weights. The save is atomic; a worker
+    # that finds another's file already there uses it.
     if path.is_file():
         load_affinity_weights(net, path)
     else:
