@@ -312,7 +312,7 @@ def test_refine_help_states_the_apis_defaults():
     seen = {}
     import diffumask.refine as refine_module
 
-    def capture(root, config, progress=True):
+    def capture(root, config, progress=True, **runtime):  # runtime: device and workers, which change no mask
         seen["config"] = config
         raise KeyboardInterrupt
 
