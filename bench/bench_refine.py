@@ -131,7 +131,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50, help="generation batch size (default: 50)")
     parser.add_argument("--crf-srgb", type=float, default=None,
                         help="colour scale of every CRF (the result's and the seeds'; default: RefineConfig's)")
-    parser.add_argument("--affinity-steps", type=int, default=RefineConfig().affinity.train_steps)
+    parser.add_argument("--affinity-steps", type=int,
+                        help="fixed AffinityNet training steps (default: refine's, 8 epochs up to its cap)")
     parser.add_argument("--affinity-background", type=float, default=RefineConfig().affinity.background)
     parser.add_argument("--grid-stride", type=int, default=2,
                         help="AffinityNet stride of the seed-grid rows (the default stride is 1 at 32 px, where the "
@@ -176,7 +177,7 @@ def main() -> None:
         print(f"| {r['method']} | {r['miou']:.3f} | {100 * r['ignored']:.1f} % | {r['seconds_per_image']:.4f} "
               f"| {r['percent_of_generation']:.1f} % |")
     print(f"\ngeneration: {generation:.3f} s/image; AffinityNet seeds + training "
-          f"({args.affinity_steps} steps, once per dataset): "
+          f"({rows(args)[0][1].affinity.train_steps_for(n)} steps, once per dataset): "
           + (f"{train_seconds:.1f} s ({train_seconds / n:.3f} s/image)" if train_seconds else "loaded from an earlier run"))
     if args.json:
         Path(args.json).write_text(json.dumps({"generation_seconds_per_image": generation, "images": n,

@@ -292,7 +292,8 @@ def test_refine_help_states_the_apis_defaults():
     fields = {"--crf-srgb": defaults.crf_params.bilateral_srgb, "--crf-sxy": defaults.crf_params.bilateral_sxy,
               "--crf-gt-prob": defaults.crf_params.gt_prob, "--min-area": defaults.min_area,
               "--max-hole": defaults.max_hole, "--crf-shortlist": defaults.crf_shortlist,
-              "--affinity-steps": defaults.affinity.train_steps, "--affinity-background": defaults.affinity.background,
+              "--affinity-epochs": defaults.affinity.epochs, "--affinity-max-steps": defaults.affinity.max_steps,
+              "--affinity-background": defaults.affinity.background,
               "--walk-steps": defaults.affinity.walk_steps, "--beta": defaults.affinity.beta,
               "--power": defaults.power, "--propagate-threshold": defaults.propagate_threshold,
               "--propagate-uncertain": defaults.propagate_uncertain, "--seed-grid": defaults.affinity.seed_grid}
@@ -311,7 +312,7 @@ def test_refine_help_states_the_apis_defaults():
     seen = {}
     import diffumask.refine as refine_module
 
-    def capture(root, config, progress=True):
+    def capture(root, config, progress=True, **runtime):  # runtime: device and workers, which change no mask
         seen["config"] = config
         raise KeyboardInterrupt
 

@@ -113,13 +113,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    import torch
-
     from .distributed import current_worker
     from .generate import GenerateConfig, generate_dataset
-    from .models import check_device
+    from .models import check_device, default_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     check_device(current_worker().device(device))
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     config = GenerateConfig(
@@ -184,6 +182,7 @@ def _sweep(text: str) -> tuple[float, float, float]:
 def _add_refine(sub: argparse._SubParsersAction) -> None:
     from .masks.affinity import SEED_GRID_RULES
     from .refine import METHODS, RefineConfig
+    from .workers import available_cores
 
     p = sub.add_parser(
         "refine", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -244,9 +243,16 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reference-crf", action="store_true",
                    help="adaptive with CRF: match candidates to the raw AffinityNet map, as the paper does, instead "
                         "of to its CRF-refined version")
-    p.add_argument("--affinity-steps", type=int, default=affinity.train_steps,
-                   help=f"AffinityNet training steps (default: {affinity.train_steps}; 0 with "
-                        "--affinity-weights uses those weights as they are)")
+    p.add_argument("--affinity-epochs", type=float, default=affinity.epochs,
+                   help="AffinityNet training length in passes over the dataset's images, in crops of "
+                        f"{affinity.batch_size} (default: the paper's {affinity.epochs:g})")
+    p.add_argument("--affinity-max-steps", type=int, default=affinity.max_steps,
+                   help=f"at most this many training steps however large the dataset (default: {affinity.max_steps}; "
+                        f"{affinity.epochs:g} epochs of up to {affinity.max_steps * affinity.batch_size // int(affinity.epochs)} "
+                        "images, about 5 minutes on an H100)")
+    p.add_argument("--affinity-steps", type=int,
+                   help="exactly this many training steps instead of epochs (0 with --affinity-weights uses those "
+                        "weights as they are)")
     p.add_argument("--affinity-weights", help="initialise the AffinityNet from these weights (.safetensors of the same "
                    "architecture, e.g. DATASET/refine/affinitynet-*.safetensors of another dataset)")
     p.add_argument("--affinity-background", type=float, default=affinity.background,
@@ -277,6 +283,12 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--propagate-uncertain", type=float, default=defaults.propagate_uncertain,
                    help=f"propagate: 255 band lower edge (default: {defaults.propagate_uncertain:g}; a negative value "
                         "disables the band)")
+    p.add_argument("--device", help="where the AffinityNet, the random walk and the propagation run: cpu, cuda, "
+                   "cuda:N, mps (default: cuda if available, else cpu; under torchrun or srun, cuda is each "
+                   "worker's own GPU)")
+    p.add_argument("--workers", type=int, default=available_cores(),
+                   help="processes for the per-item CPU work: reading, CRF, cleanup (default: the cores this "
+                        f"process may use, {available_cores()} here); the masks do not depend on it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_refine)
 
@@ -285,6 +297,7 @@ def _run_refine(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from .masks.adaptive import gamma_range
+    from .models import default_device
     from .refine import RefineConfig, refine_dataset
 
     defaults = RefineConfig()
@@ -299,13 +312,15 @@ def _run_refine(args: argparse.Namespace) -> None:
         seed_crf_params=replace(defaults.seed_crf_params, **srgb),
         min_area=args.min_area, max_hole=args.max_hole, per_class=args.per_class, gammas=gammas,
         crf_shortlist=args.crf_shortlist, reference_crf=not args.no_reference_crf,
-        affinity=replace(defaults.affinity, train_steps=args.affinity_steps, background=args.affinity_background,
+        affinity=replace(defaults.affinity, train_steps=args.affinity_steps, epochs=args.affinity_epochs,
+                         max_steps=args.affinity_max_steps, background=args.affinity_background,
                          walk_steps=args.walk_steps, beta=args.beta, seed_crf=not args.no_seed_crf,
                          stretch=not args.no_stretch, seed_grid=args.seed_grid),
         affinity_weights=args.affinity_weights, power=args.power, propagate_threshold=args.propagate_threshold,
         propagate_uncertain=None if args.propagate_uncertain < 0 else args.propagate_uncertain,
     )
-    result = refine_dataset(args.dataset, config, progress=not args.quiet)
+    result = refine_dataset(args.dataset, config, progress=not args.quiet, device=args.device or default_device(),
+                            workers=args.workers)
     print(f"refined {result.refined} of {result.items} items in {result.dataset.root} with --method {args.method}"
           + (f" ({result.items - result.refined} were already done)" if result.refined < result.items else ""))
 

@@ -37,6 +37,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def default_device() -> str:
+    """The device a command uses when none is given: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """A device this machine has, or one sentence saying why not (torch would assert deep inside)."""
     try:

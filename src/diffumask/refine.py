@@ -12,33 +12,42 @@ line already says so (a killed run resumes); other parameters redo every item. T
 adaptive γ's curves are kept in ``DATASET/refine.jsonl`` (a header with the parameters, then one
 line per image). A trained AffinityNet is saved in ``DATASET/refine/`` keyed by everything its
 training depends on, so resuming does not train again.
+
+At scale: the AffinityNet, the random walk and the propagation run on ``device`` (a GPU), the
+per-item CPU work (reading, CRF, cleanup) in a pool of worker processes (:mod:`diffumask.workers`;
+the steps are in :mod:`diffumask.refine_items`), and this process alone commits, in the items'
+order. Under torchrun or Slurm each worker refines its share of the items and leaves the manifest
+uncompacted, as other workers may be appending.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .dataset import Dataset, write_text_atomic
+from .distributed import current_worker
 from .errors import ConfigError, DiffumaskError
-from .masks.adaptive import best_gamma, candidate_mask, pool_counts, shortlisted_sweep, sweep, sweep_around
-from .masks.affinity import (AffinityConfig, AffinityNet, affinity_mask, build_affinity_net, grid_labels,
-                             load_affinity_weights, save_affinity_weights, seed_labels, train_affinity_net)
-from .masks.assign import assign_labels
-from .masks.cleanup import cleanup_mask
-from .masks.crf import SEED_CRF, CRFParams, DenseCRF, crf_refine
-from .masks.otsu import otsu_threshold
-from .masks.propagate import propagate_mask
-from .masks.threshold import PAPER_THRESHOLD, check_band, threshold_masks
+from .masks.adaptive import best_gamma, pool_counts, sweep_around
+from .masks.affinity import (AffinityConfig, AffinityNet, build_affinity_net, load_affinity_weights,
+                             save_affinity_weights, train_affinity_net)
+from .masks.crf import SEED_CRF, CRFParams, crf_refine
+from .masks.threshold import PAPER_THRESHOLD, check_band
+from .models import check_device
+from .refine_items import Item, curve_steps, grid_seeds, item_steps
+from .workers import check_workers, cpu_pool, ordered
 
 METHODS = ("threshold", "otsu", "affinity", "adaptive", "propagate")
 LOG_NAME = "refine.jsonl"
@@ -161,134 +170,73 @@ def _loads(line: str) -> dict[str, Any] | None:
         return None
 
 
-class _Item:
-    """One manifest record with lazily read image and soft maps, keyed by label index."""
-
-    def __init__(self, dataset: Dataset, record: Mapping[str, Any]):
-        self.dataset = dataset
-        self.record = dict(record)
-        self.id: str = record["id"]
-        self.classes: list[str] = list(record["classes"])
-        self.resolutions: list[int] | None = record.get("resolutions")  # the grids generate fused
-        self.labels = {name: dataset.class_index(name) for name in self.classes}
-
-    def image(self) -> np.ndarray:
-        return self.dataset.read_image(self.id)
-
-    def soft(self) -> dict[str, np.ndarray]:
-        return self.dataset.read_soft_maps(self.id)
-
-    def maps(self, soft: Mapping[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
-        soft = self.dataset.read_soft_maps(self.id, self.classes) if soft is None else soft
-        missing = [c for c in self.classes if c not in soft]
-        if missing:
-            raise DiffumaskError(f"item {self.id} has no soft map for {missing} in {self.dataset.soft_maps_path(self.id)}")
-        return {self.labels[c]: soft[c] for c in self.classes}
-
-
-def _affinity_net(dataset: Dataset, items: list[_Item], config: RefineConfig,
-                  progress: bool) -> tuple[AffinityNet, float]:
-    """Load the AffinityNet this configuration trains, or compute seeds and train it (timed)."""
+def _affinity_net(dataset: Dataset, items: list[Item], config: RefineConfig, progress: bool, pool: Executor,
+                  workers: int, device: torch.device) -> tuple[AffinityNet, float]:
+    """Load the AffinityNet this configuration trains, or compute seeds (in the pool) and train it on
+    ``device`` (timed)."""
     size = tuple(items[0].image().shape[:2])
     net = build_affinity_net(config.affinity, size)
     if config.affinity_weights:
         load_affinity_weights(net, config.affinity_weights)
-    key = json.dumps({"affinity": config.affinity.training_dict(), "seed_crf": config.seed_crf_params.as_dict(),
+    steps = config.affinity.train_steps_for(len(items))
+    key = json.dumps({"affinity": config.affinity.training_dict(), "steps": steps,
+                      "seed_crf": config.seed_crf_params.as_dict(),
                       "weights": config.affinity_weights and str(Path(config.affinity_weights).resolve()),
                       "items": [i.id for i in items], "size": size}, sort_keys=True)
     path = dataset.root / "refine" / f"affinitynet-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         load_affinity_weights(net, path)
-        return net.eval(), 0.0
-    if config.affinity.train_steps == 0:
-        return net.eval(), 0.0
+        return net.to(device).eval(), 0.0
+    if steps == 0:
+        return net.to(device).eval(), 0.0
     start = time.perf_counter()
-    seed_crf = config.seed_crf_params if config.affinity.seed_crf else None
-    seeds = []
-    for item in tqdm(items, desc="affinity seeds", unit="img", disable=not progress, dynamic_ncols=True):
-        labels = seed_labels(item.image(), item.maps(), config.affinity, seed_crf)
-        seeds.append(grid_labels(labels, net.stride, config.affinity.seed_grid))
-    bar = tqdm(total=config.affinity.train_steps, desc="train AffinityNet", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    seeds = [seed for _, seed in tqdm(ordered(pool, items, functools.partial(grid_seeds, config, net.stride),
+                                              window=_window(workers)),
+                                      total=len(items), desc="affinity seeds", unit="img", disable=not progress,
+                                      dynamic_ncols=True)]
+    bar = tqdm(total=steps, desc="train AffinityNet", unit="step", disable=not progress, dynamic_ncols=True)
     with bar:
         def report(step: int, loss: float) -> None:
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-        train_affinity_net(net, lambda i: items[i].image(), seeds, config.affinity, report)
+        train_affinity_net(net, lambda i: items[i].image(), seeds, config.affinity, report if progress else None,
+                           device)
     seconds = time.perf_counter() - start
-    path.parent.mkdir(exist_ok=True)
-    save_affinity_weights(net, path)
-    return net.eval(), seconds
+    # Each worker of a sharded job trains this same network: same items, seeds and steps, and training is
+    # deterministic on one kind of device, so they write identical weights. The save is atomic; a worker
+    # that finds another's file already there uses it.
+    if path.is_file():
+        load_affinity_weights(net, path)
+    else:
+        path.parent.mkdir(exist_ok=True)
+        save_affinity_weights(net, path)
+    return net.to(device).eval(), seconds
 
 
-def _final_crf(image: np.ndarray, mask: np.ndarray, labels: list[int], config: RefineConfig) -> np.ndarray:
-    return crf_refine(image, mask, [0, *labels], config.crf_params) if config.use_crf else mask
-
-
-def _item_mask(item: _Item, config: RefineConfig, net: AffinityNet | None,
-               gammas: Mapping[int, float] | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """One item's mask before cleanup, and what to record about it."""
-    soft = item.soft() if config.method == "propagate" else None  # only propagate reads the self-attention
-    image = item.image()
-    maps = item.maps(soft)
-    labels = list(maps)
-    crf = config.crf_params if config.use_crf else None
-    extra: dict[str, Any] = {}
-    if config.method == "threshold":
-        mask = _final_crf(image, threshold_masks(maps, config.threshold, config.uncertain), labels, config)
-    elif config.method == "otsu":
-        thresholds = {label: otsu_threshold(m) for label, m in maps.items()}
-        extra["thresholds"] = {str(k): round(v, 4) for k, v in thresholds.items()}
-        mask = _final_crf(image, assign_labels(maps, thresholds), labels, config)
-    elif config.method == "propagate":
-        mask = propagate_mask(soft, item.labels, item.resolutions, image.shape[:2], config.power,
-                              config.propagate_threshold, config.propagate_uncertain)
-        mask = _final_crf(image, mask, labels, config)
-    elif config.method == "affinity":
-        mask = _final_crf(image, affinity_mask(net, image, maps, config.affinity), labels, config)
-    elif gammas is not None:  # adaptive per class, second pass
-        mask = candidate_mask(image, maps, {label: gammas[label] for label in labels}, crf)
-        extra["class_gammas"] = {str(k): gammas[k] for k in labels}
-    else:  # adaptive per image
-        dense = DenseCRF(image, [0, *labels], crf) if crf is not None else None  # kernels built once per image
-        reference = _reference(net, image, maps, config, dense)
-        tried, counts, candidates = shortlisted_sweep(image, maps, reference, config.gammas, dense, config.crf_shortlist)
-        gamma = best_gamma(counts, tried)
-        extra["gamma"] = gamma
-        mask = (candidate_mask(image, maps, config.threshold, dense) if gamma is None
-                else candidates[tried.index(gamma)])
-    return mask, extra
-
-
-def _reference(net: AffinityNet, image: np.ndarray, maps: Mapping[int, np.ndarray], config: RefineConfig,
-               dense: DenseCRF | None) -> np.ndarray:
-    """The AffinityNet mask B̂ that adaptive candidates are matched to; with ``reference_crf`` refined by
-    the image's CRF (``dense``) like the candidates, so both sides of the match have the CRF's edges."""
-    reference = affinity_mask(net, image, maps, config.affinity)
-    return dense(reference) if dense is not None and config.reference_crf else reference
-
-
-def _class_gammas(log: ProgressLog, items: list[_Item], config: RefineConfig, net: AffinityNet,
-                  progress: bool) -> dict[int, float]:
+def _class_gammas(log: ProgressLog, items: list[Item], config: RefineConfig, net: AffinityNet, progress: bool,
+                  pool: Executor, workers: int) -> dict[int, float]:
     """Per-class adaptive γ: every image's sweep counts (logged, resumable), pooled per class.
 
     With a CRF shortlist the curves are pooled from raw candidates (a full CRF sweep per image is
     what the shortlist avoids); the second pass CRF-refines the chosen mask either way.
     """
     done = log.done("curve")
-    for item in tqdm([i for i in items if i.id not in done], desc="adaptive curves", unit="img",
-                     disable=not progress, dynamic_ncols=True):
-        image, maps = item.image(), item.maps()
-        needs_crf = config.use_crf and (config.reference_crf or config.crf_shortlist == 0)
-        dense = DenseCRF(image, [0, *maps], config.crf_params) if needs_crf else None  # kernels built once
-        reference = _reference(net, image, maps, config, dense)
-        counts, _ = sweep(image, maps, reference, config.gammas, dense if config.crf_shortlist == 0 else None)
+    todo = [i for i in items if i.id not in done]
+    steps = curve_steps(config, net)
+    for item, counts in tqdm(ordered(pool, todo, steps.prepare, steps.device, steps.finish, _window(workers)),
+                             total=len(todo), desc="adaptive curves", unit="img", disable=not progress,
+                             dynamic_ncols=True):
         log.append({"kind": "curve", "id": item.id, "counts": {str(k): v for k, v in counts.items()}})
     curves = [{int(k): v for k, v in e["counts"].items()} for e in log.done("curve").values()]
     pooled = pool_counts(curves, len(config.gammas))
     chosen = {label: best_gamma({label: pairs}, config.gammas) for label, pairs in pooled.items()}
     return {label: config.threshold if gamma is None else gamma for label, gamma in chosen.items()}
+
+
+def _window(workers: int) -> int:
+    """Items in flight: enough to keep every worker busy while the parent commits, few enough to stay small."""
+    return 2 * workers + 2
 
 
 def _refined_with(record: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
@@ -297,11 +245,22 @@ def _refined_with(record: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
     return all(refine.get(key) == value for key, value in params.items())
 
 
-def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True, redo: bool = False) -> RefineResult:
+def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True, redo: bool = False,
+                   device: str = "cpu", workers: int = 1) -> RefineResult:
     """Run ``refine`` on a dataset folder (see the module docstring); resumable.
 
+    ``device`` runs the AffinityNet, the random walk and the propagation (``cuda`` is this worker's
+    GPU under torchrun or Slurm); ``workers`` processes do the per-item CPU work (reading, CRF,
+    cleanup). Neither changes which masks are written, and the manifest records neither. Under a
+    launcher this process refines its share of the items (:class:`diffumask.distributed.Worker`).
     ``redo`` refines every item again even where the manifest says it is done (benchmarks repeat runs).
     """
+    check_workers(workers)
+    worker = current_worker()
+    device = check_device(worker.device(device))
+    if worker.sharded and config.per_class:
+        raise ConfigError("--per-class pools every image's curve before any mask is written; run it as one "
+                          "process (without torchrun/srun)")
     dataset = Dataset(root)
     records = dataset.records()
     if not records:
@@ -318,25 +277,34 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
         config = replace(config, threshold=made_with)
     if config.gammas is None:
         config = replace(config, gammas=sweep_around(made_with))
-    dataset.recover_masks()  # a mask a killed run committed but did not rename yet
-    dataset.compact()  # one line per item again before this run appends its own
+    if not worker.sharded:  # other workers may be writing: a pending mask may be theirs, the manifest growing
+        dataset.recover_masks()  # a mask a killed run committed but did not rename yet
+        dataset.compact()  # one line per item again before this run appends its own
+    items = [Item(dataset, r) for r in records]
     params = json.loads(json.dumps(config.params()))
-    items = [_Item(dataset, r) for r in records]
-    pending = [item for item in items if redo or not _refined_with(item.record, params)]
-    net, train_seconds = None, 0.0
+    if config.uses_affinity:
+        params["affinity_train_steps"] = config.affinity.train_steps_for(len(items))
+    mine = worker.take(items)  # the full, stable list: shares are disjoint however the workers start
+    pending = [item for item in mine if redo or not _refined_with(item.record, params)]
+    net, train_seconds, gammas = None, 0.0, None
     start = time.perf_counter()
-    if pending and config.uses_affinity:
-        net, train_seconds = _affinity_net(dataset, items, config, progress)
-    gammas = None
-    if pending and config.per_class:
-        if redo:
-            (dataset.root / LOG_NAME).unlink(missing_ok=True)
-        gammas = _class_gammas(ProgressLog(dataset.root / LOG_NAME, params), items, config, net, progress)
-    for item in tqdm(pending, desc=f"refine {config.method}", unit="img", disable=not progress, dynamic_ncols=True):
-        mask, extra = _item_mask(item, config, net, gammas)
-        mask = cleanup_mask(mask, config.min_area, config.max_hole)
-        dataset.rewrite_mask({**item.record, "refine": {**params, **extra}}, mask)
-    dataset.compact()  # a finished run leaves one line per item
+    if pending:
+        with cpu_pool(workers, preload=("diffumask.refine_items",)) as pool:
+            if config.uses_affinity:
+                net, train_seconds = _affinity_net(dataset, items, config, progress, pool, workers, device)
+            if config.per_class:
+                if redo:
+                    (dataset.root / LOG_NAME).unlink(missing_ok=True)
+                gammas = _class_gammas(ProgressLog(dataset.root / LOG_NAME, params), items, config, net, progress,
+                                       pool, workers)
+            steps = item_steps(config, net, gammas, device)
+            for item, (mask, extra) in tqdm(ordered(pool, pending, steps.prepare, steps.device, steps.finish,
+                                                    _window(workers)),
+                                            total=len(pending), desc=f"refine {config.method}", unit="img",
+                                            disable=not progress, dynamic_ncols=True):
+                dataset.rewrite_mask({**item.record, "refine": {**params, **extra}}, mask)
+    if not worker.sharded:
+        dataset.compact()  # a finished run leaves one line per item
     seconds = time.perf_counter() - start - train_seconds
     return RefineResult(dataset, len(items), len(pending), train_seconds, seconds)
 

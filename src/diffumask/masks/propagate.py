@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -70,20 +71,65 @@ def _grid_pairs(height: int, width: int, radius: int) -> tuple[list[tuple[int, i
     return offsets, indptr, cols_all[order], order
 
 
-def grid_affinity_matrix(features: torch.Tensor, radius: int = 5) -> sp.csr_matrix:
-    """Sparse symmetric affinity matrix of one (D, h, w) feature map: a_ij = exp(−mean_c |f_i − f_j|)
-    for pixels closer than ``radius``, 1 on the diagonal (PSA's affinity)."""
+def _affinity_values(features: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """a_ij = exp(−mean_c |f_i − f_j|) listed as _grid_pairs orders them before its sort: the diagonal
+    (1), then each offset's pairs, then the same pairs the other way round; on the features' device."""
     _, height, width = features.shape
-    offsets, indptr, indices, order = _grid_pairs(height, width, radius)
-    values = [np.ones(height * width, np.float32)]
+    values = [features.new_ones(height * width)]
     with torch.no_grad():
         for dy, dx in offsets:
             src, dst = pair_slices(height, width, dy, dx)
             values.append(torch.exp(-(features[:, src[0], src[1]] - features[:, dst[0], dst[1]]).abs().mean(0))
-                          .numpy().ravel())
-    values = np.concatenate(values + values[1:])
+                          .ravel())
+    return torch.cat(values + values[1:])
+
+
+def grid_affinity_matrix(features: torch.Tensor, radius: int = 5) -> sp.csr_matrix:
+    """Sparse symmetric affinity matrix of one (D, h, w) CPU feature map: a_ij = exp(−mean_c |f_i − f_j|)
+    for pixels closer than ``radius``, 1 on the diagonal (PSA's affinity)."""
+    _, height, width = features.shape
+    offsets, indptr, indices, order = _grid_pairs(height, width, radius)
+    values = _affinity_values(features, offsets).numpy()
     n = height * width
     return sp.csr_matrix((values[order], indices.copy(), indptr.copy()), shape=(n, n))
+
+
+@functools.lru_cache(maxsize=16)
+def _device_pairs(height: int, width: int, radius: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`_grid_pairs` as tensors on ``device`` (CSR indptr, indices, the sort, and each value's row)."""
+    _, indptr, indices, order = _grid_pairs(height, width, radius)
+    rows = np.repeat(np.arange(height * width), np.diff(indptr))
+    return tuple(torch.from_numpy(a.astype(np.int64)).to(device) for a in (indptr, indices, order, rows))
+
+
+def transposed_transition(features: torch.Tensor, radius: int = 5, beta: float = 16.0) -> torch.Tensor:
+    """Tᵀ of :func:`transition_matrix` (:func:`grid_affinity_matrix`) as a sparse CSR tensor on the
+    features' device: A is symmetric, so Tᵀ = diag(1 / colsum(A^∘β)) · A^∘β keeps A's sparsity pattern."""
+    _, height, width = features.shape
+    offsets = _grid_pairs(height, width, radius)[0]
+    indptr, indices, order, rows = _device_pairs(height, width, radius, features.device)
+    powered = _affinity_values(features, offsets)[order].double() ** beta
+    sums = torch.zeros(height * width, dtype=powered.dtype, device=powered.device).index_add_(0, rows, powered)
+    with warnings.catch_warnings():  # torch calls CSR tensors beta; the sparse-dense product is all we use
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(indptr, indices, (powered / sums[rows]).float(), size=(height * width,) * 2,
+                                       check_invariants=False)
+
+
+def walk(transposed: torch.Tensor, state: torch.Tensor, steps: int) -> torch.Tensor:
+    """state (n, K) ← Tᵀ · state, ``steps`` times (maps · T^steps, transposed), on the tensors' device."""
+    for _ in range(steps):
+        state = transposed @ state
+    return state
+
+
+def affinity_walk(features: torch.Tensor, maps: np.ndarray, radius: int, beta: float, steps: int) -> np.ndarray:
+    """maps (K, h·w) · T^steps for the transition matrix of the (D, h, w) ``features``' affinities, where
+    the features are: through scipy on the CPU, as sparse tensors on an accelerator."""
+    if features.device.type == "cpu":
+        return random_walk(maps, transition_matrix(grid_affinity_matrix(features, radius), beta), steps)
+    state = torch.from_numpy(np.ascontiguousarray(np.asarray(maps, np.float32).T)).to(features.device)
+    return np.ascontiguousarray(walk(transposed_transition(features, radius, beta), state, steps).T.cpu().numpy())
 
 
 def transition_matrix(affinity: Matrix, beta: float = 16.0) -> Matrix:
@@ -117,9 +163,7 @@ def random_walk(maps: np.ndarray, transition: Matrix, steps: int) -> np.ndarray:
                                          torch.from_numpy(transposed.data), size=transposed.shape,
                                          check_invariants=False)  # scipy's CSR is valid by construction
     state = torch.from_numpy(np.ascontiguousarray(np.asarray(maps, np.float32).T))
-    for _ in range(steps):
-        state = matrix @ state
-    return np.ascontiguousarray(state.T.numpy())
+    return np.ascontiguousarray(walk(matrix, state, steps).T.numpy())
 
 
 def resize_maps(maps: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
@@ -142,8 +186,41 @@ def self_attention_grid(soft_maps: dict[str, np.ndarray]) -> tuple[str, int]:
     return key, int(key.split("@")[1])
 
 
+def self_attention_inputs(soft_maps: dict[str, np.ndarray], classes: list[str],
+                          resolutions: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """What the propagation needs of an item's soft maps: each class's cross-attention fused at the
+    self-attention grid, (K, h, w), and the (h·w, h·w) self-attention matrix."""
+    key, grid_h = self_attention_grid(soft_maps)
+    matrix = soft_maps[key]
+    grid_w = matrix.shape[0] // grid_h
+    cross = []
+    for name in classes:
+        grids = {int(k.split("@")[1]): v for k, v in soft_maps.items() if k.startswith(f"{name}@")}
+        cross.append(fuse(grids, (grid_h, grid_w), resolutions) if grids else resize_maps(
+            soft_maps[name][None], (grid_h, grid_w), "area")[0])
+    return np.stack(cross), matrix
+
+
+def self_attention_walk(cross: np.ndarray, matrix: np.ndarray, power: int = 4,
+                        device: torch.device | str = "cpu") -> np.ndarray:
+    """Each (h, w) map of ``cross`` multiplied by the self-attention matrix ``power`` times (in float64,
+    on ``device``), then min–max normalised."""
+    out = []
+    on_device = None if torch.device(device).type == "cpu" else torch.from_numpy(matrix).to(device).double()
+    for m in cross:
+        if on_device is None:
+            walked = random_walk(m.reshape(1, -1), matrix.T, power)[0]
+        else:
+            state = torch.from_numpy(np.ascontiguousarray(m.reshape(-1, 1))).to(device).double()
+            walked = walk(on_device, state, power)[:, 0].float().cpu().numpy()
+        span = walked.max() - walked.min()
+        walked = (walked - walked.min()) / span if span > 0 else np.zeros_like(walked)
+        out.append(walked.reshape(m.shape))
+    return np.stack(out)
+
+
 def self_attention_maps(soft_maps: dict[str, np.ndarray], classes: list[str], resolutions: list[int] | None,
-                        size: tuple[int, int], power: int = 4) -> dict[str, np.ndarray]:
+                        size: tuple[int, int], power: int = 4, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Dataset Diffusion's refinement: each class's cross-attention, fused at the self-attention
     grid, multiplied by the self-attention matrix ``power`` times, min–max normalised per class,
     then upsampled (bilinear) to the image ``size``.
@@ -152,24 +229,19 @@ def self_attention_maps(soft_maps: dict[str, np.ndarray], classes: list[str], re
     pixels of one object attend to each other — spreading a coarse blob over the object's
     extent and away from the background.
     """
-    key, grid_h = self_attention_grid(soft_maps)
-    matrix = soft_maps[key]
-    grid_w = matrix.shape[0] // grid_h
-    out = {}
-    for name in classes:
-        grids = {int(k.split("@")[1]): v for k, v in soft_maps.items() if k.startswith(f"{name}@")}
-        cross = fuse(grids, (grid_h, grid_w), resolutions) if grids else resize_maps(
-            soft_maps[name][None], (grid_h, grid_w), "area")[0]
-        walked = random_walk(cross.reshape(1, -1), matrix.T, power)[0]
-        span = walked.max() - walked.min()
-        walked = (walked - walked.min()) / span if span > 0 else np.zeros_like(walked)
-        out[name] = resize_maps(walked.reshape(1, grid_h, grid_w), size)[0].clip(0, 1)
-    return out
+    walked = self_attention_walk(*self_attention_inputs(soft_maps, classes, resolutions), power, device)
+    return dict(zip(classes, resize_maps(walked, size).clip(0, 1)))
+
+
+def propagated_mask(walked: np.ndarray, labels: Sequence[int], size: tuple[int, int], threshold: float = 0.6,
+                    uncertain: float | None = 0.5) -> np.ndarray:
+    """The label mask of propagated grid maps (K, h, w) (labels in that order) at the image ``size``."""
+    return threshold_masks(dict(zip(labels, resize_maps(walked, size).clip(0, 1))), threshold, uncertain)
 
 
 def propagate_mask(soft_maps: dict[str, np.ndarray], labels: dict[str, int], resolutions: list[int] | None,
                    size: tuple[int, int], power: int = 4, threshold: float = 0.6,
                    uncertain: float | None = 0.5) -> np.ndarray:
     """Label mask by self-attention propagation with Dataset Diffusion's 0.6 threshold and 0.5–0.6 band (255)."""
-    maps = self_attention_maps(soft_maps, list(labels), resolutions, size, power)
-    return threshold_masks({labels[name]: m for name, m in maps.items()}, threshold, uncertain)
+    walked = self_attention_walk(*self_attention_inputs(soft_maps, list(labels), resolutions), power)
+    return propagated_mask(walked, list(labels.values()), size, threshold, uncertain)

@@ -1,0 +1,200 @@
+"""What ``refine`` does to one item, as steps that :func:`diffumask.workers.ordered` runs.
+
+A method is up to three steps: *prepare* (a CPU worker: read the image and soft maps, and the CPU
+work that comes first), *device* (the parent, on the accelerator: AffinityNet features, the random
+walk, the self-attention propagation) and *finish* (a CPU worker: masks at image size, dense CRF,
+cleanup). The worker steps are module-level functions of picklable arguments; the device steps
+close over the network. Which process runs a step does not change its result, so any number of
+workers writes the same masks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .dataset import Dataset
+from .errors import DiffumaskError
+from .masks.adaptive import best_gamma, candidate_mask, shortlisted_sweep, sweep
+from .masks.affinity import AffinityNet, grid_labels, seed_labels, walked_grid, walked_mask
+from .masks.assign import assign_labels
+from .masks.cleanup import cleanup_mask
+from .masks.crf import DenseCRF, crf_refine
+from .masks.otsu import otsu_threshold
+from .masks.propagate import propagated_mask, self_attention_inputs, self_attention_walk
+from .masks.threshold import threshold_masks
+
+if TYPE_CHECKING:
+    from .refine import RefineConfig
+
+#: What each item's steps end with: its final mask, and what to record about it in the manifest.
+Outcome = tuple[np.ndarray, dict[str, Any]]
+
+
+class Item:
+    """One manifest record with lazily read image and soft maps, keyed by label index."""
+
+    def __init__(self, dataset: Dataset, record: Mapping[str, Any]):
+        self.dataset = dataset
+        self.record = dict(record)
+        self.id: str = record["id"]
+        self.classes: list[str] = list(record["classes"])
+        self.resolutions: list[int] | None = record.get("resolutions")  # the grids generate fused
+        self.labels = {name: dataset.class_index(name) for name in self.classes}
+
+    def image(self) -> np.ndarray:
+        return self.dataset.read_image(self.id)
+
+    def soft(self) -> dict[str, np.ndarray]:
+        return self.dataset.read_soft_maps(self.id)
+
+    def maps(self, soft: Mapping[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+        soft = self.dataset.read_soft_maps(self.id, self.classes) if soft is None else soft
+        missing = [c for c in self.classes if c not in soft]
+        if missing:
+            raise DiffumaskError(f"item {self.id} has no soft map for {missing} in {self.dataset.soft_maps_path(self.id)}")
+        return {self.labels[c]: soft[c] for c in self.classes}
+
+
+@dataclass
+class Loaded:
+    """An item as read by a worker: its image (when a step needs it), class maps and propagation inputs."""
+
+    image: np.ndarray | None
+    maps: dict[int, np.ndarray]
+    cross: np.ndarray | None = None  # propagate: the class maps fused at the self-attention grid
+    matrix: np.ndarray | None = None  # propagate: the self-attention matrix
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return next(iter(self.maps.values())).shape
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self.maps)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """An item's steps for :func:`diffumask.workers.ordered`."""
+
+    prepare: Callable[[Item], Any]
+    device: Callable[[Item, Any], Any] | None = None
+    finish: Callable[[Any, Any], Any] | None = None
+
+
+def _final(config: RefineConfig, image: np.ndarray | None, mask: np.ndarray, labels: list[int]) -> np.ndarray:
+    """The optional result CRF, then the cleanup every method ends with."""
+    if config.use_crf:
+        mask = crf_refine(image, mask, [0, *labels], config.crf_params)
+    return cleanup_mask(mask, config.min_area, config.max_hole)
+
+
+def load(config: RefineConfig, item: Item) -> Loaded:
+    """Image (when the method needs it) and class maps; for propagate, the fused grids and the matrix."""
+    needs_image = config.use_crf or config.uses_affinity
+    if config.method != "propagate":
+        return Loaded(item.image() if needs_image else None, item.maps())
+    soft = item.soft()  # only propagate reads the self-attention
+    cross, matrix = self_attention_inputs(soft, item.classes, item.resolutions)
+    return Loaded(item.image() if needs_image else None, item.maps(soft), cross, matrix)
+
+
+def thresholded(config: RefineConfig, item: Item) -> Outcome:
+    """threshold and otsu: the whole item in one worker step."""
+    loaded = load(config, item)
+    extra: dict[str, Any] = {}
+    if config.method == "threshold":
+        mask = threshold_masks(loaded.maps, config.threshold, config.uncertain)
+    else:
+        thresholds = {label: otsu_threshold(m) for label, m in loaded.maps.items()}
+        extra["thresholds"] = {str(k): round(v, 4) for k, v in thresholds.items()}
+        mask = assign_labels(loaded.maps, thresholds)
+    return _final(config, loaded.image, mask, loaded.labels), extra
+
+
+def propagated(config: RefineConfig, loaded: Loaded, walked: np.ndarray) -> Outcome:
+    mask = propagated_mask(walked, loaded.labels, loaded.size, config.propagate_threshold, config.propagate_uncertain)
+    return _final(config, loaded.image, mask, loaded.labels), {}
+
+
+def affinity_masked(config: RefineConfig, stride: int, loaded: Loaded, walked: np.ndarray) -> Outcome:
+    mask = walked_mask(walked, loaded.labels, stride, loaded.size, config.affinity)
+    return _final(config, loaded.image, mask, loaded.labels), {}
+
+
+def _reference(config: RefineConfig, stride: int, loaded: Loaded, walked: np.ndarray, dense: DenseCRF | None) -> np.ndarray:
+    """The AffinityNet mask B̂ that adaptive candidates are matched to; with ``reference_crf`` refined by
+    the image's CRF (``dense``) like the candidates, so both sides of the match have the CRF's edges."""
+    reference = walked_mask(walked, loaded.labels, stride, loaded.size, config.affinity)
+    return dense(reference) if dense is not None and config.reference_crf else reference
+
+
+def adaptive_masked(config: RefineConfig, stride: int, loaded: Loaded, walked: np.ndarray) -> Outcome:
+    """Adaptive per image: the γ whose candidate best matches B̂."""
+    image, maps = loaded.image, loaded.maps
+    crf = config.crf_params if config.use_crf else None
+    dense = DenseCRF(image, [0, *maps], crf) if crf is not None else None  # kernels built once per image
+    reference = _reference(config, stride, loaded, walked, dense)
+    tried, counts, candidates = shortlisted_sweep(image, maps, reference, config.gammas, dense, config.crf_shortlist)
+    gamma = best_gamma(counts, tried)
+    mask = candidate_mask(image, maps, config.threshold, dense) if gamma is None else candidates[tried.index(gamma)]
+    return cleanup_mask(mask, config.min_area, config.max_hole), {"gamma": gamma}
+
+
+def curve(config: RefineConfig, stride: int, loaded: Loaded, walked: np.ndarray) -> dict[int, list[tuple[int, int]]]:
+    """Adaptive per class, first pass: one image's sweep counts (raw candidates unless the shortlist is 0)."""
+    image, maps = loaded.image, loaded.maps
+    needs_crf = config.use_crf and (config.reference_crf or config.crf_shortlist == 0)
+    dense = DenseCRF(image, [0, *maps], config.crf_params) if needs_crf else None  # kernels built once
+    reference = _reference(config, stride, loaded, walked, dense)
+    counts, _ = sweep(image, maps, reference, config.gammas, dense if config.crf_shortlist == 0 else None)
+    return counts
+
+
+def class_gamma_masked(config: RefineConfig, gammas: Mapping[int, float], item: Item) -> Outcome:
+    """Adaptive per class, second pass: each class's pooled γ, CRF-refined, in one worker step."""
+    loaded = load(config, item)
+    chosen = {label: gammas[label] for label in loaded.labels}
+    mask = candidate_mask(loaded.image, loaded.maps, chosen, config.crf_params if config.use_crf else None)
+    return cleanup_mask(mask, config.min_area, config.max_hole), {"class_gammas": {str(k): v for k, v in chosen.items()}}
+
+
+def grid_seeds(config: RefineConfig, stride: int, item: Item) -> np.ndarray:
+    """An item's AffinityNet training seeds on the feature grid."""
+    seed_crf = config.seed_crf_params if config.affinity.seed_crf else None
+    labels = seed_labels(item.image(), item.maps(), config.affinity, seed_crf)
+    return grid_labels(labels, stride, config.affinity.seed_grid)
+
+
+def _walk(config: RefineConfig, net: AffinityNet, item: Item, loaded: Loaded) -> np.ndarray:
+    return walked_grid(net, loaded.image, loaded.maps, config.affinity)
+
+
+def _propagate(config: RefineConfig, device: torch.device, item: Item, loaded: Loaded) -> np.ndarray:
+    return self_attention_walk(loaded.cross, loaded.matrix, config.power, device)
+
+
+def item_steps(config: RefineConfig, net: AffinityNet | None, gammas: Mapping[int, float] | None,
+               device: torch.device) -> Steps:
+    """The steps that turn one item into its mask and record under ``config`` (a RefineConfig)."""
+    prepare = functools.partial(load, config)
+    if config.method in ("threshold", "otsu"):
+        return Steps(functools.partial(thresholded, config))
+    if config.method == "propagate":
+        return Steps(prepare, functools.partial(_propagate, config, device), functools.partial(propagated, config))
+    if gammas is not None:
+        return Steps(functools.partial(class_gamma_masked, config, gammas))
+    finish = affinity_masked if config.method == "affinity" else adaptive_masked
+    return Steps(prepare, functools.partial(_walk, config, net), functools.partial(finish, config, net.stride))
+
+
+def curve_steps(config: RefineConfig, net: AffinityNet) -> Steps:
+    """Adaptive per class, first pass: each item's curve counts."""
+    return Steps(functools.partial(load, config), functools.partial(_walk, config, net),
+                 functools.partial(curve, config, net.stride))

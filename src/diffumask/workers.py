@@ -1,0 +1,120 @@
+"""A pool of CPU worker processes for per-item work, with results streamed back in the items' order.
+
+Processes, not threads: the dense CRF (pydensecrf), connected components and the image codecs run
+single-threaded and mostly under the GIL. The parent keeps what must stay in one process — the
+accelerator (CUDA does not survive a fork) and the dataset's commit (only it appends manifest
+lines) — and a bounded number of items is in flight, so memory stays flat however long the run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask: what Slurm or taskset gave it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_workers(workers: int) -> None:
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (one is this process alone), got {workers}")
+
+
+class InlineExecutor(Executor):
+    """One worker: each task runs at once in this process, through the same code path as the pool."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as error:  # raised again by .result(), where a pool's would be
+            future.set_exception(error)
+        return future
+
+
+def _single_threaded() -> None:
+    """Each worker is one core's worth: torch's own thread pool would oversubscribe the machine."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@contextmanager
+def cpu_pool(workers: int, preload: Sequence[str] = ()) -> Iterator[Executor]:
+    """``workers`` processes, or this process alone for 1; unfinished tasks are dropped on the way out
+    (a failure or ^C does not wait for the queue).
+
+    Workers are forked from a fresh forkserver where there is one (forking this process is unsafe once
+    it holds torch threads or CUDA), which imports the ``preload`` modules once, so that each worker
+    starts in milliseconds rather than importing torch again; elsewhere they are spawned.
+    """
+    check_workers(workers)
+    if workers == 1:
+        yield InlineExecutor()
+        return
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(preload))
+    else:
+        context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ordered(pool: Executor, tasks: Iterable[T], prepare: Callable[[T], Any],
+            device: Callable[[T, Any], Any] | None = None, finish: Callable[[Any, Any], Any] | None = None,
+            window: int = 8) -> Iterator[tuple[T, Any]]:
+    """``(task, result)`` in the order of ``tasks``: ``prepare(task)`` runs in the pool, then
+    ``device(task, prepared)`` here (the accelerator's part; skipped when None), then
+    ``finish(prepared, device's result)`` in the pool (when given); at most ``window`` tasks in flight.
+
+    The parent takes each prepared task as soon as it is ready and leaves the finishing ones running,
+    so the pool never idles while the parent waits for the oldest task.
+    """
+    source = iter(tasks)
+    preparing: deque[tuple[T, Future]] = deque()
+    finishing: deque[tuple[T, Future]] = deque()
+    exhausted = False
+    while True:
+        while not exhausted and len(preparing) + len(finishing) < window:
+            task = next(source, _END)
+            if task is _END:
+                exhausted = True
+            else:
+                preparing.append((task, pool.submit(prepare, task)))
+        if finishing and (finishing[0][1].done() or not preparing):
+            task, future = finishing.popleft()
+            yield task, future.result()
+        elif not preparing:
+            return
+        elif finishing and not preparing[0][1].done():
+            wait([preparing[0][1], finishing[0][1]], return_when=FIRST_COMPLETED)
+        else:
+            task, future = preparing.popleft()
+            prepared = future.result()
+            out = prepared if device is None else device(task, prepared)
+            if finish is None:
+                future = Future()
+                future.set_result(out)
+            else:
+                future = pool.submit(finish, prepared, out)
+            finishing.append((task, future))
+
+
+_END: Any = object()
+
+__all__ = ["InlineExecutor", "available_cores", "check_workers", "cpu_pool", "ordered"]

@@ -1,0 +1,157 @@
+"""`diffumask refine` at scale: worker processes, the device, training length from epochs, sharding."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_refine import NEEDS_CRF, TINY_AFFINITY, dataset, files, template  # noqa: F401 (fixtures)
+
+from diffumask.cli import main
+from diffumask.dataset import Dataset
+from diffumask.masks.affinity import AffinityConfig
+from diffumask.masks.propagate import (grid_affinity_matrix, random_walk, transition_matrix,
+                                       transposed_transition, walk)
+from diffumask.models import default_device
+from diffumask.refine import RefineConfig, refine_dataset
+from diffumask.workers import InlineExecutor, ordered
+
+GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+PARALLEL_CASES = {
+    "otsu + crf": pytest.param(RefineConfig(method="otsu", crf=True), marks=NEEDS_CRF),
+    "propagate": RefineConfig(method="propagate"),
+    "adaptive": pytest.param(RefineConfig(method="adaptive", gammas=GAMMAS, affinity=TINY_AFFINITY), marks=NEEDS_CRF),
+}
+
+
+def _refine_lines(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines() if '"refine"' in line]
+
+
+@pytest.mark.parametrize("config", list(PARALLEL_CASES.values()), ids=list(PARALLEL_CASES))
+def test_two_workers_write_what_one_writes(dataset, config):
+    """Byte for byte: the masks, and the manifest (refine fields, order) — the AffinityNet's seeds, the
+    walks and the CRFs run in worker processes, the commit in this one."""
+    root, truths = dataset
+    alone = root.parent / "alone"
+    shutil.copytree(root, alone)
+    one = refine_dataset(alone, config, progress=False, workers=1)
+    two = refine_dataset(root, config, progress=False, workers=2)
+    assert one.refined == two.refined == len(truths)
+    assert files(root, "SegmentationClass") == files(alone, "SegmentationClass")
+    assert (root / "manifest.jsonl").read_bytes() == (alone / "manifest.jsonl").read_bytes()
+    if config.uses_affinity:
+        assert files(root, "refine") == files(alone, "refine")  # the same network, from seeds made by workers
+
+
+def test_ordered_keeps_the_order_and_bounds_the_work_in_flight():
+    """Results come back in the tasks' order however the pool finishes them, with at most `window`
+    tasks read ahead; the device step runs in the caller, between the two pool steps."""
+    started: list[int] = []
+    lock = threading.Lock()
+    caller = threading.get_ident()
+
+    def prepare(task: int) -> int:
+        with lock:
+            started.append(task)
+        time.sleep(0.002 * ((task * 7) % 5))
+        return task * 10
+
+    def device(task: int, prepared: int) -> int:
+        assert threading.get_ident() == caller
+        return prepared + 1
+
+    seen = []
+    with ThreadPoolExecutor(3) as pool:
+        for task, result in ordered(pool, range(20), prepare, device, lambda prepared, out: (prepared, out), window=4):
+            seen.append((task, result))
+            assert len(started) <= task + 4
+    assert seen == [(t, (10 * t, 10 * t + 1)) for t in range(20)]
+    assert list(ordered(InlineExecutor(), range(3), str)) == [(0, "0"), (1, "1"), (2, "2")]
+
+
+def test_training_length_follows_the_epochs_up_to_the_cap(dataset):
+    config = AffinityConfig(epochs=2, batch_size=4)
+    assert config.train_steps_for(12) == 6 and config.train_steps_for(13) == 7
+    assert replace(config, max_steps=5).train_steps_for(12) == 5
+    assert replace(config, train_steps=9).train_steps_for(12) == 9  # a fixed length wins
+    assert AffinityConfig().train_steps_for(20_000) == AffinityConfig().max_steps
+    root, truths = dataset
+    by_epochs = replace(TINY_AFFINITY, train_steps=None, epochs=2, seed_crf=False)
+    first = refine_dataset(root, RefineConfig(method="affinity", affinity=by_epochs), progress=False)
+    assert first.train_seconds > 0
+    record = Dataset(root).records()[0]["refine"]
+    assert record["affinity_train_steps"] == 6 and record["affinity"]["epochs"] == 2  # 2 × 12 images / 4
+    assert refine_dataset(root, RefineConfig(method="affinity", affinity=by_epochs), progress=False).refined == 0
+    capped = RefineConfig(method="affinity", affinity=replace(by_epochs, max_steps=3))
+    assert refine_dataset(root, capped, progress=False).train_seconds > 0  # other settings: another network
+    assert Dataset(root).records()[0]["refine"]["affinity_train_steps"] == 3
+    assert len(list((root / "refine").glob("affinitynet-*.safetensors"))) == 2
+
+
+def test_the_gpu_walk_computes_the_cpu_walk():
+    """The sparse-tensor transition that runs on a GPU, checked here on the CPU against scipy's."""
+    torch.manual_seed(0)
+    features = torch.randn(8, 12, 10)
+    maps = np.random.default_rng(0).random((2, 120)).astype(np.float32)
+    expected = random_walk(maps, transition_matrix(grid_affinity_matrix(features, 4), 16.0), 20)
+    state = torch.from_numpy(np.ascontiguousarray(maps.T))
+    got = walk(transposed_transition(features, 4, 16.0), state, 20).T.numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--device", "gpu7"], "unknown device 'gpu7'"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no usable CUDA device")]),
+])
+def test_bad_workers_or_device_are_one_line_errors_that_change_nothing(dataset, capsys, extra, fragment):
+    root, _ = dataset
+    before = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    assert main(["refine", str(root), "--method", "otsu", "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("diffumask: error: ") and fragment in err, err
+    assert {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == before
+
+
+def test_the_cpu_is_the_default_device_without_cuda(dataset, capsys):
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    root, truths = dataset
+    assert main(["refine", str(root), "--method", "propagate", "--device", "cpu", "--workers", "1", "--quiet"]) == 0
+    assert f"refined {len(truths)} of {len(truths)} items" in capsys.readouterr().out
+
+
+def test_sharded_workers_refine_disjoint_shares_that_add_up_to_one_run(dataset, monkeypatch):
+    """Ranks 0 and 1 of 2, one after the other in one folder: each item refined exactly once, as a
+    single process refines it; the manifest is left for the launcher's last step to compact."""
+    root, truths = dataset
+    alone = root.parent / "alone"
+    shutil.copytree(root, alone)
+    config = RefineConfig(method="affinity", affinity=replace(TINY_AFFINITY, seed_crf=False))
+    refine_dataset(alone, config, progress=False)
+    lines_before = len((root / "manifest.jsonl").read_text().splitlines())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        shares.append(refine_dataset(root, config, progress=False))
+    assert [s.refined for s in shares] == [(len(truths) + 1) // 2, len(truths) // 2]
+    assert shares[0].train_seconds > 0 and shares[1].train_seconds == 0  # rank 1 found rank 0's network
+    ids = [r["id"] for r in _refine_lines(root)]
+    assert sorted(ids) == sorted(truths) and len(ids) == len(set(ids))  # each item exactly once
+    assert len((root / "manifest.jsonl").read_text().splitlines()) == lines_before + len(truths)  # not compacted
+    assert files(root, "SegmentationClass") == files(alone, "SegmentationClass")
+    with pytest.raises(Exception, match="--per-class pools every image's curve"):
+        refine_dataset(root, RefineConfig(method="adaptive", per_class=True, crf=False), progress=False)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert refine_dataset(root, config, progress=False).refined == 0  # one process afterwards: all done ...
+    assert Dataset(root).records() == Dataset(alone).records()  # ... and compacted
