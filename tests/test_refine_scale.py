@@ -131,23 +131,30 @@ def test_the_cpu_is_the_default_device_without_cuda(dataset, capsys):
 
 def test_sharded_workers_refine_disjoint_shares_that_add_up_to_one_run(dataset, monkeypatch):
     """Ranks 0 and 1 of 2, one after the other in one folder: each item refined exactly once, as a
-    single process refines it; the manifest is left for the launcher's last step to compact."""
+    single process refines it, each rank's lines in its own shard; the last rank merges the shards."""
     root, truths = dataset
     alone = root.parent / "alone"
     shutil.copytree(root, alone)
     config = RefineConfig(method="affinity", affinity=replace(TINY_AFFINITY, seed_crf=False))
     refine_dataset(alone, config, progress=False)
-    lines_before = len((root / "manifest.jsonl").read_text().splitlines())
     monkeypatch.setenv("WORLD_SIZE", "2")
-    shares = []
+    shares, shard_lines = [], []
+    merge = Dataset.compact
+
+    def merge_and_note(self, *args, **kwargs):
+        shard_lines.extend(json.loads(line) for path in self.shard_paths() for line in path.read_text().splitlines())
+        return merge(self, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "compact", merge_and_note)
     for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
         shares.append(refine_dataset(root, config, progress=False))
+        assert bool(Dataset(root).shard_paths()) == (rank == "0")  # merged once every item is refined
     assert [s.refined for s in shares] == [(len(truths) + 1) // 2, len(truths) // 2]
     assert shares[0].train_seconds > 0 and shares[1].train_seconds == 0  # rank 1 found rank 0's network
-    ids = [r["id"] for r in _refine_lines(root)]
+    ids = [r["id"] for r in shard_lines]
     assert sorted(ids) == sorted(truths) and len(ids) == len(set(ids))  # each item exactly once
-    assert len((root / "manifest.jsonl").read_text().splitlines()) == lines_before + len(truths)  # not compacted
+    assert len(_refine_lines(root)) == len(truths) == len((root / "manifest.jsonl").read_text().splitlines())
     assert files(root, "SegmentationClass") == files(alone, "SegmentationClass")
     with pytest.raises(Exception, match="--per-class pools every image's curve"):
         refine_dataset(root, RefineConfig(method="adaptive", per_class=True, crf=False), progress=False)

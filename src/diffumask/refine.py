@@ -16,8 +16,8 @@ training depends on, so resuming does not train again.
 At scale: the AffinityNet, the random walk and the propagation run on ``device`` (a GPU), the
 per-item CPU work (reading, CRF, cleanup) in a pool of worker processes (:mod:`diffumask.workers`;
 the steps are in :mod:`diffumask.refine_items`), and this process alone commits, in the items'
-order. Under torchrun or Slurm each worker refines its share of the items and leaves the manifest
-uncompacted, as other workers may be appending.
+order. Under torchrun or Slurm each worker refines its share of the items, appending to its own
+manifest shard; the worker that finds every item refined merges the shards into the manifest.
 """
 
 from __future__ import annotations
@@ -305,6 +305,10 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
                 dataset.rewrite_mask({**item.record, "refine": {**params, **extra}}, mask)
     if not worker.sharded:
         dataset.compact()  # a finished run leaves one line per item
+    elif not redo:
+        with dataset.lock():  # the worker that finds every item refined merges the shards
+            if all(_refined_with(record, params) for record in dataset.records()):
+                dataset.compact()
     seconds = time.perf_counter() - start - train_seconds
     return RefineResult(dataset, len(items), len(pending), train_seconds, seconds)
 
