@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffumask.cli import main
@@ -461,3 +462,54 @@ def test_compose_refuses_what_cannot_work(tmp_path, sd1_pipe):
     assert names[0] == "dining table" or "dining table" in names
     assert all(voc.display_name(n) in prompt for n in names)
     assert set(voc.draw_compose("diningtable", 4, ["diningtable", "bottle"])[1]) == {"diningtable", "bottle"}
+
+
+class _FlagEverySecond:
+    """A stand-in safety checker that flags every second image of a call, blacking it out as the real one does."""
+
+    def __call__(self, images, clip_input):
+        flags = [i % 2 == 1 for i in range(len(images))]
+        for i, flagged in enumerate(flags):
+            if flagged:
+                images[i] = images[i] * 0
+        return images, flags
+
+
+class _Features:
+    def __call__(self, images, return_tensors="pt"):
+        self.pixel_values = torch.zeros(len(images), 3, 4, 4)
+        return self
+
+    def to(self, device):
+        return self
+
+
+@pytest.mark.parametrize("policy", ["record", "skip"])
+def test_images_a_safety_checker_flags_get_no_files(tmp_path, saved_pipelines, policy):
+    """A pipeline that keeps its safety checker: flagged (black) images are never written with masks;
+    "record" marks them finished in the manifest, "skip" leaves them to a re-run."""
+    from diffumask.models import load_pipeline
+    from diffumask.validate import validate_dataset
+
+    pipe = load_pipeline(saved_pipelines["sd1"])
+    object.__setattr__(pipe, "safety_checker", _FlagEverySecond())  # the pipeline's own, not a registered module
+    object.__setattr__(pipe, "feature_extractor", _Features())
+    out = tmp_path / policy
+    dataset = generate_dataset(config(out, flagged=policy), pipe=pipe, progress=False)
+    flagged = dataset.flagged_records()
+    written = {r["id"] for r in dataset.records()}
+    # batches of 2 per class (indices 0-1, then 2): the second image of each full batch is flagged
+    assert written == {f"{c}_{k:06d}" for c in ("dog", "potted_plant") for k in (0, 2)}
+    assert {r["id"] for r in flagged} == ({"dog_000001", "potted_plant_000001"} if policy == "record" else set())
+    assert all(r["split"] == "flagged" and r["flagged"] == "safety_checker" for r in flagged)
+    for record in flagged:
+        assert not dataset.image_path(record["id"]).exists() and not dataset.mask_path(record["id"]).exists()
+        assert not dataset.soft_maps_path(record["id"]).exists()
+    assert set(dataset.split_ids("train")) == written and not dataset.split_ids("flagged")
+    assert validate_dataset(out)[0] == []
+    assert all(dataset.read_image(i).max() > 0 for i in written)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    generate_dataset(config(out, flagged=policy), pipe=pipe, progress=False)  # a re-run: recorded ones are finished
+    hook.remove()
+    assert bool(calls) == (policy == "skip")

@@ -210,7 +210,7 @@ class Dataset:
             raise ValueError(f"image format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         info = {"image_format": image_format, "jpeg_quality": jpeg_quality, "settings": dict(settings)}
         info = json.loads(json.dumps(info))  # normalise tuples etc. so the comparison is exact
-        if (root / "dataset.json").is_file() and (root / "classes.json").is_file() and cls(root).records():
+        if (root / "dataset.json").is_file() and (root / "classes.json").is_file() and cls(root).finished_ids():
             existing = json.loads((root / "dataset.json").read_text())
             old_classes = [c["name"] for c in json.loads((root / "classes.json").read_text())["classes"][1:]]
             if old_classes != classes:
@@ -288,12 +288,9 @@ class Dataset:
                         raise DiffumaskError(f"{path}: line {number + 1} is not valid JSON") from None
         return out
 
-    def records(self) -> list[dict[str, Any]]:
-        """Finished items in the order they were first written, each as its latest manifest line
-        (the highest ``rev``; among equal ones the later line).
-
-        Read-only: a torn last line is skipped here and cut by the next writer.
-        """
+    def _latest(self) -> list[dict[str, Any]]:
+        """Every item's latest manifest line (the highest ``rev``; among equal ones the later line), in the
+        order items were first written; flagged items too."""
         latest: dict[str, dict[str, Any]] = {}
         for record in self._lines():
             known = latest.get(record["id"])
@@ -301,8 +298,20 @@ class Dataset:
                 latest[record["id"]] = record  # dict order stays the order of first appearance
         return list(latest.values())
 
+    def records(self) -> list[dict[str, Any]]:
+        """Finished items in the order they were first written, each as its latest manifest line; items
+        the pipeline's safety checker flagged (a line, no files: see :meth:`record_flagged`) left out.
+
+        Read-only: a torn last line is skipped here and cut by the next writer.
+        """
+        return [r for r in self._latest() if not r.get("flagged")]
+
+    def flagged_records(self) -> list[dict[str, Any]]:
+        return [r for r in self._latest() if r.get("flagged")]
+
     def finished_ids(self) -> set[str]:
-        return {r["id"] for r in self.records()}
+        """Ids a re-run need not make again: written items and flagged ones."""
+        return {r["id"] for r in self._latest()}
 
     def _repair_manifest(self) -> None:
         """Cut a torn last line (a run killed mid-append) of this process's manifest file, so the next
@@ -365,6 +374,11 @@ class Dataset:
             write_palette_png(self.mask_path(item_id), mask)
         self._append_record({"id": item_id, "split": split, **record})
 
+    def record_flagged(self, item_id: str, record: Mapping[str, Any], reason: str = "safety_checker") -> None:
+        """Mark an item finished without files: the pipeline's safety checker replaced its image with a
+        black one, which must never reach a trainer with a mask drawn from the real image's attention."""
+        self._append_record({"id": item_id, "split": "flagged", **record, "flagged": reason})
+
     def rewrite_mask(self, record: Mapping[str, Any], mask: np.ndarray) -> None:
         """Replace a finished item's mask and append its updated manifest line (``record``, whole), as one
         step even across a kill or a power cut.
@@ -413,7 +427,7 @@ class Dataset:
 
     def update_records(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
         """Merge fields into items' manifest lines (e.g. how a later stage changed them), atomically."""
-        records = self.records()
+        records = self._latest()
         unknown = set(updates) - {r["id"] for r in records}
         if unknown:
             raise KeyError(f"no such items in {self.root}: {sorted(unknown)[:5]}")
@@ -426,7 +440,7 @@ class Dataset:
         Only when no other process appends: a sharded job's workers leave it to :meth:`finalize`.
         """
         lines = self._lines()
-        records = self.records()
+        records = self._latest()
         if order is not None:
             rank = {item_id: i for i, item_id in enumerate(order)}
             records.sort(key=lambda r: rank.get(r["id"], len(rank)))
@@ -461,7 +475,7 @@ class Dataset:
         """
         with self.lock():
             records = self.records()
-            if complete is not None and self.shard_paths() and complete <= {r["id"] for r in records}:
+            if complete is not None and self.shard_paths() and complete <= self.finished_ids():
                 self.compact(order)
                 records = self.records()
             if order is not None:

@@ -67,6 +67,9 @@ class GenerateConfig:
     threshold: float | None = None  # None: the model's own γ (see default_threshold)
     uncertain: float | None = None  # lower edge of the 255 band; None: no band
     image_format: str = "jpg"
+    #: Images a pipeline's own safety checker flags (one passed in that keeps it; load_pipeline loads none):
+    #: "record" writes a manifest line marked flagged and no files, "skip" writes nothing (a re-run retries).
+    flagged: str = "record"
     batch_size: int = 4
     device: str = "cpu"
     dtype: str = "float32"
@@ -95,6 +98,8 @@ class GenerateConfig:
         if not 0 < self.self_attention_keep <= 1:
             raise ConfigError(f"--self-attention-keep must lie in (0, 1] (1 stores the matrix dense), "
                               f"got {self.self_attention_keep}")
+        if self.flagged not in FLAGGED_CHOICES:
+            raise ConfigError(f"flagged must be one of {', '.join(FLAGGED_CHOICES)}, got {self.flagged!r}")
         if self.image_format not in IMAGE_FORMATS:
             raise ConfigError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         if self.dtype not in DTYPES:
@@ -111,6 +116,8 @@ class GenerateConfig:
             values.pop(key)
         return values
 
+
+FLAGGED_CHOICES = ("record", "skip")
 
 #: Options that may differ between the runs that build one dataset.
 RUNTIME_OPTIONS = ("batch_size", "device", "images_per_class", "compose", "out")
@@ -134,6 +141,7 @@ class GeneratedImage:
     mask: np.ndarray  # (H, W) uint8 label indices, in order of ``classes`` starting at 1
     prompt: str
     seed: int
+    flagged: bool = False  # the pipeline's safety checker replaced the image (black) after the maps were made
 
 
 def default_threshold(pipe: Any) -> float:
@@ -216,12 +224,14 @@ def generate_images(
             generator=generators, output_type="np",
         )
     results = []
-    for image, image_maps, names, prompt, seed in zip(output.images, recorder.maps(), classes, prompts, seeds):
+    flags = getattr(output, "nsfw_content_detected", None) or [False] * len(output.images)
+    for image, image_maps, names, prompt, seed, flagged in zip(output.images, recorder.maps(), classes, prompts,
+                                                               seeds, flags):
         if resolutions is not None:
             image_maps.resolutions = tuple(resolutions)
         mask = threshold_masks({i + 1: image_maps[n] for i, n in enumerate(names)}, threshold, uncertain)
         pixels = np.clip(np.rint(np.asarray(image) * 255), 0, 255).astype(np.uint8)
-        results.append(GeneratedImage(pixels, image_maps, mask, prompt, int(seed)))
+        results.append(GeneratedImage(pixels, image_maps, mask, prompt, int(seed), bool(flagged)))
     return results
 
 
@@ -300,6 +310,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         dataset.write_item(item.id, result.image, record, mask=mask, soft_maps=soft)
         bar.update()
 
+    def flag(item: WorkItem, record: dict[str, Any]) -> None:
+        dataset.record_flagged(item.id, record)
+        bar.update()
+
     with bar, BackgroundWriter() as writer:
         for batch in (b for b in batches if any(item.id not in done for item in b)):
             results = generate_images(
@@ -332,7 +346,12 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                     "resolutions": list(result.maps.resolutions),
                     "diffumask": __version__,
                 }
-                writer.submit(write, item, result, record, labels[result.mask])
+                if not result.flagged:
+                    writer.submit(write, item, result, record, labels[result.mask])
+                elif config.flagged == "record":
+                    writer.submit(flag, item, record)
+                else:
+                    bar.update()
     dataset.finalize(order=[item.id for item in items], complete={item.id for item in items})
     return dataset
 

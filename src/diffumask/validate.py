@@ -161,6 +161,8 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
                                                  "re-run it to finish)"))
             continue
         seen.add(entry["id"])
+        if entry.get("flagged"):
+            continue  # flagged by the pipeline's safety checker: a line and no files, by design
         records.append(entry)
         problems.extend(_check_item(dataset, entry, n_classes, soft_maps))
     problems.extend(_check_splits(dataset, records))
