@@ -25,6 +25,16 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def test_each_worker_gets_its_own_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # torchrun on a 4-GPU node
+    assert Worker(5, 8, 1).device("cuda") == "cuda:1" and Worker().device("cuda") == "cuda"
+    assert Worker(5, 8, 1).device("cuda:2") == "cuda:2" and Worker(5, 8, 1).device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task 1: one visible GPU
+    assert Worker(5, 8, 3).device("cuda") == "cuda:0"
+
+
 def test_worker_from_launcher_variables():
     assert current_worker({}) == Worker(0, 1, 0)
     assert current_worker({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == Worker(3, 8, 1)
@@ -32,7 +42,6 @@ def test_worker_from_launcher_variables():
     # torchrun's variables win over Slurm's (torchrun inside an salloc)
     both = {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
     assert current_worker(both) == Worker(1, 2, 1)
-    assert Worker(1, 4, 1).device("cuda") == "cuda:1" and Worker().device("cuda") == "cuda"
     for bad in ({"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "x", "WORLD_SIZE": "2"}):
         with pytest.raises(ConfigError):
             current_worker(bad)
@@ -115,3 +124,13 @@ def test_torchrun_workers_write_the_same_dataset(tmp_path, saved_pipelines):
     one, three = snapshot(tmp_path / "one"), snapshot(tmp_path / "three")
     assert len(Dataset(tmp_path / "three").records()) == 10
     assert one == three
+
+
+def test_refine_workers_share_the_node_between_torchrun_ranks(monkeypatch):
+    from diffumask.workers import available_cores
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert available_cores() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 4))
+    assert available_cores() == 1

@@ -43,8 +43,13 @@ class Worker:
         return [unit for index, unit in enumerate(units) if index % self.world_size == self.rank]
 
     def device(self, device: str) -> str:
-        """``cuda`` means this worker's own GPU (``cuda:LOCAL_RANK``) when the job is sharded."""
-        return f"cuda:{self.local_rank}" if self.sharded and device == "cuda" else device
+        """``cuda`` means this worker's own GPU (``cuda:LOCAL_RANK``) when the job is sharded; where the
+        launcher shows each task only its own GPUs (``srun --gpus-per-task``), the local rank wraps."""
+        if not (self.sharded and device == "cuda"):
+            return device
+        import torch
+
+        return f"cuda:{self.local_rank % max(1, torch.cuda.device_count())}"
 
 
 def current_worker(environ: Mapping[str, str] | None = None) -> Worker:

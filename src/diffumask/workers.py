@@ -22,8 +22,10 @@ T = TypeVar("T")
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its affinity mask: what Slurm or taskset gave it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on (its affinity mask: what Slurm or taskset gave it), shared with
+    the other processes torchrun started on this node (``LOCAL_WORLD_SIZE``), which see the same mask."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def check_workers(workers: int) -> None:

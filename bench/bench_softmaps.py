@@ -1,0 +1,70 @@
+"""What storing only the largest share of each self-attention row costs `propagate`, on the shapes world.
+
+    python bench/bench_softmaps.py [--work DIR] [--keep 1 0.25 0.125 0.0625]
+
+Generates bench_refine's 300 shapes images once with the self-attention stored dense
+(``self_attention_keep=1``), then, for each share kept, sparsifies every matrix as ``generate`` would
+store it (``softmaps.sparsify_rows``: largest entries, 8-bit values) and reads it back as readers do
+(``densify_rows``, rows renormalised), and scores `propagate` (its defaults, with the cleanup) against
+the objects' true pixels, as bench_refine does. Also prints the compressed bytes of each share's file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import numpy as np
+from bench_refine import BENCH_SEED, truths
+
+from diffumask.dataset import IGNORE_INDEX, Dataset
+from diffumask.generate import GenerateConfig, generate_dataset
+from diffumask.masks.cleanup import cleanup_mask
+from diffumask.masks.propagate import propagate_mask
+from diffumask.refine import RefineConfig
+from diffumask.shapes import CLASSES
+from diffumask.softmaps import densify_rows, sparsify_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("bench_refine_work/softmaps"))
+    parser.add_argument("--per-class", type=int, default=50)
+    parser.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.25, 0.125, 0.0625])
+    args = parser.parse_args()
+    config = GenerateConfig(classes=list(CLASSES), out=str(args.work / "dataset"), images_per_class=args.per_class,
+                            seed=BENCH_SEED, batch_size=60, self_attention_keep=1.0)
+    dataset: Dataset = generate_dataset(config, progress=True)
+    truth = truths(dataset)
+    defaults = RefineConfig(method="propagate")
+    records = dataset.records()
+    soft = {r["id"]: dataset.read_soft_maps(r["id"]) for r in records}
+    print(f"propagate on {len(records)} shapes images, self-attention stored dense vs its largest share per row")
+    for keep in args.keep:
+        inter: dict[str, int] = {}
+        union: dict[str, int] = {}
+        stored = 0
+        for record in records:
+            maps = dict(soft[record["id"]])
+            key = next(k for k in maps if k.startswith("__self__@"))
+            if keep < 1:
+                parts = sparsify_rows(maps[key], keep)
+                buffer = io.BytesIO()
+                np.savez_compressed(buffer, **parts)
+                stored += buffer.tell()
+                maps[key] = densify_rows(parts["bits"], parts["values"], parts["scales"])
+            name = record["classes"][0]
+            mask = propagate_mask(maps, {name: 1}, record.get("resolutions"), tuple(record["size"]), defaults.power,
+                                  defaults.propagate_threshold, defaults.propagate_uncertain)
+            mask = cleanup_mask(mask, defaults.min_area, defaults.max_hole)
+            kept, predicted, true = mask != IGNORE_INDEX, mask == 1, truth[record["id"]]
+            inter[name] = inter.get(name, 0) + int((predicted & true & kept).sum())
+            union[name] = union.get(name, 0) + int(((predicted | true) & kept).sum())
+        miou = float(np.mean([inter[c] / union[c] for c in inter]))
+        size = f"{stored / len(records) / 1e3:.1f} kB per matrix" if keep < 1 else "dense"
+        print(f"  keep {keep:.4f}: mIoU {miou:.4f} ({size})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
