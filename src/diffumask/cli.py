@@ -329,6 +329,55 @@ _DATA_HELP = ("a dataset folder: ours (generate / refine / shapes export), or a 
               "cityscapes:PATH, ade20k:PATH (bare paths are detected)")
 
 
+def _add_augment(sub: argparse._SubParsersAction) -> None:
+    from .augment import AugmentConfig
+
+    d = AugmentConfig()
+    p = sub.add_parser(
+        "augment", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="mask-consistent augmentation (the paper's splicing, blur, occlusion, perspective) into a new dataset",
+        description="Write a new dataset of augmented items made from DATASET's images and masks: each item is a k x k "
+                    "mosaic of random items (Φ1 splicing; k=1: one item) at the training size, then, each with its "
+                    "probability, Gaussian-blurred (Φ2), occluded by a rectangle of another item with its labels (Φ3) "
+                    "and perspective-warped with its mask (Φ4; pixels from outside become 255). Every choice is seeded; "
+                    "the manifest names each item's sources and transforms. Re-running resumes. Train on both: "
+                    "diffumask train DATASET AUGMENTED.",
+        epilog="examples:\n"
+               "  diffumask augment data/voc --out data/voc-aug        # all four, the defaults\n"
+               "  diffumask augment data/voc --out data/voc-mosaic --grids 2,3 --blur 0 --occlusion 0 --perspective 0\n",
+    )
+    p.add_argument("dataset", metavar="DATASET", help="a diffumask dataset folder with masks")
+    p.add_argument("--out", required=True, help="the new dataset folder (created, or resumed)")
+    p.add_argument("--grids", type=_ints, default=list(d.grids),
+                   help=f"Φ1: each item is a k x k mosaic, k drawn from these; 1 = a single item "
+                        f"(default: {','.join(map(str, d.grids))})")
+    p.add_argument("--items", type=int, help="items to write (default: as many as DATASET has)")
+    p.add_argument("--size", type=int, help="side of each item in pixels (default: DATASET's image height)")
+    p.add_argument("--blur", type=float, default=d.blur,
+                   help=f"Φ2: probability of a Gaussian blur, σ {d.blur_sigma[0]}-{d.blur_sigma[1]} px "
+                        f"(default: {d.blur})")
+    p.add_argument("--occlusion", type=float, default=d.occlusion,
+                   help=f"Φ3: probability of pasting a rectangle of another item, sides {d.occlusion_side[0]}-"
+                        f"{d.occlusion_side[1]} of the image's (default: {d.occlusion})")
+    p.add_argument("--perspective", type=float, default=d.perspective,
+                   help=f"Φ4: probability of a perspective warp (default: {d.perspective})")
+    p.add_argument("--perspective-shift", type=float, default=d.perspective_shift,
+                   help=f"Φ4: each corner moves by up to this fraction of the side (default: {d.perspective_shift})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every choice (default: {d.seed})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_augment)
+
+
+def _run_augment(args: argparse.Namespace) -> None:
+    from .augment import AugmentConfig, augment_dataset
+
+    config = AugmentConfig(grids=tuple(args.grids), items=args.items, size=args.size, blur=args.blur,
+                           occlusion=args.occlusion, perspective=args.perspective,
+                           perspective_shift=args.perspective_shift, seed=args.seed)
+    dataset = augment_dataset(args.dataset, args.out, config, progress=not args.quiet)
+    print(f"{len(dataset.records())} augmented items in {dataset.root}")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .segment.presets import PRESETS
 
@@ -360,8 +409,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=int, help="square training crop in pixels; images are resized so their short "
                    "side is the crop times a random ratio, and predicted at that size (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
-    p.add_argument("--augment", type=_csv, help="on-the-fly augmentations besides resize and crop: flip, rot90, hue "
-                   "(default: the preset's; 'flip' for r50 and swin-b)")
+    p.add_argument("--augment", type=_csv, help="on-the-fly augmentations besides resize and crop: flip, rot90, hue, "
+                   "and blur and perspective (`diffumask augment`'s Φ2 and Φ4, each with p 0.5; mosaics and occlusion "
+                   "need other items: write them with `diffumask augment`) (default: the preset's; 'flip' for r50 "
+                   "and swin-b)")
     p.add_argument("--weights", type=_floats, help="sampling weight per DATA, e.g. 1,1 for half real, half synthetic "
                    "(default: proportional to their sizes)")
     p.add_argument("--init-from", help="pretrained weights: a folder (or hub id, when online) holding the same "
@@ -578,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 metavar="{generate,refine,train,predict,evaluate,shapes,export,validate,report}")
     _add_generate(sub)
     _add_refine(sub)
+    _add_augment(sub)
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)

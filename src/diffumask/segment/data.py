@@ -17,11 +17,13 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
+from ..augment import AugmentConfig, gaussian_blur, perspective, random_corners
 from ..errors import ConfigError
 from ..formats import LabelledSource, SourceError, match_names
 
 IGNORE_INDEX = 255
-AUGMENTATIONS = ("flip", "rot90", "hue")
+AUGMENTATIONS = ("flip", "rot90", "hue", "blur", "perspective")  # the last two: augment's Φ2 and Φ4, p = 0.5
+AUGMENT_DEFAULTS = AugmentConfig()  # blur σ and perspective shift, as `diffumask augment` draws them
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
@@ -108,6 +110,11 @@ def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
         hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV_FULL)
         hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(rng.integers(256))) % 256
         image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+    if "blur" in augment and rng.random() < 0.5:
+        image = gaussian_blur(np.ascontiguousarray(image), float(rng.uniform(*AUGMENT_DEFAULTS.blur_sigma)))
+    if "perspective" in augment and rng.random() < 0.5:
+        corners = random_corners(labels.shape, AUGMENT_DEFAULTS.perspective_shift, rng)
+        image, labels = perspective(np.ascontiguousarray(image), np.ascontiguousarray(labels), corners)
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 
 

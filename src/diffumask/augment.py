@@ -1,0 +1,191 @@
+"""Mask-consistent augmentation, the paper's Φ1–Φ4: a dataset folder in, a new dataset folder out.
+
+- Φ1 splicing: k×k mosaics of items, each tile resized to its share of the output size (the
+  official code pasted full 512 px images into mosaics of up to 4096 px; here a mosaic has the
+  training size, so its objects are k times smaller, which is the point).
+- Φ2 Gaussian blur: the image only.
+- Φ3 occlusion: a rectangle of another item pasted with its labels, so the mask follows what is
+  visible.
+- Φ4 perspective: each corner moved by up to a fraction of the side; the mask is warped with
+  nearest-neighbour sampling and pixels from outside the image become 255 (ignored).
+
+The paper gives no parameters for Φ2–Φ4; the defaults are ours and in :class:`AugmentConfig`. Warps
+and blurs are kornia's. Every choice for output item *i* comes from a generator seeded by
+(seed, i), so a run writes the same bytes every time, and a killed run resumes where it stopped.
+Each output item's manifest line names its sources and every transform with its parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from kornia.filters import gaussian_blur2d
+from kornia.geometry.transform import get_perspective_transform, warp_perspective
+from tqdm.auto import tqdm
+
+from .dataset import IGNORE_INDEX, Dataset
+from .errors import ConfigError, DiffumaskError
+
+Pair = tuple[np.ndarray, np.ndarray]  # (H, W, 3) uint8 image, (H, W) uint8 labels
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """What ``diffumask augment`` writes (recorded in the new dataset; see ``--help``)."""
+
+    grids: tuple[int, ...] = (2,)  # Φ1: each output is a k×k mosaic, k drawn from these (1: one item)
+    items: int | None = None  # outputs; None: as many as the source has
+    size: int | None = None  # output side in pixels; None: the source's first image's height
+    blur: float = 0.5  # Φ2: probability per output
+    blur_sigma: tuple[float, float] = (0.5, 1.5)  # its σ range in pixels of the output
+    occlusion: float = 0.5  # Φ3: probability per output
+    occlusion_side: tuple[float, float] = (0.15, 0.35)  # the pasted rectangle's sides, fractions of the image's
+    perspective: float = 0.5  # Φ4: probability per output
+    perspective_shift: float = 0.15  # each corner moves by up to this fraction of the side
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.grids or min(self.grids) < 1:
+            raise ConfigError(f"--grids must be whole numbers of at least 1 (1: no mosaic), got {list(self.grids)}")
+        for name, value in (("--blur", self.blur), ("--occlusion", self.occlusion), ("--perspective", self.perspective)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{name} is a probability per item, in [0, 1], got {value}")
+        if not 0 <= self.perspective_shift < 0.5:
+            raise ConfigError(f"--perspective-shift must lie in [0, 0.5), got {self.perspective_shift}")
+        for name, (low, high) in (("blur σ", self.blur_sigma), ("occlusion side", self.occlusion_side)):
+            if not 0 < low <= high:
+                raise ConfigError(f"the {name} range must satisfy 0 < low <= high, got ({low}, {high})")
+        if self.occlusion_side[1] > 1:
+            raise ConfigError("the occlusion side is a fraction of the image's, at most 1")
+        if self.items is not None and self.items < 1 or self.size is not None and self.size < 8:
+            raise ConfigError("--items must be at least 1 and --size at least 8 pixels")
+
+
+def resize_pair(image: np.ndarray, labels: np.ndarray, size: tuple[int, int]) -> Pair:
+    """Image by area averaging (shrinking) or bilinear (growing), labels by nearest neighbour; size (h, w)."""
+    h, w = size
+    shrink = h * w < labels.size
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return image, cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def mosaic(pairs: Sequence[Pair], k: int, size: int) -> Pair:
+    """Φ1: ``k²`` items, row by row, as one ``size``×``size`` item (tile sides differ by a pixel at most)."""
+    if len(pairs) != k * k:
+        raise ValueError(f"a {k}x{k} mosaic needs {k * k} items, got {len(pairs)}")
+    edges = np.linspace(0, size, k + 1).round().astype(int)
+    image = np.zeros((size, size, 3), np.uint8)
+    labels = np.zeros((size, size), np.uint8)
+    for index, (tile_image, tile_labels) in enumerate(pairs):
+        (y0, y1), (x0, x1) = edges[index // k:index // k + 2], edges[index % k:index % k + 2]
+        image[y0:y1, x0:x1], labels[y0:y1, x0:x1] = resize_pair(tile_image, tile_labels, (y1 - y0, x1 - x0))
+    return image, labels
+
+
+def _tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+
+
+def _image(tensor: torch.Tensor) -> np.ndarray:
+    return tensor[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Φ2: the image blurred with a Gaussian of ``sigma`` pixels (kernel ±3σ); labels stay as they are."""
+    side = 2 * math.ceil(3 * sigma) + 1
+    return _image(gaussian_blur2d(_tensor(image), (side, side), (sigma, sigma)))
+
+
+def occlude(image: np.ndarray, labels: np.ndarray, patch: Pair, box: tuple[int, int, int, int]) -> Pair:
+    """Φ3: the (y0, x0, y1, x1) rectangle of ``patch`` (an item at this item's size) pasted over this
+    one, pixels and labels alike."""
+    y0, x0, y1, x1 = box
+    image, labels = image.copy(), labels.copy()
+    image[y0:y1, x0:x1], labels[y0:y1, x0:x1] = patch[0][y0:y1, x0:x1], patch[1][y0:y1, x0:x1]
+    return image, labels
+
+
+def perspective(image: np.ndarray, labels: np.ndarray, corners: np.ndarray) -> Pair:
+    """Φ4: the image's corners (top-left, top-right, bottom-right, bottom-left, as x, y) moved to
+    ``corners``; labels warped by nearest neighbour, 255 where a pixel comes from outside the image."""
+    h, w = labels.shape
+    source = torch.tensor([[[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]], dtype=torch.float32)
+    matrix = get_perspective_transform(source, torch.as_tensor(corners, dtype=torch.float32)[None])
+    warped = _image(warp_perspective(_tensor(image), matrix, (h, w), mode="bilinear", padding_mode="zeros"))
+    # Labels shifted by one so that the zero padding marks the outside: 0 → 255, v → v - 1.
+    shifted = torch.from_numpy(labels.astype(np.float32) + 1)[None, None]
+    moved = warp_perspective(shifted, matrix, (h, w), mode="nearest", padding_mode="zeros")[0, 0].round().to(torch.int64)
+    out = np.where(moved.numpy() == 0, IGNORE_INDEX, moved.numpy() - 1).astype(np.uint8)
+    return warped, out
+
+
+def random_corners(size: tuple[int, int], shift: float, rng: np.random.Generator) -> np.ndarray:
+    """Φ4's target corners: each of the (h, w) image's corners moved by up to ``shift`` of its side."""
+    h, w = size
+    corners = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], np.float64)
+    return corners + rng.uniform(-1, 1, size=(4, 2)) * shift * np.array([w - 1, h - 1])
+
+
+def augment_item(index: int, ids: Sequence[str], read: Callable[[str], Pair], config: AugmentConfig,
+                 size: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Output item ``index``: its image, mask and what made it (sources, transforms, parameters)."""
+    rng = np.random.default_rng([config.seed, index])
+    k = int(rng.choice(config.grids))
+    sources = [ids[int(i)] for i in rng.integers(len(ids), size=k * k)]
+    image, labels = mosaic([read(i) for i in sources], k, size)
+    transforms: list[dict[str, Any]] = []
+    if rng.random() < config.blur:
+        sigma = float(rng.uniform(*config.blur_sigma))
+        image = gaussian_blur(image, sigma)
+        transforms.append({"name": "blur", "sigma": round(sigma, 4)})
+    if rng.random() < config.occlusion:
+        other = ids[int(rng.integers(len(ids)))]
+        bh, bw = (max(1, int(round(size * rng.uniform(*config.occlusion_side)))) for _ in range(2))
+        y0, x0 = int(rng.integers(size - bh + 1)), int(rng.integers(size - bw + 1))
+        image, labels = occlude(image, labels, resize_pair(*read(other), (size, size)), (y0, x0, y0 + bh, x0 + bw))
+        transforms.append({"name": "occlusion", "source": other, "box": [y0, x0, y0 + bh, x0 + bw]})
+    if rng.random() < config.perspective:
+        corners = random_corners((size, size), config.perspective_shift, rng)
+        image, labels = perspective(image, labels, corners)
+        transforms.append({"name": "perspective", "corners": np.round(corners, 2).tolist()})
+    return image, labels, {"sources": sources, "grid": k, "transforms": transforms}
+
+
+def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, progress: bool = True) -> Dataset:
+    """Run ``augment`` (see the module docstring): finished items are skipped on a re-run."""
+    dataset = Dataset(source)
+    records = dataset.records()
+    if not records:
+        raise DiffumaskError(f"{dataset.root} holds no finished items to augment")
+    if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
+        raise DiffumaskError(f"{dataset.root} has no mask for {len(missing)} item(s) (e.g. {missing[0]}); augment "
+                             "needs a dataset with masks (SegmentationClass)")
+    ids = [r["id"] for r in records]
+    size = config.size or dataset.read_image(ids[0]).shape[0]
+    config = dataclasses.replace(config, size=size, items=config.items or len(ids))
+    settings = {"augment": dataclasses.asdict(config), "source": str(dataset.root.resolve())}
+    target = Dataset.create(out, dataset.classes, settings, image_format=dataset.image_format)
+    done = target.finished_ids()
+
+    def read(item_id: str) -> Pair:
+        return dataset.read_image(item_id), dataset.read_mask(item_id)
+
+    todo = [i for i in range(config.items) if f"aug_{i:06d}" not in done]
+    for index in tqdm(todo, desc="augment", unit="img", disable=not progress, dynamic_ncols=True):
+        image, labels, made = augment_item(index, ids, read, config, size)
+        present = [target.classes[v - 1] for v in np.unique(labels) if 0 < v <= len(target.classes)]
+        target.write_item(f"aug_{index:06d}", image, {"classes": present, "seed": config.seed, **made}, mask=labels)
+    target.finalize(order=[f"aug_{i:06d}" for i in range(config.items)])
+    return target
+
+
+__all__ = ["AugmentConfig", "augment_dataset", "augment_item", "gaussian_blur", "mosaic", "occlude", "perspective",
+           "random_corners", "resize_pair"]
