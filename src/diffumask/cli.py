@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import DiffumaskError
 from .models import SCHEDULERS
@@ -378,9 +379,87 @@ def _run_augment(args: argparse.Namespace) -> None:
     print(f"{len(dataset.records())} augmented items in {dataset.root}")
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """The options of how a segmenter trains: train's, and filter's for its cross-validation models."""
     from .segment.presets import PRESETS
 
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="architecture and schedule (default: tiny)")
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="images per step over all processes (default: the preset's)")
+    p.add_argument("--crop", type=int, help="square training crop in pixels; images are resized so their short "
+                   "side is the crop times a random ratio, and predicted at that size (default: the preset's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    p.add_argument("--augment", type=_csv, help="on-the-fly augmentations besides resize and crop: flip, rot90, hue, "
+                   "and blur and perspective (`diffumask augment`'s Φ2 and Φ4, each with p 0.5; mosaics and occlusion "
+                   "need other items: write them with `diffumask augment`) (default: the preset's; 'flip' for r50 "
+                   "and swin-b)")
+    p.add_argument("--init-from", help="pretrained weights: a folder (or hub id, when online) holding the same "
+                   "segmenter or its backbone (Swin, ResNet, SegFormer MiT)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation (default: 0)")
+    p.add_argument("--device", help="cpu, cuda or mps (default: cuda if available)")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                   help="(default: bf16 on a GPU that supports it, else off)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes per training process (default: 2)")
+
+
+def _training_config(args: argparse.Namespace, data: list[str], out: str, split: str = "train",
+                     weights: list[float] | None = None) -> Any:
+    from .segment.train import TrainConfig
+
+    return TrainConfig(
+        data=data, out=out, preset=args.preset, split=split, steps=args.steps, batch_size=args.batch_size,
+        crop=args.crop, lr=args.lr, augment=args.augment, save_every=args.save_every, weights=weights,
+        init_from=args.init_from, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
+        workers=args.workers,
+    )
+
+
+def _add_filter(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "filter", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="noise learning: drop the items a cross-validated segmenter disagrees with most",
+        description="Split DATASET's items into --folds folds (stratified by class), train a segmenter on all folds but "
+                    "one with train's code and options, and predict the held-out fold, so every item gets a prediction "
+                    "from a model that never saw it. Score each item by the IoU of that prediction with its mask over "
+                    "its own classes, rank items within their class, drop the worst --prune share of each, and write "
+                    "the kept ids to ImageSets/Segmentation/<--name>.txt: train on them with "
+                    "`diffumask train DATASET --split filtered`. Scores and folds are recorded in the manifest, so "
+                    "another --prune is a re-cut (--recut) without training. Work lives in DATASET/noise/; a killed "
+                    "run resumes and keeps finished folds.",
+        epilog="examples:\n"
+               "  diffumask filter data/voc --folds 3 --prune 0.7 --preset r50 --init-from ./resnet-50 --device cuda\n"
+               "  diffumask filter data/voc --prune 0.5 --recut                 # another cut, no training\n",
+    )
+    p.add_argument("dataset", metavar="DATASET", help="a diffumask dataset folder with masks")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds, at least 2 (default: 3)")
+    p.add_argument("--prune", type=float, default=0.7, help="share of each class to drop, in [0, 1) (default: 0.7, "
+                   "the paper's best)")
+    p.add_argument("--name", default="filtered", help="the split the kept ids are written to (default: filtered)")
+    p.add_argument("--recut", action="store_true", help="re-rank the recorded scores at this --prune; no training")
+    p.add_argument("--min-area", type=float, default=0.0,
+                   help="drop items whose class covers less than this share of the image (default: 0)")
+    p.add_argument("--max-area", type=float, default=1.0,
+                   help="drop items whose class covers more than this share of the image (default: 1)")
+    _add_training_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_filter)
+
+
+def _run_filter(args: argparse.Namespace) -> None:
+    from .noise import FilterConfig, filter_dataset
+
+    _quiet_transformers()
+    config = FilterConfig(dataset=args.dataset, training=_training_config(args, [args.dataset], ""), folds=args.folds,
+                          prune=args.prune, name=args.name, min_area=args.min_area, max_area=args.max_area,
+                          seed=args.seed)
+    result = filter_dataset(config, progress=not args.quiet, recut=args.recut)
+    by_area = sum(why == "area" for why in result.pruned.values())
+    print(f"kept {len(result.kept)} of {len(result.kept) + len(result.pruned)} items ({len(result.pruned) - by_area} "
+          f"pruned by score, {by_area} by area) in {result.split_path}")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train a semantic segmenter on one or more dataset folders (real, synthetic or both)",
@@ -402,42 +481,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("data", nargs="+", metavar="DATA", help=_DATA_HELP)
     p.add_argument("--out", required=True, help="run folder to create or resume")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="architecture and schedule (default: tiny)")
     p.add_argument("--split", default="train", help="ImageSets/Segmentation/<split>.txt of every DATA (default: train)")
-    p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
-    p.add_argument("--batch-size", type=int, help="images per step over all processes (default: the preset's)")
-    p.add_argument("--crop", type=int, help="square training crop in pixels; images are resized so their short "
-                   "side is the crop times a random ratio, and predicted at that size (default: the preset's)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
-    p.add_argument("--augment", type=_csv, help="on-the-fly augmentations besides resize and crop: flip, rot90, hue, "
-                   "and blur and perspective (`diffumask augment`'s Φ2 and Φ4, each with p 0.5; mosaics and occlusion "
-                   "need other items: write them with `diffumask augment`) (default: the preset's; 'flip' for r50 "
-                   "and swin-b)")
     p.add_argument("--weights", type=_floats, help="sampling weight per DATA, e.g. 1,1 for half real, half synthetic "
                    "(default: proportional to their sizes)")
-    p.add_argument("--init-from", help="pretrained weights: a folder (or hub id, when online) holding the same "
-                   "segmenter or its backbone (Swin, ResNet, SegFormer MiT)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation (default: 0)")
-    p.add_argument("--device", help="cpu, cuda or mps (default: cuda if available)")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
-                   help="(default: bf16 on a GPU that supports it, else off)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes per training process (default: 2)")
+    _add_training_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from .segment.train import TrainConfig, train, train_summary
+    from .segment.train import train, train_summary
 
     _quiet_transformers()
-    config = TrainConfig(
-        data=args.data, out=args.out, preset=args.preset, split=args.split, steps=args.steps,
-        batch_size=args.batch_size, crop=args.crop, lr=args.lr, augment=args.augment, save_every=args.save_every,
-        weights=args.weights, init_from=args.init_from, seed=args.seed, device=args.device,
-        mixed_precision=args.mixed_precision, workers=args.workers,
-    )
-    run = train(config, progress=not args.quiet)
+    run = train(_training_config(args, args.data, args.out, args.split, args.weights), progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun / accelerate every process trains; one reports
     summary = train_summary(run)
@@ -631,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refine(sub)
     _add_augment(sub)
     _add_train(sub)
+    _add_filter(sub)
     _add_predict(sub)
     _add_evaluate(sub)
     _add_shapes(sub)

@@ -176,12 +176,20 @@ def _check_splits(dataset: Dataset, records: list[dict]) -> Iterator[Problem]:
         by_split.setdefault(record.get("split", "train"), []).append(record["id"])
     folder = dataset.root / "ImageSets" / "Segmentation"
     listed = {p.stem: p for p in folder.glob("*.txt")} if folder.is_dir() else {}
+    every = {i for ids in by_split.values() for i in ids}
     for split in sorted(set(by_split) | set(listed)):
         where = f"ImageSets/Segmentation/{split}.txt"
         if split not in listed:
             yield Problem(where, f"missing, but the manifest has {len(by_split[split])} {split} items")
             continue
         ids = listed[split].read_text().split()
+        if split not in by_split:  # a selection (filter's "filtered", its fold lists): any manifest items
+            if unknown := [i for i in ids if i not in every]:
+                yield Problem(where, f"lists {len(unknown)} items the manifest does not hold: "
+                              f"{', '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''}")
+            if len(ids) != len(set(ids)):
+                yield Problem(where, "lists an item more than once")
+            continue
         wanted = set(by_split.get(split, []))
         if extra := [i for i in ids if i not in wanted]:
             yield Problem(where, f"lists {len(extra)} items the manifest has not in split {split!r}: "

@@ -1,0 +1,200 @@
+"""``diffumask filter``: noise learning, the paper's cross-validated pruning of bad synthetic items.
+
+The items are split into K folds (stratified by each item's class, seeded). For each fold a
+segmenter is trained on the other K−1 folds with ``diffumask train``'s own code and predicts the
+held-out fold, so every item gets a prediction from a model that never saw it. An item's score is
+the IoU between that prediction and its mask over the item's own classes (255 ignored). Items are
+ranked within their class, so a hard class is not wiped out, and the worst ``prune`` share of each
+class is dropped; the kept ids go to ``ImageSets/Segmentation/<name>.txt``, so that ``diffumask
+train DATASET --split <name>`` trains on them. Each item's score and fold are recorded in the
+manifest (under ``noise``): another share is a re-cut (``recut=True``) without any training.
+
+Work lives in ``DATASET/noise/``: a run folder per fold and its scores, written when the fold is
+finished, so a killed filter resumes and keeps finished folds. The paper's per-class area sanity
+filters are options: an item whose class covers less than ``min_area`` or more than ``max_area`` of
+its image is dropped before the ranking. (The official code's noise learning is selection only,
+without folds; this is the paper's description.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dataset import IGNORE_INDEX, Dataset, write_text_atomic
+from .errors import ConfigError, DiffumaskError
+from .formats import open_source
+from .segment.data import label_lut
+from .segment.predict import iter_predictions
+from .segment.train import TrainConfig, train
+
+SPLIT_PREFIX = "noise-train-"  # ImageSets/Segmentation/noise-train-<k>.txt: fold k's training items
+
+
+@dataclass
+class FilterConfig:
+    """What ``diffumask filter`` does; ``training`` holds ``diffumask train``'s options for the fold models."""
+
+    dataset: str
+    training: TrainConfig
+    folds: int = 3
+    prune: float = 0.7  # the paper's best α
+    name: str = "filtered"
+    min_area: float = 0.0
+    max_area: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ConfigError(f"--folds must be at least 2 (each item needs a model that did not see it), got {self.folds}")
+        if not 0 <= self.prune < 1:
+            raise ConfigError(f"--prune is the share of each class to drop, in [0, 1), got {self.prune}")
+        if not 0 <= self.min_area <= self.max_area <= 1:
+            raise ConfigError(f"the area filter needs 0 <= --min-area <= --max-area <= 1, got "
+                              f"{self.min_area} and {self.max_area}")
+        if not self.name or "/" in self.name or self.name.startswith((".", SPLIT_PREFIX)):
+            raise ConfigError(f"--name {self.name!r} must be a plain split name")
+
+
+@dataclass
+class FilterResult:
+    kept: list[str]
+    pruned: dict[str, str]  # id → why: "score" or "area"
+    split_path: Path
+    trained_folds: int  # folds trained by this call (0 for a re-cut or when every fold was finished)
+
+
+def primary_class(record: Mapping[str, Any]) -> str:
+    """The class an item was drawn for: its first (composed items list the others after it)."""
+    return record["classes"][0]
+
+
+def assign_folds(records: Sequence[Mapping[str, Any]], folds: int, seed: int) -> dict[str, int]:
+    """Item id → fold: within each class, items in a seeded order dealt round-robin, so every fold holds
+    about 1/K of every class, the folds are disjoint and they cover every item."""
+    by_class: dict[str, list[str]] = {}
+    for record in records:
+        by_class.setdefault(primary_class(record), []).append(record["id"])
+    assignment = {}
+    for name in sorted(by_class):
+        ids = sorted(by_class[name])
+        order = np.random.default_rng([seed, len(name), *name.encode()]).permutation(len(ids))
+        for position, index in enumerate(order):
+            assignment[ids[int(index)]] = position % folds
+    return assignment
+
+
+def item_score(prediction: np.ndarray, mask: np.ndarray, labels: Sequence[int]) -> float:
+    """Mean IoU of prediction and mask over the item's own class labels; 255 in the mask is left out."""
+    valid = mask != IGNORE_INDEX
+    ious = []
+    for label in labels:
+        predicted, truth = (prediction == label) & valid, (mask == label) & valid
+        union = int((predicted | truth).sum())
+        if union:
+            ious.append(int((predicted & truth).sum()) / union)
+    return float(np.mean(ious)) if ious else 0.0
+
+
+def _work(dataset: Dataset) -> Path:
+    return dataset.root / "noise"
+
+
+def _settings(config: FilterConfig, assignment: Mapping[str, int]) -> dict[str, Any]:
+    preset = config.training.resolved_preset()
+    return json.loads(json.dumps({"folds": config.folds, "seed": config.seed, "train": config.training.settings(preset)
+                                  | {"data": None, "split": None}, "assignment": dict(sorted(assignment.items()))}))
+
+
+def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> int:
+    """Train and score every unfinished fold; returns how many were trained."""
+    records = dataset.records()
+    by_id = {r["id"]: r for r in records}
+    assignment = assign_folds(records, config.folds, config.seed)
+    work = _work(dataset)
+    work.mkdir(exist_ok=True)
+    settings = _settings(config, assignment)
+    settings_path = work / "settings.json"
+    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+        raise DiffumaskError(f"{work} holds folds trained with other settings or items; re-run with the same "
+                             "options to resume, or delete that folder to start again")
+    write_text_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
+    trained = 0
+    for fold in range(config.folds):
+        scores_path = work / f"fold-{fold}" / "scores.json"
+        if scores_path.is_file():
+            continue  # finished by an earlier run
+        held_out = [r["id"] for r in records if assignment[r["id"]] == fold]
+        training = [r["id"] for r in records if assignment[r["id"]] != fold]
+        write_text_atomic(dataset.root / "ImageSets" / "Segmentation" / f"{SPLIT_PREFIX}{fold}.txt",
+                          "".join(f"{i}\n" for i in training))
+        run_config = dataclasses.replace(config.training, data=[str(dataset.root)], out=str(work / f"fold-{fold}" / "run"),
+                                         split=f"{SPLIT_PREFIX}{fold}", weights=None)
+        run = train(run_config, progress=progress)
+        source = open_source(str(dataset.root))
+        lut = label_lut(source, run.classes)
+        scores = {}
+        for item_id, prediction, truth in iter_predictions(run, source, split="", device=config.training.device,
+                                                           progress=progress, ids=held_out):
+            labels = [run.classes.index(name) for name in by_id[item_id]["classes"] if name in run.classes]
+            scores[item_id] = round(item_score(prediction, lut[truth], labels), 6)
+        write_text_atomic(scores_path, json.dumps({"fold": fold, "scores": scores}, indent=1) + "\n")
+        trained += 1
+    updates = {}
+    for fold in range(config.folds):
+        for item_id, score in json.loads((work / f"fold-{fold}" / "scores.json").read_text())["scores"].items():
+            updates[item_id] = {"noise": {"fold": fold, "score": score}}
+    dataset.update_records(updates)
+    return trained
+
+
+def _area(dataset: Dataset, record: Mapping[str, Any]) -> float:
+    """The share of the image its class covers (255 counted as not the class)."""
+    mask = dataset.read_mask(record["id"])
+    return float((mask == dataset.class_index(primary_class(record))).mean())
+
+
+def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = False) -> FilterResult:
+    """Run ``filter`` (see the module docstring); ``recut`` re-ranks the recorded scores without training."""
+    dataset = Dataset(config.dataset)
+    records = dataset.records()
+    if len(records) < config.folds:
+        raise DiffumaskError(f"{dataset.root} holds {len(records)} items, fewer than --folds {config.folds}")
+    if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
+        raise DiffumaskError(f"{dataset.root} has no mask for {len(missing)} item(s) (e.g. {missing[0]}); filter "
+                             "needs a dataset with masks (SegmentationClass)")
+    trained = 0
+    if recut:
+        if unscored := [r["id"] for r in records if "score" not in (r.get("noise") or {})]:
+            raise DiffumaskError(f"{len(unscored)} item(s) have no recorded score (e.g. {unscored[0]}); run filter "
+                                 "without --recut first")
+    else:
+        trained = _train_folds(dataset, config, progress)
+        records = dataset.records()
+    pruned: dict[str, str] = {}
+    by_class: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        if config.min_area > 0 or config.max_area < 1:
+            area = _area(dataset, record)
+            if not config.min_area <= area <= config.max_area:
+                pruned[record["id"]] = "area"
+                continue
+        by_class.setdefault(primary_class(record), []).append(record)
+    for members in by_class.values():
+        ranked = sorted(members, key=lambda r: (r["noise"]["score"], r["id"]))
+        for record in ranked[:math.floor(config.prune * len(ranked))]:
+            pruned[record["id"]] = "score"
+    kept = [r["id"] for r in records if r["id"] not in pruned]
+    split_path = dataset.root / "ImageSets" / "Segmentation" / f"{config.name}.txt"
+    write_text_atomic(split_path, "".join(f"{i}\n" for i in kept))
+    return FilterResult(kept, pruned, split_path, trained)
+
+
+__all__ = ["FilterConfig", "FilterResult", "assign_folds", "filter_dataset", "item_score"]

@@ -1,0 +1,117 @@
+"""Noise learning: folds, held-out predictions, scores against torchmetrics, per-class pruning, a re-cut
+without training, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from dataset_factory import make_dataset
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from diffumask import noise
+from diffumask.cli import main
+from diffumask.dataset import Dataset
+from diffumask.errors import ConfigError, DiffumaskError
+from diffumask.noise import FilterConfig, assign_folds, filter_dataset, item_score
+from diffumask.segment.run import RunFolder
+from diffumask.segment.train import TrainConfig
+from diffumask.validate import validate_dataset
+
+FAST = dict(steps=3, batch_size=4, crop=32, workers=0, device="cpu")
+
+
+def records(n: int, classes=("a", "b", "c")) -> list[dict]:
+    return [{"id": f"{classes[k % len(classes)]}_{k:04d}", "classes": [classes[k % len(classes)]]} for k in range(n)]
+
+
+def test_folds_are_disjoint_cover_every_item_and_hold_every_class():
+    items = records(31)
+    folds = assign_folds(items, 3, seed=0)
+    assert set(folds) == {r["id"] for r in items} and set(folds.values()) == {0, 1, 2}
+    for name in "abc":
+        counts = np.bincount([folds[r["id"]] for r in items if r["classes"][0] == name], minlength=3)
+        assert counts.max() - counts.min() <= 1  # stratified
+    assert assign_folds(items, 3, seed=0) == folds and assign_folds(items, 3, seed=1) != folds
+
+
+def test_item_score_is_torchmetrics_iou_over_the_items_classes():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = rng.integers(0, 4, (24, 24)).astype(np.uint8)
+        mask[rng.random((24, 24)) < 0.1] = 255
+        prediction = np.where(rng.random((24, 24)) < 0.7, mask, rng.integers(0, 4, (24, 24))).astype(np.uint8)
+        prediction[prediction == 255] = 0
+        labels = sorted(rng.choice([1, 2, 3], size=int(rng.integers(1, 4)), replace=False).tolist())
+        metric = MulticlassJaccardIndex(num_classes=4, average=None, ignore_index=255)
+        per_class = metric(torch.from_numpy(prediction).long(), torch.from_numpy(mask).long()).numpy()
+        present = [c for c in labels if ((prediction == c) | (mask == c))[mask != 255].any()]
+        assert item_score(prediction, mask, labels) == pytest.approx(np.mean(per_class[present]), abs=1e-6)
+
+
+def config(root, **changes) -> FilterConfig:
+    values = dict(dataset=str(root), training=TrainConfig(data=[], out="", **FAST), folds=3, prune=0.5)
+    return FilterConfig(**{**values, **changes})
+
+
+def test_filter_cross_validates_prunes_per_class_and_recuts_without_training(tmp_path, monkeypatch):
+    dataset = make_dataset(tmp_path / "data", n=15, size=32, soft_maps=False)
+    result = filter_dataset(config(dataset.root), progress=False)
+    assert result.trained_folds == 3
+    items = Dataset(dataset.root).records()
+    for record in items:  # every prediction came from the fold model that did not train on the item
+        fold = record["noise"]["fold"]
+        run = RunFolder(dataset.root / "noise" / f"fold-{fold}" / "run")
+        trained_on = dataset.root / "ImageSets" / "Segmentation" / f"{run.settings['split']}.txt"
+        assert record["id"] not in trained_on.read_text().split()
+        assert 0 <= record["noise"]["score"] <= 1
+    by_class: dict[str, list[dict]] = {}
+    for record in items:
+        by_class.setdefault(record["classes"][0], []).append(record)
+    kept = set(result.kept)
+    assert kept == set(dataset.root.joinpath("ImageSets/Segmentation/filtered.txt").read_text().split())
+    for members in by_class.values():  # the worst half of each class is gone, the rest stays
+        ranked = sorted(members, key=lambda r: (r["noise"]["score"], r["id"]))
+        cut = len(ranked) // 2
+        assert {r["id"] for r in ranked[:cut]}.isdisjoint(kept) and {r["id"] for r in ranked[cut:]} <= kept
+    assert validate_dataset(dataset.root)[0] == []
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a re-cut trained")
+
+    monkeypatch.setattr(noise, "train", no_training)
+    recut = filter_dataset(config(dataset.root, prune=0.0, name="all"), progress=False, recut=True)
+    assert sorted(recut.kept) == sorted(r["id"] for r in items) and recut.trained_folds == 0
+    assert filter_dataset(config(dataset.root), progress=False).kept == result.kept  # finished folds: no training
+
+
+def test_a_killed_filter_keeps_its_finished_folds(tmp_path):
+    dataset = make_dataset(tmp_path / "data", n=9, size=32, soft_maps=False)
+    first = filter_dataset(config(dataset.root), progress=False)
+    scores = json.loads((dataset.root / "noise" / "fold-1" / "scores.json").read_text())
+    (dataset.root / "noise" / "fold-1" / "scores.json").unlink()  # as if killed before fold 1 was scored
+    shutil.rmtree(dataset.root / "noise" / "fold-1" / "run" / "model", ignore_errors=True)
+    again = filter_dataset(config(dataset.root), progress=False)
+    assert again.trained_folds == 1 and again.kept == first.kept
+    assert json.loads((dataset.root / "noise" / "fold-1" / "scores.json").read_text()) == scores
+
+
+def test_bad_input_is_one_sentence(tmp_path, capsys):
+    for bad in (dict(prune=1.0), dict(prune=-0.1), dict(folds=1), dict(min_area=0.5, max_area=0.2)):
+        with pytest.raises(ConfigError):
+            config(tmp_path, **bad)
+    dataset = make_dataset(tmp_path / "data", n=4, size=32, soft_maps=False)
+    with pytest.raises(DiffumaskError, match="without --recut first"):
+        filter_dataset(config(dataset.root), progress=False, recut=True)
+    with pytest.raises(DiffumaskError, match="fewer than --folds"):
+        filter_dataset(config(dataset.root, folds=5), progress=False)
+    for path in (dataset.root / "SegmentationClass").glob("*.png"):
+        path.unlink()
+    with pytest.raises(DiffumaskError, match="needs a dataset with masks"):
+        filter_dataset(config(dataset.root), progress=False)
+    assert main(["filter", str(dataset.root), "--prune", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--prune" in err[0]
