@@ -1,0 +1,127 @@
+"""The paper's Table 4 (c) and (d) in miniature: noise learning and augmentation on the shapes world.
+
+    python bench/bench_noise.py [--work DIR] [--n 600] [--steps 2500] [--fold-steps 2500] [--rows catch,alpha,augment]
+
+Data is bench_downstream's (the same --work layout and seeds): N synthetic images refined with
+``propagate --crf`` (row c of Table 1), scored on the world's real test split.
+
+  catch    ``diffumask filter`` (3 folds, the tiny preset, --fold-steps) on the N images; then, for each
+           α, the share of wrong-shape images it prunes against the share of right-shape ones (the
+           shape classifier judges each image's object, read back by chroma), and the same for items
+           whose mask disagrees with the object's true pixels (IoU < 0.5) against those that agree
+  alpha    the synthetic-only segmenter trained on what each α keeps (α = 0 is Table 1's row c)
+  augment  on the best α's items plus their augmented copies (``diffumask augment``, as many items):
+           Φ1, Φ1+Φ2, Φ1+Φ2+Φ3, all four
+
+Every run folder and dataset is kept in --work, so a killed benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from bench_downstream import prepare, run_row, subset
+
+from diffumask.augment import AugmentConfig, augment_dataset
+from diffumask.dataset import Dataset
+from diffumask.noise import FilterConfig, filter_dataset
+from diffumask.segment import TrainConfig
+from diffumask.shapes import CLASSES
+from diffumask.shapes.classifier import clean, foreground, is_present, load_classifier
+
+ALPHAS = (0.3, 0.5, 0.7)
+AUGMENT_ROWS = {  # (grids, blur, occlusion, perspective)
+    "Φ1": ((2,), 0.0, 0.0, 0.0),
+    "Φ1+Φ2": ((2,), 0.5, 0.0, 0.0),
+    "Φ1+Φ2+Φ3": ((2,), 0.5, 0.5, 0.0),
+    "Φ1+Φ2+Φ3+Φ4": ((2,), 0.5, 0.5, 0.5),
+}
+
+
+def judged(dataset: Dataset) -> dict[str, tuple[bool, float]]:
+    """Per item: (the object has its class's shape, IoU of the class mask with the object's pixels)."""
+    classifier = load_classifier()
+    out = {}
+    for record in dataset.records():
+        truth = clean(foreground(dataset.read_image(record["id"])))
+        name = record["classes"][0]
+        right = is_present(truth) and classifier.predict([truth])[0] == name
+        labelled = dataset.read_mask(record["id"]) == dataset.class_index(name)
+        union = (labelled | truth).sum()
+        out[record["id"]] = (bool(right), float((labelled & truth).sum() / union) if union else 0.0)
+    return out
+
+
+def share(pruned: set[str], ids: list[str]) -> str:
+    return f"{100 * len(pruned & set(ids)) / len(ids):5.1f} % of {len(ids):3d}" if ids else "    - of   0"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("bench_downstream_work"))
+    parser.add_argument("--n", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=2500, help="training steps of every table row")
+    parser.add_argument("--fold-steps", type=int, default=2500, help="training steps of each fold model")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rows", default="catch,alpha,augment")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    wanted = set(args.rows.split(","))
+    paths = prepare(args.work, args.n, [args.n])
+    refined = Dataset(paths[f"refined-{args.n}"])
+    training = TrainConfig(data=[], out="", preset=args.preset, steps=args.fold_steps, seed=args.seed,
+                           workers=args.workers)
+    config = FilterConfig(dataset=str(refined.root), training=training, folds=args.folds, prune=0.0, name="filtered-0")
+    filter_dataset(config, progress=not args.quiet)
+    kept = {}
+    for alpha in ALPHAS:
+        result = filter_dataset(dataclasses.replace(config, prune=alpha, name=f"filtered-{alpha}"),
+                                progress=False, recut=True)
+        kept[alpha] = result.kept
+    if "catch" in wanted:
+        judge = judged(refined)
+        wrong = [i for i, (right, _) in judge.items() if not right]
+        right = [i for i, (r, _) in judge.items() if r]
+        bad = [i for i, (_, iou) in judge.items() if iou < 0.5]
+        good = [i for i, (_, iou) in judge.items() if iou >= 0.5]
+        print(f"\nnoise learning on {len(judge)} refined images ({args.folds} folds, {args.fold_steps} steps each)")
+        print(f"{'α':>4}  {'wrong shape pruned':>22}  {'right shape pruned':>22}  {'ratio':>5}  "
+              f"{'mask IoU < 0.5 pruned':>22}  {'IoU ≥ 0.5 pruned':>22}")
+        for alpha in ALPHAS:
+            pruned = set(judge) - set(kept[alpha])
+            rates = [len(pruned & set(group)) / max(1, len(group)) for group in (wrong, right)]
+            print(f"{alpha:4.1f}  {share(pruned, wrong):>22}  {share(pruned, right):>22}  "
+                  f"{rates[0] / max(rates[1], 1e-9):5.2f}  {share(pruned, bad):>22}  {share(pruned, good):>22}", flush=True)
+    rows = []
+    if "alpha" in wanted:
+        rows.append(run_row("c-refined", [refined.root], args.work, args, paths["test"], label="α 0 (row c)"))
+        for alpha in ALPHAS:
+            kept_set = subset(refined, args.work / f"filtered-{args.n}-{alpha}", kept[alpha])
+            rows.append(run_row(f"noise-{alpha}", [kept_set], args.work, args, paths["test"], label=f"α {alpha}"))
+    if "augment" in wanted:
+        best = max((r for r in rows if r["row"].startswith("α")), key=lambda r: r["miou_shapes"], default=None)
+        alpha = float(best["row"].split()[1]) if best else 0.7
+        base = args.work / f"filtered-{args.n}-{alpha}" if alpha else refined.root
+        base = subset(refined, base, kept[alpha]) if alpha else base
+        for name, (grids, blur, occlusion, persp) in AUGMENT_ROWS.items():
+            out = args.work / f"augmented-{args.n}-{alpha}-{name}"
+            augment_dataset(base, out, AugmentConfig(grids=grids, blur=blur, occlusion=occlusion, perspective=persp,
+                                                     seed=args.seed), progress=not args.quiet)
+            rows.append(run_row(f"aug-{alpha}-{name}", [base, out], args.work, args, paths["test"],
+                                label=f"α {alpha} + {name}"))
+    if rows:
+        print(f"\n{'row':<24}" + "".join(f"{c:>9}" for c in CLASSES) + f"{'mIoU':>8}{'min':>6}")
+        for r in rows:
+            print(f"{r['row']:<24}" + "".join(f"{100 * r['iou'][c]:9.1f}" for c in CLASSES)
+                  + f"{100 * r['miou_shapes']:8.1f}{r['minutes']:6.1f}")
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
