@@ -123,6 +123,11 @@ def propagated(config: RefineConfig, loaded: Loaded, walked: np.ndarray) -> Outc
     return _final(config, loaded.image, mask, loaded.labels), {}
 
 
+def walked_and_propagated(config: RefineConfig, loaded: Loaded, _: Any) -> Outcome:
+    """propagate on a CPU: the walk too in the worker, so the parent only commits (it is the bottleneck)."""
+    return propagated(config, loaded, self_attention_walk(loaded.cross, loaded.matrix, config.power, "cpu"))
+
+
 def affinity_masked(config: RefineConfig, stride: int, loaded: Loaded, walked: np.ndarray) -> Outcome:
     mask = walked_mask(walked, loaded.labels, stride, loaded.size, config.affinity)
     return _final(config, loaded.image, mask, loaded.labels), {}
@@ -186,6 +191,8 @@ def item_steps(config: RefineConfig, net: AffinityNet | None, gammas: Mapping[in
     prepare = functools.partial(load, config)
     if config.method in ("threshold", "otsu"):
         return Steps(functools.partial(thresholded, config))
+    if config.method == "propagate" and device.type == "cpu":
+        return Steps(prepare, None, functools.partial(walked_and_propagated, config))
     if config.method == "propagate":
         return Steps(prepare, functools.partial(_propagate, config, device), functools.partial(propagated, config))
     if gammas is not None:
