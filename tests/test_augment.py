@@ -95,7 +95,7 @@ def test_augment_dataset_is_deterministic_resumable_and_aligned(tmp_path, monkey
     first = augment_dataset(source.root, tmp_path / "a", config, progress=False)
     records = first.records()
     assert len(records) == 10 and {r["grid"] for r in records} == {1, 2}
-    assert all(set(r["sources"]) <= set(source.split_ids("train")) | set(source.split_ids("val")) for r in records)
+    assert all(set(r["sources"]) <= set(source.split_ids("train")) for r in records)  # never the val items
     assert {t["name"] for r in records for t in r["transforms"]} == {"occlusion", "perspective"}
     for record in records:  # the objects' pixels (by their chroma) and the labelled pixels coincide
         labels = first.read_mask(record["id"])
@@ -149,8 +149,11 @@ def test_training_blurs_and_warps_on_the_fly_with_the_same_transforms():
     warped = blurred = 0
     for seed in range(12):
         out_image, out_labels = augment_pair(image, labels, np.random.default_rng(seed), 64, (1.0, 1.0),
-                                             check_augment(["blur", "perspective"]))
+                                             check_augment(["perspective"]))
         assert iou(red(out_image), out_labels == 1) > 0.85
         warped += bool((out_labels == IGNORE_INDEX).any())
-        blurred += not np.isin(out_image, [0, 30, 128, 220]).all()
-    assert 0 < warped < 12 and blurred > 0  # each with probability 1/2
+        out_image, out_labels = augment_pair(image, labels, np.random.default_rng(seed), 64, (1.0, 1.0),
+                                             check_augment(["blur"]))
+        assert (out_labels == labels).all()
+        blurred += not np.isin(out_image, [30, 128, 220]).all()  # edges mixed: the blur ran
+    assert 0 < warped < 12 and 0 < blurred < 12  # each with probability 1/2

@@ -513,3 +513,16 @@ def test_images_a_safety_checker_flags_get_no_files(tmp_path, saved_pipelines, p
     generate_dataset(config(out, flagged=policy), pipe=pipe, progress=False)  # a re-run: recorded ones are finished
     hook.remove()
     assert bool(calls) == (policy == "skip")
+
+
+def test_a_sharded_job_that_skips_flagged_images_still_merges(tmp_path, saved_pipelines, monkeypatch):
+    from diffumask.models import load_pipeline
+
+    pipe = load_pipeline(saved_pipelines["sd1"])
+    object.__setattr__(pipe, "safety_checker", _FlagEverySecond())
+    object.__setattr__(pipe, "feature_extractor", _Features())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        dataset = generate_dataset(config(tmp_path / "out", flagged="skip"), pipe=pipe, progress=False)
+    assert not dataset.shard_paths() and len(dataset.records()) == 4  # the last worker merged the shards

@@ -58,7 +58,7 @@ def config(root, **changes) -> FilterConfig:
 
 
 def test_filter_cross_validates_prunes_per_class_and_recuts_without_training(tmp_path, monkeypatch):
-    dataset = make_dataset(tmp_path / "data", n=15, size=32, soft_maps=False)
+    dataset = make_dataset(tmp_path / "data", n=15, size=32, soft_maps=False, splits=("train",))
     result = filter_dataset(config(dataset.root), progress=False)
     assert result.trained_folds == 3
     items = Dataset(dataset.root).records()
@@ -89,7 +89,7 @@ def test_filter_cross_validates_prunes_per_class_and_recuts_without_training(tmp
 
 
 def test_a_killed_filter_keeps_its_finished_folds(tmp_path):
-    dataset = make_dataset(tmp_path / "data", n=9, size=32, soft_maps=False)
+    dataset = make_dataset(tmp_path / "data", n=9, size=32, soft_maps=False, splits=("train",))
     first = filter_dataset(config(dataset.root), progress=False)
     scores = json.loads((dataset.root / "noise" / "fold-1" / "scores.json").read_text())
     (dataset.root / "noise" / "fold-1" / "scores.json").unlink()  # as if killed before fold 1 was scored
@@ -103,7 +103,7 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
     for bad in (dict(prune=1.0), dict(prune=-0.1), dict(folds=1), dict(min_area=0.5, max_area=0.2)):
         with pytest.raises(ConfigError):
             config(tmp_path, **bad)
-    dataset = make_dataset(tmp_path / "data", n=4, size=32, soft_maps=False)
+    dataset = make_dataset(tmp_path / "data", n=4, size=32, soft_maps=False, splits=("train",))
     with pytest.raises(DiffumaskError, match="without --recut first"):
         filter_dataset(config(dataset.root), progress=False, recut=True)
     with pytest.raises(DiffumaskError, match="fewer than --folds"):
@@ -115,3 +115,19 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
     assert main(["filter", str(dataset.root), "--prune", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--prune" in err[0]
+
+
+def test_only_the_split_is_cut_and_shards_do_not_hide_the_scores(tmp_path):
+    """Validation items are neither cross-validated nor listed; a shard left by a sharded run does not keep
+    the manifest's scores from being the latest lines."""
+    from diffumask.distributed import Worker
+
+    dataset = make_dataset(tmp_path / "data", n=12, size=32, soft_maps=False)  # train and val alternate
+    shard = Dataset(dataset.root, Worker(1, 2))
+    record = next(r for r in dataset.records() if r["split"] == "train")
+    shard.rewrite_mask(record, dataset.read_mask(record["id"]))  # leaves manifest.1.jsonl with rev 1
+    result = filter_dataset(config(dataset.root, prune=0.0), progress=False)
+    train_ids = set(dataset.split_ids("train"))
+    assert set(result.kept) == train_ids
+    scored = {r["id"] for r in Dataset(dataset.root).records() if "noise" in r}
+    assert scored == train_ids and not Dataset(dataset.root).shard_paths()

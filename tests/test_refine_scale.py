@@ -162,3 +162,21 @@ def test_sharded_workers_refine_disjoint_shares_that_add_up_to_one_run(dataset, 
     monkeypatch.delenv("WORLD_SIZE")
     assert refine_dataset(root, config, progress=False).refined == 0  # one process afterwards: all done ...
     assert Dataset(root).records() == Dataset(alone).records()  # ... and compacted
+
+
+def test_sharded_refine_splits_items_in_shards_disjointly(dataset, monkeypatch):
+    """Items spread over two manifest shards (an unmerged sharded generate): a rank that starts after the
+    other has appended still takes a disjoint share, so every item is refined exactly once."""
+    root, truths = dataset
+    lines = (root / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (root / "manifest.0.jsonl").write_text("".join(lines[0::2]))
+    (root / "manifest.1.jsonl").write_text("".join(lines[1::2]))
+    (root / "manifest.jsonl").unlink()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    done = []
+    for rank in ("0", "1"):  # rank 1 starts after rank 0 appended its lines to shard 0
+        monkeypatch.setenv("RANK", rank)
+        done.append(refine_dataset(root, RefineConfig(method="threshold"), progress=False).refined)
+    records = Dataset(root).records()
+    assert sum(done) == len(truths) == len(records)
+    assert all(r.get("rev") == 1 and "refine" in r for r in records)  # each refined once, none twice

@@ -38,9 +38,11 @@ def test_each_worker_gets_its_own_gpu(monkeypatch):
 def test_worker_from_launcher_variables():
     assert current_worker({}) == Worker(0, 1, 0)
     assert current_worker({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == Worker(3, 8, 1)
-    assert current_worker({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}) == Worker(5, 6, 2)
+    assert current_worker({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "6", "SLURM_LOCALID": "2"}) == Worker(5, 6, 2)
+    # a batch script outside srun: the job's task count is not this process's share
+    assert current_worker({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) == Worker(0, 1, 0)
     # torchrun's variables win over Slurm's (torchrun inside an salloc)
-    both = {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    both = {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}
     assert current_worker(both) == Worker(1, 2, 1)
     for bad in ({"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "x", "WORLD_SIZE": "2"}):
         with pytest.raises(ConfigError):

@@ -32,6 +32,7 @@ from kornia.geometry.transform import get_perspective_transform, warp_perspectiv
 from tqdm.auto import tqdm
 
 from .dataset import IGNORE_INDEX, Dataset
+from .distributed import Worker
 from .errors import ConfigError, DiffumaskError
 
 Pair = tuple[np.ndarray, np.ndarray]  # (H, W, 3) uint8 image, (H, W) uint8 labels
@@ -42,6 +43,7 @@ class AugmentConfig:
     """What ``diffumask augment`` writes (recorded in the new dataset; see ``--help``)."""
 
     grids: tuple[int, ...] = (2,)  # Φ1: each output is a k×k mosaic, k drawn from these (1: one item)
+    split: str = "train"  # the source items drawn from (never the validation or test ones)
     items: int | None = None  # outputs; None: as many as the source has
     size: int | None = None  # output side in pixels; None: the source's first image's height
     blur: float = 0.5  # Φ2: probability per output
@@ -162,9 +164,9 @@ def augment_item(index: int, ids: Sequence[str], read: Callable[[str], Pair], co
 def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, progress: bool = True) -> Dataset:
     """Run ``augment`` (see the module docstring): finished items are skipped on a re-run."""
     dataset = Dataset(source)
-    records = dataset.records()
+    records = [r for r in dataset.records() if r.get("split", "train") == config.split]
     if not records:
-        raise DiffumaskError(f"{dataset.root} holds no finished items to augment")
+        raise DiffumaskError(f"{dataset.root} holds no finished items in split {config.split!r} to augment")
     if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
         raise DiffumaskError(f"{dataset.root} has no mask for {len(missing)} item(s) (e.g. {missing[0]}); augment "
                              "needs a dataset with masks (SegmentationClass)")
@@ -172,7 +174,7 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
     size = config.size or dataset.read_image(ids[0]).shape[0]
     config = dataclasses.replace(config, size=size, items=config.items or len(ids))
     settings = {"augment": dataclasses.asdict(config), "source": str(dataset.root.resolve())}
-    target = Dataset.create(out, dataset.classes, settings, image_format=dataset.image_format)
+    target = Dataset.create(out, dataset.classes, settings, image_format=dataset.image_format, worker=Worker())
     done = target.finished_ids()
 
     def read(item_id: str) -> Pair:

@@ -352,7 +352,8 @@ def _add_augment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grids", type=_ints, default=list(d.grids),
                    help=f"Φ1: each item is a k x k mosaic, k drawn from these; 1 = a single item "
                         f"(default: {','.join(map(str, d.grids))})")
-    p.add_argument("--items", type=int, help="items to write (default: as many as DATASET has)")
+    p.add_argument("--split", default=d.split, help=f"the items of DATASET to draw from (default: {d.split})")
+    p.add_argument("--items", type=int, help="items to write (default: as many as that split has)")
     p.add_argument("--size", type=int, help="side of each item in pixels (default: DATASET's image height)")
     p.add_argument("--blur", type=float, default=d.blur,
                    help=f"Φ2: probability of a Gaussian blur, σ {d.blur_sigma[0]}-{d.blur_sigma[1]} px "
@@ -372,7 +373,7 @@ def _add_augment(sub: argparse._SubParsersAction) -> None:
 def _run_augment(args: argparse.Namespace) -> None:
     from .augment import AugmentConfig, augment_dataset
 
-    config = AugmentConfig(grids=tuple(args.grids), items=args.items, size=args.size, blur=args.blur,
+    config = AugmentConfig(grids=tuple(args.grids), split=args.split, items=args.items, size=args.size, blur=args.blur,
                            occlusion=args.occlusion, perspective=args.perspective,
                            perspective_shift=args.perspective_shift, seed=args.seed)
     dataset = augment_dataset(args.dataset, args.out, config, progress=not args.quiet)
@@ -435,6 +436,7 @@ def _add_filter(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds, at least 2 (default: 3)")
     p.add_argument("--prune", type=float, default=0.7, help="share of each class to drop, in [0, 1) (default: 0.7, "
                    "the paper's best)")
+    p.add_argument("--split", default="train", help="the items to cross-validate and cut (default: train)")
     p.add_argument("--name", default="filtered", help="the split the kept ids are written to (default: filtered)")
     p.add_argument("--recut", action="store_true", help="re-rank the recorded scores at this --prune; no training")
     p.add_argument("--min-area", type=float, default=0.0,
@@ -451,7 +453,7 @@ def _run_filter(args: argparse.Namespace) -> None:
 
     _quiet_transformers()
     config = FilterConfig(dataset=args.dataset, training=_training_config(args, [args.dataset], ""), folds=args.folds,
-                          prune=args.prune, name=args.name, min_area=args.min_area, max_area=args.max_area,
+                          prune=args.prune, split=args.split, name=args.name, min_area=args.min_area, max_area=args.max_area,
                           seed=args.seed)
     result = filter_dataset(config, progress=not args.quiet, recut=args.recut)
     by_area = sum(why == "area" for why in result.pruned.values())
@@ -682,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"diffumask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,refine,train,predict,evaluate,shapes,export,validate,report}")
+                                metavar="{generate,refine,augment,train,filter,predict,evaluate,shapes,export,validate,report}")
     _add_generate(sub)
     _add_refine(sub)
     _add_augment(sub)

@@ -50,6 +50,7 @@ from .errors import ConfigError, DiffumaskError
 
 IGNORE_INDEX = 255
 OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC's layout): 0 none, 255 void
+SKIPPED_FILE = ".skipped"  # ids a run chose not to write (flagged="skip"), one per line
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
 IMAGE_FORMATS = ("jpg", "png")
 
@@ -191,6 +192,7 @@ class Dataset:
         settings: Mapping[str, Any],
         image_format: str = "jpg",
         jpeg_quality: int = 95,
+        worker: Worker | None = None,
     ) -> Dataset:
         """Create the directory, or reopen it when it was made with the same classes and settings.
 
@@ -227,7 +229,7 @@ class Dataset:
                     f"{root} holds a dataset made with other settings ({', '.join(changed)} differ); "
                     "re-run with the same settings to resume, or choose another output folder"
                 )
-            return cls(root)
+            return cls(root, worker)
         # A run that failed before its first item, or another worker of this job creating it right now
         # (dataset.json is written first, and temporary files are hidden, so it never looks foreign).
         holds_empty_dataset = (root / "dataset.json").is_file()
@@ -235,7 +237,7 @@ class Dataset:
             raise DatasetMismatch(f"{root} exists and is not a diffumask dataset; choose an empty or new folder")
         write_text_atomic(root / "dataset.json", json.dumps(info, indent=1) + "\n")
         write_label_map(root, ["background", *classes])
-        return cls(root)
+        return cls(root, worker)
 
     @property
     def jpeg_quality(self) -> int:
@@ -273,11 +275,14 @@ class Dataset:
     def _lines(self) -> list[dict[str, Any]]:
         """Every complete line of the manifest, then of each shard; a torn last line (a killed run) is
         skipped, never rewritten."""
+        # Shards are read before the manifest: a compaction between the two reads then shows its lines twice
+        # (harmless: the latest wins), never not at all.
+        texts = {path: path.read_text(encoding="utf-8") for path in self.shard_paths() if path.is_file()}
+        if self.manifest_path.is_file():
+            texts = {self.manifest_path: self.manifest_path.read_text(encoding="utf-8"), **texts}
         out = []
-        for path in [self.manifest_path, *self.shard_paths()]:
-            if not path.is_file():
-                continue
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for path, text in texts.items():
+            lines = text.splitlines(keepends=True)
             for number, line in enumerate(lines):
                 try:
                     if not line.endswith("\n"):
@@ -374,6 +379,18 @@ class Dataset:
             write_palette_png(self.mask_path(item_id), mask)
         self._append_record({"id": item_id, "split": split, **record})
 
+    def note_skipped(self, item_id: str) -> None:
+        """Note an item a worker chose not to write (a flagged image with flagged="skip"), so the worker that
+        finishes last still knows the job is done; a re-run tries it again."""
+        with self.lock(), open(self.root / SKIPPED_FILE, "a", encoding="utf-8") as f:
+            f.write(item_id + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def skipped_ids(self) -> set[str]:
+        path = self.root / SKIPPED_FILE
+        return set(path.read_text(encoding="utf-8").split()) if path.is_file() else set()
+
     def record_flagged(self, item_id: str, record: Mapping[str, Any], reason: str = "safety_checker") -> None:
         """Mark an item finished without files: the pipeline's safety checker replaced its image with a
         black one, which must never reach a trainer with a mask drawn from the real image's attention."""
@@ -426,12 +443,16 @@ class Dataset:
         return finished
 
     def update_records(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
-        """Merge fields into items' manifest lines (e.g. how a later stage changed them), atomically."""
-        records = self._latest()
-        unknown = set(updates) - {r["id"] for r in records}
-        if unknown:
-            raise KeyError(f"no such items in {self.root}: {sorted(unknown)[:5]}")
-        self._rewrite_manifest([{**r, **updates.get(r["id"], {})} for r in records])
+        """Merge fields into items' manifest lines (e.g. how a later stage changed them), atomically, with
+        any shards merged in (a shard's line would otherwise stay the latest). One process only."""
+        with self.lock():
+            records = self._latest()
+            unknown = set(updates) - {r["id"] for r in records}
+            if unknown:
+                raise KeyError(f"no such items in {self.root}: {sorted(unknown)[:5]}")
+            shards = self.shard_paths()
+            self._rewrite_manifest([{**r, **updates.get(r["id"], {})} for r in records])
+            self._remove(shards)
 
     def compact(self, order: Sequence[str] | None = None) -> None:
         """Rewrite the manifest as one line per item (its latest), shards merged in, atomically; a no-op
@@ -448,10 +469,14 @@ class Dataset:
         torn = self.manifest_path.is_file() and not self.manifest_path.read_bytes().endswith(b"\n")
         if shards or torn or [r["id"] for r in lines] != [r["id"] for r in records]:
             self._rewrite_manifest(records)
-            for shard in shards:
-                shard.unlink()
-            if shards:
-                _fsync_path(self.root)
+            self._remove(shards)
+
+    def _remove(self, shards: Sequence[Path]) -> None:
+        """Delete merged shards (another merger may have been first)."""
+        for shard in shards:
+            shard.unlink(missing_ok=True)
+        if shards:
+            _fsync_path(self.root)
 
     def _rewrite_manifest(self, records: Iterable[Mapping[str, Any]]) -> None:
         write_text_atomic(self.manifest_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -475,7 +500,7 @@ class Dataset:
         """
         with self.lock():
             records = self.records()
-            if complete is not None and self.shard_paths() and complete <= self.finished_ids():
+            if complete is not None and self.shard_paths() and complete <= self.finished_ids() | self.skipped_ids():
                 self.compact(order)
                 records = self.records()
             if order is not None:
@@ -531,6 +556,9 @@ class BackgroundWriter:
         return self
 
     def __exit__(self, kind: Any, *exc: Any) -> None:
+        if kind is not None and not issubclass(kind, Exception):  # ^C: drop the queue (each item is whole)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            return
         try:
             while self._queued:  # finish the queued items even after an error: each is whole
                 future = self._queued.popleft()

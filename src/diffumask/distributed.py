@@ -1,7 +1,9 @@
 """Which share of the work this process does, read from the launcher's environment.
 
-torchrun and ``accelerate launch`` set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; a Slurm array or
-``srun`` sets ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``. No collectives are used:
+torchrun and ``accelerate launch`` set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; each task of an
+``srun`` step gets ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` / ``SLURM_LOCALID`` (the step's own task count:
+a batch script outside ``srun`` also sees ``SLURM_NTASKS`` and ``SLURM_PROCID=0``, and must not take 1/N of
+the work). Slurm job arrays give every task rank 0 of 1; launch them through ``srun`` instead. No collectives are used:
 every worker enumerates the same work, takes every ``world_size``-th unit from ``rank`` on, and
 writes only its own items (and its own manifest shard), so workers never wait for each other and
 a job resumes with any number of them.
@@ -19,7 +21,7 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 #: (rank, world size, local rank) variables, in the order they are looked for.
-LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"))
 
 
 @dataclass(frozen=True)

@@ -314,6 +314,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         dataset.record_flagged(item.id, record)
         bar.update()
 
+    def skip(item: WorkItem) -> None:
+        dataset.note_skipped(item.id)
+        bar.update()
+
     with bar, BackgroundWriter() as writer:
         for batch in (b for b in batches if any(item.id not in done for item in b)):
             results = generate_images(
@@ -351,7 +355,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                 elif config.flagged == "record":
                     writer.submit(flag, item, record)
                 else:
-                    bar.update()
+                    writer.submit(skip, item)
     dataset.finalize(order=[item.id for item in items], complete={item.id for item in items})
     return dataset
 

@@ -46,6 +46,7 @@ class FilterConfig:
     training: TrainConfig
     folds: int = 3
     prune: float = 0.7  # the paper's best α
+    split: str = "train"  # the items cross-validated and cut
     name: str = "filtered"
     min_area: float = 0.0
     max_area: float = 1.0
@@ -73,7 +74,7 @@ class FilterResult:
 
 def primary_class(record: Mapping[str, Any]) -> str:
     """The class an item was drawn for: its first (composed items list the others after it)."""
-    return record["classes"][0]
+    return record["classes"][0] if record.get("classes") else ""  # "": an item without any class (all background)
 
 
 def assign_folds(records: Sequence[Mapping[str, Any]], folds: int, seed: int) -> dict[str, int]:
@@ -113,9 +114,13 @@ def _settings(config: FilterConfig, assignment: Mapping[str, int]) -> dict[str, 
                                   | {"data": None, "split": None}, "assignment": dict(sorted(assignment.items()))}))
 
 
+def _records(dataset: Dataset, config: FilterConfig) -> list[dict[str, Any]]:
+    return [r for r in dataset.records() if r.get("split", "train") == config.split]
+
+
 def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> int:
     """Train and score every unfinished fold; returns how many were trained."""
-    records = dataset.records()
+    records = _records(dataset, config)
     by_id = {r["id"]: r for r in records}
     assignment = assign_folds(records, config.folds, config.seed)
     work = _work(dataset)
@@ -164,9 +169,10 @@ def _area(dataset: Dataset, record: Mapping[str, Any]) -> float:
 def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = False) -> FilterResult:
     """Run ``filter`` (see the module docstring); ``recut`` re-ranks the recorded scores without training."""
     dataset = Dataset(config.dataset)
-    records = dataset.records()
+    records = _records(dataset, config)
     if len(records) < config.folds:
-        raise DiffumaskError(f"{dataset.root} holds {len(records)} items, fewer than --folds {config.folds}")
+        raise DiffumaskError(f"{dataset.root} holds {len(records)} items in split {config.split!r}, fewer than "
+                             f"--folds {config.folds}")
     if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
         raise DiffumaskError(f"{dataset.root} has no mask for {len(missing)} item(s) (e.g. {missing[0]}); filter "
                              "needs a dataset with masks (SegmentationClass)")
@@ -177,7 +183,7 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
                                  "without --recut first")
     else:
         trained = _train_folds(dataset, config, progress)
-        records = dataset.records()
+        records = _records(dataset, config)
     pruned: dict[str, str] = {}
     by_class: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:

@@ -278,9 +278,12 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if config.gammas is None:
         config = replace(config, gammas=sweep_around(made_with))
     if not worker.sharded:  # other workers may be writing: a pending mask may be theirs, the manifest growing
-        dataset.recover_masks()  # a mask a killed run committed but did not rename yet
-        dataset.compact()  # one line per item again before this run appends its own
+        with dataset.lock():
+            dataset.recover_masks()  # a mask a killed run committed but did not rename yet
+            dataset.compact()  # one line per item again before this run appends its own
     items = [Item(dataset, r) for r in records]
+    if worker.sharded:  # the one order every worker sees, however the shards interleave (and so one AffinityNet)
+        items.sort(key=lambda item: item.id)
     params = json.loads(json.dumps(config.params()))
     if config.uses_affinity:
         params["affinity_train_steps"] = config.affinity.train_steps_for(len(items))
@@ -304,7 +307,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
                                             disable=not progress, dynamic_ncols=True):
                 dataset.rewrite_mask({**item.record, "refine": {**params, **extra}}, mask)
     if not worker.sharded:
-        dataset.compact()  # a finished run leaves one line per item
+        with dataset.lock():
+            dataset.compact()  # a finished run leaves one line per item
     elif not redo:
         with dataset.lock():  # the worker that finds every item refined merges the shards
             if all(_refined_with(record, params) for record in dataset.records()):

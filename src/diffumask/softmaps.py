@@ -45,7 +45,7 @@ def sparsify_rows(matrix: np.ndarray, keep: float) -> dict[str, np.ndarray]:
     kept = np.where(chosen, matrix, 0).astype(np.float32)
     scales = kept.max(axis=1).astype(np.float16)
     safe = np.where(scales > 0, scales.astype(np.float32), 1)[:, None]
-    values = np.rint(kept / safe * 255)[chosen].astype(np.uint8)
+    values = np.clip(np.rint(kept / safe * 255), 0, 255)[chosen].astype(np.uint8)
     return {"bits": np.packbits(chosen, axis=1), "values": values, "scales": scales}
 
 

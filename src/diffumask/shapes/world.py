@@ -206,6 +206,7 @@ def export_world(out_dir: str | Path, n_train: int, n_val: int, n_test: int, see
     Resumable: scenes already in the manifest are skipped. Images are PNG so pixels stay exact.
     """
     from diffumask.dataset import OBJECT_FOLDER, Dataset, write_palette_png
+    from diffumask.distributed import Worker
     from diffumask.errors import ConfigError
 
     counts = {"--train": n_train, "--val": n_val, "--test": n_test}
@@ -216,7 +217,7 @@ def export_world(out_dir: str | Path, n_train: int, n_val: int, n_test: int, see
         raise ConfigError(f"scenes must be at least 8 px, got {size}")
     settings = {"source": "shapes-world", "seed": seed, "size": size,
                 "splits": {"train": n_train, "val": n_val, "test": n_test}}
-    ds = Dataset.create(out_dir, classes=list(CLASSES), settings=settings, image_format="png")
+    ds = Dataset.create(out_dir, classes=list(CLASSES), settings=settings, image_format="png", worker=Worker())
     done = ds.finished_ids()
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
         for i, scene_seed in enumerate(split_seeds(split, n, seed)):
