@@ -49,6 +49,9 @@ DEFAULT_FACTORS = (1, 2, 4)
 #: average) or "columns" (average the raw token columns, then normalise).
 TOKEN_AVERAGES = ("maps", "columns")
 
+#: Bytes the recorder's scores and probabilities may take at once in one layer call (heads are grouped to fit).
+PROBABILITY_BYTES = 1 << 30
+
 #: Soft-map file key prefix of the recorded self-attention matrix (class names may not use it).
 SELF_ATTENTION_KEY = "__self__"
 
@@ -551,17 +554,29 @@ class AttentionRecorder:
 
     @staticmethod
     def _mean_probabilities(attn: Attention, query: torch.Tensor, key: torch.Tensor,
-                            mask: torch.Tensor | None = None) -> torch.Tensor:
+                            mask: torch.Tensor | None = None, limit: int = PROBABILITY_BYTES) -> torch.Tensor:
         """softmax(QKᵀ·scale) in float32, averaged over heads: (n, queries, keys).
 
         On a GPU this is memory-bound, so every full-size pass counts: the scale goes into the small
         query, the softmax is one fused kernel, and the head mean reads the result once (four passes
-        over the (n, heads, queries, keys) tensor, where the unfused form took eleven).
+        over the (n, heads, queries, keys) tensor, where the unfused form took eleven). Heads go in
+        groups whose scores and probabilities fit ``limit`` bytes, so a large grid never needs the
+        whole tensor twice.
         """
-        scores = torch.matmul(query.float() * attn.scale, key.float().transpose(-1, -2))
-        if mask is not None:
-            scores += mask.float()
-        return torch.softmax(scores, dim=-1).mean(dim=1)
+        n, heads, queries, _ = query.shape
+        per_head = 2 * 4 * n * queries * key.shape[-2]  # scores and probabilities, float32
+        group = max(1, min(heads, limit // max(per_head, 1)))
+        total = None
+        for start in range(0, heads, group):
+            scores = torch.matmul(query[:, start:start + group].float() * attn.scale,
+                                  key[:, start:start + group].float().transpose(-1, -2))
+            if mask is not None:
+                scores += mask[:, start:start + group].float() if mask.shape[1] == heads else mask.float()
+            part = torch.softmax(scores, dim=-1)
+            if group == heads:
+                return part.mean(dim=1)
+            total = part.sum(dim=1) if total is None else total.add_(part.sum(dim=1))
+        return total.div_(heads)
 
     def _check_started(self) -> None:
         if self._batch is None:
