@@ -65,3 +65,8 @@ def make_dataset(root: Path, n: int = 12, names: tuple[str, ...] = MIXED_NAMES, 
         dataset.write_item(item_id, scene.image, record, mask=mask, soft_maps=maps, split=splits[k % len(splits)])
     dataset.finalize()
     return dataset
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path: two folders written alike compare equal byte for byte."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -3,12 +3,11 @@ output is deterministic and resumable, and bad input is one sentence."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from dataset_factory import make_dataset
+from dataset_factory import make_dataset, snapshot
 
 from diffumask.augment import AugmentConfig, augment_dataset, augment_item, mosaic, occlude, perspective
 from diffumask.cli import main
@@ -81,10 +80,6 @@ def test_blur_leaves_the_labels_alone():
     blurred, same, made = augment_item(0, ["a"], lambda _: (image, labels), config, 64)
     assert (same == labels).all() and not (blurred == image).all()
     assert [t["name"] for t in made["transforms"]] == ["blur"] and made["sources"] == ["a"]
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_augment_dataset_is_deterministic_resumable_and_aligned(tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dataset_factory import snapshot
+
 from diffumask.cli import main
 from diffumask.dataset import Dataset, voc_palette
 from diffumask.errors import DiffumaskError
@@ -25,10 +27,6 @@ def config(out: Path, **changes) -> GenerateConfig:
                   batch_size=2, prompts="voc", threshold=0.8, uncertain=0.7)
     values.update(changes)
     return GenerateConfig(**values)
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def read_voc(root: Path, split: str = "train"):

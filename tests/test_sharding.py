@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dataset_factory import snapshot
+
 from diffumask.dataset import Dataset
 from diffumask.distributed import Worker, current_worker
 from diffumask.errors import ConfigError
@@ -19,10 +21,6 @@ from diffumask.generate import GenerateConfig, generate_dataset
 
 BIN = Path(sys.executable).parent
 CLASSES = ["dog", "cat"]
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_each_worker_gets_its_own_gpu(monkeypatch):
