@@ -1,4 +1,5 @@
-"""What the attention recorder costs: SD-1.5- or SDXL-shaped pipeline (random weights), with vs without.
+"""What the attention recorder costs: SD-1.5-, SDXL-, SD3-medium- or FLUX.1-shaped pipeline (random weights),
+with vs without.
 
 Runs are interleaved A/B (order alternating per pair) in one process, so both sides see the same
 machine state; the printed figure is the median of the per-pair time ratios. The recorder runs as
@@ -10,6 +11,13 @@ allocation events).
     python bench/bench_recorder.py --sizes 256 512 --pairs 3 --steps 2                 # CPU
     python bench/bench_recorder.py --device cuda --dtype float16 --sizes 512 --batch 8 --steps 20
     python bench/bench_recorder.py --model sdxl --device cuda --dtype float16 --sizes 1024 --steps 20
+    python bench/bench_recorder.py --model sd3 --blocks 3 --sizes 1024 --pairs 2 --steps 1       # CPU, 3 blocks
+    python bench/bench_recorder.py --model flux --device cuda --dtype bfloat16 --sizes 1024 --steps 10
+
+For the diffusion transformers (sd3, flux) the recorder runs with its default block window (the middle
+third of the joint blocks), and the time is the transformer's alone (``output_type="latent"``): with
+``--blocks`` cutting the depth for a CPU, a VAE decode would weigh far more than it does beside the full
+depth. Their text encoders have the real output widths but one layer each (they run once per call).
 """
 
 from __future__ import annotations
@@ -89,12 +97,103 @@ def sdxl_pipeline(device: str, dtype: torch.dtype):
     return pipe
 
 
+def _t5(width: int, dtype: torch.dtype):
+    """A one-layer T5 encoder of the real output width (T5-XXL's 4096), with the offline test tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+
+    from diffumask.testing import t5_tokenizer
+
+    tokenizer = t5_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=64, d_ff=2 * width, num_layers=1, num_heads=64,
+                      dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(config).to(dtype).eval(), tokenizer
+
+
+def _clip(width: int, dtype: torch.dtype, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=8,
+                            max_position_embeddings=77, projection_dim=projection or width)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).to(dtype).eval()
+
+
+def _dit_vae(dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=0.0609, scaling_factor=1.5035).to(dtype)
+
+
+def _in_dtype(dtype: torch.dtype):
+    """Build modules directly in ``dtype`` (FLUX's 12 B parameters would not fit twice in float32)."""
+    class Default:
+        def __enter__(self):
+            self.saved = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+
+        def __exit__(self, *exc):
+            torch.set_default_dtype(self.saved)
+    return Default()
+
+
+def sd3_pipeline(device: str, dtype: torch.dtype, blocks: int | None = None):
+    """SD3-medium's MMDiT (24 joint blocks, width 1536, patch 2, 16 latent channels), random weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from diffumask.testing import clip_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device), _in_dtype(dtype):
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=blocks or 24,
+            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, pos_embed_max_size=192)
+        t5, t5_tokenizer = _t5(4096, dtype)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, vae=_dit_vae(dtype), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            text_encoder=_clip(768, dtype, 768), tokenizer=clip_tokenizer(),
+            text_encoder_2=_clip(1280, dtype, 1280), tokenizer_2=clip_tokenizer(pad_token="!"),
+            text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_pipeline(device: str, dtype: torch.dtype, blocks: int | None = None):
+    """FLUX.1-dev's transformer (19 double- and 38 single-stream blocks, width 3072, guidance-distilled),
+    random weights; ``blocks`` keeps a third of them double-stream."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from diffumask.testing import clip_tokenizer
+
+    double, single = (19, 38) if blocks is None else (max(1, blocks // 3), blocks - max(1, blocks // 3))
+    torch.manual_seed(0)
+    with torch.device(device), _in_dtype(dtype):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56))
+        t5, t5_tokenizer = _t5(4096, dtype)
+        pipe = FluxPipeline(
+            transformer=transformer, vae=_dit_vae(dtype), text_encoder=_clip(768, dtype), tokenizer=clip_tokenizer(),
+            text_encoder_2=t5, tokenizer_2=t5_tokenizer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                      max_shift=1.15, base_image_seq_len=256,
+                                                      max_image_seq_len=4096))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def generate(pipe, size: int, steps: int, record: bool, batch: int = 1, self_attention: int | None = 2):
     from diffumask import trace
 
+    transformer = getattr(pipe, "unet", None) is None
+    output = "latent" if transformer else "np"  # see the module docstring
+
     def call():
         return pipe(PROMPT, height=size, width=size, num_inference_steps=steps, num_images_per_prompt=batch,
-                    generator=[torch.Generator().manual_seed(i) for i in range(batch)], output_type="np").images
+                    generator=[torch.Generator().manual_seed(i) for i in range(batch)], output_type=output).images
 
     if not record:
         return call(), None
@@ -114,7 +213,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--pairs", type=int, default=3, help="A/B pairs per size")
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per generation")
-    parser.add_argument("--model", choices=["sd15", "sdxl"], default="sd15", help="pipeline shape")
+    parser.add_argument("--model", choices=["sd15", "sdxl", "sd3", "flux"], default="sd15", help="pipeline shape")
+    parser.add_argument("--blocks", type=int, help="sd3, flux: this many transformer blocks, not the full depth "
+                                                   "(for a CPU; flux keeps a third double-stream)")
     parser.add_argument("--batch", type=int, default=1, help="images per pipeline call (num_images_per_prompt)")
     parser.add_argument("--self-attention", type=lambda v: None if v == "none" else int(v), default=2,
                         help="record self-attention at latent/F as generate does (default 2; 'none')")
@@ -127,16 +228,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     diffusers.utils.logging.set_verbosity_error()  # the random pipelines' scheduler-config notices
-    build = sd15_pipeline if args.model == "sd15" else sdxl_pipeline
-    pipe = build(args.device, getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    if args.model in ("sd3", "flux"):
+        pipe = (sd3_pipeline if args.model == "sd3" else flux_pipeline)(args.device, dtype, args.blocks)
+    else:
+        pipe = (sd15_pipeline if args.model == "sd15" else sdxl_pipeline)(args.device, dtype)
     if args.save_pipeline:
         pipe.save_pretrained(args.save_pipeline)
         print(f"saved the random {args.model.upper()}-shaped pipeline ({args.dtype}) to {args.save_pipeline}")
         return
-    params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    params = sum(p.numel() for p in denoiser.parameters()) / 1e6
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
-    print(f"{args.model.upper()}-shaped UNet, {params:.1f} M parameters, {args.device} ({device_name}) {args.dtype}, "
-          f"{args.steps} steps, batch {args.batch} with guidance, self-attention latent/{args.self_attention}")
+    print(f"{args.model.upper()}-shaped {type(denoiser).__name__}, {params:.1f} M parameters, {args.device} "
+          f"({device_name}) {args.dtype}, {args.steps} steps, batch {args.batch}"
+          f"{'' if args.model == 'flux' else ' with guidance'}, "
+          f"self-attention latent/{args.self_attention}")
     run = functools.partial(generate, batch=args.batch, self_attention=args.self_attention)
     for size in args.sizes:
         run(pipe, size, 1, True)  # warm-up

@@ -25,6 +25,20 @@ def saved_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def saved_transformers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Folders holding tiny SD3- and FLUX-shaped pipelines (T5 tokenizer built offline), via save_pretrained."""
+    from diffumask.testing import tiny_pipeline
+
+    folders = {}
+    for kind in ("sd3", "flux"):
+        folder = tmp_path_factory.mktemp(kind)
+        torch.manual_seed(0)
+        tiny_pipeline(kind).save_pretrained(folder)
+        folders[kind] = str(folder)
+    return folders
+
+
+@pytest.fixture(scope="session")
 def sd1_pipe(saved_pipelines: dict[str, str]):
     from diffumask.models import load_pipeline
 

@@ -443,14 +443,11 @@ def test_heads_in_groups_give_the_same_mean():
     """A small byte limit splits the heads into groups; the head mean is the same as in one pass."""
     from diffumask.attention import AttentionRecorder
 
-    class Scale:
-        scale = 0.125
-
     rng = torch.Generator().manual_seed(0)
     query, key = torch.randn(2, 6, 64, 16, generator=rng), torch.randn(2, 6, 77, 16, generator=rng)
-    whole = AttentionRecorder._mean_probabilities(Scale(), query, key)
-    grouped = AttentionRecorder._mean_probabilities(Scale(), query, key, limit=2 * 4 * 2 * 64 * 77 * 4)  # 4 heads
-    one_by_one = AttentionRecorder._mean_probabilities(Scale(), query, key, limit=1)
+    whole = AttentionRecorder._mean_probabilities(0.125, query, key)
+    grouped = AttentionRecorder._mean_probabilities(0.125, query, key, limit=2 * 4 * 2 * 64 * 77 * 4)  # 4 heads
+    one_by_one = AttentionRecorder._mean_probabilities(0.125, query, key, limit=1)
     reference = torch.softmax(query.double() @ key.double().transpose(-1, -2) * 0.125, dim=-1).mean(1).float()
     for result in (whole, grouped, one_by_one):
         torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-7)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,8 +142,9 @@ class ImageMaps:
     #: Mean self-attention at one grid, (h·w, h·w) rows summing to 1, or None when not recorded.
     self_attention: np.ndarray | None = None
     self_attention_grid: tuple[int, int] | None = None
-    #: The tokenizer that locates words asked for after the call (None: only ``tokens``).
-    tokenizer: Any = field(default=None, repr=False, compare=False)
+    #: Finds a word's token columns in the prompt, for words asked for after the call (None: only ``tokens``).
+    locate: Callable[[str, Sequence[str]], dict[str, list[int]]] | None = field(default=None, repr=False,
+                                                                                  compare=False)
     _cache: dict[tuple[str, tuple[int, ...], str], np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -158,9 +159,9 @@ class ImageMaps:
     def positions(self, word: str) -> list[int]:
         """The token positions of ``word`` (whole words only), found on first use."""
         if word not in self.tokens:
-            if self.tokenizer is None:
+            if self.locate is None:
                 raise RecorderError(f"{word!r} was not traced; traced classes: {self.classes}")
-            spans = class_token_indices(self.tokenizer, self.prompt, [word])[word]
+            spans = self.locate(self.prompt, [word])[word]
             if not set(spans) <= set(self.columns):
                 raise RecorderError(
                     f"{word!r} was not recorded: a trace with classes keeps only their token columns "
@@ -196,6 +197,19 @@ class ImageMaps:
         if self.self_attention is not None:
             out[f"{SELF_ATTENTION_KEY}@{self.self_attention_grid[0]}"] = self.self_attention
         return out
+
+
+def split_heads(attn: Attention, batch_size: int, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch, tokens, heads·d) projections as (batch, heads, tokens, d), with the layer's query and key
+    norms: the steps every stock diffusers processor takes between projecting and attending."""
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
 
 
 class RecordingProcessor:
@@ -239,13 +253,7 @@ class RecordingProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(attn, batch_size, query, key, value)
 
         if attn.is_cross_attention:
             self.recorder._record(attn, query, key, attention_mask)
@@ -274,7 +282,7 @@ def cross_attention_layers(unet: torch.nn.Module, cross: bool = True) -> dict[st
 
 def text_encoders(pipe: Any) -> list[tuple[str, torch.nn.Module, Any]]:
     """(name, module, its tokenizer) of each text encoder the pipeline runs, in encoding order."""
-    pairs = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]
+    pairs = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")]
     return [(enc, getattr(pipe, enc), getattr(pipe, tok)) for enc, tok in pairs
             if getattr(pipe, enc, None) is not None and getattr(pipe, tok, None) is not None]
 
@@ -321,7 +329,7 @@ class AttentionRecorder:
         self_attention_max: int = 32,
     ):
         self.pipe = pipe
-        self.unet = pipe.unet
+        self.model = self._backbone(pipe)
         self.encoders = text_encoders(pipe)
         self.tokenizer = self.encoders[0][2] if self.encoders else getattr(pipe, "tokenizer", None)
         if self.tokenizer is None:
@@ -347,7 +355,7 @@ class AttentionRecorder:
         if self_attention_max < 1:
             raise ConfigError(f"self_attention_max must be at least 1, got {self_attention_max}")
         self.self_attention_max = self_attention_max
-        self.self_layers = list(cross_attention_layers(self.unet, cross=False)) if self_attention else []
+        self.self_layers = self._self_attention_layers() if self_attention else []
         self._encoded: dict[int, list[list[int]]] = {}
         self._columns: list[list[int]] | None = None  # per prompt; None: every column
         self._column_index: torch.Tensor | None = None
@@ -383,11 +391,31 @@ class AttentionRecorder:
             if len(per_prompt) != len(prompts):
                 raise ConfigError(f"{len(per_prompt)} class lists for {len(prompts)} prompts; give one "
                                   "class list for all prompts or one per prompt")
-        self.tokens = [class_token_indices(self.tokenizer, p, c) for p, c in zip(prompts, per_prompt)]
+        self.tokens = [self._locate(p, c) for p, c in zip(prompts, per_prompt)]
         self.prompts = prompts
 
+    # ------------------------------------------------------------------ what a backbone decides
+    @staticmethod
+    def _backbone(pipe: Any) -> torch.nn.Module:
+        """The denoiser whose attention is recorded."""
+        return pipe.unet
+
+    def _locate(self, prompt: str, words: Sequence[str]) -> dict[str, list[int]]:
+        """Each word's token columns (the keys of every cross-attention layer)."""
+        return class_token_indices(self.tokenizer, prompt, words)
+
+    def _self_attention_layers(self) -> list[str]:
+        return list(cross_attention_layers(self.model, cross=False))
+
+    def _processor(self, name: str) -> Any:
+        return RecordingProcessor(self, name)
+
+    def _image_size(self) -> tuple[int, int]:
+        scale = int(getattr(self.pipe, "vae_scale_factor", 1))
+        return self._latent_hw[0] * scale, self._latent_hw[1] * scale
+
     def _select_layers(self, prefixes: Sequence[str] | None) -> list[str]:
-        layers = cross_attention_layers(self.unet)
+        layers = cross_attention_layers(self.model)
         if not layers:
             raise RecorderError("this UNet has no cross-attention layers; nothing to record")
         chosen = [n for n in layers if prefixes is None or any(n.startswith(p) for p in prefixes)]
@@ -398,7 +426,7 @@ class AttentionRecorder:
 
     # ------------------------------------------------------------------ attach / detach
     def _check_processors(self) -> None:
-        processors = self.unet.attn_processors
+        processors = self.model.attn_processors
         for name in self.layers + self.self_layers:
             proc = processors[name]
             if not isinstance(proc, STOCK_PROCESSORS):
@@ -416,12 +444,12 @@ class AttentionRecorder:
             raise RecorderError(f"{type(self.pipe).__name__} has no text encoder whose input the recorder "
                                 "can read; pass the prompts: trace(pipe, prompts, classes)")
         self._check_processors()
-        self._saved_processors = dict(self.unet.attn_processors)
+        self._saved_processors = dict(self.model.attn_processors)
         procs = dict(self._saved_processors)
         for name in self.layers + self.self_layers:
-            procs[name] = RecordingProcessor(self, name)
-        self.unet.set_attn_processor(procs)
-        self._hooks = [self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)]
+            procs[name] = self._processor(name)
+        self.model.set_attn_processor(procs)
+        self._hooks = [self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
         self._hooks += [module.register_forward_pre_hook(functools.partial(self._on_encoder_call, i),
                                                          with_kwargs=True)
                         for i, (_, module, _) in enumerate(self.encoders)]
@@ -430,7 +458,7 @@ class AttentionRecorder:
     def detach(self) -> None:
         if self._saved_processors is None:
             return
-        self.unet.set_attn_processor(self._saved_processors)
+        self.model.set_attn_processor(self._saved_processors)
         self._saved_processors = None
         for hook in self._hooks:
             hook.remove()
@@ -457,11 +485,15 @@ class AttentionRecorder:
         if index > 0 and 0 in self._encoded:
             first_name, _, first_tokenizer = self.encoders[0]
             first = self._encoded[0]
-            if [token_texts(first_tokenizer, r) for r in first] != [token_texts(tokenizer, r) for r in rows]:
+            if type(tokenizer) is type(first_tokenizer):
+                same = [token_texts(first_tokenizer, r) for r in first] == [token_texts(tokenizer, r) for r in rows]
+            else:  # another vocabulary (SD3's and FLUX's T5): the rows must be the prompts in its own tokens
+                same = self.prompts is not None and [prompt_ids(tokenizer, p) for p in self.prompts] == rows
+            if not same:
                 raise RecorderError(
                     f"the pipeline's text encoders read different prompts: {_shown(first_tokenizer, first)} "
-                    f"({first_name}) and {_shown(tokenizer, rows)} ({name}), so one token column would "
-                    "hold two words; call the pipeline without prompt_2 (or with prompt_2 equal to prompt)"
+                    f"({first_name}) and {_shown(tokenizer, rows)} ({name}), so the maps would mix two "
+                    "prompts; call the pipeline without prompt_2 / prompt_3 (or with them equal to prompt)"
                 )
         if index > 0:
             return
@@ -480,19 +512,22 @@ class AttentionRecorder:
             )
 
     # ------------------------------------------------------------------ recording
-    def _on_unet_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _on_model_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if self._latent_hw != tuple(sample.shape[-2:]):
+            self._latent_hw = tuple(sample.shape[-2:])
+            self._self_hw = self._self_attention_grid(self._latent_hw) if self.self_attention_factor else None
+        self._count_call(sample, args[1] if len(args) > 1 else kwargs.get("timestep"))
+
+    def _count_call(self, sample: torch.Tensor, timestep: Any) -> None:
+        """A denoiser call: the batch checked (set up at the first), the step counted."""
         if timestep is not None:
             self._check_timestep(torch.as_tensor(timestep).detach().reshape(-1)[:1])
         if self._batch is None:
             self._start(sample)
         elif sample.shape[0] != self._batch:
-            raise RecorderError(f"the UNet's batch changed from {self._batch} to {sample.shape[0]} "
+            raise RecorderError(f"the denoiser's batch changed from {self._batch} to {sample.shape[0]} "
                                 "within one pipeline call; use one trace per pipeline call")
-        if self._latent_hw != tuple(sample.shape[-2:]):
-            self._latent_hw = tuple(sample.shape[-2:])
-            self._self_hw = self._self_attention_grid(self._latent_hw) if self.self_attention_factor else None
         self._step += 1
 
     def _check_timestep(self, timestep: torch.Tensor) -> None:
@@ -553,7 +588,7 @@ class AttentionRecorder:
         return (start is None or self._step >= start) and (stop is None or self._step < stop)
 
     @staticmethod
-    def _mean_probabilities(attn: Attention, query: torch.Tensor, key: torch.Tensor,
+    def _mean_probabilities(scale: float, query: torch.Tensor, key: torch.Tensor,
                             mask: torch.Tensor | None = None, limit: int = PROBABILITY_BYTES) -> torch.Tensor:
         """softmax(QKᵀ·scale) in float32, averaged over heads: (n, queries, keys).
 
@@ -568,7 +603,7 @@ class AttentionRecorder:
         group = max(1, min(heads, limit // max(per_head, 1)))
         total = None
         for start in range(0, heads, group):
-            scores = torch.matmul(query[:, start:start + group].float() * attn.scale,
+            scores = torch.matmul(query[:, start:start + group].float() * scale,
                                   key[:, start:start + group].float().transpose(-1, -2))
             if mask is not None:
                 scores += mask[:, start:start + group].float() if mask.shape[1] == heads else mask.float()
@@ -580,7 +615,7 @@ class AttentionRecorder:
 
     def _check_started(self) -> None:
         if self._batch is None:
-            raise RecorderError("the UNet was called without passing through its forward()")
+            raise RecorderError("the denoiser was called without passing through its forward()")
 
     def _record(self, attn: Attention, query: torch.Tensor, key: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
@@ -588,18 +623,29 @@ class AttentionRecorder:
             return
         self._check_started()
         cond = self._cond
-        mean = self._mean_probabilities(attn, query[cond], key[cond], None if mask is None else mask[cond])
+        mean = self._mean_probabilities(attn.scale, query[cond], key[cond], None if mask is None else mask[cond])
         if self._column_index is None:
             picked = mean  # every token column: (n, queries, keys)
         else:  # the head mean commutes with picking columns, and is cheaper on the small result
             picked = torch.gather(mean, 2, self._column_index[:, None, :].expand(-1, mean.shape[1], -1))
-        grid = _as_2d_grid(picked.shape[1], self._latent_hw)
+        self._accumulate(_as_2d_grid(picked.shape[1], self._latent_hw), picked)
+
+    def _accumulate(self, grid: tuple[int, int], picked: torch.Tensor) -> None:
+        """Add one layer call's (n, h·w, columns) probabilities into the grid's buffer, in place."""
         buffer = self._sums.get(grid)
         if buffer is None:
             buffer = self._sums[grid] = torch.zeros_like(picked)
             self._counts[grid] = 0
         buffer.add_(picked)
         self._counts[grid] += 1
+
+    def _accumulate_self(self, grid: tuple[int, int], mean: torch.Tensor) -> None:
+        """Add one layer call's (n, h·w, h·w) self-attention into its buffer, in place."""
+        if self._self_sum is None:
+            self._self_sum = torch.zeros_like(mean)
+            self._self_grid = grid
+        self._self_sum.add_(mean)
+        self._self_count += 1
 
     def _record_self(self, attn: Attention, query: torch.Tensor, key: torch.Tensor) -> None:
         if not self._in_window():
@@ -609,12 +655,7 @@ class AttentionRecorder:
             return  # another resolution: left to the fused kernel alone
         self._check_started()
         cond = self._cond
-        mean = self._mean_probabilities(attn, query[cond], key[cond])  # (n, hw, hw)
-        if self._self_sum is None:
-            self._self_sum = torch.zeros_like(mean)
-            self._self_grid = (h, w)
-        self._self_sum.add_(mean)
-        self._self_count += 1
+        self._accumulate_self((h, w), self._mean_probabilities(attn.scale, query[cond], key[cond]))  # (n, hw, hw)
 
     # ------------------------------------------------------------------ reading
     def state_bytes(self) -> int:
@@ -640,9 +681,7 @@ class AttentionRecorder:
             )
         if self._restarted is not None and bool(self._restarted):
             raise RecorderError(_CALLED_AGAIN)
-        latent_h, latent_w = self._latent_hw
-        scale = int(getattr(self.pipe, "vae_scale_factor", 1))
-        size = image_size or (latent_h * scale, latent_w * scale)
+        size = image_size or self._image_size()
         defaults = self.default_resolutions()
         means = {grid: (s / self._counts[grid]).cpu() for grid, s in self._sums.items()}
         if self.self_attention_factor and self._self_sum is None:
@@ -659,7 +698,7 @@ class AttentionRecorder:
                          for (h, w), m in sorted(means.items())}
             result.append(ImageMaps(self.prompts[p], dict(self.tokens[p]), columns, attention, size, defaults,
                                     self.token_average, None if self_mean is None else self_mean[i],
-                                    self._self_grid, self.tokenizer))
+                                    self._self_grid, self._locate))
         return result
 
 
@@ -677,6 +716,26 @@ def trace(
 
     ``trace(pipe)`` keeps every word (ask ``maps()[i][word]`` after the call); with ``prompts``
     and ``classes`` only the classes' token columns are kept, and both are checked against what
-    the pipeline's text encoder(s) receive. Options: see :class:`AttentionRecorder`.
+    the pipeline's text encoder(s) receive. Options: see :class:`AttentionRecorder`; for a diffusion
+    transformer (SD3, FLUX) also :class:`~diffumask.joint_attention.JointAttentionRecorder`'s.
     """
+    from .joint_attention import DIT_OPTIONS, JointAttentionRecorder, is_transformer_pipeline
+
+    if is_transformer_pipeline(pipe):
+        return JointAttentionRecorder(pipe, prompts, classes, **options)
+    given = sorted(set(options) & set(DIT_OPTIONS))
+    if given:
+        raise ConfigError(f"{', '.join(given)} apply to diffusion transformers (SD3, FLUX); "
+                          f"{type(pipe).__name__} has a UNet")
     return AttentionRecorder(pipe, prompts, classes, **options)
+
+
+def word_locator(pipe: Any, **options: Any) -> Callable[[str, Sequence[str]], dict[str, list[int]]]:
+    """What ``trace(pipe, **options)`` uses to find words' token columns in a prompt (PromptError when a
+    word is missing), to check prompts before any denoising."""
+    from .joint_attention import TextLayout, is_transformer_pipeline
+
+    if is_transformer_pipeline(pipe):
+        return TextLayout(pipe, options.get("text_tokens", "both")).locate
+    tokenizer = text_encoders(pipe)[0][2] if text_encoders(pipe) else pipe.tokenizer
+    return functools.partial(class_token_indices, tokenizer)

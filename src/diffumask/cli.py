@@ -79,7 +79,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default: 4)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="model precision (default: float16 on cuda, float32 elsewhere)")
+                   help="model precision (default: on cuda bfloat16 for SD3 and FLUX, float16 for the rest; "
+                        "float32 elsewhere)")
     p.add_argument("--negative-prompt", help="text to steer away from, used as the unconditional prompt")
     p.add_argument("--prompts", default="auto",
                    help="prompt bank: voc, cityscapes, shapes, default, or a YAML/JSON file "
@@ -91,6 +92,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "e.g. up_blocks.3 (default: all)")
     p.add_argument("--step-window", type=_window,
                    help="record only this fraction of the denoising steps, e.g. 0.6,1.0 for the last 40%% (default: all)")
+    p.add_argument("--block-window", type=_window,
+                   help="diffusion transformers (SD3, FLUX): record only this fraction of the joint-attention blocks, "
+                        "e.g. 0.25,0.75 (default: the middle third, 0.333,0.667)")
+    p.add_argument("--text-tokens", choices=["both", "clip", "t5"],
+                   help="SD3: which part of the joint context gives a word's map, its CLIP tokens, its T5 tokens or "
+                        "both (default: both; FLUX reads T5 only)")
     p.add_argument("--self-attention", type=lambda v: None if v == "none" else int(v), default=2, metavar="F",
                    help="also store the mean self-attention at latent/F for self-attention propagation "
                         "(default: 2, i.e. 32x32 at 512 px; 'none' to skip)")
@@ -116,16 +123,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> None:
     from .distributed import current_worker
     from .generate import GenerateConfig, generate_dataset
-    from .models import check_device, default_device
+    from .models import auto_dtype, check_device, default_device
 
     device = args.device or default_device()
     check_device(current_worker().device(device))
-    dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(args.model, device)
     config = GenerateConfig(
         classes=args.classes, out=args.out, images_per_class=args.images_per_class, model=args.model,
         compose=args.compose, seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, size=args.size,
         negative_prompt=args.negative_prompt, prompts=args.prompts, resolutions=args.resolutions,
-        layers=args.layers, step_window=args.step_window, self_attention=args.self_attention,
+        layers=args.layers, step_window=args.step_window, block_window=args.block_window,
+        text_tokens=args.text_tokens, self_attention=args.self_attention,
         self_attention_max=args.self_attention_max, self_attention_keep=args.self_attention_keep,
         threshold=args.threshold, uncertain=args.uncertain,
         image_format=args.image_format, batch_size=args.batch_size, device=device, dtype=dtype,

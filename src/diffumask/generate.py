@@ -22,7 +22,6 @@ import inspect
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .attention import ImageMaps, trace
+from .attention import ImageMaps, trace, word_locator
 from .dataset import IMAGE_FORMATS, BackgroundWriter, Dataset
 from .distributed import current_worker
 from .errors import ConfigError
@@ -39,7 +38,7 @@ from .masks.threshold import PAPER_THRESHOLD, check_band
 from .models import DTYPES, SCHEDULERS, load_pipeline, model_description, pipeline_name
 from .prompts import PromptBank, resolve_bank
 from .softmaps import SELF_ATTENTION_KEEP, pack
-from .tokens import class_token_indices
+from .joint_attention import TEXT_PARTS
 
 
 @dataclass
@@ -64,6 +63,10 @@ class GenerateConfig:
     self_attention: int | None = 2  # record self-attention at latent/F for refinement; None: off
     self_attention_max: int = 32  # ... halving the grid until no side exceeds this (SDXL 1024 px: 32, not 64)
     self_attention_keep: float = SELF_ATTENTION_KEEP  # share of each self-attention row stored; 1: dense
+    #: Diffusion transformers (SD3, FLUX) only: the joint blocks recorded, as fractions of the depth (None: the
+    #: recorder's default, the middle third), and which text tokens give a word's map (None: "both" on SD3).
+    block_window: tuple[float, float] | None = None
+    text_tokens: str | None = None
     threshold: float | None = None  # None: the model's own γ (see default_threshold)
     uncertain: float | None = None  # lower edge of the 255 band; None: no band
     image_format: str = "jpg"
@@ -108,6 +111,14 @@ class GenerateConfig:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         check_band(self.threshold, self.uncertain)
         _check_window(self.step_window)
+        _check_window(self.block_window, "block window")
+        if self.text_tokens is not None and self.text_tokens not in TEXT_PARTS:
+            raise ConfigError(f"--text-tokens must be one of {', '.join(TEXT_PARTS)}, got {self.text_tokens!r}")
+
+    def recorder_options(self) -> dict[str, Any]:
+        """The options only a diffusion transformer's recorder takes, where set."""
+        chosen = {"block_window": self.block_window, "text_tokens": self.text_tokens}
+        return {k: v for k, v in chosen.items() if v is not None}
 
     def settings(self) -> dict[str, Any]:
         """The options that change the data, so a re-run with other ones is refused."""
@@ -177,9 +188,9 @@ def _pipeline_default(pipe: Any, argument: str) -> Any:
     return inspect.signature(pipe.__call__).parameters[argument].default
 
 
-def _check_window(window: tuple[float, float] | None) -> None:
+def _check_window(window: tuple[float, float] | None, name: str = "step window") -> None:
     if window is not None and not 0.0 <= window[0] < window[1] <= 1.0:
-        raise ConfigError(f"step window {window} must satisfy 0 <= start < stop <= 1")
+        raise ConfigError(f"{name} {window} must satisfy 0 <= start < stop <= 1")
 
 
 def _step_range(window: tuple[float, float] | None, steps: int, pipe: Any) -> tuple[int, int] | None:
@@ -188,8 +199,11 @@ def _step_range(window: tuple[float, float] | None, steps: int, pipe: Any) -> tu
         return None
     _check_window(window)
     start, stop = window
-    pipe.scheduler.set_timesteps(steps)
-    calls = len(pipe.scheduler.timesteps)  # PNDM makes one call more than steps
+    try:
+        pipe.scheduler.set_timesteps(steps)
+        calls = len(pipe.scheduler.timesteps)  # PNDM makes one call more than steps
+    except ValueError:  # flow matching with a resolution-dependent shift (FLUX) needs its mu: one call per step
+        calls = steps
     return int(round(start * calls)), max(int(round(start * calls)) + 1, int(round(stop * calls)))
 
 
@@ -209,15 +223,17 @@ def generate_images(
     step_window: tuple[float, float] | None = None,
     self_attention: int | None = None,
     self_attention_max: int = 32,
+    **recorder_options: Any,
 ) -> list[GeneratedImage]:
-    """Generate one batch: each prompt with its classes (words in the prompt) and seed."""
+    """Generate one batch: each prompt with its classes (words in the prompt) and seed. ``recorder_options``:
+    a diffusion transformer's (``block_window``, ``text_tokens``)."""
     steps = steps or _pipeline_default(pipe, "num_inference_steps")
     guidance = _pipeline_default(pipe, "guidance_scale") if guidance is None else guidance
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     threshold = default_threshold(pipe) if threshold is None else threshold
     window = _step_range(step_window, steps, pipe)
     with trace(pipe, list(prompts), [list(c) for c in classes], layers=layers, steps=window,
-               self_attention=self_attention, self_attention_max=self_attention_max) as recorder:
+               self_attention=self_attention, self_attention_max=self_attention_max, **recorder_options) as recorder:
         output = pipe(
             list(prompts), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
             negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
@@ -280,8 +296,8 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         config = dataclasses.replace(config, threshold=default_threshold(pipe))
     # Every prompt is checked before any denoising: a missing class word or an over-long prompt
     # is an error now, never an empty map later.
-    tokens = {i: class_token_indices(pipe.tokenizer, prompt, [words[c] for c in names])
-              for i, (prompt, names) in drawn.items()}
+    locate = word_locator(pipe, **config.recorder_options())
+    tokens = {i: locate(prompt, [words[c] for c in names]) for i, (prompt, names) in drawn.items()}
     # The bank's fingerprint covers what the prompts depend on: a pair template added to a bank does not
     # stop a dataset without composed items from resuming.
     bank_parts = (bank.templates, bank.slots, bank.classes) + ((bank.compose, bank.pairs) if config.compose else ())
@@ -326,7 +342,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                 negative_prompt=config.negative_prompt, threshold=config.threshold,
                 uncertain=config.uncertain, resolutions=config.resolutions, layers=config.layers,
                 step_window=config.step_window, self_attention=config.self_attention,
-                self_attention_max=config.self_attention_max,
+                self_attention_max=config.self_attention_max, **config.recorder_options(),
             )
             for item, result in zip(batch, results):
                 if item.id in done:

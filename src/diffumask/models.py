@@ -62,6 +62,24 @@ def check_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+#: Pipelines that denoise with a diffusion transformer, trained in bfloat16 (float16 overflows in FLUX).
+TRANSFORMER_PIPELINES = ("StableDiffusion3", "Flux")
+
+
+def auto_dtype(model: str, device: str | torch.device) -> str:
+    """The precision a model runs in when none is given: float32 off the GPU; on it, bfloat16 for
+    diffusion transformers (SD3, FLUX: a local folder's model_index.json, or a hub id's name), else float16."""
+    if torch.device(device).type != "cuda":
+        return "float32"
+    index = Path(model).expanduser() / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else model
+    except (OSError, ValueError):
+        name = model
+    lowered = name.lower().replace("-", "").replace("_", "")
+    return "bfloat16" if any(kind.lower() in lowered for kind in TRANSFORMER_PIPELINES) else "float16"
+
+
 def pipeline_name(pipe: Any) -> str:
     """The name a pipeline goes by in a manifest: a built-in's own (``shapes``), else its folder or hub id."""
     return str(getattr(pipe, "model_name", None) or getattr(pipe, "name_or_path", "") or type(pipe).__name__)
@@ -161,10 +179,11 @@ def load_pipeline(
         except (OSError, ValueError) as error:
             raise ModelError(f"cannot load the pipeline in {folder}: {str(error).splitlines()[0]}") from None
         pipe.to(device)
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "tokenizer"):
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None or getattr(pipe, "tokenizer", None) is None:
         raise ModelError(
-            f"{model} loads as {type(pipe).__name__}, which has no UNet with cross-attention and tokenizer; "
-            "diffumask records Stable Diffusion 1.x/2.x/XL-style pipelines"
+            f"{model} loads as {type(pipe).__name__}, which has no UNet or transformer with a tokenizer; "
+            "diffumask records Stable Diffusion 1.x/2.x/XL/3-style and FLUX pipelines"
         )
     if scheduler is not None:
         set_scheduler(pipe, scheduler)

@@ -72,7 +72,7 @@ def _vae() -> Any:
 
 
 def tiny_pipeline(kind: str = "sd1", seed: int = 0) -> Any:
-    """A random-weight pipeline shaped like SD 1.x (``sd1``), SD 2.x v-prediction (``sd2``) or SDXL.
+    """A random-weight pipeline shaped like SD 1.x (``sd1``), SD 2.x v-prediction (``sd2``), SDXL, SD3 or FLUX.
 
     The latent is 16x16 (image 32 px); cross-attention runs at grids 16 and 8 (and 4 in the
     SD 1.x/2.x mid block), so the multi-resolution fusion is exercised.
@@ -119,7 +119,83 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0) -> Any:
             tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
             scheduler=DDIMScheduler(**scheduler_args), force_zeros_for_empty_prompt=True,
         )
-    raise ValueError(f"unknown tiny pipeline kind {kind!r}; use sd1, sd2 or sdxl")
+    if kind == "sd3":
+        return _tiny_sd3()
+    if kind == "flux":
+        return _tiny_flux()
+    raise ValueError(f"unknown tiny pipeline kind {kind!r}; use sd1, sd2, sdxl, sd3 or flux")
+
+
+#: Words the test T5 tokenizer holds whole ("▁dog"); others are spelled from pieces and letters, as
+#: real sentencepiece vocabularies spell rare words ("aeroplane" -> ▁aero|plane, "sheepdog" -> ▁sheep|d|o|g).
+T5_WORDS = ("a an the photo of dog cat car tree sheep person potted plant on sofa in street with and "
+            "red blue green circle square triangle star ring cross mat sitting next to").split()
+
+
+def t5_tokenizer() -> Any:
+    """A T5-style sentencepiece (Unigram, "▁" word starts, ``</s>`` appended) tokenizer built offline."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -10.0)]
+    pieces += [("▁" + w, -5.0) for w in T5_WORDS] + [("▁aero", -6.0), ("plane", -6.0), ("▁hot", -6.0)]
+    letters = string.ascii_letters + string.digits + string.punctuation
+    pieces += [(c, -12.0) for c in letters] + [("▁" + c, -11.0) for c in letters]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.normalizer = normalizers.NFKC()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def _t5_encoder(hidden: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer()), d_model=hidden, d_kv=8, d_ff=2 * hidden,
+                                   num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+                                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1)).eval()
+
+
+def _tiny_sd3() -> Any:
+    """SD3-shaped: an MMDiT (4 joint blocks, patch 2) on a 16x16 latent (image 32 px), two CLIP encoders
+    and a T5, whose joint context is CLIP's 77 columns then T5's."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, layers_per_block=1, shift_factor=0.0609, scaling_factor=1.5035)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=_text_encoder(32, projection=True), tokenizer=clip_tokenizer(),
+        text_encoder_2=_text_encoder(32, projection=True), tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=_t5_encoder(64), tokenizer_3=t5_tokenizer(),
+    )
+
+
+def _tiny_flux() -> Any:
+    """FLUX-shaped: 2 double-stream and 2 single-stream blocks, latents packed 2x2 (image 32 px: a 16x16
+    latent, 8x8 tokens), CLIP for the pooled vector and T5 for the token sequence."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    return FluxPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                        text_encoder=_text_encoder(32), tokenizer=clip_tokenizer(),
+                        text_encoder_2=_t5_encoder(32), tokenizer_2=t5_tokenizer())
 
 
 def sd15_unet_config() -> dict[str, Any]:

@@ -89,7 +89,10 @@ def _offsets(tokenizer: Any, prompt: str) -> list[tuple[int, int]]:
 
 
 def _is_boundary(text: str, start: int, end: int) -> bool:
-    """Whether text[start:end] neither starts nor ends inside a word."""
+    """Whether text[start:end] neither starts nor ends inside a word. A sentencepiece word-start
+    token ("▁dog", T5's) may carry the space before its word in its character span."""
+    while start < end and text[start].isspace():
+        start += 1
     return (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum())
 
 

@@ -1,0 +1,379 @@
+"""The recorder for diffusion transformers: Stable Diffusion 3 / 3.5 (MMDiT) and FLUX.
+
+A DiT has no cross-attention: image and text tokens attend to each other in one softmax, "joint
+attention". A word's map is the attention of the image queries to that word's text keys, a softmax
+over *all* keys, image and text, as the model computes it. The recorder gets exactly those
+probabilities without holding the queries × keys matrix (at 1024 px FLUX, 4096 × 4608 per head): a
+second fused ``scaled_dot_product_attention`` over the same queries and keys, whose values are one-hot
+at the recorded text columns, returns softmax(QKᵀ·scale)[:, columns], in queries × head_dim memory.
+Heads are averaged, then the recorded blocks and steps, in one buffer added to in place.
+
+Hooked only through diffusers' processor API: the stock processors (``JointAttnProcessor2_0``,
+``FluxAttnProcessor``) are replaced by recording twins that compute the layer's output with the same
+calls, and set back on exit. The text columns: SD3's joint context is CLIP's 77 tokens (both CLIP
+encoders, side by side in the features) then T5's; FLUX's is T5's alone (CLIP gives only the pooled
+vector). Each part's words are found with its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+
+from .attention import AttentionRecorder, RecorderError, split_heads
+from .errors import ConfigError
+from .tokens import class_token_indices
+
+#: Which text tokens give a word's map on SD3 (FLUX has only T5's): both parts, or one.
+TEXT_PARTS = ("both", "clip", "t5")
+
+#: The recorder options that only diffusion transformers take.
+DIT_OPTIONS = ("block_window", "text_tokens")
+
+#: The blocks recorded by default, as fractions of the depth: the middle third. Each recorded block
+#: costs about one more attention; this window keeps the recorder within 10 % of generation time.
+DEFAULT_BLOCK_WINDOW = (1 / 3, 2 / 3)
+
+
+def _flux_parts() -> tuple[type, Callable[..., Any], Callable[..., Any]] | None:
+    """FLUX's processor class, rotary embedding and attention dispatch (None where diffusers lacks them)."""
+    try:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    except ImportError:
+        return None
+    return FluxAttnProcessor, apply_rotary_emb, dispatch_attention_fn
+
+
+def is_transformer_pipeline(pipe: Any) -> bool:
+    """Whether the pipeline denoises with a transformer (SD3, FLUX) rather than a UNet."""
+    return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+
+
+def _is_flux(transformer: torch.nn.Module) -> bool:
+    return hasattr(transformer, "single_transformer_blocks")
+
+
+def joint_layers(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The joint-attention modules in forward order, keyed by processor name: SD3's blocks (not SD3.5's
+    image-only second attention), FLUX's double- then single-stream blocks."""
+    layers = {}
+    for name, module in transformer.named_modules():
+        if not hasattr(module, "processor") or not name.endswith("attn"):
+            continue
+        joint = getattr(module, "add_k_proj", None) is not None or name.startswith("single_transformer_blocks.")
+        if joint:
+            layers[f"{name}.processor"] = module
+    return layers
+
+
+class TextLayout:
+    """Where each part of the joint context sits among the transformer's text columns, and how to find
+    a word's columns in it."""
+
+    def __init__(self, pipe: Any, text: str):
+        if text not in TEXT_PARTS:
+            raise ConfigError(f"text_tokens must be one of {TEXT_PARTS}, not {text!r}")
+        self.segments: list[tuple[Any, int]] = []  # (tokenizer, first column)
+        if _is_flux(pipe.transformer):
+            if text == "clip":
+                raise ConfigError("FLUX's transformer reads only T5's tokens; use text_tokens='t5' (or 'both')")
+            self.segments.append((pipe.tokenizer_2, 0))
+            return
+        t5 = getattr(pipe, "tokenizer_3", None) if getattr(pipe, "text_encoder_3", None) is not None else None
+        if text == "t5" and t5 is None:
+            raise ConfigError("this SD3 pipeline runs without its T5 encoder, so its T5 columns are zeros; "
+                              "use text_tokens='clip'")
+        if text in ("both", "clip"):
+            self.segments.append((pipe.tokenizer, 0))
+        if text in ("both", "t5") and t5 is not None:
+            self.segments.append((t5, int(getattr(pipe, "tokenizer_max_length", 77))))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.segments[0][0]
+
+    def locate(self, prompt: str, words: Sequence[str]) -> dict[str, list[int]]:
+        """Each word's text columns: its tokens in every recorded part of the context."""
+        found: dict[str, list[int]] = {w: [] for w in words}
+        for tokenizer, offset in self.segments:
+            for word, positions in class_token_indices(tokenizer, prompt, words).items():
+                found[word] += [offset + p for p in positions]
+        return found
+
+
+class JointRecordingProcessor:
+    """SD3's ``JointAttnProcessor2_0`` that also hands its queries and keys to the recorder."""
+
+    def __init__(self, recorder: JointAttentionRecorder, name: str):
+        self.recorder = recorder
+        self.name = name
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        # Mirrors diffusers' JointAttnProcessor2_0 so the layer's output is unchanged.
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+        query, key, value = split_heads(attn, batch_size, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                        attn.to_v(hidden_states))
+        head_dim = key.shape[-1]
+        if encoder_hidden_states is not None:
+            context = [projection(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+                       for projection in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+            if attn.norm_added_q is not None:
+                context[0] = attn.norm_added_q(context[0])
+            if attn.norm_added_k is not None:
+                context[1] = attn.norm_added_k(context[1])
+            query = torch.cat([query, context[0]], dim=2)
+            key = torch.cat([key, context[1]], dim=2)
+            value = torch.cat([value, context[2]], dim=2)
+            self.recorder._record_joint(self.name, query, key, images=slice(0, residual.shape[1]),
+                                        text_start=residual.shape[1])
+
+        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (hidden_states[:, : residual.shape[1]],
+                                                    hidden_states[:, residual.shape[1]:])
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class FluxRecordingProcessor:
+    """FLUX's ``FluxAttnProcessor`` (double- and single-stream blocks) that also hands its queries and keys
+    to the recorder. The attention backend the model was set to is kept."""
+
+    def __init__(self, recorder: JointAttentionRecorder, name: str, original: Any):
+        self.recorder = recorder
+        self.name = name
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: torch.Tensor | None = None) -> Any:
+        # Mirrors diffusers' FluxAttnProcessor (unfused projections: fused ones are refused at attach).
+        _, apply_rotary_emb, dispatch_attention_fn = _flux_parts()
+        query = attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim))
+        key = attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim))
+        value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        text = self.recorder._text_length
+        self.recorder._record_joint(self.name, query.transpose(1, 2), key.transpose(1, 2),
+                                    images=slice(text, None), text_start=0)
+
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                              backend=self._attention_backend, parallel_config=self._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def text_probabilities(query: torch.Tensor, key: torch.Tensor, value_columns: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√d) over every key, at some key columns, averaged over heads: (n, queries, columns).
+
+    ``value_columns`` (n, keys, c) is one-hot: row k has a 1 in column j where key k is the j-th
+    recorded column. Attention with those values is Σₖ pₖ·onehotₖ, the probabilities at those columns,
+    from the fused kernel. The values go in groups as wide as a head, the width every fused kernel takes.
+    """
+    n, heads, _, width = query.shape
+    parts = []
+    for start in range(0, value_columns.shape[-1], width):
+        values = value_columns[..., start:start + width]
+        used = values.shape[-1]
+        if used < width:
+            values = F.pad(values, (0, width - used))
+        values = values[:, None].expand(n, heads, *values.shape[1:])
+        out = F.scaled_dot_product_attention(query, key, values.to(query.dtype))
+        parts.append(out.float().mean(dim=1)[..., :used])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class JointAttentionRecorder(AttentionRecorder):
+    """:class:`AttentionRecorder` for a pipeline with a ``transformer`` (SD3 / 3.5, FLUX).
+
+    Besides the recorder's options: ``block_window`` (start, stop) as fractions of the depth, the
+    joint blocks recorded (default: the middle third; ``layers`` prefixes select blocks by name
+    instead), and ``text_tokens`` ("both", "clip" or "t5": which parts of SD3's context give a word's
+    map; FLUX has only T5). ``self_attention`` records the image-to-image attention (a softmax over the
+    image keys) of the window's middle block, averaged over cells to a grid of at most
+    ``self_attention_max`` a side.
+    """
+
+    def __init__(self, pipe: Any, prompts: str | Sequence[str] | None = None,
+                 classes: Sequence[str] | Sequence[Sequence[str]] | None = None,
+                 block_window: tuple[float, float] | None = None, text_tokens: str = "both", **options: Any):
+        self.layout = TextLayout(pipe, text_tokens)
+        self.block_window = DEFAULT_BLOCK_WINDOW if block_window is None else tuple(block_window)
+        start, stop = self.block_window
+        if not 0 <= start < stop <= 1:
+            raise ConfigError(f"block_window must be two fractions 0 <= start < stop <= 1, got {block_window}")
+        self._text_length = 0
+        self._cond_context: int | None = None  # data_ptr of the conditional branch's text states (FLUX true CFG)
+        self._recording = True
+        self._value_columns: dict[tuple[int, int, torch.dtype, str], torch.Tensor] = {}
+        super().__init__(pipe, prompts, classes, **options)
+        self._self_layer = self.layers[len(self.layers) // 2] if self.self_attention_factor else None
+
+    # ------------------------------------------------------------------ what the base class asks
+    @staticmethod
+    def _backbone(pipe: Any) -> torch.nn.Module:
+        return pipe.transformer
+
+    def _locate(self, prompt: str, words: Sequence[str]) -> dict[str, list[int]]:
+        return self.layout.locate(prompt, words)
+
+    def _select_layers(self, prefixes: Sequence[str] | None) -> list[str]:
+        layers = list(joint_layers(self.model))
+        if not layers:
+            raise RecorderError("this transformer has no joint-attention layers; nothing to record")
+        if prefixes is not None:
+            chosen = [n for n in layers if any(n.startswith(p) for p in prefixes)]
+            if not chosen:
+                raise ConfigError(f"no joint-attention layer matches {list(prefixes)}; layers are {layers}")
+            return chosen
+        start, stop = self.block_window
+        first, last = int(math.floor(start * len(layers))), int(math.ceil(stop * len(layers)))
+        return layers[first:max(last, first + 1)]
+
+    def _self_attention_layers(self) -> list[str]:
+        return []  # recorded inside the joint layers' own processors
+
+    def _check_processors(self) -> None:
+        flux = _flux_parts()
+        stock = (flux[0],) if _is_flux(self.model) and flux else (JointAttnProcessor2_0,)
+        modules = joint_layers(self.model)
+        for name in self.layers:
+            proc = self.model.attn_processors[name]
+            if type(proc) not in stock or getattr(modules[name], "fused_projections", False):
+                raise RecorderError(
+                    f"layer {name} uses {type(proc).__name__}"
+                    f"{' with fused QKV projections' if type(proc) in stock else ''}, whose arithmetic the "
+                    f"recorder does not reproduce (it records {', '.join(s.__name__ for s in stock)}); call "
+                    "pipe.transformer.set_default_attn_processor() (or pipe.unfuse_qkv_projections()) "
+                    "before recording"
+                )
+
+    def _processor(self, name: str) -> Any:
+        if _is_flux(self.model):
+            return FluxRecordingProcessor(self, name, self.model.attn_processors[name])
+        return JointRecordingProcessor(self, name)
+
+    def _patch(self) -> int:
+        """Latent pixels per token side: SD3's patch size; FLUX packs 2x2 latents into a token."""
+        return 2 if _is_flux(self.model) else int(self.model.config.patch_size)
+
+    def _image_size(self) -> tuple[int, int]:
+        scale = int(getattr(self.pipe, "vae_scale_factor", 1)) * self._patch()
+        return self._latent_hw[0] * scale, self._latent_hw[1] * scale
+
+    def _self_attention_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """latent/F as for a UNet (SD3 at 1024 px, F 2: 64x64, halved to 32x32), never finer than the tokens."""
+        patch = self._patch()
+        h, w = super()._self_attention_grid((grid[0] * patch, grid[1] * patch))
+        return min(h, grid[0]), min(w, grid[1])
+
+    # ------------------------------------------------------------------ recording
+    def _on_model_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if context is None:
+            raise RecorderError("the transformer was called without encoder_hidden_states; nothing to record")
+        if _is_flux(self.model):
+            # FLUX with true CFG runs the negative prompt as a second call per step: only the first
+            # branch (the prompt's; compared by storage, never by value on the device) is recorded.
+            if self._cond_context is None:
+                self._cond_context = context.data_ptr()
+            self._recording = context.data_ptr() == self._cond_context
+            if not self._recording:
+                return
+            if self._latent_hw is None or self._latent_hw[0] * self._latent_hw[1] != hidden.shape[1]:
+                ids = kwargs.get("img_ids")
+                if ids is None:
+                    raise RecorderError("FLUX's transformer was called without img_ids; cannot place its tokens")
+                ids = ids.reshape(-1, ids.shape[-1])
+                self._latent_hw = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+                self._self_hw = self._self_attention_grid(self._latent_hw) if self.self_attention_factor else None
+        else:
+            patch = int(self.model.config.patch_size)
+            grid = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
+            if self._latent_hw != grid:
+                self._latent_hw = grid
+                self._self_hw = self._self_attention_grid(grid) if self.self_attention_factor else None
+        self._text_length = context.shape[1]
+        self._count_call(hidden, kwargs.get("timestep"))
+
+    def _columns_as_values(self, keys: int, text_start: int, like: torch.Tensor) -> torch.Tensor:
+        """The one-hot values (n, keys, columns) of the recorded text columns, built once per shape."""
+        cache_key = (keys, text_start, like.dtype, str(like.device))
+        values = self._value_columns.get(cache_key)
+        if values is None:
+            index = self._column_index
+            if index is None:  # every text column
+                index = torch.arange(self._text_length, device=like.device).expand(self.num_images, -1)
+            n, width = index.shape
+            values = torch.zeros(n, keys, width, dtype=like.dtype, device=like.device)
+            values[torch.arange(n, device=like.device)[:, None], index + text_start,
+                   torch.arange(width, device=like.device)[None, :]] = 1
+            self._value_columns = {cache_key: values}
+        return values
+
+    def _record_joint(self, name: str, query: torch.Tensor, key: torch.Tensor, images: slice, text_start: int) -> None:
+        """One joint layer's call: query and key are (batch, heads, tokens, head_dim), text and image."""
+        if not self._recording or not self._in_window():
+            return
+        self._check_started()
+        cond = self._cond
+        query_images, key = query[cond, :, images], key[cond]
+        values = self._columns_as_values(key.shape[2], text_start, key)
+        picked = text_probabilities(query_images, key, values)
+        grid = self._latent_hw
+        if picked.shape[1] != grid[0] * grid[1]:
+            raise RecorderError(f"layer {name} has {picked.shape[1]} image tokens, not the {grid[0]}x{grid[1]} grid")
+        self._accumulate(grid, picked)
+        if name == self._self_layer:
+            self._record_image_attention(query_images, key[:, :, images])
+
+    def _record_image_attention(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Image-to-image attention of one block, softmax over image keys, pooled to the recorded grid:
+        a query cell's row is the mean of its tokens' rows, a key cell's column the sum of its tokens'."""
+        scale = query.shape[-1] ** -0.5
+        mean = self._mean_probabilities(scale, query, key)  # (n, hw, hw)
+        (h, w), (gh, gw) = self._latent_hw, self._self_hw
+        if (h, w) != (gh, gw):
+            if h % gh or w % gw:
+                raise RecorderError(f"the {h}x{w} token grid does not pool to a {gh}x{gw} self-attention grid")
+            fh, fw = h // gh, w // gw
+            n = mean.shape[0]
+            mean = mean.reshape(n, gh, fh, gw, fw, gh, fh, gw, fw).mean(dim=(2, 4)).sum(dim=(4, 6))
+            mean = mean.reshape(n, gh * gw, gh * gw)
+        self._accumulate_self((gh, gw), mean)

@@ -1,0 +1,228 @@
+"""The diffusion-transformer recorder (SD3, FLUX) against a reference that computes every joint-attention
+probability with an explicit softmax and aggregates by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffumask.attention import RecorderError, trace, word_locator
+from diffumask.errors import ConfigError
+from diffumask.joint_attention import JointAttentionRecorder, joint_layers, text_probabilities
+from diffumask.models import auto_dtype, load_pipeline
+from diffumask.tokens import PromptError
+
+PROMPTS = ["a photo of a dog on a sofa", "an aeroplane over a red tree"]
+CLASSES = [["dog", "sofa"], ["aeroplane", "tree"]]
+
+
+@pytest.fixture(scope="module")
+def pipes(saved_transformers):
+    loaded = {}
+    for kind, folder in saved_transformers.items():
+        pipe = load_pipeline(folder)
+        pipe.set_progress_bar_config(disable=True)
+        loaded[kind] = pipe
+    return loaded
+
+
+def run(pipe, prompts, seeds, steps=2, **call):
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    call.setdefault("guidance_scale", 3.0)
+    return pipe(prompts, height=32, width=32, num_inference_steps=steps, generator=generators,
+                output_type="np", **call).images
+
+
+class KeepQueriesAndKeys(JointAttentionRecorder):
+    """The recorder's processors, but each joint call's queries and keys are kept instead of reduced."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def _record_joint(self, name, query, key, images, text_start):
+        if self._recording:
+            self.calls.append((name, self._step, query.detach().clone(), key.detach().clone(), images, text_start))
+
+
+def by_hand(calls, image, n_images, columns, keep=lambda name, step: True):
+    """(len(columns), tokens): softmax over every key, conditional row, image queries, the columns, mean
+    over heads, then over the kept calls."""
+    per_call = []
+    for name, step, query, key, images, text_start in calls:
+        if not keep(name, step):
+            continue
+        row = n_images + image if query.shape[0] == 2 * n_images else image
+        scores = query[row].double() @ key[row].double().transpose(-1, -2) / query.shape[-1] ** 0.5
+        probs = torch.softmax(scores, dim=-1)[:, images]  # (heads, image tokens, keys)
+        per_call.append(probs[..., [text_start + c for c in columns]].mean(0).T.numpy())
+    return np.mean(per_call, axis=0)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_recorder_matches_reference(pipes, kind):
+    pipe = pipes[kind]
+    window = (0.0, 1.0)
+    with KeepQueriesAndKeys(pipe, PROMPTS, CLASSES, block_window=window) as reference:
+        expected_images = run(pipe, PROMPTS, [1, 2], steps=3)
+    with trace(pipe, PROMPTS, CLASSES, block_window=window, steps=(1, 3)) as recorder:
+        images = run(pipe, PROMPTS, [1, 2], steps=3)
+    np.testing.assert_array_equal(images, expected_images)
+    assert len(recorder.layers) == len(joint_layers(pipe.transformer)) == 4
+    for i, maps in enumerate(recorder.maps()):
+        grid = maps.attention[8]  # 32 px: a 16x16 latent, 8x8 tokens
+        hand = by_hand(reference.calls, i, 2, maps.columns, keep=lambda name, step: step >= 1)
+        np.testing.assert_allclose(grid.reshape(len(maps.columns), -1), hand, rtol=1e-4, atol=1e-6)
+        assert maps["dog" if i == 0 else "tree"].shape == (32, 32)
+
+
+def test_sd3_records_clip_and_t5_columns(pipes):
+    """SD3's context is CLIP's 77 columns then T5's; each part's words are found with its own tokenizer
+    ("aeroplane": one CLIP token, ▁aero|plane in T5)."""
+    pipe = pipes["sd3"]
+    both = word_locator(pipe)(PROMPTS[1], ["aeroplane", "tree"])
+    clip = word_locator(pipe, text_tokens="clip")(PROMPTS[1], ["aeroplane", "tree"])
+    t5 = word_locator(pipe, text_tokens="t5")(PROMPTS[1], ["aeroplane", "tree"])
+    t5_ids = pipe.tokenizer_3(PROMPTS[1]).input_ids
+    assert [pipe.tokenizer_3.convert_ids_to_tokens(t5_ids[c - 77]) for c in t5["aeroplane"]] == ["▁aero", "plane"]
+    assert all(c < 77 for c in clip["tree"]) and all(c >= 77 for c in t5["tree"])
+    assert both == {w: clip[w] + t5[w] for w in both}
+    with trace(pipe, PROMPTS[1], ["aeroplane"], text_tokens="t5") as recorder:
+        run(pipe, [PROMPTS[1]], [0])
+    assert recorder.maps()[0].columns == t5["aeroplane"]
+    with pytest.raises(ConfigError, match="T5"):
+        trace(pipes["flux"], PROMPTS[0], ["dog"], text_tokens="clip")
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_batch_equals_single(pipes, kind):
+    pipe = pipes[kind]
+    with trace(pipe, PROMPTS, CLASSES) as together:
+        run(pipe, PROMPTS, [1, 2])
+    batch = together.maps()
+    for i, prompt in enumerate(PROMPTS):
+        with trace(pipe, prompt, CLASSES[i]) as alone:
+            run(pipe, [prompt], [i + 1])
+        for name in CLASSES[i]:
+            np.testing.assert_allclose(batch[i][name], alone.maps()[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_flux_true_cfg_records_the_prompt_branch_only(pipes):
+    """With a negative prompt and true_cfg_scale > 1 FLUX calls its transformer twice a step; the first
+    step's maps (the same latents either way) must not change."""
+    pipe = pipes["flux"]
+    with trace(pipe, PROMPTS[0], ["dog"]) as plain:
+        run(pipe, [PROMPTS[0]], [0], steps=1)
+    with trace(pipe, PROMPTS[0], ["dog"]) as guided:
+        run(pipe, [PROMPTS[0]], [0], steps=1, negative_prompt=["a blue car"], true_cfg_scale=4.0)
+    np.testing.assert_allclose(guided.maps()[0].attention[8], plain.maps()[0].attention[8], rtol=1e-5, atol=1e-7)
+    assert guided._step == 0  # one recorded call: the negative branch is not counted as a step
+
+
+def test_every_word_form(pipes):
+    pipe = pipes["flux"]
+    with trace(pipe) as recorder:
+        run(pipe, [PROMPTS[0]], [0])
+    maps = recorder.maps()[0]
+    assert maps.prompt == PROMPTS[0] and maps["sofa"].shape == (32, 32)
+    with trace(pipe, PROMPTS[0], ["sofa"]) as chosen:
+        run(pipe, [PROMPTS[0]], [0])
+    np.testing.assert_allclose(maps["sofa"], chosen.maps()[0]["sofa"], rtol=1e-4, atol=1e-5)
+
+
+def test_block_window(pipes):
+    pipe = pipes["flux"]
+    names = list(joint_layers(pipe.transformer))
+    assert names[:2] == ["transformer_blocks.0.attn.processor", "transformer_blocks.1.attn.processor"]
+    assert trace(pipe, PROMPTS[0], ["dog"]).layers == names[1:3]  # the default: the middle third of 4
+    assert trace(pipe, PROMPTS[0], ["dog"], block_window=(0.5, 1.0)).layers == names[2:]
+    assert trace(pipe, PROMPTS[0], ["dog"], layers=["single_"]).layers == names[2:]
+    with pytest.raises(ConfigError, match="block_window"):
+        trace(pipe, PROMPTS[0], ["dog"], block_window=(0.6, 0.2))
+    with pytest.raises(ConfigError, match="diffusion transformers"):
+        from diffumask.testing import tiny_pipeline
+        trace(tiny_pipeline("sd1"), PROMPTS[0], ["dog"], block_window=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_self_attention_matches_reference(pipes, kind):
+    """The middle recorded block's image-to-image attention, softmax over image keys, pooled to 4x4 cells."""
+    pipe = pipes[kind]
+    with KeepQueriesAndKeys(pipe, PROMPTS[0], ["dog"], block_window=(0.0, 1.0)) as reference:
+        run(pipe, [PROMPTS[0]], [0])
+    with trace(pipe, PROMPTS[0], ["dog"], block_window=(0.0, 1.0), self_attention=2, self_attention_max=4) as recorder:
+        run(pipe, [PROMPTS[0]], [0])
+    maps = recorder.maps()[0]
+    assert maps.self_attention_grid == (4, 4)
+    middle = recorder.layers[2]
+    rows = []
+    for name, _, query, key, images, _ in reference.calls:
+        if name != middle:
+            continue
+        row = query.shape[0] - 1  # the conditional image (SD3 batches [uncond; cond])
+        q, k = query[row][:, images].double(), key[row][:, images].double()
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(0)  # (64, 64)
+        cell = torch.zeros(64, 16, dtype=torch.float64)  # token (y, x) of the 8x8 grid -> cell (y//2, x//2)
+        for y in range(8):
+            for x in range(8):
+                cell[y * 8 + x, (y // 2) * 4 + x // 2] = 1
+        rows.append((cell.T @ probs @ cell / 4).numpy())  # a cell's row: mean of its 4 tokens' rows, summed keys
+    np.testing.assert_allclose(maps.self_attention, np.mean(rows, axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(maps.self_attention.sum(1), 1.0, rtol=1e-5)
+
+
+def test_text_probabilities_in_head_wide_groups():
+    """More recorded columns than a head is wide: the one-hot values go in several groups."""
+    rng = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 3, 10, 4, generator=rng), torch.randn(2, 3, 20, 4, generator=rng)
+    columns = torch.tensor([[3, 5, 7, 9, 11, 13], [0, 1, 2, 17, 18, 19]])
+    values = torch.zeros(2, 20, 6)
+    values[torch.arange(2)[:, None], columns, torch.arange(6)[None]] = 1
+    expected = torch.softmax(query.double() @ key.double().transpose(-1, -2) / 2, dim=-1).mean(1)
+    expected = torch.stack([expected[i][:, columns[i]] for i in range(2)]).float()
+    torch.testing.assert_close(text_probabilities(query, key, values), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_processors_are_refused(saved_transformers):
+    for kind in ("sd3", "flux"):
+        pipe = load_pipeline(saved_transformers[kind])
+        pipe.transformer.fuse_qkv_projections()
+        with pytest.raises(RecorderError, match="fused|Fused"):
+            trace(pipe, PROMPTS[0], ["dog"]).attach()
+
+
+def test_prompt_errors_come_before_denoising(pipes):
+    with pytest.raises(PromptError, match="hotdog"):
+        trace(pipes["sd3"], "a sheepdog eating a hotdog", ["dog"])
+    with pytest.raises(RecorderError, match="different prompts"):
+        with trace(pipes["sd3"], PROMPTS[0], ["dog"]):
+            run(pipes["sd3"], [PROMPTS[0]], [0], prompt_3=["a cat on a mat"])
+
+
+def test_auto_dtype(saved_transformers, saved_pipelines):
+    assert auto_dtype(saved_transformers["flux"], "cuda") == "bfloat16"
+    assert auto_dtype(saved_transformers["sd3"], "cuda") == "bfloat16"
+    assert auto_dtype(saved_pipelines["sd1"], "cuda") == "float16"
+    assert auto_dtype("black-forest-labs/FLUX.1-dev", "cuda") == "bfloat16"
+    assert auto_dtype("stabilityai/stable-diffusion-3.5-medium", "cuda:1") == "bfloat16"
+    assert auto_dtype("stabilityai/stable-diffusion-3.5-medium", "cpu") == "float32"
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_generate_and_refine_a_transformer_dataset(saved_transformers, tmp_path, kind):
+    from diffumask.dataset import Dataset
+    from diffumask.generate import GenerateConfig, generate_dataset
+    from diffumask.refine import RefineConfig, refine_dataset
+    from diffumask.softmaps import unpack
+
+    config = GenerateConfig(classes=["dog", "cat"], out=str(tmp_path / "data"), model=saved_transformers[kind],
+                            images_per_class=1, steps=2, size=32, batch_size=2, block_window=(0.0, 1.0))
+    dataset = generate_dataset(config, progress=False)
+    records = dataset.records()
+    assert [r["classes"] for r in records] == [["dog"], ["cat"]]
+    assert all(r["resolutions"] == [8] for r in records)
+    arrays = unpack(np.load(dataset.root / "SoftMaps" / f"{records[0]['id']}.npz"))
+    assert arrays["dog"].shape == (32, 32) and "__self__@8" in arrays
+    refine_dataset(dataset.root, RefineConfig(method="propagate"), progress=False, workers=1)
+    assert len(Dataset(dataset.root).records()) == 2
