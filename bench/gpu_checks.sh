@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The README's GPU figures in one short run on one GPU (a few minutes on an H100):
-#   recorder  the recorder's cost: SD-1.5 shape at 512 px fp16 batch 8, SDXL 1.0 shape at 1024 px;
+#   recorder  the recorder's cost: SD-1.5 shape at 512 px fp16 batch 8 (as generate runs it, and without the
+#             self-attention), SDXL 1.0 shape at 1024 px;
+#   dit       the joint-attention recorder's cost, full depth, bf16, 1024 px: SD3-medium and FLUX.1 shapes;
 #   generate  `diffumask generate` at 512 px on a saved SD-1.5-shaped pipeline (its defaults: 50 steps),
 #             and the soft maps' bytes per item;
 #   refine    `diffumask refine` per image on that dataset, each method (bench/bench_refine_gpu.py);
 #   train     the r50 Mask2Former's training throughput at crop 512, batch 16, bf16, on that dataset.
 # Weights are random (nothing can be downloaded), so the figures are costs, not mask quality.
 #
-#   bash bench/gpu_checks.sh OUT [PARTS]   # PARTS: any of "recorder generate refine train" (default: all);
+#   bash bench/gpu_checks.sh OUT [PARTS]   # PARTS: any of "recorder dit generate refine train" (default: all);
 #                                          # refine and train need generate. Needs diffusers, transformers and
 #                                          # open_clip_torch (CLIP's tokenizer file) importable, pydensecrf2 for
 #                                          # the CRF rows. Each part's figures go to OUT/<part>.txt, logs to
 #                                          # OUT/stderr.log.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_checks.sh OUT [PARTS]}
-parts=${2:-recorder generate refine train}
+parts=${2:-recorder dit generate refine train}
 mkdir -p "$out"
 work=${WORK:-$(mktemp -d)}  # WORK: keep generate's dataset for a later call
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -31,9 +33,20 @@ if want recorder; then
     stamp "recorder, SD-1.5 shape, 512 px, fp16, batch 8, 20 steps"
     python3 bench/bench_recorder.py --device cuda --dtype float16 --sizes 512 --batch 8 --steps 20 --pairs 3 \
         | tee "$out/recorder_sd15.txt"
+    stamp "recorder without self-attention, SD-1.5 shape, 512 px, fp16, batch 8, 20 steps"
+    python3 bench/bench_recorder.py --device cuda --dtype float16 --sizes 512 --batch 8 --steps 20 \
+        --self-attention none --no-memory --pairs 2 | tee "$out/recorder_sd15_no_self.txt"
     stamp "recorder, SDXL shape, 1024 px, fp16, batch 2, 20 steps"
     python3 bench/bench_recorder.py --model sdxl --device cuda --dtype float16 --sizes 1024 --batch 2 --steps 20 \
         --pairs 2 | tee "$out/recorder_sdxl.txt"
+fi
+
+if want dit; then
+    for model in sd3 flux; do
+        stamp "recorder, $model shape, full depth, 1024 px, bf16, 10 steps"
+        python3 bench/bench_recorder.py --model $model --device cuda --dtype bfloat16 --sizes 1024 --steps 10 \
+            --pairs 3 | tee "$out/recorder_$model.txt"
+    done
 fi
 
 if want generate; then
