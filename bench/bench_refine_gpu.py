@@ -1,6 +1,6 @@
 """`refine`'s cost per image on a dataset made elsewhere (e.g. 512 px by bench/gpu_checks.sh), per method.
 
-    python bench/bench_refine_gpu.py DATASET [--methods threshold,propagate] [--repeat 1]
+    python bench/bench_refine_gpu.py DATASET [--methods threshold,propagate] [--workers N] [--device cuda]
 
 Each method runs on a copy of the dataset (the original keeps its masks), every item, through
 ``refine_dataset``; seconds per image exclude the AffinityNet's seeds and training, printed apart.
@@ -13,7 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from diffumask.models import default_device
 from diffumask.refine import RefineConfig, refine_dataset
+from diffumask.workers import available_cores
 
 #: (row name, RefineConfig options)
 ROWS = {
@@ -31,12 +33,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--methods", default=",".join(ROWS), help=f"rows to run (default: all: {','.join(ROWS)})")
+    parser.add_argument("--workers", type=int, default=available_cores(),
+                        help="CPU worker processes, as `diffumask refine` defaults to (default: the cores available)")
+    parser.add_argument("--device", default=default_device(), help="refine's --device (default: cuda if available)")
     args = parser.parse_args()
+    print(f"refine on {args.device} with {args.workers} workers", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         for row in args.methods.split(","):
             copy = Path(scratch) / row
             shutil.copytree(args.dataset, copy)
-            result = refine_dataset(copy, RefineConfig(**ROWS[row]), progress=False)
+            result = refine_dataset(copy, RefineConfig(**ROWS[row]), progress=False, device=args.device,
+                                    workers=args.workers)
             per_image = result.seconds / max(result.refined, 1)
             extra = f"; AffinityNet seeds + training {result.train_seconds:.1f} s" if result.train_seconds else ""
             print(f"{row:14s} {per_image * 1000:8.1f} ms/image over {result.refined} images{extra}", flush=True)

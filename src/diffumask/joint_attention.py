@@ -32,6 +32,10 @@ from .tokens import class_token_indices
 #: Which text tokens give a word's map on SD3 (FLUX has only T5's): both parts, or one.
 TEXT_PARTS = ("both", "clip", "t5")
 
+#: Bytes of scores and probabilities the self-attention may take at once (bands of query rows, groups of
+#: heads): at 1024 px the whole float32 matrix is 1.5 GiB for 24 heads.
+SELF_ATTENTION_BYTES = 256 << 20
+
 #: The recorder options that only diffusion transformers take.
 DIT_OPTIONS = ("block_window", "text_tokens")
 
@@ -241,6 +245,7 @@ class JointAttentionRecorder(AttentionRecorder):
         self._cond_context: int | None = None  # data_ptr of the conditional branch's text states (FLUX true CFG)
         self._recording = True
         self._value_columns: dict[tuple[int, int, torch.dtype, str], torch.Tensor] = {}
+        self.self_attention_bytes = SELF_ATTENTION_BYTES
         super().__init__(pipe, prompts, classes, **options)
         self._self_layer = self.layers[len(self.layers) // 2] if self.self_attention_factor else None
 
@@ -365,15 +370,22 @@ class JointAttentionRecorder(AttentionRecorder):
 
     def _record_image_attention(self, query: torch.Tensor, key: torch.Tensor) -> None:
         """Image-to-image attention of one block, softmax over image keys, pooled to the recorded grid:
-        a query cell's row is the mean of its tokens' rows, a key cell's column the sum of its tokens'."""
+        a query cell's row is the mean of its tokens' rows, a key cell's column the sum of its tokens'.
+        Computed a band of cell rows at a time, so at most ``self_attention_bytes`` of scores exist at once
+        (the whole matrix at 1024 px is 4096² per head)."""
         scale = query.shape[-1] ** -0.5
-        mean = self._mean_probabilities(scale, query, key)  # (n, hw, hw)
         (h, w), (gh, gw) = self._latent_hw, self._self_hw
-        if (h, w) != (gh, gw):
-            if h % gh or w % gw:
-                raise RecorderError(f"the {h}x{w} token grid does not pool to a {gh}x{gw} self-attention grid")
-            fh, fw = h // gh, w // gw
-            n = mean.shape[0]
-            mean = mean.reshape(n, gh, fh, gw, fw, gh, fh, gw, fw).mean(dim=(2, 4)).sum(dim=(4, 6))
-            mean = mean.reshape(n, gh * gw, gh * gw)
-        self._accumulate_self((gh, gw), mean)
+        if h % gh or w % gw:
+            raise RecorderError(f"the {h}x{w} token grid does not pool to a {gh}x{gw} self-attention grid")
+        fh, fw = h // gh, w // gw
+        n, tokens = query.shape[0], query.shape[2]
+        band = fh * w  # the query tokens of one row of cells
+        bands = max(1, self.self_attention_bytes // (2 * 4 * n * band * tokens))
+        rows = []
+        for start in range(0, gh, bands):
+            stop = min(gh, start + bands)
+            part = self._mean_probabilities(scale, query[:, :, start * band:stop * band], key,
+                                            limit=self.self_attention_bytes)
+            part = part.reshape(n, stop - start, fh, gw, fw, gh, fh, gw, fw).mean(dim=(2, 4)).sum(dim=(4, 6))
+            rows.append(part.reshape(n, (stop - start) * gw, gh * gw))
+        self._accumulate_self((gh, gw), torch.cat(rows, dim=1))
