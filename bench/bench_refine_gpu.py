@@ -42,7 +42,7 @@ def main() -> None:
         for row in args.methods.split(","):
             copy = Path(scratch) / row
             shutil.copytree(args.dataset, copy)
-            result = refine_dataset(copy, RefineConfig(**ROWS[row]), progress=False, device=args.device,
+            result = refine_dataset(copy, RefineConfig(**ROWS[row]), progress=False, redo=True, device=args.device,
                                     workers=args.workers)
             per_image = result.seconds / max(result.refined, 1)
             extra = f"; AffinityNet seeds + training {result.train_seconds:.1f} s" if result.train_seconds else ""
