@@ -239,3 +239,44 @@ def test_two_processes_under_torchrun(shapes_data, tmp_path, preset):
     assert done.stdout.count("trained ") == 1  # one process reports
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert [e["step"] for e in RunFolder(tmp_path / "run").log_entries()] == [3]
+
+
+def _one_class_dataset(root: Path, name: str, n: int = 6):
+    """Scenes of the shapes world with only their first object kept, labelled ``name``."""
+    from diffumask.dataset import Dataset
+    from diffumask.shapes.world import render_scene
+
+    dataset = Dataset.create(root, [name], {"source": "test"}, image_format="png")
+    for k in range(n):
+        scene = render_scene(500 + k, 32, num_objects=1)
+        dataset.write_item(f"{name}_{k}", scene.image, {"classes": [name], "prompt": scene.caption},
+                           mask=(scene.mask > 0).astype(np.uint8), split="train")
+    dataset.finalize()
+    return dataset
+
+
+def test_negatives_teach_what_a_one_class_run_is_not(tmp_path):
+    """A negatives dataset's pixels of the run's class keep it, its other classes become background, 255 stays;
+    its classes are not the run's."""
+    from diffumask.formats import open_source
+    from diffumask.segment.data import open_splits
+    from dataset_factory import make_dataset
+
+    dogs = _one_class_dataset(tmp_path / "dogs", "dog")
+    others = make_dataset(tmp_path / "others", n=8, splits=("train",))  # car, person, road, sky, dog, tree
+    source = open_source(str(others.root))
+    [part] = open_splits([source], "train", ["background", "dog"], negatives=True)
+    for index, item in enumerate(part.ids):
+        _, raw = source.read(item)
+        _, labels = part.read(index)
+        dog_value = next(v for v, n in source.label_names.items() if n == "dog")
+        assert np.array_equal(labels == 1, raw == dog_value)
+        assert np.array_equal(labels == 255, raw == 255)
+        assert set(np.unique(labels)) <= {0, 1, 255}
+    run = train(TrainConfig(data=[str(dogs.root)], negatives=[str(others.root)], out=str(tmp_path / "run"), steps=2,
+                            **FAST), progress=False)
+    assert read_label_map(run.root) == ["background", "dog"]
+    assert json.loads((run.root / "settings.json").read_text())["negatives"] == [str(others.root)]
+    with pytest.raises(ConfigError, match="--negatives"):
+        train(TrainConfig(data=[str(dogs.root)], negatives=[str(others.root)], weights=[1.0],
+                          out=str(tmp_path / "run2"), steps=2, **FAST), progress=False)

@@ -150,3 +150,21 @@ def test_training_command_writes_a_loadable_pipeline(tmp_path) -> None:
     assert record["steps_done"] == 2 and record["settings"]["batch_size"] == 4
     reloaded = load_pipeline(path=out)
     assert reloaded(["a star"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+def test_the_diffusion_transformer_trains_and_records(tmp_path) -> None:
+    """The SD3-shaped twin: trains (flow matching), reloads through the model loader, and the joint-attention
+    recorder reads its maps."""
+    from diffumask.attention import trace
+    from diffumask.models import load_pipeline as load_model
+
+    out = train(tmp_path / "dit", TrainSettings(steps=2, batch_size=4, warmup_steps=1, backbone="dit"))
+    record = json.loads((out / "training.json").read_text())
+    assert record["settings"]["backbone"] == "dit" and "transformer_config" in record
+    pipe = load_model(str(out))
+    assert type(pipe).__name__ == "ShapesDiTPipeline"
+    with trace(pipe, ["a red star on a plain background"], ["star"]) as recorder:
+        images = pipe(["a red star on a plain background"], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
+    maps = recorder.maps()[0]
+    assert maps["star"].shape == (32, 32) and list(maps.attention) == [16]

@@ -404,6 +404,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    "and swin-b)")
     p.add_argument("--init-from", help="pretrained weights: a folder (or hub id, when online) holding the same "
                    "segmenter or its backbone (Swin, ResNet, SegFormer MiT)")
+    p.add_argument("--negatives", nargs="+", metavar="DATA", default=[],
+                   help="datasets of other classes whose images teach what the run's classes are not: their pixels "
+                        "of the run's classes keep them, all others are background, and their classes are not added "
+                        "(a one-class run, e.g. dog, learns from cat images that a cat is not a dog); their train "
+                        "split is read (default: none)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation (default: 0)")
     p.add_argument("--device", help="cpu, cuda or mps (default: cuda if available)")
@@ -419,7 +424,7 @@ def _training_config(args: argparse.Namespace, data: list[str], out: str, split:
     return TrainConfig(
         data=data, out=out, preset=args.preset, split=split, steps=args.steps, batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, augment=args.augment, save_every=args.save_every, weights=weights,
-        init_from=args.init_from, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
+        negatives=args.negatives, init_from=args.init_from, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
         workers=args.workers,
     )
 
@@ -492,8 +497,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", nargs="+", metavar="DATA", help=_DATA_HELP)
     p.add_argument("--out", required=True, help="run folder to create or resume")
     p.add_argument("--split", default="train", help="ImageSets/Segmentation/<split>.txt of every DATA (default: train)")
-    p.add_argument("--weights", type=_floats, help="sampling weight per DATA, e.g. 1,1 for half real, half synthetic "
-                   "(default: proportional to their sizes)")
+    p.add_argument("--weights", type=_floats, help="sampling weight per DATA (then per --negatives dataset), e.g. 1,1 "
+                   "for half real, half synthetic (default: proportional to their sizes)")
     _add_training_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)

@@ -17,7 +17,6 @@ vector). Each part's words are found with its own tokenizer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -267,7 +266,7 @@ class JointAttentionRecorder(AttentionRecorder):
                 raise ConfigError(f"no joint-attention layer matches {list(prefixes)}; layers are {layers}")
             return chosen
         start, stop = self.block_window
-        first, last = int(math.floor(start * len(layers))), int(math.ceil(stop * len(layers)))
+        first, last = round(start * len(layers)), round(stop * len(layers))
         return layers[first:max(last, first + 1)]
 
     def _self_attention_layers(self) -> list[str]:

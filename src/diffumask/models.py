@@ -16,6 +16,7 @@ import torch
 from .errors import DiffumaskError
 
 BUILTIN_MODELS = ("shapes",)
+SHAPES_PIPELINES = ("ShapesPipeline", "ShapesDiTPipeline")  # folders written by diffumask.shapes.train
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SCHEDULERS = {
     "pndm": "PNDMScheduler",  # the paper's (SD 1.4's default)
@@ -169,6 +170,13 @@ def load_pipeline(
                 "StableDiffusionPipeline.from_single_file(FILE).save_pretrained(FOLDER)"
             )
         components = json.loads(index.read_text())
+        if components.get("_class_name") in SHAPES_PIPELINES:  # a shapes model trained with diffumask.shapes.train
+            from .shapes import load_pipeline as load_shapes
+
+            pipe = load_shapes(device=device, dtype=torch_dtype, path=folder)
+            if scheduler is not None:
+                set_scheduler(pipe, scheduler)
+            return pipe
         extra: dict[str, Any] = {k: v for k, v in UNUSED_COMPONENTS.items() if k in components}
         if "safety_checker" in components:
             extra["requires_safety_checker"] = False

@@ -62,14 +62,28 @@ def label_lut(source: LabelledSource, run_classes: Sequence[str]) -> np.ndarray:
     return lut
 
 
-def open_splits(sources: Sequence[LabelledSource], split: str, run_classes: Sequence[str]) -> list[SourceSplit]:
+def negative_lut(source: LabelledSource, run_classes: Sequence[str]) -> np.ndarray:
+    """For a negatives source: its pixels of the run's classes keep them, every other class is background
+    (a cat's pixels are "not dog" for a dog run), 255 stays ignored."""
+    lut = label_lut(source, run_classes)
+    known = np.zeros(256, bool)
+    known[list(source.label_names)] = True
+    lut[(lut == IGNORE_INDEX) & known] = 0
+    lut[0] = 0
+    return lut
+
+
+def open_splits(sources: Sequence[LabelledSource], split: str, run_classes: Sequence[str],
+                negatives: bool = False) -> list[SourceSplit]:
+    """Each source's items of ``split`` with its label lookup (``negatives``: see :func:`negative_lut`)."""
     parts = []
     for source in sources:
         ids = source.ids(split)
         if not ids:
             raise SourceError(f"{source.spec} has no items in split {split!r}; generate some, or choose another --split")
         source.check_labels(ids)
-        parts.append(SourceSplit(source, ids, label_lut(source, run_classes)))
+        lut = negative_lut(source, run_classes) if negatives else label_lut(source, run_classes)
+        parts.append(SourceSplit(source, ids, lut))
     return parts
 
 
@@ -134,7 +148,8 @@ class TrainingSamples(TorchDataset):
         sizes = np.array([len(p.ids) for p in parts], np.float64)
         share = sizes if weights is None else np.asarray(weights, np.float64)
         if len(share) != len(parts) or (share < 0).any() or share.sum() <= 0:
-            raise ConfigError(f"--weights needs one non-negative weight per DATA ({len(parts)}), not all zero")
+            raise ConfigError(f"--weights needs one non-negative weight per DATA and --negatives dataset "
+                              f"({len(parts)}), not all zero")
         self.probabilities = share / share.sum()
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,10 @@ class TrainConfig:
     augment: Sequence[str] | None = None
     save_every: int | None = None
     weights: Sequence[float] | None = None
+    #: Datasets whose images teach what the classes are not: their pixels of the run's classes keep them, all
+    #: other pixels are background; their classes are not the run's (a dog run with cat images as negatives).
+    negatives: Sequence[str] = ()
+    negatives_split: str = "train"
     init_from: str | None = None
     seed: int = 0
     device: str | None = None  # runtime only: cpu, cuda, mps (None: cuda when present)
@@ -70,6 +74,8 @@ class TrainConfig:
         """What a resumed run must share with the first one (not where or on what it runs)."""
         return {"data": [str(d) for d in self.data], "split": self.split, "preset_name": self.preset,
                 "preset": preset.as_dict(), "weights": None if self.weights is None else list(self.weights),
+                **({"negatives": [str(d) for d in self.negatives], "negatives_split": self.negatives_split}
+                   if self.negatives else {}),
                 "init_from": self.init_from, "seed": self.seed}
 
 
@@ -110,6 +116,7 @@ def train(config: TrainConfig, progress: bool = True,
     sources = [open_source(d) for d in config.data]
     classes = union_classes(sources)
     parts = open_splits(sources, config.split, classes)
+    parts += open_splits([open_source(d) for d in config.negatives], config.negatives_split, classes, negatives=True)
     samples = TrainingSamples(parts, config.weights, schedule.crop, schedule.scale_range, schedule.augment, config.seed)
 
     settings = config.settings(preset)

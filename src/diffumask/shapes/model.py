@@ -15,12 +15,14 @@ one-object scenes (``TrainSettings.single_object_share``), it learns which shape
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       UNet2DConditionModel)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
@@ -77,6 +79,24 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
 )
 
 
+#: The diffusion-transformer twin (``ShapesDiTPipeline``): an SD3-shaped MMDiT on the same 32 px pixels, patch
+#: 2 (16x16 tokens), joint attention between image and text tokens in every block, trained with flow matching.
+DIT_CONFIG: dict[str, Any] = dict(
+    sample_size=DEFAULT_SIZE,
+    patch_size=2,
+    in_channels=3,
+    out_channels=3,
+    num_layers=8,
+    attention_head_dim=16,
+    num_attention_heads=6,
+    joint_attention_dim=TEXT_CONFIG["hidden_size"],
+    caption_projection_dim=96,
+    pooled_projection_dim=TEXT_CONFIG["hidden_size"],
+    pos_embed_max_size=DEFAULT_SIZE // 2,
+)
+DIT_SCHEDULER_CONFIG: dict[str, Any] = dict(num_train_timesteps=1000, shift=1.0)
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer with CLIP-like behaviour: <bos> words <eos>, padded to the context."""
     vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *VOCABULARY))}
@@ -123,11 +143,20 @@ class ShapesPipeline(DiffusionPipeline):
     def do_classifier_free_guidance(self) -> bool:
         return self._guidance_scale > 1
 
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Last hidden state of the text encoder: the UNet's cross-attention context."""
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoder's last hidden state (the denoiser's context) and pooled state."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device)).last_hidden_state.to(self.unet.dtype)
+        out = self.text_encoder(ids.to(self.device))
+        return out.last_hidden_state.to(self.denoiser.dtype), out.pooler_output.to(self.denoiser.dtype)
+
+    def predict(self, model_in: torch.Tensor, t: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The denoiser's output for one step (the UNet reads only the hidden states)."""
+        return self.unet(self.scheduler.scale_model_input(model_in, t), t, encoder_hidden_states=context[0]).sample
 
     @torch.no_grad()
     def __call__(
@@ -148,37 +177,36 @@ class ShapesPipeline(DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         """Generate images; see ``StableDiffusionPipeline.__call__`` for the arguments."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        height = height or self.unet.config.sample_size
-        width = width or self.unet.config.sample_size
+        height = height or self.denoiser.config.sample_size
+        width = width or self.denoiser.config.sample_size
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         if unknown := set(tensor_inputs) - set(self._callback_tensor_inputs):
             raise ValueError(f"callback tensor inputs {sorted(unknown)} not in {self._callback_tensor_inputs}")
         self._guidance_scale = guidance_scale
         batch = len(prompts) * num_images_per_prompt
 
-        context = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
+        context = tuple(c.repeat_interleave(num_images_per_prompt, dim=0) for c in self.encode_prompt(prompts))
         if self.do_classifier_free_guidance:
             negatives = negative_prompt if negative_prompt is not None else ""
             negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
             if len(negatives) != len(prompts):
                 raise ValueError("negative_prompt must be one string or one per prompt")
-            uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, dim=0)
-            context = torch.cat([uncond, context])  # conditional half second, as in SD
+            uncond = [c.repeat_interleave(num_images_per_prompt, dim=0) for c in self.encode_prompt(negatives)]
+            context = tuple(torch.cat(pair) for pair in zip(uncond, context))  # conditional half second, as in SD
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = self.scheduler.timesteps
         if latents is None:
-            latents = randn_tensor((batch, self.unet.config.in_channels, height, width),
-                                   generator=generator, device=self.device, dtype=self.unet.dtype)
+            latents = randn_tensor((batch, self.denoiser.config.in_channels, height, width),
+                                   generator=generator, device=self.device, dtype=self.denoiser.dtype)
         else:
-            latents = latents.to(device=self.device, dtype=self.unet.dtype)
-        latents = latents * self.scheduler.init_noise_sigma
+            latents = latents.to(device=self.device, dtype=self.denoiser.dtype)
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching starts at the noise
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 model_in = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                model_in = self.scheduler.scale_model_input(model_in, t)
-                pred = self.unet(model_in, t, encoder_hidden_states=context).sample
+                pred = self.predict(model_in, t, context)
                 if self.do_classifier_free_guidance:
                     pred_uncond, pred_cond = pred.chunk(2)
                     pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
@@ -197,6 +225,40 @@ class ShapesPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
+class ShapesDiTPipeline(ShapesPipeline):
+    """The shapes world's diffusion transformer: the same text encoder, tokenizer and call, an SD3-shaped
+    ``SD3Transformer2DModel`` denoising the pixels with flow matching (Euler). The recorder reads its joint
+    attention as it reads Stable Diffusion 3's."""
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+    model_name = "shapes-dit"
+
+    def __init__(self, transformer: SD3Transformer2DModel, text_encoder: CLIPTextModel,
+                 tokenizer: PreTrainedTokenizerFast, scheduler: FlowMatchEulerDiscreteScheduler) -> None:
+        DiffusionPipeline.__init__(self)
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=scheduler)
+        self.vae_scale_factor = 1
+        self._guidance_scale = DEFAULT_GUIDANCE
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    def predict(self, model_in: torch.Tensor, t: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.transformer(hidden_states=model_in, encoder_hidden_states=context[0],
+                                pooled_projections=context[1], timestep=t.expand(model_in.shape[0])).sample
+
+
+def build_dit_pipeline(seed: int = 0) -> ShapesDiTPipeline:
+    """A freshly initialised (untrained) shapes diffusion transformer."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    return ShapesDiTPipeline(transformer=SD3Transformer2DModel(**DIT_CONFIG),
+                             text_encoder=build_text_encoder(tokenizer), tokenizer=tokenizer,
+                             scheduler=FlowMatchEulerDiscreteScheduler(**DIT_SCHEDULER_CONFIG))
+
+
 def build_pipeline(seed: int = 0) -> ShapesPipeline:
     """A freshly initialised (untrained) pipeline with the shipped architecture."""
     torch.manual_seed(seed)
@@ -208,8 +270,10 @@ def build_pipeline(seed: int = 0) -> ShapesPipeline:
 
 def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   path: str | Path = WEIGHTS_DIR) -> ShapesPipeline:
-    """Load the shipped (or another saved) shapes pipeline, offline."""
-    pipe = ShapesPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    """Load the shipped (or another saved) shapes pipeline, the UNet or the diffusion transformer, offline."""
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    kind = ShapesDiTPipeline if index.get("_class_name") == ShapesDiTPipeline.__name__ else ShapesPipeline
+    pipe = kind.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -30,7 +30,8 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
-from .model import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, ShapesPipeline, build_pipeline
+from .model import (DIT_CONFIG, DIT_SCHEDULER_CONFIG, SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, ShapesPipeline,
+                    build_dit_pipeline, build_pipeline)
 from .world import COUNT_PROBS, Scene, caption_for, render_scene
 
 #: Model-training scenes come from seeds >= 2**40; exported splits use seeds < 2**40.
@@ -61,6 +62,9 @@ class TrainSettings:
     #: steps; mostly single-object scenes teach shapes first and still show how captions compose.
     single_object_share: float = 0.85
     threads: int = 2
+    #: "unet" (the shipped model: v-prediction, min-SNR) or "dit" (an SD3-shaped transformer, flow matching
+    #: with logit-normal times, as SD3 trains)
+    backbone: str = "unet"
     save_every: int = 0  # also write snapshots to OUT/checkpoints/step_N (0: only at the end)
 
 
@@ -108,13 +112,15 @@ def train(out: str | Path, settings: TrainSettings | None = None, command: str |
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # tiny early updates otherwise make denormals: 4x slower steps
     torch.manual_seed(s.seed)
-    pipe = build_pipeline(s.seed)
-    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
-    unet.train()
+    if s.backbone not in ("unet", "dit"):
+        raise ValueError(f"backbone must be 'unet' or 'dit', not {s.backbone!r}")
+    pipe = build_pipeline(s.seed) if s.backbone == "unet" else build_dit_pipeline(s.seed)
+    denoiser, text_encoder, tokenizer = pipe.denoiser, pipe.text_encoder, pipe.tokenizer
+    denoiser.train()
     text_encoder.train()
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
                                        if k in ("num_train_timesteps", "beta_schedule", "prediction_type")})
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    params = [*denoiser.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, s.warmup_steps, s.steps)
     ema = EMAModel(params, decay=s.ema_decay)
@@ -134,12 +140,21 @@ def train(out: str | Path, settings: TrainSettings | None = None, command: str |
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         noise = torch.randn_like(images)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(images),))
-        noisy = noise_scheduler.add_noise(images, noise, t)
-        target = noise_scheduler.get_velocity(images, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids).last_hidden_state).sample
-        snr = compute_snr(noise_scheduler, t)
-        weight = snr.clamp(max=s.snr_gamma) / (snr + 1)  # min-SNR-gamma for v-prediction
+        text = text_encoder(ids)
+        if s.backbone == "unet":
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(images),))
+            noisy = noise_scheduler.add_noise(images, noise, t)
+            target = noise_scheduler.get_velocity(images, noise, t)
+            pred = denoiser(noisy, t, encoder_hidden_states=text.last_hidden_state).sample
+            snr = compute_snr(noise_scheduler, t)
+            weight = snr.clamp(max=s.snr_gamma) / (snr + 1)  # min-SNR-gamma for v-prediction
+        else:  # flow matching: x_σ = (1 - σ)·x + σ·noise, the transformer predicts noise - x
+            sigma = torch.sigmoid(torch.randn(len(images)))[:, None, None, None]
+            noisy = (1 - sigma) * images + sigma * noise
+            target = noise - images
+            pred = denoiser(hidden_states=noisy, encoder_hidden_states=text.last_hidden_state,
+                            pooled_projections=text.pooler_output, timestep=sigma.flatten() * 1000).sample
+            weight = torch.ones(len(images))
         loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,9 +184,9 @@ def train(out: str | Path, settings: TrainSettings | None = None, command: str |
         "settings": asdict(s),
         "steps_done": step,
         "wall_seconds": round(time.time() - start, 1),
-        "unet_config": UNET_CONFIG,
+        "unet_config" if s.backbone == "unet" else "transformer_config": UNET_CONFIG if s.backbone == "unet" else DIT_CONFIG,
         "text_encoder_config": TEXT_CONFIG,
-        "scheduler_config": SCHEDULER_CONFIG,
+        "scheduler_config": SCHEDULER_CONFIG if s.backbone == "unet" else DIT_SCHEDULER_CONFIG,
         "data": "shapes world scenes rendered on the fly from seeds "
                 f"{TRAIN_SEED_BASE} + seed * 2**32 + step * batch_size + j, a share of "
                 f"{s.single_object_share} with one object; images and captions only",
@@ -193,13 +208,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--single-object-share", type=float, default=defaults.single_object_share,
                         help="share of one-object scenes in each batch (the rest: two or three objects)")
+    parser.add_argument("--backbone", choices=["unet", "dit"], default=defaults.backbone,
+                        help="unet: the shipped model; dit: an SD3-shaped diffusion transformer (flow matching)")
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     args = parser.parse_args(argv)
     settings = TrainSettings(steps=args.steps, minutes=args.minutes, seed=args.seed,
                              batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
                              single_object_share=args.single_object_share,
-                             threads=args.threads)
+                             threads=args.threads, backbone=args.backbone)
     argv_used = sys.argv[1:] if argv is None else argv
     command = "python -m diffumask.shapes.train " + " ".join(shlex.quote(a) for a in argv_used)
     train(args.out, settings, command)
