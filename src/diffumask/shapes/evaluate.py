@@ -52,15 +52,17 @@ def prompts_for(num_objects: int, count: int, seed: int) -> list[tuple[str, list
 
 
 def generate(pipe: ShapesPipeline, prompts: list[tuple[str, list[tuple[str, str]]]], seed: int,
-             batch_size: int = 120, **call: object) -> tuple[list[Sample], float]:
-    """Generate with the recorder attached; returns samples and seconds per image (with recording)."""
+             batch_size: int = 120, recorder: dict[str, object] | None = None,
+             **call: object) -> tuple[list[Sample], float]:
+    """Generate with the recorder attached (``recorder``: its options, e.g. a DiT's ``block_window``);
+    returns samples and seconds per image (with recording)."""
     samples: list[Sample] = []
     start = time.perf_counter()
     for first in range(0, len(prompts), batch_size):
         chunk = prompts[first:first + batch_size]
         texts = [p for p, _ in chunk]
         generators = [torch.Generator().manual_seed(seed + first + i) for i in range(len(chunk))]
-        with trace(pipe, texts, classes=[[c for c, _ in objs] for _, objs in chunk]) as tr:
+        with trace(pipe, texts, classes=[[c for c, _ in objs] for _, objs in chunk], **(recorder or {})) as tr:
             images = pipe(texts, generator=generators, output_type="np", **call).images
         for (text, objs), image, maps in zip(chunk, to_uint8(images), tr.maps()):
             samples.append(Sample(text, objs, image, {c: maps[c] for c, _ in objs}))
