@@ -108,6 +108,17 @@ def test_batch_equals_single(pipes, kind):
             np.testing.assert_allclose(batch[i][name], alone.maps()[0][name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_images_per_prompt(pipes, kind):
+    """num_images_per_prompt 2: four images from two prompts, each with its own maps, read from the batch."""
+    pipe = pipes[kind]
+    with trace(pipe, PROMPTS, CLASSES) as recorder:
+        run(pipe, PROMPTS, [1, 2, 3, 4], num_images_per_prompt=2)
+    maps = recorder.maps()
+    assert len(maps) == 4 and [m.prompt for m in maps] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert not np.allclose(maps[0]["dog"], maps[1]["dog"])  # two seeds, two pictures
+
+
 def test_flux_true_cfg_records_the_prompt_branch_only(pipes):
     """With a negative prompt and true_cfg_scale > 1 FLUX calls its transformer twice a step; the first
     step's maps (the same latents either way) must not change."""

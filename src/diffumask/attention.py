@@ -414,6 +414,10 @@ class AttentionRecorder:
         scale = int(getattr(self.pipe, "vae_scale_factor", 1))
         return self._latent_hw[0] * scale, self._latent_hw[1] * scale
 
+    def _guided(self) -> bool | None:
+        """Whether the denoiser's batch is [unconditional; conditional] (None: the pipeline does not say)."""
+        return getattr(self.pipe, "do_classifier_free_guidance", None)
+
     def _select_layers(self, prefixes: Sequence[str] | None) -> list[str]:
         layers = cross_attention_layers(self.model)
         if not layers:
@@ -557,7 +561,7 @@ class AttentionRecorder:
                 "words the token columns hold; pass the prompts: trace(pipe, prompts, classes)"
             )
         batch, n_prompts = sample.shape[0], len(self.prompts)
-        guided = getattr(self.pipe, "do_classifier_free_guidance", None)
+        guided = self._guided()
         if self.images_per_prompt is None:
             images = batch // 2 if guided else batch
             self.images_per_prompt = max(1, images // n_prompts) if guided is not None else 1

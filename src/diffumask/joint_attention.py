@@ -300,6 +300,10 @@ class JointAttentionRecorder(AttentionRecorder):
         scale = int(getattr(self.pipe, "vae_scale_factor", 1)) * self._patch()
         return self._latent_hw[0] * scale, self._latent_hw[1] * scale
 
+    def _guided(self) -> bool | None:
+        # FLUX never doubles its batch: guidance is distilled, and true CFG is a second call.
+        return False if _is_flux(self.model) else super()._guided()
+
     def _self_attention_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         """latent/F as for a UNet (SD3 at 1024 px, F 2: 64x64, halved to 32x32), never finer than the tokens."""
         patch = self._patch()
