@@ -13,7 +13,9 @@ kept in --work.
 
 Per method and worker count: seconds per image of everything a refine run does per item (reading,
 the method, CRF, cleanup, writing the mask and its manifest line, worker start-up included), the
-fastest of --repeat runs, and the speed-up over the first worker count. The AffinityNet's seeds
+fastest of --repeat runs, and the speed-up over the first worker count; then the same runs' CPU
+seconds per image, this process and its workers together (the fewest of --repeat runs), which do not
+depend on what else the machine runs: wall times on a shared VM do. The AffinityNet's seeds
 (per image, in the worker pool) and training (per step, on --device) are timed on their own.
 """
 
@@ -21,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing.forkserver
+import os
+import resource
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -83,13 +88,31 @@ def bench_dataset(work: Path, items: int) -> Dataset:
     return generate_dataset(config, pipe=sd1_shaped_512(), progress=True)
 
 
-def per_image(root: Path, config: RefineConfig, workers: int, device: str, repeat: int) -> float:
-    """Fastest of ``repeat`` whole runs, in seconds per image."""
-    timings = []
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and by its worker processes that have exited.
+
+    The pool's workers are children of multiprocessing's forkserver, which reaps them (before the pool's
+    shutdown returns), so their time is the forkserver's children's time in ``/proc``; spawned workers
+    (no forkserver) are this process's children.
+    """
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)  # None until it starts
+    if pid:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+    return total
+
+
+def per_image(root: Path, config: RefineConfig, workers: int, device: str, repeat: int) -> tuple[float, float]:
+    """Fastest of ``repeat`` whole runs in seconds per image, and the fewest CPU seconds per image."""
+    timings, cpu = [], []
     for _ in range(repeat):
+        before = cpu_seconds()
         result = refine_dataset(root, config, progress=False, redo=True, device=device, workers=workers)
+        cpu.append((cpu_seconds() - before) / result.refined)
         timings.append(result.seconds / result.refined)
-    return min(timings)
+    return min(timings), min(cpu)
 
 
 def timed_seeds(dataset: Dataset, workers: int) -> tuple[float, list[np.ndarray]]:
@@ -142,13 +165,15 @@ def main() -> None:
     refine_dataset(dataset.root, METHODS["affinity"], progress=False, device=device, workers=max(args.workers))
     # (trains the AffinityNet once for the rows that use it, and starts the forkserver)
     header = " | ".join(f"{w} worker{'s' * (w > 1)}" for w in args.workers)
-    print(f"| method | {header} | speed-up |\n|---|{'---|' * len(args.workers)}---|")
+    print(f"| method | {header} | speed-up | CPU s per image: {header} |\n"
+          f"|---|{'---|' * len(args.workers)}---|{'---|' * len(args.workers)}")
     for name, config in METHODS.items():
         if args.only and name not in args.only:
             continue
-        seconds = [per_image(dataset.root, config, w, device, args.repeat) for w in args.workers]
+        seconds, cpu = zip(*(per_image(dataset.root, config, w, device, args.repeat) for w in args.workers))
         cells = " | ".join(f"{s:.3f} s" for s in seconds)
-        print(f"| {name} | {cells} | {seconds[0] / seconds[-1]:.2f}× |", flush=True)
+        print(f"| {name} | {cells} | {seconds[0] / seconds[-1]:.2f}× | {' | '.join(f'{c:.3f}' for c in cpu)} |",
+              flush=True)
     timings, seeds = zip(*(timed_seeds(dataset, w) for w in args.workers))
     print(f"| AffinityNet seeds | {' | '.join(f'{s:.3f} s' for s in timings)} | {timings[0] / timings[-1]:.2f}× |")
     step = train_step_seconds(dataset, seeds[-1], device, args.train_steps)
