@@ -52,6 +52,25 @@ def test_two_workers_write_what_one_writes(dataset, config):
         assert files(root, "refine") == files(alone, "refine")  # the same network, from seeds made by workers
 
 
+def test_workers_encode_and_write_the_masks_and_this_process_only_commits(dataset, monkeypatch):
+    """With a pool, no mask PNG is encoded in this process (it would be the bottleneck); the result is
+    the one-process run's, byte for byte."""
+    import diffumask.dataset as dataset_module
+
+    root, truths = dataset
+    alone = root.parent / "alone"
+    shutil.copytree(root, alone)
+    refine_dataset(alone, RefineConfig(method="propagate"), progress=False, workers=1)
+
+    def not_here(mask):
+        raise AssertionError("the parent encoded a mask")
+
+    monkeypatch.setattr(dataset_module, "palette_png", not_here)
+    assert refine_dataset(root, RefineConfig(method="propagate"), progress=False, workers=2).refined == len(truths)
+    assert files(root, "SegmentationClass") == files(alone, "SegmentationClass")
+    assert (root / "manifest.jsonl").read_bytes() == (alone / "manifest.jsonl").read_bytes()
+
+
 def test_ordered_keeps_the_order_and_bounds_the_work_in_flight():
     """Results come back in the tasks' order however the pool finishes them, with at most `window`
     tasks read ahead; the device step runs in the caller, between the two pool steps."""
