@@ -14,8 +14,9 @@ kept in --work.
 Per method and worker count: seconds per image of everything a refine run does per item (reading,
 the method, CRF, cleanup, writing the mask and its manifest line, worker start-up included), the
 fastest of --repeat runs, and the speed-up over the first worker count; then the same runs' CPU
-seconds per image, this process and its workers together (the fewest of --repeat runs), which do not
-depend on what else the machine runs: wall times on a shared VM do. The AffinityNet's seeds
+seconds per image, this process and its workers together (the fewest of --repeat runs), which depend
+less on what else the machine runs than wall times on a shared VM do; and, at the largest worker
+count, this process's own share (it commits every item alone: the part that does not scale). The AffinityNet's seeds
 (per image, in the worker pool) and training (per step, on --device) are timed on their own.
 """
 
@@ -104,15 +105,23 @@ def cpu_seconds() -> float:
     return total
 
 
-def per_image(root: Path, config: RefineConfig, workers: int, device: str, repeat: int) -> tuple[float, float]:
-    """Fastest of ``repeat`` whole runs in seconds per image, and the fewest CPU seconds per image."""
-    timings, cpu = [], []
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def per_image(root: Path, config: RefineConfig, workers: int, device: str,
+              repeat: int) -> tuple[float, float, float]:
+    """Per image, over ``repeat`` whole runs: the fastest run's seconds, the fewest CPU seconds (this process
+    and its workers) and the fewest CPU seconds of this process alone."""
+    timings, cpu, own = [], [], []
     for _ in range(repeat):
-        before = cpu_seconds()
+        before, own_before = cpu_seconds(), own_cpu_seconds()
         result = refine_dataset(root, config, progress=False, redo=True, device=device, workers=workers)
         cpu.append((cpu_seconds() - before) / result.refined)
+        own.append((own_cpu_seconds() - own_before) / result.refined)
         timings.append(result.seconds / result.refined)
-    return min(timings), min(cpu)
+    return min(timings), min(cpu), min(own)
 
 
 def timed_seeds(dataset: Dataset, workers: int) -> tuple[float, list[np.ndarray]]:
@@ -153,7 +162,7 @@ def main() -> None:
                         help="images in the dataset (default: 8 per worker of the largest count, at least 16, so "
                              "that start-up and the last round's stragglers do not dominate)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per cell; the fastest counts (default: 2)")
-    parser.add_argument("--train-steps", type=int, default=3, help="training steps timed (default: 3)")
+    parser.add_argument("--train-steps", type=int, default=3, help="training steps timed (default: 3; 0 times neither the seeds nor the training)")
     parser.add_argument("--only", nargs="+", choices=list(METHODS), help="methods to run (default: all)")
     parser.add_argument("--work", default="bench_refine_work/512", help="folder for the dataset (reused)")
     args = parser.parse_args()
@@ -165,15 +174,18 @@ def main() -> None:
     refine_dataset(dataset.root, METHODS["affinity"], progress=False, device=device, workers=max(args.workers))
     # (trains the AffinityNet once for the rows that use it, and starts the forkserver)
     header = " | ".join(f"{w} worker{'s' * (w > 1)}" for w in args.workers)
-    print(f"| method | {header} | speed-up | CPU s per image: {header} |\n"
-          f"|---|{'---|' * len(args.workers)}---|{'---|' * len(args.workers)}")
+    print(f"| method | {header} | speed-up | CPU s per image: {header} | of which this process, "
+          f"{args.workers[-1]} worker{'s' * (args.workers[-1] > 1)} |\n"
+          f"|---|{'---|' * len(args.workers)}---|{'---|' * len(args.workers)}---|")
     for name, config in METHODS.items():
         if args.only and name not in args.only:
             continue
-        seconds, cpu = zip(*(per_image(dataset.root, config, w, device, args.repeat) for w in args.workers))
+        seconds, cpu, own = zip(*(per_image(dataset.root, config, w, device, args.repeat) for w in args.workers))
         cells = " | ".join(f"{s:.3f} s" for s in seconds)
-        print(f"| {name} | {cells} | {seconds[0] / seconds[-1]:.2f}× | {' | '.join(f'{c:.3f}' for c in cpu)} |",
-              flush=True)
+        print(f"| {name} | {cells} | {seconds[0] / seconds[-1]:.2f}× | {' | '.join(f'{c:.3f}' for c in cpu)} "
+              f"| {own[-1]:.4f} |", flush=True)
+    if args.train_steps == 0:  # the AffinityNet's seeds and training are not timed
+        return
     timings, seeds = zip(*(timed_seeds(dataset, w) for w in args.workers))
     print(f"| AffinityNet seeds | {' | '.join(f'{s:.3f} s' for s in timings)} | {timings[0] / timings[-1]:.2f}× |")
     step = train_step_seconds(dataset, seeds[-1], device, args.train_steps)
