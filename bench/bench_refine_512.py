@@ -37,6 +37,7 @@ import torch
 from diffumask.dataset import Dataset
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.masks.affinity import build_affinity_net, train_affinity_net
+from diffumask.masks.crf import CRFParams
 from diffumask.models import check_device, default_device
 from diffumask.refine import RefineConfig, refine_dataset
 from diffumask.refine_items import Item, grid_seeds
@@ -50,6 +51,7 @@ METHODS = {
     "otsu --crf": RefineConfig(method="otsu", crf=True),
     "propagate": RefineConfig(method="propagate"),
     "propagate --crf": RefineConfig(method="propagate", crf=True),
+    "propagate --crf --crf-max-size 256": RefineConfig(method="propagate", crf=True, crf_params=CRFParams(max_size=256)),
     "affinity": RefineConfig(method="affinity"),
     "affinity --crf": RefineConfig(method="affinity", crf=True),
     "adaptive (CRF, shortlist 1)": RefineConfig(method="adaptive"),
