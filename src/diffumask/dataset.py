@@ -448,14 +448,21 @@ class Dataset:
         latest = next((r for r in self.records() if r["id"] == item_id), None)
         return latest is not None and latest.get("mask_sha256") == _file_sha256(pending)
 
-    def recover_masks(self) -> int:
+    def recover_masks(self, ids: Iterable[str] | None = None) -> int:
         """Writers call this first: finish (rename) each committed pending mask a killed rewrite left, and drop
-        the uncommitted ones. Returns how many were finished."""
+        the uncommitted ones. ``ids``: only these items' (a sharded worker's own share: no other worker writes
+        those masks, so it may recover them while the others run). Returns how many were finished."""
         folder = self.root / "SegmentationClass"
+        wanted = None if ids is None else set(ids)
+        latest: dict[str, Mapping[str, Any]] | None = None
         finished = 0
         for pending in sorted(folder.glob(f".*{PENDING_MASK}")):
             item_id = pending.name[1:-len(PENDING_MASK)]
-            if self._committed(item_id, pending):
+            if wanted is not None and item_id not in wanted:
+                continue
+            if latest is None:  # the manifest is read once, and only when there is something to recover
+                latest = {r["id"]: r for r in self.records()}
+            if latest.get(item_id, {}).get("mask_sha256") == _file_sha256(pending):
                 os.replace(pending, self.mask_path(item_id))
                 finished += 1
             else:

@@ -288,6 +288,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if config.uses_affinity:
         params["affinity_train_steps"] = config.affinity.train_steps_for(len(items))
     mine = worker.take(items)  # the full, stable list: shares are disjoint however the workers start
+    if worker.sharded:  # this worker's share only: a mask its killed run committed but did not rename, before
+        dataset.recover_masks(item.id for item in mine)  # a worker stages a new one over it
     pending = [item for item in mine if redo or not _refined_with(item.record, params)]
     net, train_seconds, gammas = None, 0.0, None
     start = time.perf_counter()
