@@ -82,7 +82,7 @@ def score(dataset: Dataset, truth: dict[str, np.ndarray]) -> tuple[float, float]
 def rows(args: argparse.Namespace) -> list[tuple[str, RefineConfig]]:
     defaults = RefineConfig()
     srgb = {} if args.crf_srgb is None else {"bilateral_srgb": args.crf_srgb}
-    crf = replace(defaults.crf_params, **srgb)
+    crf = replace(defaults.crf_params, **srgb, **({} if args.crf_iterations is None else {"iterations": args.crf_iterations}))
     seed_crf = replace(defaults.seed_crf_params, **srgb)
     affinity = replace(defaults.affinity, train_steps=args.affinity_steps, background=args.affinity_background)
     common = dict(crf_params=crf, seed_crf_params=seed_crf, affinity=affinity)
@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50, help="generation batch size (default: 50)")
     parser.add_argument("--crf-srgb", type=float, default=None,
                         help="colour scale of every CRF (the result's and the seeds'; default: RefineConfig's)")
+    parser.add_argument("--crf-iterations", type=int, default=None,
+                        help="mean-field iterations of the result CRF (default: RefineConfig's; the seeds' CRF keeps its own)")
     parser.add_argument("--affinity-steps", type=int,
                         help="fixed AffinityNet training steps (default: refine's, 8 epochs up to its cap)")
     parser.add_argument("--affinity-background", type=float, default=RefineConfig().affinity.background)
@@ -154,6 +156,7 @@ def main() -> None:
     n = len(truth)
     print(f"{n} images ({args.per_class} per class, {len(CLASSES)} classes), generation {generation:.3f} s/image, "
           f"{args.threads} thread(s); CRF colour scale {rows(args)[0][1].crf_params.bilateral_srgb:g}, "
+          f"{rows(args)[0][1].crf_params.iterations} mean-field iterations, "
           f"seeds' {rows(args)[0][1].seed_crf_params.bilateral_srgb:g}\n")
     results = []
     train_seconds = None

@@ -13,7 +13,10 @@ kept in --work.
 
 Per method and worker count: seconds per image of everything a refine run does per item (reading,
 the method, CRF, cleanup, writing the mask and its manifest line, worker start-up included), the
-fastest of --repeat runs, and the speed-up over the first worker count. The AffinityNet's seeds
+fastest of --repeat runs, and the speed-up over the first worker count; then the same runs' CPU
+seconds per image, this process and its workers together (the fewest of --repeat runs), which depend
+less on what else the machine runs than wall times on a shared VM do; and, at the largest worker
+count, this process's own share (it commits every item alone: the part that does not scale). The AffinityNet's seeds
 (per image, in the worker pool) and training (per step, on --device) are timed on their own.
 """
 
@@ -21,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing.forkserver
+import os
+import resource
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +37,7 @@ import torch
 from diffumask.dataset import Dataset
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.masks.affinity import build_affinity_net, train_affinity_net
+from diffumask.masks.crf import CRFParams
 from diffumask.models import check_device, default_device
 from diffumask.refine import RefineConfig, refine_dataset
 from diffumask.refine_items import Item, grid_seeds
@@ -44,6 +51,7 @@ METHODS = {
     "otsu --crf": RefineConfig(method="otsu", crf=True),
     "propagate": RefineConfig(method="propagate"),
     "propagate --crf": RefineConfig(method="propagate", crf=True),
+    "propagate --crf --crf-max-size 256": RefineConfig(method="propagate", crf=True, crf_params=CRFParams(max_size=256)),
     "affinity": RefineConfig(method="affinity"),
     "affinity --crf": RefineConfig(method="affinity", crf=True),
     "adaptive (CRF, shortlist 1)": RefineConfig(method="adaptive"),
@@ -83,13 +91,39 @@ def bench_dataset(work: Path, items: int) -> Dataset:
     return generate_dataset(config, pipe=sd1_shaped_512(), progress=True)
 
 
-def per_image(root: Path, config: RefineConfig, workers: int, device: str, repeat: int) -> float:
-    """Fastest of ``repeat`` whole runs, in seconds per image."""
-    timings = []
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and by its worker processes that have exited.
+
+    The pool's workers are children of multiprocessing's forkserver, which reaps them (before the pool's
+    shutdown returns), so their time is the forkserver's children's time in ``/proc``; spawned workers
+    (no forkserver) are this process's children.
+    """
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)  # None until it starts
+    if pid:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+    return total
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def per_image(root: Path, config: RefineConfig, workers: int, device: str,
+              repeat: int) -> tuple[float, float, float]:
+    """Per image, over ``repeat`` whole runs: the fastest run's seconds, the fewest CPU seconds (this process
+    and its workers) and the fewest CPU seconds of this process alone."""
+    timings, cpu, own = [], [], []
     for _ in range(repeat):
+        before, own_before = cpu_seconds(), own_cpu_seconds()
         result = refine_dataset(root, config, progress=False, redo=True, device=device, workers=workers)
+        cpu.append((cpu_seconds() - before) / result.refined)
+        own.append((own_cpu_seconds() - own_before) / result.refined)
         timings.append(result.seconds / result.refined)
-    return min(timings)
+    return min(timings), min(cpu), min(own)
 
 
 def timed_seeds(dataset: Dataset, workers: int) -> tuple[float, list[np.ndarray]]:
@@ -130,7 +164,7 @@ def main() -> None:
                         help="images in the dataset (default: 8 per worker of the largest count, at least 16, so "
                              "that start-up and the last round's stragglers do not dominate)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per cell; the fastest counts (default: 2)")
-    parser.add_argument("--train-steps", type=int, default=3, help="training steps timed (default: 3)")
+    parser.add_argument("--train-steps", type=int, default=3, help="training steps timed (default: 3; 0 times neither the seeds nor the training)")
     parser.add_argument("--only", nargs="+", choices=list(METHODS), help="methods to run (default: all)")
     parser.add_argument("--work", default="bench_refine_work/512", help="folder for the dataset (reused)")
     args = parser.parse_args()
@@ -142,13 +176,18 @@ def main() -> None:
     refine_dataset(dataset.root, METHODS["affinity"], progress=False, device=device, workers=max(args.workers))
     # (trains the AffinityNet once for the rows that use it, and starts the forkserver)
     header = " | ".join(f"{w} worker{'s' * (w > 1)}" for w in args.workers)
-    print(f"| method | {header} | speed-up |\n|---|{'---|' * len(args.workers)}---|")
+    print(f"| method | {header} | speed-up | CPU s per image: {header} | of which this process, "
+          f"{args.workers[-1]} worker{'s' * (args.workers[-1] > 1)} |\n"
+          f"|---|{'---|' * len(args.workers)}---|{'---|' * len(args.workers)}---|")
     for name, config in METHODS.items():
         if args.only and name not in args.only:
             continue
-        seconds = [per_image(dataset.root, config, w, device, args.repeat) for w in args.workers]
+        seconds, cpu, own = zip(*(per_image(dataset.root, config, w, device, args.repeat) for w in args.workers))
         cells = " | ".join(f"{s:.3f} s" for s in seconds)
-        print(f"| {name} | {cells} | {seconds[0] / seconds[-1]:.2f}× |", flush=True)
+        print(f"| {name} | {cells} | {seconds[0] / seconds[-1]:.2f}× | {' | '.join(f'{c:.3f}' for c in cpu)} "
+              f"| {own[-1]:.4f} |", flush=True)
+    if args.train_steps == 0:  # the AffinityNet's seeds and training are not timed
+        return
     timings, seeds = zip(*(timed_seeds(dataset, w) for w in args.workers))
     print(f"| AffinityNet seeds | {' | '.join(f'{s:.3f} s' for s in timings)} | {timings[0] / timings[-1]:.2f}× |")
     step = train_step_seconds(dataset, seeds[-1], device, args.train_steps)

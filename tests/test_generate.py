@@ -289,7 +289,8 @@ def test_refine_help_states_the_apis_defaults():
 
     defaults = RefineConfig()
     fields = {"--crf-srgb": defaults.crf_params.bilateral_srgb, "--crf-sxy": defaults.crf_params.bilateral_sxy,
-              "--crf-gt-prob": defaults.crf_params.gt_prob, "--min-area": defaults.min_area,
+              "--crf-gt-prob": defaults.crf_params.gt_prob, "--crf-iterations": defaults.crf_params.iterations,
+              "--min-area": defaults.min_area,
               "--max-hole": defaults.max_hole, "--crf-shortlist": defaults.crf_shortlist,
               "--affinity-epochs": defaults.affinity.epochs, "--affinity-max-steps": defaults.affinity.max_steps,
               "--affinity-background": defaults.affinity.background,

@@ -196,6 +196,33 @@ def test_crf_snaps_stray_labels_to_colour_regions():
     np.testing.assert_array_equal(crf_refine(image, labels, [0, 1], CRFParams(reference_size=16)), expected)
 
 
+def test_a_crf_on_a_shrunk_image_keeps_the_regions_and_is_off_by_default():
+    """--crf-max-size: the CRF runs on a half-size copy and its marginals come back at full size; the
+    colour regions survive with edges off by at most a pixel or two. Unset, or at least the image's
+    size, it is the full-size CRF exactly, and manifests do not record it."""
+    pytest.importorskip("pydensecrf")
+    from dataclasses import replace
+
+    from diffumask.masks.crf import CRFParams, DenseCRF, crf_refine
+
+    size = 64
+    rng = np.random.default_rng(0)
+    image = np.full((size, size, 3), 40, np.uint8)
+    image[:, 30:] = (200, 60, 40)
+    image = np.clip(image.astype(int) + rng.integers(-15, 15, image.shape), 0, 255).astype(np.uint8)
+    labels = np.zeros((size, size), np.uint8)
+    labels[:, 24:] = 3  # six pixels off the colour edge
+    labels[:, 22:30] = IGNORE_INDEX
+    params = CRFParams(reference_size=size)
+    full = crf_refine(image, labels, [0, 3], params)
+    shrunk = DenseCRF(image, [0, 3], replace(params, max_size=32))
+    assert shrunk.grid == (32, 32) and shrunk.marginals(labels).shape == (2, size, size)
+    small = shrunk(labels)
+    assert (small[:, :28] == 0).all() and (small[:, 32:] == 3).all() and (small != full).mean() < 0.05
+    np.testing.assert_array_equal(crf_refine(image, labels, [0, 3], replace(params, max_size=size)), full)
+    assert "max_size" not in params.as_dict() and replace(params, max_size=32).as_dict()["max_size"] == 32
+
+
 def test_missing_crf_extra_is_a_clear_error(monkeypatch):
     from diffumask.errors import DiffumaskError
     from diffumask.masks.crf import crf_available, crf_refine

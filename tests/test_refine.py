@@ -211,19 +211,19 @@ def test_a_killed_refine_leaves_every_mask_with_its_manifest_line(dataset, monke
     config = RefineConfig(method="otsu")
     refine_dataset(whole, config, progress=False)
     before = files(root, "SegmentationClass")
-    real = Dataset.rewrite_mask
+    real = Dataset.commit_mask
     written: list[str] = []
 
-    def dying(self, record, mask):
+    def dying(self, record, sha256):
         if len(written) == 5:
             raise KeyboardInterrupt
-        real(self, record, mask)
+        real(self, record, sha256)
         written.append(record["id"])
 
-    monkeypatch.setattr(Dataset, "rewrite_mask", dying)
+    monkeypatch.setattr(Dataset, "commit_mask", dying)
     with pytest.raises(KeyboardInterrupt):
         refine_dataset(root, config, progress=False)
-    monkeypatch.setattr(Dataset, "rewrite_mask", real)
+    monkeypatch.setattr(Dataset, "commit_mask", real)
     records = {r["id"]: r for r in Dataset(root).records()}
     refined = files(whole, "SegmentationClass")
     for item_id, record in records.items():
@@ -235,6 +235,30 @@ def test_a_killed_refine_leaves_every_mask_with_its_manifest_line(dataset, monke
     assert refine_dataset(root, config, progress=False).refined == len(truths) - 5
     assert files(root, "SegmentationClass") == refined
     assert Dataset(root).records() == Dataset(whole).records()
+
+
+def test_a_staged_mask_counts_only_once_committed_with_its_checksum(dataset):
+    """Workers stage masks ahead of the parent's commit: a staged mask is invisible to readers, dropped by
+    the next writer unless committed, and a commit whose staged file is missing or differs appends nothing."""
+    from diffumask.errors import DiffumaskError
+
+    root, truths = dataset
+    ds = Dataset(root)
+    record = ds.records()[0]
+    old_mask, manifest = ds.read_mask(record["id"]), (root / "manifest.jsonl").read_bytes()
+    new_mask = np.full_like(old_mask, 1)
+    sha256 = ds.stage_mask(record["id"], new_mask)
+    np.testing.assert_array_equal(ds.read_mask(record["id"]), old_mask)  # staged, not committed
+    with pytest.raises(DiffumaskError, match="not the staged mask"):
+        ds.commit_mask(record, "0" * 64)
+    assert (root / "manifest.jsonl").read_bytes() == manifest
+    assert ds.recover_masks() == 0 and not ds.pending_mask_path(record["id"]).exists()  # dropped
+    with pytest.raises(DiffumaskError, match="missing or overwritten"):
+        ds.commit_mask(record, sha256)
+    assert (root / "manifest.jsonl").read_bytes() == manifest
+    ds.commit_mask(record, ds.stage_mask(record["id"], new_mask))
+    np.testing.assert_array_equal(ds.read_mask(record["id"]), new_mask)
+    assert Dataset(root).records()[0]["mask_sha256"] == sha256 and not ds.pending_mask_path(record["id"]).exists()
 
 
 @pytest.mark.parametrize("moment", ["before the line", "after the line"])
@@ -386,6 +410,8 @@ def test_defaults_follow_the_gamma_the_dataset_was_made_with(dataset):
     (["--method", "affinity", "--beta", "0"], "--beta must be positive"),
     (["--method", "otsu", "--crf", "--crf-gt-prob", "1"], "--crf-gt-prob) must lie strictly between 0 and 1"),
     (["--method", "otsu", "--crf", "--crf-srgb", "0"], "--crf-srgb must be positive"),
+    (["--method", "propagate", "--crf", "--crf-iterations", "0"], "(--crf-iterations) must be at least 1"),
+    (["--method", "propagate", "--crf", "--crf-max-size", "4"], "(--crf-max-size) must be at least 8 px"),
     (["--method", "otsu", "--crf-sxy", "-3"], "--crf-sxy must be positive"),
     (["--method", "propagate", "--power", "0"], "--power must be at least 1"),
     (["--method", "otsu", "--min-area", "1.5"], "fractions of the image area"),

@@ -52,6 +52,25 @@ def test_two_workers_write_what_one_writes(dataset, config):
         assert files(root, "refine") == files(alone, "refine")  # the same network, from seeds made by workers
 
 
+def test_workers_encode_and_write_the_masks_and_this_process_only_commits(dataset, monkeypatch):
+    """With a pool, no mask PNG is encoded in this process (it would be the bottleneck); the result is
+    the one-process run's, byte for byte."""
+    import diffumask.dataset as dataset_module
+
+    root, truths = dataset
+    alone = root.parent / "alone"
+    shutil.copytree(root, alone)
+    refine_dataset(alone, RefineConfig(method="propagate"), progress=False, workers=1)
+
+    def not_here(mask):
+        raise AssertionError("the parent encoded a mask")
+
+    monkeypatch.setattr(dataset_module, "palette_png", not_here)
+    assert refine_dataset(root, RefineConfig(method="propagate"), progress=False, workers=2).refined == len(truths)
+    assert files(root, "SegmentationClass") == files(alone, "SegmentationClass")
+    assert (root / "manifest.jsonl").read_bytes() == (alone / "manifest.jsonl").read_bytes()
+
+
 def test_ordered_keeps_the_order_and_bounds_the_work_in_flight():
     """Results come back in the tasks' order however the pool finishes them, with at most `window`
     tasks read ahead; the device step runs in the caller, between the two pool steps."""
@@ -162,6 +181,46 @@ def test_sharded_workers_refine_disjoint_shares_that_add_up_to_one_run(dataset, 
     monkeypatch.delenv("WORLD_SIZE")
     assert refine_dataset(root, config, progress=False).refined == 0  # one process afterwards: all done ...
     assert Dataset(root).records() == Dataset(alone).records()  # ... and compacted
+
+
+def test_a_sharded_worker_finishes_its_own_committed_masks_before_staging_new_ones(dataset, monkeypatch):
+    """Rank 0's killed run committed a mask but did not rename it; its next run (other settings) is killed
+    before committing that item again. The committed mask must still be what readers get with its line, not
+    the new one staged over it (sharded workers cannot recover every pending mask: others may be writing)."""
+    import os
+
+    import diffumask.dataset as dataset_module
+
+    root, truths = dataset
+    whole = root.parent / "whole"
+    shutil.copytree(root, whole)
+    refine_dataset(whole, RefineConfig(method="otsu"), progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    victim, real_replace = sorted(truths)[0], os.replace
+
+    def no_rename(source, target):
+        if str(source).endswith(f".{victim}.pending.png"):
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(dataset_module.os, "replace", no_rename)
+    with pytest.raises(KeyboardInterrupt):
+        refine_dataset(root, RefineConfig(method="otsu"), progress=False)
+    monkeypatch.setattr(dataset_module.os, "replace", real_replace)
+    real_commit = Dataset.commit_mask
+
+    def dying(self, record, sha256):
+        if record["id"] == victim:
+            raise KeyboardInterrupt
+        real_commit(self, record, sha256)
+
+    monkeypatch.setattr(Dataset, "commit_mask", dying)
+    with pytest.raises(KeyboardInterrupt):
+        refine_dataset(root, RefineConfig(method="threshold", threshold=0.3), progress=False)
+    ds = Dataset(root)
+    assert {r["id"]: r for r in ds.records()}[victim]["refine"]["method"] == "otsu"
+    np.testing.assert_array_equal(ds.read_mask(victim), Dataset(whole).read_mask(victim))
 
 
 def test_sharded_refine_splits_items_in_shards_disjointly(dataset, monkeypatch):

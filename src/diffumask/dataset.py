@@ -33,6 +33,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -115,13 +116,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_palette_png(path: Path, mask: np.ndarray) -> None:
-    """Class indices as a palette PNG: viewers show colours, trainers read indices."""
+def palette_png(mask: np.ndarray) -> bytes:
+    """Class indices as palette PNG bytes: viewers show colours, trainers read indices."""
     if mask.ndim != 2:
         raise ValueError(f"a mask must be 2-D (H, W), got shape {mask.shape}")
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette([v for rgb in voc_palette() for v in rgb])
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_palette_png(path: Path, mask: np.ndarray) -> None:
+    """A mask as a palette PNG file (:func:`palette_png`), written atomically."""
+    data = palette_png(mask)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -398,18 +407,30 @@ class Dataset:
 
     def rewrite_mask(self, record: Mapping[str, Any], mask: np.ndarray) -> None:
         """Replace a finished item's mask and append its updated manifest line (``record``, whole), as one
-        step even across a kill or a power cut.
+        step even across a kill or a power cut: :meth:`stage_mask`, then :meth:`commit_mask`."""
+        self.commit_mask(record, self.stage_mask(record["id"], mask))
 
-        The new mask is written durably beside the old one (a pending file); appending the line that
-        describes it, with the pending file's SHA-256, is the commit; then the pending file is renamed over
-        the mask. Killed before the append: the old mask and old line stand. Killed after it: the line is
-        new and :meth:`read_mask` reads the pending mask, until the next writer (:meth:`recover_masks`)
-        renames it into place. Either way every mask agrees with its item's latest line.
+    def stage_mask(self, item_id: str, mask: np.ndarray) -> str:
+        """Write a new mask durably beside the item's current one (its pending file) and return the file's
+        SHA-256, for :meth:`commit_mask`. Any process may stage (``refine``'s workers do, so that encoding and
+        syncing run in parallel); until the commit, readers and a re-run ignore the pending file."""
+        data = palette_png(mask)
+        atomic_write(self.pending_mask_path(item_id), lambda tmp: tmp.write_bytes(data))
+        return hashlib.sha256(data).hexdigest()
+
+    def commit_mask(self, record: Mapping[str, Any], mask_sha256: str) -> None:
+        """Commit a staged mask: append the item's line (``record``, whole) with the pending file's SHA-256,
+        then rename the pending file over the mask. The process that appends to the manifest calls this.
+
+        Killed before the append: the old mask and old line stand. Killed after it: the line is new and
+        :meth:`read_mask` reads the pending mask, until the next writer (:meth:`recover_masks`) renames it
+        into place. Either way every mask agrees with its item's latest line.
         """
         item_id = record["id"]
         pending = self.pending_mask_path(item_id)
-        write_palette_png(pending, mask)
-        self._append_record({**record, "rev": record.get("rev", 0) + 1, "mask_sha256": _file_sha256(pending)})
+        if not pending.is_file() or _file_sha256(pending) != mask_sha256:  # never commit a line without its mask
+            raise DiffumaskError(f"{pending} is not the staged mask {mask_sha256[:12]}… (missing or overwritten)")
+        self._append_record({**record, "rev": record.get("rev", 0) + 1, "mask_sha256": mask_sha256})
         os.replace(pending, self.mask_path(item_id))
         _fsync_path(pending.parent)
 
@@ -427,14 +448,21 @@ class Dataset:
         latest = next((r for r in self.records() if r["id"] == item_id), None)
         return latest is not None and latest.get("mask_sha256") == _file_sha256(pending)
 
-    def recover_masks(self) -> int:
+    def recover_masks(self, ids: Iterable[str] | None = None) -> int:
         """Writers call this first: finish (rename) each committed pending mask a killed rewrite left, and drop
-        the uncommitted ones. Returns how many were finished."""
+        the uncommitted ones. ``ids``: only these items' (a sharded worker's own share: no other worker writes
+        those masks, so it may recover them while the others run). Returns how many were finished."""
         folder = self.root / "SegmentationClass"
+        wanted = None if ids is None else set(ids)
+        latest: dict[str, Mapping[str, Any]] | None = None
         finished = 0
         for pending in sorted(folder.glob(f".*{PENDING_MASK}")):
             item_id = pending.name[1:-len(PENDING_MASK)]
-            if self._committed(item_id, pending):
+            if wanted is not None and item_id not in wanted:
+                continue
+            if latest is None:  # the manifest is read once, and only when there is something to recover
+                latest = {r["id"]: r for r in self.records()}
+            if latest.get(item_id, {}).get("mask_sha256") == _file_sha256(pending):
                 os.replace(pending, self.mask_path(item_id))
                 finished += 1
             else:

@@ -14,9 +14,9 @@ line per image). A trained AffinityNet is saved in ``DATASET/refine/`` keyed by 
 training depends on, so resuming does not train again.
 
 At scale: the AffinityNet, the random walk and the propagation run on ``device`` (a GPU), the
-per-item CPU work (reading, CRF, cleanup) in a pool of worker processes (:mod:`diffumask.workers`;
-the steps are in :mod:`diffumask.refine_items`), and this process alone commits, in the items'
-order. Under torchrun or Slurm each worker refines its share of the items, appending to its own
+per-item CPU work (reading, CRF, cleanup, and writing the new mask beside the old one) in a pool of
+worker processes (:mod:`diffumask.workers`; the steps are in :mod:`diffumask.refine_items`), and this
+process alone commits (appends the line, renames the mask), in the items' order. Under torchrun or Slurm each worker refines its share of the items, appending to its own
 manifest shard; the worker that finds every item refined merges the shards into the manifest.
 """
 
@@ -288,6 +288,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if config.uses_affinity:
         params["affinity_train_steps"] = config.affinity.train_steps_for(len(items))
     mine = worker.take(items)  # the full, stable list: shares are disjoint however the workers start
+    if worker.sharded:  # this worker's share only: a mask its killed run committed but did not rename, before
+        dataset.recover_masks(item.id for item in mine)  # a worker stages a new one over it
     pending = [item for item in mine if redo or not _refined_with(item.record, params)]
     net, train_seconds, gammas = None, 0.0, None
     start = time.perf_counter()
@@ -301,11 +303,11 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
                 gammas = _class_gammas(ProgressLog(dataset.root / LOG_NAME, params), items, config, net, progress,
                                        pool, workers)
             steps = item_steps(config, net, gammas, device)
-            for item, (mask, extra) in tqdm(ordered(pool, pending, steps.prepare, steps.device, steps.finish,
-                                                    _window(workers)),
-                                            total=len(pending), desc=f"refine {config.method}", unit="img",
-                                            disable=not progress, dynamic_ncols=True):
-                dataset.rewrite_mask({**item.record, "refine": {**params, **extra}}, mask)
+            for item, (sha256, extra) in tqdm(ordered(pool, pending, steps.prepare, steps.device, steps.finish,
+                                                      _window(workers)),
+                                              total=len(pending), desc=f"refine {config.method}", unit="img",
+                                              disable=not progress, dynamic_ncols=True):
+                dataset.commit_mask({**item.record, "refine": {**params, **extra}}, sha256)  # staged by a worker
     if not worker.sharded:
         with dataset.lock():
             dataset.compact()  # a finished run leaves one line per item

@@ -3,16 +3,16 @@
 A method is up to three steps: *prepare* (a CPU worker: read the image and soft maps, and the CPU
 work that comes first), *device* (the parent, on the accelerator: AffinityNet features, the random
 walk, the self-attention propagation) and *finish* (a CPU worker: masks at image size, dense CRF,
-cleanup). The worker steps are module-level functions of picklable arguments; the device steps
-close over the network. Which process runs a step does not change its result, so any number of
-workers writes the same masks.
+cleanup, then the mask's PNG staged beside the item's current one: :func:`staged`). The worker
+steps are module-level functions of picklable arguments; the device steps close over the network.
+Which process runs a step does not change its result, so any number of workers writes the same masks.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,8 +32,10 @@ from .masks.threshold import threshold_masks
 if TYPE_CHECKING:
     from .refine import RefineConfig
 
-#: What each item's steps end with: its final mask, and what to record about it in the manifest.
+#: What a method makes of an item: its final mask, and what to record about it in the manifest.
 Outcome = tuple[np.ndarray, dict[str, Any]]
+#: What each item's steps end with (:func:`staged`): the SHA-256 of its staged mask, and the record's extra.
+Staged = tuple[str, dict[str, Any]]
 
 
 class Item:
@@ -65,6 +67,7 @@ class Item:
 class Loaded:
     """An item as read by a worker: its image (when a step needs it), class maps and propagation inputs."""
 
+    item: Item
     image: np.ndarray | None
     maps: dict[int, np.ndarray]
     cross: np.ndarray | None = None  # propagate: the class maps fused at the self-attention grid
@@ -99,10 +102,10 @@ def load(config: RefineConfig, item: Item) -> Loaded:
     """Image (when the method needs it) and class maps; for propagate, the fused grids and the matrix."""
     needs_image = config.use_crf or config.uses_affinity
     if config.method != "propagate":
-        return Loaded(item.image() if needs_image else None, item.maps())
+        return Loaded(item, item.image() if needs_image else None, item.maps())
     soft = item.soft()  # only propagate reads the self-attention
     cross, matrix = self_attention_inputs(soft, item.classes, item.resolutions)
-    return Loaded(item.image() if needs_image else None, item.maps(soft), cross, matrix)
+    return Loaded(item, item.image() if needs_image else None, item.maps(soft), cross, matrix)
 
 
 def thresholded(config: RefineConfig, item: Item) -> Outcome:
@@ -123,8 +126,10 @@ def propagated(config: RefineConfig, loaded: Loaded, walked: np.ndarray) -> Outc
     return _final(config, loaded.image, mask, loaded.labels), {}
 
 
-def walked_and_propagated(config: RefineConfig, loaded: Loaded, _: Any) -> Outcome:
-    """propagate on a CPU: the walk too in the worker, so the parent only commits (it is the bottleneck)."""
+def propagated_on_cpu(config: RefineConfig, item: Item) -> Outcome:
+    """propagate on a CPU: the whole item in one worker step, so that its self-attention matrix (4 MiB at
+    512 px) never travels to the parent and back; the parent only commits (it is the bottleneck)."""
+    loaded = load(config, item)
     return propagated(config, loaded, self_attention_walk(loaded.cross, loaded.matrix, config.power, "cpu"))
 
 
@@ -185,14 +190,32 @@ def _propagate(config: RefineConfig, device: torch.device, item: Item, loaded: L
     return self_attention_walk(loaded.cross, loaded.matrix, config.power, device)
 
 
+def staged(step: Callable[..., Outcome], *args: Any) -> Staged:
+    """Run an item's last step and stage its mask (:meth:`Dataset.stage_mask`) in the same process, a
+    worker: encoding the PNG and syncing it then run in parallel, and the parent, which alone commits,
+    only appends the line and renames the file. ``args[0]`` is the item or what was loaded of it."""
+    mask, extra = step(*args)
+    item = args[0] if isinstance(args[0], Item) else args[0].item
+    return item.dataset.stage_mask(item.id, mask), extra
+
+
 def item_steps(config: RefineConfig, net: AffinityNet | None, gammas: Mapping[int, float] | None,
                device: torch.device) -> Steps:
-    """The steps that turn one item into its mask and record under ``config`` (a RefineConfig)."""
+    """The steps that turn one item into its staged mask and record under ``config`` (a RefineConfig)."""
+    steps = _mask_steps(config, net, gammas, device)
+    if steps.finish is None:
+        return replace(steps, prepare=functools.partial(staged, steps.prepare))
+    return replace(steps, finish=functools.partial(staged, steps.finish))
+
+
+def _mask_steps(config: RefineConfig, net: AffinityNet | None, gammas: Mapping[int, float] | None,
+                device: torch.device) -> Steps:
+    """The steps that turn one item into its mask (:data:`Outcome`)."""
     prepare = functools.partial(load, config)
     if config.method in ("threshold", "otsu"):
         return Steps(functools.partial(thresholded, config))
     if config.method == "propagate" and device.type == "cpu":
-        return Steps(prepare, None, functools.partial(walked_and_propagated, config))
+        return Steps(functools.partial(propagated_on_cpu, config))
     if config.method == "propagate":
         return Steps(prepare, functools.partial(_propagate, config, device), functools.partial(propagated, config))
     if gammas is not None:
