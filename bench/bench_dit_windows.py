@@ -27,7 +27,7 @@ TUNE_SEED = 2_000_000  # bench_shapes.py's development seeds
 
 def block_windows(depth: int) -> dict[str, tuple[float, float]]:
     windows = {f"block {i}": (i / depth, (i + 1) / depth) for i in range(depth)}
-    windows.update({"first third": (0.0, 1 / 3), "middle third (default)": (1 / 3, 2 / 3), "last third": (2 / 3, 1.0),
+    windows.update({"first third (default)": (0.0, 1 / 3), "middle third": (1 / 3, 2 / 3), "last third": (2 / 3, 1.0),
                     "first half": (0.0, 0.5), "last half": (0.5, 1.0), "middle half": (0.25, 0.75), "all": (0.0, 1.0)})
     return windows
 

@@ -14,7 +14,7 @@ allocation events).
     python bench/bench_recorder.py --model sd3 --blocks 3 --sizes 1024 --pairs 2 --steps 1       # CPU, 3 blocks
     python bench/bench_recorder.py --model flux --device cuda --dtype bfloat16 --sizes 1024 --steps 10
 
-For the diffusion transformers (sd3, flux) the recorder runs with its default block window (the middle
+For the diffusion transformers (sd3, flux) the recorder runs with its default block window (the first
 third of the joint blocks), and the time is the transformer's alone (``output_type="latent"``): with
 ``--blocks`` cutting the depth for a CPU, a VAE decode would weigh far more than it does beside the full
 depth. Their text encoders have the real output widths but one layer each (they run once per call).

@@ -146,7 +146,7 @@ def test_block_window(pipes):
     pipe = pipes["flux"]
     names = list(joint_layers(pipe.transformer))
     assert names[:2] == ["transformer_blocks.0.attn.processor", "transformer_blocks.1.attn.processor"]
-    assert trace(pipe, PROMPTS[0], ["dog"]).layers == names[1:3]  # the default: the middle third of 4
+    assert trace(pipe, PROMPTS[0], ["dog"]).layers == names[:1]  # the default: the first third of 4
     assert trace(pipe, PROMPTS[0], ["dog"], block_window=(0.5, 1.0)).layers == names[2:]
     assert trace(pipe, PROMPTS[0], ["dog"], layers=["single_"]).layers == names[2:]
     with pytest.raises(ConfigError, match="block_window"):

@@ -94,7 +94,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="record only this fraction of the denoising steps, e.g. 0.6,1.0 for the last 40%% (default: all)")
     p.add_argument("--block-window", type=_window,
                    help="diffusion transformers (SD3, FLUX): record only this fraction of the joint-attention blocks, "
-                        "e.g. 0.25,0.75 (default: the middle third, 0.333,0.667)")
+                        "e.g. 0.25,0.75 (default: the first third, 0,0.333: the best masks on the shapes world's DiT)")
     p.add_argument("--text-tokens", choices=["both", "clip", "t5"],
                    help="SD3: which part of the joint context gives a word's map, its CLIP tokens, its T5 tokens or "
                         "both (default: both; FLUX reads T5 only)")

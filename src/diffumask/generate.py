@@ -64,7 +64,7 @@ class GenerateConfig:
     self_attention_max: int = 32  # ... halving the grid until no side exceeds this (SDXL 1024 px: 32, not 64)
     self_attention_keep: float = SELF_ATTENTION_KEEP  # share of each self-attention row stored; 1: dense
     #: Diffusion transformers (SD3, FLUX) only: the joint blocks recorded, as fractions of the depth (None: the
-    #: recorder's default, the middle third), and which text tokens give a word's map (None: "both" on SD3).
+    #: recorder's default, the first third), and which text tokens give a word's map (None: "both" on SD3).
     block_window: tuple[float, float] | None = None
     text_tokens: str | None = None
     threshold: float | None = None  # None: the model's own γ (see default_threshold)
