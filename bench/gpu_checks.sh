@@ -10,8 +10,9 @@
 # Weights are random (nothing can be downloaded), so the figures are costs, not mask quality.
 #
 #   bash bench/gpu_checks.sh OUT [PARTS]   # PARTS: any of "recorder dit generate refine train" (default: all);
-#                                          # refine and train need generate. Needs diffusers, transformers and
-#                                          # open_clip_torch (CLIP's tokenizer file) importable, pydensecrf2 for
+#                                          # refine and train need generate. Needs diffusers, transformers,
+#                                          # kornia (the CLI imports augment) and open_clip_torch (CLIP's
+#                                          # tokenizer file) importable, pydensecrf2 for
 #                                          # the CRF rows. Each part's figures go to OUT/<part>.txt, logs to
 #                                          # OUT/stderr.log.
 set -uo pipefail
