@@ -149,6 +149,7 @@ def test_block_window(pipes):
     assert trace(pipe, PROMPTS[0], ["dog"]).layers == names[:1]  # the default: the first third of 4
     assert trace(pipe, PROMPTS[0], ["dog"], block_window=(0.5, 1.0)).layers == names[2:]
     assert trace(pipe, PROMPTS[0], ["dog"], layers=["single_"]).layers == names[2:]
+    assert trace(pipe, PROMPTS[0], ["dog"], block_window=(0.9, 1.0)).layers == names[3:]  # rounds to the last
     with pytest.raises(ConfigError, match="block_window"):
         trace(pipe, PROMPTS[0], ["dog"], block_window=(0.6, 0.2))
     with pytest.raises(ConfigError, match="diffusion transformers"):
@@ -209,9 +210,58 @@ def test_unknown_processors_are_refused(saved_transformers):
 def test_prompt_errors_come_before_denoising(pipes):
     with pytest.raises(PromptError, match="hotdog"):
         trace(pipes["sd3"], "a sheepdog eating a hotdog", ["dog"])
-    with pytest.raises(RecorderError, match="different prompts"):
+    with pytest.raises(RecorderError, match="encodes 'a cat on a mat'"):  # T5 reads prompt_3
         with trace(pipes["sd3"], PROMPTS[0], ["dog"]):
             run(pipes["sd3"], [PROMPTS[0]], [0], prompt_3=["a cat on a mat"])
+    with pytest.raises(RecorderError, match="different prompts"):  # CLIP reads prompt_2
+        with trace(pipes["sd3"]):
+            run(pipes["sd3"], [PROMPTS[0]], [0], prompt_2=["a cat on a mat"])
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_words_without_prompts_keep_case_and_punctuation(pipes, kind):
+    """trace(pipe) reads the prompts from T5's ids, which keep what CLIP's lose ("A Dog, on" -> "a dog , on")."""
+    prompt = "A photo of a Dog, on a sofa"
+    with trace(pipes[kind]) as recorder:
+        run(pipes[kind], [prompt], [0])
+    maps = recorder.maps()[0]
+    assert maps.prompt == prompt and maps["sofa"].shape == (32, 32)
+
+
+def test_flux_reads_long_prompts_from_t5_alone(pipes):
+    """FLUX's CLIP cuts a prompt at 77 tokens but only pools it; the maps come from T5, which reads 512."""
+    prompt = "a photo of a dog on a sofa " + "with a red tree " * 20 + "and a cat"
+    assert len(pipes["flux"].tokenizer(prompt).input_ids) > 77
+    with trace(pipes["flux"], prompt, ["cat"]) as recorder:
+        run(pipes["flux"], [prompt], [0])
+    assert recorder.maps()[0]["cat"].shape == (32, 32)
+
+
+def test_maps_do_not_keep_the_recorder(pipes):
+    """ImageMaps may outlive its recorder, whose buffers (on the GPU, in real use) must then be freed."""
+    import gc
+    import weakref
+
+    recorder = trace(pipes["sd3"], PROMPTS[0], ["dog"])
+    with recorder:
+        run(pipes["sd3"], [PROMPTS[0]], [0])
+    maps = recorder.maps()
+    gone = weakref.ref(recorder)
+    del recorder
+    gc.collect()
+    assert gone() is None and maps[0]["dog"].shape == (32, 32)
+
+
+def test_self_attention_cells_divide_any_token_grid(pipes):
+    """FLUX at 40 px has 10x10 tokens; at most 4 cells a side asks for 3x3, which does not divide 10, so the
+    cells are 2x2 (of 5x5 tokens each)."""
+    pipe = pipes["flux"]
+    with trace(pipe, PROMPTS[0], ["dog"], self_attention=2, self_attention_max=4) as recorder:
+        pipe([PROMPTS[0]], height=40, width=40, num_inference_steps=1, output_type="np",
+             generator=[torch.Generator().manual_seed(0)])
+    maps = recorder.maps()[0]
+    assert maps.self_attention_grid == (2, 2) and maps["dog"].shape == (40, 40)
+    np.testing.assert_allclose(maps.self_attention.sum(1), 1.0, rtol=1e-5)
 
 
 def test_auto_dtype(saved_transformers, saved_pipelines):
@@ -240,3 +290,18 @@ def test_generate_and_refine_a_transformer_dataset(saved_transformers, tmp_path,
     assert arrays["dog"].shape == (32, 32) and "__self__@8" in arrays
     refine_dataset(dataset.root, RefineConfig(method="propagate"), progress=False, workers=1)
     assert len(Dataset(dataset.root).records()) == 2
+    if kind == "flux":
+        with pytest.raises(ConfigError, match="negative-prompt"):
+            generate_dataset(GenerateConfig(classes=["dog"], out=str(tmp_path / "neg"), model=saved_transformers[kind],
+                                            images_per_class=1, steps=1, size=32, negative_prompt="blurry"),
+                             progress=False)
+
+
+def test_settings_name_the_dit_options_only_when_set(tmp_path):
+    """Datasets written before the DiT options existed hold no such keys, and must still resume."""
+    from diffumask.generate import GenerateConfig
+
+    plain = GenerateConfig(classes=["dog"], out=str(tmp_path)).settings()
+    assert "block_window" not in plain and "text_tokens" not in plain
+    chosen = GenerateConfig(classes=["dog"], out=str(tmp_path), block_window=(0.0, 0.5), text_tokens="t5").settings()
+    assert chosen["block_window"] == (0.0, 0.5) and chosen["text_tokens"] == "t5"

@@ -163,6 +163,8 @@ def test_the_diffusion_transformer_trains_and_records(tmp_path) -> None:
     assert record["settings"]["backbone"] == "dit" and "transformer_config" in record
     pipe = load_model(str(out))
     assert type(pipe).__name__ == "ShapesDiTPipeline"
+    from diffumask.prompts import PromptBank, resolve_bank
+    assert resolve_bank("auto", str(out)).source == PromptBank.load("shapes").source  # its world's captions
     with trace(pipe, ["a red star on a plain background"], ["star"]) as recorder:
         images = pipe(["a red star on a plain background"], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 32, 32, 3)

@@ -334,6 +334,7 @@ class AttentionRecorder:
         self.tokenizer = self.encoders[0][2] if self.encoders else getattr(pipe, "tokenizer", None)
         if self.tokenizer is None:
             raise RecorderError(f"{type(pipe).__name__} has no tokenizer; the recorder needs one to find words")
+        self.locator = self._word_locator()  # also handed to each ImageMaps, so it must not hold the recorder
         if token_average not in TOKEN_AVERAGES:
             raise ConfigError(f"token_average must be one of {TOKEN_AVERAGES}, not {token_average!r}")
         self.token_average = token_average
@@ -400,9 +401,12 @@ class AttentionRecorder:
         """The denoiser whose attention is recorded."""
         return pipe.unet
 
+    def _word_locator(self) -> Callable[[str, Sequence[str]], dict[str, list[int]]]:
+        """Finds each word's token columns (the keys of every cross-attention layer) in a prompt."""
+        return functools.partial(class_token_indices, self.tokenizer)
+
     def _locate(self, prompt: str, words: Sequence[str]) -> dict[str, list[int]]:
-        """Each word's token columns (the keys of every cross-attention layer)."""
-        return class_token_indices(self.tokenizer, prompt, words)
+        return self.locator(prompt, words)
 
     def _self_attention_layers(self) -> list[str]:
         return list(cross_attention_layers(self.model, cross=False))
@@ -486,23 +490,17 @@ class AttentionRecorder:
         name, _, tokenizer = self.encoders[index]
         rows = [trim_padding(tokenizer, row) for row in ids.tolist()]  # once per call, not per step
         self._encoded[index] = rows
-        if index > 0 and 0 in self._encoded:
-            first_name, _, first_tokenizer = self.encoders[0]
-            first = self._encoded[0]
-            if type(tokenizer) is type(first_tokenizer):
-                same = [token_texts(first_tokenizer, r) for r in first] == [token_texts(tokenizer, r) for r in rows]
-            else:  # another vocabulary (SD3's and FLUX's T5): the rows must be the prompts in its own tokens
-                same = self.prompts is not None and [prompt_ids(tokenizer, p) for p in self.prompts] == rows
-            if not same:
-                raise RecorderError(
-                    f"the pipeline's text encoders read different prompts: {_shown(first_tokenizer, first)} "
-                    f"({first_name}) and {_shown(tokenizer, rows)} ({name}), so the maps would mix two "
-                    "prompts; call the pipeline without prompt_2 / prompt_3 (or with them equal to prompt)"
-                )
-        if index > 0:
+        source = self._prompt_encoder()
+        if index not in self._checked_encoders():
+            return
+        if index != source:
+            if self.prompts is not None:  # else checked once the source encoder has told the prompts
+                self._check_agreement(index)
             return
         if self.given_prompts is None:
             self._set_prompts([decode_prompt(tokenizer, row) for row in rows])
+            for other in sorted(set(self._encoded) & set(self._checked_encoders()) - {source}):
+                self._check_agreement(other)
             return
         expected = [prompt_ids(tokenizer, p) for p in self.given_prompts]
         if expected != rows:
@@ -513,6 +511,34 @@ class AttentionRecorder:
             raise RecorderError(
                 f"trace was given the prompt(s) {given!r} but the pipeline encodes {encoded!r}; pass trace "
                 "the prompts the pipeline is called with, or use trace(pipe) and ask for words after the call"
+            )
+
+    def _prompt_encoder(self) -> int:
+        """The text encoder whose ids give the prompts' words when trace was given none."""
+        return 0
+
+    def _checked_encoders(self) -> list[int]:
+        """The text encoders whose ids must be the prompts (the ones the maps' columns come from)."""
+        return list(range(len(self.encoders)))
+
+    def _check_agreement(self, index: int) -> None:
+        """Encoder ``index`` must have read the prompts the source encoder read: the same token texts in the
+        same vocabulary (SDXL's second CLIP pads differently), else the prompts in its own tokens (T5)."""
+        source = self._prompt_encoder()
+        name, _, tokenizer = self.encoders[index]
+        source_name, _, source_tokenizer = self.encoders[source]
+        rows = self._encoded[index]
+        if type(tokenizer) is type(source_tokenizer) and source in self._encoded:
+            source_rows = self._encoded[source]
+            same = [token_texts(source_tokenizer, r) for r in source_rows] == [token_texts(tokenizer, r) for r in rows]
+        else:
+            source_rows = [prompt_ids(source_tokenizer, p) for p in self.prompts]
+            same = [prompt_ids(tokenizer, p) for p in self.prompts] == rows
+        if not same:
+            raise RecorderError(
+                f"the pipeline's text encoders read different prompts: {_shown(source_tokenizer, source_rows)} "
+                f"({source_name}) and {_shown(tokenizer, rows)} ({name}), so the maps would mix two prompts; "
+                "call the pipeline without prompt_2 / prompt_3 (or with them equal to prompt)"
             )
 
     # ------------------------------------------------------------------ recording
@@ -702,7 +728,7 @@ class AttentionRecorder:
                          for (h, w), m in sorted(means.items())}
             result.append(ImageMaps(self.prompts[p], dict(self.tokens[p]), columns, attention, size, defaults,
                                     self.token_average, None if self_mean is None else self_mean[i],
-                                    self._self_grid, self._locate))
+                                    self._self_grid, self.locator))
         return result
 
 

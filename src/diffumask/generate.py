@@ -125,6 +125,9 @@ class GenerateConfig:
         values = dataclasses.asdict(self)
         for key in RUNTIME_OPTIONS:
             values.pop(key)
+        for key in ("block_window", "text_tokens"):  # absent unless set, so datasets made before still resume
+            if values[key] is None:
+                values.pop(key)
         return values
 
 
@@ -291,6 +294,9 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         pipe = load_pipeline(model, worker.device(config.device), config.dtype, config.scheduler, config.revision)
     pipe.set_progress_bar_config(disable=True)
     _check_size(pipe, config.size)
+    if config.negative_prompt and type(pipe).__name__.startswith("Flux"):
+        raise ConfigError("--negative-prompt: FLUX is guidance-distilled and generate calls it without true CFG, "
+                          "so a negative prompt would do nothing; leave it out")
     if config.threshold is None:
         check_band(default_threshold(pipe), config.uncertain, names=("the model's threshold", "--uncertain"))
         config = dataclasses.replace(config, threshold=default_threshold(pipe))

@@ -86,6 +86,9 @@ class TextLayout:
         if text not in TEXT_PARTS:
             raise ConfigError(f"text_tokens must be one of {TEXT_PARTS}, not {text!r}")
         self.segments: list[tuple[Any, int]] = []  # (tokenizer, first column)
+        #: The pipeline's T5 tokenizer, whether or not its columns are recorded (None: no T5 encoder runs).
+        self.t5 = pipe.tokenizer_2 if _is_flux(pipe.transformer) else (
+            getattr(pipe, "tokenizer_3", None) if getattr(pipe, "text_encoder_3", None) is not None else None)
         if _is_flux(pipe.transformer):
             if text == "clip":
                 raise ConfigError("FLUX's transformer reads only T5's tokens; use text_tokens='t5' (or 'both')")
@@ -255,8 +258,21 @@ class JointAttentionRecorder(AttentionRecorder):
     def _backbone(pipe: Any) -> torch.nn.Module:
         return pipe.transformer
 
-    def _locate(self, prompt: str, words: Sequence[str]) -> dict[str, list[int]]:
-        return self.layout.locate(prompt, words)
+    def _word_locator(self) -> Callable[[str, Sequence[str]], dict[str, list[int]]]:
+        return self.layout.locate
+
+    def _t5_encoder(self) -> int | None:
+        return next((i for i, (_, _, tok) in enumerate(self.encoders) if tok is self.layout.t5), None)
+
+    def _prompt_encoder(self) -> int:
+        # T5 keeps case and punctuation, which CLIP's decoded ids lose ("A dog, on" -> "a dog , on")
+        t5 = self._t5_encoder()
+        return 0 if t5 is None else t5
+
+    def _checked_encoders(self) -> list[int]:
+        # FLUX's CLIP gives only the pooled vector, and cuts long prompts at 77 tokens: not checked
+        everything = super()._checked_encoders()
+        return [self._t5_encoder()] if _is_flux(self.model) else everything
 
     def _select_layers(self, prefixes: Sequence[str] | None) -> list[str]:
         layers = list(joint_layers(self.model))
@@ -268,7 +284,8 @@ class JointAttentionRecorder(AttentionRecorder):
                 raise ConfigError(f"no joint-attention layer matches {list(prefixes)}; layers are {layers}")
             return chosen
         start, stop = self.block_window
-        first, last = round(start * len(layers)), round(stop * len(layers))
+        first = min(round(start * len(layers)), len(layers) - 1)  # a window near the end still holds a block
+        last = round(stop * len(layers))
         return layers[first:max(last, first + 1)]
 
     def _self_attention_layers(self) -> list[str]:
@@ -280,13 +297,14 @@ class JointAttentionRecorder(AttentionRecorder):
         modules = joint_layers(self.model)
         for name in self.layers:
             proc = self.model.attn_processors[name]
-            if type(proc) not in stock or getattr(modules[name], "fused_projections", False):
+            # FLUX's stock processor reads fused weights when the module says so; SD3's never does.
+            fused = _is_flux(self.model) and getattr(modules[name], "fused_projections", False)
+            if type(proc) not in stock or fused:
                 raise RecorderError(
-                    f"layer {name} uses {type(proc).__name__}"
-                    f"{' with fused QKV projections' if type(proc) in stock else ''}, whose arithmetic the "
-                    f"recorder does not reproduce (it records {', '.join(s.__name__ for s in stock)}); call "
-                    "pipe.transformer.set_default_attn_processor() (or pipe.unfuse_qkv_projections()) "
-                    "before recording"
+                    f"layer {name} uses {type(proc).__name__}{' with fused QKV projections' if fused else ''}, "
+                    f"whose arithmetic the recorder does not reproduce (it records "
+                    f"{', '.join(s.__name__ for s in stock)}); call pipe.transformer.unfuse_qkv_projections() "
+                    "(and drop custom processors) before recording"
                 )
 
     def _processor(self, name: str) -> Any:
@@ -309,8 +327,11 @@ class JointAttentionRecorder(AttentionRecorder):
     def _self_attention_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         """latent/F as for a UNet (SD3 at 1024 px, F 2: 64x64, halved to 32x32), never finer than the tokens."""
         patch = self._patch()
-        h, w = super()._self_attention_grid((grid[0] * patch, grid[1] * patch))
-        return min(h, grid[0]), min(w, grid[1])
+        wanted = super()._self_attention_grid((grid[0] * patch, grid[1] * patch))
+        # cells of whole tokens: the largest divisor of each token side not above the side wanted (FLUX at
+        # 1360x768 px: 85x48 tokens, 17x12 cells)
+        return tuple(max(d for d in range(1, side + 1) if side % d == 0 and d <= want)
+                     for side, want in zip(grid, wanted))
 
     # ------------------------------------------------------------------ recording
     def _on_model_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

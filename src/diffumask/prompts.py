@@ -176,6 +176,16 @@ def _read_bank(path_or_name: str | Path) -> tuple[str, str]:
     return path.read_text(encoding="utf-8"), str(path)
 
 
+def _is_shapes_folder(model: str) -> bool:
+    """A folder holding a model trained by ``diffumask.shapes.train`` (the UNet or its DiT twin)."""
+    index = Path(model).expanduser() / "model_index.json"
+    try:
+        return index.is_file() and json.loads(index.read_text()).get("_class_name") in ("ShapesPipeline",
+                                                                                          "ShapesDiTPipeline")
+    except (OSError, ValueError):
+        return False
+
+
 def resolve_bank(prompts: str = "auto", model: str = "shapes") -> PromptBank:
     """The bank a run uses: a named/file bank, or ``auto``.
 
@@ -185,7 +195,7 @@ def resolve_bank(prompts: str = "auto", model: str = "shapes") -> PromptBank:
     """
     if prompts != "auto":
         return PromptBank.load(prompts)
-    if model == "shapes":
+    if model == "shapes" or _is_shapes_folder(model):
         return PromptBank.load("shapes")
     default = PromptBank.load("default")
     classes: dict[str, dict[str, Any]] = {}

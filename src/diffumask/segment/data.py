@@ -69,7 +69,6 @@ def negative_lut(source: LabelledSource, run_classes: Sequence[str]) -> np.ndarr
     known = np.zeros(256, bool)
     known[list(source.label_names)] = True
     lut[(lut == IGNORE_INDEX) & known] = 0
-    lut[0] = 0
     return lut
 
 
