@@ -91,13 +91,14 @@ class TextLayout:
             getattr(pipe, "tokenizer_3", None) if getattr(pipe, "text_encoder_3", None) is not None else None)
         if _is_flux(pipe.transformer):
             if text == "clip":
-                raise ConfigError("FLUX's transformer reads only T5's tokens; use text_tokens='t5' (or 'both')")
+                raise ConfigError("FLUX's transformer reads only T5's tokens; use --text-tokens t5 (text_tokens='t5'), "
+                                  "or both")
             self.segments.append((pipe.tokenizer_2, 0))
             return
         t5 = getattr(pipe, "tokenizer_3", None) if getattr(pipe, "text_encoder_3", None) is not None else None
         if text == "t5" and t5 is None:
             raise ConfigError("this SD3 pipeline runs without its T5 encoder, so its T5 columns are zeros; "
-                              "use text_tokens='clip'")
+                              "use --text-tokens clip (text_tokens='clip')")
         if text in ("both", "clip"):
             self.segments.append((pipe.tokenizer, 0))
         if text in ("both", "t5") and t5 is not None:
