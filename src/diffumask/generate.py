@@ -38,7 +38,7 @@ from .masks.threshold import PAPER_THRESHOLD, check_band
 from .models import DTYPES, SCHEDULERS, load_pipeline, model_description, pipeline_name
 from .prompts import PromptBank, resolve_bank
 from .softmaps import SELF_ATTENTION_KEEP, pack
-from .joint_attention import TEXT_PARTS
+from .joint_attention import TEXT_PARTS, is_flux_pipeline
 
 
 @dataclass
@@ -294,7 +294,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         pipe = load_pipeline(model, worker.device(config.device), config.dtype, config.scheduler, config.revision)
     pipe.set_progress_bar_config(disable=True)
     _check_size(pipe, config.size)
-    if config.negative_prompt and type(pipe).__name__.startswith("Flux"):
+    if config.negative_prompt and is_flux_pipeline(pipe):
         raise ConfigError("--negative-prompt: FLUX is guidance-distilled and generate calls it without true CFG, "
                           "so a negative prompt would do nothing; leave it out")
     if config.threshold is None:

@@ -65,6 +65,11 @@ def _is_flux(transformer: torch.nn.Module) -> bool:
     return hasattr(transformer, "single_transformer_blocks")
 
 
+def is_flux_pipeline(pipe: Any) -> bool:
+    """Whether the pipeline is FLUX-shaped: a guidance-distilled transformer with single-stream blocks."""
+    return _is_flux(getattr(pipe, "transformer", None))
+
+
 def joint_layers(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The joint-attention modules in forward order, keyed by processor name: SD3's blocks (not SD3.5's
     image-only second attention), FLUX's double- then single-stream blocks."""

@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from .errors import DiffumaskError
+from .models import SHAPES_PIPELINES
 
 BUILTIN_BANKS = ("voc", "cityscapes", "shapes", "default")
 
@@ -180,8 +181,7 @@ def _is_shapes_folder(model: str) -> bool:
     """A folder holding a model trained by ``diffumask.shapes.train`` (the UNet or its DiT twin)."""
     index = Path(model).expanduser() / "model_index.json"
     try:
-        return index.is_file() and json.loads(index.read_text()).get("_class_name") in ("ShapesPipeline",
-                                                                                          "ShapesDiTPipeline")
+        return index.is_file() and json.loads(index.read_text()).get("_class_name") in SHAPES_PIPELINES
     except (OSError, ValueError):
         return False
 

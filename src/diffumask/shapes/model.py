@@ -250,21 +250,17 @@ class ShapesDiTPipeline(ShapesPipeline):
                                 pooled_projections=context[1], timestep=t.expand(model_in.shape[0])).sample
 
 
-def build_dit_pipeline(seed: int = 0) -> ShapesDiTPipeline:
-    """A freshly initialised (untrained) shapes diffusion transformer."""
+def build_pipeline(seed: int = 0, backbone: str = "unet") -> ShapesPipeline:
+    """A freshly initialised (untrained) pipeline: the shipped UNet architecture, or its DiT twin (``"dit"``)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    return ShapesDiTPipeline(transformer=SD3Transformer2DModel(**DIT_CONFIG),
-                             text_encoder=build_text_encoder(tokenizer), tokenizer=tokenizer,
-                             scheduler=FlowMatchEulerDiscreteScheduler(**DIT_SCHEDULER_CONFIG))
-
-
-def build_pipeline(seed: int = 0) -> ShapesPipeline:
-    """A freshly initialised (untrained) pipeline with the shipped architecture."""
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    return ShapesPipeline(unet=UNet2DConditionModel(**UNET_CONFIG),
-                          text_encoder=build_text_encoder(tokenizer), tokenizer=tokenizer,
+    text_encoder = build_text_encoder(tokenizer)
+    if backbone == "dit":
+        return ShapesDiTPipeline(transformer=SD3Transformer2DModel(**DIT_CONFIG), text_encoder=text_encoder,
+                                 tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(**DIT_SCHEDULER_CONFIG))
+    if backbone != "unet":
+        raise ValueError(f"backbone must be 'unet' or 'dit', not {backbone!r}")
+    return ShapesPipeline(unet=UNet2DConditionModel(**UNET_CONFIG), text_encoder=text_encoder, tokenizer=tokenizer,
                           scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
 
 

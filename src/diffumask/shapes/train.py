@@ -31,7 +31,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
 from .model import (DIT_CONFIG, DIT_SCHEDULER_CONFIG, SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, ShapesPipeline,
-                    build_dit_pipeline, build_pipeline)
+                    build_pipeline)
 from .world import COUNT_PROBS, Scene, caption_for, render_scene
 
 #: Model-training scenes come from seeds >= 2**40; exported splits use seeds < 2**40.
@@ -105,16 +105,23 @@ def save_fp16(pipe: ShapesPipeline, out: Path) -> None:
 
 
 def train(out: str | Path, settings: TrainSettings | None = None, command: str | None = None) -> Path:
-    """Train from scratch and write the pipeline, ``train_log.jsonl`` and ``training.json`` to ``out``."""
+    """Train from scratch and write the pipeline, ``train_log.jsonl`` and ``training.json`` to ``out``; torch's
+    thread count is set for the run and given back after it."""
+    threads = torch.get_num_threads()
+    try:
+        return _train(out, settings, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out: str | Path, settings: TrainSettings | None, command: str | None) -> Path:
     s = settings or TrainSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # tiny early updates otherwise make denormals: 4x slower steps
     torch.manual_seed(s.seed)
-    if s.backbone not in ("unet", "dit"):
-        raise ValueError(f"backbone must be 'unet' or 'dit', not {s.backbone!r}")
-    pipe = build_pipeline(s.seed) if s.backbone == "unet" else build_dit_pipeline(s.seed)
+    pipe = build_pipeline(s.seed, s.backbone)
     denoiser, text_encoder, tokenizer = pipe.denoiser, pipe.text_encoder, pipe.tokenizer
     denoiser.train()
     text_encoder.train()
