@@ -328,10 +328,12 @@ def test_memory_is_constant_in_steps(sd1_pipe, form):
         extra[steps] = (live - base_live, peak - base_peak)
     assert extra[2] == extra[6], f"what the recorder holds grows with the steps: {extra}"
     # Grids 16, 8 and 4 of 2 images, float32: all 77 token columns, or the 4 columns of the widest
-    # image's classes ("potted plant" twice) plus their int64 index; and the one-byte flag that
-    # notes, on the UNet's device, whether the timesteps ever rose.
+    # image's classes ("potted plant" twice) plus their int64 index; the columns as one-hot values over
+    # the 77 keys (float32, the model's dtype); and the one-byte flag that notes, on the UNet's device,
+    # whether the timesteps ever rose.
     columns = 77 if form == "every word" else 4
-    kept = 2 * (16 * 16 + 8 * 8 + 4 * 4) * columns * 4 + (0 if form == "every word" else 2 * columns * 8) + 1
+    kept = (2 * (16 * 16 + 8 * 8 + 4 * 4) * columns * 4 + (0 if form == "every word" else 2 * columns * 8)
+            + 2 * 77 * columns * 4 + 1)
     assert extra[2][0] == kept
 
 
@@ -437,6 +439,42 @@ def test_self_attention_at_a_missing_resolution_is_an_error(sd1_pipe):
         run(sd1_pipe, PROMPTS[0], [1], steps=1)
     with pytest.raises(RecorderError, match="latent/16"):
         recorder.maps()
+
+
+def test_column_probabilities_in_head_wide_groups_with_scale_and_mask():
+    """More recorded columns than a head is wide: the one-hot values go in several groups; the layer's
+    scale and an additive mask enter the softmax as in the layer itself."""
+    from diffumask.attention import column_probabilities
+
+    rng = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 3, 10, 4, generator=rng), torch.randn(2, 3, 20, 4, generator=rng)
+    mask = torch.zeros(2, 1, 1, 20)
+    mask[1, ..., 15:] = -1e4  # the second image's last keys are masked out
+    columns = torch.tensor([[3, 5, 7, 9, 11, 13], [0, 1, 2, 14, 15, 19]])
+    values = torch.zeros(2, 20, 6)
+    values[torch.arange(2)[:, None], columns, torch.arange(6)[None]] = 1
+    for scale, given_mask in ((None, None), (0.3, mask)):
+        scores = query.double() @ key.double().transpose(-1, -2) * (0.5 if scale is None else scale)
+        if given_mask is not None:
+            scores = scores + given_mask.double()
+        expected = torch.softmax(scores, dim=-1).mean(1)
+        expected = torch.stack([expected[i][:, columns[i]] for i in range(2)]).float()
+        torch.testing.assert_close(column_probabilities(query, key, values, scale, given_mask), expected,
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_self_attention_probabilities_in_half_precision_stay_close():
+    """A half-precision model's probabilities are computed in its precision (half the bytes on a GPU)
+    and averaged in float32: the result is float32 and close to the float32 computation."""
+    from diffumask.attention import AttentionRecorder
+
+    rng = torch.Generator().manual_seed(1)
+    query, key = torch.randn(2, 4, 64, 16, generator=rng), torch.randn(2, 4, 64, 16, generator=rng)
+    full = AttentionRecorder._mean_probabilities(0.25, query, key)
+    half = AttentionRecorder._mean_probabilities(0.25, query.bfloat16(), key.bfloat16())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0.05, atol=2e-3)
+    torch.testing.assert_close(half.sum(-1), torch.ones_like(half.sum(-1)), rtol=0.01, atol=0)
 
 
 def test_heads_in_groups_give_the_same_mean():

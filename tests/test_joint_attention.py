@@ -9,7 +9,7 @@ import torch
 
 from diffumask.attention import RecorderError, trace, word_locator
 from diffumask.errors import ConfigError
-from diffumask.joint_attention import JointAttentionRecorder, joint_layers, text_probabilities
+from diffumask.joint_attention import JointAttentionRecorder, joint_layers
 from diffumask.models import auto_dtype, load_pipeline
 from diffumask.tokens import PromptError
 
@@ -185,18 +185,6 @@ def test_self_attention_matches_reference(pipes, kind, limit):
         rows.append((cell.T @ probs @ cell / 4).numpy())  # a cell's row: mean of its 4 tokens' rows, summed keys
     np.testing.assert_allclose(maps.self_attention, np.mean(rows, axis=0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(maps.self_attention.sum(1), 1.0, rtol=1e-5)
-
-
-def test_text_probabilities_in_head_wide_groups():
-    """More recorded columns than a head is wide: the one-hot values go in several groups."""
-    rng = torch.Generator().manual_seed(0)
-    query, key = torch.randn(2, 3, 10, 4, generator=rng), torch.randn(2, 3, 20, 4, generator=rng)
-    columns = torch.tensor([[3, 5, 7, 9, 11, 13], [0, 1, 2, 17, 18, 19]])
-    values = torch.zeros(2, 20, 6)
-    values[torch.arange(2)[:, None], columns, torch.arange(6)[None]] = 1
-    expected = torch.softmax(query.double() @ key.double().transpose(-1, -2) / 2, dim=-1).mean(1)
-    expected = torch.stack([expected[i][:, columns[i]] for i in range(2)]).float()
-    torch.testing.assert_close(text_probabilities(query, key, values), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_unknown_processors_are_refused(saved_transformers):

@@ -212,6 +212,29 @@ def split_heads(attn: Attention, batch_size: int, query: torch.Tensor, key: torc
     return query, key, value
 
 
+def column_probabilities(query: torch.Tensor, key: torch.Tensor, value_columns: torch.Tensor,
+                         scale: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(QKᵀ·scale) over every key, at some key columns, averaged over heads: (n, queries, columns).
+
+    ``value_columns`` (n, keys, c) is one-hot: row k has a 1 in column j where key k is the j-th
+    recorded column. Attention with those values is Σₖ pₖ·onehotₖ, the probabilities at those columns,
+    from the fused kernel: the (queries × keys) probabilities are never written out, which on a GPU,
+    where this is memory-bound, is most of the cost. The values go in groups as wide as a head, the
+    width every fused kernel takes. Exact up to the kernel's precision (the model's: half on a GPU).
+    """
+    n, heads, _, width = query.shape
+    parts = []
+    for start in range(0, value_columns.shape[-1], width):
+        values = value_columns[..., start:start + width]
+        used = values.shape[-1]
+        if used < width:
+            values = F.pad(values, (0, width - used))
+        values = values[:, None].expand(n, heads, *values.shape[1:])
+        out = F.scaled_dot_product_attention(query, key, values.to(query.dtype), attn_mask=mask, scale=scale)
+        parts.append(out.mean(dim=1, dtype=torch.float32)[..., :used])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
 class RecordingProcessor:
     """Stock scaled-dot-product attention that also hands its probabilities to the recorder."""
 
@@ -360,6 +383,7 @@ class AttentionRecorder:
         self._encoded: dict[int, list[list[int]]] = {}
         self._columns: list[list[int]] | None = None  # per prompt; None: every column
         self._column_index: torch.Tensor | None = None
+        self._value_columns: dict[tuple[int, int, torch.dtype, str], torch.Tensor] = {}
         self._batch: int | None = None
         self._cond = slice(0)
         self._self_sum: torch.Tensor | None = None
@@ -619,28 +643,26 @@ class AttentionRecorder:
 
     @staticmethod
     def _mean_probabilities(scale: float, query: torch.Tensor, key: torch.Tensor,
-                            mask: torch.Tensor | None = None, limit: int = PROBABILITY_BYTES) -> torch.Tensor:
-        """softmax(QKᵀ·scale) in float32, averaged over heads: (n, queries, keys).
+                            limit: int = PROBABILITY_BYTES) -> torch.Tensor:
+        """softmax(QKᵀ·scale) over every key, averaged over heads: (n, queries, keys), float32.
 
-        On a GPU this is memory-bound, so every full-size pass counts: the scale goes into the small
-        query, the softmax is one fused kernel, and the head mean reads the result once (four passes
-        over the (n, heads, queries, keys) tensor, where the unfused form took eleven). Heads go in
-        groups whose scores and probabilities fit ``limit`` bytes, so a large grid never needs the
-        whole tensor twice.
+        For the self-attention matrix, whose every entry is kept. On a GPU this is memory-bound, so every
+        full-size pass counts: the scores and probabilities stay in the model's precision (half on a
+        GPU: half the bytes of float32; the softmax and the head mean accumulate in float32 inside the
+        kernels), the scale goes into the small query, and the head mean reads the probabilities once.
+        Heads go in groups whose scores and probabilities fit ``limit`` bytes, so a large grid never
+        needs the whole tensor twice.
         """
         n, heads, queries, _ = query.shape
-        per_head = 2 * 4 * n * queries * key.shape[-2]  # scores and probabilities, float32
+        dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        per_head = 2 * torch.finfo(dtype).bits // 8 * n * queries * key.shape[-2]  # scores and probabilities
         group = max(1, min(heads, limit // max(per_head, 1)))
         total = None
         for start in range(0, heads, group):
-            scores = torch.matmul(query[:, start:start + group].float() * scale,
-                                  key[:, start:start + group].float().transpose(-1, -2))
-            if mask is not None:
-                scores += mask[:, start:start + group].float() if mask.shape[1] == heads else mask.float()
-            part = torch.softmax(scores, dim=-1)
-            if group == heads:
-                return part.mean(dim=1)
-            total = part.sum(dim=1) if total is None else total.add_(part.sum(dim=1))
+            scores = torch.matmul(query[:, start:start + group].to(dtype) * scale,
+                                  key[:, start:start + group].to(dtype).transpose(-1, -2))
+            part = torch.softmax(scores, dim=-1).sum(dim=1, dtype=torch.float32)
+            total = part if total is None else total.add_(part)
         return total.div_(heads)
 
     def _check_started(self) -> None:
@@ -653,12 +675,25 @@ class AttentionRecorder:
             return
         self._check_started()
         cond = self._cond
-        mean = self._mean_probabilities(attn.scale, query[cond], key[cond], None if mask is None else mask[cond])
-        if self._column_index is None:
-            picked = mean  # every token column: (n, queries, keys)
-        else:  # the head mean commutes with picking columns, and is cheaper on the small result
-            picked = torch.gather(mean, 2, self._column_index[:, None, :].expand(-1, mean.shape[1], -1))
+        values = self._columns_as_values(key.shape[2], 0, key.shape[2], key)
+        picked = column_probabilities(query[cond], key[cond], values, attn.scale, None if mask is None else mask[cond])
         self._accumulate(_as_2d_grid(picked.shape[1], self._latent_hw), picked)
+
+    def _columns_as_values(self, keys: int, text_start: int, text_length: int, like: torch.Tensor) -> torch.Tensor:
+        """The one-hot values (n, keys, columns) of the recorded text columns (every one of the
+        ``text_length`` text keys from ``text_start`` when no classes were given), built once per shape."""
+        cache_key = (keys, text_start, like.dtype, str(like.device))
+        values = self._value_columns.get(cache_key)
+        if values is None:
+            index = self._column_index
+            if index is None:
+                index = torch.arange(text_length, device=like.device).expand(self.num_images, -1)
+            n, width = index.shape
+            values = torch.zeros(n, keys, width, dtype=like.dtype, device=like.device)
+            values[torch.arange(n, device=like.device)[:, None], index + text_start,
+                   torch.arange(width, device=like.device)[None, :]] = 1
+            self._value_columns = {cache_key: values}
+        return values
 
     def _accumulate(self, grid: tuple[int, int], picked: torch.Tensor) -> None:
         """Add one layer call's (n, h·w, columns) probabilities into the grid's buffer, in place."""

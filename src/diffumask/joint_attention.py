@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 
-from .attention import AttentionRecorder, RecorderError, split_heads
+from .attention import AttentionRecorder, RecorderError, column_probabilities, split_heads
 from .errors import ConfigError
 from .tokens import class_token_indices
 
@@ -212,26 +212,6 @@ class FluxRecordingProcessor:
         return hidden_states
 
 
-def text_probabilities(query: torch.Tensor, key: torch.Tensor, value_columns: torch.Tensor) -> torch.Tensor:
-    """softmax(QKᵀ/√d) over every key, at some key columns, averaged over heads: (n, queries, columns).
-
-    ``value_columns`` (n, keys, c) is one-hot: row k has a 1 in column j where key k is the j-th
-    recorded column. Attention with those values is Σₖ pₖ·onehotₖ, the probabilities at those columns,
-    from the fused kernel. The values go in groups as wide as a head, the width every fused kernel takes.
-    """
-    n, heads, _, width = query.shape
-    parts = []
-    for start in range(0, value_columns.shape[-1], width):
-        values = value_columns[..., start:start + width]
-        used = values.shape[-1]
-        if used < width:
-            values = F.pad(values, (0, width - used))
-        values = values[:, None].expand(n, heads, *values.shape[1:])
-        out = F.scaled_dot_product_attention(query, key, values.to(query.dtype))
-        parts.append(out.float().mean(dim=1)[..., :used])
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-
 class JointAttentionRecorder(AttentionRecorder):
     """:class:`AttentionRecorder` for a pipeline with a ``transformer`` (SD3 / 3.5, FLUX).
 
@@ -254,7 +234,6 @@ class JointAttentionRecorder(AttentionRecorder):
         self._text_length = 0
         self._cond_context: int | None = None  # data_ptr of the conditional branch's text states (FLUX true CFG)
         self._recording = True
-        self._value_columns: dict[tuple[int, int, torch.dtype, str], torch.Tensor] = {}
         self.self_attention_bytes = SELF_ATTENTION_BYTES
         super().__init__(pipe, prompts, classes, **options)
         self._self_layer = self.layers[len(self.layers) // 2] if self.self_attention_factor else None
@@ -369,21 +348,6 @@ class JointAttentionRecorder(AttentionRecorder):
         self._text_length = context.shape[1]
         self._count_call(hidden, kwargs.get("timestep"))
 
-    def _columns_as_values(self, keys: int, text_start: int, like: torch.Tensor) -> torch.Tensor:
-        """The one-hot values (n, keys, columns) of the recorded text columns, built once per shape."""
-        cache_key = (keys, text_start, like.dtype, str(like.device))
-        values = self._value_columns.get(cache_key)
-        if values is None:
-            index = self._column_index
-            if index is None:  # every text column
-                index = torch.arange(self._text_length, device=like.device).expand(self.num_images, -1)
-            n, width = index.shape
-            values = torch.zeros(n, keys, width, dtype=like.dtype, device=like.device)
-            values[torch.arange(n, device=like.device)[:, None], index + text_start,
-                   torch.arange(width, device=like.device)[None, :]] = 1
-            self._value_columns = {cache_key: values}
-        return values
-
     def _record_joint(self, name: str, query: torch.Tensor, key: torch.Tensor, images: slice, text_start: int) -> None:
         """One joint layer's call: query and key are (batch, heads, tokens, head_dim), text and image."""
         if not self._recording or not self._in_window():
@@ -391,8 +355,8 @@ class JointAttentionRecorder(AttentionRecorder):
         self._check_started()
         cond = self._cond
         query_images, key = query[cond, :, images], key[cond]
-        values = self._columns_as_values(key.shape[2], text_start, key)
-        picked = text_probabilities(query_images, key, values)
+        values = self._columns_as_values(key.shape[2], text_start, self._text_length, key)
+        picked = column_probabilities(query_images, key, values)
         grid = self._latent_hw
         if picked.shape[1] != grid[0] * grid[1]:
             raise RecorderError(f"layer {name} has {picked.shape[1]} image tokens, not the {grid[0]}x{grid[1]} grid")
