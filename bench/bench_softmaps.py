@@ -1,12 +1,15 @@
-"""What storing only the largest share of each self-attention row costs `propagate`, on the shapes world.
+"""What storing only the largest share of each self-attention row, or recording it at every k-th step
+only, costs `propagate`, on the shapes world.
 
-    python bench/bench_softmaps.py [--work DIR] [--keep 1 0.25 0.125 0.0625]
+    python bench/bench_softmaps.py [--work DIR] [--keep 1 0.25 0.125 0.0625] [--every 1 2 4]
 
 Generates bench_refine's 300 shapes images once with the self-attention stored dense
 (``self_attention_keep=1``), then, for each share kept, sparsifies every matrix as ``generate`` would
 store it (``softmaps.sparsify_rows``: largest entries, 8-bit values) and reads it back as readers do
 (``densify_rows``, rows renormalised), and scores `propagate` (its defaults, with the cleanup) against
 the objects' true pixels, as bench_refine does. Also prints the compressed bytes of each share's file.
+Each ``--every`` K > 1 generates the same images again with the self-attention recorded at every K-th
+step (``generate --self-attention-every K``) and scores each share on them too.
 """
 
 from __future__ import annotations
@@ -32,16 +35,24 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench_refine_work/softmaps"))
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.25, 0.125, 0.0625])
+    parser.add_argument("--every", type=int, nargs="+", default=[1], help="self-attention at every K-th step")
     args = parser.parse_args()
-    config = GenerateConfig(classes=list(CLASSES), out=str(args.work / "dataset"), images_per_class=args.per_class,
-                            seed=BENCH_SEED, batch_size=60, self_attention_keep=1.0)
-    dataset: Dataset = generate_dataset(config, progress=True)
+    for every in args.every:
+        config = GenerateConfig(classes=list(CLASSES), out=str(args.work / ("dataset" if every == 1 else
+                                                                               f"dataset-every-{every}")),
+                                images_per_class=args.per_class, seed=BENCH_SEED, batch_size=60,
+                                self_attention_keep=1.0, self_attention_every=every)
+        score(generate_dataset(config, progress=True), args.keep, every)
+
+
+def score(dataset: Dataset, shares: list[float], every: int) -> None:
     truth = truths(dataset)
     defaults = RefineConfig(method="propagate")
     records = dataset.records()
     soft = {r["id"]: dataset.read_soft_maps(r["id"]) for r in records}
-    print(f"propagate on {len(records)} shapes images, self-attention stored dense vs its largest share per row")
-    for keep in args.keep:
+    print(f"propagate on {len(records)} shapes images, self-attention at every {every} step(s), stored dense "
+          "vs its largest share per row")
+    for keep in shares:
         inter: dict[str, int] = {}
         union: dict[str, int] = {}
         stored = 0

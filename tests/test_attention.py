@@ -413,6 +413,26 @@ def test_self_attention_matches_reference(sd1_pipe):
         assert image_maps.soft_maps()["__self__@8"].shape == (64, 64)
 
 
+def test_self_attention_every_kth_step_is_the_mean_of_those_steps(sd1_pipe):
+    """every=2 over 3 steps records steps 0 and 2: the mean of what windows of step 0 and of step 2 record
+    (the cross-attention maps keep every step)."""
+    def recorded(**options):
+        with trace(sd1_pipe, PROMPTS, CLASSES, self_attention=2, **options) as recorder:
+            run(sd1_pipe, PROMPTS, [3, 4])
+        return recorder.maps()
+
+    strided = recorded(self_attention_every=2)
+    first, third, every = recorded(steps=(0, 1)), recorded(steps=(2, 3)), recorded()
+    for i in range(len(PROMPTS)):
+        np.testing.assert_allclose(strided[i].self_attention,
+                                   (first[i].self_attention + third[i].self_attention) / 2, rtol=1e-5, atol=1e-8)
+        assert not np.allclose(strided[i].self_attention, every[i].self_attention, rtol=1e-5, atol=1e-8)
+        np.testing.assert_array_equal(strided[i]["dog" if i == 0 else "potted plant"],
+                                      every[i]["dog" if i == 0 else "potted plant"])
+    with pytest.raises(ConfigError, match="self_attention_every"):
+        trace(sd1_pipe, PROMPTS, CLASSES, self_attention=2, self_attention_every=0)
+
+
 def test_self_attention_grid_is_capped(sd1_pipe):
     """latent/1 (16x16) asked for with at most 8 a side: recorded at 8x8, as latent/2 would be."""
     with trace(sd1_pipe, PROMPTS, CLASSES, self_attention=1, self_attention_max=8) as capped:

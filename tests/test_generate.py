@@ -207,6 +207,17 @@ def test_bad_input_fails_cleanly(tmp_path, saved_pipelines, capsys):
     code = run_cli(*cli_args(model, out, "--prompts", "voc", "--guidance", "3"))
     err = capsys.readouterr().err
     assert code == 2 and "other settings (guidance differ)" in err and "Traceback" not in err
+    # Made recording the self-attention at every step, as datasets were before the option: the key is absent,
+    # so such a dataset resumes with --self-attention-every 1, and the new default is refused by name.
+    older = tmp_path / "older"
+    assert run_cli(*cli_args(model, older, "--self-attention-every", "1")) == 0
+    assert "self_attention_every" not in json.loads((older / "dataset.json").read_text())["settings"]
+    capsys.readouterr()
+    assert run_cli(*cli_args(model, older)) == 2
+    assert "self_attention_every differ" in capsys.readouterr().err
+    assert run_cli(*cli_args(model, older, "--self-attention-every", "1")) == 0
+    code = run_cli(*cli_args(model, tmp_path / "y", "--self-attention-every", "0"))
+    assert_clean_failure(capsys, tmp_path / "y", code, "--self-attention-every must be at least 1")
     with pytest.raises(SystemExit) as exit_info:
         run_cli(*cli_args(model, tmp_path / "x", "--scheduler", "plms"))
     assert exit_info.value.code == 2 and "invalid choice: 'plms'" in capsys.readouterr().err

@@ -335,6 +335,9 @@ class AttentionRecorder:
             never a default); None records none. Used by self-attention propagation.
         self_attention_max: the largest self-attention grid side recorded: latent/F is halved until
             it fits (SDXL at 1024 px: 32x32, not 64x64), so the matrix stays ≤ 32⁴ entries by default.
+        self_attention_every: record the self-attention at every k-th recorded step only (the first
+            of the window, then every k-th): it is an affinity between places, which changes slowly
+            over the steps, and on a GPU each recorded matrix costs memory passes.
         token_average: how a class of several tokens is fused: "maps" (the paper's: each token's
             map normalised, then averaged) or "columns" (raw columns averaged, then normalised).
     """
@@ -350,6 +353,7 @@ class AttentionRecorder:
         self_attention: int | None = None,
         token_average: str = "maps",
         self_attention_max: int = 32,
+        self_attention_every: int = 1,
     ):
         self.pipe = pipe
         self.model = self._backbone(pipe)
@@ -379,6 +383,9 @@ class AttentionRecorder:
         if self_attention_max < 1:
             raise ConfigError(f"self_attention_max must be at least 1, got {self_attention_max}")
         self.self_attention_max = self_attention_max
+        if self_attention_every < 1:
+            raise ConfigError(f"self_attention_every must be at least 1, got {self_attention_every}")
+        self.self_attention_every = self_attention_every
         self.self_layers = self._self_attention_layers() if self_attention else []
         self._encoded: dict[int, list[list[int]]] = {}
         self._columns: list[list[int]] | None = None  # per prompt; None: every column
@@ -641,6 +648,10 @@ class AttentionRecorder:
         start, stop = self.steps
         return (start is None or self._step >= start) and (stop is None or self._step < stop)
 
+    def _self_attention_step(self) -> bool:
+        """Whether this step records the self-attention: in the window, and every k-th step of it."""
+        return self._in_window() and (self._step - (self.steps[0] or 0)) % self.self_attention_every == 0
+
     @staticmethod
     def _mean_probabilities(scale: float, query: torch.Tensor, key: torch.Tensor,
                             limit: int = PROBABILITY_BYTES) -> torch.Tensor:
@@ -713,7 +724,7 @@ class AttentionRecorder:
         self._self_count += 1
 
     def _record_self(self, attn: Attention, query: torch.Tensor, key: torch.Tensor) -> None:
-        if not self._in_window():
+        if not self._self_attention_step():
             return
         h, w = self._self_hw
         if query.shape[2] != h * w:

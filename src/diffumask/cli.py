@@ -104,6 +104,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--self-attention-max", type=int, default=32, metavar="N",
                    help="halve the self-attention grid until no side exceeds N: SDXL at 1024 px records 32x32, "
                         "not 64x64, a 16x larger matrix (default: 32)")
+    p.add_argument("--self-attention-every", type=int, default=2, metavar="K",
+                   help="record the self-attention at every K-th step only: an affinity between places changes "
+                        "slowly over the steps, and on a GPU each recorded matrix costs time; 1 for every step, "
+                        "as datasets made before this option did (default: 2)")
     p.add_argument("--self-attention-keep", type=float, default=SELF_ATTENTION_KEEP, metavar="FRACTION",
                    help="share of each self-attention row stored (its largest entries; rows are peaked): "
                         "1/8 keeps a 512 px item near 0.3 MB; 1 stores the matrix dense, 2 MB "
@@ -135,6 +139,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         layers=args.layers, step_window=args.step_window, block_window=args.block_window,
         text_tokens=args.text_tokens, self_attention=args.self_attention,
         self_attention_max=args.self_attention_max, self_attention_keep=args.self_attention_keep,
+        self_attention_every=args.self_attention_every,
         threshold=args.threshold, uncertain=args.uncertain,
         image_format=args.image_format, batch_size=args.batch_size, device=device, dtype=dtype,
         revision=args.revision,

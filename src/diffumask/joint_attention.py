@@ -361,7 +361,7 @@ class JointAttentionRecorder(AttentionRecorder):
         if picked.shape[1] != grid[0] * grid[1]:
             raise RecorderError(f"layer {name} has {picked.shape[1]} image tokens, not the {grid[0]}x{grid[1]} grid")
         self._accumulate(grid, picked)
-        if name == self._self_layer:
+        if name == self._self_layer and self._self_attention_step():
             self._record_image_attention(query_images, key[:, :, images])
 
     def _record_image_attention(self, query: torch.Tensor, key: torch.Tensor) -> None:
