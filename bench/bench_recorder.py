@@ -4,9 +4,9 @@ with vs without.
 Runs are interleaved A/B (order alternating per pair) in one process, so both sides see the same
 machine state; the printed figure is the median of the per-pair time ratios. The recorder runs as
 ``generate`` runs it: the classes' columns and, by default, the self-attention at latent/2 (at most
-32x32). Memory: the recorder's accumulation buffers, and the peak live tensor memory of one
-generation with and without the recorder (CUDA: max_memory_allocated; CPU: the torch profiler's
-allocation events).
+32x32), at every second step; ``--profile`` adds where the time goes. Memory: the recorder's
+accumulation buffers, and the peak live tensor memory of one generation with and without the
+recorder (CUDA: max_memory_allocated; CPU: the torch profiler's allocation events).
 
     python bench/bench_recorder.py --sizes 256 512 --pairs 3 --steps 2                 # CPU
     python bench/bench_recorder.py --device cuda --dtype float16 --sizes 512 --batch 8 --steps 20
@@ -29,6 +29,8 @@ import time
 
 import diffusers
 import torch
+
+from diffumask.generate import GenerateConfig
 
 PROMPT = "a photo of a dog sitting on a sofa"
 CLASSES = ["dog", "sofa"]
@@ -185,7 +187,8 @@ def flux_pipeline(device: str, dtype: torch.dtype, blocks: int | None = None):
     return pipe
 
 
-def generate(pipe, size: int, steps: int, record: bool, batch: int = 1, self_attention: int | None = 2):
+def generate(pipe, size: int, steps: int, record: bool, batch: int = 1, self_attention: int | None = 2,
+             self_attention_every: int = 1):
     from diffumask import trace
 
     transformer = getattr(pipe, "unet", None) is None
@@ -197,7 +200,7 @@ def generate(pipe, size: int, steps: int, record: bool, batch: int = 1, self_att
 
     if not record:
         return call(), None
-    with trace(pipe, PROMPT, CLASSES, self_attention=self_attention) as recorder:
+    with trace(pipe, PROMPT, CLASSES, self_attention=self_attention, self_attention_every=self_attention_every) as recorder:
         images = call()
     recorder.maps()  # reading the maps is part of the recorder's cost
     return images, recorder
@@ -219,10 +222,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per pipeline call (num_images_per_prompt)")
     parser.add_argument("--self-attention", type=lambda v: None if v == "none" else int(v), default=2,
                         help="record self-attention at latent/F as generate does (default 2; 'none')")
+    parser.add_argument("--self-attention-every", type=int, default=GenerateConfig.self_attention_every,
+                        help=f"... at every K-th step, as generate does (default {GenerateConfig.self_attention_every})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one generation each way: device (kernel) time, wall time, and the "
+                             "operators whose device time the recorder adds")
     parser.add_argument("--save-pipeline", metavar="DIR",
                         help="only save the random-weight pipeline to DIR (for `diffumask generate --model DIR`)")
     args = parser.parse_args()
@@ -243,8 +251,9 @@ def main() -> None:
     print(f"{args.model.upper()}-shaped {type(denoiser).__name__}, {params:.1f} M parameters, {args.device} "
           f"({device_name}) {args.dtype}, {args.steps} steps, batch {args.batch}"
           f"{'' if args.model == 'flux' else ' with guidance'}, "
-          f"self-attention latent/{args.self_attention}")
-    run = functools.partial(generate, batch=args.batch, self_attention=args.self_attention)
+          f"self-attention latent/{args.self_attention} every {args.self_attention_every} step(s)")
+    run = functools.partial(generate, batch=args.batch, self_attention=args.self_attention,
+                            self_attention_every=args.self_attention_every)
     for size in args.sizes:
         run(pipe, size, 1, True)  # warm-up
         run(pipe, size, 1, False)
@@ -272,6 +281,39 @@ def main() -> None:
             line += (f"; peak tensor memory {without:.1f} MiB without, {with_recorder:.1f} MiB with "
                      f"(+{with_recorder - without:.2f} MiB)")
         print(line, flush=True)
+        if args.profile:
+            profile_both(run, pipe, size, args.steps, args.device)
+
+
+def profile_both(run, pipe, size: int, steps: int, device: str, top: int = 12) -> None:
+    """Where the recorder's cost goes: kernel time (the GPU's work) against wall time (the GPU's work
+    plus any time it waits for Python), per operator, with and without the recorder."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    totals, per_op = {}, {}
+    for record in (False, True):
+        sync(device)
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            run(pipe, size, steps, record)
+            sync(device)
+        wall = time.perf_counter() - start
+        if device.startswith("cuda"):  # the kernels themselves (their launching operators would count twice)
+            ops = {e.key: (e.self_device_time_total, e.count) for e in prof.key_averages()
+                   if e.device_type == DeviceType.CUDA}
+        else:
+            ops = {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+        totals[record] = (wall, sum(t for t, _ in ops.values()) / 1e6)
+        per_op[record] = ops
+    (wall0, busy0), (wall1, busy1) = totals[False], totals[True]
+    print(f"  profile, {size}px, {steps} steps: wall {wall0:.3f} -> {wall1:.3f} s ({wall1 / wall0:.3f}x); "
+          f"{'kernel' if device.startswith('cuda') else 'operator'} time {busy0:.3f} -> {busy1:.3f} s "
+          f"({busy1 / busy0:.3f}x)")
+    added = {k: per_op[True][k][0] - per_op[False].get(k, (0, 0))[0] for k in per_op[True]}
+    for key in sorted(added, key=added.get, reverse=True)[:top]:
+        print(f"    +{added[key] / 1e3:9.2f} ms  {per_op[True][key][1]:6d} calls  {key[:90]}")
 
 
 def peak_memory_mib(run, pipe, size: int, record: bool, device: str) -> float:

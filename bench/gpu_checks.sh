@@ -32,14 +32,14 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 
 if want recorder; then
     stamp "recorder, SD-1.5 shape, 512 px, fp16, batch 8, 20 steps"
-    python3 bench/bench_recorder.py --device cuda --dtype float16 --sizes 512 --batch 8 --steps 20 --pairs 3 \
+    python3 bench/bench_recorder.py --device cuda --dtype float16 --sizes 512 --batch 8 --steps 20 --pairs 4 --profile \
         | tee "$out/recorder_sd15.txt"
     stamp "recorder without self-attention, SD-1.5 shape, 512 px, fp16, batch 8, 20 steps"
     python3 bench/bench_recorder.py --device cuda --dtype float16 --sizes 512 --batch 8 --steps 20 \
-        --self-attention none --no-memory --pairs 2 | tee "$out/recorder_sd15_no_self.txt"
+        --self-attention none --no-memory --pairs 3 | tee "$out/recorder_sd15_no_self.txt"
     stamp "recorder, SDXL shape, 1024 px, fp16, batch 2, 20 steps"
     python3 bench/bench_recorder.py --model sdxl --device cuda --dtype float16 --sizes 1024 --batch 2 --steps 20 \
-        --pairs 2 | tee "$out/recorder_sdxl.txt"
+        --pairs 3 --profile | tee "$out/recorder_sdxl.txt"
 fi
 
 if want dit; then
