@@ -461,9 +461,9 @@ def test_self_attention_at_a_missing_resolution_is_an_error(sd1_pipe):
         recorder.maps()
 
 
-def test_column_probabilities_in_head_wide_groups_with_scale_and_mask():
-    """More recorded columns than a head is wide: the one-hot values go in several groups; the layer's
-    scale and an additive mask enter the softmax as in the layer itself."""
+def test_column_probabilities_in_head_wide_groups_with_a_mask():
+    """More recorded columns than a head is wide: the one-hot values go in several groups; an additive
+    mask enters the softmax as in the layer itself."""
     from diffumask.attention import column_probabilities
 
     rng = torch.Generator().manual_seed(0)
@@ -473,13 +473,13 @@ def test_column_probabilities_in_head_wide_groups_with_scale_and_mask():
     columns = torch.tensor([[3, 5, 7, 9, 11, 13], [0, 1, 2, 14, 15, 19]])
     values = torch.zeros(2, 20, 6)
     values[torch.arange(2)[:, None], columns, torch.arange(6)[None]] = 1
-    for scale, given_mask in ((None, None), (0.3, mask)):
-        scores = query.double() @ key.double().transpose(-1, -2) * (0.5 if scale is None else scale)
+    for given_mask in (None, mask):
+        scores = query.double() @ key.double().transpose(-1, -2) / 2  # 1/√d, d = 4
         if given_mask is not None:
             scores = scores + given_mask.double()
         expected = torch.softmax(scores, dim=-1).mean(1)
         expected = torch.stack([expected[i][:, columns[i]] for i in range(2)]).float()
-        torch.testing.assert_close(column_probabilities(query, key, values, scale, given_mask), expected,
+        torch.testing.assert_close(column_probabilities(query, key, values, given_mask), expected,
                                    rtol=1e-5, atol=1e-7)
 
 

@@ -216,6 +216,9 @@ def test_bad_input_fails_cleanly(tmp_path, saved_pipelines, capsys):
     assert run_cli(*cli_args(model, older)) == 2
     assert "self_attention_every differ" in capsys.readouterr().err
     assert run_cli(*cli_args(model, older, "--self-attention-every", "1")) == 0
+    # Without self-attention the step has no meaning: such datasets made before the option resume as they are.
+    assert "self_attention_every" not in GenerateConfig(classes=["dog"], out="x", self_attention=None).settings()
+    assert GenerateConfig(classes=["dog"], out="x").settings()["self_attention_every"] == 2
     code = run_cli(*cli_args(model, tmp_path / "y", "--self-attention-every", "0"))
     assert_clean_failure(capsys, tmp_path / "y", code, "--self-attention-every must be at least 1")
     with pytest.raises(SystemExit) as exit_info:

@@ -3,10 +3,10 @@
 Hooked only through diffusers' processor API: the cross-attention entries of
 ``unet.attn_processors`` are replaced by :class:`RecordingProcessor` and the original dict is
 set back on exit. The layer output still comes from the fused kernel
-(``F.scaled_dot_product_attention``); the probabilities softmax(QKᵀ·scale) are computed
-separately, for the conditional half of the guidance batch only, reduced to the requested
-classes' token columns, averaged over heads and added in place into one preallocated buffer
-per resolution, so memory does not grow with the number of steps.
+(``F.scaled_dot_product_attention``); the probabilities softmax(QKᵀ/√d) at the requested
+classes' token columns come from a second fused call whose values are one-hot at those columns,
+for the conditional half of the guidance batch only, averaged over heads and added in place into
+one preallocated buffer per resolution, so memory does not grow with the number of steps.
 
 The token ids the text encoder(s) really receive are read through a forward pre-hook on each
 encoder, so the maps always belong to the words the pipeline encoded.
@@ -49,7 +49,7 @@ DEFAULT_FACTORS = (1, 2, 4)
 #: average) or "columns" (average the raw token columns, then normalise).
 TOKEN_AVERAGES = ("maps", "columns")
 
-#: Bytes the recorder's scores and probabilities may take at once in one layer call (heads are grouped to fit).
+#: Bytes the self-attention's scores and probabilities may take at once in one layer call (heads are grouped to fit).
 PROBABILITY_BYTES = 1 << 30
 
 #: Soft-map file key prefix of the recorded self-attention matrix (class names may not use it).
@@ -212,9 +212,18 @@ def split_heads(attn: Attention, batch_size: int, query: torch.Tensor, key: torc
     return query, key, value
 
 
+def probability_dtype(query: torch.Tensor) -> torch.dtype:
+    """The precision explicit probabilities are computed in: the model's when it is half (on a GPU, where
+    they are memory-bound, half the bytes), else float32."""
+    return query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def column_probabilities(query: torch.Tensor, key: torch.Tensor, value_columns: torch.Tensor,
-                         scale: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(QKᵀ·scale) over every key, at some key columns, averaged over heads: (n, queries, columns).
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(QKᵀ/√d + mask) over every key, at some key columns, averaged over heads: (n, queries, columns).
+
+    The scale is the fused kernel's default, as in the layer itself (diffusers' stock processors do not
+    pass ``attn.scale`` either).
 
     ``value_columns`` (n, keys, c) is one-hot: row k has a 1 in column j where key k is the j-th
     recorded column. Attention with those values is Σₖ pₖ·onehotₖ, the probabilities at those columns,
@@ -230,7 +239,7 @@ def column_probabilities(query: torch.Tensor, key: torch.Tensor, value_columns: 
         if used < width:
             values = F.pad(values, (0, width - used))
         values = values[:, None].expand(n, heads, *values.shape[1:])
-        out = F.scaled_dot_product_attention(query, key, values.to(query.dtype), attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(query, key, values.to(query.dtype), attn_mask=mask)
         parts.append(out.mean(dim=1, dtype=torch.float32)[..., :used])
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
@@ -665,7 +674,7 @@ class AttentionRecorder:
         needs the whole tensor twice.
         """
         n, heads, queries, _ = query.shape
-        dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        dtype = probability_dtype(query)
         per_head = 2 * torch.finfo(dtype).bits // 8 * n * queries * key.shape[-2]  # scores and probabilities
         group = max(1, min(heads, limit // max(per_head, 1)))
         total = None
@@ -687,7 +696,7 @@ class AttentionRecorder:
         self._check_started()
         cond = self._cond
         values = self._columns_as_values(key.shape[2], 0, key.shape[2], key)
-        picked = column_probabilities(query[cond], key[cond], values, attn.scale, None if mask is None else mask[cond])
+        picked = column_probabilities(query[cond], key[cond], values, None if mask is None else mask[cond])
         self._accumulate(_as_2d_grid(picked.shape[1], self._latent_hw), picked)
 
     def _columns_as_values(self, keys: int, text_start: int, text_length: int, like: torch.Tensor) -> torch.Tensor:
@@ -731,7 +740,8 @@ class AttentionRecorder:
             return  # another resolution: left to the fused kernel alone
         self._check_started()
         cond = self._cond
-        self._accumulate_self((h, w), self._mean_probabilities(attn.scale, query[cond], key[cond]))  # (n, hw, hw)
+        scale = query.shape[-1] ** -0.5  # the layer's fused call's (stock processors do not pass attn.scale)
+        self._accumulate_self((h, w), self._mean_probabilities(scale, query[cond], key[cond]))  # (n, hw, hw)
 
     # ------------------------------------------------------------------ reading
     def state_bytes(self) -> int:

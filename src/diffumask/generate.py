@@ -131,7 +131,7 @@ class GenerateConfig:
         for key in ("block_window", "text_tokens"):  # absent unless set, so datasets made before still resume
             if values[key] is None:
                 values.pop(key)
-        if values["self_attention_every"] == 1:  # what datasets made before it was an option recorded
+        if values["self_attention_every"] == 1 or self.self_attention is None:  # as datasets made before it recorded
             values.pop("self_attention_every")
         return values
 
@@ -231,7 +231,7 @@ def generate_images(
     step_window: tuple[float, float] | None = None,
     self_attention: int | None = None,
     self_attention_max: int = 32,
-    self_attention_every: int = 1,
+    self_attention_every: int = GenerateConfig.self_attention_every,
     **recorder_options: Any,
 ) -> list[GeneratedImage]:
     """Generate one batch: each prompt with its classes (words in the prompt) and seed. ``recorder_options``:

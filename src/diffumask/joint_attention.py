@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 
-from .attention import AttentionRecorder, RecorderError, column_probabilities, split_heads
+from .attention import AttentionRecorder, RecorderError, column_probabilities, probability_dtype, split_heads
 from .errors import ConfigError
 from .tokens import class_token_indices
 
@@ -32,7 +32,7 @@ from .tokens import class_token_indices
 TEXT_PARTS = ("both", "clip", "t5")
 
 #: Bytes of scores and probabilities the self-attention may take at once (bands of query rows, groups of
-#: heads): at 1024 px the whole float32 matrix is 1.5 GiB for 24 heads.
+#: heads): at 1024 px the whole matrix is 768 MiB for 24 heads in bfloat16.
 SELF_ATTENTION_BYTES = 256 << 20
 
 #: The recorder options that only diffusion transformers take.
@@ -376,7 +376,8 @@ class JointAttentionRecorder(AttentionRecorder):
         fh, fw = h // gh, w // gw
         n, tokens = query.shape[0], query.shape[2]
         band = fh * w  # the query tokens of one row of cells
-        bands = max(1, self.self_attention_bytes // (2 * 4 * n * band * tokens))
+        element = torch.finfo(probability_dtype(query)).bits // 8
+        bands = max(1, self.self_attention_bytes // (2 * element * n * band * tokens))
         rows = []
         for start in range(0, gh, bands):
             stop = min(gh, start + bands)
