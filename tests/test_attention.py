@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 
 from torch.profiler import ProfilerActivity, profile
 
@@ -329,11 +329,14 @@ def test_memory_is_constant_in_steps(sd1_pipe, form):
     assert extra[2] == extra[6], f"what the recorder holds grows with the steps: {extra}"
     # Grids 16, 8 and 4 of 2 images, float32: all 77 token columns, or the 4 columns of the widest
     # image's classes ("potted plant" twice) plus their int64 index; the columns as one-hot values over
-    # the 77 keys (float32, the model's dtype); and the one-byte flag that notes, on the UNet's device,
-    # whether the timesteps ever rose.
+    # the 77 keys (float32, the model's dtype), zero-padded to a multiple of each head width the layers
+    # have; and the one-byte flag that notes, on the UNet's device, whether the timesteps ever rose.
     columns = 77 if form == "every word" else 4
+    head_widths = {a.inner_dim // a.heads for a in sd1_pipe.unet.modules() if isinstance(a, Attention)
+                   and a.is_cross_attention}
+    one_hot = sum(2 * 77 * -(-columns // w) * w * 4 for w in head_widths)
     kept = (2 * (16 * 16 + 8 * 8 + 4 * 4) * columns * 4 + (0 if form == "every word" else 2 * columns * 8)
-            + 2 * 77 * columns * 4 + 1)
+            + one_hot + 1)
     assert extra[2][0] == kept
 
 
@@ -480,6 +483,9 @@ def test_column_probabilities_in_head_wide_groups_with_a_mask():
         expected = torch.softmax(scores, dim=-1).mean(1)
         expected = torch.stack([expected[i][:, columns[i]] for i in range(2)]).float()
         torch.testing.assert_close(column_probabilities(query, key, values, given_mask), expected,
+                                   rtol=1e-5, atol=1e-7)
+        padded = torch.nn.functional.pad(values, (0, 2))  # zero columns up to a multiple of the head width
+        torch.testing.assert_close(column_probabilities(query, key, padded, given_mask, columns=6), expected,
                                    rtol=1e-5, atol=1e-7)
 
 

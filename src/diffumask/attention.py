@@ -219,7 +219,7 @@ def probability_dtype(query: torch.Tensor) -> torch.dtype:
 
 
 def column_probabilities(query: torch.Tensor, key: torch.Tensor, value_columns: torch.Tensor,
-                         mask: torch.Tensor | None = None) -> torch.Tensor:
+                         mask: torch.Tensor | None = None, columns: int | None = None) -> torch.Tensor:
     """softmax(QKᵀ/√d + mask) over every key, at some key columns, averaged over heads: (n, queries, columns).
 
     The scale is the fused kernel's default, as in the layer itself (diffusers' stock processors do not
@@ -229,18 +229,20 @@ def column_probabilities(query: torch.Tensor, key: torch.Tensor, value_columns: 
     recorded column. Attention with those values is Σₖ pₖ·onehotₖ, the probabilities at those columns,
     from the fused kernel: the (queries × keys) probabilities are never written out, which on a GPU,
     where this is memory-bound, is most of the cost. The values go in groups as wide as a head, the
-    width every fused kernel takes. Exact up to the kernel's precision (the model's: half on a GPU).
+    width every fused kernel takes; values already zero-padded to a multiple of it (``columns``: how
+    many are real) need no padding per call, one kernel launch less on a GPU that waits for launches.
+    Exact up to the kernel's precision (the model's: half on a GPU).
     """
     n, heads, _, width = query.shape
+    columns = value_columns.shape[-1] if columns is None else columns
     parts = []
-    for start in range(0, value_columns.shape[-1], width):
+    for start in range(0, columns, width):
         values = value_columns[..., start:start + width]
-        used = values.shape[-1]
-        if used < width:
-            values = F.pad(values, (0, width - used))
+        if values.shape[-1] < width:
+            values = F.pad(values, (0, width - values.shape[-1]))
         values = values[:, None].expand(n, heads, *values.shape[1:])
         out = F.scaled_dot_product_attention(query, key, values.to(query.dtype), attn_mask=mask)
-        parts.append(out.mean(dim=1, dtype=torch.float32)[..., :used])
+        parts.append(out.mean(dim=1, dtype=torch.float32)[..., :min(width, columns - start)])
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
@@ -399,7 +401,7 @@ class AttentionRecorder:
         self._encoded: dict[int, list[list[int]]] = {}
         self._columns: list[list[int]] | None = None  # per prompt; None: every column
         self._column_index: torch.Tensor | None = None
-        self._value_columns: dict[tuple[int, int, torch.dtype, str], torch.Tensor] = {}
+        self._value_columns: dict[tuple[int, int, int, torch.dtype, str], tuple[torch.Tensor, int]] = {}
         self._batch: int | None = None
         self._cond = slice(0)
         self._self_sum: torch.Tensor | None = None
@@ -695,25 +697,27 @@ class AttentionRecorder:
             return
         self._check_started()
         cond = self._cond
-        values = self._columns_as_values(key.shape[2], 0, key.shape[2], key)
-        picked = column_probabilities(query[cond], key[cond], values, None if mask is None else mask[cond])
+        values, columns = self._columns_as_values(key.shape[2], 0, key.shape[2], key)
+        picked = column_probabilities(query[cond], key[cond], values, None if mask is None else mask[cond], columns)
         self._accumulate(_as_2d_grid(picked.shape[1], self._latent_hw), picked)
 
-    def _columns_as_values(self, keys: int, text_start: int, text_length: int, like: torch.Tensor) -> torch.Tensor:
+    def _columns_as_values(self, keys: int, text_start: int, text_length: int, like: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The one-hot values (n, keys, columns) of the recorded text columns (every one of the
-        ``text_length`` text keys from ``text_start`` when no classes were given), built once per shape."""
-        cache_key = (keys, text_start, like.dtype, str(like.device))
-        values = self._value_columns.get(cache_key)
-        if values is None:
+        ``text_length`` text keys from ``text_start`` when no classes were given), zero-padded to a
+        multiple of ``like``'s head width, and how many columns are real; built once per shape."""
+        head_width = like.shape[-1]
+        cache_key = (keys, text_start, head_width, like.dtype, str(like.device))
+        cached = self._value_columns.get(cache_key)
+        if cached is None:
             index = self._column_index
             if index is None:
                 index = torch.arange(text_length, device=like.device).expand(self.num_images, -1)
             n, width = index.shape
-            values = torch.zeros(n, keys, width, dtype=like.dtype, device=like.device)
+            values = torch.zeros(n, keys, -(-width // head_width) * head_width, dtype=like.dtype, device=like.device)
             values[torch.arange(n, device=like.device)[:, None], index + text_start,
                    torch.arange(width, device=like.device)[None, :]] = 1
-            self._value_columns = {cache_key: values}
-        return values
+            cached = self._value_columns[cache_key] = (values, width)
+        return cached
 
     def _accumulate(self, grid: tuple[int, int], picked: torch.Tensor) -> None:
         """Add one layer call's (n, h·w, columns) probabilities into the grid's buffer, in place."""

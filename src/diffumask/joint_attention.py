@@ -355,8 +355,8 @@ class JointAttentionRecorder(AttentionRecorder):
         self._check_started()
         cond = self._cond
         query_images, key = query[cond, :, images], key[cond]
-        values = self._columns_as_values(key.shape[2], text_start, self._text_length, key)
-        picked = column_probabilities(query_images, key, values)
+        values, columns = self._columns_as_values(key.shape[2], text_start, self._text_length, key)
+        picked = column_probabilities(query_images, key, values, columns=columns)
         grid = self._latent_hw
         if picked.shape[1] != grid[0] * grid[1]:
             raise RecorderError(f"layer {name} has {picked.shape[1]} image tokens, not the {grid[0]}x{grid[1]} grid")
