@@ -152,3 +152,38 @@ def test_training_blurs_and_warps_on_the_fly_with_the_same_transforms():
         assert (out_labels == labels).all()
         blurred += not np.isin(out_image, [30, 128, 220]).all()  # edges mixed: the blur ran
     assert 0 < warped < 12 and 0 < blurred < 12  # each with probability 1/2
+
+
+def test_training_shifts_keep_mask_and_pixels_together_and_ignore_what_comes_in():
+    from diffumask.segment.data import augment_pair, check_augment
+
+    image, labels = square_scene()  # red square rows 16-40, columns 20-44
+    moves = set()
+    for seed in range(20):
+        out_image, out_labels = augment_pair(image, labels, np.random.default_rng(seed), 64, (1.0, 1.0),
+                                             check_augment(["shift"]))
+        assert (red(out_image) == (out_labels == 1)).all()  # exactly aligned
+        ys, xs = np.nonzero(out_labels == 1)
+        dy, dx = ys.min() - 16, xs.min() - 20
+        assert max(abs(dy), abs(dx)) <= 64 // 8 and (ys.max() - ys.min(), xs.max() - xs.min()) == (23, 23)
+        moves.add((dy, dx))
+        uncovered = out_labels == IGNORE_INDEX  # the strips that came in from outside: black, ignored
+        assert uncovered.sum() == 64 * 64 - (64 - abs(dy)) * (64 - abs(dx))
+        assert (out_image[uncovered] == 0).all()
+    assert len(moves) > 10
+
+
+def test_training_channel_shuffles_reorder_rgb_and_leave_the_mask():
+    from diffumask.segment.data import augment_pair, check_augment
+
+    colour = (220, 90, 30)
+    image, labels = square_scene(colour=colour)
+    orders = set()
+    for seed in range(20):
+        out_image, out_labels = augment_pair(image, labels, np.random.default_rng(seed), 64, (1.0, 1.0),
+                                             check_augment(["channels"]))
+        assert (out_labels == labels).all()
+        shown = tuple(int(v) for v in out_image[20, 30])
+        assert sorted(shown) == sorted(colour) and (out_image[0, 0] == 128).all()
+        orders.add(shown)
+    assert len(orders) == 6  # every order of R, G, B

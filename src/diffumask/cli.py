@@ -411,6 +411,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    "side is the crop times a random ratio, and predicted at that size (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--augment", type=_csv, help="on-the-fly augmentations besides resize and crop: flip, rot90, hue, "
+                   "channels (a random RGB order), shift (up to crop/8 px, what comes in ignored), "
                    "and blur and perspective (`diffumask augment`'s Φ2 and Φ4, each with p 0.5; mosaics and occlusion "
                    "need other items: write them with `diffumask augment`) (default: the preset's; 'flip' for r50 "
                    "and swin-b)")

@@ -22,7 +22,9 @@ from ..errors import ConfigError
 from ..formats import LabelledSource, SourceError, match_names
 
 IGNORE_INDEX = 255
-AUGMENTATIONS = ("flip", "rot90", "hue", "blur", "perspective")  # the last two: augment's Φ2 and Φ4, p = 0.5
+#: "shift": up to crop/8 px each way, uncovered pixels black and ignored; "channels": a random RGB order;
+#: "blur" and "perspective": augment's Φ2 and Φ4, each with p = 0.5.
+AUGMENTATIONS = ("flip", "rot90", "hue", "channels", "shift", "blur", "perspective")
 AUGMENT_DEFAULTS = AugmentConfig()  # blur σ and perspective shift, as `diffumask augment` draws them
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
@@ -114,6 +116,8 @@ def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
         h, w = labels.shape
     y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
     image, labels = image[y:y + crop, x:x + crop], labels[y:y + crop, x:x + crop]
+    if "shift" in augment:
+        image, labels = shift(image, labels, rng, max(1, crop // 8))
     if "flip" in augment and rng.random() < 0.5:
         image, labels = image[:, ::-1], labels[:, ::-1]
     if "rot90" in augment:
@@ -123,12 +127,25 @@ def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
         hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV_FULL)
         hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(rng.integers(256))) % 256
         image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+    if "channels" in augment:
+        image = image[..., rng.permutation(3)]
     if "blur" in augment and rng.random() < 0.5:
         image = gaussian_blur(np.ascontiguousarray(image), float(rng.uniform(*AUGMENT_DEFAULTS.blur_sigma)))
     if "perspective" in augment and rng.random() < 0.5:
         corners = random_corners(labels.shape, AUGMENT_DEFAULTS.perspective_shift, rng)
         image, labels = perspective(np.ascontiguousarray(image), np.ascontiguousarray(labels), corners)
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+def shift(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """Translate by up to ``most`` px on each axis; what comes in from outside is black and ignored."""
+    dy, dx = (int(d) for d in rng.integers(-most, most + 1, size=2))
+    moved_image, moved_labels = np.zeros_like(image), np.full_like(labels, IGNORE_INDEX)
+    h, w = labels.shape
+    target = np.s_[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)]
+    source = np.s_[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    moved_image[target], moved_labels[target] = image[source], labels[source]
+    return moved_image, moved_labels
 
 
 def check_augment(names: Sequence[str]) -> tuple[str, ...]:
