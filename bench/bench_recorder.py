@@ -188,7 +188,7 @@ def flux_pipeline(device: str, dtype: torch.dtype, blocks: int | None = None):
 
 
 def generate(pipe, size: int, steps: int, record: bool, batch: int = 1, self_attention: int | None = 2,
-             self_attention_every: int = 1):
+             self_attention_every: int = GenerateConfig.self_attention_every):
     from diffumask import trace
 
     transformer = getattr(pipe, "unet", None) is None
