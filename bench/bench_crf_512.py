@@ -32,11 +32,12 @@ from diffumask.shapes.world import render_scene
 
 GRID = 32  # the self-attention grid refine propagates on at 512 px (generate's --self-attention-max)
 SETTINGS = {
-    "the paper's (10 iterations, full size)": {},
-    "--crf-iterations 5": {"iterations": 5},
-    "--crf-iterations 3": {"iterations": 3},
+    "the paper's (10 iterations, full size: --crf-max-size 0)": {"max_size": None},
+    "--crf-iterations 5, full size": {"iterations": 5, "max_size": None},
+    "--crf-iterations 3, full size": {"iterations": 3, "max_size": None},
     "--crf-max-size 384": {"max_size": 384},
-    "--crf-max-size 256": {"max_size": 256},
+    "--crf-max-size 256 (the default)": {},
+    "--crf-max-size 128": {"max_size": 128},
 }
 
 

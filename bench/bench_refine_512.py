@@ -51,7 +51,7 @@ METHODS = {
     "otsu --crf": RefineConfig(method="otsu", crf=True),
     "propagate": RefineConfig(method="propagate"),
     "propagate --crf": RefineConfig(method="propagate", crf=True),
-    "propagate --crf --crf-max-size 256": RefineConfig(method="propagate", crf=True, crf_params=CRFParams(max_size=256)),
+    "propagate --crf --crf-max-size 0": RefineConfig(method="propagate", crf=True, crf_params=CRFParams(max_size=None)),
     "affinity": RefineConfig(method="affinity"),
     "affinity --crf": RefineConfig(method="affinity", crf=True),
     "adaptive (CRF, shortlist 1)": RefineConfig(method="adaptive"),

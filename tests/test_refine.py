@@ -411,7 +411,7 @@ def test_defaults_follow_the_gamma_the_dataset_was_made_with(dataset):
     (["--method", "otsu", "--crf", "--crf-gt-prob", "1"], "--crf-gt-prob) must lie strictly between 0 and 1"),
     (["--method", "otsu", "--crf", "--crf-srgb", "0"], "--crf-srgb must be positive"),
     (["--method", "propagate", "--crf", "--crf-iterations", "0"], "(--crf-iterations) must be at least 1"),
-    (["--method", "propagate", "--crf", "--crf-max-size", "4"], "(--crf-max-size) must be at least 8 px"),
+    (["--method", "propagate", "--crf", "--crf-max-size", "4"], "(--crf-max-size) must be at least 8 px (0: full size)"),
     (["--method", "otsu", "--crf-sxy", "-3"], "--crf-sxy must be positive"),
     (["--method", "propagate", "--power", "0"], "--power must be at least 1"),
     (["--method", "otsu", "--min-area", "1.5"], "fractions of the image area"),

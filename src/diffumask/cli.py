@@ -243,10 +243,11 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
                    help=f"how sure the CRF is of each pixel's input label, in (0, 1) (default: {crf.gt_prob:g})")
     p.add_argument("--crf-iterations", type=int, default=crf.iterations,
                    help=f"mean-field iterations of the result CRF, its cost (default: the paper's {crf.iterations})")
-    p.add_argument("--crf-max-size", type=int, metavar="PX",
-                   help="run the result CRF on the image shrunk to this longer side and resize its marginals back: "
-                        "256 at 512 px takes under a third of the time, with coarser edges (bench/bench_crf_512.py: IoU "
-                        "0.992 against 1.000; default: full size)")
+    p.add_argument("--crf-max-size", type=int, default=crf.max_size, metavar="PX",
+                   help="larger images run the CRFs on a copy shrunk to this longer side, and a guided filter puts "
+                        "their edges back on the image's: at 512 px 256 costs a third of the full-size CRF, at 1024 "
+                        "px an eighth (bench/bench_crf_512.py: IoU 0.9998 and 0.9992 against the full size's "
+                        f"1.0000); 0: full size, the paper's (default: {crf.max_size})")
     p.add_argument("--min-area", type=float, default=defaults.min_area,
                    help=f"drop a class's blobs smaller than this fraction of the image (default: {defaults.min_area:g}; "
                         "0 keeps all)")
@@ -325,12 +326,14 @@ def _run_refine(args: argparse.Namespace) -> None:
         gammas = None if args.gammas is None else gamma_range(*args.gammas)
     except ValueError as error:
         raise DiffumaskError(str(error)) from None
-    srgb = {} if args.crf_srgb is None else {"bilateral_srgb": args.crf_srgb}
+    shared = {"max_size": args.crf_max_size or None}  # both CRFs, the result's and the AffinityNet seeds'
+    if args.crf_srgb is not None:
+        shared["bilateral_srgb"] = args.crf_srgb
     config = RefineConfig(
         method=args.method, threshold=args.threshold, uncertain=args.uncertain, crf=args.crf,
         crf_params=replace(defaults.crf_params, gt_prob=args.crf_gt_prob, bilateral_sxy=args.crf_sxy,
-                           iterations=args.crf_iterations, max_size=args.crf_max_size, **srgb),
-        seed_crf_params=replace(defaults.seed_crf_params, **srgb),
+                           iterations=args.crf_iterations, **shared),
+        seed_crf_params=replace(defaults.seed_crf_params, **shared),
         min_area=args.min_area, max_hole=args.max_hole, per_class=args.per_class, gammas=gammas,
         crf_shortlist=args.crf_shortlist, reference_crf=not args.no_reference_crf,
         affinity=replace(defaults.affinity, train_steps=args.affinity_steps, epochs=args.affinity_epochs,
