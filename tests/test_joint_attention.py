@@ -41,7 +41,7 @@ class KeepQueriesAndKeys(JointAttentionRecorder):
         super().__init__(*args, **kwargs)
         self.calls = []
 
-    def _record_joint(self, name, query, key, images, text_start):
+    def _record_joint(self, name, query, key, images, text_start, logsumexp=None):
         if self._recording:
             self.calls.append((name, self._step, query.detach().clone(), key.detach().clone(), images, text_start))
 
@@ -60,21 +60,53 @@ def by_hand(calls, image, n_images, columns, keep=lambda name, step: True):
     return np.mean(per_call, axis=0)
 
 
+@pytest.mark.parametrize("kernel", ["fused", "math"])
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_recorder_matches_reference(pipes, kind):
+def test_recorder_matches_reference(pipes, kind, kernel):
+    """The maps against softmax by hand, and the images against the stock processors', bit for bit: with
+    the fused kernel the normaliser comes from the layer's own call (its log-sum-exp); under the math
+    kernel, which keeps none, from the one-hot second call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     pipe = pipes[kind]
     window = (0.0, 1.0)
-    with KeepQueriesAndKeys(pipe, PROMPTS, CLASSES, block_window=window) as reference:
-        expected_images = run(pipe, PROMPTS, [1, 2], steps=3)
-    with trace(pipe, PROMPTS, CLASSES, block_window=window, steps=(1, 3)) as recorder:
-        images = run(pipe, PROMPTS, [1, 2], steps=3)
-    np.testing.assert_array_equal(images, expected_images)
+    backends = [SDPBackend.MATH] if kernel == "math" else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        stock_images = run(pipe, PROMPTS, [1, 2], steps=3)
+        with KeepQueriesAndKeys(pipe, PROMPTS, CLASSES, block_window=window) as reference:
+            expected_images = run(pipe, PROMPTS, [1, 2], steps=3)
+        with trace(pipe, PROMPTS, CLASSES, block_window=window, steps=(1, 3)) as recorder:
+            images = run(pipe, PROMPTS, [1, 2], steps=3)
+    np.testing.assert_array_equal(images, stock_images)
+    np.testing.assert_array_equal(expected_images, stock_images)
     assert len(recorder.layers) == len(joint_layers(pipe.transformer)) == 4
     for i, maps in enumerate(recorder.maps()):
         grid = maps.attention[8]  # 32 px: a 16x16 latent, 8x8 tokens
         hand = by_hand(reference.calls, i, 2, maps.columns, keep=lambda name, step: step >= 1)
         np.testing.assert_allclose(grid.reshape(len(maps.columns), -1), hand, rtol=1e-4, atol=1e-6)
         assert maps["dog" if i == 0 else "tree"].shape == (32, 32)
+
+
+def test_attention_with_logsumexp_is_the_stock_call():
+    """The kernel the fused call picks, called directly: the same output, bit for bit, and the log-sum-exp
+    of the scaled scores; None where the kernel keeps none."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from diffumask.joint_attention import attention_with_logsumexp, probabilities_from_logsumexp
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 50, 16), torch.randn(2, 3, 50, 16)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+        out, lse = attention_with_logsumexp(q, k, v)
+        assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        scores = q.double() @ k.double().transpose(-1, -2) / 4
+        torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+        picked = probabilities_from_logsumexp(q, k[:, :, [3, 7]], lse)
+        torch.testing.assert_close(picked.double(), scores.softmax(-1)[..., [3, 7]].mean(1), rtol=1e-4, atol=1e-6)
+    with sdpa_kernel([SDPBackend.MATH]):
+        out, lse = attention_with_logsumexp(query, key, value)
+        assert lse is None and torch.equal(out, torch.nn.functional.scaled_dot_product_attention(query, key, value))
 
 
 def test_sd3_records_clip_and_t5_columns(pipes):

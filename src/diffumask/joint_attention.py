@@ -3,10 +3,13 @@
 A DiT has no cross-attention: image and text tokens attend to each other in one softmax, "joint
 attention". A word's map is the attention of the image queries to that word's text keys, a softmax
 over *all* keys, image and text, as the model computes it. The recorder gets exactly those
-probabilities without holding the queries × keys matrix (at 1024 px FLUX, 4096 × 4608 per head): a
-second fused ``scaled_dot_product_attention`` over the same queries and keys, whose values are one-hot
-at the recorded text columns, returns softmax(QKᵀ·scale)[:, columns], in queries × head_dim memory.
-Heads are averaged, then the recorded blocks and steps, in one buffer added to in place.
+probabilities without holding the queries × keys matrix (at 1024 px FLUX, 4096 × 4608 per head). Where
+the fused kernel the layer runs anyway (flash or memory-efficient attention, on a GPU or a CPU) also
+returns each query's log-sum-exp of its scores, the layer's own call gives the softmax's normaliser, and
+a word's probabilities are exp(q·k·scale − lse) at its few text columns: a small matmul, no second pass
+over the keys. Elsewhere a second fused call over the same queries and keys, whose values are one-hot
+at the recorded text columns, returns softmax(QKᵀ·scale)[:, columns]. Heads are averaged, then the
+recorded blocks and steps, in one buffer added to in place.
 
 Hooked only through diffusers' processor API: the stock processors (``JointAttnProcessor2_0``,
 ``FluxAttnProcessor``) are replaced by recording twins that compute the layer's output with the same
@@ -43,6 +46,48 @@ DIT_OPTIONS = ("block_window", "text_tokens")
 #: the middle third, 0.137 for the last and 0.225 for all blocks. Each recorded block costs about one more
 #: attention, so a third of the depth also bounds the recorder's cost.
 DEFAULT_BLOCK_WINDOW = (0.0, 1 / 3)
+
+
+def attention_with_logsumexp(query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.scaled_dot_product_attention(query, key, value)`` as the stock processors call it (no mask, the
+    default scale), and each query's log-sum-exp of its scaled scores, (batch, heads, queries) float32.
+
+    The kernel is the one the fused call would pick (``torch._fused_sdp_choice``), called directly so
+    that it hands back the log-sum-exp it computes anyway: the same kernel on the same inputs, so the
+    output is the stock call's, bit for bit (tested). Where that kernel keeps no log-sum-exp (the math
+    fallback, cuDNN, a torch without these entry points), it is the stock call and None.
+    """
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = SDPBackend(torch._fused_sdp_choice(query, key, value, None, 0.0, False))
+        aten = torch.ops.aten
+        if choice == SDPBackend.FLASH_ATTENTION and query.device.type == "cpu":
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False)
+            return out, lse
+        if choice == SDPBackend.FLASH_ATTENTION and query.device.type == "cuda":
+            out, lse = aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False)[:2]
+            return out, lse
+        if choice == SDPBackend.EFFICIENT_ATTENTION and query.device.type == "cuda":
+            out, lse = aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0, False)[:2]
+            return out, lse[..., :query.shape[-2]]  # its rows are padded to a multiple of 32
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # entry points moved: the stock call
+        pass
+    return F.scaled_dot_product_attention(query, key, value), None
+
+
+def probabilities_from_logsumexp(query: torch.Tensor, key_columns: torch.Tensor,
+                                 logsumexp: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√d) at some key columns from the scores at those columns alone and each query's
+    log-sum-exp over every key, averaged over heads: (n, queries, columns) float32.
+
+    ``query`` (n, heads, queries, d), ``key_columns`` (n, heads, columns, d), ``logsumexp`` (n, heads,
+    queries). In float32, whatever the model's precision: exp(s − lse) is exact where the kernel's
+    normaliser is.
+    """
+    scores = torch.matmul(query.float(), key_columns.float().transpose(-1, -2)).mul_(query.shape[-1] ** -0.5)
+    return scores.sub_(logsumexp.float()[..., None]).exp_().mean(dim=1)
 
 
 def _flux_parts() -> tuple[type, Callable[..., Any], Callable[..., Any]] | None:
@@ -147,10 +192,13 @@ class JointRecordingProcessor:
             query = torch.cat([query, context[0]], dim=2)
             key = torch.cat([key, context[1]], dim=2)
             value = torch.cat([value, context[2]], dim=2)
-            self.recorder._record_joint(self.name, query, key, images=slice(0, residual.shape[1]),
-                                        text_start=residual.shape[1])
 
-        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        if encoder_hidden_states is not None and self.recorder._records():
+            hidden_states, logsumexp = attention_with_logsumexp(query, key, value)
+            self.recorder._record_joint(self.name, query, key, images=slice(0, residual.shape[1]),
+                                        text_start=residual.shape[1], logsumexp=logsumexp)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         if encoder_hidden_states is not None:
@@ -175,6 +223,18 @@ class FluxRecordingProcessor:
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
 
+    def _native(self) -> bool:
+        """Whether diffusers would run this call through its native backend (``F.scaled_dot_product_attention``
+        on the heads-first view, no context parallelism): only then is the layer's own call ours to make."""
+        if self._parallel_config is not None:
+            return False
+        try:
+            from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+        except ImportError:
+            return False
+        backend = self._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+        return AttentionBackendName(backend) == AttentionBackendName.NATIVE
+
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: torch.Tensor | None = None) -> Any:
@@ -195,12 +255,22 @@ class FluxRecordingProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        text = self.recorder._text_length
-        self.recorder._record_joint(self.name, query.transpose(1, 2), key.transpose(1, 2),
-                                    images=slice(text, None), text_start=0)
-
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                              backend=self._attention_backend, parallel_config=self._parallel_config)
+        if self.recorder._records():
+            query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (batch, heads, tokens, d)
+            logsumexp = None
+            if attention_mask is None and self._native():  # native: the fused call on these very tensors
+                hidden_states, logsumexp = attention_with_logsumexp(query, key, value)
+            self.recorder._record_joint(self.name, query, key, images=slice(self.recorder._text_length, None),
+                                        text_start=0, logsumexp=logsumexp)
+            query, key, value = (x.transpose(1, 2) for x in (query, key, value))
+            if logsumexp is not None:
+                hidden_states = hidden_states.transpose(1, 2)
+        else:
+            logsumexp = None
+        if logsumexp is None:
+            hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                                  backend=self._attention_backend,
+                                                  parallel_config=self._parallel_config)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -348,21 +418,38 @@ class JointAttentionRecorder(AttentionRecorder):
         self._text_length = context.shape[1]
         self._count_call(hidden, kwargs.get("timestep"))
 
-    def _record_joint(self, name: str, query: torch.Tensor, key: torch.Tensor, images: slice, text_start: int) -> None:
-        """One joint layer's call: query and key are (batch, heads, tokens, head_dim), text and image."""
-        if not self._recording or not self._in_window():
+    def _records(self) -> bool:
+        """Whether this call of a recorded layer is recorded: the prompt's branch, in the step window."""
+        return self._recording and self._in_window()
+
+    def _record_joint(self, name: str, query: torch.Tensor, key: torch.Tensor, images: slice, text_start: int,
+                      logsumexp: torch.Tensor | None = None) -> None:
+        """One joint layer's call: query and key are (batch, heads, tokens, head_dim), text and image;
+        ``logsumexp`` (batch, heads, tokens), each query's over every key, where the layer's kernel gave it."""
+        if not self._records():
             return
         self._check_started()
         cond = self._cond
         query_images, key = query[cond, :, images], key[cond]
-        values, columns = self._columns_as_values(key.shape[2], text_start, self._text_length, key)
-        picked = column_probabilities(query_images, key, values, columns=columns)
+        if logsumexp is not None:
+            index = self._text_columns(key.device) + text_start
+            key_columns = key[torch.arange(index.shape[0], device=key.device)[:, None], :, index].transpose(1, 2)
+            picked = probabilities_from_logsumexp(query_images, key_columns, logsumexp[cond, :, images])
+        else:
+            values, columns = self._columns_as_values(key.shape[2], text_start, self._text_length, key)
+            picked = column_probabilities(query_images, key, values, columns=columns)
         grid = self._latent_hw
         if picked.shape[1] != grid[0] * grid[1]:
             raise RecorderError(f"layer {name} has {picked.shape[1]} image tokens, not the {grid[0]}x{grid[1]} grid")
         self._accumulate(grid, picked)
         if name == self._self_layer and self._self_attention_step():
             self._record_image_attention(query_images, key[:, :, images])
+
+    def _text_columns(self, device: torch.device) -> torch.Tensor:
+        """(n, columns): each image's recorded text columns (every text key when no classes were given)."""
+        if self._column_index is not None:
+            return self._column_index
+        return torch.arange(self._text_length, device=device).expand(self.num_images, -1)
 
     def _record_image_attention(self, query: torch.Tensor, key: torch.Tensor) -> None:
         """Image-to-image attention of one block, softmax over image keys, pooled to the recorded grid:
