@@ -2,9 +2,10 @@
 # The README's GPU figures in one short run on one GPU (a few minutes on an H100):
 #   recorder  the recorder's cost: SD-1.5 shape at 512 px fp16 batch 8 (as generate runs it, and without the
 #             self-attention), SDXL 1.0 shape at 1024 px;
-#   dit       the joint-attention recorder's cost, full depth, bf16, 1024 px: SD3-medium and FLUX.1 shapes;
-#   generate  `diffumask generate` at 512 px on a saved SD-1.5-shaped pipeline (its defaults: 50 steps),
-#             and the soft maps' bytes per item;
+#   dit       the joint-attention recorder's cost, full depth, bf16, 1024 px: SD3-medium and FLUX.1 shapes,
+#             and which fused kernel the twins call (with its log-sum-exp; checked against the stock call);
+#   generate  `diffumask generate` at 512 px on a saved SD-1.5-shaped pipeline (its defaults: 50 steps), 96
+#             items (6 per worker of a 16-core refine), and the soft maps' bytes per item;
 #   refine    `diffumask refine` per image on that dataset, each method (bench/bench_refine_gpu.py);
 #   train     the r50 Mask2Former's training throughput at crop 512, batch 16, bf16, on that dataset.
 # Weights are random (nothing can be downloaded), so the figures are costs, not mask quality.
@@ -43,6 +44,21 @@ if want recorder; then
 fi
 
 if want dit; then
+    stamp "the joint-attention twins' kernel: the fused call's own, with its log-sum-exp"
+    python3 - <<'PY' | tee "$out/dit_kernel.txt"
+import torch
+from diffumask.joint_attention import _KERNEL_CHECKED, _kernel_with_logsumexp, attention_with_logsumexp
+torch.manual_seed(0)
+for heads, tokens, width in ((24, 4096 + 333, 64), (24, 4096 + 512, 128)):  # SD3-medium, FLUX.1 at 1024 px
+    q, k, v = (torch.randn(1, heads, tokens, width, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kernel = _kernel_with_logsumexp(q, k, v)
+    out, lse = attention_with_logsumexp(q, k, v)
+    error = float("nan")
+    if lse is not None:
+        error = ((q.double() @ k.double().transpose(-1, -2) * width ** -0.5).logsumexp(-1) - lse).abs().max().item()
+    print(f"heads {heads} width {width}: kernel {kernel[0] if kernel else None}, its log-sum-exp used: "
+          f"{lse is not None} (checks: {_KERNEL_CHECKED}), max error against float64 {error:.2e}")
+PY
     for model in sd3 flux; do
         stamp "recorder, $model shape, full depth, 1024 px, bf16, 10 steps"
         python3 bench/bench_recorder.py --model $model --device cuda --dtype bfloat16 --sizes 1024 --steps 10 \
@@ -51,10 +67,10 @@ if want dit; then
 fi
 
 if want generate; then
-    stamp "generate, 512 px, 48 items, batch 8, the pipeline's default 50 steps"
+    stamp "generate, 512 px, 96 items, batch 8, the pipeline's default 50 steps"
     python3 bench/bench_recorder.py --save-pipeline "$work/sd15" --device cuda --dtype float16
     start=$(date +%s.%N)
-    python3 -m diffumask generate --model "$work/sd15" --classes dog,cat --images-per-class 24 --batch-size 8 \
+    python3 -m diffumask generate --model "$work/sd15" --classes dog,cat --images-per-class 48 --batch-size 8 \
         --size 512 --device cuda --out "$work/ds512" --quiet
     end=$(date +%s.%N)
     python3 - "$work/ds512" "$start" "$end" <<'PY' | tee "$out/generate.txt"

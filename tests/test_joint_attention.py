@@ -109,6 +109,22 @@ def test_attention_with_logsumexp_is_the_stock_call():
         assert lse is None and torch.equal(out, torch.nn.functional.scaled_dot_product_attention(query, key, value))
 
 
+def test_a_kernel_that_fails_its_check_is_not_used_again(monkeypatch):
+    """The first call per kernel is checked against the stock call; one found wanting (here: marked so) gives
+    the stock call and no log-sum-exp from then on, so the recorder takes its one-hot pass."""
+    from diffumask import joint_attention
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    monkeypatch.setattr(joint_attention, "_KERNEL_CHECKED", {})
+    assert joint_attention.attention_with_logsumexp(query, key, value)[1] is not None
+    assert list(joint_attention._KERNEL_CHECKED.values()) == [True]
+    checked = next(iter(joint_attention._KERNEL_CHECKED))
+    joint_attention._KERNEL_CHECKED[checked] = False
+    out, lse = joint_attention.attention_with_logsumexp(query, key, value)
+    assert lse is None and torch.equal(out, torch.nn.functional.scaled_dot_product_attention(query, key, value))
+
+
 def test_sd3_records_clip_and_t5_columns(pipes):
     """SD3's context is CLIP's 77 columns then T5's; each part's words are found with its own tokenizer
     ("aeroplane": one CLIP token, ▁aero|plane in T5)."""

@@ -48,33 +48,72 @@ DIT_OPTIONS = ("block_window", "text_tokens")
 DEFAULT_BLOCK_WINDOW = (0.0, 1 / 3)
 
 
-def attention_with_logsumexp(query: torch.Tensor, key: torch.Tensor,
-                             value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``F.scaled_dot_product_attention(query, key, value)`` as the stock processors call it (no mask, the
-    default scale), and each query's log-sum-exp of its scaled scores, (batch, heads, queries) float32.
-
-    The kernel is the one the fused call would pick (``torch._fused_sdp_choice``), called directly so
-    that it hands back the log-sum-exp it computes anyway: the same kernel on the same inputs, so the
-    output is the stock call's, bit for bit (tested). Where that kernel keeps no log-sum-exp (the math
-    fallback, cuDNN, a torch without these entry points), it is the stock call and None.
-    """
+def _kernel_with_logsumexp(query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor) -> tuple[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None:
+    """The fused kernel ``F.scaled_dot_product_attention`` picks for these inputs (no mask, the default
+    scale), as a call that also returns each query's log-sum-exp, and its name; None where that kernel
+    keeps none (the math fallback) or this torch lacks the entry points."""
     try:
         from torch.nn.attention import SDPBackend
 
         choice = SDPBackend(torch._fused_sdp_choice(query, key, value, None, 0.0, False))
         aten = torch.ops.aten
+        rows = query.shape[:-1]
         if choice == SDPBackend.FLASH_ATTENTION and query.device.type == "cpu":
-            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False)
-            return out, lse
+            return "flash (CPU)", lambda: aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False)
         if choice == SDPBackend.FLASH_ATTENTION and query.device.type == "cuda":
-            out, lse = aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False)[:2]
-            return out, lse
+            return "flash", lambda: aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False)[:2]
         if choice == SDPBackend.EFFICIENT_ATTENTION and query.device.type == "cuda":
-            out, lse = aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0, False)[:2]
-            return out, lse[..., :query.shape[-2]]  # its rows are padded to a multiple of 32
+            def efficient() -> tuple[torch.Tensor, torch.Tensor]:
+                out, lse = aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0, False)[:2]
+                return out, lse[..., :rows[-1]]  # its rows are padded to a multiple of 32
+            return "efficient", efficient
+        if choice == SDPBackend.CUDNN_ATTENTION and query.device.type == "cuda":
+            def cudnn() -> tuple[torch.Tensor, torch.Tensor]:
+                out, lse = aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, False, False)[:2]
+                return out, lse.reshape(rows)  # (batch, heads, queries, 1)
+            return "cudnn", cudnn
     except (AttributeError, RuntimeError, TypeError, ValueError):  # entry points moved: the stock call
         pass
-    return F.scaled_dot_product_attention(query, key, value), None
+    return None
+
+
+#: Per (device type, dtype, kernel, head width): whether that kernel's call with its log-sum-exp was checked
+#: against the stock call (the same output, bit for bit) and against the scores (the same normaliser).
+_KERNEL_CHECKED: dict[tuple[str, torch.dtype, str, int], bool] = {}
+
+
+def attention_with_logsumexp(query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.scaled_dot_product_attention(query, key, value)`` as the stock processors call it (no mask, the
+    default scale), and each query's log-sum-exp of its scaled scores, (batch, heads, queries) float32.
+
+    The kernel is the one the fused call would pick (``torch._fused_sdp_choice``: flash, memory-efficient
+    or cuDNN), called directly so that it hands back the log-sum-exp it computes anyway. The first call
+    per kernel, dtype and head width is checked against the stock call (bit for bit) and against a few
+    queries' scores; a kernel that fails, keeps no log-sum-exp (math) or is missing gives the stock call
+    and None, and the recorder falls back to its one-hot pass.
+    """
+    kernel = _kernel_with_logsumexp(query, key, value)
+    if kernel is None:
+        return F.scaled_dot_product_attention(query, key, value), None
+    name, call = kernel
+    checked = (query.device.type, query.dtype, name, query.shape[-1])
+    if _KERNEL_CHECKED.get(checked) is False:
+        return F.scaled_dot_product_attention(query, key, value), None
+    try:
+        out, lse = call()
+    except RuntimeError:
+        _KERNEL_CHECKED[checked] = False
+        return F.scaled_dot_product_attention(query, key, value), None
+    if checked not in _KERNEL_CHECKED:
+        few = query[:1, :, :8].float() @ key[:1].float().transpose(-1, -2) * query.shape[-1] ** -0.5
+        _KERNEL_CHECKED[checked] = bool(
+            torch.equal(out, F.scaled_dot_product_attention(query, key, value))
+            and torch.allclose(lse[:1, :, :8].float(), few.logsumexp(-1), rtol=1e-3, atol=2e-2))
+        if not _KERNEL_CHECKED[checked]:
+            return F.scaled_dot_product_attention(query, key, value), None
+    return out, lse
 
 
 def probabilities_from_logsumexp(query: torch.Tensor, key_columns: torch.Tensor,
