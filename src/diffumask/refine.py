@@ -234,6 +234,12 @@ def _class_gammas(log: ProgressLog, items: list[Item], config: RefineConfig, net
     return {label: config.threshold if gamma is None else gamma for label, gamma in chosen.items()}
 
 
+#: What every worker imports, once, in the pool's forkserver: the per-item steps and the CRF's libraries, which
+#: would otherwise be imported by each worker at its first item (kornia's filters alone take 0.3 CPU s; a
+#: missing optional one, the crf extra, is skipped there).
+WORKER_MODULES = ("diffumask.refine_items", "kornia.filters", "pydensecrf.densecrf", "pydensecrf.utils")
+
+
 def _window(workers: int) -> int:
     """Items in flight: enough to keep every worker busy while the parent commits, few enough to stay small."""
     return 2 * workers + 2
@@ -294,7 +300,7 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     net, train_seconds, gammas = None, 0.0, None
     start = time.perf_counter()
     if pending:
-        with cpu_pool(workers, preload=("diffumask.refine_items",)) as pool:
+        with cpu_pool(workers, preload=WORKER_MODULES) as pool:
             if config.uses_affinity:
                 net, train_seconds = _affinity_net(dataset, items, config, progress, pool, workers, device)
             if config.per_class:
