@@ -10,8 +10,8 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
            shape classifier judges each image's object, read back by chroma), and the same for items
            whose mask disagrees with the object's true pixels (IoU < 0.5) against those that agree
   alpha    the synthetic-only segmenter trained on what each α keeps (α = 0 is Table 1's row c)
-  augment  on the best α's items plus their augmented copies (``diffumask augment``, as many items):
-           Φ1, Φ1+Φ2, Φ1+Φ2+Φ3, all four
+  augment  on the best α's items (or --augment-alpha's; 0: every refined image, no filter needed) plus
+           their augmented copies (``diffumask augment``, as many items): Φ1, Φ1+Φ2, Φ1+Φ2+Φ3, all four
 
 Every run folder and dataset is kept in --work, so a killed benchmark continues where it stopped.
 """
@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rows", default="catch,alpha,augment")
+    parser.add_argument("--augment-alpha", type=float,
+                        help="the α whose kept items the augment rows start from (default: the best α row's; "
+                             "0 augments every refined image and needs no noise learning)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     wanted = set(args.rows.split(","))
@@ -78,12 +81,13 @@ def main() -> None:
     training = TrainConfig(data=[], out="", preset=args.preset, steps=args.fold_steps, seed=args.seed,
                            workers=args.workers)
     config = FilterConfig(dataset=str(refined.root), training=training, folds=args.folds, prune=0.0, name="filtered-0")
-    filter_dataset(config, progress=not args.quiet)
     kept = {}
-    for alpha in ALPHAS:
-        result = filter_dataset(dataclasses.replace(config, prune=alpha, name=f"filtered-{alpha}"),
-                                progress=False, recut=True)
-        kept[alpha] = result.kept
+    if wanted & {"catch", "alpha"} or args.augment_alpha != 0:
+        filter_dataset(config, progress=not args.quiet)
+        for alpha in ALPHAS:
+            result = filter_dataset(dataclasses.replace(config, prune=alpha, name=f"filtered-{alpha}"),
+                                    progress=False, recut=True)
+            kept[alpha] = result.kept
     if "catch" in wanted:
         judge = judged(refined)
         wrong = [i for i, (right, _) in judge.items() if not right]
@@ -106,7 +110,7 @@ def main() -> None:
             rows.append(run_row(f"noise-{alpha}", [kept_set], args.work, args, paths["test"], label=f"α {alpha}"))
     if "augment" in wanted:
         best = max((r for r in rows if r["row"].startswith("α")), key=lambda r: r["miou_shapes"], default=None)
-        alpha = float(best["row"].split()[1]) if best else 0.7
+        alpha = args.augment_alpha if args.augment_alpha is not None else float(best["row"].split()[1]) if best else 0.7
         base = args.work / f"filtered-{args.n}-{alpha}" if alpha else refined.root
         base = subset(refined, base, kept[alpha]) if alpha else base
         for name, (grids, blur, occlusion, persp) in AUGMENT_ROWS.items():
