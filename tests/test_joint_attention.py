@@ -3,6 +3,8 @@ probability with an explicit softmax and aggregates by hand."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -41,20 +43,22 @@ class KeepQueriesAndKeys(JointAttentionRecorder):
         super().__init__(*args, **kwargs)
         self.calls = []
 
-    def _record_joint(self, name, query, key, images, text_start, logsumexp=None):
+    def _record_joint(self, name, query, key, images, text_start, logsumexp=None, mask=None):
         if self._recording:
             self.calls.append((name, self._step, query.detach().clone(), key.detach().clone(), images, text_start))
 
 
-def by_hand(calls, image, n_images, columns, keep=lambda name, step: True):
-    """(len(columns), tokens): softmax over every key, conditional row, image queries, the columns, mean
-    over heads, then over the kept calls."""
+def by_hand(calls, image, n_images, columns, keep=lambda name, step: True, mask=None):
+    """(len(columns), tokens): softmax over every key (those ``mask``, (batch, keys), keeps), conditional row,
+    image queries, the columns, mean over heads, then over the kept calls."""
     per_call = []
     for name, step, query, key, images, text_start in calls:
         if not keep(name, step):
             continue
         row = n_images + image if query.shape[0] == 2 * n_images else image
         scores = query[row].double() @ key[row].double().transpose(-1, -2) / query.shape[-1] ** 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask[row], float("-inf"))
         probs = torch.softmax(scores, dim=-1)[:, images]  # (heads, image tokens, keys)
         per_call.append(probs[..., [text_start + c for c in columns]].mean(0).T.numpy())
     return np.mean(per_call, axis=0)
@@ -85,6 +89,26 @@ def test_recorder_matches_reference(pipes, kind, kernel):
         hand = by_hand(reference.calls, i, 2, maps.columns, keep=lambda name, step: step >= 1)
         np.testing.assert_allclose(grid.reshape(len(maps.columns), -1), hand, rtol=1e-4, atol=1e-6)
         assert maps["dog" if i == 0 else "tree"].shape == (32, 32)
+
+
+def test_flux_records_the_masked_softmax_the_layer_computes(pipes):
+    """FLUX-derived pipelines pass an attention mask over padded text keys; the word maps are then the
+    masked softmax, which the kernel's log-sum-exp (unmasked) cannot give: the one-hot pass takes the mask."""
+    pipe = pipes["flux"]
+    text, image_tokens = 16, 64  # max_sequence_length 16; 32 px: a 16x16 latent packed 2x2
+    mask = torch.ones(2, text + image_tokens, dtype=torch.bool)
+    mask[:, 10:text] = False  # padding past the prompts' tokens
+    call = dict(max_sequence_length=text, joint_attention_kwargs={"attention_mask": mask})
+    with KeepQueriesAndKeys(pipe, PROMPTS, CLASSES, block_window=(0.0, 1.0)) as reference:
+        run(pipe, PROMPTS, [1, 2], **call)
+    with trace(pipe, PROMPTS, CLASSES, block_window=(0.0, 1.0)) as recorder:
+        run(pipe, PROMPTS, [1, 2], **call)
+    for i, maps in enumerate(recorder.maps()):
+        grid = maps.attention[8]
+        hand = by_hand(reference.calls, i, 2, maps.columns, mask=mask)
+        np.testing.assert_allclose(grid.reshape(len(maps.columns), -1), hand, rtol=1e-4, atol=1e-6)
+        unmasked = by_hand(reference.calls, i, 2, maps.columns)
+        assert np.abs(unmasked - hand).max() > 1e-3  # the mask matters here
 
 
 def test_attention_with_logsumexp_is_the_stock_call():
@@ -306,6 +330,26 @@ def test_auto_dtype(saved_transformers, saved_pipelines):
     assert auto_dtype(saved_pipelines["sd1"], "cuda") == "float16"
     assert auto_dtype("black-forest-labs/FLUX.1-dev", "cuda") == "bfloat16"
     assert auto_dtype("stabilityai/stable-diffusion-3.5-medium", "cuda:1") == "bfloat16"
+
+
+def test_auto_dtype_reads_a_cached_hub_ids_model_index(tmp_path, monkeypatch):
+    """A hub id whose name does not say what it is: its cached model_index.json decides (offline, nothing
+    fetched); an id neither cached nor reachable falls back to its name."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for repo, pipeline in (("someone/my-finetune", "FluxPipeline"), ("someone/flux-named-unet", "StableDiffusionPipeline")):
+        cached = tmp_path / f"models--{repo.replace('/', '--')}"
+        (cached / "refs").mkdir(parents=True)
+        (cached / "refs" / "main").write_text(commit)
+        (cached / "snapshots" / commit).mkdir(parents=True)
+        (cached / "snapshots" / commit / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    assert auto_dtype("someone/my-finetune", "cuda") == "bfloat16"
+    assert auto_dtype("someone/flux-named-unet", "cuda") == "float16"  # the file, not the name
+    assert auto_dtype("someone/other-finetune", "cuda") == "float16"
+    assert auto_dtype("someone/my-finetune", "cpu") == "float32"
     assert auto_dtype("stabilityai/stable-diffusion-3.5-medium", "cpu") == "float32"
 
 

@@ -131,7 +131,7 @@ def _run_generate(args: argparse.Namespace) -> None:
 
     device = args.device or default_device()
     check_device(current_worker().device(device))
-    dtype = args.dtype if args.dtype != "auto" else auto_dtype(args.model, device)
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(args.model, device, args.revision)
     config = GenerateConfig(
         classes=args.classes, out=args.out, images_per_class=args.images_per_class, model=args.model,
         compose=args.compose, seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, size=args.size,

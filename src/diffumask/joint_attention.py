@@ -167,6 +167,17 @@ def joint_layers(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return layers
 
 
+def _mask_rows(mask: torch.Tensor | None, batch: slice, queries: slice) -> torch.Tensor | None:
+    """An attention mask as diffusers' attention dispatch takes it, (batch, keys) or 4-D, cut to some batch
+    entries and query rows, 4-D."""
+    if mask is None:
+        return None
+    if mask.ndim == 2:  # (batch, keys): the native backend widens it the same way
+        mask = mask[:, None, None, :]
+    mask = mask[batch]
+    return mask[..., queries, :] if mask.shape[-2] > 1 else mask
+
+
 class TextLayout:
     """Where each part of the joint context sits among the transformer's text columns, and how to find
     a word's columns in it."""
@@ -300,7 +311,7 @@ class FluxRecordingProcessor:
             if attention_mask is None and self._native():  # native: the fused call on these very tensors
                 hidden_states, logsumexp = attention_with_logsumexp(query, key, value)
             self.recorder._record_joint(self.name, query, key, images=slice(self.recorder._text_length, None),
-                                        text_start=0, logsumexp=logsumexp)
+                                        text_start=0, logsumexp=logsumexp, mask=attention_mask)
             query, key, value = (x.transpose(1, 2) for x in (query, key, value))
             if logsumexp is not None:
                 hidden_states = hidden_states.transpose(1, 2)
@@ -462,21 +473,24 @@ class JointAttentionRecorder(AttentionRecorder):
         return self._recording and self._in_window()
 
     def _record_joint(self, name: str, query: torch.Tensor, key: torch.Tensor, images: slice, text_start: int,
-                      logsumexp: torch.Tensor | None = None) -> None:
+                      logsumexp: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> None:
         """One joint layer's call: query and key are (batch, heads, tokens, head_dim), text and image;
-        ``logsumexp`` (batch, heads, tokens), each query's over every key, where the layer's kernel gave it."""
+        ``logsumexp`` (batch, heads, tokens), each query's over every key, where the layer's kernel gave it;
+        ``mask`` the layer's attention mask, as diffusers' attention dispatch takes it (FLUX-derived pipelines
+        mask padded text keys): the word maps' softmax is the masked one the layer computes."""
         if not self._records():
             return
         self._check_started()
         cond = self._cond
         query_images, key = query[cond, :, images], key[cond]
-        if logsumexp is not None:
+        if logsumexp is not None:  # the layer's own kernel ran unmasked
             index = self._text_columns(key.device) + text_start
             key_columns = key[torch.arange(index.shape[0], device=key.device)[:, None], :, index].transpose(1, 2)
             picked = probabilities_from_logsumexp(query_images, key_columns, logsumexp[cond, :, images])
         else:
             values, columns = self._columns_as_values(key.shape[2], text_start, self._text_length, key)
-            picked = column_probabilities(query_images, key, values, columns=columns)
+            picked = column_probabilities(query_images, key, values, mask=_mask_rows(mask, cond, images),
+                                          columns=columns)
         grid = self._latent_hw
         if picked.shape[1] != grid[0] * grid[1]:
             raise RecorderError(f"layer {name} has {picked.shape[1]} image tokens, not the {grid[0]}x{grid[1]} grid")

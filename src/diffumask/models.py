@@ -67,17 +67,38 @@ def check_device(device: str | torch.device) -> torch.device:
 TRANSFORMER_PIPELINES = ("StableDiffusion3", "Flux")
 
 
-def auto_dtype(model: str, device: str | torch.device) -> str:
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _hub_class_name(model_id: str, revision: str | None) -> str | None:
+    """The pipeline class a hub id's model_index.json names: from the cache, else (online) that one small file
+    downloaded; None where it cannot be had (offline and not cached, no such repository)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(model_id, "model_index.json", revision=revision)
+        if not isinstance(path, str) and not _offline():
+            path = hf_hub_download(model_id, "model_index.json", revision=revision)
+        return json.loads(Path(path).read_text()).get("_class_name", "") if isinstance(path, str) else None
+    except Exception:  # an id that is no repository, no network: the name decides
+        return None
+
+
+def auto_dtype(model: str, device: str | torch.device, revision: str | None = None) -> str:
     """The precision a model runs in when none is given: float32 off the GPU; on it, bfloat16 for
-    diffusion transformers (SD3, FLUX: a local folder's model_index.json, or a hub id's name), else float16."""
+    diffusion transformers (SD3, FLUX), else float16. The pipeline class comes from the model_index.json of
+    a local folder or of a hub id (cached, or that one file fetched); failing that, from the id's name."""
     if torch.device(device).type != "cuda":
         return "float32"
     index = Path(model).expanduser() / "model_index.json"
     try:
-        name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else model
+        name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else None
     except (OSError, ValueError):
-        name = model
-    lowered = name.lower().replace("-", "").replace("_", "")
+        name = None
+    if name is None and model not in BUILTIN_MODELS and not Path(model).expanduser().exists():
+        name = _hub_class_name(model, revision)
+    lowered = (model if name is None else name).lower().replace("-", "").replace("_", "")
     return "bfloat16" if any(kind.lower() in lowered for kind in TRANSFORMER_PIPELINES) else "float16"
 
 
@@ -119,8 +140,7 @@ def _hub_folder(model_id: str, revision: str | None, torch_dtype: torch.dtype) -
                                                    variant=variant, **UNUSED_COMPONENTS))
         except Exception:
             pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not offline:
+    if not _offline():
         try:
             return Path(DiffusionPipeline.download(model_id, revision=revision, variant=HALF_VARIANT if half else None,
                                                    **UNUSED_COMPONENTS))
