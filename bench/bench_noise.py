@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rows", default="catch,alpha,augment")
-    parser.add_argument("--augment-alpha", type=float,
+    parser.add_argument("--augment-alpha", type=float, choices=(0.0, *ALPHAS),
                         help="the α whose kept items the augment rows start from (default: the best α row's; "
                              "0 augments every refined image and needs no noise learning)")
     parser.add_argument("--quiet", action="store_true")

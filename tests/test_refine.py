@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -193,10 +194,13 @@ def test_resume_redoes_only_unfinished_items_and_new_settings_start_over(dataset
     # then one per refined item, the last of them torn
     manifest.write_text("".join(generated + refined[:-2]) + refined[-2][:10])
     assert len(Dataset(root).records()) == len(truths)  # the torn line is skipped ...
-    again = refine_dataset(root, config, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resuming is not refining again: no warning
+        again = refine_dataset(root, config, progress=False)
     assert again.refined == 2  # ... and the two items without a refine line are redone
     assert refine_dataset(root, config, progress=False).refined == 0
-    other = refine_dataset(root, RefineConfig(method="threshold", threshold=0.6), progress=False)
+    with pytest.warns(UserWarning, match=rf"{len(truths)} item\(s\) of .* were refined with other settings"):
+        other = refine_dataset(root, RefineConfig(method="threshold", threshold=0.6), progress=False)
     assert other.refined == len(truths)
     assert {r["refine"]["method"] for r in other.dataset.records()} == {"threshold"}
     assert len(manifest.read_text().splitlines()) == len(truths)  # compacted after each finished run

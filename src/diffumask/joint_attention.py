@@ -305,19 +305,17 @@ class FluxRecordingProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        attended = False  # whether the layer's attention is computed already
         if self.recorder._records():
             query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (batch, heads, tokens, d)
             logsumexp = None
             if attention_mask is None and self._native():  # native: the fused call on these very tensors
                 hidden_states, logsumexp = attention_with_logsumexp(query, key, value)
+                hidden_states, attended = hidden_states.transpose(1, 2), True
             self.recorder._record_joint(self.name, query, key, images=slice(self.recorder._text_length, None),
                                         text_start=0, logsumexp=logsumexp, mask=attention_mask)
             query, key, value = (x.transpose(1, 2) for x in (query, key, value))
-            if logsumexp is not None:
-                hidden_states = hidden_states.transpose(1, 2)
-        else:
-            logsumexp = None
-        if logsumexp is None:
+        if not attended:
             hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
                                                   backend=self._attention_backend,
                                                   parallel_config=self._parallel_config)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
@@ -297,6 +298,10 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if worker.sharded:  # this worker's share only: a mask its killed run committed but did not rename, before
         dataset.recover_masks(item.id for item in mine)  # a worker stages a new one over it
     pending = [item for item in mine if redo or not _refined_with(item.record, params)]
+    earlier = sum(1 for item in pending if item.record.get("refine")) if not redo else 0
+    if earlier:  # e.g. refined at full size before the CRF's 256 px default: refined again, not silently
+        warnings.warn(f"{earlier} item(s) of {dataset.root} were refined with other settings; refining them again "
+                      "with these (their earlier masks are replaced)", stacklevel=2)
     net, train_seconds, gammas = None, 0.0, None
     start = time.perf_counter()
     if pending:

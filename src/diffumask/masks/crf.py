@@ -162,14 +162,15 @@ class DenseCRF:
 
     def _upsample(self, q: np.ndarray) -> np.ndarray:
         """Marginals from the CRF's grid to the image's size, their edges snapped to the image's by a guided
-        filter whose window spans twice the shrink factor (its coefficients computed that much coarser, as
-        in the fast guided filter); renormalised, as the filter's output need not sum to one."""
+        filter whose radius is twice the shrink factor, its coefficients computed on the CRF's own grid (the
+        fast guided filter's subsampling by the shrink factor: no coarser, or thin objects fall between its
+        samples); renormalised, as the filter's output need not sum to one."""
         from kornia.filters import guided_blur
 
         q = resize_maps(q, (self.height, self.width))
-        radius = max(1, round(2 * max(self.height, self.width) / max(self.grid)))
-        q = guided_blur(self._guide, torch.from_numpy(q)[None], 2 * radius + 1, GUIDED_EPS,
-                        subsample=radius)[0].numpy().clip(0, 1)
+        factor = max(1, round(max(self.height, self.width) / max(self.grid)))
+        q = guided_blur(self._guide, torch.from_numpy(q)[None], 4 * factor + 1, GUIDED_EPS,
+                        subsample=factor)[0].numpy().clip(0, 1)
         return q / np.maximum(q.sum(axis=0, keepdims=True), 1e-6)
 
     def __call__(self, labels: np.ndarray) -> np.ndarray:
