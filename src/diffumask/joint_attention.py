@@ -4,8 +4,8 @@ A DiT has no cross-attention: image and text tokens attend to each other in one 
 attention". A word's map is the attention of the image queries to that word's text keys, a softmax
 over *all* keys, image and text, as the model computes it. The recorder gets exactly those
 probabilities without holding the queries × keys matrix (at 1024 px FLUX, 4096 × 4608 per head). Where
-the fused kernel the layer runs anyway (flash or memory-efficient attention, on a GPU or a CPU) also
-returns each query's log-sum-exp of its scores, the layer's own call gives the softmax's normaliser, and
+the fused kernel the layer runs anyway (flash, memory-efficient or cuDNN attention) also returns each
+query's log-sum-exp of its scores, the layer's own call gives the softmax's normaliser, and
 a word's probabilities are exp(q·k·scale − lse) at its few text columns: a small matmul, no second pass
 over the keys. Elsewhere a second fused call over the same queries and keys, whose values are one-hot
 at the recorded text columns, returns softmax(QKᵀ·scale)[:, columns]. Heads are averaged, then the
@@ -60,7 +60,8 @@ def _kernel_with_logsumexp(query: torch.Tensor, key: torch.Tensor,
         aten = torch.ops.aten
         rows = query.shape[:-1]
         if choice == SDPBackend.FLASH_ATTENTION and query.device.type == "cpu":
-            return "flash (CPU)", lambda: aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False)
+            return "flash (CPU)", lambda: aten._scaled_dot_product_flash_attention_for_cpu(query, key, value,
+                                                                                          0.0, False)
         if choice == SDPBackend.FLASH_ATTENTION and query.device.type == "cuda":
             return "flash", lambda: aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False)[:2]
         if choice == SDPBackend.EFFICIENT_ATTENTION and query.device.type == "cuda":
@@ -70,7 +71,8 @@ def _kernel_with_logsumexp(query: torch.Tensor, key: torch.Tensor,
             return "efficient", efficient
         if choice == SDPBackend.CUDNN_ATTENTION and query.device.type == "cuda":
             def cudnn() -> tuple[torch.Tensor, torch.Tensor]:
-                out, lse = aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, False, False)[:2]
+                out, lse = aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, False,
+                                                                    False)[:2]
                 return out, lse.reshape(rows)  # (batch, heads, queries, 1)
             return "cudnn", cudnn
     except (AttributeError, RuntimeError, TypeError, ValueError):  # entry points moved: the stock call
@@ -282,8 +284,11 @@ class FluxRecordingProcessor:
             from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
         except ImportError:
             return False
-        backend = self._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
-        return AttentionBackendName(backend) == AttentionBackendName.NATIVE
+        try:
+            backend = self._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+            return AttentionBackendName(backend) == AttentionBackendName.NATIVE
+        except (AttributeError, ValueError):  # a registry that moved, a backend it does not name
+            return False
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,

@@ -61,7 +61,8 @@ class CRFParams:
         if self.gaussian_compat < 0 or self.bilateral_compat < 0:
             raise ConfigError("CRF compatibilities must be ≥ 0")
         if self.max_size is not None and self.max_size < 8:
-            raise ConfigError(f"the CRF's working size (--crf-max-size) must be at least 8 px (0: full size), got {self.max_size}")
+            raise ConfigError(f"the CRF's working size (--crf-max-size) must be at least 8 px (0: full size), "
+                              f"got {self.max_size}")
         if self.iterations < 1:
             raise ConfigError(f"the CRF's mean-field iterations (--crf-iterations) must be at least 1, got {self.iterations}")
 
