@@ -111,6 +111,26 @@ def test_flux_records_the_masked_softmax_the_layer_computes(pipes):
         assert np.abs(unmasked - hand).max() > 1e-3  # the mask matters here
 
 
+def test_flux_on_another_attention_backend_keeps_it_and_records_the_same_maps(pipes):
+    """A FLUX transformer set to a non-native diffusers attention backend (here its math one): the recorder
+    lets diffusers dispatch the layer's attention as before (images bit-identical) and takes the one-hot
+    pass for the maps, which agree with the native run's."""
+    pipe = pipes["flux"]
+    with trace(pipe, PROMPTS, CLASSES) as native:
+        run(pipe, PROMPTS, [1, 2])
+    pipe.transformer.set_attention_backend("_native_math")
+    try:
+        stock = run(pipe, PROMPTS, [1, 2])
+        with trace(pipe, PROMPTS, CLASSES) as other:
+            images = run(pipe, PROMPTS, [1, 2])
+        assert all(p._attention_backend == "_native_math" for p in pipe.transformer.attn_processors.values())
+    finally:
+        pipe.transformer.reset_attention_backend()
+    np.testing.assert_array_equal(images, stock)
+    for a, b in zip(native.maps(), other.maps()):
+        np.testing.assert_allclose(a.attention[8], b.attention[8], rtol=1e-4, atol=1e-6)
+
+
 def test_attention_with_logsumexp_is_the_stock_call():
     """The kernel the fused call picks, called directly: the same output, bit for bit, and the log-sum-exp
     of the scaled scores; None where the kernel keeps none."""
