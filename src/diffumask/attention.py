@@ -701,6 +701,12 @@ class AttentionRecorder:
         picked = column_probabilities(query[cond], key[cond], values, None if mask is None else mask[cond], columns)
         self._accumulate(_as_2d_grid(picked.shape[1], self._latent_hw), picked)
 
+    def _text_columns(self, text_length: int, device: torch.device) -> torch.Tensor:
+        """(n, columns): each image's recorded text columns (all ``text_length`` when no classes were given)."""
+        if self._column_index is not None:
+            return self._column_index
+        return torch.arange(text_length, device=device).expand(self.num_images, -1)
+
     def _columns_as_values(self, keys: int, text_start: int, text_length: int, like: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The one-hot values (n, keys, columns) of the recorded text columns (every one of the
         ``text_length`` text keys from ``text_start`` when no classes were given), zero-padded to a
@@ -709,9 +715,7 @@ class AttentionRecorder:
         cache_key = (keys, text_start, head_width, like.dtype, str(like.device))
         cached = self._value_columns.get(cache_key)
         if cached is None:
-            index = self._column_index
-            if index is None:
-                index = torch.arange(text_length, device=like.device).expand(self.num_images, -1)
+            index = self._text_columns(text_length, like.device)
             n, width = index.shape
             values = torch.zeros(n, keys, -(-width // head_width) * head_width, dtype=like.dtype, device=like.device)
             values[torch.arange(n, device=like.device)[:, None], index + text_start,

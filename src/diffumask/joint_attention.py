@@ -487,7 +487,7 @@ class JointAttentionRecorder(AttentionRecorder):
         cond = self._cond
         query_images, key = query[cond, :, images], key[cond]
         if logsumexp is not None:  # the layer's own kernel ran unmasked
-            index = self._text_columns(key.device) + text_start
+            index = self._text_columns(self._text_length, key.device) + text_start
             key_columns = key[torch.arange(index.shape[0], device=key.device)[:, None], :, index].transpose(1, 2)
             picked = probabilities_from_logsumexp(query_images, key_columns, logsumexp[cond, :, images])
         else:
@@ -500,12 +500,6 @@ class JointAttentionRecorder(AttentionRecorder):
         self._accumulate(grid, picked)
         if name == self._self_layer and self._self_attention_step():
             self._record_image_attention(query_images, key[:, :, images])
-
-    def _text_columns(self, device: torch.device) -> torch.Tensor:
-        """(n, columns): each image's recorded text columns (every text key when no classes were given)."""
-        if self._column_index is not None:
-            return self._column_index
-        return torch.arange(self._text_length, device=device).expand(self.num_images, -1)
 
     def _record_image_attention(self, query: torch.Tensor, key: torch.Tensor) -> None:
         """Image-to-image attention of one block, softmax over image keys, pooled to the recorded grid:
