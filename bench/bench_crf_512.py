@@ -1,13 +1,15 @@
 """What the dense CRF's cheaper settings cost at 512 px, where bench_refine (the shapes model's 32 px) cannot tell.
 
-    python bench/bench_crf_512.py [--scenes 40] [--size 512]
+    python bench/bench_crf_512.py [--scenes 40] [--size 512] [--device cuda]
 
 Renders shapes-world scenes (one object each) at --size with their exact masks, and makes each a
 coarse input mask the way `refine --method propagate` makes one: the truth averaged onto a 32×32
 grid (the self-attention's), blurred, upsampled bilinearly, 0.6 threshold with the 0.5–0.6 band
 left uncertain (255). Then the result CRF refines it under each setting below; per setting: IoU of
 the object (pooled over scenes, 255 pixels left out, as bench_refine scores), CPU seconds per image
-of the CRF (kernels and inference), and the share of pixels that differ from the paper's CRF.
+of the CRF (kernels and inference), and the share of pixels that differ from the paper's CRF. With
+--device, two more rows run the same CRFs in torch there (what `refine` does on a GPU), timed in wall
+seconds (the first call, CUDA's start, untimed).
 
 Flat-coloured objects on textured grey are an easy case for the CRF (the paper's settings recover
 them exactly), and no attention is involved: this measures what a setting loses at the real image
@@ -55,9 +57,15 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=40, help="scenes rendered (default: 40)")
     parser.add_argument("--size", type=int, default=512, help="image side in px (default: 512)")
     parser.add_argument("--seed", type=int, default=10_000, help="first scene seed (default: 10000)")
+    parser.add_argument("--device", help="also run the default and the paper's CRF in torch on this device")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    params = {name: replace(CRFParams(), **change) for name, change in SETTINGS.items()}
+    params = {name: (replace(CRFParams(), **change), None) for name, change in SETTINGS.items()}
+    if args.device:
+        params[f"--crf-max-size 256, torch on {args.device} (wall s)"] = (CRFParams(), args.device)
+        params[f"full size, torch on {args.device} (wall s)"] = (CRFParams(max_size=None), args.device)
+        warm = render_scene(args.seed, args.size, num_objects=1)
+        DenseCRF(warm.image, [0, 1], CRFParams(), args.device)(warm.mask.clip(0, 1).astype(np.uint8))
     reference = next(iter(params))
     inter = dict.fromkeys(["input", *params], 0)
     union = dict.fromkeys(inter, 0)
@@ -69,10 +77,11 @@ def main() -> None:
         truth = scene.mask == label
         labels = coarse_mask(truth, label)
         outputs = {"input": labels}
-        for name, setting in params.items():
-            start = time.process_time()
-            outputs[name] = DenseCRF(scene.image, [0, label], setting)(labels)
-            seconds[name] += time.process_time() - start
+        for name, (setting, device) in params.items():
+            clock = time.process_time if device is None else time.perf_counter
+            start = clock()
+            outputs[name] = DenseCRF(scene.image, [0, label], setting, device)(labels)
+            seconds[name] += clock() - start
         for name, mask in outputs.items():
             kept = mask != IGNORE_INDEX
             inter[name] += int(((mask == label) & truth & kept).sum())

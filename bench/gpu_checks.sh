@@ -86,7 +86,7 @@ fi
 
 if want refine; then
     stamp "refine per image"
-    python3 bench/bench_refine_gpu.py "$work/ds512" --methods "${REFINE_METHODS:-threshold,threshold+crf,otsu,propagate,propagate+crf,affinity,adaptive+crf}" | tee "$out/refine.txt"
+    python3 bench/bench_refine_gpu.py "$work/ds512" ${REFINE_METHODS:+--methods "$REFINE_METHODS"} | tee "$out/refine.txt"
 fi
 
 if want train; then

@@ -260,15 +260,72 @@ def test_a_crf_on_a_shrunk_image_puts_its_edges_back_on_the_image_edges():
     assert CRFParams().max_size == 256 and CRFParams().as_dict()["upsampling"] == "guided"
 
 
-def test_missing_crf_extra_is_a_clear_error(monkeypatch):
-    from diffumask.errors import DiffumaskError
-    from diffumask.masks.crf import crf_available, crf_refine
+def crf_scene(height: int = 40, width: int = 52, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """A two-colour image with noise and a label map off its edges, with speckles of a third label and 255s."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, width // 2:] = (200, 60, 40)
+    image[height // 3: height // 2, 5:15] = (30, 160, 220)
+    image = np.clip(image.astype(int) + rng.integers(-25, 25, image.shape), 0, 255).astype(np.uint8)
+    labels = np.zeros((height, width), np.uint8)
+    labels[:, width // 2 - 5:] = 5
+    labels[rng.random((height, width)) < 0.1] = 9
+    labels[10:14, 30:34] = IGNORE_INDEX
+    return image, labels
 
+
+@pytest.mark.parametrize("max_size", [None, 24])
+def test_the_torch_crf_matches_pydensecrf(max_size):
+    """The mean field in torch (on the GPU in refine) against pydensecrf's, at full size and shrunk."""
+    pytest.importorskip("pydensecrf")
+    from diffumask.masks.crf import CRFParams, DenseCRF
+
+    image, labels = crf_scene()
+    params = CRFParams(reference_size=52, max_size=max_size)
+    reference, ours = DenseCRF(image, [0, 5, 9], params), DenseCRF(image, [0, 5, 9], params, device="cpu")
+    assert reference.device is None and ours.device == torch.device("cpu")
+    np.testing.assert_allclose(ours.marginals(labels), reference.marginals(labels), atol=1e-4)
+    refined = ours(labels)
+    np.testing.assert_array_equal(refined, reference(labels))
+    assert (refined != labels).sum() > 50  # the pairwise terms changed labels: the comparison is not vacuous
+
+
+def test_label_unary_matches_pydensecrfs():
+    pytest.importorskip("pydensecrf")
+    from pydensecrf.utils import unary_from_labels
+
+    from diffumask.masks.crf import label_unary
+
+    index = np.random.default_rng(1).integers(0, 4, (7, 9))  # 0 = unsure, k = channel k − 1
+    expected = unary_from_labels(index, 3, gt_prob=0.8, zero_unsure=True)
+    np.testing.assert_allclose(label_unary(torch.from_numpy(index), 3, 0.8).numpy(), expected, rtol=1e-6)
+
+
+def test_the_lattice_filter_is_a_gaussian_blur():
+    """Against the exact Gaussian sum, Σ_j exp(−|f_i − f_j|²/2) v_j, normalised the same way, on 2-D features
+    (the CRF's spatial kernel); the lattice approximates it within a few per cent."""
+    from diffumask.masks.permutohedral import PermutohedralFilter
+
+    generator = torch.Generator().manual_seed(0)
+    features, values = torch.rand(300, 2, generator=generator) * 6, torch.rand(300, 3, generator=generator)
+    kernel = torch.exp(-torch.cdist(features, features) ** 2 / 2)
+    norm = kernel.sum(1, keepdim=True).rsqrt()
+    exact = norm * (kernel @ (norm * values))
+    assert ((PermutohedralFilter(features)(values) - exact).abs() / exact).max() < 0.1
+
+
+def test_without_pydensecrf_the_crf_runs_in_torch(monkeypatch):
+    """The crf extra only makes a CPU's CRF faster: without it, the same labels come from torch."""
+    pytest.importorskip("pydensecrf")
+    from diffumask.masks.crf import CRFParams, crf_refine, pydensecrf_installed
+
+    image, labels = crf_scene()
+    params = CRFParams(reference_size=52)
+    expected = crf_refine(image, labels, [0, 5, 9], params)
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
     monkeypatch.setitem(sys.modules, "pydensecrf", None)
-    assert not crf_available()
-    with pytest.raises(DiffumaskError, match=r"diffumask\[crf\]"):
-        crf_refine(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8), [0, 1])
+    assert not pydensecrf_installed()
+    np.testing.assert_array_equal(crf_refine(image, labels, [0, 5, 9], params), expected)
 
 
 # ----------------------------------------------------------------------------- adaptive γ

@@ -16,7 +16,6 @@ from scipy import ndimage
 from diffumask.cli import main
 from diffumask.dataset import IGNORE_INDEX, Dataset, read_index_png
 from diffumask.masks.affinity import AffinityConfig
-from diffumask.masks.crf import crf_available
 from diffumask.refine import RefineConfig, refine_dataset
 
 SIZE, GRID = 32, 16
@@ -105,7 +104,6 @@ def files(root: Path, folder: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((root / folder).iterdir())}
 
 
-NEEDS_CRF = pytest.mark.skipif(not crf_available(), reason="the crf extra (pydensecrf2) is not installed")
 CASES = {
     "threshold 0.5": (RefineConfig(method="threshold", threshold=0.5), 0.78),
     "otsu": (RefineConfig(method="otsu"), 0.82),
@@ -128,7 +126,7 @@ CRF_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [*CASES, *[pytest.param(c, marks=NEEDS_CRF) for c in CRF_CASES]])
+@pytest.mark.parametrize("case", [*CASES, *CRF_CASES])
 def test_each_method_recovers_the_known_objects(dataset, case):
     root, truths = dataset
     config, bound = {**CASES, **CRF_CASES}[case]
@@ -369,7 +367,6 @@ def test_cli_refine(dataset, capsys):
     assert "--crf-shortlist must be 0 (every candidate) or more" in capsys.readouterr().err
 
 
-@NEEDS_CRF
 def test_cli_refine_adaptive_the_papers_way(dataset):
     root, truths = dataset
     assert main(["refine", str(root), "--method", "adaptive", "--affinity-steps", "3", "--crf-shortlist", "0",

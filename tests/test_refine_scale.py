@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_refine import NEEDS_CRF, TINY_AFFINITY, dataset, files, template  # noqa: F401 (fixtures)
+from test_refine import TINY_AFFINITY, dataset, files, template  # noqa: F401 (fixtures)
 
 from diffumask.cli import main
 from diffumask.dataset import Dataset
@@ -26,9 +26,9 @@ from diffumask.workers import InlineExecutor, ordered
 
 GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 PARALLEL_CASES = {
-    "otsu + crf": pytest.param(RefineConfig(method="otsu", crf=True), marks=NEEDS_CRF),
+    "otsu + crf": RefineConfig(method="otsu", crf=True),
     "propagate": RefineConfig(method="propagate"),
-    "adaptive": pytest.param(RefineConfig(method="adaptive", gammas=GAMMAS, affinity=TINY_AFFINITY), marks=NEEDS_CRF),
+    "adaptive": RefineConfig(method="adaptive", gammas=GAMMAS, affinity=TINY_AFFINITY),
 }
 
 
@@ -50,6 +50,29 @@ def test_two_workers_write_what_one_writes(dataset, config):
     assert (root / "manifest.jsonl").read_bytes() == (alone / "manifest.jsonl").read_bytes()
     if config.uses_affinity:
         assert files(root, "refine") == files(alone, "refine")  # the same network, from seeds made by workers
+
+
+DEVICE_CRF_CASES = {
+    "threshold + crf": RefineConfig(method="threshold", crf=True),
+    "otsu + crf": RefineConfig(method="otsu", crf=True),
+    "propagate + crf": RefineConfig(method="propagate", crf=True),
+    "affinity + crf": RefineConfig(method="affinity", crf=True, affinity=TINY_AFFINITY),
+}
+
+
+@pytest.mark.parametrize("config", list(DEVICE_CRF_CASES.values()), ids=list(DEVICE_CRF_CASES))
+def test_the_crf_on_the_device_writes_what_the_workers_write(dataset, config):
+    """The CRF in torch in this process (where a GPU runs it) against pydensecrf in two worker processes:
+    the same masks and manifest lines (otsu's thresholds included)."""
+    pytest.importorskip("pydensecrf")
+    root, truths = dataset
+    in_workers = root.parent / "in-workers"
+    shutil.copytree(root, in_workers)
+    refine_dataset(in_workers, config, progress=False, workers=2, device_crf=False)
+    here = refine_dataset(root, config, progress=False, workers=2, device_crf=True)
+    assert here.refined == len(truths)
+    assert files(root, "SegmentationClass") == files(in_workers, "SegmentationClass")
+    assert (root / "manifest.jsonl").read_bytes() == (in_workers / "manifest.jsonl").read_bytes()
 
 
 def test_workers_encode_and_write_the_masks_and_this_process_only_commits(dataset, monkeypatch):

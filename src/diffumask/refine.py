@@ -34,7 +34,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -44,7 +43,7 @@ from .errors import ConfigError, DiffumaskError
 from .masks.adaptive import best_gamma, pool_counts, sweep_around
 from .masks.affinity import (AffinityConfig, AffinityNet, build_affinity_net, load_affinity_weights,
                              save_affinity_weights, train_affinity_net)
-from .masks.crf import SEED_CRF, CRFParams, crf_refine
+from .masks.crf import SEED_CRF, CRFParams
 from .masks.threshold import PAPER_THRESHOLD, check_band
 from .models import check_device
 from .refine_items import Item, curve_steps, grid_seeds, item_steps
@@ -238,7 +237,7 @@ def _class_gammas(log: ProgressLog, items: list[Item], config: RefineConfig, net
 #: What every worker imports, once, in the pool's forkserver: the per-item steps and the CRF's libraries, which
 #: would otherwise be imported by each worker at its first item (kornia's filters alone take 0.3 CPU s; a
 #: missing optional one, the crf extra, is skipped there).
-WORKER_MODULES = ("diffumask.refine_items", "kornia.filters", "pydensecrf.densecrf", "pydensecrf.utils")
+WORKER_MODULES = ("diffumask.refine_items", "kornia.filters", "pydensecrf.densecrf")
 
 
 def _window(workers: int) -> int:
@@ -253,12 +252,14 @@ def _refined_with(record: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
 
 
 def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True, redo: bool = False,
-                   device: str = "cpu", workers: int = 1) -> RefineResult:
+                   device: str = "cpu", workers: int = 1, device_crf: bool | None = None) -> RefineResult:
     """Run ``refine`` on a dataset folder (see the module docstring); resumable.
 
     ``device`` runs the AffinityNet, the random walk and the propagation (``cuda`` is this worker's
     GPU under torchrun or Slurm); ``workers`` processes do the per-item CPU work (reading, CRF,
-    cleanup). Neither changes which masks are written, and the manifest records neither. Under a
+    cleanup). ``device_crf`` runs the dense CRF on ``device`` in torch, in this process (default: when
+    ``device`` is an accelerator; not for adaptive, whose CRF stays in the workers). None of the three
+    changes which masks are written (to float rounding), and the manifest records none. Under a
     launcher this process refines its share of the items (:class:`diffumask.distributed.Worker`).
     ``redo`` refines every item again even where the manifest says it is done (benchmarks repeat runs).
     """
@@ -275,8 +276,6 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if missing := [r["id"] for r in records if not dataset.soft_maps_path(r["id"]).is_file()]:
         raise DiffumaskError(f"{dataset.root} has no soft maps for {len(missing)} item(s) (e.g. "
                              f"{dataset.soft_maps_path(missing[0])}); refine needs a dataset made by `diffumask generate`")
-    if config.use_crf or (config.uses_affinity and config.affinity.seed_crf):
-        crf_refine(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8), [0, 1], config.crf_params)  # fail early
     recorded = dataset.settings.get("threshold")  # generate's γ; absent in exported ground-truth data
     made_with = PAPER_THRESHOLD if recorded is None else float(recorded)
     if config.threshold is None:
@@ -313,7 +312,7 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
                     (dataset.root / LOG_NAME).unlink(missing_ok=True)
                 gammas = _class_gammas(ProgressLog(dataset.root / LOG_NAME, params), items, config, net, progress,
                                        pool, workers)
-            steps = item_steps(config, net, gammas, device)
+            steps = item_steps(config, net, gammas, device, device.type != "cpu" if device_crf is None else device_crf)
             for item, (sha256, extra) in tqdm(ordered(pool, pending, steps.prepare, steps.device, steps.finish,
                                                       _window(workers)),
                                               total=len(pending), desc=f"refine {config.method}", unit="img",

@@ -3,16 +3,18 @@
 A method is up to three steps: *prepare* (a CPU worker: read the image and soft maps, and the CPU
 work that comes first), *device* (the parent, on the accelerator: AffinityNet features, the random
 walk, the self-attention propagation) and *finish* (a CPU worker: masks at image size, dense CRF,
-cleanup, then the mask's PNG staged beside the item's current one: :func:`staged`). The worker
-steps are module-level functions of picklable arguments; the device steps close over the network.
-Which process runs a step does not change its result, so any number of workers writes the same masks.
+cleanup, then the mask's PNG staged beside the item's current one: :func:`staged`). With an
+accelerator, the dense CRF moves into the device step (in torch, :mod:`diffumask.masks.permutohedral`)
+for every method but adaptive: on a CPU it is most of a method's cost. The worker steps are
+module-level functions of picklable arguments; the device steps close over the network. Which process
+runs a step does not change its result, so any number of workers writes the same masks.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,6 +74,8 @@ class Loaded:
     maps: dict[int, np.ndarray]
     cross: np.ndarray | None = None  # propagate: the class maps fused at the self-attention grid
     matrix: np.ndarray | None = None  # propagate: the self-attention matrix
+    mask: np.ndarray | None = None  # threshold and otsu before a CRF on the accelerator: the mask it refines
+    extra: dict[str, Any] = field(default_factory=dict)  # what the method records in the manifest
 
     @property
     def size(self) -> tuple[int, int]:
@@ -108,17 +112,27 @@ def load(config: RefineConfig, item: Item) -> Loaded:
     return Loaded(item, item.image() if needs_image else None, item.maps(soft), cross, matrix)
 
 
+def _thresholded(config: RefineConfig, loaded: Loaded) -> tuple[np.ndarray, dict[str, Any]]:
+    """threshold's or otsu's mask of an item, and what to record about it."""
+    if config.method == "threshold":
+        return threshold_masks(loaded.maps, config.threshold, config.uncertain), {}
+    thresholds = {label: otsu_threshold(m) for label, m in loaded.maps.items()}
+    return assign_labels(loaded.maps, thresholds), {"thresholds": {str(k): round(v, 4) for k, v in thresholds.items()}}
+
+
 def thresholded(config: RefineConfig, item: Item) -> Outcome:
     """threshold and otsu: the whole item in one worker step."""
     loaded = load(config, item)
-    extra: dict[str, Any] = {}
-    if config.method == "threshold":
-        mask = threshold_masks(loaded.maps, config.threshold, config.uncertain)
-    else:
-        thresholds = {label: otsu_threshold(m) for label, m in loaded.maps.items()}
-        extra["thresholds"] = {str(k): round(v, 4) for k, v in thresholds.items()}
-        mask = assign_labels(loaded.maps, thresholds)
+    mask, extra = _thresholded(config, loaded)
     return _final(config, loaded.image, mask, loaded.labels), extra
+
+
+def thresholded_for_crf(config: RefineConfig, item: Item) -> Loaded:
+    """threshold and otsu before a CRF on the accelerator: the item with its mask, read and made in a worker."""
+    loaded = load(config, item)
+    loaded.mask, loaded.extra = _thresholded(config, loaded)
+    loaded.maps = {label: m[:0, :0] for label, m in loaded.maps.items()}  # labels kept; the maps' pixels not sent
+    return loaded
 
 
 def propagated(config: RefineConfig, loaded: Loaded, walked: np.ndarray) -> Outcome:
@@ -187,7 +201,23 @@ def _walk(config: RefineConfig, net: AffinityNet, item: Item, loaded: Loaded) ->
 
 
 def _propagate(config: RefineConfig, device: torch.device, item: Item, loaded: Loaded) -> np.ndarray:
-    return self_attention_walk(loaded.cross, loaded.matrix, config.power, device)
+    walked = self_attention_walk(loaded.cross, loaded.matrix, config.power, device)
+    loaded.cross = loaded.matrix = None  # the finish step does not need them: not pickled back to a worker
+    return walked
+
+
+def _crf_on_device(config: RefineConfig, device: torch.device, mask_of: Callable[[Item, Loaded], np.ndarray],
+                   item: Item, loaded: Loaded) -> np.ndarray:
+    """The device step of a method whose CRF runs on the accelerator: the method's mask (``mask_of``, in this
+    process), then the CRF there; the image and maps are dropped before ``loaded`` goes back to a worker."""
+    mask = DenseCRF(loaded.image, [0, *loaded.labels], config.crf_params, device)(mask_of(item, loaded))
+    loaded.image, loaded.maps, loaded.cross, loaded.matrix, loaded.mask = None, {}, None, None, None
+    return mask
+
+
+def cleaned(config: RefineConfig, loaded: Loaded, mask: np.ndarray) -> Outcome:
+    """The finish step after a CRF on the accelerator: the cleanup every method ends with."""
+    return cleanup_mask(mask, config.min_area, config.max_hole), loaded.extra
 
 
 def staged(step: Callable[..., Outcome], *args: Any) -> Staged:
@@ -200,18 +230,21 @@ def staged(step: Callable[..., Outcome], *args: Any) -> Staged:
 
 
 def item_steps(config: RefineConfig, net: AffinityNet | None, gammas: Mapping[int, float] | None,
-               device: torch.device) -> Steps:
-    """The steps that turn one item into its staged mask and record under ``config`` (a RefineConfig)."""
-    steps = _mask_steps(config, net, gammas, device)
+               device: torch.device, device_crf: bool = False) -> Steps:
+    """The steps that turn one item into its staged mask and record under ``config`` (a RefineConfig);
+    ``device_crf`` runs the CRF on ``device``, in the device step (adaptive keeps it in the workers)."""
+    steps = _mask_steps(config, net, gammas, device, device_crf)
     if steps.finish is None:
         return replace(steps, prepare=functools.partial(staged, steps.prepare))
     return replace(steps, finish=functools.partial(staged, steps.finish))
 
 
 def _mask_steps(config: RefineConfig, net: AffinityNet | None, gammas: Mapping[int, float] | None,
-                device: torch.device) -> Steps:
+                device: torch.device, device_crf: bool) -> Steps:
     """The steps that turn one item into its mask (:data:`Outcome`)."""
     prepare = functools.partial(load, config)
+    if config.use_crf and device_crf and config.method != "adaptive":
+        return _device_crf_steps(config, net, device)
     if config.method in ("threshold", "otsu"):
         return Steps(functools.partial(thresholded, config))
     if config.method == "propagate" and device.type == "cpu":
@@ -222,6 +255,23 @@ def _mask_steps(config: RefineConfig, net: AffinityNet | None, gammas: Mapping[i
         return Steps(functools.partial(class_gamma_masked, config, gammas))
     finish = affinity_masked if config.method == "affinity" else adaptive_masked
     return Steps(prepare, functools.partial(_walk, config, net), functools.partial(finish, config, net.stride))
+
+
+def _device_crf_steps(config: RefineConfig, net: AffinityNet | None, device: torch.device) -> Steps:
+    """threshold, otsu, propagate and affinity with their CRF on the accelerator, in the device step."""
+    finish = functools.partial(cleaned, config)
+    if config.method in ("threshold", "otsu"):
+        return Steps(functools.partial(thresholded_for_crf, config),
+                     functools.partial(_crf_on_device, config, device, lambda item, loaded: loaded.mask), finish)
+    if config.method == "propagate":
+        def mask_of(item: Item, loaded: Loaded) -> np.ndarray:
+            walked = _propagate(config, device, item, loaded)
+            return propagated_mask(walked, loaded.labels, loaded.size, config.propagate_threshold,
+                                   config.propagate_uncertain)
+    else:
+        def mask_of(item: Item, loaded: Loaded) -> np.ndarray:
+            return walked_mask(_walk(config, net, item, loaded), loaded.labels, net.stride, loaded.size, config.affinity)
+    return Steps(functools.partial(load, config), functools.partial(_crf_on_device, config, device, mask_of), finish)
 
 
 def curve_steps(config: RefineConfig, net: AffinityNet) -> Steps:

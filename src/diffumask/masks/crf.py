@@ -1,4 +1,5 @@
-"""Dense CRF (Krähenbühl & Koltun) on label masks, through the optional ``pydensecrf2`` extra.
+"""Dense CRF (Krähenbühl & Koltun) on label masks: in pydensecrf on a CPU (the optional ``crf`` extra, the
+fastest there), in torch on a GPU or where pydensecrf is not installed (the same mean field).
 
 Labels are read from the CRF marginals Q by argmax(Q), the most probable label: the official
 DiffuMask code's argmax(1 − Q) picks the least probable one (paper notes §13, B4).
@@ -6,25 +7,23 @@ DiffuMask code's argmax(1 − Q) picks the least probable one (paper notes §13,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..dataset import IGNORE_INDEX
-from ..errors import ConfigError, DiffumaskError
-from .propagate import resize_maps
+from ..errors import ConfigError
+from .permutohedral import PermutohedralFilter
 
 
 #: The guided filter's ε (He et al.), in squared [0, 1] colour units: colour steps above √ε ≈ 8/255 are edges.
 GUIDED_EPS = 1e-3
-
-
-class CRFUnavailable(DiffumaskError, ImportError):
-    """The dense CRF extra is not installed."""
 
 
 @dataclass(frozen=True)
@@ -86,23 +85,39 @@ SEED_CRF = CRFParams(gt_prob=0.98, gaussian_sxy=3.0, gaussian_compat=3.0, bilate
                      bilateral_srgb=CRFParams.bilateral_srgb, bilateral_compat=9.0)
 
 
-def _densecrf() -> Any:
+def _pydensecrf() -> Any:
+    """pydensecrf's module (the optional ``crf`` extra), or None."""
     try:
         import pydensecrf.densecrf as densecrf
     except ImportError:
-        raise CRFUnavailable(
-            "the dense CRF needs the optional pydensecrf2 package: pip install 'diffumask[crf]' "
-            "(or pip install --no-deps --no-build-isolation pydensecrf2); or refine without --crf"
-        ) from None
+        return None
     return densecrf
 
 
-def crf_available() -> bool:
-    try:
-        _densecrf()
-    except CRFUnavailable:
-        return False
-    return True
+def pydensecrf_installed() -> bool:
+    return _pydensecrf() is not None
+
+
+def crf_device(device: torch.device | str | None) -> torch.device | None:
+    """Where the mean field runs: None is pydensecrf on this CPU, the fastest there (the ``crf`` extra); a
+    torch device runs the same lattice filters in torch (:mod:`diffumask.masks.permutohedral`): an
+    accelerator's, or this CPU's when pydensecrf is not installed (about twice its time)."""
+    if device is None:
+        return None if pydensecrf_installed() else torch.device("cpu")
+    return torch.device(device)
+
+
+def label_unary(labels: torch.Tensor, n: int, gt_prob: float) -> torch.Tensor:
+    """Unary energies (n, H·W) of a label map whose values are channel + 1, or 0 for unsure: the labelled
+    channel has probability ``gt_prob``, the others share the rest, an unsure pixel is uniform (as
+    pydensecrf.utils.unary_from_labels with zero_unsure)."""
+    flat = labels.reshape(-1).long()
+    unary = torch.full((n, flat.numel()), -math.log((1.0 - gt_prob) / (n - 1)), device=labels.device)
+    sure = flat > 0
+    columns = torch.nonzero(sure).squeeze(1)
+    unary[flat[sure] - 1, columns] = -math.log(gt_prob)
+    unary[:, ~sure] = -math.log(1.0 / n)
+    return unary
 
 
 class DenseCRF:
@@ -115,31 +130,87 @@ class DenseCRF:
     guided filter (He et al.) with the full-size image as guide, which puts each edge back on the
     image's own edge: the CRF's long-range reasoning at the small size, the pixel accuracy of the
     large one (bench/bench_crf_512.py measures both).
+
+    ``device`` None runs the mean field on this CPU, in pydensecrf when it is installed; a torch device runs
+    the same lattice filters in torch there (:func:`crf_device`), marginals equal to pydensecrf's to float
+    rounding (tested).
     """
 
-    def __init__(self, image: np.ndarray, label_set: Sequence[int], params: CRFParams = CRFParams()):
-        densecrf = _densecrf()
+    def __init__(self, image: np.ndarray, label_set: Sequence[int], params: CRFParams = CRFParams(),
+                 device: torch.device | str | None = None):
         if len(label_set) < 2:
             raise ValueError("a CRF needs at least two labels (background and a class)")
+        self.device = crf_device(device)
         self.height, self.width = image.shape[:2]
         self.label_set = np.asarray(label_set, np.uint8)
         self.params = params
         rgb = np.array(image[..., :3], dtype=np.uint8, order="C")  # a copy: pydensecrf needs a writable buffer
         side = max(self.height, self.width)
         self.grid = (self.height, self.width)  # where the CRF runs
+        on = self.device or torch.device("cpu")
         if params.max_size is not None and side > params.max_size:
             factor = params.max_size / side
             self.grid = (max(1, round(self.height * factor)), max(1, round(self.width * factor)))
-            self._guide = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255)
+            self._guide = torch.from_numpy(rgb).to(on).permute(2, 0, 1)[None].float().div_(255)
             rgb = np.array(Image.fromarray(rgb).resize(self.grid[::-1], Image.BOX))
         scale = max(self.grid) / params.reference_size
-        self._crf = densecrf.DenseCRF2D(self.grid[1], self.grid[0], len(label_set))
-        self._crf.addPairwiseGaussian(sxy=params.gaussian_sxy * scale, compat=params.gaussian_compat)
-        self._crf.addPairwiseBilateral(sxy=params.bilateral_sxy * scale, srgb=params.bilateral_srgb,
-                                       rgbim=rgb, compat=params.bilateral_compat)
-        self._lookup = np.zeros(256, np.int32)  # 0 = unsure; channel k is written as k + 1
-        self._lookup[self.label_set] = np.arange(1, len(label_set) + 1)
+        gaussian_sxy, bilateral_sxy = params.gaussian_sxy * scale, params.bilateral_sxy * scale
+        if self.device is None:
+            self._crf = _pydensecrf().DenseCRF2D(self.grid[1], self.grid[0], len(label_set))
+            self._crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=params.gaussian_compat)
+            self._crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=params.bilateral_srgb, rgbim=rgb,
+                                           compat=params.bilateral_compat)
+        else:  # pydensecrf's features: (x, y) / sxy, then (r, g, b) / srgb, pixels row-major
+            ys, xs = torch.meshgrid(torch.arange(self.grid[0], device=on), torch.arange(self.grid[1], device=on),
+                                    indexing="ij")
+            position = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1).float()
+            colour = torch.from_numpy(rgb).to(on).reshape(-1, 3).float()
+            self._gaussian = PermutohedralFilter(position / gaussian_sxy)
+            self._bilateral = PermutohedralFilter(torch.cat([position / bilateral_sxy, colour / params.bilateral_srgb], 1))
+        self._lookup = torch.zeros(256, dtype=torch.uint8)  # 0 = unsure; channel k is written as k + 1
+        self._lookup[torch.from_numpy(self.label_set).long()] = torch.arange(1, len(label_set) + 1, dtype=torch.uint8)
         self._lookup[IGNORE_INDEX] = 0
+        self._lookup = self._lookup.to(on)
+
+    def _marginals(self, labels: np.ndarray) -> torch.Tensor:
+        """Mean-field marginals Q, shape (len(label_set), H, W), on the CRF's device (this CPU for pydensecrf)."""
+        if labels.shape != (self.height, self.width):
+            raise ValueError(f"labels {labels.shape} do not match the image {(self.height, self.width)}")
+        n = len(self.label_set)
+        on = self._lookup.device
+        unary = label_unary(self._lookup[torch.from_numpy(np.asarray(labels, np.uint8)).to(on).long()], n,
+                            self.params.gt_prob)
+        shrunk = self.grid != (self.height, self.width)
+        if shrunk:  # each pixel's label distribution, averaged over the pixels that shrink into one
+            probabilities = unary.neg().exp().reshape(1, n, self.height, self.width)
+            unary = F.adaptive_avg_pool2d(probabilities, self.grid).log().neg().reshape(n, -1)
+        if self.device is None:
+            self._crf.setUnaryEnergy(np.ascontiguousarray(unary.numpy(), dtype=np.float32))
+            q = torch.from_numpy(np.asarray(self._crf.inference(self.params.iterations), dtype=np.float32))
+        else:
+            q = self._mean_field(unary.t().contiguous()).t()
+        q = q.reshape(n, *self.grid)
+        return self._upsample(q) if shrunk else q
+
+    def _mean_field(self, unary: torch.Tensor) -> torch.Tensor:
+        """pydensecrf's inference on (pixels, labels) energies: Q ∝ exp(−U + Σ_k w_k·K_k(Q)), Potts-weighted."""
+        q = torch.softmax(-unary, dim=1)
+        for _ in range(self.params.iterations):
+            message = self.params.gaussian_compat * self._gaussian(q) + self.params.bilateral_compat * self._bilateral(q)
+            q = torch.softmax(message - unary, dim=1)
+        return q
+
+    def _upsample(self, q: torch.Tensor) -> torch.Tensor:
+        """Marginals from the CRF's grid to the image's size, their edges snapped to the image's by a guided
+        filter whose radius is twice the shrink factor, its coefficients computed on the CRF's own grid (the
+        fast guided filter's subsampling by the shrink factor: no coarser, or thin objects fall between its
+        samples); renormalised, as the filter's output need not sum to one."""
+        from kornia.filters import guided_blur
+
+        q = F.interpolate(q[None], size=(self.height, self.width), mode="bilinear", align_corners=False)
+        factor = max(1, round(max(self.height, self.width) / max(self.grid)))
+        q = guided_blur(self._guide, q, 4 * factor + 1, GUIDED_EPS, subsample=factor)[0].clamp_(0, 1)
+        return q / q.sum(dim=0, keepdim=True).clamp_(min=1e-6)
 
     def marginals(self, labels: np.ndarray) -> np.ndarray:
         """Mean-field marginals Q, shape (len(label_set), H, W); channel k is ``label_set[k]``.
@@ -147,49 +218,27 @@ class DenseCRF:
         Each pixel's unary says its label with probability ``gt_prob`` (the rest shared by the
         other labels); pixels labelled 255, or with a label outside the set, are unsure (uniform).
         """
-        from pydensecrf.utils import unary_from_labels
-
-        if labels.shape != (self.height, self.width):
-            raise ValueError(f"labels {labels.shape} do not match the image {(self.height, self.width)}")
-        n = len(self.label_set)
-        unary = unary_from_labels(self._lookup[labels], n, gt_prob=self.params.gt_prob, zero_unsure=True)
-        shrunk = self.grid != (self.height, self.width)
-        if shrunk:  # each pixel's label distribution, averaged over the pixels that shrink into one
-            probabilities = np.exp(-unary).reshape(n, self.height, self.width)
-            unary = -np.log(resize_maps(probabilities, self.grid, "area")).reshape(n, -1)
-        self._crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-        q = np.asarray(self._crf.inference(self.params.iterations), dtype=np.float32).reshape(n, *self.grid)
-        return self._upsample(q) if shrunk else q
-
-    def _upsample(self, q: np.ndarray) -> np.ndarray:
-        """Marginals from the CRF's grid to the image's size, their edges snapped to the image's by a guided
-        filter whose radius is twice the shrink factor, its coefficients computed on the CRF's own grid (the
-        fast guided filter's subsampling by the shrink factor: no coarser, or thin objects fall between its
-        samples); renormalised, as the filter's output need not sum to one."""
-        from kornia.filters import guided_blur
-
-        q = resize_maps(q, (self.height, self.width))
-        factor = max(1, round(max(self.height, self.width) / max(self.grid)))
-        q = guided_blur(self._guide, torch.from_numpy(q)[None], 4 * factor + 1, GUIDED_EPS,
-                        subsample=factor)[0].numpy().clip(0, 1)
-        return q / np.maximum(q.sum(axis=0, keepdims=True), 1e-6)
+        return self._marginals(labels).cpu().numpy()
 
     def __call__(self, labels: np.ndarray) -> np.ndarray:
         """The CRF's label per pixel: argmax of its marginals (the most probable label)."""
-        return self.label_set[self.marginals(labels).argmax(axis=0)]
+        q = self._marginals(labels)
+        if q.device.type == "cpu":  # numpy's argmax over the first axis is ~20× torch's on a CPU
+            return self.label_set[q.numpy().argmax(axis=0)]
+        return self.label_set[q.argmax(dim=0).to(torch.uint8).cpu().numpy()]
 
 
 def crf_marginals(image: np.ndarray, labels: np.ndarray, label_set: Sequence[int],
-                  params: CRFParams = CRFParams()) -> np.ndarray:
+                  params: CRFParams = CRFParams(), device: torch.device | str | None = None) -> np.ndarray:
     """Marginals of a dense CRF on ``labels`` over ``image``; see :meth:`DenseCRF.marginals`."""
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-    return DenseCRF(image, label_set, params).marginals(labels)
+    return DenseCRF(image, label_set, params, device).marginals(labels)
 
 
 def crf_refine(image: np.ndarray, labels: np.ndarray, label_set: Sequence[int],
-               params: CRFParams = CRFParams()) -> np.ndarray:
+               params: CRFParams = CRFParams(), device: torch.device | str | None = None) -> np.ndarray:
     """The CRF's label per pixel, argmax of its marginals, as a (H, W) uint8 mask of ``label_set`` values."""
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-    return DenseCRF(image, label_set, params)(labels)
+    return DenseCRF(image, label_set, params, device)(labels)
