@@ -777,12 +777,12 @@ class AttentionRecorder:
             raise RecorderError(_CALLED_AGAIN)
         size = image_size or self._image_size()
         defaults = self.default_resolutions()
-        means = {grid: (s / self._counts[grid]).cpu() for grid, s in self._sums.items()}
+        means = {grid: to_host(s / self._counts[grid]) for grid, s in self._sums.items()}
         if self.self_attention_factor and self._self_sum is None:
             raise RecorderError(f"no self-attention layer runs at grid {self._self_hw[0]}x{self._self_hw[1]} "
                                 f"(latent/{self.self_attention_factor}, at most {self.self_attention_max} a side); "
                                 "choose another self-attention factor")
-        self_mean = None if self._self_sum is None else (self._self_sum / self._self_count).cpu().numpy()
+        self_mean = None if self._self_sum is None else to_host(self._self_sum / self._self_count).numpy()
         keys = next(iter(means.values())).shape[-1]
         result = []
         for i in range(self.num_images):
@@ -794,6 +794,18 @@ class AttentionRecorder:
                                     self.token_average, None if self_mean is None else self_mean[i],
                                     self._self_grid, self.locator))
         return result
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy, through page-locked memory for a CUDA tensor: the self-attention sum (32 MiB for SD 1.5 at
+    batch 8) took 29 ms to reach pageable memory on an H200, 2.5 % of the batch's generation; pinned
+    buffers come from torch's caching host allocator, so they are allocated once, not per batch."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
 
 
 _CALLED_AGAIN = ("the pipeline was called again inside one recording (the timesteps restarted); "
