@@ -32,6 +32,7 @@ ROWS = {
     "propagate+crf@workers": (dict(method="propagate", crf=True), False),
     "affinity": (dict(method="affinity"), None),
     "affinity+crf": (dict(method="affinity", crf=True), None),
+    "affinity+crf@workers": (dict(method="affinity", crf=True), False),
     "adaptive+crf": (dict(method="adaptive", crf=True), None),
 }
 

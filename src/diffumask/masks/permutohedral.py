@@ -34,6 +34,11 @@ class PermutohedralFilter:
             self._splat = _csr(inverse, points, weights, (m, n))
             self._slice = _csr(points, inverse, weights * (1.0 / (1 + 2.0 ** -d)), (n, m))
             self._blurs = [_blur(vertices, _step(axis, d, radix)) for axis in range(d + 1)]
+            if device.type != "cpu":  # one matrix for the d+1 passes: denser, but a GPU's cost is its launches
+                composed = self._blurs[0]
+                for blur in self._blurs[1:]:
+                    composed = blur @ composed
+                self._blurs = [composed]
             self._norm = self._filter(torch.ones(n, 1, device=device)).add_(1e-20).rsqrt_()
 
     def _filter(self, values: torch.Tensor) -> torch.Tensor:
@@ -123,4 +128,4 @@ def _csr(rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape:
     order = torch.argsort(rows * shape[1] + columns)
     crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
     crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
-    return torch.sparse_csr_tensor(crow, columns[order], values[order], shape)
+    return torch.sparse_csr_tensor(crow.int(), columns[order].int(), values[order], shape)  # int32: the BLAS's own
