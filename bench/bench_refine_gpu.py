@@ -4,8 +4,7 @@
 
 Each method runs on a copy of the dataset (the original keeps its masks), every item, through
 ``refine_dataset``; seconds per image exclude the AffinityNet's seeds and training, printed apart. The CRF
-runs on the GPU (refine's default there; adaptive's stays in the workers); ``@workers`` rows run it in
-the CPU workers instead (``--crf-device workers``).
+runs in the CPU workers (refine's default), or on the GPU in the ``@gpu`` rows (``--crf-device device``).
 One untimed ``threshold`` pass first pays the once-per-process costs (CUDA's start, lazy imports),
 which a long run spreads over tens of thousands of items and a short one would put on its first row.
 """
@@ -21,19 +20,19 @@ from diffumask.models import default_device
 from diffumask.refine import RefineConfig, refine_dataset
 from diffumask.workers import available_cores
 
-#: row name: (RefineConfig options, refine's device_crf: None runs the CRF on the GPU, False in the workers)
+#: row name: (RefineConfig options, refine's device_crf: the CRF in the CPU workers, or ``@gpu`` on the GPU)
 ROWS = {
-    "threshold": (dict(method="threshold"), None),
-    "threshold+crf": (dict(method="threshold", crf=True), None),
-    "threshold+crf@workers": (dict(method="threshold", crf=True), False),
-    "otsu": (dict(method="otsu"), None),
-    "propagate": (dict(method="propagate"), None),
-    "propagate+crf": (dict(method="propagate", crf=True), None),
-    "propagate+crf@workers": (dict(method="propagate", crf=True), False),
-    "affinity": (dict(method="affinity"), None),
-    "affinity+crf": (dict(method="affinity", crf=True), None),
-    "affinity+crf@workers": (dict(method="affinity", crf=True), False),
-    "adaptive+crf": (dict(method="adaptive", crf=True), None),
+    "threshold": (dict(method="threshold"), False),
+    "threshold+crf": (dict(method="threshold", crf=True), False),
+    "threshold+crf@gpu": (dict(method="threshold", crf=True), True),
+    "otsu": (dict(method="otsu"), False),
+    "propagate": (dict(method="propagate"), False),
+    "propagate+crf": (dict(method="propagate", crf=True), False),
+    "propagate+crf@gpu": (dict(method="propagate", crf=True), True),
+    "affinity": (dict(method="affinity"), False),
+    "affinity+crf": (dict(method="affinity", crf=True), False),
+    "affinity+crf@gpu": (dict(method="affinity", crf=True), True),
+    "adaptive+crf": (dict(method="adaptive", crf=True), False),
 }
 
 
@@ -49,8 +48,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         warm_up = Path(scratch) / "warm-up"
         shutil.copytree(args.dataset, warm_up)
-        refine_dataset(warm_up, RefineConfig(method="threshold"), progress=False, redo=True, device=args.device,
-                       workers=args.workers)
+        refine_dataset(warm_up, RefineConfig(method="threshold", crf=True), progress=False, redo=True,
+                       device=args.device, workers=args.workers, device_crf=True)  # CUDA's start, the CRF's imports
         shutil.rmtree(warm_up)
         for row in args.methods.split(","):
             copy = Path(scratch) / row

@@ -75,6 +75,21 @@ def test_the_crf_on_the_device_writes_what_the_workers_write(dataset, config):
     assert (root / "manifest.jsonl").read_bytes() == (in_workers / "manifest.jsonl").read_bytes()
 
 
+def test_cli_crf_device_puts_the_crf_in_this_process(dataset, monkeypatch):
+    """--crf-device device reaches refine as device_crf (the workers' default otherwise), same masks."""
+    root, _ = dataset
+    seen = []
+    original = __import__("diffumask.refine_items", fromlist=["item_steps"]).item_steps
+    monkeypatch.setattr("diffumask.refine.item_steps", lambda *a: seen.append(a[-1]) or original(*a))
+    other = root.parent / "other"
+    shutil.copytree(root, other)
+    assert main(["refine", str(root), "--method", "threshold", "--crf", "--device", "cpu", "--workers", "1"]) in (0, None)
+    assert main(["refine", str(other), "--method", "threshold", "--crf", "--device", "cpu", "--workers", "1",
+                 "--crf-device", "device"]) in (0, None)
+    assert seen == [False, True]
+    assert files(root, "SegmentationClass") == files(other, "SegmentationClass")
+
+
 def test_workers_encode_and_write_the_masks_and_this_process_only_commits(dataset, monkeypatch):
     """With a pool, no mask PNG is encoded in this process (it would be the bottleneck); the result is
     the one-process run's, byte for byte."""

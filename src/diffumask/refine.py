@@ -252,14 +252,15 @@ def _refined_with(record: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
 
 
 def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True, redo: bool = False,
-                   device: str = "cpu", workers: int = 1, device_crf: bool | None = None) -> RefineResult:
+                   device: str = "cpu", workers: int = 1, device_crf: bool = False) -> RefineResult:
     """Run ``refine`` on a dataset folder (see the module docstring); resumable.
 
     ``device`` runs the AffinityNet, the random walk and the propagation (``cuda`` is this worker's
     GPU under torchrun or Slurm); ``workers`` processes do the per-item CPU work (reading, CRF,
-    cleanup). ``device_crf`` runs the dense CRF on ``device`` in torch, in this process (default: when
-    ``device`` is an accelerator; not for adaptive, whose CRF stays in the workers). None of the three
-    changes which masks are written (to float rounding), and the manifest records none. Under a
+    cleanup). ``device_crf`` runs the dense CRF on ``device`` in torch, in this process (not for adaptive,
+    whose CRF stays in the workers); one call is bound by its kernel launches (~30 ms on an H200), so 16
+    CPU workers keep up better, and it is for GPUs with few CPU cores. None of the three changes which
+    masks are written (to float rounding), and the manifest records none. Under a
     launcher this process refines its share of the items (:class:`diffumask.distributed.Worker`).
     ``redo`` refines every item again even where the manifest says it is done (benchmarks repeat runs).
     """
@@ -312,7 +313,7 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
                     (dataset.root / LOG_NAME).unlink(missing_ok=True)
                 gammas = _class_gammas(ProgressLog(dataset.root / LOG_NAME, params), items, config, net, progress,
                                        pool, workers)
-            steps = item_steps(config, net, gammas, device, device.type != "cpu" if device_crf is None else device_crf)
+            steps = item_steps(config, net, gammas, device, device_crf)
             for item, (sha256, extra) in tqdm(ordered(pool, pending, steps.prepare, steps.device, steps.finish,
                                                       _window(workers)),
                                               total=len(pending), desc=f"refine {config.method}", unit="img",

@@ -3,9 +3,9 @@
 A method is up to three steps: *prepare* (a CPU worker: read the image and soft maps, and the CPU
 work that comes first), *device* (the parent, on the accelerator: AffinityNet features, the random
 walk, the self-attention propagation) and *finish* (a CPU worker: masks at image size, dense CRF,
-cleanup, then the mask's PNG staged beside the item's current one: :func:`staged`). With an
-accelerator, the dense CRF moves into the device step (in torch, :mod:`diffumask.masks.permutohedral`)
-for every method but adaptive: on a CPU it is most of a method's cost. The worker steps are
+cleanup, then the mask's PNG staged beside the item's current one: :func:`staged`). On request
+(``device_crf``) the dense CRF moves into the device step, in torch (:mod:`diffumask.masks.permutohedral`),
+for every method but adaptive: for a GPU whose host has few CPU cores. The worker steps are
 module-level functions of picklable arguments; the device steps close over the network. Which process
 runs a step does not change its result, so any number of workers writes the same masks.
 """
