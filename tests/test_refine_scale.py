@@ -22,6 +22,7 @@ from diffumask.masks.propagate import (grid_affinity_matrix, random_walk, transi
                                        transposed_transition, walk)
 from diffumask.models import default_device
 from diffumask.refine import RefineConfig, refine_dataset
+from diffumask.refine_items import item_steps
 from diffumask.workers import InlineExecutor, ordered
 
 GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -79,8 +80,7 @@ def test_cli_crf_device_puts_the_crf_in_this_process(dataset, monkeypatch):
     """--crf-device device reaches refine as device_crf (the workers' default otherwise), same masks."""
     root, _ = dataset
     seen = []
-    original = __import__("diffumask.refine_items", fromlist=["item_steps"]).item_steps
-    monkeypatch.setattr("diffumask.refine.item_steps", lambda *a: seen.append(a[-1]) or original(*a))
+    monkeypatch.setattr("diffumask.refine.item_steps", lambda *a: seen.append(a[-1]) or item_steps(*a))
     other = root.parent / "other"
     shutil.copytree(root, other)
     assert main(["refine", str(root), "--method", "threshold", "--crf", "--device", "cpu", "--workers", "1"]) in (0, None)
