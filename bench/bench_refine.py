@@ -103,8 +103,8 @@ def rows(args: argparse.Namespace) -> list[tuple[str, RefineConfig]]:
                         RefineConfig(method="adaptive", per_class=True, crf=with_crf, gammas=sweep, **adaptive)))
             if with_crf and sweep is None:  # what the shortlist and the reference CRF each change
                 for per_class, kind in ((False, "image"), (True, "class")):
-                    out.append((f"adaptive per {kind}, γ {name} + CRF, raw AffinityNet mask as reference",
-                                RefineConfig(method="adaptive", per_class=per_class, crf=True, reference_crf=False,
+                    out.append((f"adaptive per {kind}, γ {name} + CRF, CRF-refined AffinityNet mask as reference",
+                                RefineConfig(method="adaptive", per_class=per_class, crf=True, reference_crf=True,
                                              gammas=sweep, **adaptive)))
                     out.append((f"adaptive per {kind}, γ {name}, the paper's way: CRF on every candidate, raw reference",
                                 RefineConfig(method="adaptive", per_class=per_class, crf=True, crf_shortlist=0,

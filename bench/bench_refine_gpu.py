@@ -33,6 +33,7 @@ ROWS = {
     "affinity+crf": (dict(method="affinity", crf=True), False),
     "affinity+crf@gpu": (dict(method="affinity", crf=True), True),
     "adaptive+crf": (dict(method="adaptive", crf=True), False),
+    "adaptive+crf+reference-crf": (dict(method="adaptive", crf=True, reference_crf=True), False),
 }
 
 

@@ -8,16 +8,19 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from diffumask.dataset import IGNORE_INDEX
 from diffumask.errors import DiffumaskError
-from diffumask.masks.adaptive import best_gamma, gamma_range, mean_ious, pool_counts, shortlisted_sweep, sweep
+from diffumask.masks.adaptive import (best_gamma, gamma_range, mean_ious, pool_counts, raw_sweep, shortlisted_sweep,
+                                      sweep)
 from diffumask.masks.affinity import (AffinityConfig, AffinityNet, affinity_loss, affinity_mask, grid_labels,
                                       seed_labels, train_affinity_net, walked_maps)
 from diffumask.masks.assign import assign_labels
 from diffumask.masks.cleanup import cleanup_mask
 from diffumask.masks.otsu import otsu_threshold
+from diffumask.masks.threshold import threshold_masks
 from diffumask.masks.propagate import (grid_affinity_matrix, half_disc_offsets, random_walk, self_attention_maps,
                                        transition_matrix)
 
@@ -260,6 +263,25 @@ def test_a_crf_on_a_shrunk_image_puts_its_edges_back_on_the_image_edges():
     assert CRFParams().max_size == 256 and CRFParams().as_dict()["upsampling"] == "guided"
 
 
+@pytest.mark.parametrize("labels", [2, 3])
+def test_the_shrunk_crfs_upsampling_is_the_guided_filter_of_every_channel(labels):
+    """One channel fewer is filtered (the last is one minus the others): the same marginals as kornia's guided
+    filter run on every channel, clamped and renormalised, at a size the shrink factor does not divide."""
+    from kornia.filters import guided_blur
+
+    from diffumask.masks.crf import GUIDED_EPS, CRFParams, DenseCRF
+
+    image, _ = crf_scene(height=70, width=91)
+    crf = DenseCRF(image, list(range(labels)), CRFParams(reference_size=91, max_size=40), device="cpu")
+    factor = round(91 / max(crf.grid))
+    q = torch.softmax(torch.randn(labels, *crf.grid, generator=torch.Generator().manual_seed(0)) * 3, dim=0)
+    full = F.interpolate(q[None], size=(70, 91), mode="bilinear", align_corners=False)
+    guide = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    expected = guided_blur(guide, full, 4 * factor + 1, GUIDED_EPS, subsample=factor)[0].clamp(0, 1)
+    expected = expected / expected.sum(dim=0, keepdim=True)
+    torch.testing.assert_close(crf._upsample(q), expected, atol=1e-5, rtol=0)
+
+
 def crf_scene(height: int = 40, width: int = 52, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """A two-colour image with noise and a label map off its edges, with speckles of a third label and 255s."""
     rng = np.random.default_rng(seed)
@@ -335,12 +357,30 @@ def test_sweep_picks_the_gamma_that_matches_the_reference():
     gammas = gamma_range(0.3, 0.9, 0.05)
     assert len(gammas) == 13 and gammas[-1] == 0.9
     reference = assign_labels({4: soft}, 0.6)
-    counts, candidates = sweep(image, {4: soft}, reference, gammas, None)
+    counts, _ = raw_sweep({4: soft}, reference, gammas)
     assert best_gamma(counts, gammas) == 0.6
-    np.testing.assert_array_equal(candidates[gammas.index(0.6)], reference)
     assert best_gamma({4: [(0, 5)] * 13}, gammas) is None  # nothing matches: no γ
     pooled = pool_counts([{4: [(1, 2), (3, 4)]}, {4: [(1, 1), (0, 4)], 5: [(2, 2), (0, 1)]}], 2)
     assert pooled == {4: [(2, 3), (3, 8)], 5: [(2, 2), (0, 1)]}
+
+
+def test_raw_sweep_counts_equal_each_gammas_own_mask():
+    """The one-pass counts against each γ's mask counted directly: three classes, γ in any order, values
+    exactly at a γ (compared in float32, strictly), a reference with a class the maps miss."""
+    rng = np.random.default_rng(3)
+    maps = {label: rng.random((40, 56)).astype(np.float32) for label in (2, 5, 7)}
+    gammas = (0.55, 0.3, 0.7, 0.5, 0.45, 0.9, 0.5)
+    maps[5][:4, :4] = np.float32(0.7)  # on the threshold: not above it
+    maps[2][:4, :4] = maps[7][:4, :4] = 0
+    reference = rng.choice(np.array([0, 2, 5, 7, 9], np.uint8), size=(40, 56))
+    counts, sizes = raw_sweep(maps, reference, gammas)
+    for k, gamma in enumerate(gammas):
+        mask = threshold_masks(maps, gamma)
+        assert sizes[k] == int((mask > 0).sum())
+        for label in maps:
+            mine, truth = mask == label, reference == label
+            assert counts[label][k] == (int((mine & truth).sum()), int((mine | truth).sum()))
+    assert sizes[gammas.index(0.5)] == sizes[-1] and len(set(sizes)) == len(set(gammas))
 
 
 def test_mean_iou_per_gamma_averages_classes():
@@ -357,7 +397,8 @@ def test_shortlist_crf_refines_only_the_best_raw_candidates():
     gammas = gamma_range(0.3, 0.9, 0.05)
     reference = assign_labels(maps, 0.6)
     crf = CRFParams(reference_size=32)
-    raw_counts, raw = sweep(image, maps, reference, gammas, None)
+    raw_counts, _ = raw_sweep(maps, reference, gammas)
+    raw = [assign_labels(maps, gamma) for gamma in gammas]
     tried, counts, candidates = shortlisted_sweep(image, maps, reference, gammas, crf, 2)
     ranked = mean_ious(raw_counts, len(gammas))
     assert len(tried) == 2 and 0.6 in tried  # the exact match is the best raw candidate
@@ -373,9 +414,10 @@ def test_shortlist_crf_refines_only_the_best_raw_candidates():
     tried_all, counts_all, _ = shortlisted_sweep(image, maps, reference, gammas, crf, len(gammas))
     assert best_gamma(counts_all, tried_all) == best_gamma(full_counts, gammas)
     for shortlist, params in ((0, crf), (3, None)):
-        every, every_counts, _ = shortlisted_sweep(image, maps, reference, gammas, params, shortlist)
+        every, every_counts, refined = shortlisted_sweep(image, maps, reference, gammas, params, shortlist)
         assert every == list(gammas)
         assert every_counts == (full_counts if params else raw_counts)
+        assert (refined is None) == (params is None)
 
 
 # ----------------------------------------------------------------------------- AffinityNet

@@ -118,6 +118,11 @@ CRF_CASES = {
     "adaptive": (RefineConfig(method="adaptive", gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), affinity=TINY_AFFINITY), 0.9),
     "adaptive per class": (RefineConfig(method="adaptive", per_class=True, gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
                                         affinity=TINY_AFFINITY), 0.9),
+    "adaptive, CRF-refined reference": (RefineConfig(method="adaptive", gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                                                     reference_crf=True, affinity=TINY_AFFINITY), 0.9),
+    "adaptive per class, CRF-refined reference": (RefineConfig(method="adaptive", per_class=True, reference_crf=True,
+                                                               gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                                                               affinity=TINY_AFFINITY), 0.9),
     "adaptive, the paper's way": (RefineConfig(method="adaptive", gammas=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
                                                crf_shortlist=0, reference_crf=False, affinity=TINY_AFFINITY), 0.9),
     "adaptive per class, CRF'd curves": (RefineConfig(method="adaptive", per_class=True, crf_shortlist=0,
@@ -370,9 +375,12 @@ def test_cli_refine(dataset, capsys):
 def test_cli_refine_adaptive_the_papers_way(dataset):
     root, truths = dataset
     assert main(["refine", str(root), "--method", "adaptive", "--affinity-steps", "3", "--crf-shortlist", "0",
-                 "--no-reference-crf", "--quiet"]) == 0
+                 "--quiet"]) == 0
     record = Dataset(root).records()[0]["refine"]
     assert record["crf_shortlist"] == 0 and record["reference_crf"] is False and record["crf"] is True
+    assert main(["refine", str(root), "--method", "adaptive", "--affinity-steps", "3", "--reference-crf", "--quiet"]) == 0
+    record = Dataset(root).records()[0]["refine"]
+    assert record["crf_shortlist"] == 1 and record["reference_crf"] is True
 
 
 def test_defaults_follow_the_gamma_the_dataset_was_made_with(dataset):

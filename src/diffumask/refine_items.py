@@ -22,7 +22,7 @@ import torch
 
 from .dataset import Dataset
 from .errors import DiffumaskError
-from .masks.adaptive import best_gamma, candidate_mask, shortlisted_sweep, sweep
+from .masks.adaptive import best_gamma, candidate_mask, raw_sweep, shortlisted_sweep, sweep
 from .masks.affinity import AffinityNet, grid_labels, seed_labels, walked_grid, walked_mask
 from .masks.assign import assign_labels
 from .masks.cleanup import cleanup_mask
@@ -167,7 +167,10 @@ def adaptive_masked(config: RefineConfig, stride: int, loaded: Loaded, walked: n
     reference = _reference(config, stride, loaded, walked, dense)
     tried, counts, candidates = shortlisted_sweep(image, maps, reference, config.gammas, dense, config.crf_shortlist)
     gamma = best_gamma(counts, tried)
-    mask = candidate_mask(image, maps, config.threshold, dense) if gamma is None else candidates[tried.index(gamma)]
+    if gamma is None or candidates is None:  # no γ matched (the fallback γ), or the raw candidates of no CRF
+        mask = candidate_mask(image, maps, config.threshold if gamma is None else gamma, dense)
+    else:
+        mask = candidates[tried.index(gamma)]
     return cleanup_mask(mask, config.min_area, config.max_hole), {"gamma": gamma}
 
 
@@ -177,8 +180,9 @@ def curve(config: RefineConfig, stride: int, loaded: Loaded, walked: np.ndarray)
     needs_crf = config.use_crf and (config.reference_crf or config.crf_shortlist == 0)
     dense = DenseCRF(image, [0, *maps], config.crf_params) if needs_crf else None  # kernels built once
     reference = _reference(config, stride, loaded, walked, dense)
-    counts, _ = sweep(image, maps, reference, config.gammas, dense if config.crf_shortlist == 0 else None)
-    return counts
+    if config.use_crf and config.crf_shortlist == 0:
+        return sweep(image, maps, reference, config.gammas, dense)[0]
+    return raw_sweep(maps, reference, config.gammas)[0]
 
 
 def class_gamma_masked(config: RefineConfig, gammas: Mapping[int, float], item: Item) -> Outcome:

@@ -8,9 +8,9 @@ them.
 
 The CRF is most of the cost: one inference per distinct candidate, 10–20 per image. A
 *shortlist* of k keeps the choice nearly the same for a fraction of it: every candidate is first
-scored raw against B̂ (cheap), and only the k distinct raw masks that agree best are CRF-refined
-and compete. The per-class curves are then pooled from the raw scores and the chosen mask alone
-is CRF-refined.
+scored raw against B̂ (cheap: :func:`raw_sweep` counts all γ from one pass over the pixels), and only
+the k distinct raw masks that agree best are CRF-refined and compete. The per-class curves are then
+pooled from the raw scores and the chosen mask alone is CRF-refined.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from .assign import assign_labels
 from .crf import CRFParams, DenseCRF
-from .threshold import PAPER_THRESHOLD, threshold_sweep
+from .threshold import PAPER_THRESHOLD, threshold_sweep, winners
 
 
 
@@ -54,19 +54,56 @@ def candidate_mask(image: np.ndarray, maps: Mapping[int, np.ndarray], thresholds
     return (crf if isinstance(crf, DenseCRF) else DenseCRF(image, [0, *maps], crf))(mask)
 
 
+Counts = dict[int, list[tuple[int, int]]]
+
+
+def raw_sweep(maps: Mapping[int, np.ndarray], reference: np.ndarray,
+              gammas: Sequence[float]) -> tuple[Counts, list[int]]:
+    """Per class, each γ's (|B_γ ∩ B̂|, |B_γ ∪ B̂|) for the raw candidates B_γ = ``threshold_masks(maps, γ)``,
+    and each candidate's foreground pixel count: one image's contribution to the IoU-vs-γ curves.
+
+    One pass over the pixels instead of one per γ: a pixel is in B_γ iff its winning value exceeds γ, so
+    binning each pixel by how many γ lie below its value gives every γ's counts as suffix sums. The
+    candidates are nested (a larger γ keeps a subset), so two γ give the same mask exactly when their
+    foreground counts are equal.
+    """
+    winner, value = winners(maps)
+    order = np.argsort(np.asarray(gammas, np.float32), kind="stable")
+    ascending = np.asarray(gammas, np.float32)[order]  # compared in float32, as threshold_masks compares
+    below = np.searchsorted(ascending, value.ravel(), side="left")  # how many γ each pixel's value exceeds
+    bins = len(gammas) + 1
+
+    def above(selected: np.ndarray | None) -> list[int]:
+        """Per γ (in the caller's order), how many of the ``selected`` pixels (all: None) exceed it."""
+        histogram = np.bincount(below if selected is None else below[selected], minlength=bins)
+        exceeding = np.cumsum(histogram[::-1])[::-1][1:]  # exceeding[j]: pixels above the j-th smallest γ
+        out = np.empty(len(gammas), np.int64)
+        out[order] = exceeding
+        return out.tolist()
+
+    winners_flat, reference_flat = winner.ravel(), np.asarray(reference).ravel()
+    counts: Counts = {}
+    for label in maps:
+        mine = winners_flat == label
+        truth = reference_flat == label
+        inside, areas, truth_area = above(mine & truth), above(mine), int(truth.sum())
+        counts[label] = [(i, a + truth_area - i) for i, a in zip(inside, areas)]
+    return counts, above(None)
+
+
 def sweep(image: np.ndarray, maps: Mapping[int, np.ndarray], reference: np.ndarray, gammas: Sequence[float],
-          crf: CRFParams | DenseCRF | None) -> tuple[dict[int, list[tuple[int, int]]], list[np.ndarray]]:
-    """Every γ's candidate mask and, per class, its (|B_γ ∩ B̂|, |B_γ ∪ B̂|) against ``reference``:
-    one image's contribution to the IoU-vs-γ curves."""
-    dense = crf if crf is None or isinstance(crf, DenseCRF) else DenseCRF(image, [0, *maps], crf)
+          crf: CRFParams | DenseCRF) -> tuple[Counts, list[np.ndarray]]:
+    """Every γ's CRF-refined candidate and, per class, its (|B_γ ∩ B̂|, |B_γ ∪ B̂|) against ``reference``
+    (:func:`raw_sweep` for the raw candidates)."""
+    dense = crf if isinstance(crf, DenseCRF) else DenseCRF(image, [0, *maps], crf)
     seen: dict[bytes, tuple[np.ndarray, list[tuple[int, int]]]] = {}  # neighbouring γ often give one mask
     truth = {label: reference == label for label in maps}
-    counts: dict[int, list[tuple[int, int]]] = {label: [] for label in maps}
+    counts: Counts = {label: [] for label in maps}
     candidates = []
     for mask in threshold_sweep(maps, gammas):
         key = mask.tobytes()
         if key not in seen:
-            candidate = dense(mask) if dense is not None else mask
+            candidate = dense(mask)
             mine = {label: candidate == label for label in truth}
             seen[key] = candidate, [(int((mine[label] & b).sum()), int((mine[label] | b).sum()))
                                     for label, b in truth.items()]
@@ -87,19 +124,20 @@ def mean_ious(counts: Mapping[int, Sequence[tuple[int, int]]], n_gammas: int) ->
 
 def shortlisted_sweep(image: np.ndarray, maps: Mapping[int, np.ndarray], reference: np.ndarray,
                       gammas: Sequence[float], crf: CRFParams | DenseCRF | None,
-                      shortlist: int) -> tuple[list[float], dict[int, list[tuple[int, int]]], list[np.ndarray]]:
-    """:func:`sweep` where only the γ of the ``shortlist`` best distinct raw candidates are CRF-refined.
-
-    Returns those γ with their counts and candidates (all γ when there is no CRF or ``shortlist``
-    is 0: the exhaustive sweep).
+                      shortlist: int) -> tuple[list[float], Counts, list[np.ndarray] | None]:
+    """The γ tried, their counts and their CRF-refined candidates: every γ raw (no candidates: each is
+    ``threshold_masks(maps, γ)``) without a CRF; every γ refined with ``shortlist`` 0 (the paper's
+    exhaustive sweep); else only the γ of the ``shortlist`` best distinct raw candidates, refined.
     """
-    if crf is None or shortlist <= 0:
+    if crf is None:
+        return list(gammas), raw_sweep(maps, reference, gammas)[0], None
+    if shortlist <= 0:
         return list(gammas), *sweep(image, maps, reference, gammas, crf)
-    counts, raw = sweep(image, maps, reference, gammas, None)
+    counts, sizes = raw_sweep(maps, reference, gammas)
     scores = mean_ious(counts, len(gammas))
-    kept: dict[bytes, float] = {}  # distinct raw mask → its first γ, best raw score first
+    kept: dict[int, float] = {}  # distinct raw mask (its foreground count) → its first γ, best raw score first
     for k in np.argsort(-scores, kind="stable"):
-        kept.setdefault(raw[k].tobytes(), gammas[k])
+        kept.setdefault(sizes[k], gammas[k])
         if len(kept) == shortlist:
             break
     chosen = sorted(kept.values())

@@ -27,7 +27,7 @@ def check_band(threshold: float | None, uncertain: float | None,
         raise ConfigError(f"{names[1]} ({uncertain}) must be below {names[0]} ({threshold})")
 
 
-def _winners(maps: Mapping[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def winners(maps: Mapping[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Each pixel's highest-scoring label (ties to the first) and its value."""
     if not maps:
         raise ValueError("no soft maps to threshold")
@@ -39,7 +39,7 @@ def _winners(maps: Mapping[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def threshold_sweep(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -> list[np.ndarray]:
     """``threshold_masks(maps, γ)`` for each γ, finding each pixel's winning label once."""
-    winner, value = _winners(maps)
+    winner, value = winners(maps)
     return [np.where(value > gamma, winner, 0).astype(np.uint8) for gamma in thresholds]
 
 
@@ -55,7 +55,7 @@ def threshold_masks(
     pixels whose best value lies in (uncertain, threshold] get 255, which trainers ignore.
     """
     check_band(threshold, uncertain, names=("the threshold", "the uncertainty band's lower edge"), unit_interval=False)
-    winner, value = _winners(maps)
+    winner, value = winners(maps)
     mask = np.where(value > threshold, winner, 0).astype(np.uint8)
     if uncertain is not None:
         mask[(value > uncertain) & (value <= threshold)] = IGNORE_INDEX
