@@ -23,6 +23,7 @@ depth. Their text encoders have the real output widths but one layer each (they 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import statistics
 import time
@@ -231,6 +232,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one generation each way: device (kernel) time, wall time, and the "
                              "operators whose device time the recorder adds")
+    parser.add_argument("--sync-check", action="store_true",
+                        help="CUDA: also list the operations that make the host wait for the GPU during one "
+                             "3-step generation, with and without the recorder (torch's sync debug mode)")
     parser.add_argument("--save-pipeline", metavar="DIR",
                         help="only save the random-weight pipeline to DIR (for `diffumask generate --model DIR`)")
     args = parser.parse_args()
@@ -283,6 +287,13 @@ def main() -> None:
         print(line, flush=True)
         if args.profile:
             profile_both(run, pipe, size, args.steps, args.device)
+        if args.sync_check and args.device.startswith("cuda"):
+            for record in (False, True):
+                sources = synchronising_calls(run, pipe, size, record)
+                print(f"  host waits for the GPU, {size}px, 3 steps, {'with' if record else 'without'} the recorder: "
+                      f"{sum(sources.values())}", flush=True)
+                for where, count in sources.most_common(8):
+                    print(f"    {count:5d}  {where}")
 
 
 def profile_both(run, pipe, size: int, steps: int, device: str, top: int = 12) -> None:
@@ -307,6 +318,9 @@ def profile_both(run, pipe, size: int, steps: int, device: str, top: int = 12) -
             ops = {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
         totals[record] = (wall, sum(t for t, _ in ops.values()) / 1e6)
         per_op[record] = ops
+        if device.startswith("cuda"):
+            print(f"  profile, {'with' if record else 'without'} the recorder: the GPU busy "
+                  f"{busy_seconds(prof):.3f} s of {wall:.3f} s wall", flush=True)
     (wall0, busy0), (wall1, busy1) = totals[False], totals[True]
     print(f"  profile, {size}px, {steps} steps: wall {wall0:.3f} -> {wall1:.3f} s ({wall1 / wall0:.3f}x); "
           f"{'kernel' if device.startswith('cuda') else 'operator'} time {busy0:.3f} -> {busy1:.3f} s "
@@ -314,6 +328,50 @@ def profile_both(run, pipe, size: int, steps: int, device: str, top: int = 12) -
     added = {k: per_op[True][k][0] - per_op[False].get(k, (0, 0))[0] for k in per_op[True]}
     for key in sorted(added, key=added.get, reverse=True)[:top]:
         print(f"    +{added[key] / 1e3:9.2f} ms  {per_op[True][key][1]:6d} calls  {key[:90]}")
+
+
+def busy_seconds(prof) -> float:
+    """Seconds in which at least one kernel or copy ran on the GPU (the union of their intervals): the wall
+    time minus this is the GPU waiting for the host."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy / 1e6
+
+
+def synchronising_calls(run, pipe, size: int, record: bool) -> collections.Counter[str]:
+    """Where the host waits for the GPU during one 3-step generation: torch's sync debug mode warns at each
+    synchronising operation, and the innermost Python frame outside torch names it. Within the denoising
+    loop every wait empties the GPU's queue, which then idles while Python issues the next kernels."""
+    import traceback
+    import warnings
+
+    sources: collections.Counter[str] = collections.Counter()
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")]
+        sources[f"{frames[-1].filename.rsplit('/', 2)[-1]}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"] += 1
+
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(pipe, size, 3, record)
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    return sources
 
 
 def peak_memory_mib(run, pipe, size: int, record: bool, device: str) -> float:
