@@ -718,8 +718,7 @@ class AttentionRecorder:
             index = self._text_columns(text_length, like.device)
             n, width = index.shape
             values = torch.zeros(n, keys, -(-width // head_width) * head_width, dtype=like.dtype, device=like.device)
-            values[torch.arange(n, device=like.device)[:, None], index + text_start,
-                   torch.arange(width, device=like.device)[None, :]] = 1
+            values.scatter_(1, (index + text_start)[:, None, :], 1)  # values[i, index[i, j], j] = 1, without a sync
             cached = self._value_columns[cache_key] = (values, width)
         return cached
 
@@ -773,16 +772,21 @@ class AttentionRecorder:
                 "no cross-attention was recorded: call the pipeline inside the trace, and do not "
                 "replace attention processors (xformers, attention slicing) while it is attached"
             )
-        if self._restarted is not None and bool(self._restarted):
+        grids = list(self._sums)
+        tensors = [self._sums[grid] / self._counts[grid] for grid in grids]
+        tensors += [] if self._self_sum is None else [self._self_sum / self._self_count]
+        tensors += [] if self._restarted is None else [self._restarted]
+        host = to_host(tensors)  # one wait for the GPU, not one per buffer
+        if self._restarted is not None and bool(host.pop()):
             raise RecorderError(_CALLED_AGAIN)
-        size = image_size or self._image_size()
-        defaults = self.default_resolutions()
-        means = {grid: to_host(s / self._counts[grid]) for grid, s in self._sums.items()}
         if self.self_attention_factor and self._self_sum is None:
             raise RecorderError(f"no self-attention layer runs at grid {self._self_hw[0]}x{self._self_hw[1]} "
                                 f"(latent/{self.self_attention_factor}, at most {self.self_attention_max} a side); "
                                 "choose another self-attention factor")
-        self_mean = None if self._self_sum is None else to_host(self._self_sum / self._self_count).numpy()
+        self_mean = None if self._self_sum is None else host.pop().numpy()
+        means = dict(zip(grids, host))
+        size = image_size or self._image_size()
+        defaults = self.default_resolutions()
         keys = next(iter(means.values())).shape[-1]
         result = []
         for i in range(self.num_images):
@@ -796,16 +800,22 @@ class AttentionRecorder:
         return result
 
 
-def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy, through page-locked memory for a CUDA tensor: the self-attention sum (32 MiB for SD 1.5 at
-    batch 8) took 29 ms to reach pageable memory on an H200, 2.5 % of the batch's generation; pinned
-    buffers come from torch's caching host allocator, so they are allocated once, not per batch."""
-    if tensor.device.type != "cuda":
-        return tensor.cpu()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    torch.cuda.current_stream(tensor.device).synchronize()
-    return host
+def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """CPU copies, through page-locked memory for CUDA tensors, with one wait for the GPU for them all: the
+    self-attention sum (32 MiB for SD 1.5 at batch 8) took 29 ms to reach pageable memory on an H200, 2.5 %
+    of the batch's generation; pinned buffers come from torch's caching host allocator, so they are
+    allocated once, not per batch."""
+    out, devices = [], set()
+    for tensor in tensors:
+        if tensor.device.type != "cuda":
+            out.append(tensor.cpu())
+            continue
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        out.append(host.copy_(tensor, non_blocking=True))
+        devices.add(tensor.device)
+    for device in devices:
+        torch.cuda.current_stream(device).synchronize()
+    return out
 
 
 _CALLED_AGAIN = ("the pipeline was called again inside one recording (the timesteps restarted); "
