@@ -109,6 +109,33 @@ def test_workers_encode_and_write_the_masks_and_this_process_only_commits(datase
     assert (root / "manifest.jsonl").read_bytes() == (alone / "manifest.jsonl").read_bytes()
 
 
+@pytest.mark.parametrize("config", [RefineConfig(method="affinity", affinity=TINY_AFFINITY),
+                                    RefineConfig(method="adaptive", gammas=GAMMAS, affinity=TINY_AFFINITY),
+                                    RefineConfig(method="adaptive", per_class=True, gammas=GAMMAS, affinity=TINY_AFFINITY)],
+                         ids=["affinity", "adaptive", "adaptive per class"])
+def test_on_a_cpu_the_workers_run_the_affinitynet_and_write_what_this_process_would(dataset, config, monkeypatch):
+    """On a CPU the AffinityNet's forward pass and walk run in the workers, from its saved weights (in this
+    process they would not scale with the workers); the masks are those of the walk run here, as on a GPU."""
+    import diffumask.refine as refine_module
+    import diffumask.refine_items as items_module
+
+    root, truths = dataset
+    here = root.parent / "here"
+    shutil.copytree(root, here)
+    with monkeypatch.context() as patch:  # no weights for the workers: the walk runs in this process
+        patch.setattr(refine_module, "item_steps", lambda c, n, g, d, w, crf: item_steps(c, n, g, d, None, crf))
+        patch.setattr(refine_module, "curve_steps", lambda c, n, d, w: items_module.curve_steps(c, n, d, None))
+        refine_dataset(here, config, progress=False, workers=2, device="cpu")
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("this process ran the AffinityNet's walk")
+
+    monkeypatch.setattr(items_module, "walked_grid", not_here)
+    assert refine_dataset(root, config, progress=False, workers=2, device="cpu").refined == len(truths)
+    assert files(root, "SegmentationClass") == files(here, "SegmentationClass")
+    assert _refine_lines(root) == _refine_lines(here)
+
+
 def test_ordered_keeps_the_order_and_bounds_the_work_in_flight():
     """Results come back in the tasks' order however the pool finishes them, with at most `window`
     tasks read ahead; the device step runs in the caller, between the two pool steps."""

@@ -172,9 +172,9 @@ def _loads(line: str) -> dict[str, Any] | None:
 
 
 def _affinity_net(dataset: Dataset, items: list[Item], config: RefineConfig, progress: bool, pool: Executor,
-                  workers: int, device: torch.device) -> tuple[AffinityNet, float]:
+                  workers: int, device: torch.device) -> tuple[AffinityNet, float, str]:
     """Load the AffinityNet this configuration trains, or compute seeds (in the pool) and train it on
-    ``device`` (timed)."""
+    ``device`` (timed); with the file its weights are saved in (which CPU workers load)."""
     size = tuple(items[0].image().shape[:2])
     net = build_affinity_net(config.affinity, size)
     if config.affinity_weights:
@@ -187,9 +187,10 @@ def _affinity_net(dataset: Dataset, items: list[Item], config: RefineConfig, pro
     path = dataset.root / "refine" / f"affinitynet-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         load_affinity_weights(net, path)
-        return net.to(device).eval(), 0.0
+        return net.to(device).eval(), 0.0, str(path)
     if steps == 0:
-        return net.to(device).eval(), 0.0
+        _save_once(net, path)
+        return net.to(device).eval(), 0.0, str(path)
     start = time.perf_counter()
     seeds = [seed for _, seed in tqdm(ordered(pool, items, functools.partial(grid_seeds, config, net.stride),
                                               window=_window(workers)),
@@ -207,16 +208,21 @@ def _affinity_net(dataset: Dataset, items: list[Item], config: RefineConfig, pro
     # Each worker of a sharded job trains this same network: same items, seeds and steps, and training is
     # deterministic on one kind of device, so they write identical weights. The save is atomic; a worker
     # that finds another's file already there uses it.
+    _save_once(net, path)
+    return net.to(device).eval(), seconds, str(path)
+
+
+def _save_once(net: AffinityNet, path: Path) -> None:
+    """Save the weights, or, when another worker of a sharded job saved the same network first, use its file."""
     if path.is_file():
         load_affinity_weights(net, path)
     else:
         path.parent.mkdir(exist_ok=True)
         save_affinity_weights(net, path)
-    return net.to(device).eval(), seconds
 
 
 def _class_gammas(log: ProgressLog, items: list[Item], config: RefineConfig, net: AffinityNet, progress: bool,
-                  pool: Executor, workers: int) -> dict[int, float]:
+                  pool: Executor, workers: int, device: torch.device, net_weights: str) -> dict[int, float]:
     """Per-class adaptive γ: every image's sweep counts (logged, resumable), pooled per class.
 
     With a CRF shortlist the curves are pooled from raw candidates (a full CRF sweep per image is
@@ -224,7 +230,7 @@ def _class_gammas(log: ProgressLog, items: list[Item], config: RefineConfig, net
     """
     done = log.done("curve")
     todo = [i for i in items if i.id not in done]
-    steps = curve_steps(config, net)
+    steps = curve_steps(config, net, device, net_weights)
     for item, counts in tqdm(ordered(pool, todo, steps.prepare, steps.device, steps.finish, _window(workers)),
                              total=len(todo), desc="adaptive curves", unit="img", disable=not progress,
                              dynamic_ncols=True):
@@ -303,18 +309,18 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if earlier:  # e.g. refined at full size before the CRF's 256 px default: refined again, not silently
         warnings.warn(f"{earlier} item(s) of {dataset.root} were refined with other settings; refining them again "
                       "with these (their earlier masks are replaced)", stacklevel=2)
-    net, train_seconds, gammas = None, 0.0, None
+    net, train_seconds, net_weights, gammas = None, 0.0, None, None
     start = time.perf_counter()
     if pending:
         with cpu_pool(workers, preload=WORKER_MODULES) as pool:
             if config.uses_affinity:
-                net, train_seconds = _affinity_net(dataset, items, config, progress, pool, workers, device)
+                net, train_seconds, net_weights = _affinity_net(dataset, items, config, progress, pool, workers, device)
             if config.per_class:
                 if redo:
                     (dataset.root / LOG_NAME).unlink(missing_ok=True)
                 gammas = _class_gammas(ProgressLog(dataset.root / LOG_NAME, params), items, config, net, progress,
-                                       pool, workers)
-            steps = item_steps(config, net, gammas, device, device_crf)
+                                       pool, workers, device, net_weights)
+            steps = item_steps(config, net, gammas, device, net_weights, device_crf)
             for item, (sha256, extra) in tqdm(ordered(pool, pending, steps.prepare, steps.device, steps.finish,
                                                       _window(workers)),
                                               total=len(pending), desc=f"refine {config.method}", unit="img",
