@@ -330,11 +330,13 @@ def test_memory_is_constant_in_steps(sd1_pipe, form):
     # Grids 16, 8 and 4 of 2 images, float32: all 77 token columns, or the 4 columns of the widest
     # image's classes ("potted plant" twice) plus their int64 index; the columns as one-hot values over
     # the 77 keys (float32, the model's dtype), zero-padded to a multiple of each head width the layers
-    # have; and the one-byte flag that notes, on the UNet's device, whether the timesteps ever rose.
+    # have, and once more expanded over each layer shape's heads; and the one-byte flag that notes, on
+    # the UNet's device, whether the timesteps ever rose.
     columns = 77 if form == "every word" else 4
-    head_widths = {a.inner_dim // a.heads for a in sd1_pipe.unet.modules() if isinstance(a, Attention)
-                   and a.is_cross_attention}
-    one_hot = sum(2 * 77 * -(-columns // w) * w * 4 for w in head_widths)
+    shapes = {(a.heads, a.inner_dim // a.heads) for a in sd1_pipe.unet.modules() if isinstance(a, Attention)
+              and a.is_cross_attention}
+    one_hot = sum(2 * 77 * -(-columns // w) * w * 4 for w in {w for _, w in shapes})
+    one_hot += sum(2 * heads * 77 * -(-columns // w) * w * 4 for heads, w in shapes)
     kept = (2 * (16 * 16 + 8 * 8 + 4 * 4) * columns * 4 + (0 if form == "every word" else 2 * columns * 8)
             + one_hot + 1)
     assert extra[2][0] == kept

@@ -246,6 +246,15 @@ def column_probabilities(query: torch.Tensor, key: torch.Tensor, value_columns: 
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+@dataclass
+class _LayerPlan:
+    """What one hooked layer's calls record into (:meth:`AttentionRecorder._plan`), fixed for its shapes."""
+
+    shapes: tuple[torch.Size, torch.Size]  # (query, key)
+    grid: tuple[int, int]
+    groups: list[tuple[torch.Tensor, torch.Tensor, int]]  # (one-hot values, buffer slice, real columns)
+
+
 class RecordingProcessor:
     """Stock scaled-dot-product attention that also hands its probabilities to the recorder."""
 
@@ -409,6 +418,8 @@ class AttentionRecorder:
         self._self_grid: tuple[int, int] | None = None
         self._sums: dict[tuple[int, int], torch.Tensor] = {}
         self._counts: dict[tuple[int, int], int] = {}
+        self._plans: dict[Attention, _LayerPlan] = {}  # per hooked cross-attention layer
+        self._expanded_values: dict[tuple[torch.Size, torch.dtype], list[torch.Tensor]] = {}
         self._latent_hw: tuple[int, int] | None = None
         self._self_hw: tuple[int, int] | None = None
         self._step = -1
@@ -693,13 +704,38 @@ class AttentionRecorder:
 
     def _record(self, attn: Attention, query: torch.Tensor, key: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
+        """:func:`column_probabilities` of one layer call, added into its grid's buffer; what does not change
+        from step to step (the values, the grid, the buffer's slices) is looked up once per layer, so a
+        call costs three kernels and little Python (on a GPU the host issues every hooked layer's kernels
+        between the scheduler's per-step waits, so its time per call is the recorder's cost)."""
         if not self._in_window():
             return
         self._check_started()
+        plan = self._plans.get(attn)
+        if plan is None or plan.shapes != (query.shape, key.shape):
+            plan = self._plans[attn] = self._plan(query, key)
         cond = self._cond
+        query, key, mask = query[cond], key[cond], None if mask is None else mask[cond]
+        for values, target, columns in plan.groups:
+            out = F.scaled_dot_product_attention(query, key, values, attn_mask=mask)
+            target.add_(out.mean(dim=1, dtype=torch.float32)[..., :columns])
+        self._counts[plan.grid] += 1
+
+    def _plan(self, query: torch.Tensor, key: torch.Tensor) -> _LayerPlan:
+        """A layer's one-hot values, one (n, heads, keys, head width) tensor per group of recorded columns
+        (expanded over heads once, not per call), and the slices of its grid's buffer they add into."""
         values, columns = self._columns_as_values(key.shape[2], 0, key.shape[2], key)
-        picked = column_probabilities(query[cond], key[cond], values, None if mask is None else mask[cond], columns)
-        self._accumulate(_as_2d_grid(picked.shape[1], self._latent_hw), picked)
+        n, heads, queries, width = query[self._cond].shape
+        grid = _as_2d_grid(queries, self._latent_hw)
+        buffer = self._buffer(grid, (n, queries, columns), query.device)
+        shared = (key.shape, query.dtype)  # layers of one shape share their values
+        if shared not in self._expanded_values:
+            self._expanded_values[shared] = [
+                values[:, None, :, start:start + width].expand(n, heads, -1, -1).to(query.dtype).contiguous()
+                for start in range(0, columns, width)]
+        groups = [(group, buffer[..., start:start + min(width, columns - start)], min(width, columns - start))
+                  for group, start in zip(self._expanded_values[shared], range(0, columns, width))]
+        return _LayerPlan((query.shape, key.shape), grid, groups)
 
     def _text_columns(self, text_length: int, device: torch.device) -> torch.Tensor:
         """(n, columns): each image's recorded text columns (all ``text_length`` when no classes were given)."""
@@ -722,13 +758,16 @@ class AttentionRecorder:
             cached = self._value_columns[cache_key] = (values, width)
         return cached
 
+    def _buffer(self, grid: tuple[int, int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The grid's (n, h·w, columns) float32 sum of probabilities, made at its first layer call."""
+        if grid not in self._sums:
+            self._sums[grid] = torch.zeros(shape, dtype=torch.float32, device=device)
+            self._counts[grid] = 0
+        return self._sums[grid]
+
     def _accumulate(self, grid: tuple[int, int], picked: torch.Tensor) -> None:
         """Add one layer call's (n, h·w, columns) probabilities into the grid's buffer, in place."""
-        buffer = self._sums.get(grid)
-        if buffer is None:
-            buffer = self._sums[grid] = torch.zeros_like(picked)
-            self._counts[grid] = 0
-        buffer.add_(picked)
+        self._buffer(grid, picked.shape, picked.device).add_(picked)
         self._counts[grid] += 1
 
     def _accumulate_self(self, grid: tuple[int, int], mean: torch.Tensor) -> None:
