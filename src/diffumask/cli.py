@@ -246,8 +246,8 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
                    help=f"mean-field iterations of the result CRF, its cost (default: the paper's {crf.iterations})")
     p.add_argument("--crf-max-size", type=int, default=crf.max_size, metavar="PX",
                    help="larger images run the CRFs on a copy shrunk to this longer side, and a guided filter puts "
-                        "their edges back on the image's: at 512 px 256 costs 40 %% of the full-size CRF, at 1024 "
-                        "px 14 %% (bench/bench_crf_512.py: IoU 0.9999 at both against the full size's "
+                        "their edges back on the image's: at 512 px 256 costs about 40 %% of the full-size CRF, at "
+                        "1024 px 15 %% (bench/bench_crf_512.py: IoU 0.9999 at both against the full size's "
                         f"1.0000); 0: full size, the paper's (default: {crf.max_size})")
     p.add_argument("--min-area", type=float, default=defaults.min_area,
                    help=f"drop a class's blobs smaller than this fraction of the image (default: {defaults.min_area:g}; "
@@ -264,7 +264,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
                         f"the paper does (default: {defaults.crf_shortlist})")
     p.add_argument("--reference-crf", action=argparse.BooleanOptionalAction, default=defaults.reference_crf,
                    help="adaptive with CRF: match candidates to the CRF-refined AffinityNet map instead of the raw one "
-                        "(the paper's): a second CRF per image, 1.7× the cost at 512 px, for +0.001 mIoU per image "
+                        "(the paper's): a second CRF per image, 1.4× the cost at 512 px, for +0.001 mIoU per image "
                         "on the shapes benchmark (default: off)")
     p.add_argument("--affinity-epochs", type=float, default=affinity.epochs,
                    help="AffinityNet training length in passes over the dataset's images, in crops of "

@@ -69,7 +69,7 @@ class RefineConfig:
     gammas: tuple[float, ...] | None = None  # None: the paper's sweep around the dataset's γ (sweep_around)
     crf_shortlist: int = 1  # adaptive + CRF: CRF only the k best raw candidates (0: every one, as the paper)
     reference_crf: bool = False  # adaptive + CRF: CRF-refine the AffinityNet mask too before matching (+0.001 mIoU
-    # per image on the shapes benchmark, for a second CRF per image: 1.7× adaptive's cost at 512 px); paper: not
+    # per image on the shapes benchmark, for a second CRF per image: 1.4× adaptive's cost at 512 px); paper: not
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     affinity_weights: str | None = None  # initialise the AffinityNet from these weights
     power: int = 4  # propagate: self-attention matrix power
