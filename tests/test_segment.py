@@ -77,6 +77,20 @@ def test_resume_after_a_kill_gives_the_same_weights(shapes_data, tmp_path):
     assert entries[-1]["loss"] == whole_run.log_entries()[-1]["loss"]  # the same steps 21-25 in both
 
 
+def test_a_run_resumes_with_its_data_spelled_relative_or_absolute(tmp_path, monkeypatch):
+    """The same DATA folders, relative from the directory the first run was started in or absolute, resume
+    the run; other folders are refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    classes = ["background", "a"]
+    RunFolder.create("run", classes, {"data": [str(tmp_path / "data"), f"voc:{tmp_path / 'voc'}"], "seed": 0})
+    RunFolder.check("run", classes, {"data": ["data", "voc:voc"], "seed": 0})
+    RunFolder.check("run", classes, {"data": ["./data/", f"voc:{tmp_path}/voc"], "seed": 0})
+    for other in (["other", "voc:voc"], ["data", "voc:data"], ["data", "ade20k:voc"]):
+        with pytest.raises(RunError, match=r"other settings \(data differ\)"):
+            RunFolder.check("run", classes, {"data": other, "seed": 0})
+
+
 def test_each_process_takes_its_own_slots_of_every_batch():
     from diffumask.segment.data import StepBatches
 

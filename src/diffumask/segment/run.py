@@ -22,12 +22,25 @@ import torch
 
 from ..dataset import atomic_write, read_label_map, write_label_map, write_text_atomic
 from ..errors import DiffumaskError
+from ..formats.readers import FORMATS
 from .model import Segmenter, build_segmenter, load_segmenter
 from .presets import Preset, Schedule
 
 
 class RunError(DiffumaskError, ValueError):
     """A run folder that is not one, or that was started with other settings."""
+
+
+def _located(key: str, value: Any) -> Any:
+    """A setting as compared on resume: DATA folders by where they are, so a re-run that spells a folder
+    relative where the first run spelled it absolute (or the reverse, from the same directory) resumes."""
+    if key not in ("data", "negatives") or not isinstance(value, list):
+        return value
+    located = []
+    for spec in value:
+        form, colon, path = str(spec).partition(":")
+        located.append(f"{form}:{Path(path).resolve()}" if colon and form in FORMATS else str(Path(spec).resolve()))
+    return located
 
 
 class RunFolder:
@@ -46,7 +59,8 @@ class RunFolder:
         settings = json.loads(json.dumps(dict(settings)))  # tuples → lists, so the comparison is exact
         if (root / "settings.json").is_file():
             run = cls(root)
-            changed = sorted(k for k in set(run.settings) | set(settings) if run.settings.get(k) != settings.get(k))
+            changed = sorted(k for k in set(run.settings) | set(settings)
+                             if _located(k, run.settings.get(k)) != _located(k, settings.get(k)))
             if changed:
                 raise RunError(f"{root} holds a run started with other settings ({', '.join(changed)} differ); "
                                "re-run the same command to resume it, or choose another --out")
