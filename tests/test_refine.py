@@ -347,6 +347,17 @@ def test_atomic_writes_sync_the_file_before_the_rename_and_the_folder_after(tmp_
     assert not [p for p in (tmp_path / "sub").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_an_exclusive_atomic_write_keeps_the_first_writers_file(tmp_path):
+    """Workers of a sharded job that each trained the AffinityNet: the first file stays, the others are told."""
+    from diffumask.dataset import atomic_write
+
+    path = tmp_path / "weights.bin"
+    assert atomic_write(path, lambda tmp: tmp.write_bytes(b"first"), exclusive=True)
+    assert not atomic_write(path, lambda tmp: tmp.write_bytes(b"second"), exclusive=True)
+    assert path.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
+    assert atomic_write(path, lambda tmp: tmp.write_bytes(b"third")) and path.read_bytes() == b"third"
+
+
 def test_a_trained_affinity_net_is_saved_and_reused(dataset):
     root, truths = dataset
     first = refine_dataset(root, RefineConfig(method="affinity", affinity=TINY_AFFINITY), progress=False)

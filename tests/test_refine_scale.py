@@ -9,11 +9,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from test_refine import TINY_AFFINITY, dataset, files, template  # noqa: F401 (fixtures)
+from test_refine import SIZE, TINY_AFFINITY, dataset, files, template  # noqa: F401 (fixtures)
 
 from diffumask.cli import main
 from diffumask.dataset import Dataset
@@ -122,9 +123,10 @@ def test_on_a_cpu_the_workers_run_the_affinitynet_and_write_what_this_process_wo
     root, truths = dataset
     here = root.parent / "here"
     shutil.copytree(root, here)
-    with monkeypatch.context() as patch:  # no weights for the workers: the walk runs in this process
-        patch.setattr(refine_module, "item_steps", lambda c, n, g, d, w, crf: item_steps(c, n, g, d, None, crf))
-        patch.setattr(refine_module, "curve_steps", lambda c, n, d, w: items_module.curve_steps(c, n, d, None))
+    accelerator = SimpleNamespace(type="accelerator")  # a device that is not a CPU: the walk runs in this process
+    with monkeypatch.context() as patch:
+        patch.setattr(refine_module, "item_steps", lambda c, n, g, d, w, crf: item_steps(c, n, g, accelerator, w, crf))
+        patch.setattr(refine_module, "curve_steps", lambda c, n, d, w: items_module.curve_steps(c, n, accelerator, w))
         refine_dataset(here, config, progress=False, workers=2, device="cpu")
 
     def not_here(*args, **kwargs):
@@ -134,6 +136,29 @@ def test_on_a_cpu_the_workers_run_the_affinitynet_and_write_what_this_process_wo
     assert refine_dataset(root, config, progress=False, workers=2, device="cpu").refined == len(truths)
     assert files(root, "SegmentationClass") == files(here, "SegmentationClass")
     assert _refine_lines(root) == _refine_lines(here)
+
+
+def test_untrained_affinitynet_weights_are_read_as_they_are_now(dataset, tmp_path):
+    """--affinity-steps 0 --affinity-weights W walks with W's current contents, in the workers too: a copy
+    or a worker's cached network would serve W's former weights after it is rewritten in place."""
+    from diffumask.masks.affinity import build_affinity_net, save_affinity_weights
+
+    root, truths = dataset
+    weights = tmp_path / "affinitynet.safetensors"
+    stride = TINY_AFFINITY.grid_stride((SIZE, SIZE))
+
+    def refined_with(seed: int, folder: Path) -> dict[str, bytes]:
+        save_affinity_weights(build_affinity_net(replace(TINY_AFFINITY, seed=seed, stride=stride), (SIZE, SIZE)), weights)
+        config = RefineConfig(method="affinity", affinity=replace(TINY_AFFINITY, train_steps=0),
+                              affinity_weights=str(weights))
+        refine_dataset(folder, config, progress=False, redo=True, workers=1, device="cpu")  # workers=1: one process
+        return files(folder, "SegmentationClass")
+
+    fresh = root.parent / "fresh"
+    shutil.copytree(root, fresh)
+    first = refined_with(1, root)
+    assert refined_with(2, root) == refined_with(2, fresh) != first
+    assert not list((root / "refine").glob("*.safetensors"))  # no copy of W to go stale
 
 
 def test_ordered_keeps_the_order_and_bounds_the_work_in_flight():

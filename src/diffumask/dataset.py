@@ -93,11 +93,13 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any, exclusive: bool = False) -> bool:
     """Call ``write(tmp_path)``, fsync it, rename it over ``path`` and fsync the folder.
 
     Readers never see a partial file, and after a power cut the file is either the old one or
     the whole new one (the data is on disk before the rename, the rename before we return).
+    ``exclusive`` never replaces an existing ``path``: the first of several writers wins, and the
+    others get False.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -105,11 +107,17 @@ def atomic_write(path: Path, write: Any) -> None:
     try:
         write(Path(tmp))
         _fsync_path(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
+        if not exclusive:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails where path exists, unlike a rename
+            except FileExistsError:
+                return False
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     _fsync_path(path.parent)
+    return True
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -172,9 +172,10 @@ def _loads(line: str) -> dict[str, Any] | None:
 
 
 def _affinity_net(dataset: Dataset, items: list[Item], config: RefineConfig, progress: bool, pool: Executor,
-                  workers: int, device: torch.device) -> tuple[AffinityNet, float, str]:
+                  workers: int, device: torch.device) -> tuple[AffinityNet, float, str | None]:
     """Load the AffinityNet this configuration trains, or compute seeds (in the pool) and train it on
-    ``device`` (timed); with the file its weights are saved in (which CPU workers load)."""
+    ``device`` (timed); with the file that holds its weights, which CPU workers load (None: untrained, from
+    its seed)."""
     size = tuple(items[0].image().shape[:2])
     net = build_affinity_net(config.affinity, size)
     if config.affinity_weights:
@@ -188,9 +189,8 @@ def _affinity_net(dataset: Dataset, items: list[Item], config: RefineConfig, pro
     if path.is_file():
         load_affinity_weights(net, path)
         return net.to(device).eval(), 0.0, str(path)
-    if steps == 0:
-        _save_once(net, path)
-        return net.to(device).eval(), 0.0, str(path)
+    if steps == 0:  # the given weights as they are now (a copy could go stale), or the seed's
+        return net.to(device).eval(), 0.0, config.affinity_weights
     start = time.perf_counter()
     seeds = [seed for _, seed in tqdm(ordered(pool, items, functools.partial(grid_seeds, config, net.stride),
                                               window=_window(workers)),
@@ -213,12 +213,10 @@ def _affinity_net(dataset: Dataset, items: list[Item], config: RefineConfig, pro
 
 
 def _save_once(net: AffinityNet, path: Path) -> None:
-    """Save the weights, or, when another worker of a sharded job saved the same network first, use its file."""
-    if path.is_file():
+    """Save the weights unless another worker of a sharded job saved the same network first, and use the file
+    that stays: it never changes once written, so every worker, and every CPU worker process, walks with it."""
+    if not save_affinity_weights(net, path, exclusive=True):
         load_affinity_weights(net, path)
-    else:
-        path.parent.mkdir(exist_ok=True)
-        save_affinity_weights(net, path)
 
 
 def _class_gammas(log: ProgressLog, items: list[Item], config: RefineConfig, net: AffinityNet, progress: bool,

@@ -6,15 +6,16 @@ walk, the self-attention propagation) and *finish* (a CPU worker: masks at image
 cleanup, then the mask's PNG staged beside the item's current one: :func:`staged`). On request
 (``device_crf``) the dense CRF moves into the device step, in torch (:mod:`diffumask.masks.permutohedral`),
 for every method but adaptive: for a GPU whose host has few CPU cores. The worker steps are
-module-level functions of picklable arguments; the device steps close over the network. On a CPU there is
-no device step: propagate, affinity and adaptive run whole in the workers (the AffinityNet read from its saved
-weights), since this process, which commits every item, would otherwise do their heaviest part one item at a
-time. Which process runs a step does not change its result, so any number of workers writes the same masks.
+module-level functions of picklable arguments; the device steps close over the network. On a CPU,
+propagate, affinity and adaptive run whole in the workers (the AffinityNet read from its saved weights), since
+this process, which commits every item, would otherwise do their heaviest part one item at a time; only a CRF
+moved here on request (``device_crf``) keeps affinity's walk in this process. Which process runs a step does not change its result, so any number of workers writes the same masks.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -208,21 +209,24 @@ def _walk(config: RefineConfig, net: AffinityNet, item: Item, loaded: Loaded) ->
 
 
 @functools.lru_cache(maxsize=2)
-def _saved_net(affinity: AffinityConfig, stride: int, weights: str) -> AffinityNet:
-    """The parent's trained AffinityNet in a worker process, built and loaded once per process."""
+def _saved_net(affinity: AffinityConfig, stride: int, weights: str | None, stamp: tuple[int, int] | None) -> AffinityNet:
+    """The parent's AffinityNet in a worker process, built (from its seed) and loaded (from ``weights``, whose
+    mtime and size ``stamp`` keeps a rewritten file from being served stale) once per process."""
     net = build_affinity_net(replace(affinity, stride=stride), (stride, stride))
-    load_affinity_weights(net, weights)
+    if weights is not None:
+        load_affinity_weights(net, weights)
     return net.eval()
 
 
-def walked_in_worker(config: RefineConfig, stride: int, weights: str,
+def walked_in_worker(config: RefineConfig, stride: int, weights: str | None,
                      finish: Callable[[RefineConfig, int, Loaded, np.ndarray], Any], item: Item) -> Any:
     """affinity and adaptive on a CPU: the whole item in one worker step, the network read from its saved
     weights once per worker. In this process the forward pass and the walk (0.35 s per 512 px image on one
     core) would run one item at a time, whatever the number of workers."""
     loaded = load(config, item)
-    return finish(config, stride, loaded, walked_grid(_saved_net(config.affinity, stride, weights), loaded.image,
-                                                      loaded.maps, config.affinity))
+    stamp = None if weights is None else (lambda st: (st.st_mtime_ns, st.st_size))(os.stat(weights))
+    net = _saved_net(config.affinity, stride, weights, stamp)
+    return finish(config, stride, loaded, walked_grid(net, loaded.image, loaded.maps, config.affinity))
 
 
 def _propagate(config: RefineConfig, device: torch.device, item: Item, loaded: Loaded) -> np.ndarray:
@@ -257,7 +261,8 @@ def staged(step: Callable[..., Outcome], *args: Any) -> Staged:
 def item_steps(config: RefineConfig, net: AffinityNet | None, gammas: Mapping[int, float] | None,
                device: torch.device, net_weights: str | None = None, device_crf: bool = False) -> Steps:
     """The steps that turn one item into its staged mask and record under ``config`` (a RefineConfig);
-    ``net_weights``, the AffinityNet's saved weights, lets the workers run it when ``device`` is a CPU;
+    ``net_weights``, the file of the AffinityNet's weights (None: untrained, from its seed), lets the workers
+    run it when ``device`` is a CPU;
     ``device_crf`` runs the CRF on ``device``, in the device step (adaptive keeps it in the workers)."""
     steps = _mask_steps(config, net, gammas, device, net_weights, device_crf)
     if steps.finish is None:
@@ -285,9 +290,9 @@ def _mask_steps(config: RefineConfig, net: AffinityNet | None, gammas: Mapping[i
 
 def _walk_steps(config: RefineConfig, net: AffinityNet, device: torch.device, net_weights: str | None,
                 finish: Callable[[RefineConfig, int, Loaded, np.ndarray], Any]) -> Steps:
-    """The AffinityNet's walk and then ``finish``: in the workers on a CPU (when its weights are saved),
-    else in this process on the accelerator between two worker steps."""
-    if device.type == "cpu" and net_weights is not None:
+    """The AffinityNet's walk and then ``finish``: in the workers on a CPU, else in this process on the
+    accelerator between two worker steps."""
+    if device.type == "cpu":
         return Steps(functools.partial(walked_in_worker, config, net.stride, net_weights, finish))
     return Steps(functools.partial(load, config), functools.partial(_walk, config, net),
                  functools.partial(finish, config, net.stride))

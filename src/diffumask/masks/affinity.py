@@ -167,10 +167,11 @@ def load_affinity_weights(net: AffinityNet, path: str | Path) -> None:
         raise ConfigError(f"cannot use AffinityNet weights {path}: {error}".splitlines()[0]) from None
 
 
-def save_affinity_weights(net: AffinityNet, path: str | Path) -> None:
-    """Saved atomically: workers of a sharded job that each trained the same network may write at once."""
+def save_affinity_weights(net: AffinityNet, path: str | Path, exclusive: bool = False) -> bool:
+    """Saved atomically: workers of a sharded job that each trained the same network may write at once;
+    ``exclusive`` keeps the first one's file (False: another was first)."""
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp)))
+    return atomic_write(Path(path), lambda tmp: save_file(state, str(tmp)), exclusive)
 
 
 def image_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
