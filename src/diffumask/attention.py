@@ -419,7 +419,7 @@ class AttentionRecorder:
         self._sums: dict[tuple[int, int], torch.Tensor] = {}
         self._counts: dict[tuple[int, int], int] = {}
         self._plans: dict[Attention, _LayerPlan] = {}  # per hooked cross-attention layer
-        self._expanded_values: dict[tuple[torch.Size, torch.dtype], list[torch.Tensor]] = {}
+        self._expanded_values: dict[tuple[torch.Size, torch.dtype, torch.device], list[torch.Tensor]] = {}
         self._latent_hw: tuple[int, int] | None = None
         self._self_hw: tuple[int, int] | None = None
         self._step = -1
@@ -661,10 +661,10 @@ class AttentionRecorder:
             # Per image: the token columns to keep (union over its classes), padded to a common width.
             self._columns = [sorted({i for idx in t.values() for i in idx}) for t in self.tokens]
             width = max(len(c) for c in self._columns)
-            self._column_index = torch.tensor(
-                [c + [c[0]] * (width - len(c)) for c in self._columns for _ in range(self.images_per_prompt)],
-                device=sample.device,
-            )
+            index = torch.tensor(
+                [c + [c[0]] * (width - len(c)) for c in self._columns for _ in range(self.images_per_prompt)])
+            on_gpu = sample.device.type == "cuda"  # from page-locked memory, the copy does not wait for the GPU
+            self._column_index = (index.pin_memory() if on_gpu else index).to(sample.device, non_blocking=on_gpu)
 
     def _in_window(self) -> bool:
         start, stop = self.steps
@@ -728,7 +728,7 @@ class AttentionRecorder:
         n, heads, queries, width = query[self._cond].shape
         grid = _as_2d_grid(queries, self._latent_hw)
         buffer = self._buffer(grid, (n, queries, columns), query.device)
-        shared = (key.shape, query.dtype)  # layers of one shape share their values
+        shared = (key.shape, query.dtype, query.device)  # layers of one shape share their values
         if shared not in self._expanded_values:
             self._expanded_values[shared] = [
                 values[:, None, :, start:start + width].expand(n, heads, -1, -1).to(query.dtype).contiguous()
