@@ -65,7 +65,7 @@ def raw_sweep(maps: Mapping[int, np.ndarray], reference: np.ndarray,
     One pass over the pixels instead of one per γ: a pixel is in B_γ iff its winning value exceeds γ, so
     binning each pixel by how many γ lie below its value gives every γ's counts as suffix sums. The
     candidates are nested (a larger γ keeps a subset), so two γ give the same mask exactly when their
-    foreground counts are equal.
+    foreground counts are equal (the maps' labels are classes, never background's 0).
     """
     winner, value = winners(maps)
     order = np.argsort(np.asarray(gammas, np.float32), kind="stable")

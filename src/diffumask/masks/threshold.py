@@ -40,7 +40,7 @@ def winners(maps: Mapping[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def threshold_sweep(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -> list[np.ndarray]:
     """``threshold_masks(maps, γ)`` for each γ, finding each pixel's winning label once."""
     winner, value = winners(maps)
-    return [np.where(value > gamma, winner, 0).astype(np.uint8) for gamma in thresholds]
+    return [np.where(value > np.float32(gamma), winner, 0).astype(np.uint8) for gamma in thresholds]
 
 
 def threshold_masks(
@@ -55,8 +55,9 @@ def threshold_masks(
     pixels whose best value lies in (uncertain, threshold] get 255, which trainers ignore.
     """
     check_band(threshold, uncertain, names=("the threshold", "the uncertainty band's lower edge"), unit_interval=False)
-    winner, value = winners(maps)
+    winner, value = winners(maps)  # float32 values, compared with float32 thresholds whatever their type
+    threshold = np.float32(threshold)
     mask = np.where(value > threshold, winner, 0).astype(np.uint8)
     if uncertain is not None:
-        mask[(value > uncertain) & (value <= threshold)] = IGNORE_INDEX
+        mask[(value > np.float32(uncertain)) & (value <= threshold)] = IGNORE_INDEX
     return mask
