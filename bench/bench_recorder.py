@@ -353,15 +353,17 @@ def synchronising_calls(run, pipe, size: int, record: bool) -> collections.Count
 
     sources: collections.Counter[str] = collections.Counter()
 
+    shown = warnings.showwarning
+
     def note(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
-            return
+            return shown(message, category, filename, lineno, file, line)
         frames = [f for f in traceback.extract_stack()[:-1]
                   if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")]
-        sources[f"{frames[-1].filename.rsplit('/', 2)[-1]}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"] += 1
+        last = frames[-1] if frames else None
+        sources[f"{'/'.join(last.filename.rsplit('/', 2)[-2:])}:{last.lineno} {last.name}" if last else "?"] += 1
 
-    shown = warnings.showwarning
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # restores the filters and showwarning
         warnings.simplefilter("always")
         warnings.showwarning = note
         torch.cuda.set_sync_debug_mode("warn")
@@ -370,7 +372,6 @@ def synchronising_calls(run, pipe, size: int, record: bool) -> collections.Count
             torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            warnings.showwarning = shown
     return sources
 
 

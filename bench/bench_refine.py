@@ -145,6 +145,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="run each row this many times and report its fastest (default: 3; this VM's timings "
                              "vary by a fifth from run to run)")
+    parser.add_argument("--crf-device", choices=("workers", "device"), default="workers",
+                        help="refine's --crf-device: pydensecrf in the workers (default), or the torch CRF in refine's "
+                             "own process on --device, as on a GPU (mask quality of the torch CRF; adaptive keeps "
+                             "its CRF in the workers)")
+    parser.add_argument("--device", default="cpu", help="refine's --device (default: cpu)")
     parser.add_argument("--only", help="run only rows whose name matches this regular expression")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
@@ -165,7 +170,8 @@ def main() -> None:
             continue
         timings = []
         for _ in range(args.repeat):
-            result = refine_dataset(dataset.root, config, progress=False, redo=True)  # else a repeat finds nothing to do
+            result = refine_dataset(dataset.root, config, progress=False, redo=True,  # else a repeat finds nothing to do
+                                    device=args.device, device_crf=args.crf_device == "device")
             if result.train_seconds:
                 train_seconds = result.train_seconds
             timings.append(result.seconds / max(1, result.refined))
@@ -175,7 +181,7 @@ def main() -> None:
                         "percent_of_generation": 100 * per_image / generation})
         print(f"  {name:<44} mIoU {miou:.3f}  ignored {100 * ignored:4.1f}%  {per_image * 1000:6.1f} ms/img", flush=True)
 
-    print(f"\n| method | mIoU | 255 px | s / image | % of generation |\n|---|---|---|---|---|")
+    print("\n| method | mIoU | 255 px | s / image | % of generation |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r['method']} | {r['miou']:.3f} | {100 * r['ignored']:.1f} % | {r['seconds_per_image']:.4f} "
               f"| {r['percent_of_generation']:.1f} % |")
