@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -75,6 +76,39 @@ def test_resume_after_a_kill_gives_the_same_weights(shapes_data, tmp_path):
     entries = resumed.log_entries()
     assert [e["step"] for e in entries] == [10, 20, 25]  # each logged step once, no duplicates from the kills
     assert entries[-1]["loss"] == whole_run.log_entries()[-1]["loss"]  # the same steps 21-25 in both
+
+
+def test_the_papers_presets_clip_the_gradient_and_runs_can_choose(shapes_data, tmp_path, monkeypatch):
+    """Mask2Former's recipe clips the whole model's gradient to norm 0.01 before each step; --max-grad-norm sets it
+    for any preset (0: none); runs without clipping record the same settings as before the option."""
+    import accelerate
+
+    assert get_preset("r50").schedule.max_grad_norm == get_preset("swin-b").schedule.max_grad_norm == 0.01
+    assert "max_grad_norm" not in get_preset("tiny").as_dict()["schedule"]
+    norms = []
+    clip = accelerate.Accelerator.clip_grad_norm_
+
+    def spy(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        total = clip(self, parameters, max_norm, *args, **kwargs)
+        norms.append((max_norm, float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])))))
+        return total
+
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", spy)
+    train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "clipped"), steps=3, extra={"max_grad_norm": 0.05}, **FAST),
+          progress=False)
+    assert len(norms) == 3 and all(limit == 0.05 and norm <= 0.05 * 1.001 for limit, norm in norms)
+    train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "free"), steps=2, **FAST), progress=False)
+    assert len(norms) == 3  # no clipping unless asked
+    with pytest.raises(ConfigError, match="--max-grad-norm must be positive"):
+        TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "x"), extra={"max_grad_norm": -1.0}).resolved_preset()
+    seen = []
+    module = importlib.import_module("diffumask.segment.train")  # the package's ``train`` is the function
+    monkeypatch.setattr(module, "train", lambda config, progress: seen.append(config) or None)
+    monkeypatch.setattr("diffumask.cli.os.environ", {"RANK": "1"})  # a non-reporting rank: no summary printed
+    for flag, expected in ((["--max-grad-norm", "0"], 0.0), ([], 0.01)):
+        main(["train", str(shapes_data), "--out", str(tmp_path / "cli"), "--preset", "r50", *flag])
+        assert seen[-1].resolved_preset().schedule.max_grad_norm == expected
 
 
 def test_a_run_resumes_with_its_data_spelled_relative_or_absolute(tmp_path, monkeypatch):

@@ -432,6 +432,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         "of the run's classes keep them, all others are background, and their classes are not added "
                         "(a one-class run, e.g. dog, learns from cat images that a cat is not a dog); their train "
                         "split is read (default: none)")
+    p.add_argument("--max-grad-norm", type=float, help="clip the whole model's gradient to this L2 norm; 0: no "
+                   "clipping (default: the preset's: Mask2Former's 0.01 for r50 and swin-b, none for the tiny ones)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation (default: 0)")
     p.add_argument("--device", help="cpu, cuda or mps (default: cuda if available)")
@@ -448,7 +450,7 @@ def _training_config(args: argparse.Namespace, data: list[str], out: str, split:
         data=data, out=out, preset=args.preset, split=split, steps=args.steps, batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, augment=args.augment, save_every=args.save_every, weights=weights,
         negatives=args.negatives, init_from=args.init_from, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
-        workers=args.workers,
+        workers=args.workers, extra={} if args.max_grad_norm is None else {"max_grad_norm": args.max_grad_norm},
     )
 
 

@@ -68,6 +68,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
         if not s.lr > 0:
             raise ConfigError(f"--lr must be positive, got {s.lr}")
+        if s.max_grad_norm is not None and s.max_grad_norm < 0:
+            raise ConfigError(f"--max-grad-norm must be positive (0: no clipping), got {s.max_grad_norm}")
         return preset
 
     def settings(self, preset: Preset) -> dict[str, Any]:
@@ -161,6 +163,8 @@ def train(config: TrainConfig, progress: bool = True,
         with accelerator.autocast():
             loss = model(pixels, labels)
         accelerator.backward(loss)
+        if schedule.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), schedule.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
