@@ -224,8 +224,8 @@ def walked_in_worker(config: RefineConfig, stride: int, weights: str | None,
     weights once per worker. In this process the forward pass and the walk (0.35 s per 512 px image on one
     core) would run one item at a time, whatever the number of workers."""
     loaded = load(config, item)
-    stamp = None if weights is None else (lambda st: (st.st_mtime_ns, st.st_size))(os.stat(weights))
-    net = _saved_net(config.affinity, stride, weights, stamp)
+    stat = None if weights is None else os.stat(weights)
+    net = _saved_net(config.affinity, stride, weights, stat and (stat.st_mtime_ns, stat.st_size))
     return finish(config, stride, loaded, walked_grid(net, loaded.image, loaded.maps, config.affinity))
 
 
