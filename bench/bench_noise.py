@@ -12,7 +12,8 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
   alpha    the synthetic-only segmenter trained on what each α keeps (α = 0 is Table 1's row c)
   augment  on the best α's items (or --augment-alpha's; 0: every refined image, no filter needed) plus
            their augmented copies (``diffumask augment``, as many items): Φ1, Φ1+Φ2, Φ1+Φ2+Φ3, all four
-           (Table 4 (d)); --augment-rows Φ1-k23 also tries 2×2 and 3×3 mosaics
+           (Table 4 (d)); --augment-rows Φ1-k23 also tries 2×2 and 3×3 mosaics, paste and Φ1+paste
+           copy-paste of other items' objects (ours)
 
 Every run folder and dataset is kept in --work, so a killed benchmark continues where it stopped.
 """
@@ -34,12 +35,16 @@ from diffumask.shapes import CLASSES
 from diffumask.shapes.classifier import clean, foreground, is_present, load_classifier
 
 ALPHAS = (0.3, 0.5, 0.7)
-AUGMENT_ROWS = {  # (grids, blur, occlusion, perspective)
-    "Φ1": ((2,), 0.0, 0.0, 0.0),
-    "Φ1+Φ2": ((2,), 0.5, 0.0, 0.0),
-    "Φ1+Φ2+Φ3": ((2,), 0.5, 0.5, 0.0),
-    "Φ1+Φ2+Φ3+Φ4": ((2,), 0.5, 0.5, 0.5),
-    "Φ1-k23": ((2, 3), 0.0, 0.0, 0.0),  # not the paper's: 2x2 and 3x3 mosaics (real scenes hold 1-3 objects)
+AUGMENT_ROWS = {  # (grids, blur, occlusion, perspective, paste)
+    "Φ1": ((2,), 0.0, 0.0, 0.0, 0.0),
+    "Φ1+Φ2": ((2,), 0.5, 0.0, 0.0, 0.0),
+    "Φ1+Φ2+Φ3": ((2,), 0.5, 0.5, 0.0, 0.0),
+    "Φ1+Φ2+Φ3+Φ4": ((2,), 0.5, 0.5, 0.5, 0.0),
+    # not the paper's (real scenes hold 1-3 objects of several sizes): 2x2 and 3x3 mosaics; copy-paste of
+    # 1-2 other items' objects onto each item, alone and onto 2x2 mosaics
+    "Φ1-k23": ((2, 3), 0.0, 0.0, 0.0, 0.0),
+    "paste": ((1,), 0.0, 0.0, 0.0, 1.0),
+    "Φ1+paste": ((2,), 0.0, 0.0, 0.0, 1.0),
 }
 TABLE_4D = ("Φ1", "Φ1+Φ2", "Φ1+Φ2+Φ3", "Φ1+Φ2+Φ3+Φ4")
 
@@ -119,10 +124,10 @@ def main() -> None:
         base = args.work / f"filtered-{args.n}-{alpha}" if alpha else refined.root
         base = subset(refined, base, kept[alpha]) if alpha else base
         for name in args.augment_rows.split(","):
-            grids, blur, occlusion, persp = AUGMENT_ROWS[name]
+            grids, blur, occlusion, persp, paste = AUGMENT_ROWS[name]
             out = args.work / f"augmented-{args.n}-{alpha}-{name}"
             augment_dataset(base, out, AugmentConfig(grids=grids, blur=blur, occlusion=occlusion, perspective=persp,
-                                                     seed=args.seed), progress=not args.quiet)
+                                                     paste=paste, seed=args.seed), progress=not args.quiet)
             rows.append(run_row(f"aug-{alpha}-{name}", [base, out], args.work, args, paths["test"],
                                 label=f"α {alpha} + {name}"))
     if rows:

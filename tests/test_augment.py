@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from dataset_factory import make_dataset, snapshot
 
-from diffumask.augment import AugmentConfig, augment_dataset, augment_item, mosaic, occlude, perspective
+from diffumask.augment import (AugmentConfig, augment_dataset, augment_item, hidden_share, mosaic, occlude,
+                               paste_object, perspective)
 from diffumask.cli import main
 from diffumask.dataset import IGNORE_INDEX, Dataset
 from diffumask.errors import ConfigError, DiffumaskError
@@ -74,6 +75,51 @@ def test_occlusion_pastes_pixels_and_labels_together():
     assert (visible == (occluded == 1)).all()  # the mask follows what is visible
 
 
+def test_paste_cuts_the_object_out_with_its_label_and_nothing_else():
+    image, labels = square_scene()  # red square rows 16-40, columns 20-44
+    donor_image, donor_labels = square_scene(20, (4, 6, 14, 16), label=2, colour=(30, 30, 220))
+    donor_labels[4, 6] = IGNORE_INDEX  # an unsure pixel travels with the object, still unsure
+    pasted_image, pasted = paste_object(image, labels, (donor_image, donor_labels), (30, 36))
+    blue = (pasted_image[..., 2] > 150) & (pasted_image[..., 0] < 90)
+    assert (blue == np.isin(pasted, (2, IGNORE_INDEX))).all() and blue.sum() == 100  # 10 x 10 moved to (34, 42)
+    assert (pasted[34:44, 42:52] != 0).all() and pasted[34, 42] == IGNORE_INDEX
+    assert (red(pasted_image) == (pasted == 1)).all()  # the square keeps what is still visible, and only that
+    assert (pasted_image[~blue & ~red(image)] == 128).all()  # the donor's background stayed behind
+    with pytest.raises(ValueError, match="does not fit"):
+        paste_object(image, labels, (donor_image, donor_labels), (50, 50))
+
+
+def test_hidden_share_adds_up_per_object():
+    rng = np.random.default_rng(0)
+    owners = rng.choice([0, 1, 2, 256], size=(24, 24), p=[0.4, 0.3, 0.2, 0.1]).astype(np.int32)
+    sizes = {1: int((owners == 1).sum()) + 30, 2: int((owners == 2).sum()), 256: int((owners == 256).sum()) + 5}
+    cut = rng.random((9, 7)) < 0.5
+    placed = np.zeros(owners.shape, bool)
+    placed[5:14, 11:18] = cut
+    # by hand: an object's share lost = 1 - what stays visible after the cut, over its size when placed
+    expected = max(1 - ((owners == o) & ~placed).sum() / sizes[o] for o in (1, 2, 256) if ((owners == o) & placed).any())
+    assert hidden_share(owners, sizes, cut, (5, 11)) == pytest.approx(expected)
+    assert hidden_share(np.zeros((8, 8), np.int32), {}, np.ones((2, 2), bool), (0, 0)) == 0.0
+
+
+def test_paste_leaves_each_shown_class_visible_enough():
+    scenes = [square_scene(48, (4, 4, 24, 24), label=k + 1, colour=c)
+              for k, c in enumerate([RED, (30, 220, 30), (30, 30, 220)])]
+    for keep in (0.6, 1.0):
+        config = AugmentConfig(grids=(1,), blur=0, occlusion=0, perspective=0, paste=1, paste_objects=(2, 2),
+                               paste_keep=keep, seed=1)
+        pastes = 0
+        for index in range(20):
+            image, labels, made = augment_item(index, ["0", "1", "2"], lambda i: scenes[int(i)], config, 48)
+            base = scenes[int(made["sources"][0])][1]
+            for value in np.unique(base[base > 0]):  # the first item's object keeps `keep` of its pixels
+                assert ((labels == value) & (base == value)).sum() >= keep * (base == value).sum()
+            coloured = np.ptp(image.astype(int), axis=2) > 95  # grey background, saturated objects
+            assert (coloured == (labels > 0)).mean() > 0.97  # pixels and labels coincide (edges blend)
+            pastes += sum(t["name"] == "paste" for t in made["transforms"])
+        assert pastes > (0 if keep == 1 else 20)  # at 0.6 most pastes find a place; at 1 only those beside it
+
+
 def test_blur_leaves_the_labels_alone():
     image, labels = square_scene()
     config = AugmentConfig(grids=(1,), blur=1, occlusion=0, perspective=0)
@@ -86,12 +132,12 @@ def test_augment_dataset_is_deterministic_resumable_and_aligned(tmp_path, monkey
     from diffumask.shapes.classifier import foreground
 
     source = make_dataset(tmp_path / "source", n=8, size=48)
-    config = AugmentConfig(grids=(1, 2), items=10, blur=0, occlusion=0.5, perspective=0.5, seed=3)
+    config = AugmentConfig(grids=(1, 2), items=10, blur=0, occlusion=0.5, perspective=0.5, paste=0.5, seed=3)
     first = augment_dataset(source.root, tmp_path / "a", config, progress=False)
     records = first.records()
     assert len(records) == 10 and {r["grid"] for r in records} == {1, 2}
     assert all(set(r["sources"]) <= set(source.split_ids("train")) for r in records)  # never the val items
-    assert {t["name"] for r in records for t in r["transforms"]} == {"occlusion", "perspective"}
+    assert {t["name"] for r in records for t in r["transforms"]} == {"occlusion", "perspective", "paste"}
     for record in records:  # the objects' pixels (by their chroma) and the labelled pixels coincide
         labels = first.read_mask(record["id"])
         known = labels != IGNORE_INDEX
@@ -116,7 +162,8 @@ def test_augment_dataset_is_deterministic_resumable_and_aligned(tmp_path, monkey
 
 
 def test_bad_input_is_one_sentence(tmp_path, capsys):
-    for bad in (dict(grids=(0,)), dict(blur=1.5), dict(perspective_shift=0.6), dict(items=0)):
+    for bad in (dict(grids=(0,)), dict(blur=1.5), dict(perspective_shift=0.6), dict(items=0), dict(paste=-0.1),
+                dict(paste_scale=(0.5, 1.5)), dict(paste_objects=(2, 1)), dict(paste_keep=2)):
         with pytest.raises(ConfigError):
             AugmentConfig(**bad)
     source = make_dataset(tmp_path / "source", n=2, size=32)
@@ -132,8 +179,10 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
 def test_cli_writes_an_augmented_dataset(tmp_path, capsys):
     source = make_dataset(tmp_path / "source", n=4, size=32)
     assert main(["augment", str(source.root), "--out", str(tmp_path / "out"), "--items", "3", "--grids", "2",
-                 "--quiet"]) == 0
-    assert len(Dataset(tmp_path / "out").records()) == 3
+                 "--paste", "1", "--paste-objects", "1,1", "--paste-scale", "0.4,0.5", "--quiet"]) == 0
+    records = Dataset(tmp_path / "out").records()
+    assert len(records) == 3 and Dataset(tmp_path / "out").settings["augment"]["paste_scale"] == [0.4, 0.5]
+    assert all(sum(t["name"] == "paste" for t in r["transforms"]) <= 1 for r in records)
     assert Dataset(tmp_path / "out").classes == source.classes
 
 

@@ -8,6 +8,9 @@
   visible.
 - Φ4 perspective: each corner moved by up to a fraction of the side; the mask is warped with
   nearest-neighbour sampling and pixels from outside the image become 255 (ignored).
+- Copy-paste (ours, not the paper's; off by default): objects cut out of other items by their masks,
+  shrunk and pasted, so that scenes of one large object become scenes of several at several sizes,
+  as real benchmarks hold them. Applied after the mosaic, before Φ2–Φ4.
 
 The paper gives no parameters for Φ2–Φ4; the defaults are ours and in :class:`AugmentConfig`. Warps
 and blurs are kornia's. Every choice for output item *i* comes from a generator seeded by
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from .distributed import Worker
 from .errors import ConfigError, DiffumaskError
 
 Pair = tuple[np.ndarray, np.ndarray]  # (H, W, 3) uint8 image, (H, W) uint8 labels
+_PASTE_TRIES = 10  # random places tried for a pasted object before it is left out
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,17 @@ class AugmentConfig:
     occlusion_side: tuple[float, float] = (0.15, 0.35)  # the pasted rectangle's sides, fractions of the image's
     perspective: float = 0.5  # Φ4: probability per output
     perspective_shift: float = 0.15  # each corner moves by up to this fraction of the side
+    paste: float = 0.0  # copy-paste: probability per output (ours, not the paper's)
+    paste_objects: tuple[int, int] = (1, 2)  # how many other items' objects are pasted, at least and at most
+    paste_scale: tuple[float, float] = (0.5, 0.9)  # a pasted item's side, as a fraction of the output's
+    paste_keep: float = 0.6  # every object shown (the item's own, each pasted one) keeps this share of its pixels
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.grids or min(self.grids) < 1:
             raise ConfigError(f"--grids must be whole numbers of at least 1 (1: no mosaic), got {list(self.grids)}")
-        for name, value in (("--blur", self.blur), ("--occlusion", self.occlusion), ("--perspective", self.perspective)):
+        for name, value in (("--blur", self.blur), ("--occlusion", self.occlusion), ("--perspective", self.perspective),
+                            ("--paste", self.paste)):
             if not 0 <= value <= 1:
                 raise ConfigError(f"{name} is a probability per item, in [0, 1], got {value}")
         if not 0 <= self.perspective_shift < 0.5:
@@ -67,6 +76,14 @@ class AugmentConfig:
                 raise ConfigError(f"the {name} range must satisfy 0 < low <= high, got ({low}, {high})")
         if self.occlusion_side[1] > 1:
             raise ConfigError("the occlusion side is a fraction of the image's, at most 1")
+        low, high = self.paste_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"--paste-scale is a fraction of the image's side, 0 < low <= high <= 1, got ({low}, {high})")
+        if not 0 <= self.paste_keep <= 1:
+            raise ConfigError(f"--paste-keep is a share of each class's pixels, in [0, 1], got {self.paste_keep}")
+        low, high = self.paste_objects
+        if not 1 <= low <= high:
+            raise ConfigError(f"--paste-objects must be whole numbers with 1 <= at least <= at most, got ({low}, {high})")
         if self.items is not None and self.items < 1 or self.size is not None and self.size < 8:
             raise ConfigError("--items must be at least 1 and --size at least 8 pixels")
 
@@ -115,6 +132,40 @@ def occlude(image: np.ndarray, labels: np.ndarray, patch: Pair, box: tuple[int, 
     return image, labels
 
 
+def paste_object(image: np.ndarray, labels: np.ndarray, donor: Pair, at: tuple[int, int]) -> Pair:
+    """Copy-paste: every pixel of ``donor`` that is not background (its objects, and 255 where its mask
+    is unsure) pasted with its label, the donor's top-left corner at ``at`` = (y, x); the donor must fit."""
+    donor_image, donor_labels = donor
+    y, x = at
+    h, w = donor_labels.shape
+    if y < 0 or x < 0 or y + h > labels.shape[0] or x + w > labels.shape[1]:
+        raise ValueError(f"a {h}x{w} donor at {at} does not fit a {labels.shape[0]}x{labels.shape[1]} image")
+    image, labels = image.copy(), labels.copy()
+    cut = donor_labels != 0
+    image[y:y + h, x:x + w][cut] = donor_image[cut]
+    labels[y:y + h, x:x + w][cut] = donor_labels[cut]
+    return image, labels
+
+
+def hidden_share(owners: np.ndarray, sizes: Mapping[int, int], cut: np.ndarray, at: tuple[int, int]) -> float:
+    """The largest share of any object that would be hidden once ``cut`` (a boolean cut-out) lands with
+    its top-left corner at ``at``: objects are the ids in ``owners`` (0: none) and ``sizes`` their pixel
+    counts when they were placed, so hiding adds up over several pastes."""
+    y, x = at
+    under = owners[y:y + cut.shape[0], x:x + cut.shape[1]][cut]
+    worst = 0.0
+    for owner in np.unique(under[under > 0]):
+        visible = np.count_nonzero(owners == owner) - np.count_nonzero(under == owner)
+        worst = max(worst, 1 - visible / sizes[int(owner)])
+    return worst
+
+
+def object_box(labels: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, x0, y1, x1) around the pixels that are not background, or None when there are none."""
+    ys, xs = np.nonzero(labels != 0)
+    return None if ys.size == 0 else (int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
+
+
 def perspective(image: np.ndarray, labels: np.ndarray, corners: np.ndarray) -> Pair:
     """Φ4: the image's corners (top-left, top-right, bottom-right, bottom-left, as x, y) moved to
     ``corners``; labels warped by nearest neighbour, 255 where a pixel comes from outside the image."""
@@ -136,6 +187,35 @@ def random_corners(size: tuple[int, int], shift: float, rng: np.random.Generator
     return corners + rng.uniform(-1, 1, size=(4, 2)) * shift * np.array([w - 1, h - 1])
 
 
+def paste_objects(image: np.ndarray, labels: np.ndarray, ids: Sequence[str], read: Callable[[str], Pair],
+                  config: AugmentConfig, size: int, rng: np.random.Generator, transforms: list[dict[str, Any]]) -> Pair:
+    """Copy-paste: objects of random other items, each item shrunk to a side of ``config.paste_scale``,
+    cut out by its mask and pasted where every object already shown (the item's own, one per class, and
+    each pasted one) keeps ``config.paste_keep`` of its pixels; an object with no such place is left out.
+    Each paste is appended to ``transforms``."""
+    owners = np.where(labels == IGNORE_INDEX, 0, labels).astype(np.int32)
+    sizes = dict(zip(*(v.tolist() for v in np.unique(owners, return_counts=True))))
+    for number in range(int(rng.integers(config.paste_objects[0], config.paste_objects[1] + 1))):
+        other = ids[int(rng.integers(len(ids)))]
+        side = max(1, int(round(size * rng.uniform(*config.paste_scale))))
+        donor_image, donor_labels = resize_pair(*read(other), (side, side))
+        if (box := object_box(donor_labels)) is None:  # nothing to cut out of this one
+            continue
+        y0, x0, y1, x1 = box
+        cut = (donor_image[y0:y1, x0:x1], donor_labels[y0:y1, x0:x1])
+        shape = cut[1] != 0
+        for _ in range(_PASTE_TRIES):
+            at = int(rng.integers(size - (y1 - y0) + 1)), int(rng.integers(size - (x1 - x0) + 1))
+            if hidden_share(owners, sizes, shape, at) <= 1 - config.paste_keep:
+                image, labels = paste_object(image, labels, cut, at)
+                owner = 256 + number  # past every class index
+                owners[at[0]:at[0] + shape.shape[0], at[1]:at[1] + shape.shape[1]][shape] = owner
+                sizes[owner] = int(shape.sum())
+                transforms.append({"name": "paste", "source": other, "side": side, "at": list(at)})
+                break
+    return image, labels
+
+
 def augment_item(index: int, ids: Sequence[str], read: Callable[[str], Pair], config: AugmentConfig,
                  size: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Output item ``index``: its image, mask and what made it (sources, transforms, parameters)."""
@@ -144,6 +224,8 @@ def augment_item(index: int, ids: Sequence[str], read: Callable[[str], Pair], co
     sources = [ids[int(i)] for i in rng.integers(len(ids), size=k * k)]
     image, labels = mosaic([read(i) for i in sources], k, size)
     transforms: list[dict[str, Any]] = []
+    if config.paste and rng.random() < config.paste:  # no draw when off: older settings keep their bytes
+        image, labels = paste_objects(image, labels, ids, read, config, size, rng, transforms)
     if rng.random() < config.blur:
         sigma = float(rng.uniform(*config.blur_sigma))
         image = gaussian_blur(image, sigma)
@@ -189,5 +271,5 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
     return target
 
 
-__all__ = ["AugmentConfig", "augment_dataset", "augment_item", "gaussian_blur", "mosaic", "occlude", "perspective",
-           "random_corners", "resize_pair"]
+__all__ = ["AugmentConfig", "augment_dataset", "augment_item", "gaussian_blur", "hidden_share", "mosaic", "object_box",
+           "occlude", "paste_object", "paste_objects", "perspective", "random_corners", "resize_pair"]

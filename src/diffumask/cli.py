@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import DiffumaskError
@@ -42,12 +42,20 @@ def _numbers(text: str, kind: type, what: str) -> list:
         raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
 
 
-def _window(text: str) -> tuple[float, float]:
-    try:
-        start, stop = (float(v) for v in _csv(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START,STOP fractions such as 0.6,1.0, got {text!r}") from None
-    return start, stop
+def _pair(kind: type, expected: str) -> Callable[[str], tuple]:
+    """An argparse type for exactly two comma-separated numbers, e.g. a range."""
+
+    def parse(text: str) -> tuple:
+        try:
+            low, high = (kind(v) for v in _csv(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        return low, high
+
+    return parse
+
+
+_window = _pair(float, "START,STOP fractions such as 0.6,1.0")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -375,7 +383,9 @@ def _add_augment(sub: argparse._SubParsersAction) -> None:
                     "diffumask train DATASET AUGMENTED.",
         epilog="examples:\n"
                "  diffumask augment data/voc --out data/voc-aug        # all four, the defaults\n"
-               "  diffumask augment data/voc --out data/voc-mosaic --grids 2,3 --blur 0 --occlusion 0 --perspective 0\n",
+               "  diffumask augment data/voc --out data/voc-mosaic --grids 2,3 --blur 0 --occlusion 0 --perspective 0\n"
+               "  diffumask augment data/voc --out data/voc-paste --grids 1 --paste 1 --blur 0 --occlusion 0 "
+               "--perspective 0\n",
     )
     p.add_argument("dataset", metavar="DATASET", help="a diffumask dataset folder with masks")
     p.add_argument("--out", required=True, help="the new dataset folder (created, or resumed)")
@@ -395,6 +405,20 @@ def _add_augment(sub: argparse._SubParsersAction) -> None:
                    help=f"Φ4: probability of a perspective warp (default: {d.perspective})")
     p.add_argument("--perspective-shift", type=float, default=d.perspective_shift,
                    help=f"Φ4: each corner moves by up to this fraction of the side (default: {d.perspective_shift})")
+    p.add_argument("--paste", type=float, default=d.paste,
+                   help="copy-paste (ours, not the paper's): probability of pasting objects cut out of other items by "
+                        "their masks, before Φ2-Φ4; turns scenes of one large object into scenes of several at "
+                        f"several sizes (default: {d.paste})")
+    p.add_argument("--paste-objects", type=_pair(int, "LOW,HIGH counts such as 1,2"), default=d.paste_objects,
+                   metavar="LOW,HIGH",
+                   help=f"how many objects a pasting item gets (default: {d.paste_objects[0]},{d.paste_objects[1]})")
+    p.add_argument("--paste-scale", type=_pair(float, "LOW,HIGH fractions such as 0.5,0.9"),
+                   default=d.paste_scale, metavar="LOW,HIGH",
+                   help="a pasted item's side before it is cut out, as a fraction of the output's "
+                        f"(default: {d.paste_scale[0]},{d.paste_scale[1]})")
+    p.add_argument("--paste-keep", type=float, default=d.paste_keep,
+                   help="each class already in the image keeps at least this share of its pixels visible; a paste "
+                        f"that would hide more is placed elsewhere, or left out (default: {d.paste_keep})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every choice (default: {d.seed})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_augment)
@@ -405,7 +429,9 @@ def _run_augment(args: argparse.Namespace) -> None:
 
     config = AugmentConfig(grids=tuple(args.grids), split=args.split, items=args.items, size=args.size, blur=args.blur,
                            occlusion=args.occlusion, perspective=args.perspective,
-                           perspective_shift=args.perspective_shift, seed=args.seed)
+                           perspective_shift=args.perspective_shift, paste=args.paste,
+                           paste_objects=args.paste_objects, paste_scale=args.paste_scale, paste_keep=args.paste_keep,
+                           seed=args.seed)
     dataset = augment_dataset(args.dataset, args.out, config, progress=not args.quiet)
     print(f"{len(dataset.records())} augmented items in {dataset.root}")
 
