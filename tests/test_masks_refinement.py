@@ -132,6 +132,27 @@ def test_self_attention_propagation_recovers_the_object():
     np.testing.assert_allclose(refined.ravel(), truth.astype(np.float32), atol=1e-5)
 
 
+def test_self_attention_walk_of_several_classes_is_each_maps_matrix_power_normalised():
+    """All classes walk in one product per step, on numpy (a CPU) and in torch (an accelerator's path,
+    run here on the CPU); each is the class's own map times the matrix power, min-max normalised."""
+    from diffumask.masks.propagate import dense_walk, self_attention_walk
+
+    rng = np.random.default_rng(1)
+    attention = rng.random((36, 36)) ** 8  # rows mostly on a few pixels, so four steps do not flatten the maps
+    attention = (attention / attention.sum(axis=1, keepdims=True)).astype(np.float32)
+    cross = rng.random((3, 6, 6)).astype(np.float32)
+    cross[2] = 0  # a map of zeros stays zeros, not a division by zero
+    expected = []
+    for m in cross:  # by hand, one class at a time: S^4 · m
+        walked = np.linalg.matrix_power(attention.astype(np.float64), 4) @ m.ravel().astype(np.float64)
+        span = walked.max() - walked.min()
+        expected.append((walked - walked.min()) / span if span > 0 else np.zeros_like(walked))
+    expected = np.stack(expected).reshape(cross.shape)
+    np.testing.assert_allclose(self_attention_walk(cross, attention, 4, "cpu"), expected, atol=1e-5)
+    maps = cross.reshape(3, -1)
+    np.testing.assert_allclose(dense_walk(attention, maps, 4, "cpu"), random_walk(maps, attention.T, 4), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- CRF
 def test_crf_labels_are_the_argmax_of_the_marginals():
     pytest.importorskip("pydensecrf")

@@ -152,6 +152,7 @@ def random_walk(maps: np.ndarray, transition: Matrix, steps: int) -> np.ndarray:
     """
     if not sp.issparse(transition):
         state = np.asarray(maps, np.float64)
+        transition = np.asarray(transition, np.float64)  # once: a float32 operand takes numpy's slow loop each step
         for _ in range(steps):
             state = state @ transition
         return state.astype(np.float32)
@@ -201,22 +202,23 @@ def self_attention_inputs(soft_maps: dict[str, np.ndarray], classes: list[str],
     return np.stack(cross), matrix
 
 
+def dense_walk(matrix: np.ndarray, maps: np.ndarray, steps: int, device: torch.device | str) -> np.ndarray:
+    """maps (K, n) · (matrixᵀ)^steps in float64 on ``device`` (an accelerator: on a CPU numpy's
+    :func:`random_walk` is as fast), every map in one product per step; float32 out."""
+    state = torch.from_numpy(np.ascontiguousarray(maps.T)).to(device).double()
+    return walk(torch.from_numpy(matrix).to(device).double(), state, steps).T.float().cpu().numpy()
+
+
 def self_attention_walk(cross: np.ndarray, matrix: np.ndarray, power: int = 4,
                         device: torch.device | str = "cpu") -> np.ndarray:
     """Each (h, w) map of ``cross`` multiplied by the self-attention matrix ``power`` times (in float64,
-    on ``device``), then min–max normalised."""
-    out = []
-    on_device = None if torch.device(device).type == "cpu" else torch.from_numpy(matrix).to(device).double()
-    for m in cross:
-        if on_device is None:
-            walked = random_walk(m.reshape(1, -1), matrix.T, power)[0]
-        else:
-            state = torch.from_numpy(np.ascontiguousarray(m.reshape(-1, 1))).to(device).double()
-            walked = walk(on_device, state, power)[:, 0].float().cpu().numpy()
-        span = walked.max() - walked.min()
-        walked = (walked - walked.min()) / span if span > 0 else np.zeros_like(walked)
-        out.append(walked.reshape(m.shape))
-    return np.stack(out)
+    on ``device``, every class in one product), then min–max normalised."""
+    maps = cross.reshape(len(cross), -1)
+    walked = random_walk(maps, matrix.T, power) if torch.device(device).type == "cpu" else \
+        dense_walk(matrix, maps, power, device)
+    low = walked.min(axis=1, keepdims=True)
+    span = walked.max(axis=1, keepdims=True) - low
+    return np.divide(walked - low, span, out=np.zeros_like(walked), where=span > 0).reshape(cross.shape)
 
 
 def self_attention_maps(soft_maps: dict[str, np.ndarray], classes: list[str], resolutions: list[int] | None,
