@@ -52,6 +52,10 @@ def test_generated_soft_maps_read_back_as_generate_used_them(tmp_path, sd1_pipe)
     with np.load(dataset.soft_maps_path(record["id"])) as stored:
         assert "dog" not in stored.files and "__self__@8" not in stored.files  # neither is stored
     assert set(dataset.read_soft_maps(record["id"], ["dog"])) == {"dog"}
+    grids_only = dataset.read_soft_maps(record["id"], fused=False)  # what propagate reads: no upsampling
+    assert set(grids_only) == set(soft) - set(record["classes"])
+    for key, value in grids_only.items():
+        np.testing.assert_array_equal(value, soft[key])
 
 
 def test_files_of_earlier_versions_read_as_they_are(tmp_path):
@@ -62,6 +66,7 @@ def test_files_of_earlier_versions_read_as_they_are(tmp_path):
                        soft_maps={"dog": fused, "dog@4": fused[::2, ::2], "__self__@4": self_attention})
     soft = dataset.read_soft_maps("old")
     np.testing.assert_array_equal(soft["dog"], fused.astype(np.float16).astype(np.float32))
+    assert set(dataset.read_soft_maps("old", fused=False)) == set(soft)  # a stored fused map is read as it is
     np.testing.assert_array_equal(soft["__self__@4"], self_attention.astype(np.float16).astype(np.float32))
 
 

@@ -557,12 +557,13 @@ class Dataset:
     def read_mask(self, item_id: str) -> np.ndarray:
         return read_index_png(self.current_mask_path(item_id))
 
-    def read_soft_maps(self, item_id: str, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    def read_soft_maps(self, item_id: str, keys: Iterable[str] | None = None, fused: bool = True) -> dict[str, np.ndarray]:
         """An item's soft maps as float32 (fused ``name``, grids ``name@h``, ``__self__@h``: see
         :mod:`diffumask.softmaps`); only ``keys`` (those present) when given, since the self-attention
-        matrix costs more to read than everything else a fixed-γ refine does."""
+        matrix costs more to read than everything else a fixed-γ refine does; ``fused=False`` skips the
+        fused maps that would be recomputed from the stored grids."""
         with np.load(self.soft_maps_path(item_id)) as data:
-            return softmaps.unpack(data, keys)
+            return softmaps.unpack(data, keys, fused)
 
     def split_ids(self, split: str = "train") -> list[str]:
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"

@@ -58,15 +58,24 @@ class Item:
     def image(self) -> np.ndarray:
         return self.dataset.read_image(self.id)
 
-    def soft(self) -> dict[str, np.ndarray]:
-        return self.dataset.read_soft_maps(self.id)
+    def soft(self, fused: bool = True) -> dict[str, np.ndarray]:
+        return self.dataset.read_soft_maps(self.id, fused=fused)
+
+    def size(self) -> tuple[int, int]:
+        """The image's (h, w), from the manifest when it says (generate writes it), else from the image."""
+        size = self.record.get("size")
+        return (int(size[0]), int(size[1])) if size else self.image().shape[:2]
 
     def maps(self, soft: Mapping[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         soft = self.dataset.read_soft_maps(self.id, self.classes) if soft is None else soft
-        missing = [c for c in self.classes if c not in soft]
+        self.check_maps(soft)
+        return {self.labels[c]: soft[c] for c in self.classes}
+
+    def check_maps(self, soft: Mapping[str, np.ndarray]) -> None:
+        """Every class has a map in ``soft``: fused, or its grids (``name@h``)."""
+        missing = [c for c in self.classes if c not in soft and not any(k.startswith(f"{c}@") for k in soft)]
         if missing:
             raise DiffumaskError(f"item {self.id} has no soft map for {missing} in {self.dataset.soft_maps_path(self.id)}")
-        return {self.labels[c]: soft[c] for c in self.classes}
 
 
 @dataclass
@@ -80,10 +89,11 @@ class Loaded:
     matrix: np.ndarray | None = None  # propagate: the self-attention matrix
     mask: np.ndarray | None = None  # threshold and otsu before a CRF on the accelerator: the mask it refines
     extra: dict[str, Any] = field(default_factory=dict)  # what the method records in the manifest
+    size: tuple[int, int] = (0, 0)  # the image's (h, w); by default the maps'
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return next(iter(self.maps.values())).shape
+    def __post_init__(self) -> None:
+        if self.size == (0, 0):
+            self.size = next(iter(self.maps.values())).shape
 
     @property
     def labels(self) -> list[int]:
@@ -111,9 +121,11 @@ def load(config: RefineConfig, item: Item) -> Loaded:
     needs_image = config.use_crf or config.uses_affinity
     if config.method != "propagate":
         return Loaded(item, item.image() if needs_image else None, item.maps())
-    soft = item.soft()  # only propagate reads the self-attention
+    soft = item.soft(fused=False)  # only propagate reads the self-attention; it needs the grids, not the full maps
+    item.check_maps(soft)
     cross, matrix = self_attention_inputs(soft, item.classes, item.resolutions)
-    return Loaded(item, item.image() if needs_image else None, item.maps(soft), cross, matrix)
+    labels = {item.labels[name]: np.zeros((0, 0), np.float32) for name in item.classes}  # labels only
+    return Loaded(item, item.image() if needs_image else None, labels, cross, matrix, size=item.size())
 
 
 def _thresholded(config: RefineConfig, loaded: Loaded) -> tuple[np.ndarray, dict[str, Any]]:

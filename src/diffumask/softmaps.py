@@ -100,9 +100,11 @@ def stored_keys(files: Iterable[str]) -> set[str]:
     return keys
 
 
-def unpack(stored: Any, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+def unpack(stored: Any, keys: Iterable[str] | None = None, fused: bool = True) -> dict[str, np.ndarray]:
     """The logical view (float32) of a stored file (an ``np.load`` result or a dict); only ``keys``
-    (those it provides) when given: the self-attention matrix is the costly part to read."""
+    (those it provides) when given: the self-attention matrix is the costly part to read. ``fused=False``
+    leaves out the fused maps that would be recomputed from their grids (upsampling to the image size
+    is most of a read when only the grids are needed)."""
     files = list(stored.files if hasattr(stored, "files") else stored)
     available = stored_keys(files)
     wanted = sorted(available) if keys is None else [k for k in keys if k in available]
@@ -114,7 +116,7 @@ def unpack(stored: Any, keys: Iterable[str] | None = None) -> dict[str, np.ndarr
             out[key] = np.asarray(stored[key], np.float32)
         elif name == SELF_KEY:
             out[key] = densify_rows(*(stored[f"{prefix}@{grid}"] for prefix in SPARSE_KEYS))
-        else:  # a fused map, from its grids
+        elif fused:  # a fused map, from its grids
             from .attention import fuse
 
             grids = {int(k.partition("@")[2]): stored[k] for k in files if k.partition("@")[0] == name and "@" in k}
