@@ -15,7 +15,8 @@ masks). The same segmenter preset (``tiny`` unless --preset) is trained, with th
 
 Data is made once in --work and reused (generation and refinement resume); every run folder too,
 so a killed benchmark continues where it stopped. Prints per-class IoU, mIoU over the six shapes (the
-target's figure) and with background, the ratio to (a), and the training minutes of each row.
+target's figure) and with background, the ratio to (a), the mIoU over the shapes on the test split's
+one-object scenes and on its two- and three-object scenes apart, and the training minutes of each row.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ import numpy as np
 from diffumask.dataset import IGNORE_INDEX, Dataset, write_palette_png
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.refine import RefineConfig, refine_dataset
-from diffumask.segment import TrainConfig, evaluate_run, train
+from diffumask.formats import open_source
+from diffumask.segment import TrainConfig, train
+from diffumask.segment.evaluate import Evaluation, Scorer
+from diffumask.segment.predict import iter_predictions
+from diffumask.segment.run import RunFolder
 from diffumask.segment.train import train_summary
 from diffumask.shapes import CLASSES, export_world
 
@@ -91,6 +96,25 @@ def prepare(work: Path, n: int, sizes: list[int]) -> dict[str, Path]:
     return paths
 
 
+def shapes_miou(evaluation: Evaluation) -> float:
+    """mIoU over the six shapes (background aside): the targets' figure."""
+    iou = dict(zip(evaluation.classes, evaluation.iou))
+    return float(np.nanmean([iou[c] for c in CLASSES]))
+
+
+def scored(run_root: Path, test: Path, unseen: tuple[str, ...] | None) -> tuple[Evaluation, dict[str, Evaluation]]:
+    """The run on the test split as ``diffumask evaluate`` scores it, and the same on its one-object and
+    its two- and three-object scenes apart (where a synthetic-only segmenter loses most)."""
+    run, source = RunFolder(run_root), open_source(str(test))
+    objects = {r["id"]: len(r["objects"]) for r in Dataset(test).records()}
+    scorers = {group: Scorer(run.classes, source.label_names, None, unseen if group == "all" else None)
+               for group in ("all", "one", "several")}
+    for item_id, prediction, truth in iter_predictions(run, source, "test", progress=False):
+        scorers["all"].update(prediction, truth)
+        scorers["one" if objects[item_id] == 1 else "several"].update(prediction, truth)
+    return scorers["all"].result(), {group: scorers[group].result() for group in ("one", "several")}
+
+
 def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, test: Path,
             weights: list[float] | None = None, unseen: tuple[str, ...] | None = None, label: str | None = None) -> dict:
     """Train (or reuse) the run ``name`` and score it on the real test split."""
@@ -98,11 +122,11 @@ def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, t
     run = train(TrainConfig(data=[str(d) for d in data], out=str(out), preset=args.preset, steps=args.steps,
                             weights=weights, seed=args.seed, workers=args.workers), progress=not args.quiet)
     minutes = train_summary(run)["minutes"]  # training time as logged by the run (resumes included)
-    evaluation = evaluate_run(run.root, str(test), split="test", unseen=unseen, progress=False)
+    evaluation, by_count = scored(run.root, test, unseen)
     iou = dict(zip(evaluation.classes, evaluation.iou))
-    shapes_miou = float(np.nanmean([iou[c] for c in CLASSES]))
-    row = {"row": label or name, "iou": iou, "miou_shapes": shapes_miou, "miou_with_background": evaluation.miou,
-           "minutes": minutes, "seen": evaluation.seen, "unseen": evaluation.unseen, "harmonic": evaluation.harmonic}
+    row = {"row": label or name, "iou": iou, "miou_shapes": shapes_miou(evaluation), "miou_with_background": evaluation.miou,
+           "minutes": minutes, "seen": evaluation.seen, "unseen": evaluation.unseen, "harmonic": evaluation.harmonic,
+           **{f"miou_{group}": shapes_miou(e) for group, e in by_count.items()}}
     print(json.dumps(row), flush=True)
     return row
 
@@ -147,11 +171,13 @@ def main() -> None:
         rows.append(run_row("zs-real-seen+refined", [paths["real-seen"], paths[f"refined-{args.n}"]], args.work,
                             args, test, weights=[1.0, 1.0], unseen=UNSEEN))
     ceiling = next((r["miou_shapes"] for r in rows if r["row"] == "a-real"), None)
-    print(f"\n{'row':<24}" + "".join(f"{c:>9}" for c in CLASSES) + f"{'mIoU':>8}{'+bg':>7}{'/real':>7}{'min':>6}")
+    print(f"\n{'row':<24}" + "".join(f"{c:>9}" for c in CLASSES)
+          + f"{'mIoU':>8}{'+bg':>7}{'/real':>7}{'1 obj':>7}{'2-3':>7}{'min':>6}")
     for r in rows:
         ratio = f"{r['miou_shapes'] / ceiling:7.2f}" if ceiling else "      -"
         print(f"{r['row']:<24}" + "".join(f"{100 * r['iou'][c]:9.1f}" for c in CLASSES)
-              + f"{100 * r['miou_shapes']:8.1f}{100 * r['miou_with_background']:7.1f}{ratio}{r['minutes']:6.1f}")
+              + f"{100 * r['miou_shapes']:8.1f}{100 * r['miou_with_background']:7.1f}{ratio}"
+              + f"{100 * r['miou_one']:7.1f}{100 * r['miou_several']:7.1f}{r['minutes']:6.1f}")
         if r["seen"] is not None:
             print(f"{'':<24}zero-shot: seen {100 * r['seen']:.1f}  unseen {100 * r['unseen']:.1f}  "
                   f"harmonic {100 * r['harmonic']:.1f}")

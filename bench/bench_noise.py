@@ -131,10 +131,11 @@ def main() -> None:
             rows.append(run_row(f"aug-{alpha}-{name}", [base, out], args.work, args, paths["test"],
                                 label=f"α {alpha} + {name}"))
     if rows:
-        print(f"\n{'row':<24}" + "".join(f"{c:>9}" for c in CLASSES) + f"{'mIoU':>8}{'min':>6}")
+        print(f"\n{'row':<24}" + "".join(f"{c:>9}" for c in CLASSES) + f"{'mIoU':>8}{'1 obj':>7}{'2-3':>7}{'min':>6}")
         for r in rows:
             print(f"{r['row']:<24}" + "".join(f"{100 * r['iou'][c]:9.1f}" for c in CLASSES)
-                  + f"{100 * r['miou_shapes']:8.1f}{r['minutes']:6.1f}")
+                  + f"{100 * r['miou_shapes']:8.1f}{100 * r['miou_one']:7.1f}{100 * r['miou_several']:7.1f}"
+                  + f"{r['minutes']:6.1f}")
         print(json.dumps(rows))
 
 

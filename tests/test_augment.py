@@ -4,6 +4,8 @@ output is deterministic and resumable, and bad input is one sentence."""
 from __future__ import annotations
 
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -159,6 +161,17 @@ def test_augment_dataset_is_deterministic_resumable_and_aligned(tmp_path, monkey
     monkeypatch.setattr(Dataset, "write_item", real_write)
     augment_dataset(source.root, tmp_path / "b", config, progress=False)
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+
+
+def test_an_augmentation_from_before_copy_paste_resumes(tmp_path):
+    """Without --paste the settings recorded are those of versions before it, so their folders resume."""
+    source = make_dataset(tmp_path / "source", n=4, size=32)
+    config = AugmentConfig(grids=(2,), items=4, seed=1)
+    first = augment_dataset(source.root, tmp_path / "out", config, progress=False)
+    assert not any(key.startswith("paste") for key in first.settings["augment"])  # what older versions wrote
+    assert len(augment_dataset(source.root, tmp_path / "out", config, progress=False).records()) == 4
+    with pytest.raises(DiffumaskError, match="other settings"):  # copy-paste is a change of settings
+        augment_dataset(source.root, tmp_path / "out", replace(config, paste=0.5), progress=False)
 
 
 def test_bad_input_is_one_sentence(tmp_path, capsys):

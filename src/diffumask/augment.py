@@ -255,7 +255,10 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
     ids = [r["id"] for r in records]
     size = config.size or dataset.read_image(ids[0]).shape[0]
     config = dataclasses.replace(config, size=size, items=config.items or len(ids))
-    settings = {"augment": dataclasses.asdict(config), "source": str(dataset.root.resolve())}
+    recorded = dataclasses.asdict(config)
+    if not config.paste:  # without copy-paste, the settings (and bytes) of versions before it: those resume
+        recorded = {k: v for k, v in recorded.items() if not k.startswith("paste")}
+    settings = {"augment": recorded, "source": str(dataset.root.resolve())}
     target = Dataset.create(out, dataset.classes, settings, image_format=dataset.image_format, worker=Worker())
     done = target.finished_ids()
 
