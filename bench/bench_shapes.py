@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffumask.dataset import Dataset
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.shapes.classifier import load_classifier
 from diffumask.shapes.evaluate import Sample, generate, judge, prompts_for, summarise
