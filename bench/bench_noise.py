@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 
 from bench_downstream import prepare, run_row, subset
@@ -49,17 +50,18 @@ AUGMENT_ROWS = {  # (grids, blur, occlusion, perspective, paste)
 TABLE_4D = ("Φ1", "Φ1+Φ2", "Φ1+Φ2+Φ3", "Φ1+Φ2+Φ3+Φ4")
 
 
-def judged(dataset: Dataset) -> dict[str, tuple[bool, float]]:
-    """Per item: (the object has its class's shape, IoU of the class mask with the object's pixels)."""
+def judged(dataset: Dataset) -> dict[str, tuple[bool, float, str]]:
+    """Per item: (the object has its class's shape, IoU of the class mask with the object's pixels, the
+    shape the classifier sees, or "none")."""
     classifier = load_classifier()
     out = {}
     for record in dataset.records():
         truth = clean(foreground(dataset.read_image(record["id"])))
         name = record["classes"][0]
-        right = is_present(truth) and classifier.predict([truth])[0] == name
+        seen = classifier.predict([truth])[0] if is_present(truth) else "none"
         labelled = dataset.read_mask(record["id"]) == dataset.class_index(name)
         union = (labelled | truth).sum()
-        out[record["id"]] = (bool(right), float((labelled & truth).sum() / union) if union else 0.0)
+        out[record["id"]] = (seen == name, float((labelled & truth).sum() / union) if union else 0.0, seen)
     return out
 
 
@@ -100,10 +102,10 @@ def main() -> None:
             kept[alpha] = result.kept
     if "catch" in wanted:
         judge = judged(refined)
-        wrong = [i for i, (right, _) in judge.items() if not right]
-        right = [i for i, (r, _) in judge.items() if r]
-        bad = [i for i, (_, iou) in judge.items() if iou < 0.5]
-        good = [i for i, (_, iou) in judge.items() if iou >= 0.5]
+        wrong = [i for i, (right, _, _) in judge.items() if not right]
+        right = [i for i, (r, _, _) in judge.items() if r]
+        bad = [i for i, (_, iou, _) in judge.items() if iou < 0.5]
+        good = [i for i, (_, iou, _) in judge.items() if iou >= 0.5]
         print(f"\nnoise learning on {len(judge)} refined images ({args.folds} folds, {args.fold_steps} steps each)")
         print(f"{'α':>4}  {'wrong shape pruned':>22}  {'right shape pruned':>22}  {'ratio':>5}  "
               f"{'mask IoU < 0.5 pruned':>22}  {'IoU ≥ 0.5 pruned':>22}")
@@ -112,6 +114,11 @@ def main() -> None:
             rates = [len(pruned & set(group)) / max(1, len(group)) for group in (wrong, right)]
             print(f"{alpha:4.1f}  {share(pruned, wrong):>22}  {share(pruned, right):>22}  "
                   f"{rates[0] / max(rates[1], 1e-9):5.2f}  {share(pruned, bad):>22}  {share(pruned, good):>22}", flush=True)
+        classes = {r["id"]: r["classes"][0] for r in refined.records()}
+        print(f"\nwrong-shape images pruned at α {' / '.join(map(str, ALPHAS))}, per class: " + "; ".join(
+            f"{name} " + " / ".join(f"{len((set(judge) - set(kept[a])) & set(ids))}" for a in ALPHAS) + f" of {len(ids)}"
+            + " (seen as " + ", ".join(f"{seen} {n}" for seen, n in Counter(judge[i][2] for i in ids).most_common()) + ")"
+            for name in CLASSES if (ids := [i for i in wrong if classes[i] == name])), flush=True)
     rows = []
     if "alpha" in wanted:
         rows.append(run_row("c-refined", [refined.root], args.work, args, paths["test"], label="α 0 (row c)"))
