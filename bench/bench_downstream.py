@@ -102,9 +102,22 @@ def shapes_miou(evaluation: Evaluation) -> float:
     return float(np.nanmean([iou[c] for c in CLASSES]))
 
 
-def scored(run_root: Path, test: Path, unseen: tuple[str, ...] | None) -> tuple[Evaluation, dict[str, Evaluation]]:
-    """The run on the test split as ``diffumask evaluate`` scores it, and the same on its one-object and
-    its two- and three-object scenes apart (where a synthetic-only segmenter loses most)."""
+def confusions(scorer: Scorer) -> dict[str, list]:
+    """Per true shape, the other class that takes the largest share of its pixels: [name, share]."""
+    counts = scorer.matrix.counts[:, : len(scorer.classes)]
+    out = {}
+    for i, name in enumerate(scorer.classes):
+        if name in CLASSES and counts[i].sum():
+            others = [j for j in range(len(scorer.classes)) if j != i]
+            j = max(others, key=lambda k: counts[i, k])
+            out[name] = [scorer.classes[j], round(float(counts[i, j] / counts[i].sum()), 3)]
+    return out
+
+
+def scored(run_root: Path, test: Path, unseen: tuple[str, ...] | None) -> tuple[Evaluation, dict[str, Evaluation],
+                                                                                dict[str, list]]:
+    """The run on the test split as ``diffumask evaluate`` scores it, the same on its one-object and its
+    two- and three-object scenes apart (where a synthetic-only segmenter loses most), and its confusions."""
     run, source = RunFolder(run_root), open_source(str(test))
     objects = {r["id"]: len(r["objects"]) for r in Dataset(test).records()}
     scorers = {group: Scorer(run.classes, source.label_names, None, unseen if group == "all" else None)
@@ -112,7 +125,8 @@ def scored(run_root: Path, test: Path, unseen: tuple[str, ...] | None) -> tuple[
     for item_id, prediction, truth in iter_predictions(run, source, "test", progress=False):
         scorers["all"].update(prediction, truth)
         scorers["one" if objects[item_id] == 1 else "several"].update(prediction, truth)
-    return scorers["all"].result(), {group: scorers[group].result() for group in ("one", "several")}
+    return (scorers["all"].result(), {group: scorers[group].result() for group in ("one", "several")},
+            confusions(scorers["all"]))
 
 
 def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, test: Path,
@@ -122,11 +136,12 @@ def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, t
     run = train(TrainConfig(data=[str(d) for d in data], out=str(out), preset=args.preset, steps=args.steps,
                             weights=weights, seed=args.seed, workers=args.workers), progress=not args.quiet)
     minutes = train_summary(run)["minutes"]  # training time as logged by the run (resumes included)
-    evaluation, by_count = scored(run.root, test, unseen)
+    evaluation, by_count, confused = scored(run.root, test, unseen)
     iou = dict(zip(evaluation.classes, evaluation.iou))
     row = {"row": label or name, "iou": iou, "miou_shapes": shapes_miou(evaluation), "miou_with_background": evaluation.miou,
            "minutes": minutes, "seen": evaluation.seen, "unseen": evaluation.unseen, "harmonic": evaluation.harmonic,
-           **{f"miou_{group}": shapes_miou(e) for group, e in by_count.items()}}
+           **{f"miou_{group}": shapes_miou(e) for group, e in by_count.items()},
+           "confused": confused}  # per true shape: the class most of its wrong pixels go to, and their share
     print(json.dumps(row), flush=True)
     return row
 
