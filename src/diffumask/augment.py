@@ -30,6 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from scipy import ndimage
 from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import get_perspective_transform, warp_perspective
 from tqdm.auto import tqdm
@@ -59,7 +60,7 @@ class AugmentConfig:
     paste: float = 0.0  # copy-paste: probability per output (ours, not the paper's)
     paste_objects: tuple[int, int] = (1, 2)  # how many other items' objects are pasted, at least and at most
     paste_scale: tuple[float, float] = (0.5, 0.9)  # a pasted item's side, as a fraction of the output's
-    paste_keep: float = 0.6  # every object shown (the item's own, each pasted one) keeps this share of its pixels
+    paste_keep: float = 0.6  # every object shown (the item's own, each pasted one) keeps at least this share
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,7 +81,7 @@ class AugmentConfig:
         if not 0 < low <= high <= 1:
             raise ConfigError(f"--paste-scale is a fraction of the image's side, 0 < low <= high <= 1, got ({low}, {high})")
         if not 0 <= self.paste_keep <= 1:
-            raise ConfigError(f"--paste-keep is a share of each class's pixels, in [0, 1], got {self.paste_keep}")
+            raise ConfigError(f"--paste-keep is the share of each object's pixels kept visible, in [0, 1], got {self.paste_keep}")
         low, high = self.paste_objects
         if not 1 <= low <= high:
             raise ConfigError(f"--paste-objects must be whole numbers with 1 <= at least <= at most, got ({low}, {high})")
@@ -160,6 +161,19 @@ def hidden_share(owners: np.ndarray, sizes: Mapping[int, int], cut: np.ndarray, 
     return worst
 
 
+def object_owners(labels: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
+    """Each object of an item numbered 1, 2, ... (0: background and 255): the connected regions of each
+    class (4-connected), so that tiles of one class in a mosaic count apart; and each one's pixel count."""
+    owners = np.zeros(labels.shape, np.int32)
+    for value in np.unique(labels):
+        if value in (0, IGNORE_INDEX):
+            continue
+        regions, _ = ndimage.label(labels == value)
+        owners[regions > 0] = regions[regions > 0] + owners.max()
+    ids, counts = np.unique(owners[owners > 0], return_counts=True)
+    return owners, dict(zip(ids.tolist(), counts.tolist()))
+
+
 def object_box(labels: np.ndarray) -> tuple[int, int, int, int] | None:
     """(y0, x0, y1, x1) around the pixels that are not background, or None when there are none."""
     ys, xs = np.nonzero(labels != 0)
@@ -190,12 +204,11 @@ def random_corners(size: tuple[int, int], shift: float, rng: np.random.Generator
 def paste_objects(image: np.ndarray, labels: np.ndarray, ids: Sequence[str], read: Callable[[str], Pair],
                   config: AugmentConfig, size: int, rng: np.random.Generator, transforms: list[dict[str, Any]]) -> Pair:
     """Copy-paste: objects of random other items, each item shrunk to a side of ``config.paste_scale``,
-    cut out by its mask and pasted where every object already shown (the item's own, one per class, and
-    each pasted one) keeps ``config.paste_keep`` of its pixels; an object with no such place is left out.
-    Each paste is appended to ``transforms``."""
-    owners = np.where(labels == IGNORE_INDEX, 0, labels).astype(np.int32)
-    sizes = dict(zip(*(v.tolist() for v in np.unique(owners, return_counts=True))))
-    for number in range(int(rng.integers(config.paste_objects[0], config.paste_objects[1] + 1))):
+    cut out by its mask and pasted where every object already shown (each connected region of a class,
+    so each tile's object in a mosaic, and each pasted object) keeps at least ``config.paste_keep`` of its
+    pixels; an object with no such place is left out. Each paste is appended to ``transforms``."""
+    owners, sizes = object_owners(labels)
+    for _ in range(int(rng.integers(config.paste_objects[0], config.paste_objects[1] + 1))):
         other = ids[int(rng.integers(len(ids)))]
         side = max(1, int(round(size * rng.uniform(*config.paste_scale))))
         donor_image, donor_labels = resize_pair(*read(other), (side, side))
@@ -208,7 +221,7 @@ def paste_objects(image: np.ndarray, labels: np.ndarray, ids: Sequence[str], rea
             at = int(rng.integers(size - (y1 - y0) + 1)), int(rng.integers(size - (x1 - x0) + 1))
             if hidden_share(owners, sizes, shape, at) <= 1 - config.paste_keep:
                 image, labels = paste_object(image, labels, cut, at)
-                owner = 256 + number  # past every class index
+                owner = max(sizes, default=0) + 1
                 owners[at[0]:at[0] + shape.shape[0], at[1]:at[1] + shape.shape[1]][shape] = owner
                 sizes[owner] = int(shape.sum())
                 transforms.append({"name": "paste", "source": other, "side": side, "at": list(at)})
@@ -274,5 +287,5 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
     return target
 
 
-__all__ = ["AugmentConfig", "augment_dataset", "augment_item", "gaussian_blur", "hidden_share", "mosaic", "object_box",
+__all__ = ["AugmentConfig", "augment_dataset", "augment_item", "gaussian_blur", "hidden_share", "mosaic", "object_box", "object_owners",
            "occlude", "paste_object", "paste_objects", "perspective", "random_corners", "resize_pair"]
