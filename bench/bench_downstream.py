@@ -96,10 +96,15 @@ def prepare(work: Path, n: int, sizes: list[int]) -> dict[str, Path]:
     return paths
 
 
+def percent(value: float) -> str:
+    """A score as a table cell: "-" for a group with no scenes (NaN)."""
+    return "-" if np.isnan(value) else f"{100 * value:.1f}"
+
+
 def shapes_miou(evaluation: Evaluation) -> float:
     """mIoU over the six shapes (background aside): the targets' figure."""
-    iou = dict(zip(evaluation.classes, evaluation.iou))
-    return float(np.nanmean([iou[c] for c in CLASSES]))
+    iou = [v for c, v in zip(evaluation.classes, evaluation.iou) if c in CLASSES and not np.isnan(v)]
+    return float(np.mean(iou)) if iou else float("nan")
 
 
 def confusions(scorer: Scorer) -> dict[str, list]:
@@ -141,7 +146,7 @@ def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, t
     row = {"row": label or name, "iou": iou, "miou_shapes": shapes_miou(evaluation), "miou_with_background": evaluation.miou,
            "minutes": minutes, "seen": evaluation.seen, "unseen": evaluation.unseen, "harmonic": evaluation.harmonic,
            **{f"miou_{group}": shapes_miou(e) for group, e in by_count.items()},
-           "confused": confused}  # per true shape: the class most of its wrong pixels go to, and their share
+           "confused": confused}  # per true shape: the other class given most of its pixels, and their share of them
     print(json.dumps(row), flush=True)
     return row
 
@@ -192,7 +197,7 @@ def main() -> None:
         ratio = f"{r['miou_shapes'] / ceiling:7.2f}" if ceiling else "      -"
         print(f"{r['row']:<24}" + "".join(f"{100 * r['iou'][c]:9.1f}" for c in CLASSES)
               + f"{100 * r['miou_shapes']:8.1f}{100 * r['miou_with_background']:7.1f}{ratio}"
-              + f"{100 * r['miou_one']:7.1f}{100 * r['miou_several']:7.1f}{r['minutes']:6.1f}")
+              + f"{percent(r['miou_one']):>7}{percent(r['miou_several']):>7}{r['minutes']:6.1f}")
         if r["seen"] is not None:
             print(f"{'':<24}zero-shot: seen {100 * r['seen']:.1f}  unseen {100 * r['unseen']:.1f}  "
                   f"harmonic {100 * r['harmonic']:.1f}")

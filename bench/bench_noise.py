@@ -12,8 +12,8 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
   alpha    the synthetic-only segmenter trained on what each α keeps (α = 0 is Table 1's row c)
   augment  on the best α's items (or --augment-alpha's; 0: every refined image, no filter needed) plus
            their augmented copies (``diffumask augment``, as many items): Φ1, Φ1+Φ2, Φ1+Φ2+Φ3, all four
-           (Table 4 (d)); --augment-rows Φ1-k23 also tries 2×2 and 3×3 mosaics, paste and Φ1+paste
-           copy-paste of other items' objects (ours)
+           (Table 4 (d)); --augment-rows also takes Φ1-k23 (2×2 and 3×3 mosaics), paste (copy-paste of
+           random items' objects, ours) and Φ1+paste (both)
 
 Every run folder and dataset is kept in --work, so a killed benchmark continues where it stopped.
 """
@@ -26,7 +26,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from bench_downstream import prepare, run_row, subset
+from bench_downstream import percent, prepare, run_row, subset
 
 from diffumask.augment import AugmentConfig, augment_dataset
 from diffumask.dataset import Dataset
@@ -141,7 +141,7 @@ def main() -> None:
         print(f"\n{'row':<24}" + "".join(f"{c:>9}" for c in CLASSES) + f"{'mIoU':>8}{'1 obj':>7}{'2-3':>7}{'min':>6}")
         for r in rows:
             print(f"{r['row']:<24}" + "".join(f"{100 * r['iou'][c]:9.1f}" for c in CLASSES)
-                  + f"{100 * r['miou_shapes']:8.1f}{100 * r['miou_one']:7.1f}{100 * r['miou_several']:7.1f}"
+                  + f"{100 * r['miou_shapes']:8.1f}{percent(r['miou_one']):>7}{percent(r['miou_several']):>7}"
                   + f"{r['minutes']:6.1f}")
         print(json.dumps(rows))
 

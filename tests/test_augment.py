@@ -122,6 +122,40 @@ def test_paste_leaves_each_shown_class_visible_enough():
         assert pastes > (0 if keep == 1 else 20)  # at 0.6 most pastes find a place; at 1 only those beside it
 
 
+def test_paste_keeps_each_object_visible_in_mosaics_and_after_later_pastes():
+    """One class, six colours: every object is told apart by its colour. Each tile's object in a 2x2
+    mosaic, and each pasted object after the pastes that follow it, keeps its share (measured on the pixels
+    of its exact colour, so blended edges count as hidden: a little below the rule's 0.6)."""
+    colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30), (30, 220, 220), (220, 30, 220)]
+    scenes = [square_scene(48, (12, 12, 36, 36), label=1, colour=c) for c in colours]
+    ids = [str(i) for i in range(len(scenes))]
+    config = AugmentConfig(grids=(2,), blur=0, occlusion=0, perspective=0, paste=1, paste_objects=(2, 3), seed=2)
+    pastes = 0
+    for index in range(30):
+        image, labels, made = augment_item(index, ids, lambda i: scenes[int(i)], config, 48)
+        before, _ = mosaic([scenes[int(i)] for i in made["sources"]], 2, 48)
+        objects = []  # (pixels of the object's exact colour when it was placed, that colour)
+        for tile, source in enumerate(made["sources"]):
+            inside = np.zeros((48, 48), bool)
+            inside[24 * (tile // 2):24 * (tile // 2) + 24, 24 * (tile % 2):24 * (tile % 2) + 24] = True
+            objects.append((inside & (before == colours[int(source)]).all(axis=2), colours[int(source)]))
+        for paste in (t for t in made["transforms"] if t["name"] == "paste"):
+            donor = cv2.resize(scenes[int(paste["source"])][0], (paste["side"],) * 2, interpolation=cv2.INTER_AREA)
+            exact = (donor == colours[int(paste["source"])]).all(axis=2)
+            ys, xs = np.nonzero(exact)
+            placed = np.zeros((48, 48), bool)  # the cut-out starts at the donor's object box, placed at "at"
+            box = np.nonzero(cv2.resize(scenes[int(paste["source"])][1], (paste["side"],) * 2,
+                                        interpolation=cv2.INTER_NEAREST))
+            y, x = paste["at"]
+            placed[ys - box[0].min() + y, xs - box[1].min() + x] = True
+            objects.append((placed, colours[int(paste["source"])]))
+            pastes += 1
+        for footprint, colour in objects:
+            still = footprint & (image == colour).all(axis=2)
+            assert still.sum() >= 0.5 * footprint.sum(), (index, colour)
+    assert pastes > 30
+
+
 def test_blur_leaves_the_labels_alone():
     image, labels = square_scene()
     config = AugmentConfig(grids=(1,), blur=1, occlusion=0, perspective=0)
@@ -168,7 +202,8 @@ def test_an_augmentation_from_before_copy_paste_resumes(tmp_path):
     source = make_dataset(tmp_path / "source", n=4, size=32)
     config = AugmentConfig(grids=(2,), items=4, seed=1)
     first = augment_dataset(source.root, tmp_path / "out", config, progress=False)
-    assert not any(key.startswith("paste") for key in first.settings["augment"])  # what older versions wrote
+    assert list(first.settings["augment"]) == ["grids", "split", "items", "size", "blur", "blur_sigma", "occlusion",
+                                               "occlusion_side", "perspective", "perspective_shift", "seed"]  # as before
     assert len(augment_dataset(source.root, tmp_path / "out", config, progress=False).records()) == 4
     with pytest.raises(DiffumaskError, match="other settings"):  # copy-paste is a change of settings
         augment_dataset(source.root, tmp_path / "out", replace(config, paste=0.5), progress=False)

@@ -87,3 +87,16 @@ def test_a_512px_item_fits_half_a_megabyte():
     buffer.seek(0)
     with np.load(buffer) as data:
         assert unpack(data, ["dog"])["dog"].shape == (512, 512)
+        grids_only = unpack(data, fused=False)  # what propagate reads: the grids and the matrix, nothing upsampled
+        assert set(grids_only) == set(logical) and grids_only["dog@8"].shape == (8, 8)
+
+
+def test_an_items_size_is_height_then_width_from_the_manifest_else_the_image(tmp_path):
+    from diffumask.refine_items import Item
+
+    Dataset.create(tmp_path, ["dog"], {})
+    dataset = Dataset(tmp_path)
+    dataset.write_item("wide", np.zeros((24, 40, 3), np.uint8), {"classes": ["dog"], "size": [24, 40]})
+    dataset.write_item("plain", np.zeros((24, 40, 3), np.uint8), {"classes": ["dog"]})
+    records = {r["id"]: r for r in dataset.records()}
+    assert Item(dataset, records["wide"]).size() == (24, 40) == Item(dataset, records["plain"]).size()

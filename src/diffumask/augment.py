@@ -203,10 +203,11 @@ def random_corners(size: tuple[int, int], shift: float, rng: np.random.Generator
 
 def paste_objects(image: np.ndarray, labels: np.ndarray, ids: Sequence[str], read: Callable[[str], Pair],
                   config: AugmentConfig, size: int, rng: np.random.Generator, transforms: list[dict[str, Any]]) -> Pair:
-    """Copy-paste: objects of random other items, each item shrunk to a side of ``config.paste_scale``,
-    cut out by its mask and pasted where every object already shown (each connected region of a class,
-    so each tile's object in a mosaic, and each pasted object) keeps at least ``config.paste_keep`` of its
-    pixels; an object with no such place is left out. Each paste is appended to ``transforms``."""
+    """Copy-paste: the objects of random items (possibly one of this item's own sources), each item
+    shrunk to a side of ``config.paste_scale``, cut out by its mask and pasted where every object already
+    shown (each connected region of a class, so each tile's object in a mosaic, and each pasted object)
+    keeps at least ``config.paste_keep`` of its pixels; an object with no such place is left out. Each
+    paste is appended to ``transforms``."""
     owners, sizes = object_owners(labels)
     for _ in range(int(rng.integers(config.paste_objects[0], config.paste_objects[1] + 1))):
         other = ids[int(rng.integers(len(ids)))]
@@ -287,5 +288,5 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
     return target
 
 
-__all__ = ["AugmentConfig", "augment_dataset", "augment_item", "gaussian_blur", "hidden_share", "mosaic", "object_box", "object_owners",
-           "occlude", "paste_object", "paste_objects", "perspective", "random_corners", "resize_pair"]
+__all__ = ["AugmentConfig", "augment_dataset", "augment_item", "gaussian_blur", "hidden_share", "mosaic", "object_box",
+           "object_owners", "occlude", "paste_object", "paste_objects", "perspective", "random_corners", "resize_pair"]

@@ -406,8 +406,8 @@ def _add_augment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--perspective-shift", type=float, default=d.perspective_shift,
                    help=f"Φ4: each corner moves by up to this fraction of the side (default: {d.perspective_shift})")
     p.add_argument("--paste", type=float, default=d.paste,
-                   help="copy-paste (ours, not the paper's): probability of pasting objects cut out of other items by "
-                        "their masks, before Φ2-Φ4; turns scenes of one large object into scenes of several at "
+                   help="copy-paste (ours, not the paper's): probability of pasting the objects of random items, cut "
+                        "out by their masks, before Φ2-Φ4; turns scenes of one large object into scenes of several at "
                         f"several sizes (default: {d.paste})")
     p.add_argument("--paste-objects", type=_pair(int, "LOW,HIGH counts such as 1,2"), default=d.paste_objects,
                    metavar="LOW,HIGH",
@@ -417,8 +417,9 @@ def _add_augment(sub: argparse._SubParsersAction) -> None:
                    help="a pasted item's side before it is cut out, as a fraction of the output's "
                         f"(default: {d.paste_scale[0]},{d.paste_scale[1]})")
     p.add_argument("--paste-keep", type=float, default=d.paste_keep,
-                   help="each class already in the image keeps at least this share of its pixels visible; a paste "
-                        f"that would hide more is placed elsewhere, or left out (default: {d.paste_keep})")
+                   help="every object already in the image (each connected region of a class, each pasted object) "
+                        "keeps at least this share of its pixels visible; a paste that would hide more is placed "
+                        f"elsewhere, or left out (default: {d.paste_keep})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every choice (default: {d.seed})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_augment)

@@ -66,14 +66,18 @@ class Item:
         size = self.record.get("size")
         return (int(size[0]), int(size[1])) if size else self.image().shape[:2]
 
-    def maps(self, soft: Mapping[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
-        soft = self.dataset.read_soft_maps(self.id, self.classes) if soft is None else soft
-        self.check_maps(soft)
+    def maps(self) -> dict[int, np.ndarray]:
+        """Each class's fused map, keyed by label index."""
+        soft = self.dataset.read_soft_maps(self.id, self.classes)
+        self._check([c for c in self.classes if c not in soft])
         return {self.labels[c]: soft[c] for c in self.classes}
 
-    def check_maps(self, soft: Mapping[str, np.ndarray]) -> None:
-        """Every class has a map in ``soft``: fused, or its grids (``name@h``)."""
-        missing = [c for c in self.classes if c not in soft and not any(k.startswith(f"{c}@") for k in soft)]
+    def check_grids(self, soft: Mapping[str, np.ndarray]) -> None:
+        """Every class has a map in ``soft`` (read with ``fused=False``): its grids (``name@h``), or a stored
+        fused map in files written before the grids-only format."""
+        self._check([c for c in self.classes if c not in soft and not any(k.startswith(f"{c}@") for k in soft)])
+
+    def _check(self, missing: list[str]) -> None:
         if missing:
             raise DiffumaskError(f"item {self.id} has no soft map for {missing} in {self.dataset.soft_maps_path(self.id)}")
 
@@ -122,7 +126,7 @@ def load(config: RefineConfig, item: Item) -> Loaded:
     if config.method != "propagate":
         return Loaded(item, item.image() if needs_image else None, item.maps())
     soft = item.soft(fused=False)  # only propagate reads the self-attention; it needs the grids, not the full maps
-    item.check_maps(soft)
+    item.check_grids(soft)
     cross, matrix = self_attention_inputs(soft, item.classes, item.resolutions)
     labels = {item.labels[name]: np.zeros((0, 0), np.float32) for name in item.classes}  # labels only
     return Loaded(item, item.image() if needs_image else None, labels, cross, matrix, size=item.size())
