@@ -8,7 +8,7 @@
   visible.
 - Φ4 perspective: each corner moved by up to a fraction of the side; the mask is warped with
   nearest-neighbour sampling and pixels from outside the image become 255 (ignored).
-- Copy-paste (ours, not the paper's; off by default): objects cut out of other items by their masks,
+- Copy-paste (ours, not the paper's; off by default): objects cut out of random items by their masks,
   shrunk and pasted, so that scenes of one large object become scenes of several at several sizes,
   as real benchmarks hold them. Applied after the mosaic, before Φ2–Φ4.
 
@@ -30,9 +30,9 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from scipy import ndimage
 from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import get_perspective_transform, warp_perspective
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .dataset import IGNORE_INDEX, Dataset
@@ -58,7 +58,7 @@ class AugmentConfig:
     perspective: float = 0.5  # Φ4: probability per output
     perspective_shift: float = 0.15  # each corner moves by up to this fraction of the side
     paste: float = 0.0  # copy-paste: probability per output (ours, not the paper's)
-    paste_objects: tuple[int, int] = (1, 2)  # how many other items' objects are pasted, at least and at most
+    paste_objects: tuple[int, int] = (1, 2)  # how many random items' objects are pasted, at least and at most
     paste_scale: tuple[float, float] = (0.5, 0.9)  # a pasted item's side, as a fraction of the output's
     paste_keep: float = 0.6  # every object shown (the item's own, each pasted one) keeps at least this share
     seed: int = 0
