@@ -9,7 +9,8 @@ for every method but adaptive: for a GPU whose host has few CPU cores. The worke
 module-level functions of picklable arguments; the device steps close over the network. On a CPU,
 propagate, affinity and adaptive run whole in the workers (the AffinityNet read from its saved weights), since
 this process, which commits every item, would otherwise do their heaviest part one item at a time; only a CRF
-moved here on request (``device_crf``) keeps affinity's walk in this process. Which process runs a step does not change its result, so any number of workers writes the same masks.
+moved here on request (``device_crf``) keeps affinity's walk in this process. Which process runs a step does
+not change its result, so any number of workers writes the same masks.
 """
 
 from __future__ import annotations
@@ -88,16 +89,12 @@ class Loaded:
 
     item: Item
     image: np.ndarray | None
-    maps: dict[int, np.ndarray]
+    maps: dict[int, np.ndarray]  # class maps by label; empty arrays where the steps need only the labels
+    size: tuple[int, int]  # the image's (h, w)
     cross: np.ndarray | None = None  # propagate: the class maps fused at the self-attention grid
     matrix: np.ndarray | None = None  # propagate: the self-attention matrix
     mask: np.ndarray | None = None  # threshold and otsu before a CRF on the accelerator: the mask it refines
     extra: dict[str, Any] = field(default_factory=dict)  # what the method records in the manifest
-    size: tuple[int, int] = (0, 0)  # the image's (h, w); by default the maps'
-
-    def __post_init__(self) -> None:
-        if self.size == (0, 0):
-            self.size = next(iter(self.maps.values())).shape
 
     @property
     def labels(self) -> list[int]:
@@ -124,12 +121,13 @@ def load(config: RefineConfig, item: Item) -> Loaded:
     """Image (when the method needs it) and class maps; for propagate, the fused grids and the matrix."""
     needs_image = config.use_crf or config.uses_affinity
     if config.method != "propagate":
-        return Loaded(item, item.image() if needs_image else None, item.maps())
+        maps = item.maps()
+        return Loaded(item, item.image() if needs_image else None, maps, next(iter(maps.values())).shape)
     soft = item.soft(fused=False)  # only propagate reads the self-attention; it needs the grids, not the full maps
     item.check_grids(soft)
     cross, matrix = self_attention_inputs(soft, item.classes, item.resolutions)
     labels = {item.labels[name]: np.zeros((0, 0), np.float32) for name in item.classes}  # labels only
-    return Loaded(item, item.image() if needs_image else None, labels, cross, matrix, size=item.size())
+    return Loaded(item, item.image() if needs_image else None, labels, item.size(), cross, matrix)
 
 
 def _thresholded(config: RefineConfig, loaded: Loaded) -> tuple[np.ndarray, dict[str, Any]]:
