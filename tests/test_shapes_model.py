@@ -152,6 +152,20 @@ def test_training_command_writes_a_loadable_pipeline(tmp_path) -> None:
     assert reloaded(["a star"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
 
 
+def test_loader_workers_give_the_weights_of_rendering_in_the_loop(tmp_path) -> None:
+    """Scenes rendered in loader processes (as on a GPU) give the very weights of rendering in the loop: the
+    batches are a pure function of (seed, step) and come in step order."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for workers in (0, 2):
+        out = train(tmp_path / f"run{workers}", TrainSettings(steps=3, batch_size=4, warmup_steps=1,
+                                                              loader_workers=workers))
+        weights.append(load_file(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_the_diffusion_transformer_trains_and_records(tmp_path) -> None:
     """The SD3-shaped twin: trains (flow matching), reloads through the model loader, and the joint-attention
     recorder reads its maps."""
