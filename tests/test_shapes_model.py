@@ -166,6 +166,27 @@ def test_loader_workers_give_the_weights_of_rendering_in_the_loop(tmp_path) -> N
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_init_from_goes_on_from_saved_weights(tmp_path) -> None:
+    """--init-from starts from a saved pipeline, not from a fresh initialisation; a wrong folder or backbone is a
+    one-line error."""
+    from safetensors.torch import load_file
+
+    from diffumask.errors import ConfigError
+
+    name = "unet/diffusion_pytorch_model.safetensors"
+    shipped = load_file(WEIGHTS_DIR / name)
+    settings = dict(steps=1, batch_size=2, warmup_steps=1, lr=1e-6)
+    went_on = load_file(train(tmp_path / "on", TrainSettings(**settings, init_from=str(WEIGHTS_DIR))) / name)
+    fresh = load_file(train(tmp_path / "fresh", TrainSettings(**settings)) / name)
+    gap = lambda w: max((w[k].float() - shipped[k].float()).abs().max().item() for k in shipped)  # noqa: E731
+    assert gap(went_on) < 1e-2 < gap(fresh)
+    with pytest.raises(ConfigError, match="no saved shapes pipeline"):
+        train(tmp_path / "x", TrainSettings(**settings, init_from=str(tmp_path)))
+    assert not (tmp_path / "x").exists()  # nothing is written before the start is known to be good
+    with pytest.raises(ConfigError, match="holds a unet pipeline; pass --backbone unet"):
+        train(tmp_path / "y", TrainSettings(**settings, init_from=str(WEIGHTS_DIR), backbone="dit"))
+
+
 def test_the_diffusion_transformer_trains_and_records(tmp_path) -> None:
     """The SD3-shaped twin: trains (flow matching), reloads through the model loader, and the joint-attention
     recorder reads its maps."""

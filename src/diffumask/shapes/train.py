@@ -30,8 +30,9 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
-from .model import (DIT_CONFIG, DIT_SCHEDULER_CONFIG, SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, ShapesPipeline,
-                    build_pipeline)
+from ..errors import ConfigError
+from .model import (DIT_CONFIG, DIT_SCHEDULER_CONFIG, SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, ShapesDiTPipeline,
+                    ShapesPipeline, build_pipeline, load_pipeline)
 from .world import COUNT_PROBS, Scene, caption_for, render_scene
 
 #: Model-training scenes come from seeds >= 2**40; exported splits use seeds < 2**40.
@@ -71,6 +72,9 @@ class TrainSettings:
     #: processes rendering the next steps' scenes while the model trains (0: in the training loop). On a GPU
     #: the rendering (0.2 ms a scene, 13 ms a batch of 64) would otherwise take longer than the step itself.
     loader_workers: int = 0
+    #: a saved pipeline folder (e.g. the shipped weights) to go on training from, with a fresh optimizer and
+    #: schedule; None: from scratch
+    init_from: str | None = None
 
 
 def training_caption(scene, rng: np.random.Generator, s: TrainSettings) -> str:
@@ -118,6 +122,18 @@ class _Batches(torch.utils.data.Dataset):
         return training_batch(index + 1, self.settings)
 
 
+def _start_from(path: str, backbone: str) -> ShapesPipeline:
+    """A saved pipeline in float32, to train on; its backbone must be the one asked for."""
+    if not (Path(path) / "model_index.json").is_file():
+        raise ConfigError(f"--init-from {path}: no saved shapes pipeline there (no model_index.json); give a "
+                          "folder this trainer wrote, e.g. src/diffumask/shapes/weights")
+    pipe = load_pipeline("cpu", torch.float32, path=path)
+    found = "dit" if isinstance(pipe, ShapesDiTPipeline) else "unet"
+    if found != backbone:
+        raise ConfigError(f"--init-from {path} holds a {found} pipeline; pass --backbone {found}")
+    return pipe
+
+
 def save_fp16(pipe: ShapesPipeline, out: Path) -> None:
     """Write the pipeline folder with fp16 safetensors (half the size; loads into any dtype)."""
     copy.deepcopy(pipe).to("cpu", torch.float16).save_pretrained(out, safe_serialization=True)
@@ -136,12 +152,13 @@ def train(out: str | Path, settings: TrainSettings | None = None, command: str |
 def _train(out: str | Path, settings: TrainSettings | None, command: str | None) -> Path:
     s = settings or TrainSettings()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # tiny early updates otherwise make denormals: 4x slower steps
     torch.manual_seed(s.seed)
     device = torch.device(s.device)
-    pipe = build_pipeline(s.seed, s.backbone).to(device)
+    pipe = build_pipeline(s.seed, s.backbone) if s.init_from is None else _start_from(s.init_from, s.backbone)
+    pipe = pipe.to(device)
+    out.mkdir(parents=True, exist_ok=True)
     denoiser, text_encoder, tokenizer = pipe.denoiser, pipe.text_encoder, pipe.tokenizer
     denoiser.train()
     text_encoder.train()
@@ -241,6 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", choices=["unet", "dit"], default=defaults.backbone,
                         help="unet: the shipped model; dit: an SD3-shaped diffusion transformer (flow matching)")
     parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--init-from", default=None, metavar="DIR",
+                        help="go on training a saved pipeline (e.g. src/diffumask/shapes/weights) with a fresh "
+                             "optimizer and learning-rate schedule (default: from scratch)")
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1 ... (default: cpu)")
     parser.add_argument("--loader-workers", type=int, default=defaults.loader_workers,
@@ -251,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
                              batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
                              single_object_share=args.single_object_share,
                              threads=args.threads, backbone=args.backbone, device=args.device,
-                             loader_workers=args.loader_workers)
+                             loader_workers=args.loader_workers, warmup_steps=args.warmup_steps,
+                             init_from=args.init_from)
     argv_used = sys.argv[1:] if argv is None else argv
     command = "python -m diffumask.shapes.train " + " ".join(shlex.quote(a) for a in argv_used)
     train(args.out, settings, command)
