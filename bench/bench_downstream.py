@@ -78,11 +78,11 @@ def first_per_class(dataset: Dataset, per_class: int) -> list[str]:
     return [r["id"] for r in dataset.records() if int(r["id"].rsplit("_", 1)[1]) < per_class]
 
 
-def prepare(work: Path, n: int, sizes: list[int]) -> dict[str, Path]:
-    """Real scenes, synthetic images (raw and refined) and the subsets the rows train on."""
+def prepare(work: Path, n: int, sizes: list[int], model: str = "shapes") -> dict[str, Path]:
+    """Real scenes, synthetic images (raw and refined) from ``model`` and the subsets the rows train on."""
     real = export_world(work / "real", n_train=n, n_val=0, n_test=TEST_SCENES)
     per_class = max(sizes) // len(CLASSES)
-    raw = generate_dataset(GenerateConfig(classes=list(CLASSES), out=str(work / "synthetic-raw"),
+    raw = generate_dataset(GenerateConfig(classes=list(CLASSES), out=str(work / "synthetic-raw"), model=model,
                                           images_per_class=per_class, seed=GENERATE_SEED, batch_size=120))
     paths = {"real": Path(real), "test": Path(real)}
     for size in sizes:
@@ -160,13 +160,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes")
     parser.add_argument("--rows", default="a,b,c,d,scale,zeroshot")
+    parser.add_argument("--model", default="shapes",
+                        help="the generator of the synthetic rows: the built-in shapes model (default) or another "
+                             "saved shapes pipeline, e.g. one from `diffumask shapes train`; give it its own --work")
     parser.add_argument("--prepare-only", action="store_true", help="make the data and stop")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     wanted = set(args.rows.split(","))
     sizes = [args.n] + ([2 * args.n, 4 * args.n] if "scale" in wanted else [])
-    paths = prepare(args.work, args.n, sizes)
+    paths = prepare(args.work, args.n, sizes, args.model)
     if args.prepare_only:
         return
     test = paths["test"]
