@@ -166,6 +166,22 @@ def test_loader_workers_give_the_weights_of_rendering_in_the_loop(tmp_path) -> N
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_the_scene_loader_gives_each_step_its_batch_and_leaves_the_models_random_draws_alone() -> None:
+    """What a run without a loader drew from torch's generator, a run with one draws too: old runs reproduce."""
+    from diffumask.shapes.train import scene_batches
+
+    settings = TrainSettings(steps=3, batch_size=4)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    batches = list(scene_batches(settings))
+    assert torch.equal(torch.rand(4), expected)
+    assert len(batches) == 3
+    for step, (images, captions) in enumerate(batches, start=1):
+        reference = training_batch(step, settings)
+        assert torch.equal(images, reference[0]) and captions == reference[1]
+
+
 def test_init_from_goes_on_from_saved_weights(tmp_path) -> None:
     """--init-from starts from a saved pipeline, not from a fresh initialisation; a wrong folder or backbone is a
     one-line error."""
@@ -175,11 +191,16 @@ def test_init_from_goes_on_from_saved_weights(tmp_path) -> None:
 
     name = "unet/diffusion_pytorch_model.safetensors"
     shipped = load_file(WEIGHTS_DIR / name)
-    settings = dict(steps=1, batch_size=2, warmup_steps=1, lr=1e-6)
+    settings = dict(steps=3, batch_size=2, warmup_steps=1, lr=1e-4)
     went_on = load_file(train(tmp_path / "on", TrainSettings(**settings, init_from=str(WEIGHTS_DIR))) / name)
     fresh = load_file(train(tmp_path / "fresh", TrainSettings(**settings)) / name)
     gap = lambda w: max((w[k].float() - shipped[k].float()).abs().max().item() for k in shipped)  # noqa: E731
-    assert gap(went_on) < 1e-2 < gap(fresh)
+    assert 0 < gap(went_on) < 1e-2 < gap(fresh)  # trained on, a little, from the shipped weights
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    for folder in (tmp_path, tmp_path / "sd"):
+        with pytest.raises(ConfigError, match="no saved shapes pipeline"):
+            train(tmp_path / "x", TrainSettings(**settings, init_from=str(folder)))
     with pytest.raises(ConfigError, match="no saved shapes pipeline"):
         train(tmp_path / "x", TrainSettings(**settings, init_from=str(tmp_path)))
     assert not (tmp_path / "x").exists()  # nothing is written before the start is known to be good

@@ -17,6 +17,17 @@ from .errors import DiffumaskError
 
 BUILTIN_MODELS = ("shapes",)
 SHAPES_PIPELINES = ("ShapesPipeline", "ShapesDiTPipeline")  # folders written by diffumask.shapes.train
+
+
+def is_shapes_folder(model: str | Path) -> bool:
+    """A folder holding a model trained by ``diffumask.shapes.train`` (the UNet or its DiT twin)."""
+    index = Path(model).expanduser() / "model_index.json"
+    try:
+        return index.is_file() and json.loads(index.read_text()).get("_class_name") in SHAPES_PIPELINES
+    except (OSError, ValueError):
+        return False
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SCHEDULERS = {
     "pndm": "PNDMScheduler",  # the paper's (SD 1.4's default)

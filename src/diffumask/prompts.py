@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from .errors import DiffumaskError
-from .models import SHAPES_PIPELINES
+from .models import is_shapes_folder
 
 BUILTIN_BANKS = ("voc", "cityscapes", "shapes", "default")
 
@@ -177,15 +177,6 @@ def _read_bank(path_or_name: str | Path) -> tuple[str, str]:
     return path.read_text(encoding="utf-8"), str(path)
 
 
-def _is_shapes_folder(model: str) -> bool:
-    """A folder holding a model trained by ``diffumask.shapes.train`` (the UNet or its DiT twin)."""
-    index = Path(model).expanduser() / "model_index.json"
-    try:
-        return index.is_file() and json.loads(index.read_text()).get("_class_name") in SHAPES_PIPELINES
-    except (OSError, ValueError):
-        return False
-
-
 def resolve_bank(prompts: str = "auto", model: str = "shapes") -> PromptBank:
     """The bank a run uses: a named/file bank, or ``auto``.
 
@@ -195,7 +186,7 @@ def resolve_bank(prompts: str = "auto", model: str = "shapes") -> PromptBank:
     """
     if prompts != "auto":
         return PromptBank.load(prompts)
-    if model == "shapes" or _is_shapes_folder(model):
+    if model == "shapes" or is_shapes_folder(model):
         return PromptBank.load("shapes")
     default = PromptBank.load("default")
     classes: dict[str, dict[str, Any]] = {}

@@ -1,6 +1,6 @@
-"""Train the shapes text-to-image model from scratch on the world's image-caption pairs.
+"""Train the shapes text-to-image model on the world's image-caption pairs, from scratch or on from saved weights.
 
-    python -m diffumask.shapes.train --out runs/shapes [--steps N] [--minutes M] [--seed S]
+    python -m diffumask.shapes.train --out runs/shapes [--steps N] [--minutes M] [--seed S] [--init-from DIR]
 
 Scenes are rendered on the fly (about 0.2 ms each, free next to the UNet), from a seed stream
 that is disjoint from the seed ranges ``export_world`` uses, so exported val/test scenes are
@@ -31,6 +31,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
 from ..errors import ConfigError
+from ..models import is_shapes_folder
 from .model import (DIT_CONFIG, DIT_SCHEDULER_CONFIG, SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, ShapesDiTPipeline,
                     ShapesPipeline, build_pipeline, load_pipeline)
 from .world import COUNT_PROBS, Scene, caption_for, render_scene
@@ -112,7 +113,7 @@ class _Batches(torch.utils.data.Dataset):
     """Step ``i + 1``'s batch as item ``i``: a pure function of (seed, step), so any number of loader
     processes gives the same batches in the same order."""
 
-    def __init__(self, settings: TrainSettings):
+    def __init__(self, settings: TrainSettings) -> None:
         self.settings = settings
 
     def __len__(self) -> int:
@@ -122,11 +123,18 @@ class _Batches(torch.utils.data.Dataset):
         return training_batch(index + 1, self.settings)
 
 
+def scene_batches(s: TrainSettings) -> torch.utils.data.DataLoader:
+    """Steps 1, 2, …'s (images, captions), rendered in ``s.loader_workers`` processes (or in the loop). The loader
+    seeds its workers from a generator of its own, so the model's random draws are those of a run without it."""
+    return torch.utils.data.DataLoader(_Batches(s), batch_size=None, num_workers=s.loader_workers,
+                                       pin_memory=torch.device(s.device).type == "cuda", generator=torch.Generator())
+
+
 def _start_from(path: str, backbone: str) -> ShapesPipeline:
     """A saved pipeline in float32, to train on; its backbone must be the one asked for."""
-    if not (Path(path) / "model_index.json").is_file():
-        raise ConfigError(f"--init-from {path}: no saved shapes pipeline there (no model_index.json); give a "
-                          "folder this trainer wrote, e.g. src/diffumask/shapes/weights")
+    if not is_shapes_folder(path):
+        raise ConfigError(f"--init-from {path}: no saved shapes pipeline there; give a folder this trainer wrote, "
+                          "e.g. src/diffumask/shapes/weights")
     pipe = load_pipeline("cpu", torch.float32, path=path)
     found = "dit" if isinstance(pipe, ShapesDiTPipeline) else "unet"
     if found != backbone:
@@ -140,8 +148,8 @@ def save_fp16(pipe: ShapesPipeline, out: Path) -> None:
 
 
 def train(out: str | Path, settings: TrainSettings | None = None, command: str | None = None) -> Path:
-    """Train from scratch and write the pipeline, ``train_log.jsonl`` and ``training.json`` to ``out``; torch's
-    thread count is set for the run and given back after it."""
+    """Train (from scratch, or on from ``settings.init_from``) and write the pipeline, ``train_log.jsonl`` and
+    ``training.json`` to ``out``; torch's thread count is set for the run and given back after it."""
     threads = torch.get_num_threads()
     try:
         return _train(out, settings, command)
@@ -179,10 +187,7 @@ def _train(out: str | Path, settings: TrainSettings | None, command: str | None)
     log = log_path.open("w")
     start = time.time()
     step = 0
-    batches = torch.utils.data.DataLoader(  # its own generator: the model's random draws stay as without it
-        _Batches(s), batch_size=None, num_workers=s.loader_workers, pin_memory=device.type == "cuda",
-        generator=torch.Generator())
-    for step, (images, captions) in enumerate(batches, start=1):
+    for step, (images, captions) in enumerate(scene_batches(s), start=1):
         images = images.to(device, non_blocking=True)
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
@@ -258,7 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", choices=["unet", "dit"], default=defaults.backbone,
                         help="unet: the shipped model; dit: an SD3-shaped diffusion transformer (flow matching)")
     parser.add_argument("--save-every", type=int, default=0)
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                        help=f"steps of linear learning-rate warm-up before the cosine decay (default: "
+                             f"{defaults.warmup_steps})")
     parser.add_argument("--init-from", default=None, metavar="DIR",
                         help="go on training a saved pipeline (e.g. src/diffumask/shapes/weights) with a fresh "
                              "optimizer and learning-rate schedule (default: from scratch)")
