@@ -71,7 +71,7 @@ class TrainSettings:
     #: where the model trains; scenes are rendered on the CPU either way
     device: str = "cpu"
     #: processes rendering the next steps' scenes while the model trains (0: in the training loop). On a GPU
-    #: the rendering (0.2 ms a scene, 13 ms a batch of 64) would otherwise take longer than the step itself.
+    #: the rendering (0.2 ms a scene, 51 ms a batch of 256) would otherwise hold up every step.
     loader_workers: int = 0
     #: a saved pipeline folder (e.g. the shipped weights) to go on training from, with a fresh optimizer and
     #: schedule; None: from scratch
