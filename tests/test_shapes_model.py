@@ -206,6 +206,33 @@ def test_init_from_goes_on_from_saved_weights(tmp_path) -> None:
         train(tmp_path / "y", TrainSettings(**settings, init_from=str(WEIGHTS_DIR), backbone="dit"))
 
 
+def test_a_wider_unet_trains_loads_and_records(tmp_path, capsys) -> None:
+    """--channels / --layers-per-block shape a larger UNet that generate's loader reads back with its recorder's
+    maps; impossible shapes are one-line usage errors."""
+    from diffumask.cli import main
+    from diffumask.generate import GenerateConfig, generate_dataset
+
+    out = tmp_path / "wide"
+    assert main(["shapes", "train", "--out", str(out), "--steps", "1", "--batch-size", "2", "--channels", "48,96,96",
+                 "--layers-per-block", "2"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    config = json.loads((out / "unet" / "config.json").read_text())
+    for saved in (record["unet_config"], config):
+        assert list(saved["block_out_channels"]) == [48, 96, 96] and saved["layers_per_block"] == 2
+    dataset = generate_dataset(GenerateConfig(classes=["star"], out=str(tmp_path / "ds"), model=str(out),
+                                              images_per_class=1, steps=2))
+    assert len(dataset.records()) == 1 and dataset.read_mask(dataset.records()[0]["id"]).shape == (32, 32)
+    for bad, says in ((["--channels", "48,96"], "three positive multiples of 16"),
+                      (["--channels", "40,96,96"], "three positive multiples of 16"),
+                      (["--channels", "a,b,c"], "three comma-separated numbers"),
+                      (["--layers-per-block", "0"], "give 1 or more"),
+                      (["--channels", "48,96,96", "--init-from", str(WEIGHTS_DIR)], "not with --backbone dit or")):
+        with pytest.raises(SystemExit) as exited:
+            main(["shapes", "train", "--out", str(tmp_path / "bad"), "--steps", "1", *bad])
+        assert exited.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_the_diffusion_transformer_trains_and_records(tmp_path) -> None:
     """The SD3-shaped twin: trains (flow matching), reloads through the model loader, and the joint-attention
     recorder reads its maps."""

@@ -250,8 +250,9 @@ class ShapesDiTPipeline(ShapesPipeline):
                                 pooled_projections=context[1], timestep=t.expand(model_in.shape[0])).sample
 
 
-def build_pipeline(seed: int = 0, backbone: str = "unet") -> ShapesPipeline:
-    """A freshly initialised (untrained) pipeline: the shipped UNet architecture, or its DiT twin (``"dit"``)."""
+def build_pipeline(seed: int = 0, backbone: str = "unet", unet: dict[str, Any] | None = None) -> ShapesPipeline:
+    """A freshly initialised (untrained) pipeline: the shipped UNet architecture (with ``unet``'s entries in place of
+    ``UNET_CONFIG``'s, e.g. wider blocks), or its DiT twin (``"dit"``)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(tokenizer)
@@ -260,8 +261,8 @@ def build_pipeline(seed: int = 0, backbone: str = "unet") -> ShapesPipeline:
                                  tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(**DIT_SCHEDULER_CONFIG))
     if backbone != "unet":
         raise ValueError(f"backbone must be 'unet' or 'dit', not {backbone!r}")
-    return ShapesPipeline(unet=UNet2DConditionModel(**UNET_CONFIG), text_encoder=text_encoder, tokenizer=tokenizer,
-                          scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+    return ShapesPipeline(unet=UNet2DConditionModel(**{**UNET_CONFIG, **(unet or {})}), text_encoder=text_encoder,
+                          tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
 
 
 def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -76,6 +77,27 @@ class TrainSettings:
     #: a saved pipeline folder (e.g. the shipped weights) to go on training from, with a fresh optimizer and
     #: schedule; None: from scratch
     init_from: str | None = None
+    #: a larger UNet than the shipped one: its three blocks' channels (multiples of 16) and layers per block
+    #: (None: the shipped (32, 64, 64) and 1)
+    unet_channels: tuple[int, ...] | None = None
+    layers_per_block: int | None = None
+
+    def unet_overrides(self) -> dict[str, Any]:
+        """What this run's UNet changes of ``UNET_CONFIG`` (empty for the shipped architecture)."""
+        out: dict[str, Any] = {}
+        if self.unet_channels is not None:
+            if len(self.unet_channels) != 3 or any(c <= 0 or c % 16 for c in self.unet_channels):
+                raise ConfigError(f"--channels {','.join(map(str, self.unet_channels))}: give three positive "
+                                  "multiples of 16 (one per UNet block), e.g. 64,128,128")
+            out["block_out_channels"] = tuple(self.unet_channels)
+        if self.layers_per_block is not None:
+            if self.layers_per_block < 1:
+                raise ConfigError(f"--layers-per-block {self.layers_per_block}: give 1 or more")
+            out["layers_per_block"] = self.layers_per_block
+        if out and (self.backbone != "unet" or self.init_from is not None):
+            raise ConfigError("--channels and --layers-per-block shape a new UNet: not with --backbone dit or "
+                              "--init-from (a saved model keeps its own architecture)")
+        return out
 
 
 def training_caption(scene, rng: np.random.Generator, s: TrainSettings) -> str:
@@ -164,7 +186,9 @@ def _train(out: str | Path, settings: TrainSettings | None, command: str | None)
     torch.set_flush_denormal(True)  # tiny early updates otherwise make denormals: 4x slower steps
     torch.manual_seed(s.seed)
     device = torch.device(s.device)
-    pipe = build_pipeline(s.seed, s.backbone) if s.init_from is None else _start_from(s.init_from, s.backbone)
+    overrides = s.unet_overrides()
+    pipe = (build_pipeline(s.seed, s.backbone, overrides) if s.init_from is None
+            else _start_from(s.init_from, s.backbone))
     pipe = pipe.to(device)
     out.mkdir(parents=True, exist_ok=True)
     denoiser, text_encoder, tokenizer = pipe.denoiser, pipe.text_encoder, pipe.tokenizer
@@ -236,7 +260,8 @@ def _train(out: str | Path, settings: TrainSettings | None, command: str | None)
         "settings": asdict(s),
         "steps_done": step,
         "wall_seconds": round(time.time() - start, 1),
-        "unet_config" if s.backbone == "unet" else "transformer_config": UNET_CONFIG if s.backbone == "unet" else DIT_CONFIG,
+        "unet_config" if s.backbone == "unet" else "transformer_config":
+            {**UNET_CONFIG, **overrides} if s.backbone == "unet" else DIT_CONFIG,
         "text_encoder_config": TEXT_CONFIG,
         "scheduler_config": SCHEDULER_CONFIG if s.backbone == "unet" else DIT_SCHEDULER_CONFIG,
         "data": "shapes world scenes rendered on the fly from seeds "
@@ -247,6 +272,14 @@ def _train(out: str | Path, settings: TrainSettings | None, command: str | None)
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    """``--channels 64,128,128`` as numbers."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--channels {text}: give three comma-separated numbers, e.g. 64,128,128") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,20 +303,29 @@ def main(argv: list[str] | None = None) -> None:
                         help="go on training a saved pipeline (e.g. src/diffumask/shapes/weights) with a fresh "
                              "optimizer and learning-rate schedule (default: from scratch)")
     parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--channels", default=None, metavar="C1,C2,C3",
+                        help="a wider UNet: its three blocks' channels, multiples of 16 "
+                             "(default: the shipped 32,64,64)")
+    parser.add_argument("--layers-per-block", type=int, default=None,
+                        help="a deeper UNet: resnet (and attention) layers per block (default: the shipped 1)")
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1 ... (default: cpu)")
     parser.add_argument("--loader-workers", type=int, default=defaults.loader_workers,
                         help="processes rendering scenes ahead of the model (default: 0, in the training loop; "
                              "on a GPU use several)")
     args = parser.parse_args(argv)
-    settings = TrainSettings(steps=args.steps, minutes=args.minutes, seed=args.seed,
-                             batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
-                             single_object_share=args.single_object_share,
-                             threads=args.threads, backbone=args.backbone, device=args.device,
-                             loader_workers=args.loader_workers, warmup_steps=args.warmup_steps,
-                             init_from=args.init_from)
     argv_used = sys.argv[1:] if argv is None else argv
     command = "python -m diffumask.shapes.train " + " ".join(shlex.quote(a) for a in argv_used)
-    train(args.out, settings, command)
+    try:
+        settings = TrainSettings(steps=args.steps, minutes=args.minutes, seed=args.seed,
+                                 batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
+                                 single_object_share=args.single_object_share,
+                                 threads=args.threads, backbone=args.backbone, device=args.device,
+                                 loader_workers=args.loader_workers, warmup_steps=args.warmup_steps,
+                                 init_from=args.init_from, layers_per_block=args.layers_per_block,
+                                 unet_channels=None if args.channels is None else _channels(args.channels))
+        train(args.out, settings, command)
+    except ConfigError as error:  # a bad option: one line, as argparse reports its own
+        parser.error(str(error))
 
 
 if __name__ == "__main__":
