@@ -81,7 +81,8 @@ class AugmentConfig:
         if not 0 < low <= high <= 1:
             raise ConfigError(f"--paste-scale is a fraction of the image's side, 0 < low <= high <= 1, got ({low}, {high})")
         if not 0 <= self.paste_keep <= 1:
-            raise ConfigError(f"--paste-keep is the share of each object's pixels kept visible, in [0, 1], got {self.paste_keep}")
+            raise ConfigError(f"--paste-keep is the share of each object's pixels kept visible, in [0, 1], "
+                              f"got {self.paste_keep}")
         low, high = self.paste_objects
         if not 1 <= low <= high:
             raise ConfigError(f"--paste-objects must be whole numbers with 1 <= at least <= at most, got ({low}, {high})")

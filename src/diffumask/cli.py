@@ -406,9 +406,9 @@ def _add_augment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--perspective-shift", type=float, default=d.perspective_shift,
                    help=f"Φ4: each corner moves by up to this fraction of the side (default: {d.perspective_shift})")
     p.add_argument("--paste", type=float, default=d.paste,
-                   help="copy-paste (ours, not the paper's): probability of pasting the objects of random items, cut "
-                        "out by their masks, before Φ2-Φ4; turns scenes of one large object into scenes of several at "
-                        f"several sizes (default: {d.paste})")
+                   help="copy-paste (ours, not the paper's): probability of pasting the objects of random items, "
+                        "cut out by their masks, before Φ2-Φ4; turns scenes of one large object into scenes of "
+                        f"several at several sizes (default: {d.paste})")
     p.add_argument("--paste-objects", type=_pair(int, "LOW,HIGH counts such as 1,2"), default=d.paste_objects,
                    metavar="LOW,HIGH",
                    help=f"how many objects a pasting item gets (default: {d.paste_objects[0]},{d.paste_objects[1]})")

@@ -557,7 +557,8 @@ class Dataset:
     def read_mask(self, item_id: str) -> np.ndarray:
         return read_index_png(self.current_mask_path(item_id))
 
-    def read_soft_maps(self, item_id: str, keys: Iterable[str] | None = None, fused: bool = True) -> dict[str, np.ndarray]:
+    def read_soft_maps(self, item_id: str, keys: Iterable[str] | None = None,
+                       fused: bool = True) -> dict[str, np.ndarray]:
         """An item's soft maps as float32 (fused ``name``, grids ``name@h``, ``__self__@h``: see
         :mod:`diffumask.softmaps`); only ``keys`` (those present) when given, since the self-attention
         matrix costs more to read than everything else a fixed-γ refine does; ``fused=False`` skips the
