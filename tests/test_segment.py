@@ -170,6 +170,59 @@ def test_paper_presets_build_from_config(preset):
     labels[:, :4] = 255
     assert torch.isfinite(segmenter.loss(pixels, labels))
 
+    # Mask2Former's optimizer: the backbone at lr x 0.1; norms and embeddings without weight decay
+    schedule = get_preset(preset).schedule
+    groups = segmenter.parameter_groups(schedule.lr, schedule.backbone_lr_mult, schedule.weight_decay,
+                                        schedule.weight_decay_norm, schedule.weight_decay_embed)
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(segmenter.model.named_parameters())
+    assert sum(len(g["params"]) for g in groups) == len(by_param) == len(named)  # each parameter in one group
+    exempt = {torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding}
+    expected_exempt = sum(p.numel() for m in segmenter.model.modules() if type(m) in exempt
+                          for p in m.parameters(recurse=False))
+    expected_exempt += sum(p.numel() for n, p in named.items() if n.endswith(("relative_position_bias_table",
+                                                                             "decoder.level_embed")))
+    assert sum(p.numel() for n, p in named.items() if by_param[id(p)][1] == 0) == expected_exempt
+    backbone = "model.pixel_level_module.encoder."
+    first_norm = {"r50": "embedder.embedder.normalization.weight", "swin-b": "swin.embeddings.norm.weight"}[preset]
+    assert by_param[id(named[backbone + first_norm])] == (1e-5, 0.0)
+    backbone_weight = next(p for n, p in named.items() if n.startswith(backbone) and p.ndim == 4)  # a conv
+    assert by_param[id(backbone_weight)] == (1e-5, 0.05)
+    for name, expected in (("model.transformer_module.queries_features.weight", (1e-4, 0.0)),
+                           ("model.transformer_module.level_embed.weight", (1e-4, 0.0)),
+                           ("model.pixel_level_module.decoder.level_embed", (1e-4, 0.0)),
+                           ("model.transformer_module.decoder.layers.0.self_attn_layer_norm.bias", (1e-4, 0.0)),
+                           ("model.transformer_module.decoder.layers.0.cross_attn.in_proj_weight", (1e-4, 0.05))):
+        assert by_param[id(named[name])] == pytest.approx(expected), name
+    if preset == "swin-b":
+        table = next(p for n, p in named.items() if n.endswith("relative_position_bias_table"))
+        assert by_param[id(table)] == (1e-5, 0.0)
+
+
+def test_weight_decay_groups_are_the_presets_and_the_tiny_runs_keep_theirs(shapes_data, tmp_path, monkeypatch):
+    """The tiny presets decay every parameter alike, in the two groups of before (so their runs' settings and
+    optimizer states are unchanged); any preset can take Mask2Former's exemptions, and the run records them."""
+    tiny = get_preset("tiny")
+    assert "weight_decay_norm" not in tiny.as_dict()["schedule"]
+    assert get_preset("r50").as_dict()["schedule"]["weight_decay_norm"] == 0.0
+    segmenter = build_segmenter(tiny, ["background", *CLASSES])
+    groups = segmenter.parameter_groups(1e-3, 0.5, 0.01)
+    backbone = [p for n, p in segmenter.model.named_parameters() if n.startswith("segformer.")]
+    rest = [p for n, p in segmenter.model.named_parameters() if not n.startswith("segformer.")]
+    assert [(g["lr"], g["weight_decay"], g["params"]) for g in groups] == [(5e-4, 0.01, backbone), (1e-3, 0.01, rest)]
+
+    seen = []
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups: seen.append(groups) or real_adamw(groups))
+    run = train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "run"), preset="tiny-mask2former", steps=2,
+                            extra={"weight_decay_norm": 0.0, "weight_decay_embed": 0.001}, **FAST), progress=False)
+    decays = {g["weight_decay"] for g in seen[-1]}
+    assert decays == {0.0, 0.001, 0.05}  # norms, embeddings (queries, Swin's tables), the rest
+    schedule = json.loads((run.root / "settings.json").read_text())["preset"]["schedule"]
+    assert (schedule["weight_decay_norm"], schedule["weight_decay_embed"]) == (0.0, 0.001)
+    with pytest.raises(ConfigError, match="weight_decay_norm must be 0 or more"):
+        TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "x"), extra={"weight_decay_norm": -1.0}).resolved_preset()
+
 
 def test_mask2former_targets_and_scores_match_transformers():
     from transformers import Mask2FormerImageProcessorPil

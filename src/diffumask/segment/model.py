@@ -42,6 +42,27 @@ def build_config(preset: Preset, class_names: list[str]) -> Any:
     return Mask2FormerConfig(backbone_config=backbone, ignore_value=IGNORE_INDEX, **preset.model, **labels)
 
 
+#: Layers whose parameters are a normalisation's scale and shift (detectron2's list, which Mask2Former's recipe uses).
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
+    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm)
+#: Parameters that are embeddings without living in an ``nn.Embedding``: Swin's relative position tables and absolute
+#: position embeddings (transformers' and the original code's names), and Mask2Former's pixel decoder's level embedding.
+EMBEDDING_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "position_embeddings", "level_embed")
+
+
+def parameter_kinds(model: nn.Module) -> dict[str, str]:
+    """Parameter name → "norm", "embed" or "other", by the module that owns it (and, for embeddings held as
+    plain parameters, by name), as Mask2Former's optimizer tells them apart for their weight decay."""
+    kinds = {}
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            kind = ("norm" if isinstance(module, NORM_LAYERS) else
+                    "embed" if isinstance(module, nn.Embedding) or name in EMBEDDING_NAMES else "other")
+            kinds[f"{module_name}.{name}" if module_name else name] = kind
+    return kinds
+
+
 def semantic_to_mask_labels(labels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Mask2Former's targets: per image, one binary mask and one class id per class present."""
     masks, classes = [], []
@@ -89,14 +110,22 @@ class Segmenter(nn.Module):
         masks, classes = semantic_to_mask_labels(labels)
         return self.model(pixel_values=pixel_values, mask_labels=masks, class_labels=classes).loss
 
-    def parameter_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
-        """The recipe's two groups: the backbone at lr × mult, everything else at lr."""
+    def parameter_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float,
+                         weight_decay_norm: float | None = None,
+                         weight_decay_embed: float | None = None) -> list[dict[str, Any]]:
+        """The recipe's groups: the backbone at lr × mult, everything else at lr; within each, normalisation
+        layers' and embeddings' parameters at their own weight decay when one is given (None: ``weight_decay``,
+        and then exactly the two groups of before, so older runs' optimizer states still load)."""
         prefix = _BACKBONE_PREFIX[self.family]
-        backbone, rest = [], []
+        decays = {"other": weight_decay,
+                  "norm": weight_decay if weight_decay_norm is None else weight_decay_norm,
+                  "embed": weight_decay if weight_decay_embed is None else weight_decay_embed}
+        kinds = parameter_kinds(self.model) if weight_decay_norm is not None or weight_decay_embed is not None else {}
+        groups: dict[tuple[bool, str], list[nn.Parameter]] = {}
         for name, param in self.model.named_parameters():
-            (backbone if name.startswith(prefix) else rest).append(param)
-        return [{"params": backbone, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay},
-                {"params": rest, "lr": lr, "weight_decay": weight_decay}]
+            groups.setdefault((name.startswith(prefix), kinds.get(name, "other")), []).append(param)
+        return [{"params": params, "lr": lr * backbone_lr_mult if in_backbone else lr, "weight_decay": decays[kind]}
+                for (in_backbone, kind), params in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1]))]
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(folder)

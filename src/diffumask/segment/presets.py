@@ -4,8 +4,8 @@
 - ``tiny-mask2former``: a 1 M-parameter Mask2Former (tiny Swin backbone, 16 queries), measured beside it.
 - ``r50``, ``swin-b``: the paper's Mask2Former configurations (ResNet-50; Swin-B, window 12, as the
   IN-21k 384 px checkpoint), with the Mask2Former semantic recipe: AdamW 1e-4, weight decay 0.05,
-  backbone lr × 0.1, poly schedule, the whole model's gradient clipped to norm 0.01, batch 16, crop 512, 160k
-  iterations. Built from config offline;
+  backbone lr × 0.1, no weight decay on norms and embeddings, poly schedule, the whole model's gradient clipped
+  to norm 0.01, batch 16, crop 512, 160k iterations. Built from config offline;
   pretrained weights come through ``--init-from``.
 """
 
@@ -35,6 +35,12 @@ class Schedule:
     augment: tuple[str, ...] = ("flip",)
     save_every: int = 1000
     max_grad_norm: float | None = None  # clip the whole model's gradient to this L2 norm (Mask2Former's 0.01; 0/None: not)
+    #: Weight decay of normalisation layers (``weight_decay_norm``) and of embeddings (``weight_decay_embed``: query,
+    #: level and position embeddings, Swin's relative position tables). None: ``weight_decay``, as every other
+    #: parameter. Mask2Former's recipe exempts both (0): decaying a norm's scale or a learnt query toward 0 only
+    #: fights the layer's purpose.
+    weight_decay_norm: float | None = None
+    weight_decay_embed: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,14 @@ class Preset:
         return replace(self, schedule=replace(self.schedule, **changes))
 
     def as_dict(self) -> dict[str, Any]:
-        """The preset as a run's settings record it; no clipping is left out, so runs started before the
-        option existed resume."""
+        """The preset as a run's settings record it; options at their "off" value (no clipping, no separate
+        decay) are left out, so runs started before those options existed resume."""
         out = asdict(self)
         if not out["schedule"]["max_grad_norm"]:
             del out["schedule"]["max_grad_norm"]
+        for name in ("weight_decay_norm", "weight_decay_embed"):
+            if out["schedule"][name] is None:
+                del out["schedule"][name]
         return out
 
 
@@ -86,14 +95,16 @@ PRESETS: dict[str, Preset] = {
         model={"num_queries": 100},
         backbone={"model_type": "resnet", "depths": [3, 4, 6, 3], "hidden_sizes": [256, 512, 1024, 2048],
                   "embedding_size": 64, "layer_type": "bottleneck", "out_features": _SWIN_STAGES},
-        schedule=Schedule(steps=160_000, batch_size=16, crop=512, lr=1e-4, save_every=5000, max_grad_norm=0.01),
+        schedule=Schedule(steps=160_000, batch_size=16, crop=512, lr=1e-4, save_every=5000, max_grad_norm=0.01,
+                          weight_decay_norm=0.0, weight_decay_embed=0.0),
     ),
     "swin-b": Preset(
         family="mask2former",
         model={"num_queries": 100},
         backbone={"model_type": "swin", "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32],
                   "window_size": 12, "image_size": 384, "drop_path_rate": 0.3, "out_features": _SWIN_STAGES},
-        schedule=Schedule(steps=160_000, batch_size=16, crop=512, lr=1e-4, save_every=5000, max_grad_norm=0.01),
+        schedule=Schedule(steps=160_000, batch_size=16, crop=512, lr=1e-4, save_every=5000, max_grad_norm=0.01,
+                          weight_decay_norm=0.0, weight_decay_embed=0.0),
     ),
 }
 

@@ -70,6 +70,9 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {s.lr}")
         if s.max_grad_norm is not None and s.max_grad_norm < 0:
             raise ConfigError(f"--max-grad-norm must be positive (0: no clipping), got {s.max_grad_norm}")
+        for name in ("weight_decay", "weight_decay_norm", "weight_decay_embed"):
+            if (getattr(s, name) or 0) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(s, name)}")
         return preset
 
     def settings(self, preset: Preset) -> dict[str, Any]:
@@ -137,7 +140,8 @@ def train(config: TrainConfig, progress: bool = True,
     if config.init_from and state is None:
         init_from(segmenter, config.init_from)
     optimizer = torch.optim.AdamW(segmenter.parameter_groups(schedule.lr, schedule.backbone_lr_mult,
-                                                             schedule.weight_decay))
+                                                             schedule.weight_decay, schedule.weight_decay_norm,
+                                                             schedule.weight_decay_embed))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule))
     if state is not None:
         segmenter.model.load_state_dict(state["model"])
