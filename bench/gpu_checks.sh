@@ -9,12 +9,13 @@
 #   refine    `diffumask refine` per image on that dataset, each method (bench/bench_refine_gpu.py);
 #   train     the r50 Mask2Former's training throughput at crop 512, batch 16, bf16, on that dataset;
 #   shapes    a larger shapes generator (SHAPES_ARGS, default --channels 64,128,128 --batch-size 64) trained for
-#             about SHAPES_MINUTES (default 6): a 51-step probe sizes the run, whose cosine schedule then ends
-#             on time; the pipeline comes back packed in parts of at most 15 MB (a device call returns at most 8
-#             files of 16 MiB: `cat OUT/shapes-model.tgz.part-* | tar xzf - -C DIR` unpacks DIR/shapes-model; then
-#             `python bench/bench_shapes.py --weights DIR/shapes-model` and `bench/bench_downstream.py --model
-#             DIR/shapes-model` here), bench_shapes' figures (on the host's CPUs) to OUT/shapes.txt. Not a cost: the one part that trains something to keep. About 9
-#             minutes in all, so run it alone (`bash bench/gpu_checks.sh OUT shapes`).
+#             about SHAPES_MINUTES (default 6): a 50-step probe sizes the run, whose cosine schedule then ends
+#             on time; the pipeline comes back packed in parts of at most 15 MiB (a device call returns at most
+#             8 files of 16 MiB): `cat OUT/shapes-model.tgz.part-* | tar xzf - -C DIR` unpacks DIR/shapes-model,
+#             then score it here: `python bench/bench_shapes.py --weights DIR/shapes-model` and
+#             `python bench/bench_downstream.py --model DIR/shapes-model --work DIR/work --rows c`. Not a cost:
+#             the one part that trains something to keep; about 8 minutes, so run it alone
+#             (`bash bench/gpu_checks.sh OUT shapes`).
 # Weights are random (nothing can be downloaded), so the figures are costs, not mask quality.
 #
 #   bash bench/gpu_checks.sh OUT [PARTS]   # PARTS: any of "recorder dit generate refine train shapes" (default:
@@ -29,6 +30,7 @@ out=${1:?usage: bash bench/gpu_checks.sh OUT [PARTS]}
 parts=${2:-recorder dit generate refine train}  # shapes only when named
 mkdir -p "$out"
 work=${WORK:-$(mktemp -d)}  # WORK: keep generate's dataset for a later call
+mkdir -p "$work"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 stamp() { echo "== $(date +%T) $*"; }
@@ -115,21 +117,25 @@ if want shapes; then
     minutes=${SHAPES_MINUTES:-6}
     read -r -a shape_args <<< "${SHAPES_ARGS:---channels 64,128,128 --batch-size 64}"
     workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 0 ))
-    stamp "shapes generator: a probe of 51 steps, then a run sized to $minutes minutes (${shape_args[*]})"
-    python3 -m diffumask.shapes.train --out "$work/shapes-probe" --steps 51 --device "$device" \
+    stamp "shapes generator: a probe of 50 steps, then a run sized to $minutes minutes (${shape_args[*]})"
+    python3 -m diffumask.shapes.train --out "$work/shapes-probe" --steps 50 --device "$device" \
         --loader-workers "$workers" "${shape_args[@]}" > "$work/shapes_probe.log"
     steps=$(python3 - "$work/shapes-probe/train_log.jsonl" "$minutes" <<'PY'
 import json, sys
-log = [json.loads(line) for line in open(sys.argv[1])]
+log = [json.loads(line) for line in open(sys.argv[1])]  # entries at step 1 and every 25 steps
 first, last = log[0], log[-1]  # the first entry holds start-up (model, loader processes)
-per_step = (last["seconds"] - first["seconds"]) / max(1, last["step"] - first["step"])
+per_step = (last["seconds"] - first["seconds"]) / (last["step"] - first["step"])
 print(max(50, int(60 * float(sys.argv[2]) / per_step)))
 PY
 )
-    stamp "shapes generator: $steps steps"
-    python3 -m diffumask.shapes.train --out "$work/shapes-model" --steps "$steps" --minutes "$(awk "BEGIN { print $minutes + 2 }")" \
-        --device "$device" --loader-workers "$workers" "${shape_args[@]}" | tail -3 | tee "$out/shapes_train.log"
-    tar czf - -C "$work" shapes-model | split -b 15M - "$out/shapes-model.tgz.part-"
-    timeout 600 python3 bench/bench_shapes.py --weights "$work/shapes-model" | tee "$out/shapes.txt"
+    if [[ ! $steps =~ ^[0-9]+$ ]]; then
+        stamp "shapes generator: the probe failed (see $out/stderr.log)"
+    else
+        stamp "shapes generator: $steps steps"
+        python3 -m diffumask.shapes.train --out "$work/shapes-model" --steps "$steps" \
+            --minutes "$(awk "BEGIN { print $minutes + 2 }")" --device "$device" --loader-workers "$workers" \
+            "${shape_args[@]}" | tail -3 | tee "$out/shapes_train.log"
+        tar czf - -C "$work" shapes-model | split -b 15M - "$out/shapes-model.tgz.part-"
+    fi
 fi
 stamp done

@@ -180,8 +180,7 @@ def test_paper_presets_build_from_config(preset):
     exempt = {torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding}
     expected_exempt = sum(p.numel() for m in segmenter.model.modules() if type(m) in exempt
                           for p in m.parameters(recurse=False))
-    expected_exempt += sum(p.numel() for n, p in named.items() if n.endswith(("relative_position_bias_table",
-                                                                             "decoder.level_embed")))
+    expected_exempt += sum(p.numel() for n, p in named.items() if n.endswith("relative_position_bias_table"))
     assert sum(p.numel() for n, p in named.items() if by_param[id(p)][1] == 0) == expected_exempt
     backbone = "model.pixel_level_module.encoder."
     first_norm = {"r50": "embedder.embedder.normalization.weight", "swin-b": "swin.embeddings.norm.weight"}[preset]
@@ -190,7 +189,7 @@ def test_paper_presets_build_from_config(preset):
     assert by_param[id(backbone_weight)] == (1e-5, 0.05)
     for name, expected in (("model.transformer_module.queries_features.weight", (1e-4, 0.0)),
                            ("model.transformer_module.level_embed.weight", (1e-4, 0.0)),
-                           ("model.pixel_level_module.decoder.level_embed", (1e-4, 0.0)),
+                           ("model.pixel_level_module.decoder.level_embed", (1e-4, 0.05)),  # decayed, as there
                            ("model.transformer_module.decoder.layers.0.self_attn_layer_norm.bias", (1e-4, 0.0)),
                            ("model.transformer_module.decoder.layers.0.cross_attn.in_proj_weight", (1e-4, 0.05))):
         assert by_param[id(named[name])] == pytest.approx(expected), name
@@ -214,6 +213,9 @@ def test_weight_decay_groups_are_the_presets_and_the_tiny_runs_keep_theirs(shape
     seen = []
     real_adamw = torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda groups: seen.append(groups) or real_adamw(groups))
+    train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "plain"), preset="tiny-mask2former", steps=1, **FAST),
+          progress=False)
+    assert [g["weight_decay"] for g in seen[-1]] == [0.05, 0.05]  # backbone and the rest, as before
     run = train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "run"), preset="tiny-mask2former", steps=2,
                             extra={"weight_decay_norm": 0.0, "weight_decay_embed": 0.001}, **FAST), progress=False)
     decays = {g["weight_decay"] for g in seen[-1]}

@@ -42,13 +42,16 @@ def build_config(preset: Preset, class_names: list[str]) -> Any:
     return Mask2FormerConfig(backbone_config=backbone, ignore_value=IGNORE_INDEX, **preset.model, **labels)
 
 
-#: Layers whose parameters are a normalisation's scale and shift (detectron2's list, which Mask2Former's recipe uses).
+#: Layers whose parameters are a normalisation's scale and shift: the list of Mask2Former's own training code
+#: (detectron2's), with RMSNorm where torch has it.
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
-    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm)
-#: Parameters that are embeddings without living in an ``nn.Embedding``: Swin's relative position tables and absolute
-#: position embeddings (transformers' and the original code's names), and Mask2Former's pixel decoder's level embedding.
-EMBEDDING_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "position_embeddings", "level_embed")
+    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+#: Parameters that are embeddings without living in an ``nn.Embedding``, as Mask2Former's code names them for Swin
+#: (transformers' names): the relative position tables and the absolute position embeddings. (Its pixel decoder's
+#: level embedding, a plain parameter there, is decayed as in that code; its query and level ``nn.Embedding``s are not.)
+EMBEDDING_NAMES = ("relative_position_bias_table", "position_embeddings")
 
 
 def parameter_kinds(model: nn.Module) -> dict[str, str]:

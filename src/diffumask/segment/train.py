@@ -72,7 +72,8 @@ class TrainConfig:
             raise ConfigError(f"--max-grad-norm must be positive (0: no clipping), got {s.max_grad_norm}")
         for name in ("weight_decay", "weight_decay_norm", "weight_decay_embed"):
             if (getattr(s, name) or 0) < 0:
-                raise ConfigError(f"{name} must be 0 or more, got {getattr(s, name)}")
+                raise ConfigError(f"{name} must be 0 or more (a schedule field, set through TrainConfig.extra), "
+                                  f"got {getattr(s, name)}")
         return preset
 
     def settings(self, preset: Preset) -> dict[str, Any]:
