@@ -35,9 +35,9 @@ class Schedule:
     augment: tuple[str, ...] = ("flip",)
     save_every: int = 1000
     max_grad_norm: float | None = None  # clip the whole model's gradient to this L2 norm (Mask2Former's 0.01; 0/None: not)
-    #: Weight decay of normalisation layers (``weight_decay_norm``) and of embeddings (``weight_decay_embed``: query,
-    #: level and position embeddings, Swin's relative position tables). None: ``weight_decay``, as every other
-    #: parameter. Mask2Former's recipe exempts both (0): decaying a norm's scale or a learnt query toward 0 only
+    #: Weight decay of normalisation layers (``weight_decay_norm``) and of embeddings (``weight_decay_embed``: the
+    #: transformer decoder's query and level embeddings, Swin's relative position tables and position embeddings).
+    #: None: ``weight_decay``, as every other parameter. Mask2Former's recipe exempts both (0): decaying a norm's scale or a learnt query toward 0 only
     #: fights the layer's purpose.
     weight_decay_norm: float | None = None
     weight_decay_embed: float | None = None
