@@ -1,6 +1,6 @@
 """The paper's Table 1 in miniature: segmenters trained on real, synthetic and mixed shapes data.
 
-    python bench/bench_downstream.py [--work DIR] [--n 600] [--steps 2500] [--rows a,b,c,d,scale,zeroshot]
+    python bench/bench_downstream.py [--work DIR] [--n 600] [--steps 2500] [--rows a,b,c,d,oracle,scale,zeroshot]
 
 Everything is scored on the shapes world's held-out real test split (scenes of 1-3 objects, exact
 masks). The same segmenter preset (``tiny`` unless --preset) is trained, with the same steps, on:
@@ -8,6 +8,8 @@ masks). The same segmenter preset (``tiny`` unless --preset) is trained, with th
   (a) real        the world's train split with its exact masks, N scenes
   (b) raw         N images from ``diffumask generate`` with their fixed-γ masks
   (c) refined     the same N images refined with ``refine --method propagate --crf`` (the refine table's best)
+  oracle          the same N images with their objects' own pixels as masks (read back by chroma, as
+                  bench_shapes.py scores masks): what perfect masks of these images give, the bound of any refine
   (d) real + synthetic (c), sampled half and half
   scale           (c) with 2N and 4N images
   zeroshot        real masks for 4 shapes only (ring and cross pixels ignored), synthetic data for all 6 (row c),
@@ -26,8 +28,10 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from diffumask.dataset import IGNORE_INDEX, Dataset, write_palette_png
 from diffumask.generate import GenerateConfig, generate_dataset
@@ -39,15 +43,16 @@ from diffumask.segment.predict import iter_predictions
 from diffumask.segment.run import RunFolder
 from diffumask.segment.train import train_summary
 from diffumask.shapes import CLASSES, export_world
+from diffumask.shapes.classifier import clean, foreground
 
 GENERATE_SEED = 7_000_000
 TEST_SCENES = 300
 UNSEEN = ("ring", "cross")
 
 
-def subset(source: Dataset, out: Path, ids: list[str], relabel: dict[int, int] | None = None) -> Path:
+def subset(source: Dataset, out: Path, ids: list[str], mask_of: Callable[[str], np.ndarray] | None = None) -> Path:
     """A dataset of some of ``source``'s items, all in split train: files hard-linked (so images stay
-    byte-identical), masks rewritten only when ``relabel`` maps some classes to others or to 255."""
+    byte-identical), masks rewritten only when ``mask_of`` (item id -> label map) gives new ones."""
     if (out / "ImageSets" / "Segmentation" / "train.txt").is_file():
         return out
     tmp = out.with_name(out.name + ".tmp")
@@ -55,17 +60,14 @@ def subset(source: Dataset, out: Path, ids: list[str], relabel: dict[int, int] |
     info = json.loads((source.root / "dataset.json").read_text())
     target = Dataset.create(tmp, source.classes, info["settings"], image_format=info["image_format"])
     records = {r["id"]: r for r in source.records()}
-    lut = np.arange(256, dtype=np.uint8)
-    for old, new in (relabel or {}).items():
-        lut[old] = new
     lines = []
     for item_id in ids:
         for path in (source.image_path(item_id), source.soft_maps_path(item_id), source.mask_path(item_id)):
-            if path.is_file() and not (relabel and path == source.mask_path(item_id)):
+            if path.is_file() and not (mask_of and path == source.mask_path(item_id)):
                 (tmp / path.parent.name).mkdir(exist_ok=True)
                 os.link(path, tmp / path.parent.name / path.name)
-        if relabel:
-            write_palette_png(target.mask_path(item_id), lut[source.read_mask(item_id)])
+        if mask_of:
+            write_palette_png(target.mask_path(item_id), mask_of(item_id))
         lines.append(json.dumps({**records[item_id], "split": "train"}) + "\n")
     target.manifest_path.write_text("".join(lines))
     target.finalize()
@@ -76,6 +78,15 @@ def subset(source: Dataset, out: Path, ids: list[str], relabel: dict[int, int] |
 def first_per_class(dataset: Dataset, per_class: int) -> list[str]:
     """The first ``per_class`` items of each class (ids end in their index)."""
     return [r["id"] for r in dataset.records() if int(r["id"].rsplit("_", 1)[1]) < per_class]
+
+
+def read_back_mask(dataset: Dataset, record: dict) -> np.ndarray:
+    """A one-object generated image's true label map: its object's pixels (chroma above the grey
+    background's, specks dropped) as its class, the rest background."""
+    (name,) = record["classes"]
+    with Image.open(dataset.image_path(record["id"])) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return np.where(clean(foreground(pixels)), dataset.class_index(name), 0).astype(np.uint8)
 
 
 def prepare(work: Path, n: int, sizes: list[int], model: str = "shapes") -> dict[str, Path]:
@@ -90,10 +101,27 @@ def prepare(work: Path, n: int, sizes: list[int], model: str = "shapes") -> dict
         paths[f"raw-{size}"] = subset(raw, work / f"raw-{size}", ids)
         paths[f"refined-{size}"] = subset(raw, work / f"refined-{size}", ids)
         refine_dataset(paths[f"refined-{size}"], RefineConfig(method="propagate", crf=True))
+    raw_records = {r["id"]: r for r in raw.records()}
+    paths[f"oracle-{n}"] = subset(raw, work / f"oracle-{n}", first_per_class(raw, n // len(CLASSES)),
+                                  mask_of=lambda item_id: read_back_mask(raw, raw_records[item_id]))
     real_ds = Dataset(real)
-    unseen = {CLASSES.index(c) + 1: IGNORE_INDEX for c in UNSEEN}
-    paths["real-seen"] = subset(real_ds, work / "real-seen", real_ds.split_ids("train"), relabel=unseen)
+    unseen = np.arange(256, dtype=np.uint8)
+    unseen[[CLASSES.index(c) + 1 for c in UNSEEN]] = IGNORE_INDEX
+    paths["real-seen"] = subset(real_ds, work / "real-seen", real_ds.split_ids("train"),
+                                mask_of=lambda item_id: unseen[real_ds.read_mask(item_id)])
     return paths
+
+
+def agreement(masks: Dataset, truth: Dataset) -> dict[str, float]:
+    """Per class, how well ``masks`` cover the objects' read-back pixels in ``truth`` (same ids, one object
+    each): foreground IoU summed over the images, 255 counted as not the object."""
+    inter, union = dict.fromkeys(CLASSES, 0), dict.fromkeys(CLASSES, 0)
+    for record in truth.records():
+        name, mine, true = record["classes"][0], masks.read_mask(record["id"]), truth.read_mask(record["id"]) > 0
+        found = (mine > 0) & (mine != IGNORE_INDEX)
+        inter[name] += int((found & true).sum())
+        union[name] += int((found | true).sum())
+    return {name: inter[name] / union[name] for name in CLASSES if union[name]}
 
 
 def percent(value: float) -> str:
@@ -159,7 +187,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes")
-    parser.add_argument("--rows", default="a,b,c,d,scale,zeroshot")
+    parser.add_argument("--rows", default="a,b,c,d,oracle,scale,zeroshot")
     parser.add_argument("--model", default="shapes",
                         help="the generator of the synthetic rows: the built-in shapes model (default) or another "
                              "saved shapes pipeline, e.g. one from `diffumask shapes train`; give it its own --work")
@@ -179,11 +207,18 @@ def main() -> None:
         "b": ("b-raw", [paths[f"raw-{args.n}"]], None),
         "c": ("c-refined", [paths[f"refined-{args.n}"]], None),
         "d": ("d-real+refined", [paths["real"], paths[f"refined-{args.n}"]], [1.0, 1.0]),
+        "oracle": ("oracle-read-back", [paths[f"oracle-{args.n}"]], None),
     }
-    for key in ("a", "b", "c", "d"):
+    for key in ("a", "b", "c", "d", "oracle"):
         if key in wanted:
             name, data, weights = plan[key]
             rows.append(run_row(name, data, args.work, args, test, weights))
+    if "oracle" in wanted:
+        truth = Dataset(paths[f"oracle-{args.n}"])
+        for kind in ("raw", "refined"):
+            iou = agreement(Dataset(paths[f"{kind}-{args.n}"]), truth)
+            print(f"{kind} masks against the read-back pixels, foreground IoU %: "
+                  + "  ".join(f"{c} {100 * v:.1f}" for c, v in iou.items()), flush=True)
     if "scale" in wanted:
         for size in sizes[1:]:
             rows.append(run_row(f"c-refined-{size}", [paths[f"refined-{size}"]], args.work, args, test))
