@@ -142,8 +142,13 @@ def test_diffumask_shapes_train_hands_its_options_to_the_trainer(tmp_path, capsy
     assert exited.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_training_command_writes_a_loadable_pipeline(tmp_path) -> None:
+def test_training_command_writes_a_loadable_pipeline(tmp_path, caplog) -> None:
+    from safetensors.torch import load_file
+
     out = train(tmp_path / "run", TrainSettings(steps=2, batch_size=4, warmup_steps=1))
+    assert not [r for r in caplog.records if "float16" in r.getMessage()]  # saving in fp16 is not a CPU-inference warning
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert {t.dtype for t in load_file(out / part).values()} == {torch.float16}
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 1 and np.isfinite(log[0]["loss"])
     record = json.loads((out / "training.json").read_text())

@@ -165,8 +165,13 @@ def _start_from(path: str, backbone: str) -> ShapesPipeline:
 
 
 def save_fp16(pipe: ShapesPipeline, out: Path) -> None:
-    """Write the pipeline folder with fp16 safetensors (half the size; loads into any dtype)."""
-    copy.deepcopy(pipe).to("cpu", torch.float16).save_pretrained(out, safe_serialization=True)
+    """Write the pipeline folder with fp16 safetensors (half the size; loads into any dtype). Each module is
+    halved on its own: the pipeline's ``.to(float16)`` on a CPU warns that such a pipeline cannot run there."""
+    half = copy.deepcopy(pipe).to("cpu")
+    for component in half.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.half()
+    half.save_pretrained(out, safe_serialization=True)
 
 
 def train(out: str | Path, settings: TrainSettings | None = None, command: str | None = None) -> Path:
