@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from diffumask.dataset import IGNORE_INDEX, Dataset, write_palette_png
 from diffumask.generate import GenerateConfig, generate_dataset
@@ -84,9 +83,7 @@ def read_back_mask(dataset: Dataset, record: dict) -> np.ndarray:
     """A one-object generated image's true label map: its object's pixels (chroma above the grey
     background's, specks dropped) as its class, the rest background."""
     (name,) = record["classes"]
-    with Image.open(dataset.image_path(record["id"])) as image:
-        pixels = np.asarray(image.convert("RGB"))
-    return np.where(clean(foreground(pixels)), dataset.class_index(name), 0).astype(np.uint8)
+    return np.where(clean(foreground(dataset.read_image(record["id"]))), dataset.class_index(name), 0).astype(np.uint8)
 
 
 def prepare(work: Path, n: int, sizes: list[int], model: str = "shapes") -> dict[str, Path]:
