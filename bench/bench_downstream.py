@@ -8,9 +8,10 @@ masks). The same segmenter preset (``tiny`` unless --preset) is trained, with th
   (a) real        the world's train split with its exact masks, N scenes
   (b) raw         N images from ``diffumask generate`` with their fixed-γ masks
   (c) refined     the same N images refined with ``refine --method propagate --crf`` (the refine table's best)
-  oracle          the same N images with their objects' own pixels as masks (read back by chroma, as
-                  bench_shapes.py scores masks): what perfect masks of these images give, the bound of any refine
   (d) real + synthetic (c), sampled half and half
+  oracle          the same N images as (c) with their objects' own pixels as masks (read back by chroma, as
+                  bench_shapes.py scores masks): what perfect masks of these images give; also prints how well
+                  the raw and refined masks cover those pixels (foreground IoU per class and pooled)
   scale           (c) with 2N and 4N images
   zeroshot        real masks for 4 shapes only (ring and cross pixels ignored), synthetic data for all 6 (row c),
                   and both: seen / unseen / harmonic mIoU, background excluded (the paper's Protocol II)
@@ -110,15 +111,17 @@ def prepare(work: Path, n: int, sizes: list[int], model: str = "shapes") -> dict
 
 
 def agreement(masks: Dataset, truth: Dataset) -> dict[str, float]:
-    """Per class, how well ``masks`` cover the objects' read-back pixels in ``truth`` (same ids, one object
-    each): foreground IoU summed over the images, 255 counted as not the object."""
-    inter, union = dict.fromkeys(CLASSES, 0), dict.fromkeys(CLASSES, 0)
+    """Per class and over all ("all"), how well ``masks`` cover the objects' read-back pixels in ``truth``
+    (same ids, one object each): foreground IoU with pixels summed over the images, 255 counted as not the
+    object."""
+    inter, union = dict.fromkeys((*CLASSES, "all"), 0), dict.fromkeys((*CLASSES, "all"), 0)
     for record in truth.records():
         name, mine, true = record["classes"][0], masks.read_mask(record["id"]), truth.read_mask(record["id"]) > 0
         found = (mine > 0) & (mine != IGNORE_INDEX)
-        inter[name] += int((found & true).sum())
-        union[name] += int((found | true).sum())
-    return {name: inter[name] / union[name] for name in CLASSES if union[name]}
+        for key in (name, "all"):
+            inter[key] += int((found & true).sum())
+            union[key] += int((found | true).sum())
+    return {key: inter[key] / union[key] for key in inter if union[key]}
 
 
 def percent(value: float) -> str:
