@@ -1,6 +1,6 @@
 """The paper's Table 1 in miniature: segmenters trained on real, synthetic and mixed shapes data.
 
-    python bench/bench_downstream.py [--work DIR] [--n 600] [--steps 2500] [--rows a,b,c,d,oracle,scale,zeroshot]
+    python bench/bench_downstream.py [--work DIR] [--n 600] [--steps 2500] [--rows a,b,c,d,oracle,silhouette,scale,zeroshot]
 
 Everything is scored on the shapes world's held-out real test split (scenes of 1-3 objects, exact
 masks). The same segmenter preset (``tiny`` unless --preset) is trained, with the same steps, on:
@@ -12,6 +12,8 @@ masks). The same segmenter preset (``tiny`` unless --preset) is trained, with th
   oracle          the same N images as (c) with their objects' own pixels as masks (read back by chroma, as
                   bench_shapes.py scores masks): what perfect masks of these images give; also prints how well
                   the raw and refined masks cover those pixels (foreground IoU per class and pooled)
+  silhouette      the oracle's masks redrawn as the world draws: each object's pixels in its prompt's colour
+                  on one of the world's grey textures (the generator's shapes, sizes and places, the world's look)
   scale           (c) with 2N and 4N images
   zeroshot        real masks for 4 shapes only (ring and cross pixels ignored), synthetic data for all 6 (row c),
                   and both: seen / unseen / harmonic mIoU, background excluded (the paper's Protocol II)
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -44,6 +47,7 @@ from diffumask.segment.run import RunFolder
 from diffumask.segment.train import train_summary
 from diffumask.shapes import CLASSES, export_world
 from diffumask.shapes.classifier import clean, foreground
+from diffumask.shapes.world import COLOURS, PALETTE, TEXTURES, background
 
 GENERATE_SEED = 7_000_000
 TEST_SCENES = 300
@@ -102,12 +106,35 @@ def prepare(work: Path, n: int, sizes: list[int], model: str = "shapes") -> dict
     raw_records = {r["id"]: r for r in raw.records()}
     paths[f"oracle-{n}"] = subset(raw, work / f"oracle-{n}", first_per_class(raw, n // len(CLASSES)),
                                   mask_of=lambda item_id: read_back_mask(raw, raw_records[item_id]))
+    paths[f"silhouette-{n}"] = in_world_style(Dataset(paths[f"oracle-{n}"]), work / f"silhouette-{n}")
     real_ds = Dataset(real)
     unseen = np.arange(256, dtype=np.uint8)
     unseen[[CLASSES.index(c) + 1 for c in UNSEEN]] = IGNORE_INDEX
     paths["real-seen"] = subset(real_ds, work / "real-seen", real_ds.split_ids("train"),
                                 mask_of=lambda item_id: unseen[real_ds.read_mask(item_id)])
     return paths
+
+
+def in_world_style(source: Dataset, out: Path, seed: int = 123) -> Path:
+    """``source``'s one-object items redrawn as the world draws them: each mask's object pixels in the
+    palette colour its prompt names (a random one if none) on a random grey world texture, the masks kept.
+    Trained on, they tell whether the gap to real data follows the generated shapes or the generated look."""
+    if (out / "ImageSets" / "Segmentation" / "train.txt").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    info = json.loads((source.root / "dataset.json").read_text())
+    target = Dataset.create(tmp, source.classes, info["settings"], image_format="png")
+    rng = np.random.default_rng(seed)
+    for record in source.records():
+        mask = source.read_mask(record["id"])
+        image = np.repeat(background(rng, str(rng.choice(TEXTURES)), mask.shape[0])[..., None], 3, axis=2)
+        named = [c for c in COLOURS if re.search(rf"\b{c}\b", record["prompt"])]
+        image[mask > 0] = PALETTE[named[0] if named else str(rng.choice(COLOURS))]
+        target.write_item(record["id"], image, record, mask=mask)
+    target.finalize()
+    os.replace(tmp, out)
+    return out
 
 
 def agreement(masks: Dataset, truth: Dataset) -> dict[str, float]:
@@ -187,7 +214,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes")
-    parser.add_argument("--rows", default="a,b,c,d,oracle,scale,zeroshot")
+    parser.add_argument("--rows", default="a,b,c,d,oracle,silhouette,scale,zeroshot")
     parser.add_argument("--model", default="shapes",
                         help="the generator of the synthetic rows: the built-in shapes model (default) or another "
                              "saved shapes pipeline, e.g. one from `diffumask shapes train`; give it its own --work")
@@ -208,8 +235,9 @@ def main() -> None:
         "c": ("c-refined", [paths[f"refined-{args.n}"]], None),
         "d": ("d-real+refined", [paths["real"], paths[f"refined-{args.n}"]], [1.0, 1.0]),
         "oracle": ("oracle-read-back", [paths[f"oracle-{args.n}"]], None),
+        "silhouette": ("silhouette-world-style", [paths[f"silhouette-{args.n}"]], None),
     }
-    for key in ("a", "b", "c", "d", "oracle"):
+    for key in ("a", "b", "c", "d", "oracle", "silhouette"):
         if key in wanted:
             name, data, weights = plan[key]
             rows.append(run_row(name, data, args.work, args, test, weights))

@@ -122,7 +122,7 @@ def draw_shape(shape: str, size: int, cx: float, cy: float, radius: float, angle
     return _shape_mask(shape, c * dx + s * dy, -s * dx + c * dy, radius)
 
 
-def _background(rng: np.random.Generator, texture: str, size: int) -> np.ndarray:
+def background(rng: np.random.Generator, texture: str, size: int) -> np.ndarray:
     """Grey (unsaturated) background texture as a (size, size) uint8 luminance image."""
     lo, hi = sorted(rng.uniform(40, 215, size=2))
     if hi - lo < 40:  # keep patterned textures visible
@@ -161,7 +161,7 @@ def render_scene(seed: int, size: int = DEFAULT_SIZE, num_objects: int | None = 
     if not 1 <= count <= 3:
         raise ValueError("num_objects must be 1, 2 or 3")
     texture = str(rng.choice(TEXTURES))
-    grey = _background(rng, texture, size)
+    grey = background(rng, texture, size)
     image = np.repeat(grey[..., None], 3, axis=2)
     mask = np.zeros((size, size), np.uint8)
     owner = np.full((size, size), -1, np.int64)
