@@ -54,9 +54,9 @@ TEST_SCENES = 300
 UNSEEN = ("ring", "cross")
 
 
-def subset(source: Dataset, out: Path, ids: list[str], mask_of: Callable[[str], np.ndarray] | None = None) -> Path:
+def subset(source: Dataset, out: Path, ids: list[str], mask_of: Callable[[dict], np.ndarray] | None = None) -> Path:
     """A dataset of some of ``source``'s items, all in split train: files hard-linked (so images stay
-    byte-identical), masks rewritten only when ``mask_of`` (item id -> label map) gives new ones."""
+    byte-identical), masks rewritten only when ``mask_of`` (manifest record -> label map) gives new ones."""
     if (out / "ImageSets" / "Segmentation" / "train.txt").is_file():
         return out
     tmp = out.with_name(out.name + ".tmp")
@@ -71,7 +71,7 @@ def subset(source: Dataset, out: Path, ids: list[str], mask_of: Callable[[str], 
                 (tmp / path.parent.name).mkdir(exist_ok=True)
                 os.link(path, tmp / path.parent.name / path.name)
         if mask_of:
-            write_palette_png(target.mask_path(item_id), mask_of(item_id))
+            write_palette_png(target.mask_path(item_id), mask_of(records[item_id]))
         lines.append(json.dumps({**records[item_id], "split": "train"}) + "\n")
     target.manifest_path.write_text("".join(lines))
     target.finalize()
@@ -103,15 +103,14 @@ def prepare(work: Path, n: int, sizes: list[int], model: str = "shapes") -> dict
         paths[f"raw-{size}"] = subset(raw, work / f"raw-{size}", ids)
         paths[f"refined-{size}"] = subset(raw, work / f"refined-{size}", ids)
         refine_dataset(paths[f"refined-{size}"], RefineConfig(method="propagate", crf=True))
-    raw_records = {r["id"]: r for r in raw.records()}
     paths[f"oracle-{n}"] = subset(raw, work / f"oracle-{n}", first_per_class(raw, n // len(CLASSES)),
-                                  mask_of=lambda item_id: read_back_mask(raw, raw_records[item_id]))
+                                  mask_of=lambda record: read_back_mask(raw, record))
     paths[f"silhouette-{n}"] = in_world_style(Dataset(paths[f"oracle-{n}"]), work / f"silhouette-{n}")
     real_ds = Dataset(real)
     unseen = np.arange(256, dtype=np.uint8)
     unseen[[CLASSES.index(c) + 1 for c in UNSEEN]] = IGNORE_INDEX
     paths["real-seen"] = subset(real_ds, work / "real-seen", real_ds.split_ids("train"),
-                                mask_of=lambda item_id: unseen[real_ds.read_mask(item_id)])
+                                mask_of=lambda record: unseen[real_ds.read_mask(record["id"])])
     return paths
 
 
