@@ -1,6 +1,7 @@
 """The paper's Table 4 (c) and (d) in miniature: noise learning and augmentation on the shapes world.
 
     python bench/bench_noise.py [--work DIR] [--n 600] [--steps 2500] [--fold-steps 1200] [--rows catch,alpha,augment]
+                                [--model shapes]
 
 Data is bench_downstream's (the same --work layout and seeds): N synthetic images refined with
 ``propagate --crf`` (row c of Table 1), scored on the world's real test split.
@@ -90,11 +91,14 @@ def main() -> None:
     parser.add_argument("--augment-alpha", type=float, choices=(0.0, *ALPHAS),
                         help="the α whose kept items the augment rows start from (default: the best α row's; "
                              "0 augments every refined image and needs no noise learning)")
+    parser.add_argument("--model", default="shapes",
+                        help="the generator of the synthetic images: the built-in shapes model (default) or another "
+                             "saved shapes pipeline, as bench_downstream's --model; give it its own --work")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     started = time.monotonic()
     wanted = set(args.rows.split(","))
-    paths = prepare(args.work, args.n, [args.n])
+    paths = prepare(args.work, args.n, [args.n], args.model)
     refined = Dataset(paths[f"refined-{args.n}"])
     training = TrainConfig(data=[], out="", preset=args.preset, steps=args.fold_steps, seed=args.seed,
                            workers=args.workers)
