@@ -21,7 +21,9 @@ masks). The same segmenter preset (``tiny`` unless --preset) is trained, with th
 Data is made once in --work and reused (generation and refinement resume); every run folder too,
 so a killed benchmark continues where it stopped. Prints per-class IoU, mIoU over the six shapes (the
 target's figure) and with background, the ratio to (a), the mIoU over the shapes on the test split's
-one-object scenes and on its two- and three-object scenes apart, and the training minutes of each row.
+one-object scenes and on its two- and three-object scenes apart, and the training minutes of each row; then,
+for each row, the share of the test objects' pixels it gives their class by object area, in one-object
+scenes and in the others apart (does it miss the small objects, or the crowded scenes?).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ from diffumask.shapes.world import COLOURS, PALETTE, TEXTURES, background
 GENERATE_SEED = 7_000_000
 TEST_SCENES = 300
 UNSEEN = ("ring", "cross")
+#: Edges (px of a 32x32 scene) of the object-area bins the benchmark reports recall in: one-object scenes
+#: draw larger radii (0.25-0.4 of the side) than scenes of several (0.18-0.3), and a star or a ring covers
+#: less than a circle of its radius.
+AREA_EDGES = (100, 200, 300)
+AREA_BINS = ("<100", "100-199", "200-299", ">=300")
 
 
 def subset(source: Dataset, out: Path, ids: list[str], mask_of: Callable[[dict], np.ndarray] | None = None) -> Path:
@@ -173,19 +180,55 @@ def confusions(scorer: Scorer) -> dict[str, list]:
     return out
 
 
+def area_bin(area: int) -> str:
+    """The name of the object-area bin that ``area`` (px) falls in."""
+    return AREA_BINS[int(np.searchsorted(AREA_EDGES, area, side="right"))]
+
+
+def named_right(prediction: np.ndarray, truth: np.ndarray, scorer: Scorer) -> list[tuple[int, int]]:
+    """Per shape in ``truth`` (a scene holds each shape once): (its pixels, how many the prediction gives
+    its class), both in the scorer's class indices."""
+    truth, prediction = scorer.truth_lut[truth], scorer.prediction_lut[prediction]
+    shapes = [i for i, name in enumerate(scorer.classes) if name in CLASSES]
+    return [(int(mask.sum()), int((prediction[mask] == i).sum())) for i in shapes if (mask := truth == i).any()]
+
+
 def scored(run_root: Path, test: Path, unseen: tuple[str, ...] | None) -> tuple[Evaluation, dict[str, Evaluation],
-                                                                                dict[str, list]]:
+                                                                                dict[str, list], dict[str, dict]]:
     """The run on the test split as ``diffumask evaluate`` scores it, the same on its one-object and its
-    two- and three-object scenes apart (where a synthetic-only segmenter loses most), and its confusions."""
+    two- and three-object scenes apart (where a synthetic-only segmenter loses most), its confusions, and per
+    group and object-area bin the share of the objects' pixels given their class (pooled) and the objects'
+    count: whether what it misses is the small objects or the crowded scenes."""
     run, source = RunFolder(run_root), open_source(str(test))
     objects = {r["id"]: len(r["objects"]) for r in Dataset(test).records()}
     scorers = {group: Scorer(run.classes, source.label_names, None, unseen if group == "all" else None)
                for group in ("all", "one", "several")}
+    sizes = {group: {name: [0, 0, 0] for name in AREA_BINS} for group in ("one", "several")}  # right, pixels, objects
     for item_id, prediction, truth in iter_predictions(run, source, "test", progress=False):
+        group = "one" if objects[item_id] == 1 else "several"
         scorers["all"].update(prediction, truth)
-        scorers["one" if objects[item_id] == 1 else "several"].update(prediction, truth)
+        scorers[group].update(prediction, truth)
+        for area, right in named_right(prediction, truth, scorers["all"]):
+            totals = sizes[group][area_bin(area)]
+            totals[0], totals[1], totals[2] = totals[0] + right, totals[1] + area, totals[2] + 1
+    by_area = {group: {name: {"recall": round(right / pixels, 3), "objects": count}
+                       for name, (right, pixels, count) in bins.items() if count}
+               for group, bins in sizes.items()}
     return (scorers["all"].result(), {group: scorers[group].result() for group in ("one", "several")},
-            confusions(scorers["all"]))
+            confusions(scorers["all"]), by_area)
+
+
+def print_by_area(rows: list[dict]) -> None:
+    """The rows' recall by object area: the share of the test objects' pixels given their class."""
+    cells = [(group, name) for group in ("one", "several") for name in AREA_BINS]
+    print("\nshare of the test objects' pixels given their class (%), by object area in px (objects), "
+          "in one-object scenes | in scenes of two or three")
+    print(f"{'row':<24}" + "".join(f"{name:>14}" for _, name in cells[:4]) + "  |"
+          + "".join(f"{name:>14}" for _, name in cells[4:]))
+    for r in rows:
+        shown = [r["by_area"][group].get(name) for group, name in cells]
+        text = [f"{100 * c['recall']:6.1f} ({c['objects']:3d})" if c else "-" for c in shown]
+        print(f"{r['row']:<24}" + "".join(f"{t:>14}" for t in text[:4]) + "  |" + "".join(f"{t:>14}" for t in text[4:]))
 
 
 def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, test: Path,
@@ -195,12 +238,13 @@ def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, t
     run = train(TrainConfig(data=[str(d) for d in data], out=str(out), preset=args.preset, steps=args.steps,
                             weights=weights, seed=args.seed, workers=args.workers), progress=not args.quiet)
     minutes = train_summary(run)["minutes"]  # training time as logged by the run (resumes included)
-    evaluation, by_count, confused = scored(run.root, test, unseen)
+    evaluation, by_count, confused, by_area = scored(run.root, test, unseen)
     iou = dict(zip(evaluation.classes, evaluation.iou))
     row = {"row": label or name, "iou": iou, "miou_shapes": shapes_miou(evaluation), "miou_with_background": evaluation.miou,
            "minutes": minutes, "seen": evaluation.seen, "unseen": evaluation.unseen, "harmonic": evaluation.harmonic,
            **{f"miou_{group}": shapes_miou(e) for group, e in by_count.items()},
-           "confused": confused}  # per true shape: the other class given most of its pixels, and their share of them
+           "confused": confused,  # per true shape: the other class given most of its pixels, and their share of them
+           "by_area": by_area}  # per scene group and object-area bin: share of the objects' pixels named right
     print(json.dumps(row), flush=True)
     return row
 
@@ -266,6 +310,7 @@ def main() -> None:
         if r["seen"] is not None:
             print(f"{'':<24}zero-shot: seen {100 * r['seen']:.1f}  unseen {100 * r['unseen']:.1f}  "
                   f"harmonic {100 * r['harmonic']:.1f}")
+    print_by_area(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

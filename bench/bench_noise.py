@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench_downstream import percent, prepare, run_row, subset
+from bench_downstream import percent, prepare, print_by_area, run_row, subset
 
 from diffumask.augment import AugmentConfig, augment_dataset
 from diffumask.dataset import Dataset
@@ -153,6 +153,7 @@ def main() -> None:
             print(f"{r['row']:<24}" + "".join(f"{100 * r['iou'][c]:9.1f}" for c in CLASSES)
                   + f"{100 * r['miou_shapes']:8.1f}{percent(r['miou_one']):>7}{percent(r['miou_several']):>7}"
                   + f"{r['minutes']:6.1f}")
+        print_by_area(rows)
         print(json.dumps(rows))
     print(f"\nwall time {(time.monotonic() - started) / 60:.1f} minutes (data, folds, rows; what --work held was reused)")
 
