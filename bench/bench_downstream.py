@@ -58,7 +58,7 @@ UNSEEN = ("ring", "cross")
 #: draw larger radii (0.25-0.4 of the side) than scenes of several (0.18-0.3), and a star or a ring covers
 #: less than a circle of its radius.
 AREA_EDGES = (100, 200, 300)
-AREA_BINS = ("<100", "100-199", "200-299", ">=300")
+AREA_BINS = (f"<{AREA_EDGES[0]}", *(f"{lo}-{hi - 1}" for lo, hi in zip(AREA_EDGES, AREA_EDGES[1:])), f">={AREA_EDGES[-1]}")
 
 
 def subset(source: Dataset, out: Path, ids: list[str], mask_of: Callable[[dict], np.ndarray] | None = None) -> Path:
@@ -186,8 +186,9 @@ def area_bin(area: int) -> str:
 
 
 def named_right(prediction: np.ndarray, truth: np.ndarray, scorer: Scorer) -> list[tuple[int, int]]:
-    """Per shape in ``truth`` (a scene holds each shape once): (its pixels, how many the prediction gives
-    its class), both in the scorer's class indices."""
+    """Per shape in ``truth`` (a scene holds each shape once): (its visible pixels, how many of them the
+    prediction gives its class). Prediction (run indices) and truth (source values) are first mapped to the
+    scorer's class indices, so names match as ``evaluate`` matches them."""
     truth, prediction = scorer.truth_lut[truth], scorer.prediction_lut[prediction]
     shapes = [i for i, name in enumerate(scorer.classes) if name in CLASSES]
     return [(int(mask.sum()), int((prediction[mask] == i).sum())) for i in shapes if (mask := truth == i).any()]
@@ -210,7 +211,7 @@ def scored(run_root: Path, test: Path, unseen: tuple[str, ...] | None) -> tuple[
         scorers[group].update(prediction, truth)
         for area, right in named_right(prediction, truth, scorers["all"]):
             totals = sizes[group][area_bin(area)]
-            totals[0], totals[1], totals[2] = totals[0] + right, totals[1] + area, totals[2] + 1
+            totals[:] = [totals[0] + right, totals[1] + area, totals[2] + 1]
     by_area = {group: {name: {"recall": round(right / pixels, 3), "objects": count}
                        for name, (right, pixels, count) in bins.items() if count}
                for group, bins in sizes.items()}
