@@ -204,15 +204,15 @@ def scored(run_root: Path, test: Path, unseen: tuple[str, ...] | None) -> tuple[
     objects = {r["id"]: len(r["objects"]) for r in Dataset(test).records()}
     scorers = {group: Scorer(run.classes, source.label_names, None, unseen if group == "all" else None)
                for group in ("all", "one", "several")}
-    sizes = {group: {name: [0, 0, 0] for name in AREA_BINS} for group in ("one", "several")}  # right, pixels, objects
+    sizes = {group: {name: np.zeros(3, np.int64) for name in AREA_BINS}  # pixels right, pixels, objects
+             for group in ("one", "several")}
     for item_id, prediction, truth in iter_predictions(run, source, "test", progress=False):
         group = "one" if objects[item_id] == 1 else "several"
         scorers["all"].update(prediction, truth)
         scorers[group].update(prediction, truth)
         for area, right in named_right(prediction, truth, scorers["all"]):
-            totals = sizes[group][area_bin(area)]
-            totals[:] = [totals[0] + right, totals[1] + area, totals[2] + 1]
-    by_area = {group: {name: {"recall": round(right / pixels, 3), "objects": count}
+            sizes[group][area_bin(area)] += (right, area, 1)
+    by_area = {group: {name: {"recall": round(float(right / pixels), 3), "objects": int(count)}
                        for name, (right, pixels, count) in bins.items() if count}
                for group, bins in sizes.items()}
     return (scorers["all"].result(), {group: scorers[group].result() for group in ("one", "several")},
@@ -224,12 +224,14 @@ def print_by_area(rows: list[dict]) -> None:
     cells = [(group, name) for group in ("one", "several") for name in AREA_BINS]
     print("\nshare of the test objects' pixels given their class (%), by object area in px (objects), "
           "in one-object scenes | in scenes of two or three")
-    print(f"{'row':<24}" + "".join(f"{name:>14}" for _, name in cells[:4]) + "  |"
-          + "".join(f"{name:>14}" for _, name in cells[4:]))
+    half = len(AREA_BINS)
+    print(f"{'row':<24}" + "".join(f"{name:>14}" for _, name in cells[:half]) + "  |"
+          + "".join(f"{name:>14}" for _, name in cells[half:]))
     for r in rows:
         shown = [r["by_area"][group].get(name) for group, name in cells]
         text = [f"{100 * c['recall']:6.1f} ({c['objects']:3d})" if c else "-" for c in shown]
-        print(f"{r['row']:<24}" + "".join(f"{t:>14}" for t in text[:4]) + "  |" + "".join(f"{t:>14}" for t in text[4:]))
+        print(f"{r['row']:<24}" + "".join(f"{t:>14}" for t in text[:half]) + "  |"
+              + "".join(f"{t:>14}" for t in text[half:]))
 
 
 def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, test: Path,

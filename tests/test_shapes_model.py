@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+from safetensors.torch import load_file
 
 from diffumask.shapes import CLASSES, ShapesPipeline, load_pipeline
 from diffumask.shapes.classifier import load_classifier, training_masks
@@ -143,8 +144,6 @@ def test_diffumask_shapes_train_hands_its_options_to_the_trainer(tmp_path, capsy
 
 
 def test_training_command_writes_a_loadable_pipeline(tmp_path, caplog) -> None:
-    from safetensors.torch import load_file
-
     out = train(tmp_path / "run", TrainSettings(steps=2, batch_size=4, warmup_steps=1))
     # saving in fp16 is not inference on a CPU: no warning that such a pipeline cannot run there
     assert not [r for r in caplog.records if "float16" in r.getMessage()]
@@ -161,8 +160,6 @@ def test_training_command_writes_a_loadable_pipeline(tmp_path, caplog) -> None:
 def test_loader_workers_give_the_weights_of_rendering_in_the_loop(tmp_path) -> None:
     """Scenes rendered in loader processes (as on a GPU) give the very weights of rendering in the loop: the
     batches are a pure function of (seed, step) and come in step order."""
-    from safetensors.torch import load_file
-
     weights = []
     for workers in (0, 2):
         out = train(tmp_path / f"run{workers}", TrainSettings(steps=3, batch_size=4, warmup_steps=1,
@@ -191,8 +188,6 @@ def test_the_scene_loader_gives_each_step_its_batch_and_leaves_the_models_random
 def test_init_from_goes_on_from_saved_weights(tmp_path) -> None:
     """--init-from starts from a saved pipeline, not from a fresh initialisation; a wrong folder or backbone is a
     one-line error."""
-    from safetensors.torch import load_file
-
     from diffumask.errors import ConfigError
 
     name = "unet/diffusion_pytorch_model.safetensors"
@@ -248,7 +243,6 @@ def test_the_diffusion_transformer_trains_and_records(tmp_path) -> None:
     out = train(tmp_path / "dit", TrainSettings(steps=2, batch_size=4, warmup_steps=1, backbone="dit"))
     record = json.loads((out / "training.json").read_text())
     assert record["settings"]["backbone"] == "dit" and "transformer_config" in record
-    from safetensors.torch import load_file
     saved = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float16}
     pipe = load_model(str(out))
