@@ -15,7 +15,7 @@ from PIL import Image
 
 from diffumask.cli import main
 from diffumask.dataset import IGNORE_INDEX, Dataset
-from diffumask.report import ReportError, build_report
+from diffumask.report import build_report
 from diffumask.report.browser import find_chromium, load_page, screenshot
 
 N_ITEMS = 14

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..dataset import IGNORE_INDEX, Dataset, read_index_png, voc_palette, write_text_atomic
+from ..dataset import IGNORE_INDEX, Dataset, voc_palette, write_text_atomic
 from ..errors import DiffumaskError
 from ..formats.export import open_dataset, plain_modes
 from . import plots
