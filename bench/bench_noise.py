@@ -14,7 +14,9 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
   augment  on the best α's items (or --augment-alpha's; 0: every refined image, no filter needed) plus
            their augmented copies (``diffumask augment``, as many items): Φ1, Φ1+Φ2, Φ1+Φ2+Φ3, all four
            (Table 4 (d)); --augment-rows also takes Φ1-k23 (2×2 and 3×3 mosaics), paste (copy-paste of
-           random items' objects, ours) and Φ1+paste (both)
+           random items' objects, ours), Φ1+paste (both), Φ1+paste-small (1-3 pasted objects, down to 0.3
+           of the side), k12+paste (a mosaic or a single item, each with copy-paste), Φ1+paste-3x and
+           Φ1+paste-10x (three and ten augmented items per item): AUGMENT_ROWS holds each one's AugmentConfig fields
 
 Every run folder and dataset is kept in --work, so a killed benchmark continues where it stopped (folds trained
 with another --fold-steps are refused: delete DATA/noise to train them again). The fold models train for 1200
@@ -43,17 +45,24 @@ from diffumask.shapes import CLASSES
 from diffumask.shapes.classifier import clean, foreground, is_present, load_classifier
 
 ALPHAS = (0.3, 0.5, 0.7)
-AUGMENT_ROWS = {  # (grids, blur, occlusion, perspective, paste)
-    "Φ1": ((2,), 0.0, 0.0, 0.0, 0.0),
-    "Φ1+Φ2": ((2,), 0.5, 0.0, 0.0, 0.0),
-    "Φ1+Φ2+Φ3": ((2,), 0.5, 0.5, 0.0, 0.0),
-    "Φ1+Φ2+Φ3+Φ4": ((2,), 0.5, 0.5, 0.5, 0.0),
+PLAIN = dict(blur=0.0, occlusion=0.0, perspective=0.0)  # AugmentConfig's defaults turn Φ2-Φ4 on; a row names what it adds
+AUGMENT_ROWS = {  # AugmentConfig's fields, per row
+    "Φ1": dict(PLAIN, grids=(2,)),
+    "Φ1+Φ2": dict(PLAIN, grids=(2,), blur=0.5),
+    "Φ1+Φ2+Φ3": dict(PLAIN, grids=(2,), blur=0.5, occlusion=0.5),
+    "Φ1+Φ2+Φ3+Φ4": dict(grids=(2,), blur=0.5, occlusion=0.5, perspective=0.5),
     # not the paper's (real scenes hold 1-3 objects of several sizes): 2x2 and 3x3 mosaics; copy-paste of
     # 1-2 other items' objects onto each item, alone and onto 2x2 mosaics
-    "Φ1-k23": ((2, 3), 0.0, 0.0, 0.0, 0.0),
-    "paste": ((1,), 0.0, 0.0, 0.0, 1.0),
-    "Φ1+paste": ((2,), 0.0, 0.0, 0.0, 1.0),
-}
+    "Φ1-k23": dict(PLAIN, grids=(2, 3)),
+    "paste": dict(PLAIN, grids=(1,), paste=1.0),
+    "Φ1+paste": dict(PLAIN, grids=(2,), paste=1.0),
+    # half the test split's objects cover under 100 of its 1024 pixels: 1-3 pasted objects down to 0.3 of
+    # the side; one mosaic or one item with copy-paste; three times as many augmented items
+    "Φ1+paste-small": dict(PLAIN, grids=(2,), paste=1.0, paste_objects=(1, 3), paste_scale=(0.3, 0.9)),
+    "k12+paste": dict(PLAIN, grids=(1, 2), paste=1.0),
+    "Φ1+paste-3x": dict(PLAIN, grids=(2,), paste=1.0, copies=3),
+    "Φ1+paste-10x": dict(PLAIN, grids=(2,), paste=1.0, copies=10),
+}  # copies: augmented items per item of the row's base (1: as many, AugmentConfig's default)
 TABLE_4D = ("Φ1", "Φ1+Φ2", "Φ1+Φ2+Φ3", "Φ1+Φ2+Φ3+Φ4")
 
 
@@ -142,10 +151,11 @@ def main() -> None:
         base = args.work / f"filtered-{args.n}-{alpha}" if alpha else refined.root
         base = subset(refined, base, kept[alpha]) if alpha else base
         for name in args.augment_rows.split(","):
-            grids, blur, occlusion, persp, paste = AUGMENT_ROWS[name]
+            fields = dict(AUGMENT_ROWS[name])
+            if (copies := fields.pop("copies", 1)) != 1:
+                fields["items"] = copies * len(Dataset(base).split_ids("train"))
             out = args.work / f"augmented-{args.n}-{alpha}-{name}"
-            augment_dataset(base, out, AugmentConfig(grids=grids, blur=blur, occlusion=occlusion, perspective=persp,
-                                                     paste=paste, seed=args.seed), progress=not args.quiet)
+            augment_dataset(base, out, AugmentConfig(**fields, seed=args.seed), progress=not args.quiet)
             rows.append(run_row(f"aug-{alpha}-{name}", [base, out], args.work, args, paths["test"],
                                 label=f"α {alpha} + {name}"))
     if rows:
