@@ -57,7 +57,7 @@ AUGMENT_ROWS = {  # AugmentConfig's fields, per row
     "paste": dict(PLAIN, grids=(1,), paste=1.0),
     "Φ1+paste": dict(PLAIN, grids=(2,), paste=1.0),
     # half the test split's objects cover under 100 of its 1024 pixels: 1-3 pasted objects down to 0.3 of
-    # the side; one mosaic or one item with copy-paste; three times as many augmented items
+    # the side; one mosaic or one item with copy-paste; three and ten times as many augmented items
     "Φ1+paste-small": dict(PLAIN, grids=(2,), paste=1.0, paste_objects=(1, 3), paste_scale=(0.3, 0.9)),
     "k12+paste": dict(PLAIN, grids=(1, 2), paste=1.0),
     "Φ1+paste-3x": dict(PLAIN, grids=(2,), paste=1.0, copies=3),
@@ -108,6 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     wanted = set(args.rows.split(","))
+    if unknown := set(args.augment_rows.split(",")) - set(AUGMENT_ROWS):
+        parser.error(f"unknown --augment-rows {', '.join(sorted(unknown))}; choose from {', '.join(AUGMENT_ROWS)}")
     paths = prepare(args.work, args.n, [args.n], args.model)
     refined = Dataset(paths[f"refined-{args.n}"])
     training = TrainConfig(data=[], out="", preset=args.preset, steps=args.fold_steps, seed=args.seed,
