@@ -16,7 +16,9 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
            (Table 4 (d)); --augment-rows also takes Φ1-k23 (2×2 and 3×3 mosaics), paste (copy-paste of
            random items' objects, ours), Φ1+paste (both), Φ1+paste-small (1-3 pasted objects, down to 0.3
            of the side), k12+paste (a mosaic or a single item, each with copy-paste), Φ1+paste-3x and
-           Φ1+paste-10x (three and ten augmented items per item): AUGMENT_ROWS holds each one's AugmentConfig fields
+           Φ1+paste-10x (three and ten augmented items per item) and Φ1+paste-share91 (Φ1+paste's items drawn for
+           10 of 11 training samples, as the 10x row draws its own): AUGMENT_ROWS holds each one's AugmentConfig
+           fields
 
 Every run folder and dataset is kept in --work, so a killed benchmark continues where it stopped (folds trained
 with another --fold-steps are refused: delete DATA/noise to train them again). The fold models train for 1200
@@ -62,7 +64,10 @@ AUGMENT_ROWS = {  # AugmentConfig's fields, per row
     "k12+paste": dict(PLAIN, grids=(1, 2), paste=1.0),
     "Φ1+paste-3x": dict(PLAIN, grids=(2,), paste=1.0, copies=3),
     "Φ1+paste-10x": dict(PLAIN, grids=(2,), paste=1.0, copies=10),
-}  # copies: augmented items per item of the row's base (1: as many, AugmentConfig's default)
+    # Φ1+paste's items drawn as often as the 10x row draws its own: the share apart from the count
+    "Φ1+paste-share91": dict(PLAIN, grids=(2,), paste=1.0, share=10 / 11),
+}  # copies: augmented items per item of the row's base (1: as many, AugmentConfig's default); share: the augmented
+#    items' share of the training samples (default: in proportion to the item counts, train's own default)
 TABLE_4D = ("Φ1", "Φ1+Φ2", "Φ1+Φ2+Φ3", "Φ1+Φ2+Φ3+Φ4")
 
 
@@ -156,9 +161,11 @@ def main() -> None:
             fields = dict(AUGMENT_ROWS[name])
             if (copies := fields.pop("copies", 1)) != 1:
                 fields["items"] = copies * len(Dataset(base).split_ids("train"))
+            share = fields.pop("share", None)
+            weights = None if share is None else [1 - share, share]
             out = args.work / f"augmented-{args.n}-{alpha}-{name}"
             augment_dataset(base, out, AugmentConfig(**fields, seed=args.seed), progress=not args.quiet)
-            rows.append(run_row(f"aug-{alpha}-{name}", [base, out], args.work, args, paths["test"],
+            rows.append(run_row(f"aug-{alpha}-{name}", [base, out], args.work, args, paths["test"], weights=weights,
                                 label=f"α {alpha} + {name}"))
     if rows:
         print(f"\n{'row':<24}" + "".join(f"{c:>9}" for c in CLASSES) + f"{'mIoU':>8}{'1 obj':>7}{'2-3':>7}{'min':>6}")
