@@ -15,8 +15,8 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
            their augmented copies (``diffumask augment``, as many items): Φ1, Φ1+Φ2, Φ1+Φ2+Φ3, all four
            (Table 4 (d)); --augment-rows also takes Φ1-k23 (2×2 and 3×3 mosaics), paste (copy-paste of
            random items' objects, ours), Φ1+paste (both), Φ1+paste-small (1-3 pasted objects, down to 0.3
-           of the side), k12+paste (a mosaic or a single item, each with copy-paste), Φ1+paste-3x and
-           Φ1+paste-10x (three and ten augmented items per item) and Φ1+paste-share91 (Φ1+paste's items drawn for
+           of the side), k12+paste (a mosaic or a single item, each with copy-paste), Φ1+paste-3x,
+           Φ1+paste-10x and Φ1+paste-20x (three, ten and twenty augmented items per item) and Φ1+paste-share91 (Φ1+paste's items drawn for
            10 of 11 training samples, as the 10x row draws its own): AUGMENT_ROWS holds each one's AugmentConfig
            fields
 
@@ -59,11 +59,12 @@ AUGMENT_ROWS = {  # AugmentConfig's fields, per row
     "paste": dict(PLAIN, grids=(1,), paste=1.0),
     "Φ1+paste": dict(PLAIN, grids=(2,), paste=1.0),
     # half the test split's objects cover under 100 of its 1024 pixels: 1-3 pasted objects down to 0.3 of
-    # the side; one mosaic or one item with copy-paste; three and ten times as many augmented items
+    # the side; one mosaic or one item with copy-paste; three, ten and twenty times as many augmented items
     "Φ1+paste-small": dict(PLAIN, grids=(2,), paste=1.0, paste_objects=(1, 3), paste_scale=(0.3, 0.9)),
     "k12+paste": dict(PLAIN, grids=(1, 2), paste=1.0),
     "Φ1+paste-3x": dict(PLAIN, grids=(2,), paste=1.0, copies=3),
     "Φ1+paste-10x": dict(PLAIN, grids=(2,), paste=1.0, copies=10),
+    "Φ1+paste-20x": dict(PLAIN, grids=(2,), paste=1.0, copies=20),
     # Φ1+paste's items drawn as often as the 10x row draws its own: the share apart from the count
     "Φ1+paste-share91": dict(PLAIN, grids=(2,), paste=1.0, share=10 / 11),
 }  # copies: augmented items per item of the row's base (1: as many, AugmentConfig's default); share: the augmented
