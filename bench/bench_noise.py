@@ -16,9 +16,9 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
            (Table 4 (d)); --augment-rows also takes Φ1-k23 (2×2 and 3×3 mosaics), paste (copy-paste of
            random items' objects, ours), Φ1+paste (both), Φ1+paste-small (1-3 pasted objects, down to 0.3
            of the side), k12+paste (a mosaic or a single item, each with copy-paste), Φ1+paste-3x,
-           Φ1+paste-10x and Φ1+paste-20x (three, ten and twenty augmented items per item) and Φ1+paste-share91 (Φ1+paste's items drawn for
-           10 of 11 training samples, as the 10x row draws its own): AUGMENT_ROWS holds each one's AugmentConfig
-           fields
+           Φ1+paste-10x and Φ1+paste-20x (three, ten and twenty augmented items per item), and
+           Φ1+paste-share91 (Φ1+paste's items drawn for 10 of 11 training samples, as the 10x row draws its
+           own): AUGMENT_ROWS holds each one's AugmentConfig fields
 
 Every run folder and dataset is kept in --work, so a killed benchmark continues where it stopped (folds trained
 with another --fold-steps are refused: delete DATA/noise to train them again). The fold models train for 1200
@@ -57,16 +57,16 @@ AUGMENT_ROWS = {  # AugmentConfig's fields, per row
     # 1-2 other items' objects onto each item, alone and onto 2x2 mosaics
     "Φ1-k23": dict(PLAIN, grids=(2, 3)),
     "paste": dict(PLAIN, grids=(1,), paste=1.0),
-    "Φ1+paste": dict(PLAIN, grids=(2,), paste=1.0),
+    "Φ1+paste": (PASTE := dict(PLAIN, grids=(2,), paste=1.0)),
     # half the test split's objects cover under 100 of its 1024 pixels: 1-3 pasted objects down to 0.3 of
     # the side; one mosaic or one item with copy-paste; three, ten and twenty times as many augmented items
-    "Φ1+paste-small": dict(PLAIN, grids=(2,), paste=1.0, paste_objects=(1, 3), paste_scale=(0.3, 0.9)),
-    "k12+paste": dict(PLAIN, grids=(1, 2), paste=1.0),
-    "Φ1+paste-3x": dict(PLAIN, grids=(2,), paste=1.0, copies=3),
-    "Φ1+paste-10x": dict(PLAIN, grids=(2,), paste=1.0, copies=10),
-    "Φ1+paste-20x": dict(PLAIN, grids=(2,), paste=1.0, copies=20),
+    "Φ1+paste-small": dict(PASTE, paste_objects=(1, 3), paste_scale=(0.3, 0.9)),
+    "k12+paste": dict(PASTE, grids=(1, 2)),
+    "Φ1+paste-3x": dict(PASTE, copies=3),
+    "Φ1+paste-10x": dict(PASTE, copies=10),
+    "Φ1+paste-20x": dict(PASTE, copies=20),
     # Φ1+paste's items drawn as often as the 10x row draws its own: the share apart from the count
-    "Φ1+paste-share91": dict(PLAIN, grids=(2,), paste=1.0, share=10 / 11),
+    "Φ1+paste-share91": dict(PASTE, share=10 / 11),
 }  # copies: augmented items per item of the row's base (1: as many, AugmentConfig's default); share: the augmented
 #    items' share of the training samples (default: in proportion to the item counts, train's own default)
 TABLE_4D = ("Φ1", "Φ1+Φ2", "Φ1+Φ2+Φ3", "Φ1+Φ2+Φ3+Φ4")
