@@ -162,8 +162,8 @@ def main() -> None:
             fields = dict(AUGMENT_ROWS[name])
             if (copies := fields.pop("copies", 1)) != 1:
                 fields["items"] = copies * len(Dataset(base).split_ids("train"))
-            share = fields.pop("share", None)
-            weights = None if share is None else [1 - share, share]
+            augmented_share = fields.pop("share", None)  # not `share`: main's catch table calls the function above
+            weights = None if augmented_share is None else [1 - augmented_share, augmented_share]
             out = args.work / f"augmented-{args.n}-{alpha}-{name}"
             augment_dataset(base, out, AugmentConfig(**fields, seed=args.seed), progress=not args.quiet)
             rows.append(run_row(f"aug-{alpha}-{name}", [base, out], args.work, args, paths["test"], weights=weights,
