@@ -1,6 +1,7 @@
 """The paper's Table 1 in miniature: segmenters trained on real, synthetic and mixed shapes data.
 
     python bench/bench_downstream.py [--work DIR] [--n 600] [--steps 2500] [--rows a,b,c,d,oracle,silhouette,scale,zeroshot]
+                                     [--augment LIST]
 
 Everything is scored on the shapes world's held-out real test split (scenes of 1-3 objects, exact
 masks). The same segmenter preset (``tiny`` unless --preset) is trained, with the same steps, on:
@@ -24,6 +25,10 @@ target's figure) and with background, the ratio to (a), the mIoU over the shapes
 one-object scenes and on its two- and three-object scenes apart, and the training minutes of each row; then,
 for each row, the share of the test objects' pixels it gives their class by object area, in one-object
 scenes and in the others apart (does it miss the small objects, or the crowded scenes?).
+
+--augment trains every row with other on-the-fly augmentation than the preset's (train's --augment; e.g.
++mosaic,paste: the preset's, and mosaics with copy-paste made for each sample), in run folders of their own,
+and the ratios are to row (a) trained the same way.
 """
 
 from __future__ import annotations
@@ -235,11 +240,17 @@ def print_by_area(rows: list[dict]) -> None:
 
 
 def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, test: Path,
-            weights: list[float] | None = None, unseen: tuple[str, ...] | None = None, label: str | None = None) -> dict:
-    """Train (or reuse) the run ``name`` and score it on the real test split."""
-    out = work / "runs" / (name if args.preset == "tiny" else f"{name}-{args.preset}")
+            weights: list[float] | None = None, unseen: tuple[str, ...] | None = None, label: str | None = None,
+            augment: list[str] | None = None, extra: dict | None = None) -> dict:
+    """Train (or reuse) the run ``name`` and score it on the real test split (``augment``, ``extra``: TrainConfig's;
+    ``augment`` defaults to ``args.augment``, where the run folder's name gets it, else the preset's own)."""
+    folder = name if args.preset == "tiny" else f"{name}-{args.preset}"
+    if augment is None and getattr(args, "augment", None):
+        augment, folder = args.augment.split(","), f"{folder}-augment={args.augment}"
+    out = work / "runs" / folder
     run = train(TrainConfig(data=[str(d) for d in data], out=str(out), preset=args.preset, steps=args.steps,
-                            weights=weights, seed=args.seed, workers=args.workers), progress=not args.quiet)
+                            weights=weights, seed=args.seed, workers=args.workers, augment=augment, extra=extra or {}),
+                progress=not args.quiet)
     minutes = train_summary(run)["minutes"]  # training time as logged by the run (resumes included)
     evaluation, by_count, confused, by_area = scored(run.root, test, unseen)
     iou = dict(zip(evaluation.classes, evaluation.iou))
@@ -258,6 +269,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=600, help="N: real scenes and synthetic images per row")
     parser.add_argument("--steps", type=int, default=2500, help="training steps of every row")
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--augment", help="every row's on-the-fly augmentation (train's --augment, e.g. +mosaic,paste; "
+                        "default: the preset's); the ratios are then to row (a) trained the same way")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes")
     parser.add_argument("--rows", default="a,b,c,d,oracle,silhouette,scale,zeroshot")

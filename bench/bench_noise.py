@@ -67,8 +67,15 @@ AUGMENT_ROWS = {  # AugmentConfig's fields, per row
     "Φ1+paste-20x": dict(PASTE, copies=20),
     # Φ1+paste's items drawn as often as the 10x row draws its own: the share apart from the count
     "Φ1+paste-share91": dict(PASTE, share=10 / 11),
+    # mosaics with copy-paste made afresh for each training sample, never written (train --augment +mosaic,paste),
+    # for three in four of the samples (train's default), for nine in ten, for all and for half
+    "Φ1+paste-live-75": dict(live=0.75),
+    "Φ1+paste-live-90": dict(live=0.9),
+    "Φ1+paste-live-all": dict(live=1.0),
+    "Φ1+paste-live-50": dict(live=0.5),
 }  # copies: augmented items per item of the row's base (1: as many, AugmentConfig's default); share: the augmented
-#    items' share of the training samples (default: in proportion to the item counts, train's own default)
+#    items' share of the training samples (default: in proportion to the item counts, train's own default); live:
+#    no augmented dataset, train's composite share instead
 TABLE_4D = ("Φ1", "Φ1+Φ2", "Φ1+Φ2+Φ3", "Φ1+Φ2+Φ3+Φ4")
 
 
@@ -160,6 +167,11 @@ def main() -> None:
         base = subset(refined, base, kept[alpha]) if alpha else base
         for name in args.augment_rows.split(","):
             fields = dict(AUGMENT_ROWS[name])
+            if (live := fields.pop("live", None)) is not None:
+                rows.append(run_row(f"aug-{alpha}-{name}", [base], args.work, args, paths["test"],
+                                    label=f"α {alpha} + {name}", augment=["+mosaic", "paste"],
+                                    extra={"composite_share": live}))
+                continue
             if (copies := fields.pop("copies", 1)) != 1:
                 fields["items"] = copies * len(Dataset(base).split_ids("train"))
             augmented_share = fields.pop("share", None)  # not `share`: main's catch table calls the function above

@@ -3,7 +3,7 @@ output is deterministic and resumable, and bad input is one sentence."""
 
 from __future__ import annotations
 
-
+import json
 from dataclasses import replace
 
 import cv2
@@ -284,3 +284,88 @@ def test_training_channel_shuffles_reorder_rgb_and_leave_the_mask():
         assert sorted(shown) == sorted(colour) and (out_image[0, 0] == 128).all()
         orders.add(shown)
     assert len(orders) == 6  # every order of R, G, B
+
+
+def _training_samples(root, augment: tuple[str, ...], share: float, seed: int = 0):
+    """train's samples of ``root``'s train split at crop 48 and one scale, as (image, labels) arrays."""
+    from diffumask.formats import open_source
+    from diffumask.segment.data import IMAGENET_MEAN, IMAGENET_STD, TrainingSamples, open_splits, union_classes
+
+    sources = [open_source(str(root))]
+    samples = TrainingSamples(open_splits(sources, "train", union_classes(sources)), None, 48, (1.0, 1.0), augment,
+                              seed, share)
+
+    def sample(step: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        image, labels = samples[(step, slot)]
+        pixels = (image.numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN).round().clip(0, 255)
+        return pixels.astype(np.uint8), labels.numpy().astype(np.uint8)
+    return sample
+
+
+def _kind(image: np.ndarray, labels: np.ndarray, items: list[tuple[np.ndarray, np.ndarray]]) -> str:
+    """"item" when the sample is one of ``items`` as it is, "mosaic" when each quadrant is one of them at half
+    size (as augment's mosaic resizes tiles), else "other"."""
+    def same(a, b):
+        return np.abs(a[0].astype(int) - b[0]).max() <= 1 and (a[1] == b[1]).all()
+    if any(same((image, labels), item) for item in items):
+        return "item"
+    halves = [cv2.resize(i, (24, 24), interpolation=cv2.INTER_AREA) for i, _ in items]
+    half_labels = [cv2.resize(m, (24, 24), interpolation=cv2.INTER_NEAREST) for _, m in items]
+    quadrants = [(image[y:y + 24, x:x + 24], labels[y:y + 24, x:x + 24]) for y in (0, 24) for x in (0, 24)]
+    if all(any(same(q, item) for item in zip(halves, half_labels)) for q in quadrants):
+        return "mosaic"
+    return "other"
+
+
+def test_training_makes_mosaics_on_the_fly_for_its_share_of_the_samples(tmp_path):
+    """`train --augment mosaic`: a composite sample is four train items at half size, the others one item
+    as it is, in the share asked for; every sample is a function of (seed, step, slot)."""
+    source = make_dataset(tmp_path / "source", n=8, size=48)
+    items = [(source.read_image(i), source.read_mask(i)) for i in source.split_ids("train")]
+    for share, low, high in ((0.0, 0, 0), (0.5, 8, 32), (1.0, 40, 40)):
+        sample = _training_samples(source.root, ("mosaic",), share)
+        kinds = [_kind(*sample(step, slot), items) for step in range(10) for slot in range(4)]
+        assert "other" not in kinds and low <= kinds.count("mosaic") <= high, (share, kinds)
+    sample, again = _training_samples(source.root, ("mosaic",), 0.5), _training_samples(source.root, ("mosaic",), 0.5)
+    for key in ((0, 0), (7, 3)):
+        assert all((a == b).all() for a, b in zip(sample(*key), again(*key)))
+    assert not (sample(0, 0)[0] == sample(0, 1)[0]).all()
+
+
+def test_training_pastes_on_the_fly_with_pixels_and_labels_together(tmp_path):
+    from diffumask.shapes.classifier import foreground
+
+    source = make_dataset(tmp_path / "source", n=8, size=48)
+    items = [(source.read_image(i), source.read_mask(i)) for i in source.split_ids("train")]
+    sample = _training_samples(source.root, ("mosaic", "paste", "flip"), 1.0, seed=4)
+    pasted = 0
+    for slot in range(16):
+        image, labels = sample(0, slot)
+        known = labels != IGNORE_INDEX
+        assert ((foreground(image) == (labels > 0)) | ~known).mean() > 0.9  # objects by chroma = labelled pixels
+        pasted += _kind(image, labels, items) == "other" and _kind(image[:, ::-1], labels[:, ::-1], items) == "other"
+    assert pasted > 8  # most mosaics got objects pasted onto them
+
+
+def test_composite_options_keep_older_runs_and_bad_shares_are_one_line(tmp_path, capsys):
+    from diffumask.segment import TrainConfig, get_preset
+
+    tiny = get_preset("tiny")
+    composite = TrainConfig(data=["d"], out="r", augment=["+mosaic", "paste"]).resolved_preset()
+    assert composite.schedule.augment == (*tiny.schedule.augment, "mosaic", "paste")  # "+": besides the preset's
+    assert TrainConfig(data=["d"], out="r", augment=["+flip", "+paste"]).resolved_preset().schedule.augment == (
+        *tiny.schedule.augment, "paste")
+    assert TrainConfig(data=["d"], out="r", augment=["mosaic"]).resolved_preset().schedule.augment == ("mosaic",)
+    # runs without composites record the settings they did before the option existed, so they resume
+    assert "composite_share" not in tiny.as_dict()["schedule"]
+    assert composite.as_dict()["schedule"]["composite_share"] == 0.75
+    source = make_dataset(tmp_path / "source", n=4, size=32)
+    assert main(["train", str(source.root), "--out", str(tmp_path / "bad"), "--augment", "+mosaic",
+                 "--composite-share", "1.5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--composite-share" in err[0]
+    assert main(["train", str(source.root), "--out", str(tmp_path / "run"), "--augment", "+mosaic,paste,occlusion",
+                 "--composite-share", "0.5", "--steps", "2", "--batch-size", "2", "--crop", "32", "--workers", "0",
+                 "--quiet"]) == 0
+    schedule = json.loads((tmp_path / "run" / "settings.json").read_text())["preset"]["schedule"]
+    assert schedule["augment"][-3:] == ["mosaic", "paste", "occlusion"] and schedule["composite_share"] == 0.5

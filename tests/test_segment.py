@@ -136,6 +136,25 @@ def test_each_process_takes_its_own_slots_of_every_batch():
         StepBatches(0, 1, 5, 0, 2)
 
 
+def test_training_items_are_decoded_once_kept_read_only_and_within_the_cache_budget(shapes_data, monkeypatch):
+    from diffumask.formats import open_source
+    from diffumask.segment import data
+
+    sources = [open_source(str(shapes_data))]
+    part = data.open_splits(sources, "train", data.union_classes(sources))[0]
+    decoded = []
+    read = part.source.read
+    monkeypatch.setattr(part.source, "read", lambda item_id: decoded.append(item_id) or read(item_id))
+    first, again = part.read(0), part.read(0)
+    assert decoded == [part.ids[0]] and first[0] is again[0] and first[1] is again[1]
+    assert (first[1] == part.lut[read(part.ids[0])[1]]).all()  # labels in the run's indices
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0, 0] = 0  # a sample must never change what later samples read
+    monkeypatch.setattr(data, "CACHE_BYTES", part.cached_bytes)  # full: later items are decoded every time
+    part.read(1), part.read(1)
+    assert decoded.count(part.ids[1]) == 2 and list(part.cache) == [part.ids[0]]
+
+
 def test_a_sources_own_classes_stay_distinct_even_when_aliases_join_them(tmp_path):
     from diffumask.formats import open_source
     from diffumask.segment.data import label_lut, union_classes

@@ -234,7 +234,13 @@ def paste_objects(image: np.ndarray, labels: np.ndarray, ids: Sequence[str], rea
 def augment_item(index: int, ids: Sequence[str], read: Callable[[str], Pair], config: AugmentConfig,
                  size: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Output item ``index``: its image, mask and what made it (sources, transforms, parameters)."""
-    rng = np.random.default_rng([config.seed, index])
+    return compose(np.random.default_rng([config.seed, index]), ids, read, config, size)
+
+
+def compose(rng: np.random.Generator, ids: Sequence[str], read: Callable[[str], Pair], config: AugmentConfig,
+            size: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One ``size``×``size`` augmented item drawn by ``rng`` from the items ``ids`` (``read`` gives an
+    id's image and labels): ``augment`` writes these, ``train --augment mosaic,paste`` makes them per sample."""
     k = int(rng.choice(config.grids))
     sources = [ids[int(i)] for i in rng.integers(len(ids), size=k * k)]
     image, labels = mosaic([read(i) for i in sources], k, size)
@@ -289,5 +295,6 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
     return target
 
 
-__all__ = ["AugmentConfig", "augment_dataset", "augment_item", "gaussian_blur", "hidden_share", "mosaic", "object_box",
-           "object_owners", "occlude", "paste_object", "paste_objects", "perspective", "random_corners", "resize_pair"]
+__all__ = ["AugmentConfig", "augment_dataset", "augment_item", "compose", "gaussian_blur", "hidden_share", "mosaic",
+           "object_box", "object_owners", "occlude", "paste_object", "paste_objects", "perspective", "random_corners",
+           "resize_pair"]

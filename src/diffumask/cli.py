@@ -380,7 +380,8 @@ def _add_augment(sub: argparse._SubParsersAction) -> None:
                     "probability, Gaussian-blurred (Φ2), occluded by a rectangle of another item with its labels (Φ3) "
                     "and perspective-warped with its mask (Φ4; pixels from outside become 255). Every choice is seeded; "
                     "the manifest names each item's sources and transforms. Re-running resumes. Train on both: "
-                    "diffumask train DATASET AUGMENTED.",
+                    "diffumask train DATASET AUGMENTED; or let train make such items afresh for every sample, "
+                    "with nothing written: diffumask train DATASET --augment +mosaic,paste.",
         epilog="examples:\n"
                "  diffumask augment data/voc --out data/voc-aug        # all four, the defaults\n"
                "  diffumask augment data/voc --out data/voc-mosaic --grids 2,3 --blur 0 --occlusion 0 --perspective 0\n"
@@ -448,10 +449,14 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    "side is the crop times a random ratio, and predicted at that size (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--augment", type=_csv, help="on-the-fly augmentations besides resize and crop: flip, rot90, hue, "
-                   "channels (a random RGB order), shift (up to crop/8 px, what comes in ignored), "
-                   "and blur and perspective (`diffumask augment`'s Φ2 and Φ4, each with p 0.5; mosaics and occlusion "
-                   "need other items: write them with `diffumask augment`) (default: the preset's; 'flip' for r50 "
-                   "and swin-b)")
+                   "channels (a random RGB order), shift (up to crop/8 px, what comes in ignored), blur and "
+                   "perspective (`diffumask augment`'s Φ2 and Φ4, each with p 0.5), and the composites mosaic, paste "
+                   "and occlusion, which make a sample of several items of one DATA as `diffumask augment` writes "
+                   "them (a 2x2 mosaic, copy-paste of 1-2 other items' objects, Φ3 with p 0.5) for --composite-share "
+                   "of the samples, with nothing written to disk; a leading + adds to the preset's list "
+                   "(--augment +mosaic,paste) (default: the preset's; 'flip' for r50 and swin-b)")
+    p.add_argument("--composite-share", type=float, help="with mosaic, paste or occlusion in --augment: the share of "
+                   "samples made of several items; the others show one item (default: 0.75)")
     p.add_argument("--init-from", help="pretrained weights: a folder (or hub id, when online) holding the same "
                    "segmenter or its backbone (Swin, ResNet, SegFormer MiT)")
     p.add_argument("--negatives", nargs="+", metavar="DATA", default=[],
@@ -477,7 +482,8 @@ def _training_config(args: argparse.Namespace, data: list[str], out: str, split:
         data=data, out=out, preset=args.preset, split=split, steps=args.steps, batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, augment=args.augment, save_every=args.save_every, weights=weights,
         negatives=args.negatives, init_from=args.init_from, seed=args.seed, device=args.device, mixed_precision=args.mixed_precision,
-        workers=args.workers, extra={} if args.max_grad_norm is None else {"max_grad_norm": args.max_grad_norm},
+        workers=args.workers, extra={name: value for name in ("max_grad_norm", "composite_share")
+                                     if (value := getattr(args, name)) is not None},
     )
 
 

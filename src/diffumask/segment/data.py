@@ -9,7 +9,8 @@ any number of loader workers or processes, and a resumed run continues exactly w
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -17,30 +18,55 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
-from ..augment import AugmentConfig, gaussian_blur, perspective, random_corners
+from ..augment import AugmentConfig, compose, gaussian_blur, perspective, random_corners
 from ..errors import ConfigError
 from ..formats import LabelledSource, SourceError, match_names
+from .presets import COMPOSITES
 
 IGNORE_INDEX = 255
+CACHE_BYTES = 512 * 2**20  # decoded items kept per training split and process (see SourceSplit)
 #: "shift": up to crop/8 px each way, uncovered pixels black and ignored; "channels": a random RGB order;
-#: "blur" and "perspective": augment's Φ2 and Φ4, each with p = 0.5.
-AUGMENTATIONS = ("flip", "rot90", "hue", "channels", "shift", "blur", "perspective")
-AUGMENT_DEFAULTS = AugmentConfig()  # blur σ and perspective shift, as `diffumask augment` draws them
+#: "blur" and "perspective": augment's Φ2 and Φ4, each with p = 0.5. The composites "mosaic", "paste" and
+#: "occlusion" make a sample of several items of one DATA, as `diffumask augment` writes them (a 2×2 mosaic,
+#: copy-paste of 1-2 other items' objects, Φ3 with p = 0.5), for the schedule's ``composite_share`` of the samples.
+AUGMENTATIONS = ("flip", "rot90", "hue", "channels", "shift", "blur", "perspective", *COMPOSITES)
+AUGMENT_DEFAULTS = AugmentConfig()  # blur σ, perspective shift, occlusion and paste sizes, as augment draws them
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
 
 @dataclass
 class SourceSplit:
-    """One DATA argument's split, with the lookup table from its label values to the run's indices."""
+    """One DATA argument's split, with the lookup table from its label values to the run's indices.
+
+    Decoded items are kept in memory, read-only, up to ``CACHE_BYTES`` per split and process: a composite
+    sample reads five or six items, and decoding them again every epoch would starve the training step of
+    CPU (a small set, such as the shapes benchmark's, is then read from disk once)."""
 
     source: LabelledSource
     ids: list[str]
     lut: np.ndarray  # (256,) uint8: source label value → run class index, 255 where none
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    cached_bytes: int = 0
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image, labels = self.source.read(self.ids[index])
-        return image, self.lut[labels]
+        return self.read_id(self.ids[index])
+
+    def read_id(self, item_id: str) -> tuple[np.ndarray, np.ndarray]:
+        if (pair := self.cache.get(item_id)) is None:
+            image, labels = self.source.read(item_id)
+            pair = (image, self.lut[labels])
+            size = pair[0].nbytes + pair[1].nbytes
+            if self.cached_bytes + size <= CACHE_BYTES:
+                for array in pair:
+                    array.flags.writeable = False  # shared by every later sample: nothing may change it
+                self.cache[item_id], self.cached_bytes = pair, self.cached_bytes + size
+        return pair
+
+    @cached_property
+    def side(self) -> int:
+        """A composite sample's side: the short side of the split's first image (as `augment` sizes its items)."""
+        return min(self.read(0)[1].shape)
 
 
 def union_classes(sources: Sequence[LabelledSource]) -> list[str]:
@@ -148,6 +174,15 @@ def shift(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, most:
     return moved_image, moved_labels
 
 
+def composite_config(augment: Sequence[str]) -> AugmentConfig | None:
+    """How composite samples are made for these augmentation names; None when none is named."""
+    if not set(augment) & set(COMPOSITES):
+        return None
+    return AugmentConfig(grids=(2,) if "mosaic" in augment else (1,), paste=1.0 if "paste" in augment else 0.0,
+                         occlusion=AUGMENT_DEFAULTS.occlusion if "occlusion" in augment else 0.0, blur=0.0,
+                         perspective=0.0)  # blur and perspective, when named, act after the crop as on every sample
+
+
 def check_augment(names: Sequence[str]) -> tuple[str, ...]:
     unknown = [n for n in names if n not in AUGMENTATIONS]
     if unknown:
@@ -159,8 +194,9 @@ class TrainingSamples(TorchDataset):
     """Indexed by (step, slot): the slot-th sample of the step-th global batch."""
 
     def __init__(self, parts: list[SourceSplit], weights: Sequence[float] | None, crop: int,
-                 scale_range: tuple[float, float], augment: Sequence[str], seed: int):
+                 scale_range: tuple[float, float], augment: Sequence[str], seed: int, composite_share: float):
         self.parts, self.crop, self.scale_range, self.augment, self.seed = parts, crop, scale_range, augment, seed
+        self.composite, self.composite_share = composite_config(augment), composite_share
         sizes = np.array([len(p.ids) for p in parts], np.float64)
         share = sizes if weights is None else np.asarray(weights, np.float64)
         if len(share) != len(parts) or (share < 0).any() or share.sum() <= 0:
@@ -172,7 +208,10 @@ class TrainingSamples(TorchDataset):
         step, slot = key
         rng = np.random.default_rng([self.seed, step, slot])
         part = self.parts[int(rng.choice(len(self.parts), p=self.probabilities))]
-        image, labels = part.read(int(rng.integers(len(part.ids))))
+        if self.composite is not None and rng.random() < self.composite_share:  # no draw without composites
+            image, labels, _ = compose(rng, part.ids, part.read_id, self.composite, part.side)
+        else:
+            image, labels = part.read(int(rng.integers(len(part.ids))))
         image, labels = augment_pair(image, labels, rng, self.crop, self.scale_range, self.augment)
         return normalise(image), torch.from_numpy(labels.astype(np.int64))
 

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import ConfigError
 
 FAMILIES = ("segformer", "mask2former")
+COMPOSITES = ("mosaic", "paste", "occlusion")  # augmentations that make one sample of several items
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Schedule:
     poly_power: float = 0.9
     scale_range: tuple[float, float] = (0.5, 2.0)
     augment: tuple[str, ...] = ("flip",)
+    #: With a composite augmentation named (mosaic, paste, occlusion): the share of samples made of several items.
+    composite_share: float = 0.75
     save_every: int = 1000
     max_grad_norm: float | None = None  # clip the whole model's gradient to this L2 norm (Mask2Former's 0.01; 0/None: not)
     #: Weight decay of normalisation layers (``weight_decay_norm``) and of embeddings (``weight_decay_embed``: the
@@ -55,8 +58,10 @@ class Preset:
 
     def as_dict(self) -> dict[str, Any]:
         """The preset as a run's settings record it; options at their "off" value (no clipping, no separate
-        decay) are left out, so runs started before those options existed resume."""
+        decay, no composite augmentation) are left out, so runs started before those options existed resume."""
         out = asdict(self)
+        if not set(self.schedule.augment) & set(COMPOSITES):
+            del out["schedule"]["composite_share"]
         if not out["schedule"]["max_grad_norm"]:
             del out["schedule"]["max_grad_norm"]
         for name in ("weight_decay_norm", "weight_decay_embed"):

@@ -58,9 +58,13 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # schedule fields without a flag (e.g. scale_range)
 
     def resolved_preset(self) -> Preset:
+        augment = None if self.augment is None else list(self.augment)
+        if augment and augment[0].startswith("+"):  # "+mosaic,paste": these besides the preset's own
+            augment = list(dict.fromkeys([*get_preset(self.preset).schedule.augment,
+                                          *(name.removeprefix("+") for name in augment)]))
         overrides = {"steps": self.steps, "batch_size": self.batch_size, "crop": self.crop, "lr": self.lr,
                      "save_every": self.save_every,
-                     "augment": None if self.augment is None else check_augment(self.augment), **self.extra}
+                     "augment": None if augment is None else check_augment(augment), **self.extra}
         preset = get_preset(self.preset).with_schedule(**{k: v for k, v in overrides.items() if v is not None})
         s = preset.schedule
         for name in ("steps", "batch_size", "crop", "save_every"):
@@ -68,6 +72,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
         if not s.lr > 0:
             raise ConfigError(f"--lr must be positive, got {s.lr}")
+        if not 0 <= s.composite_share <= 1:
+            raise ConfigError(f"--composite-share is a share of the samples, in [0, 1], got {s.composite_share}")
         if s.max_grad_norm is not None and s.max_grad_norm < 0:
             raise ConfigError(f"--max-grad-norm must be positive (0: no clipping), got {s.max_grad_norm}")
         for name in ("weight_decay", "weight_decay_norm", "weight_decay_embed"):
@@ -123,7 +129,8 @@ def train(config: TrainConfig, progress: bool = True,
     classes = union_classes(sources)
     parts = open_splits(sources, config.split, classes)
     parts += open_splits([open_source(d) for d in config.negatives], config.negatives_split, classes, negatives=True)
-    samples = TrainingSamples(parts, config.weights, schedule.crop, schedule.scale_range, schedule.augment, config.seed)
+    samples = TrainingSamples(parts, config.weights, schedule.crop, schedule.scale_range, schedule.augment, config.seed,
+                              schedule.composite_share)
 
     settings = config.settings(preset)
     RunFolder.check(config.out, classes, settings)  # every process, before any waits: a mismatch never hangs
