@@ -9,13 +9,14 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import pytest
-from dataset_factory import make_dataset, snapshot
+from dataset_factory import MIXED_NAMES, make_dataset, snapshot
 
 from diffumask.augment import (AugmentConfig, augment_dataset, augment_item, hidden_share, mosaic, occlude,
                                paste_object, perspective)
 from diffumask.cli import main
 from diffumask.dataset import IGNORE_INDEX, Dataset
 from diffumask.errors import ConfigError, DiffumaskError
+from diffumask.segment.data import IMAGENET_MEAN, IMAGENET_STD
 
 RED = (220, 30, 30)
 
@@ -289,7 +290,7 @@ def test_training_channel_shuffles_reorder_rgb_and_leave_the_mask():
 def _training_samples(root, augment: tuple[str, ...], share: float, seed: int = 0):
     """train's samples of ``root``'s train split at crop 48 and one scale, as (image, labels) arrays."""
     from diffumask.formats import open_source
-    from diffumask.segment.data import IMAGENET_MEAN, IMAGENET_STD, TrainingSamples, open_splits, union_classes
+    from diffumask.segment.data import TrainingSamples, open_splits, union_classes
 
     sources = [open_source(str(root))]
     samples = TrainingSamples(open_splits(sources, "train", union_classes(sources)), None, 48, (1.0, 1.0), augment,
@@ -300,6 +301,20 @@ def _training_samples(root, augment: tuple[str, ...], share: float, seed: int = 
         pixels = (image.numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN).round().clip(0, 255)
         return pixels.astype(np.uint8), labels.numpy().astype(np.uint8)
     return sample
+
+
+def test_paste_on_the_fly_needs_a_background_to_cut_objects_out_of(tmp_path):
+    from diffumask.formats import open_source
+    from diffumask.segment.data import TrainingSamples, open_splits, union_classes
+
+    source = make_dataset(tmp_path / "source", n=4, size=32)
+    sources = [open_source(str(source.root))]
+    part = open_splits(sources, "train", union_classes(sources))[0]
+    TrainingSamples([part], None, 32, (1.0, 1.0), ("paste",), 0, 0.5)
+    part.lut[0] = IGNORE_INDEX  # as Cityscapes' and ADE20K's tables: every value a class or ignored
+    with pytest.raises(ConfigError, match="has no background class"):
+        TrainingSamples([part], None, 32, (1.0, 1.0), ("paste",), 0, 0.5)
+    TrainingSamples([part], None, 32, (1.0, 1.0), ("mosaic",), 0, 0.5)  # mosaics need none
 
 
 def _kind(image: np.ndarray, labels: np.ndarray, items: list[tuple[np.ndarray, np.ndarray]]) -> str:
@@ -327,9 +342,32 @@ def test_training_makes_mosaics_on_the_fly_for_its_share_of_the_samples(tmp_path
         kinds = [_kind(*sample(step, slot), items) for step in range(10) for slot in range(4)]
         assert "other" not in kinds and low <= kinds.count("mosaic") <= high, (share, kinds)
     sample, again = _training_samples(source.root, ("mosaic",), 0.5), _training_samples(source.root, ("mosaic",), 0.5)
-    for key in ((0, 0), (7, 3)):
-        assert all((a == b).all() for a, b in zip(sample(*key), again(*key)))
+    first = sample(7, 3)  # from an empty cache; `again` reads it warm, after other samples
+    [again(step, slot) for step in range(6) for slot in range(4)]
+    assert all((a == b).all() for a, b in zip(first, again(7, 3)))
+    assert all((a == b).all() for a, b in zip(sample(0, 0), again(0, 0)))
     assert not (sample(0, 0)[0] == sample(0, 1)[0]).all()
+
+
+def test_training_composites_take_each_datas_labels_in_the_runs_indices(tmp_path):
+    """A DATA whose classes come in another order than the run's: its composites carry the run's indices."""
+    from diffumask.formats import open_source
+    from diffumask.segment.data import TrainingSamples, open_splits, union_classes
+
+    make_dataset(tmp_path / "first", n=4, size=48)
+    second = make_dataset(tmp_path / "second", n=8, size=48, seed=1, names=tuple(reversed(MIXED_NAMES)))
+    sources = [open_source(str(tmp_path / "first")), open_source(str(second.root))]
+    classes = union_classes(sources)
+    by_hand = np.full(256, IGNORE_INDEX, np.uint8)  # the second's label v (its class v) -> the run's index of that name
+    by_hand[0] = 0
+    for value, name in enumerate(reversed(MIXED_NAMES), start=1):
+        by_hand[value] = classes.index(name)
+    items = [(second.read_image(i), by_hand[second.read_mask(i)]) for i in second.split_ids("train")]
+    samples = TrainingSamples(open_splits(sources, "train", classes), [0, 1], 48, (1.0, 1.0), ("mosaic",), 2, 1.0)
+    for slot in range(6):
+        image, labels = samples[(0, slot)]
+        pixels = (image.numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN).round().clip(0, 255)
+        assert _kind(pixels.astype(np.uint8), labels.numpy().astype(np.uint8), items) == "mosaic"
 
 
 def test_training_pastes_on_the_fly_with_pixels_and_labels_together(tmp_path):
@@ -355,6 +393,8 @@ def test_composite_options_keep_older_runs_and_bad_shares_are_one_line(tmp_path,
     assert composite.schedule.augment == (*tiny.schedule.augment, "mosaic", "paste")  # "+": besides the preset's
     assert TrainConfig(data=["d"], out="r", augment=["+flip", "+paste"]).resolved_preset().schedule.augment == (
         *tiny.schedule.augment, "paste")
+    assert TrainConfig(data=["d"], out="r", augment=["mosaic", "+paste"]).resolved_preset().schedule.augment == (
+        *tiny.schedule.augment, "mosaic", "paste")  # a + on any name adds them all
     assert TrainConfig(data=["d"], out="r", augment=["mosaic"]).resolved_preset().schedule.augment == ("mosaic",)
     # runs without composites record the settings they did before the option existed, so they resume
     assert "composite_share" not in tiny.as_dict()["schedule"]
@@ -364,6 +404,9 @@ def test_composite_options_keep_older_runs_and_bad_shares_are_one_line(tmp_path,
                  "--composite-share", "1.5", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--composite-share" in err[0]
+    assert main(["train", str(source.root), "--out", str(tmp_path / "bad"), "--composite-share", "0.5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # a share with nothing to share out
+    assert len(err) == 1 and "--composite-share needs mosaic, paste or occlusion" in err[0]
     assert main(["train", str(source.root), "--out", str(tmp_path / "run"), "--augment", "+mosaic,paste,occlusion",
                  "--composite-share", "0.5", "--steps", "2", "--batch-size", "2", "--crop", "32", "--workers", "0",
                  "--quiet"]) == 0

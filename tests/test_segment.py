@@ -136,7 +136,7 @@ def test_each_process_takes_its_own_slots_of_every_batch():
         StepBatches(0, 1, 5, 0, 2)
 
 
-def test_training_items_are_decoded_once_kept_read_only_and_within_the_cache_budget(shapes_data, monkeypatch):
+def test_composite_training_decodes_items_once_keeps_them_read_only_and_within_budget(shapes_data, monkeypatch):
     from diffumask.formats import open_source
     from diffumask.segment import data
 
@@ -145,12 +145,14 @@ def test_training_items_are_decoded_once_kept_read_only_and_within_the_cache_bud
     decoded = []
     read = part.source.read
     monkeypatch.setattr(part.source, "read", lambda item_id: decoded.append(item_id) or read(item_id))
+    part.read(0), part.read(0)
+    assert decoded == [part.ids[0]] * 2 and not part.cache  # no cache unless training makes composites
+    data.TrainingSamples([part], None, 32, (1.0, 1.0), ("mosaic",), 0, 0.5)  # composites turn it on
     first, again = part.read(0), part.read(0)
-    assert decoded == [part.ids[0]] and first[0] is again[0] and first[1] is again[1]
-    assert (first[1] == part.lut[read(part.ids[0])[1]]).all()  # labels in the run's indices
+    assert decoded == [part.ids[0]] * 3 and first[0] is again[0] and first[1] is again[1]
     with pytest.raises(ValueError, match="read-only"):
         first[0][0, 0] = 0  # a sample must never change what later samples read
-    monkeypatch.setattr(data, "CACHE_BYTES", part.cached_bytes)  # full: later items are decoded every time
+    part.cache_limit = part.cached_bytes  # full: later items are decoded every time
     part.read(1), part.read(1)
     assert decoded.count(part.ids[1]) == 2 and list(part.cache) == [part.ids[0]]
 

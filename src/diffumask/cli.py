@@ -453,8 +453,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    "perspective (`diffumask augment`'s Φ2 and Φ4, each with p 0.5), and the composites mosaic, paste "
                    "and occlusion, which make a sample of several items of one DATA as `diffumask augment` writes "
                    "them (a 2x2 mosaic, copy-paste of 1-2 other items' objects, Φ3 with p 0.5) for --composite-share "
-                   "of the samples, with nothing written to disk; a leading + adds to the preset's list "
-                   "(--augment +mosaic,paste) (default: the preset's; 'flip' for r50 and swin-b)")
+                   "of the samples, with nothing written to disk (square, each tile squeezed to a square; paste needs "
+                   "a background class); a + before a name adds the list to the preset's (--augment +mosaic,paste) "
+                   "(default: the preset's; 'flip' for r50 and swin-b)")
     p.add_argument("--composite-share", type=float, help="with mosaic, paste or occlusion in --augment: the share of "
                    "samples made of several items; the others show one item (default: 0.75)")
     p.add_argument("--init-from", help="pretrained weights: a folder (or hub id, when online) holding the same "

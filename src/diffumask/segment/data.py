@@ -39,15 +39,17 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 class SourceSplit:
     """One DATA argument's split, with the lookup table from its label values to the run's indices.
 
-    Decoded items are kept in memory, read-only, up to ``CACHE_BYTES`` per split and process: a composite
-    sample reads five or six items, and decoding them again every epoch would starve the training step of
-    CPU (a small set, such as the shapes benchmark's, is then read from disk once)."""
+    With ``cache_limit`` bytes (training with composites sets ``CACHE_BYTES``), decoded items are kept in
+    memory, read-only, per split and process: a composite sample reads five or six items, and decoding them
+    again every epoch would starve the training step of CPU (a small set, such as the shapes benchmark's, is
+    then read from disk once)."""
 
     source: LabelledSource
     ids: list[str]
     lut: np.ndarray  # (256,) uint8: source label value → run class index, 255 where none
-    cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
-    cached_bytes: int = 0
+    cache_limit: int = 0
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
+    cached_bytes: int = field(default=0, compare=False)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.read_id(self.ids[index])
@@ -57,7 +59,7 @@ class SourceSplit:
             image, labels = self.source.read(item_id)
             pair = (image, self.lut[labels])
             size = pair[0].nbytes + pair[1].nbytes
-            if self.cached_bytes + size <= CACHE_BYTES:
+            if self.cached_bytes + size <= self.cache_limit:
                 for array in pair:
                     array.flags.writeable = False  # shared by every later sample: nothing may change it
                 self.cache[item_id], self.cached_bytes = pair, self.cached_bytes + size
@@ -65,8 +67,9 @@ class SourceSplit:
 
     @cached_property
     def side(self) -> int:
-        """A composite sample's side: the short side of the split's first image (as `augment` sizes its items)."""
-        return min(self.read(0)[1].shape)
+        """A composite sample's side: the height of the split's first image, as `augment` sizes its items (each
+        tile is resized to a square: other aspect ratios are squeezed)."""
+        return self.read(0)[1].shape[0]
 
 
 def union_classes(sources: Sequence[LabelledSource]) -> list[str]:
@@ -197,6 +200,12 @@ class TrainingSamples(TorchDataset):
                  scale_range: tuple[float, float], augment: Sequence[str], seed: int, composite_share: float):
         self.parts, self.crop, self.scale_range, self.augment, self.seed = parts, crop, scale_range, augment, seed
         self.composite, self.composite_share = composite_config(augment), composite_share
+        if self.composite is not None:
+            for part in parts:
+                part.cache_limit = CACHE_BYTES
+                if self.composite.paste and not (part.lut == 0).any():
+                    raise ConfigError(f"paste cuts objects out where their mask is background, and {part.source.spec} "
+                                      "has no background class (Cityscapes, ADE20K): leave paste out of --augment")
         sizes = np.array([len(p.ids) for p in parts], np.float64)
         share = sizes if weights is None else np.asarray(weights, np.float64)
         if len(share) != len(parts) or (share < 0).any() or share.sum() <= 0:

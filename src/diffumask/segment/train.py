@@ -24,7 +24,7 @@ from ..formats import open_source
 from ..models import check_device
 from .data import StepBatches, TrainingSamples, check_augment, open_splits, union_classes
 from .model import build_segmenter, init_from
-from .presets import Preset, get_preset
+from .presets import COMPOSITES, Preset, get_preset
 from .run import RunFolder
 
 LOG_EVERY = 10
@@ -59,7 +59,7 @@ class TrainConfig:
 
     def resolved_preset(self) -> Preset:
         augment = None if self.augment is None else list(self.augment)
-        if augment and augment[0].startswith("+"):  # "+mosaic,paste": these besides the preset's own
+        if augment and any(name.startswith("+") for name in augment):  # "+mosaic,paste": besides the preset's own
             augment = list(dict.fromkeys([*get_preset(self.preset).schedule.augment,
                                           *(name.removeprefix("+") for name in augment)]))
         overrides = {"steps": self.steps, "batch_size": self.batch_size, "crop": self.crop, "lr": self.lr,
@@ -74,6 +74,9 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {s.lr}")
         if not 0 <= s.composite_share <= 1:
             raise ConfigError(f"--composite-share is a share of the samples, in [0, 1], got {s.composite_share}")
+        if "composite_share" in self.extra and not set(s.augment) & set(COMPOSITES):
+            raise ConfigError("--composite-share needs mosaic, paste or occlusion in --augment (e.g. --augment "
+                              "+mosaic,paste)")
         if s.max_grad_norm is not None and s.max_grad_norm < 0:
             raise ConfigError(f"--max-grad-norm must be positive (0: no clipping), got {s.max_grad_norm}")
         for name in ("weight_decay", "weight_decay_norm", "weight_decay_embed"):
