@@ -1,7 +1,7 @@
 """The paper's Table 4 (c) and (d) in miniature: noise learning and augmentation on the shapes world.
 
     python bench/bench_noise.py [--work DIR] [--n 600] [--steps 2500] [--fold-steps 1200] [--rows catch,alpha,augment]
-                                [--model shapes]
+                                [--model shapes] [--fold-augment LIST]
 
 Data is bench_downstream's (the same --work layout and seeds): N synthetic images refined with
 ``propagate --crf`` (row c of Table 1), scored on the world's real test split.
@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2500, help="training steps of every table row")
     parser.add_argument("--fold-steps", type=int, default=1200, help="training steps of each fold model")
     parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--fold-augment", help="the fold models' on-the-fly augmentation (train's --augment, e.g. "
+                        "+mosaic,paste; default: the preset's); give it its own --work")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
@@ -126,7 +128,7 @@ def main() -> None:
     paths = prepare(args.work, args.n, [args.n], args.model)
     refined = Dataset(paths[f"refined-{args.n}"])
     training = TrainConfig(data=[], out="", preset=args.preset, steps=args.fold_steps, seed=args.seed,
-                           workers=args.workers)
+                           workers=args.workers, augment=args.fold_augment.split(",") if args.fold_augment else None)
     config = FilterConfig(dataset=str(refined.root), training=training, folds=args.folds, prune=0.0, name="filtered-0")
     kept = {}
     if wanted & {"catch", "alpha"} or args.augment_alpha != 0:
