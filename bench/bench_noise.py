@@ -18,7 +18,9 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
            of the side), k12+paste (a mosaic or a single item, each with copy-paste), Φ1+paste-3x,
            Φ1+paste-10x and Φ1+paste-20x (three, ten and twenty augmented items per item), and
            Φ1+paste-share91 (Φ1+paste's items drawn for 10 of 11 training samples, as the 10x row draws its
-           own): AUGMENT_ROWS holds each one's AugmentConfig fields
+           own), and Φ1+paste-live-75, -90, -all and -50 (mosaics with copy-paste made afresh for each training
+           sample, nothing written: train --augment +mosaic,paste, for 75, 90, 100 and 50 % of the samples):
+           AUGMENT_ROWS holds each one's AugmentConfig fields
 
 Every run folder and dataset is kept in --work, so a killed benchmark continues where it stopped (folds trained
 with another --fold-steps are refused: delete DATA/noise to train them again). The fold models train for 1200
