@@ -550,6 +550,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                     "Several GPUs: accelerate launch -m diffumask train ... (or torchrun --nproc_per_node N -m diffumask train ...).",
         epilog="examples:\n"
                "  diffumask train data/shapes-synthetic --out runs/synthetic\n"
+               "  diffumask train data/shapes-synthetic --augment +mosaic,paste --out runs/composites  "
+               "# + 2x2 mosaics with copy-paste\n"
                "  diffumask train data/voc-synthetic voc:VOCdevkit --weights 3,1 --split train --out runs/mix \\\n"
                "      --preset swin-b --init-from ./swin-base-patch4-window12-384-in22k --device cuda\n",
     )
