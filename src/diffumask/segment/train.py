@@ -137,6 +137,7 @@ def train(config: TrainConfig, progress: bool = True,
 
     settings = config.settings(preset)
     RunFolder.check(config.out, classes, settings)  # every process, before any waits: a mismatch never hangs
+    accelerator.wait_for_everyone()  # and before the main process writes: a check mid-write saw a half-made run
     run = RunFolder.create(config.out, classes, settings) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     run = run or RunFolder(config.out)
