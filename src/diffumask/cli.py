@@ -440,7 +440,7 @@ def _run_augment(args: argparse.Namespace) -> None:
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     """The options of how a segmenter trains: train's, and filter's for its cross-validation models."""
-    from .segment.presets import PRESETS
+    from .segment.presets import PRESETS, Schedule
 
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="architecture and schedule (default: tiny)")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
@@ -457,7 +457,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    "a background class); a + before a name adds the list to the preset's (--augment +mosaic,paste) "
                    "(default: the preset's; 'flip' for r50 and swin-b)")
     p.add_argument("--composite-share", type=float, help="with mosaic, paste or occlusion in --augment: the share of "
-                   "samples made of several items; the others show one item (default: 0.75)")
+                   f"samples made of several items; the others show one item (default: {Schedule.composite_share})")
     p.add_argument("--init-from", help="pretrained weights: a folder (or hub id, when online) holding the same "
                    "segmenter or its backbone (Swin, ResNet, SegFormer MiT)")
     p.add_argument("--negatives", nargs="+", metavar="DATA", default=[],

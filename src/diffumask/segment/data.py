@@ -21,7 +21,7 @@ from torch.utils.data import Sampler
 from ..augment import AugmentConfig, compose, gaussian_blur, perspective, random_corners
 from ..errors import ConfigError
 from ..formats import LabelledSource, SourceError, match_names
-from .presets import COMPOSITES
+from .presets import COMPOSITES, uses_composites
 
 IGNORE_INDEX = 255
 CACHE_BYTES = 512 * 2**20  # decoded items kept per training split and process (see SourceSplit)
@@ -179,7 +179,7 @@ def shift(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, most:
 
 def composite_config(augment: Sequence[str]) -> AugmentConfig | None:
     """How composite samples are made for these augmentation names; None when none is named."""
-    if not set(augment) & set(COMPOSITES):
+    if not uses_composites(augment):
         return None
     return AugmentConfig(grids=(2,) if "mosaic" in augment else (1,), paste=1.0 if "paste" in augment else 0.0,
                          occlusion=AUGMENT_DEFAULTS.occlusion if "occlusion" in augment else 0.0, blur=0.0,

@@ -20,6 +20,10 @@ FAMILIES = ("segformer", "mask2former")
 COMPOSITES = ("mosaic", "paste", "occlusion")  # augmentations that make one sample of several items
 
 
+def uses_composites(augment: tuple[str, ...] | list[str]) -> bool:
+    return bool(set(augment) & set(COMPOSITES))
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Training defaults a preset carries; every field can be overridden from the command line."""
@@ -60,7 +64,7 @@ class Preset:
         """The preset as a run's settings record it; options at their "off" value (no clipping, no separate
         decay, no composite augmentation) are left out, so runs started before those options existed resume."""
         out = asdict(self)
-        if not set(self.schedule.augment) & set(COMPOSITES):
+        if not uses_composites(self.schedule.augment):
             del out["schedule"]["composite_share"]
         if not out["schedule"]["max_grad_norm"]:
             del out["schedule"]["max_grad_norm"]

@@ -24,7 +24,7 @@ from ..formats import open_source
 from ..models import check_device
 from .data import StepBatches, TrainingSamples, check_augment, open_splits, union_classes
 from .model import build_segmenter, init_from
-from .presets import COMPOSITES, Preset, get_preset
+from .presets import Preset, get_preset, uses_composites
 from .run import RunFolder
 
 LOG_EVERY = 10
@@ -74,7 +74,7 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {s.lr}")
         if not 0 <= s.composite_share <= 1:
             raise ConfigError(f"--composite-share is a share of the samples, in [0, 1], got {s.composite_share}")
-        if "composite_share" in self.extra and not set(s.augment) & set(COMPOSITES):
+        if "composite_share" in self.extra and not uses_composites(s.augment):
             raise ConfigError("--composite-share needs mosaic, paste or occlusion in --augment (e.g. --augment "
                               "+mosaic,paste)")
         if s.max_grad_norm is not None and s.max_grad_norm < 0:
