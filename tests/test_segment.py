@@ -365,6 +365,32 @@ def test_two_processes_under_torchrun(shapes_data, tmp_path, preset):
     assert [e["step"] for e in RunFolder(tmp_path / "run").log_entries()] == [3]
 
 
+@pytest.mark.parametrize("opened_before", [False, True])
+def test_a_command_closes_the_process_group_it_opened(tmp_path, monkeypatch, opened_before):
+    """A rank's process group (opened by accelerate in train and filter) is closed when the command ends, so
+    no gloo thread outlives the interpreter; a group the caller opened before is left to the caller."""
+    import diffumask.cli as cli
+    import torch.distributed as dist
+
+    def open_group(store_file: Path) -> None:
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=0, world_size=1)
+
+    def train_in_a_group(args) -> None:
+        if not dist.is_initialized():
+            open_group(tmp_path / "store")
+        dist.barrier()
+
+    monkeypatch.setattr(cli, "_run_train", train_in_a_group)
+    if opened_before:
+        open_group(tmp_path / "caller-store")
+    try:
+        assert main(["train", str(tmp_path), "--out", str(tmp_path / "run")]) == 0
+        assert dist.is_initialized() == opened_before
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _one_class_dataset(root: Path, name: str, n: int = 6):
     """Scenes of the shapes world with only their first object kept, labelled ``name``."""
     from diffumask.dataset import Dataset

@@ -780,6 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.train_args = extra  # handed to python -m diffumask.shapes.train as they are
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    group_was_open = _process_group_open()
     try:
         status = args.run(args)  # None, or an exit status (validate: 1 when it found problems)
     except DiffumaskError as error:
@@ -792,7 +793,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffumask: interrupted; finished items are kept, re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:  # a gloo group still open at shutdown can abort a torchrun rank after its work is done
+        # ("terminate called without an active exception"); closed here, at the command's end, and not
+        # by train itself: filter trains several times in one group
+        if _process_group_open() and not group_was_open:
+            _torch_distributed().destroy_process_group()
     return status or 0
+
+
+def _torch_distributed() -> Any:
+    """torch.distributed if this process has imported torch (a command that never did opened no group)."""
+    torch = sys.modules.get("torch")
+    return torch.distributed if torch is not None and torch.distributed.is_available() else None
+
+
+def _process_group_open() -> bool:
+    distributed = _torch_distributed()
+    return distributed is not None and distributed.is_initialized()
 
 
 if __name__ == "__main__":
