@@ -197,6 +197,9 @@ def test_init_from_goes_on_from_saved_weights(tmp_path) -> None:
     fresh = load_file(train(tmp_path / "fresh", TrainSettings(**settings)) / name)
     gap = lambda w: max((w[k].float() - shipped[k].float()).abs().max().item() for k in shipped)  # noqa: E731
     assert 0 < gap(went_on) < 1e-2 < gap(fresh)  # trained on, a little, from the shipped weights
+    history = json.loads((tmp_path / "on" / "training.json").read_text())["init_from_record"]
+    assert history == json.loads((WEIGHTS_DIR / "training.json").read_text())  # where the weights came from
+    assert "init_from_record" not in json.loads((tmp_path / "fresh" / "training.json").read_text())
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     for folder in (tmp_path, tmp_path / "sd"):

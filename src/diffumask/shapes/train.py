@@ -275,6 +275,9 @@ def _train(out: str | Path, settings: TrainSettings | None, command: str | None)
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }
+    parent = Path(s.init_from or "") / "training.json"
+    if s.init_from is not None and parent.is_file():  # the weights' whole history, run by run
+        record["init_from_record"] = json.loads(parent.read_text())
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
