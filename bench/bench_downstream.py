@@ -243,10 +243,13 @@ def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, t
             weights: list[float] | None = None, unseen: tuple[str, ...] | None = None, label: str | None = None,
             augment: list[str] | None = None, extra: dict | None = None) -> dict:
     """Train (or reuse) the run ``name`` and score it on the real test split (``augment``, ``extra``: TrainConfig's;
-    ``augment`` defaults to ``args.augment``, where the run folder's name gets it, else the preset's own)."""
+    ``augment`` defaults to ``args.augment``, where the run folder's name gets it, else the preset's own; a
+    seed other than 0 is in the folder's name too)."""
     folder = name if args.preset == "tiny" else f"{name}-{args.preset}"
     if augment is None and getattr(args, "augment", None):
         augment, folder = args.augment.split(","), f"{folder}-augment={args.augment}"
+    if args.seed:  # another seed's run beside seed 0's, in the same --work
+        folder = f"{folder}-seed={args.seed}"
     out = work / "runs" / folder
     run = train(TrainConfig(data=[str(d) for d in data], out=str(out), preset=args.preset, steps=args.steps,
                             weights=weights, seed=args.seed, workers=args.workers, augment=augment, extra=extra or {}),
