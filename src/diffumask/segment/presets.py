@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -20,7 +21,8 @@ FAMILIES = ("segformer", "mask2former")
 COMPOSITES = ("mosaic", "paste", "occlusion")  # augmentations that make one sample of several items
 
 
-def uses_composites(augment: tuple[str, ...] | list[str]) -> bool:
+def uses_composites(augment: Iterable[str]) -> bool:
+    """Whether these augmentation names make samples of several items (and so need a composite share and a cache)."""
     return bool(set(augment) & set(COMPOSITES))
 
 
