@@ -121,7 +121,7 @@ def test_a_run_resumes_with_its_data_spelled_relative_or_absolute(tmp_path, monk
     RunFolder.check("run", classes, {"data": ["data", "voc:voc"], "seed": 0})
     RunFolder.check("run", classes, {"data": ["./data/", f"voc:{tmp_path}/voc"], "seed": 0})
     for other in (["other", "voc:voc"], ["data", "voc:data"], ["data", "ade20k:voc"]):
-        with pytest.raises(RunError, match=r"other settings \(data differ\)"):
+        with pytest.raises(RunError, match=r"other settings \(data differs: \["):
             RunFolder.check("run", classes, {"data": other, "seed": 0})
 
 
@@ -172,7 +172,7 @@ def test_a_sources_own_classes_stay_distinct_even_when_aliases_join_them(tmp_pat
 
 def test_other_settings_on_an_existing_run_are_refused(shapes_data, tmp_path):
     train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "run"), steps=2, **FAST), progress=False)
-    with pytest.raises(RunError, match="steps.*differ|preset differ"):
+    with pytest.raises(RunError, match=r"other settings \(preset\.schedule\.steps differs: 2 in the run, 3 now\)"):
         train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "run"), steps=3, **FAST), progress=False)
 
 

@@ -43,6 +43,17 @@ def _located(key: str, value: Any) -> Any:
     return located
 
 
+def _differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """Each setting that differs between a run and a re-run, by its dotted path with both values, so a user
+    sees what to pass to resume (``preset.schedule.crop differs: 64 in the run, 80 now``), not just ``preset``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for name in sorted(set(old) | set(new))
+                for change in _differences(old.get(name), new.get(name), f"{key}.{name}" if key else name)]
+    if _located(key, old) == _located(key, new):
+        return []
+    return [f"{key} differs: {json.dumps(old)} in the run, {json.dumps(new)} now"]
+
+
 class RunFolder:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
@@ -59,11 +70,11 @@ class RunFolder:
         settings = json.loads(json.dumps(dict(settings)))  # tuples → lists, so the comparison is exact
         if (root / "settings.json").is_file():
             run = cls(root)
-            changed = sorted(k for k in set(run.settings) | set(settings)
-                             if _located(k, run.settings.get(k)) != _located(k, settings.get(k)))
+            changed = _differences(run.settings, settings)
             if changed:
-                raise RunError(f"{root} holds a run started with other settings ({', '.join(changed)} differ); "
-                               "re-run the same command to resume it, or choose another --out")
+                raise RunError(f"{root} holds a run started with other settings ({'; '.join(changed)}); give "
+                               "options that match them to resume it (a preset's defaults may have changed), "
+                               "or choose another --out")
             if run.classes != classes:
                 raise RunError(f"{root} holds a run of classes {run.classes[1:]}, not {classes[1:]}; choose another --out")
         elif root.exists() and (not root.is_dir() or any(p.name != "classes.json" for p in root.iterdir()
