@@ -1,7 +1,7 @@
 """The paper's Table 1 in miniature: segmenters trained on real, synthetic and mixed shapes data.
 
     python bench/bench_downstream.py [--work DIR] [--n 600] [--steps 2500] [--rows a,b,c,d,oracle,silhouette,scale,zeroshot]
-                                     [--augment LIST]
+                                     [--augment LIST] [--crop PX] [--max-grad-norm N] [--seed S]
 
 Everything is scored on the shapes world's held-out real test split (scenes of 1-3 objects, exact
 masks). The same segmenter preset (``tiny`` unless --preset) is trained, with the same steps, on:
@@ -28,7 +28,8 @@ scenes and in the others apart (does it miss the small objects, or the crowded s
 
 --augment trains every row with other on-the-fly augmentation than the preset's (train's --augment; e.g.
 +mosaic,paste: the preset's, and mosaics with copy-paste made for each sample), in run folders of their own,
-and the ratios are to row (a) trained the same way.
+and the ratios are to row (a) trained the same way. --crop and --max-grad-norm do the same for the preset's
+training crop and gradient clipping (e.g. --crop 80 --max-grad-norm 1: what the tiny preset would be with them).
 """
 
 from __future__ import annotations
@@ -244,15 +245,22 @@ def run_row(name: str, data: list[Path], work: Path, args: argparse.Namespace, t
             augment: list[str] | None = None, extra: dict | None = None) -> dict:
     """Train (or reuse) the run ``name`` and score it on the real test split (``augment``, ``extra``: TrainConfig's;
     ``augment`` defaults to ``args.augment``, where the run folder's name gets it, else the preset's own; a
-    seed other than 0 is in the folder's name too)."""
+    crop, a gradient clip or a seed other than the preset's and 0 are in the folder's name too, so such runs sit
+    beside the default ones in the same --work)."""
     folder = name if args.preset == "tiny" else f"{name}-{args.preset}"
     if augment is None and getattr(args, "augment", None):
         augment, folder = args.augment.split(","), f"{folder}-augment={args.augment}"
+    crop, clip = getattr(args, "crop", None), getattr(args, "max_grad_norm", None)
+    if crop:
+        folder = f"{folder}-crop={crop}"
+    if clip is not None:
+        folder, extra = f"{folder}-clip={clip:g}", {"max_grad_norm": clip, **(extra or {})}
     if args.seed:  # another seed's run beside seed 0's, in the same --work
         folder = f"{folder}-seed={args.seed}"
     out = work / "runs" / folder
     run = train(TrainConfig(data=[str(d) for d in data], out=str(out), preset=args.preset, steps=args.steps,
-                            weights=weights, seed=args.seed, workers=args.workers, augment=augment, extra=extra or {}),
+                            crop=crop, weights=weights, seed=args.seed, workers=args.workers, augment=augment,
+                            extra=extra or {}),
                 progress=not args.quiet)
     minutes = train_summary(run)["minutes"]  # training time as logged by the run (resumes included)
     evaluation, by_count, confused, by_area = scored(run.root, test, unseen)
@@ -274,6 +282,9 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--augment", help="every row's on-the-fly augmentation (train's --augment, e.g. +mosaic,paste; "
                         "default: the preset's); the ratios are then to row (a) trained the same way")
+    parser.add_argument("--crop", type=int, help="every row's training crop (train's --crop; default: the preset's)")
+    parser.add_argument("--max-grad-norm", type=float,
+                        help="clip every row's gradients to this norm (train's --max-grad-norm; default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes")
     parser.add_argument("--rows", default="a,b,c,d,oracle,silhouette,scale,zeroshot")
