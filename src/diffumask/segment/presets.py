@@ -85,8 +85,10 @@ PRESETS: dict[str, Preset] = {
                "decoder_hidden_size": 128},
         # Every scene seen whole at one scale (the shapes' size tells them apart), shifted, turned and recoloured:
         # shapes mIoU 0.854 on the real test split, against 0.745 with a 0.75-1.5 scale jitter and no shifts.
-        schedule=Schedule(steps=2500, batch_size=32, crop=64, lr=2e-3, weight_decay=0.01, backbone_lr_mult=1.0,
-                          warmup_steps=100, scale_range=(1.0, 1.0),
+        # Crop 80 (20x20 logits, not 16x16) lifts real data's 84.3 to 85.8 by the small objects among others;
+        # gradients clipped at norm 1, since lr 2e-3 unclipped stalled or diverged in three benchmark runs.
+        schedule=Schedule(steps=2500, batch_size=32, crop=80, lr=2e-3, weight_decay=0.01, backbone_lr_mult=1.0,
+                          warmup_steps=100, scale_range=(1.0, 1.0), max_grad_norm=1.0,
                           augment=("flip", "rot90", "hue", "channels", "shift"), save_every=250),
     ),
     "tiny-mask2former": Preset(
@@ -96,7 +98,7 @@ PRESETS: dict[str, Preset] = {
                "num_attention_heads": 4},
         backbone={"model_type": "swin", "embed_dim": 24, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 6],
                   "window_size": 4, "out_features": _SWIN_STAGES},
-        # tiny's data recipe, so that the two are compared on the model alone; its own best lr (1e-3)
+        # tiny's data recipe as the two were compared (crop 64, unclipped), on the model alone; its own best lr
         schedule=Schedule(steps=2500, batch_size=32, crop=64, lr=1e-3, backbone_lr_mult=1.0, warmup_steps=100,
                           scale_range=(1.0, 1.0), augment=("flip", "rot90", "hue", "channels", "shift"),
                           save_every=250),
