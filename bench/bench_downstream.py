@@ -29,7 +29,8 @@ scenes and in the others apart (does it miss the small objects, or the crowded s
 --augment trains every row with other on-the-fly augmentation than the preset's (train's --augment; e.g.
 +mosaic,paste: the preset's, and mosaics with copy-paste made for each sample), in run folders of their own,
 and the ratios are to row (a) trained the same way. --crop and --max-grad-norm do the same for the preset's
-training crop and gradient clipping (e.g. --crop 80 --max-grad-norm 1: what the tiny preset would be with them).
+training crop and gradient clipping (e.g. --crop 64 --max-grad-norm 0: the tiny preset as it was before crop 80
+and clipping).
 """
 
 from __future__ import annotations
