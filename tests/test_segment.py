@@ -100,7 +100,7 @@ def test_the_papers_presets_clip_the_gradient_and_runs_can_choose(shapes_data, t
           progress=False)
     assert len(norms) == 3 and all(limit == 0.05 and norm <= 0.05 * 1.001 for limit, norm in norms)
     train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "tiny"), steps=2, **FAST), progress=False)
-    assert norms[3:] == [(1.0, norms[3][1]), (1.0, norms[4][1])]  # the tiny preset's own clip
+    assert [limit for limit, _ in norms[3:]] == [1.0, 1.0] and all(norm <= 1.001 for _, norm in norms[3:])  # tiny's own
     train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "free"), steps=2, extra={"max_grad_norm": 0.0}, **FAST),
           progress=False)
     assert len(norms) == 5  # 0: no clipping
