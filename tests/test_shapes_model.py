@@ -10,7 +10,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 from safetensors.torch import load_file
 
-from diffumask.shapes import CLASSES, ShapesPipeline, load_pipeline
+from diffumask.shapes import CLASSES, PALETTE, ShapesPipeline, load_pipeline
 from diffumask.shapes.classifier import load_classifier, training_masks
 from diffumask.shapes.model import DEFAULT_THRESHOLD, WEIGHTS_DIR
 from diffumask.shapes.train import TrainSettings, train, training_batch, training_scenes
@@ -98,6 +98,23 @@ def test_classifier_knows_the_world() -> None:
     predicted = classifier.predict(masks)
     assert np.mean([CLASSES.index(p) == y for p, y in zip(predicted, labels)]) >= 0.95
 
+
+
+@pytest.mark.parametrize("radius", [4.0, 11.0, 14.0])  # about 5 %, 37 % and 60 % of the image
+def test_foreground_reads_back_objects_small_and_large_on_tinted_grey(radius: float) -> None:
+    """The read-back that judges generated images finds the object's exact pixels, on every texture, on a
+    background tinted as the generator tints it, and when the object covers most of the image (a median
+    background estimate loses the object from half the image on)."""
+    from diffumask.shapes.classifier import foreground
+    from diffumask.shapes.world import TEXTURES, background, draw_shape
+
+    rng = np.random.default_rng(5)
+    shape = draw_shape("circle", 32, 16.0, 16.0, radius, 0.0)
+    for texture in TEXTURES:
+        image = np.repeat(background(rng, texture, 32)[..., None], 3, axis=2).astype(np.int16)
+        image = np.clip(image + np.array([12, 0, -12]), 0, 255).astype(np.uint8)  # a warm tint: chroma 24
+        image[shape] = PALETTE["purple"]
+        assert (foreground(image) == shape).all(), texture
 
 def test_masks_measure_up_on_a_small_sample(pipe: ShapesPipeline) -> None:
     """Issue 4's presence (90 %), right-shape (80 %) and mask mIoU (0.55) targets, with a

@@ -2,8 +2,9 @@
 
 The ground truth of a *generated* image is not known, but the world makes it readable: objects
 are saturated and backgrounds grey, so an object's pixels are those whose chroma stands out from
-the image's median chroma (a plain saturation threshold fails when the model tints the
-background). Which shape those pixels form is judged by a tiny CNN trained on the world's exact
+the background's (a plain saturation threshold fails when the model tints the background). The
+background's chroma is a low percentile of the image's, not its median: an object covering half the
+image (the generator's big circles) would be the median and vanish. Which shape those pixels form is judged by a tiny CNN trained on the world's exact
 masks only, with erosion/dilation and speckle noise so that it tolerates a generator's ragged
 edges. Its weights ship beside this file and are reproduced by
 
@@ -25,8 +26,10 @@ from .world import CLASSES, PALETTE, render_scene
 
 CLASSIFIER_PATH = Path(__file__).parent / "classifier.safetensors"
 CROP = 24
-#: A pixel belongs to an object when its chroma exceeds the image median by this much (0-255).
+#: A pixel belongs to an object when its chroma exceeds the background's by this much (0-255).
 CHROMA_MARGIN = 70
+#: The percentile of an image's chroma taken as its background's: right while objects cover under 90 %.
+BACKGROUND_PERCENTILE = 10
 #: Objects smaller than this many pixels (of a 32x32 image) count as absent.
 MIN_OBJECT_PIXELS = 12
 
@@ -38,9 +41,9 @@ def chroma(image: np.ndarray) -> np.ndarray:
 
 
 def foreground(image: np.ndarray) -> np.ndarray:
-    """Pixels whose chroma stands out from the image's median chroma (the generated objects)."""
+    """Pixels whose chroma stands out from the background's (the generated objects)."""
     c = chroma(image)
-    return c > np.median(c) + CHROMA_MARGIN
+    return c > np.percentile(c, BACKGROUND_PERCENTILE) + CHROMA_MARGIN
 
 
 def object_masks(image: np.ndarray, colours: list[str]) -> dict[str, np.ndarray]:
