@@ -4,9 +4,9 @@ The ground truth of a *generated* image is not known, but the world makes it rea
 are saturated and backgrounds grey, so an object's pixels are those whose chroma stands out from
 the background's (a plain saturation threshold fails when the model tints the background). The
 background's chroma is a low percentile of the image's, not its median: an object covering half the
-image (the generator's big circles) would be the median and vanish. Which shape those pixels form is judged by a tiny CNN trained on the world's exact
-masks only, with erosion/dilation and speckle noise so that it tolerates a generator's ragged
-edges. Its weights ship beside this file and are reproduced by
+image (the generator's big circles) would be the median and vanish. Which shape those pixels form
+is judged by a tiny CNN trained on the world's exact masks only, with erosion/dilation and speckle
+noise so that it tolerates a generator's ragged edges. Its weights ship beside this file and are reproduced by
 
     python -m diffumask.shapes.classifier --out src/diffumask/shapes/classifier.safetensors
 """
