@@ -6,8 +6,9 @@ Generates a fixed dataset with the shapes model (seeded, resumable in --work), t
 refinement method on it and prints one table in the style of the paper's Table 4a: mIoU against
 the objects' true pixels and seconds per image for each method with and without the dense CRF.
 
-Ground truth of a generated image: the pixels whose chroma stands out from the image's median
-(``diffumask.shapes.classifier.foreground``), cleaned of specks, as in the shapes benchmark.
+Ground truth of a generated image: the pixels whose chroma stands out from the background's, a low
+percentile of the image's (``diffumask.shapes.classifier.foreground``), cleaned of specks, as in the
+shapes benchmark.
 mIoU: per class, intersection and union pooled over its images; the mean over classes. Pixels a
 method labels 255 (uncertain) are left out of both, as trainers ignore them; the table shows
 how many there are. Seconds per image cover everything a method does per item (reading, the
