@@ -99,7 +99,6 @@ def test_classifier_knows_the_world() -> None:
     assert np.mean([CLASSES.index(p) == y for p, y in zip(predicted, labels)]) >= 0.95
 
 
-
 @pytest.mark.parametrize("radius", [4.0, 11.0, 14.0])  # about 5 %, 37 % and 60 % of the image
 def test_foreground_reads_back_objects_small_and_large_on_tinted_grey(radius: float) -> None:
     """The read-back that judges generated images finds the object's exact pixels, on every texture, on a
@@ -115,6 +114,7 @@ def test_foreground_reads_back_objects_small_and_large_on_tinted_grey(radius: fl
         image = np.clip(image + np.array([12, 0, -12]), 0, 255).astype(np.uint8)  # a warm tint: chroma 24
         image[shape] = PALETTE["purple"]
         assert (foreground(image) == shape).all(), texture
+
 
 def test_masks_measure_up_on_a_small_sample(pipe: ShapesPipeline) -> None:
     """Issue 4's presence (90 %), right-shape (80 %) and mask mIoU (0.55) targets, with a
