@@ -11,9 +11,10 @@ from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMS
 from safetensors.torch import load_file
 
 from diffumask.shapes import CLASSES, PALETTE, ShapesPipeline, load_pipeline
-from diffumask.shapes.classifier import load_classifier, training_masks
+from diffumask.shapes.classifier import foreground, load_classifier, training_masks
 from diffumask.shapes.model import DEFAULT_THRESHOLD, WEIGHTS_DIR
 from diffumask.shapes.train import TrainSettings, train, training_batch, training_scenes
+from diffumask.shapes.world import TEXTURES, background, draw_shape
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,6 @@ def test_foreground_reads_back_objects_small_and_large_on_tinted_grey(radius: fl
     """The read-back that judges generated images finds the object's exact pixels, on every texture, on a
     background tinted as the generator tints it, and when the object covers most of the image (a median
     background estimate loses the object from half the image on)."""
-    from diffumask.shapes.classifier import foreground
-    from diffumask.shapes.world import TEXTURES, background, draw_shape
-
     rng = np.random.default_rng(5)
     shape = draw_shape("circle", 32, 16.0, 16.0, radius, 0.0)
     for texture in TEXTURES:
