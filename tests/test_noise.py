@@ -1,10 +1,12 @@
-"""Noise learning: folds, held-out predictions, scores against torchmetrics, per-class pruning, a re-cut
-without training, resume, bad input."""
+"""Noise learning: folds, held-out predictions, scores against torchmetrics, per-class pruning and its
+summary, a re-cut without training, resume, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import statistics
 
 import numpy as np
 import pytest
@@ -57,7 +59,7 @@ def config(root, **changes) -> FilterConfig:
     return FilterConfig(**{**values, **changes})
 
 
-def test_filter_cross_validates_prunes_per_class_and_recuts_without_training(tmp_path, monkeypatch):
+def test_filter_cross_validates_prunes_per_class_and_recuts_without_training(tmp_path, monkeypatch, capsys):
     dataset = make_dataset(tmp_path / "data", n=15, size=32, soft_maps=False, splits=("train",))
     result = filter_dataset(config(dataset.root), progress=False)
     assert result.trained_folds == 3
@@ -78,6 +80,19 @@ def test_filter_cross_validates_prunes_per_class_and_recuts_without_training(tmp
         cut = len(ranked) // 2
         assert {r["id"] for r in ranked[:cut]}.isdisjoint(kept) and {r["id"] for r in ranked[cut:]} <= kept
     assert validate_dataset(dataset.root)[0] == []
+    summary = {}  # each class's cut, as the CLI prints it, from the manifest's scores and the kept ids
+    for name, members in by_class.items():
+        high = [r["noise"]["score"] for r in members if r["id"] in kept]
+        low = [r["noise"]["score"] for r in members if r["id"] not in kept]
+        summary[name] = (len(high), len(low), 0, min(high), statistics.median(high),
+                         statistics.median(low) if low else None)  # a class of one item keeps it
+        assert dataclasses.astuple(result.classes[name]) == pytest.approx(summary[name])
+    assert set(result.classes) == set(by_class)
+    capsys.readouterr()
+    assert main(["filter", str(dataset.root), "--prune", "0.5", "--recut", "--name", "again", "--quiet"]) == 0
+    printed = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert printed == {name: [str(v) for v in values[:3]] + [f"{v:.3f}" if v is not None else "-" for v in values[3:]]
+                       for name, values in summary.items()}
 
     def no_training(*args, **kwargs):
         raise AssertionError("a re-cut trained")

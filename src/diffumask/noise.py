@@ -65,11 +65,25 @@ class FilterConfig:
 
 
 @dataclass
+class ClassCut:
+    """One class's cut, as ``filter`` reports it: whether it cuts off a tail of low scores or into a crowd of
+    near-equal ones (then the ranking is mostly chance, and pruning mostly removes data)."""
+
+    kept: int
+    pruned_by_score: int
+    pruned_by_area: int
+    lowest_kept: float | None  # the cut: every item scored below it is pruned (None: nothing kept)
+    median_kept: float | None
+    median_pruned: float | None  # of the items pruned by score (None: none were)
+
+
+@dataclass
 class FilterResult:
     kept: list[str]
     pruned: dict[str, str]  # id → why: "score" or "area"
     split_path: Path
     trained_folds: int  # folds trained by this call (0 for a re-cut or when every fold was finished)
+    classes: dict[str, ClassCut]  # primary class → its cut
 
 
 def primary_class(record: Mapping[str, Any]) -> str:
@@ -186,21 +200,29 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
         records = _records(dataset, config)
     pruned: dict[str, str] = {}
     by_class: dict[str, list[Mapping[str, Any]]] = {}
+    by_area: dict[str, int] = {}
     for record in records:
+        by_class.setdefault(primary_class(record), [])
         if config.min_area > 0 or config.max_area < 1:
             area = _area(dataset, record)
             if not config.min_area <= area <= config.max_area:
                 pruned[record["id"]] = "area"
+                by_area[primary_class(record)] = by_area.get(primary_class(record), 0) + 1
                 continue
-        by_class.setdefault(primary_class(record), []).append(record)
-    for members in by_class.values():
+        by_class[primary_class(record)].append(record)
+    cuts = {}
+    for name, members in sorted(by_class.items()):
         ranked = sorted(members, key=lambda r: (r["noise"]["score"], r["id"]))
-        for record in ranked[:math.floor(config.prune * len(ranked))]:
+        cut = math.floor(config.prune * len(ranked))
+        for record in ranked[:cut]:
             pruned[record["id"]] = "score"
+        low, high = [r["noise"]["score"] for r in ranked[:cut]], [r["noise"]["score"] for r in ranked[cut:]]
+        cuts[name] = ClassCut(len(high), len(low), by_area.get(name, 0), high[0] if high else None,
+                              float(np.median(high)) if high else None, float(np.median(low)) if low else None)
     kept = [r["id"] for r in records if r["id"] not in pruned]
     split_path = dataset.root / "ImageSets" / "Segmentation" / f"{config.name}.txt"
     write_text_atomic(split_path, "".join(f"{i}\n" for i in kept))
-    return FilterResult(kept, pruned, split_path, trained)
+    return FilterResult(kept, pruned, split_path, trained, cuts)
 
 
-__all__ = ["FilterConfig", "FilterResult", "assign_folds", "filter_dataset", "item_score"]
+__all__ = ["ClassCut", "FilterConfig", "FilterResult", "assign_folds", "filter_dataset", "item_score"]
