@@ -1,7 +1,7 @@
 """The paper's Table 4 (c) and (d) in miniature: noise learning and augmentation on the shapes world.
 
     python bench/bench_noise.py [--work DIR] [--n 600] [--steps 2500] [--fold-steps 1200] [--rows catch,alpha,augment]
-                                [--model shapes] [--fold-augment LIST]
+                                [--alphas 0.3,0.5,0.7] [--model shapes] [--fold-augment LIST]
 
 Data is bench_downstream's (the same --work layout and seeds): N synthetic images refined with
 ``propagate --crf`` (row c of Table 1), scored on the world's real test split.
@@ -11,6 +11,9 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
            shape classifier judges each image's object, read back by chroma), and the same for items
            whose mask disagrees with the object's true pixels (IoU < 0.5) against those that agree
   alpha    the synthetic-only segmenter trained on what each α keeps (α = 0 is Table 1's row c)
+  random   not in the default run: the same segmenter on a seeded random share of each class, as many items as
+           each α keeps: the control that tells what noise learning's choice adds to (or takes from) having
+           fewer items
   augment  on the best α's items (or --augment-alpha's; 0: every refined image, no filter needed) plus
            their augmented copies (``diffumask augment``, as many items): Φ1, Φ1+Φ2, Φ1+Φ2+Φ3, all four
            (Table 4 (d)); --augment-rows also takes Φ1-k23 (2×2 and 3×3 mosaics), paste (copy-paste of
@@ -36,9 +39,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from bench_downstream import percent, prepare, print_by_area, run_row, subset
 
@@ -97,6 +103,17 @@ def judged(dataset: Dataset) -> dict[str, tuple[bool, float, str]]:
     return out
 
 
+def random_cut(dataset: Dataset, alpha: float, seed: int) -> list[str]:
+    """Ids that a random cut keeps: in each class, the same number noise learning keeps at ``alpha``."""
+    by_class: dict[str, list[str]] = {}
+    for record in dataset.records():
+        by_class.setdefault(record["classes"][0], []).append(record["id"])
+    rng = np.random.default_rng([seed, round(alpha * 1000)])
+    dropped = {i for name in sorted(by_class) for i in rng.permutation(sorted(by_class[name]))[
+        :math.floor(alpha * len(by_class[name]))]}
+    return [r["id"] for r in dataset.records() if r["id"] not in dropped]
+
+
 def share(pruned: set[str], ids: list[str]) -> str:
     return f"{100 * len(pruned & set(ids)) / len(ids):5.1f} % of {len(ids):3d}" if ids else "    - of   0"
 
@@ -116,6 +133,8 @@ def main() -> None:
     parser.add_argument("--rows", default="catch,alpha,augment")
     parser.add_argument("--augment-rows", default=",".join(TABLE_4D),
                         help=f"which augmentation rows (default: Table 4 (d)'s; of {', '.join(AUGMENT_ROWS)})")
+    parser.add_argument("--alphas", default=",".join(map(str, ALPHAS)),
+                        help="the shares pruned in the catch table and the alpha and random rows (default: %(default)s)")
     parser.add_argument("--augment-alpha", type=float, choices=(0.0, *ALPHAS),
                         help="the α whose kept items the augment rows start from (default: the best α row's; "
                              "0 augments every refined image and needs no noise learning)")
@@ -126,6 +145,11 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     wanted = set(args.rows.split(","))
+    alphas = [float(a) for a in args.alphas.split(",")]
+    if not all(0 < a < 1 for a in alphas):
+        parser.error(f"--alphas are shares pruned, each in (0, 1), got {args.alphas}")
+    if args.augment_alpha not in (None, 0.0, *alphas):
+        parser.error(f"--augment-alpha {args.augment_alpha} is not among --alphas {args.alphas}")
     if unknown := set(args.augment_rows.split(",")) - set(AUGMENT_ROWS):
         parser.error(f"unknown --augment-rows {', '.join(sorted(unknown))}; choose from {', '.join(AUGMENT_ROWS)}")
     paths = prepare(args.work, args.n, [args.n], args.model)
@@ -136,7 +160,7 @@ def main() -> None:
     kept = {}
     if wanted & {"catch", "alpha"} or args.augment_alpha != 0:
         filter_dataset(config, progress=not args.quiet)
-        for alpha in ALPHAS:
+        for alpha in alphas:
             result = filter_dataset(dataclasses.replace(config, prune=alpha, name=f"filtered-{alpha}"),
                                     progress=False, recut=True)
             kept[alpha] = result.kept
@@ -149,22 +173,26 @@ def main() -> None:
         print(f"\nnoise learning on {len(judge)} refined images ({args.folds} folds, {args.fold_steps} steps each)")
         print(f"{'α':>4}  {'wrong shape pruned':>22}  {'right shape pruned':>22}  {'ratio':>5}  "
               f"{'mask IoU < 0.5 pruned':>22}  {'IoU ≥ 0.5 pruned':>22}")
-        for alpha in ALPHAS:
+        for alpha in alphas:
             pruned = set(judge) - set(kept[alpha])
             rates = [len(pruned & set(group)) / max(1, len(group)) for group in (wrong, right)]
             print(f"{alpha:4.1f}  {share(pruned, wrong):>22}  {share(pruned, right):>22}  "
                   f"{rates[0] / max(rates[1], 1e-9):5.2f}  {share(pruned, bad):>22}  {share(pruned, good):>22}", flush=True)
         classes = {r["id"]: r["classes"][0] for r in refined.records()}
-        print(f"\nwrong-shape images pruned at α {' / '.join(map(str, ALPHAS))}, per class: " + "; ".join(
-            f"{name} " + " / ".join(f"{len((set(judge) - set(kept[a])) & set(ids))}" for a in ALPHAS) + f" of {len(ids)}"
+        print(f"\nwrong-shape images pruned at α {' / '.join(map(str, alphas))}, per class: " + "; ".join(
+            f"{name} " + " / ".join(f"{len((set(judge) - set(kept[a])) & set(ids))}" for a in alphas) + f" of {len(ids)}"
             + " (seen as " + ", ".join(f"{seen} {n}" for seen, n in Counter(judge[i][2] for i in ids).most_common()) + ")"
             for name in CLASSES if (ids := [i for i in wrong if classes[i] == name])), flush=True)
     rows = []
     if "alpha" in wanted:
         rows.append(run_row("c-refined", [refined.root], args.work, args, paths["test"], label="α 0 (row c)"))
-        for alpha in ALPHAS:
+        for alpha in alphas:
             kept_set = subset(refined, args.work / f"filtered-{args.n}-{alpha}", kept[alpha])
             rows.append(run_row(f"noise-{alpha}", [kept_set], args.work, args, paths["test"], label=f"α {alpha}"))
+    if "random" in wanted:
+        for alpha in alphas:
+            kept_set = subset(refined, args.work / f"random-{args.n}-{alpha}", random_cut(refined, alpha, args.seed))
+            rows.append(run_row(f"random-{alpha}", [kept_set], args.work, args, paths["test"], label=f"random {alpha}"))
     if "augment" in wanted:
         best = max((r for r in rows if r["row"].startswith("α")), key=lambda r: r["miou_shapes"], default=None)
         alpha = args.augment_alpha if args.augment_alpha is not None else float(best["row"].split()[1]) if best else 0.7
