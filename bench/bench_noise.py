@@ -1,7 +1,7 @@
 """The paper's Table 4 (c) and (d) in miniature: noise learning and augmentation on the shapes world.
 
     python bench/bench_noise.py [--work DIR] [--n 600] [--steps 2500] [--fold-steps 1200] [--rows catch,alpha,augment]
-                                [--alphas 0.3,0.5,0.7] [--model shapes] [--fold-augment LIST]
+                                [--alphas 0.3,0.5,0.7] [--fold-repeats 1] [--model shapes] [--fold-augment LIST]
 
 Data is bench_downstream's (the same --work layout and seeds): N synthetic images refined with
 ``propagate --crf`` (row c of Table 1), scored on the world's real test split.
@@ -9,7 +9,10 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
   catch    ``diffumask filter`` (3 folds, the tiny preset, --fold-steps) on the N images; then, for each
            α, the share of wrong-shape images it prunes against the share of right-shape ones (the
            shape classifier judges each image's object, read back by chroma), and the same for items
-           whose mask disagrees with the object's true pixels (IoU < 0.5) against those that agree
+           whose mask disagrees with the object's true pixels (IoU < 0.5) against those that agree; with
+           --fold-repeats R, again for R-1 more runs (fold split r, fold models' seed + r, each on a
+           hard-linked copy of the images), with each run's score correlation and pruned-set overlap with the
+           first, and for the runs' scores averaged
   alpha    the synthetic-only segmenter trained on what each α keeps (α = 0 is Table 1's row c)
   random   not in the default run: the same segmenter on a seeded random share of each class, as many items as
            each α keeps: the control that tells what noise learning's choice adds to (or takes from) having
@@ -105,13 +108,66 @@ def judged(dataset: Dataset) -> dict[str, tuple[bool, float, str]]:
 
 def random_cut(dataset: Dataset, alpha: float, seed: int) -> list[str]:
     """Ids that a random cut keeps: in each class, the same number noise learning keeps at ``alpha``."""
-    by_class: dict[str, list[str]] = {}
-    for record in dataset.records():
-        by_class.setdefault(record["classes"][0], []).append(record["id"])
     rng = np.random.default_rng([seed, round(alpha * 1000)])
-    dropped = {i for name in sorted(by_class) for i in rng.permutation(sorted(by_class[name]))[
-        :math.floor(alpha * len(by_class[name]))]}
+    dropped = {i for name, ids in sorted(by_class(dataset).items())
+               for i in rng.permutation(sorted(ids))[:math.floor(alpha * len(ids))]}
     return [r["id"] for r in dataset.records() if r["id"] not in dropped]
+
+
+def by_class(dataset: Dataset) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for record in dataset.records():
+        out.setdefault(record["classes"][0], []).append(record["id"])
+    return out
+
+
+def chance_overlap(dataset: Dataset, alpha: float) -> float:
+    """How many items two independent random cuts at ``alpha`` would share, on average."""
+    return sum(math.floor(alpha * len(ids)) ** 2 / len(ids) for ids in by_class(dataset).values())
+
+
+def repeat_folds(refined: Dataset, config: FilterConfig, repeat: int, work: Path,
+                 alphas: list[float], quiet: bool) -> tuple[dict[float, list[str]], dict[str, float]]:
+    """Noise learning again on a hard-linked copy of the refined images, with fold split ``repeat`` and the fold
+    models' seed + ``repeat``: what each α keeps, and the scores."""
+    data = subset(refined, work / f"{refined.root.name}-folds-{repeat}", [r["id"] for r in refined.records()])
+    again = dataclasses.replace(config, dataset=str(data), seed=repeat,
+                                training=dataclasses.replace(config.training, seed=config.training.seed + repeat))
+    filter_dataset(again, progress=not quiet)
+    kept = {a: filter_dataset(dataclasses.replace(again, prune=a, name=f"filtered-{a}"), progress=False, recut=True).kept
+            for a in alphas}
+    return kept, {r["id"]: r["noise"]["score"] for r in Dataset(data).records()}
+
+
+def cut_by(refined: Dataset, scores: dict[str, float], out: Path, config: FilterConfig,
+           alphas: list[float]) -> dict[float, list[str]]:
+    """What each α keeps when items are ranked by ``scores``: filter's own re-cut, on a copy holding them."""
+    data = subset(refined, out, [r["id"] for r in refined.records()])
+    Dataset(data).update_records({i: {"noise": {"fold": -1, "score": score}} for i, score in scores.items()})
+    base = dataclasses.replace(config, dataset=str(data))
+    return {a: filter_dataset(dataclasses.replace(base, prune=a, name=f"filtered-{a}"), progress=False, recut=True).kept
+            for a in alphas}
+
+
+def catch_table(judge: dict[str, tuple[bool, float, str]], kept: dict[float, list[str]], alphas: list[float],
+                refined: Dataset) -> None:
+    """For each α, the share of wrong- and right-shape images pruned (and of bad and good masks), then per class."""
+    wrong = [i for i, (right, _, _) in judge.items() if not right]
+    right = [i for i, (r, _, _) in judge.items() if r]
+    bad = [i for i, (_, iou, _) in judge.items() if iou < 0.5]
+    good = [i for i, (_, iou, _) in judge.items() if iou >= 0.5]
+    print(f"{'α':>4}  {'wrong shape pruned':>22}  {'right shape pruned':>22}  {'ratio':>5}  "
+          f"{'mask IoU < 0.5 pruned':>22}  {'IoU ≥ 0.5 pruned':>22}")
+    for alpha in alphas:
+        pruned = set(judge) - set(kept[alpha])
+        rates = [len(pruned & set(group)) / max(1, len(group)) for group in (wrong, right)]
+        print(f"{alpha:4.1f}  {share(pruned, wrong):>22}  {share(pruned, right):>22}  "
+              f"{rates[0] / max(rates[1], 1e-9):5.2f}  {share(pruned, bad):>22}  {share(pruned, good):>22}", flush=True)
+    classes = {r["id"]: r["classes"][0] for r in refined.records()}
+    print(f"wrong-shape images pruned at α {' / '.join(map(str, alphas))}, per class: " + "; ".join(
+        f"{name} " + " / ".join(f"{len((set(judge) - set(kept[a])) & set(ids))}" for a in alphas) + f" of {len(ids)}"
+        + " (seen as " + ", ".join(f"{seen} {n}" for seen, n in Counter(judge[i][2] for i in ids).most_common()) + ")"
+        for name in CLASSES if (ids := [i for i in wrong if classes[i] == name])), flush=True)
 
 
 def share(pruned: set[str], ids: list[str]) -> str:
@@ -125,6 +181,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2500, help="training steps of every table row")
     parser.add_argument("--fold-steps", type=int, default=1200, help="training steps of each fold model")
     parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--fold-repeats", type=int, default=1,
+                        help="the catch again with other fold splits and fold-model seeds, each on a hard-linked copy "
+                             "of the images, and with the runs' scores averaged; how stable are the scores? (default: 1)")
     parser.add_argument("--fold-augment", help="the fold models' on-the-fly augmentation (train's --augment, e.g. "
                         "+mosaic,paste; default: the preset's); give it its own --work")
     parser.add_argument("--preset", default="tiny")
@@ -166,23 +225,25 @@ def main() -> None:
             kept[alpha] = result.kept
     if "catch" in wanted:
         judge = judged(refined)
-        wrong = [i for i, (right, _, _) in judge.items() if not right]
-        right = [i for i, (r, _, _) in judge.items() if r]
-        bad = [i for i, (_, iou, _) in judge.items() if iou < 0.5]
-        good = [i for i, (_, iou, _) in judge.items() if iou >= 0.5]
         print(f"\nnoise learning on {len(judge)} refined images ({args.folds} folds, {args.fold_steps} steps each)")
-        print(f"{'α':>4}  {'wrong shape pruned':>22}  {'right shape pruned':>22}  {'ratio':>5}  "
-              f"{'mask IoU < 0.5 pruned':>22}  {'IoU ≥ 0.5 pruned':>22}")
-        for alpha in alphas:
-            pruned = set(judge) - set(kept[alpha])
-            rates = [len(pruned & set(group)) / max(1, len(group)) for group in (wrong, right)]
-            print(f"{alpha:4.1f}  {share(pruned, wrong):>22}  {share(pruned, right):>22}  "
-                  f"{rates[0] / max(rates[1], 1e-9):5.2f}  {share(pruned, bad):>22}  {share(pruned, good):>22}", flush=True)
-        classes = {r["id"]: r["classes"][0] for r in refined.records()}
-        print(f"\nwrong-shape images pruned at α {' / '.join(map(str, alphas))}, per class: " + "; ".join(
-            f"{name} " + " / ".join(f"{len((set(judge) - set(kept[a])) & set(ids))}" for a in alphas) + f" of {len(ids)}"
-            + " (seen as " + ", ".join(f"{seen} {n}" for seen, n in Counter(judge[i][2] for i in ids).most_common()) + ")"
-            for name in CLASSES if (ids := [i for i in wrong if classes[i] == name])), flush=True)
+        catch_table(judge, kept, alphas, refined)
+        if args.fold_repeats > 1:
+            repeat_scores = [{r["id"]: r["noise"]["score"] for r in refined.records()}]
+            for repeat in range(1, args.fold_repeats):
+                repeat_kept, scores = repeat_folds(refined, config, repeat, args.work, alphas, args.quiet)
+                repeat_scores.append(scores)
+                print(f"\nrepeat {repeat}: another fold split and training seed")
+                catch_table(judge, repeat_kept, alphas, refined)
+                ids = sorted(scores)
+                print(f"its scores against the first run's: correlation "
+                      f"{np.corrcoef([scores[i] for i in ids], [repeat_scores[0][i] for i in ids])[0, 1]:.2f}; "
+                      "pruned by both at α " + ", ".join(
+                          f"{a}: {len(set(ids) - set(kept[a]) - set(repeat_kept[a]))} of {len(ids) - len(kept[a])} "
+                          f"({chance_overlap(refined, a):.0f} by chance)" for a in alphas), flush=True)
+            mean = {i: float(np.mean([scores[i] for scores in repeat_scores])) for i in repeat_scores[0]}
+            print(f"\nthe {args.fold_repeats} runs' scores averaged (repeated cross-validation)")
+            catch_table(judge, cut_by(refined, mean, args.work / f"refined-{args.n}-folds-mean", config, alphas), alphas,
+                        refined)
     rows = []
     if "alpha" in wanted:
         rows.append(run_row("c-refined", [refined.root], args.work, args, paths["test"], label="α 0 (row c)"))
