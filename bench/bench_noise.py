@@ -53,7 +53,7 @@ from bench_downstream import percent, prepare, print_by_area, run_row, subset
 
 from diffumask.augment import AugmentConfig, augment_dataset
 from diffumask.dataset import Dataset
-from diffumask.noise import FilterConfig, filter_dataset
+from diffumask.noise import FilterConfig, filter_dataset, primary_class
 from diffumask.segment import TrainConfig
 from diffumask.shapes import CLASSES
 from diffumask.shapes.classifier import clean, foreground, is_present, load_classifier
@@ -115,10 +115,17 @@ def random_cut(dataset: Dataset, alpha: float, seed: int) -> list[str]:
 
 
 def by_class(dataset: Dataset) -> dict[str, list[str]]:
+    """Item ids by the class each was drawn for, as filter ranks them."""
     out: dict[str, list[str]] = {}
     for record in dataset.records():
-        out.setdefault(record["classes"][0], []).append(record["id"])
+        out.setdefault(primary_class(record), []).append(record["id"])
     return out
+
+
+def recut(config: FilterConfig, alphas: list[float]) -> dict[float, list[str]]:
+    """What each α keeps of ``config``'s dataset: filter's re-cut of its recorded scores, into split filtered-α."""
+    return {a: filter_dataset(dataclasses.replace(config, prune=a, name=f"filtered-{a}"), progress=False,
+                              recut=True).kept for a in alphas}
 
 
 def chance_overlap(dataset: Dataset, alpha: float) -> float:
@@ -131,12 +138,10 @@ def repeat_folds(refined: Dataset, config: FilterConfig, repeat: int, work: Path
     """Noise learning again on a hard-linked copy of the refined images, with fold split ``repeat`` and the fold
     models' seed + ``repeat``: what each α keeps, and the scores."""
     data = subset(refined, work / f"{refined.root.name}-folds-{repeat}", [r["id"] for r in refined.records()])
-    again = dataclasses.replace(config, dataset=str(data), seed=repeat,
+    again = dataclasses.replace(config, dataset=str(data), seed=config.seed + repeat,
                                 training=dataclasses.replace(config.training, seed=config.training.seed + repeat))
     filter_dataset(again, progress=not quiet)
-    kept = {a: filter_dataset(dataclasses.replace(again, prune=a, name=f"filtered-{a}"), progress=False, recut=True).kept
-            for a in alphas}
-    return kept, {r["id"]: r["noise"]["score"] for r in Dataset(data).records()}
+    return recut(again, alphas), {r["id"]: r["noise"]["score"] for r in Dataset(data).records()}
 
 
 def cut_by(refined: Dataset, scores: dict[str, float], out: Path, config: FilterConfig,
@@ -144,9 +149,7 @@ def cut_by(refined: Dataset, scores: dict[str, float], out: Path, config: Filter
     """What each α keeps when items are ranked by ``scores``: filter's own re-cut, on a copy holding them."""
     data = subset(refined, out, [r["id"] for r in refined.records()])
     Dataset(data).update_records({i: {"noise": {"fold": -1, "score": score}} for i, score in scores.items()})
-    base = dataclasses.replace(config, dataset=str(data))
-    return {a: filter_dataset(dataclasses.replace(base, prune=a, name=f"filtered-{a}"), progress=False, recut=True).kept
-            for a in alphas}
+    return recut(dataclasses.replace(config, dataset=str(data)), alphas)
 
 
 def catch_table(judge: dict[str, tuple[bool, float, str]], kept: dict[float, list[str]], alphas: list[float],
@@ -161,10 +164,10 @@ def catch_table(judge: dict[str, tuple[bool, float, str]], kept: dict[float, lis
     for alpha in alphas:
         pruned = set(judge) - set(kept[alpha])
         rates = [len(pruned & set(group)) / max(1, len(group)) for group in (wrong, right)]
-        print(f"{alpha:4.1f}  {share(pruned, wrong):>22}  {share(pruned, right):>22}  "
+        print(f"{alpha:>4g}  {share(pruned, wrong):>22}  {share(pruned, right):>22}  "
               f"{rates[0] / max(rates[1], 1e-9):5.2f}  {share(pruned, bad):>22}  {share(pruned, good):>22}", flush=True)
     classes = {r["id"]: r["classes"][0] for r in refined.records()}
-    print(f"wrong-shape images pruned at α {' / '.join(map(str, alphas))}, per class: " + "; ".join(
+    print(f"\nwrong-shape images pruned at α {' / '.join(map(str, alphas))}, per class: " + "; ".join(
         f"{name} " + " / ".join(f"{len((set(judge) - set(kept[a])) & set(ids))}" for a in alphas) + f" of {len(ids)}"
         + " (seen as " + ", ".join(f"{seen} {n}" for seen, n in Counter(judge[i][2] for i in ids).most_common()) + ")"
         for name in CLASSES if (ids := [i for i in wrong if classes[i] == name])), flush=True)
@@ -194,7 +197,7 @@ def main() -> None:
                         help=f"which augmentation rows (default: Table 4 (d)'s; of {', '.join(AUGMENT_ROWS)})")
     parser.add_argument("--alphas", default=",".join(map(str, ALPHAS)),
                         help="the shares pruned in the catch table and the alpha and random rows (default: %(default)s)")
-    parser.add_argument("--augment-alpha", type=float, choices=(0.0, *ALPHAS),
+    parser.add_argument("--augment-alpha", type=float,
                         help="the α whose kept items the augment rows start from (default: the best α row's; "
                              "0 augments every refined image and needs no noise learning)")
     parser.add_argument("--model", default="shapes",
@@ -207,6 +210,8 @@ def main() -> None:
     alphas = [float(a) for a in args.alphas.split(",")]
     if not all(0 < a < 1 for a in alphas):
         parser.error(f"--alphas are shares pruned, each in (0, 1), got {args.alphas}")
+    if args.fold_repeats < 1 or (args.fold_repeats > 1 and "catch" not in wanted):
+        parser.error("--fold-repeats is how many times the catch row runs noise learning: 1 or more, with --rows catch")
     if args.augment_alpha not in (None, 0.0, *alphas):
         parser.error(f"--augment-alpha {args.augment_alpha} is not among --alphas {args.alphas}")
     if unknown := set(args.augment_rows.split(",")) - set(AUGMENT_ROWS):
@@ -217,12 +222,9 @@ def main() -> None:
                            workers=args.workers, augment=args.fold_augment.split(",") if args.fold_augment else None)
     config = FilterConfig(dataset=str(refined.root), training=training, folds=args.folds, prune=0.0, name="filtered-0")
     kept = {}
-    if wanted & {"catch", "alpha"} or args.augment_alpha != 0:
+    if wanted & {"catch", "alpha"} or ("augment" in wanted and args.augment_alpha != 0):
         filter_dataset(config, progress=not args.quiet)
-        for alpha in alphas:
-            result = filter_dataset(dataclasses.replace(config, prune=alpha, name=f"filtered-{alpha}"),
-                                    progress=False, recut=True)
-            kept[alpha] = result.kept
+        kept = recut(config, alphas)
     if "catch" in wanted:
         judge = judged(refined)
         print(f"\nnoise learning on {len(judge)} refined images ({args.folds} folds, {args.fold_steps} steps each)")
@@ -242,7 +244,7 @@ def main() -> None:
                           f"({chance_overlap(refined, a):.0f} by chance)" for a in alphas), flush=True)
             mean = {i: float(np.mean([scores[i] for scores in repeat_scores])) for i in repeat_scores[0]}
             print(f"\nthe {args.fold_repeats} runs' scores averaged (repeated cross-validation)")
-            catch_table(judge, cut_by(refined, mean, args.work / f"refined-{args.n}-folds-mean", config, alphas), alphas,
+            catch_table(judge, cut_by(refined, mean, args.work / f"{refined.root.name}-folds-mean", config, alphas), alphas,
                         refined)
     rows = []
     if "alpha" in wanted:
@@ -256,7 +258,7 @@ def main() -> None:
             rows.append(run_row(f"random-{alpha}", [kept_set], args.work, args, paths["test"], label=f"random {alpha}"))
     if "augment" in wanted:
         best = max((r for r in rows if r["row"].startswith("α")), key=lambda r: r["miou_shapes"], default=None)
-        alpha = args.augment_alpha if args.augment_alpha is not None else float(best["row"].split()[1]) if best else 0.7
+        alpha = args.augment_alpha if args.augment_alpha is not None else float(best["row"].split()[1]) if best else alphas[-1]
         base = args.work / f"filtered-{args.n}-{alpha}" if alpha else refined.root
         base = subset(refined, base, kept[alpha]) if alpha else base
         for name in args.augment_rows.split(","):
@@ -268,7 +270,7 @@ def main() -> None:
                 continue
             if (copies := fields.pop("copies", 1)) != 1:
                 fields["items"] = copies * len(Dataset(base).split_ids("train"))
-            augmented_share = fields.pop("share", None)  # not `share`: main's catch table calls the function above
+            augmented_share = fields.pop("share", None)  # not `share`: that is the catch table's helper
             weights = None if augmented_share is None else [1 - augmented_share, augmented_share]
             out = args.work / f"augmented-{args.n}-{alpha}-{name}"
             augment_dataset(base, out, AugmentConfig(**fields, seed=args.seed), progress=not args.quiet)

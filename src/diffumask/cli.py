@@ -533,11 +533,11 @@ def _run_filter(args: argparse.Namespace) -> None:
           f"pruned by score, {by_area} by area) in {result.split_path}")
     names = {name: name or "(no class)" for name in result.classes}
     width = max([len("class"), *map(len, names.values())])
-    print(f"{'class':<{width}}  {'kept':>6}  {'pruned':>6}  {'by area':>7}  {'lowest kept':>11}  {'median kept':>11}  "
+    print(f"{'class':<{width}}  {'kept':>6}  {'by score':>8}  {'by area':>7}  {'lowest kept':>11}  {'median kept':>11}  "
           f"{'median pruned':>13}")
     for name, cut in result.classes.items():
         scores = [f"{s:.3f}" if s is not None else "-" for s in (cut.lowest_kept, cut.median_kept, cut.median_pruned)]
-        print(f"{names[name]:<{width}}  {cut.kept:>6}  {cut.pruned_by_score:>6}  {cut.pruned_by_area:>7}  "
+        print(f"{names[name]:<{width}}  {cut.kept:>6}  {cut.pruned_by_score:>8}  {cut.pruned_by_area:>7}  "
               f"{scores[0]:>11}  {scores[1]:>11}  {scores[2]:>13}")
     print("(scores: each item's IoU with a held-out prediction; a pruned median close to the kept one means the cut "
           "falls among near-equal items and mostly removes data: check it against --prune 0)")

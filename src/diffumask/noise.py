@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,24 +201,25 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
         records = _records(dataset, config)
     pruned: dict[str, str] = {}
     by_class: dict[str, list[Mapping[str, Any]]] = {}
-    by_area: dict[str, int] = {}
+    by_area: Counter[str] = Counter()
     for record in records:
-        by_class.setdefault(primary_class(record), [])
+        name = primary_class(record)
+        by_class.setdefault(name, [])
         if config.min_area > 0 or config.max_area < 1:
             area = _area(dataset, record)
             if not config.min_area <= area <= config.max_area:
                 pruned[record["id"]] = "area"
-                by_area[primary_class(record)] = by_area.get(primary_class(record), 0) + 1
+                by_area[name] += 1
                 continue
-        by_class[primary_class(record)].append(record)
-    cuts = {}
+        by_class[name].append(record)
+    cuts: dict[str, ClassCut] = {}
     for name, members in sorted(by_class.items()):
         ranked = sorted(members, key=lambda r: (r["noise"]["score"], r["id"]))
         cut = math.floor(config.prune * len(ranked))
         for record in ranked[:cut]:
             pruned[record["id"]] = "score"
         low, high = [r["noise"]["score"] for r in ranked[:cut]], [r["noise"]["score"] for r in ranked[cut:]]
-        cuts[name] = ClassCut(len(high), len(low), by_area.get(name, 0), high[0] if high else None,
+        cuts[name] = ClassCut(len(high), len(low), by_area[name], high[0] if high else None,
                               float(np.median(high)) if high else None, float(np.median(low)) if low else None)
     kept = [r["id"] for r in records if r["id"] not in pruned]
     split_path = dataset.root / "ImageSets" / "Segmentation" / f"{config.name}.txt"
