@@ -166,7 +166,7 @@ def catch_table(judge: dict[str, tuple[bool, float, str]], kept: dict[float, lis
         rates = [len(pruned & set(group)) / max(1, len(group)) for group in (wrong, right)]
         print(f"{alpha:>4g}  {share(pruned, wrong):>22}  {share(pruned, right):>22}  "
               f"{rates[0] / max(rates[1], 1e-9):5.2f}  {share(pruned, bad):>22}  {share(pruned, good):>22}", flush=True)
-    classes = {r["id"]: r["classes"][0] for r in refined.records()}
+    classes = {i: name for name, ids in by_class(refined).items() for i in ids}
     print(f"\nwrong-shape images pruned at α {' / '.join(map(str, alphas))}, per class: " + "; ".join(
         f"{name} " + " / ".join(f"{len((set(judge) - set(kept[a])) & set(ids))}" for a in alphas) + f" of {len(ids)}"
         + " (seen as " + ", ".join(f"{seen} {n}" for seen, n in Counter(judge[i][2] for i in ids).most_common()) + ")"

@@ -90,13 +90,17 @@ def test_filter_cross_validates_prunes_per_class_and_recuts_without_training(tmp
     assert set(result.classes) == set(by_class)
     capsys.readouterr()
     assert main(["filter", str(dataset.root), "--prune", "0.5", "--recut", "--name", "again", "--quiet"]) == 0
-    table = capsys.readouterr().out.splitlines()[1:-1]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"kept {len(kept)} of {len(items)} items ({len(items) - len(kept)} pruned by score, 0 by area)")
+    table = out[1:-1]
     assert len({len(line) for line in table}) == 1  # the columns line up under the header
     printed = {line.split()[0]: line.split()[1:] for line in table[1:]}
     assert printed == {name: [str(v) for v in values[:3]] + [f"{v:.3f}" if v is not None else "-" for v in values[3:]]
                        for name, values in summary.items()}
     assert main(["filter", str(dataset.root), "--recut", "--max-area", "1e-6", "--name", "none", "--quiet"]) == 0
-    printed = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:-1]}
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"kept 0 of {len(items)} items (0 pruned by score, {len(items)} by area)")
+    printed = {line.split()[0]: line.split()[1:] for line in out[2:-1]}
     assert printed == {name: ["0", "0", str(len(members)), "-", "-", "-"] for name, members in by_class.items()}
 
     def no_training(*args, **kwargs):

@@ -528,9 +528,10 @@ def _run_filter(args: argparse.Namespace) -> None:
                           prune=args.prune, split=args.split, name=args.name, min_area=args.min_area, max_area=args.max_area,
                           seed=args.seed)
     result = filter_dataset(config, progress=not args.quiet, recut=args.recut)
-    by_area = sum(why == "area" for why in result.pruned.values())
-    print(f"kept {len(result.kept)} of {len(result.kept) + len(result.pruned)} items ({len(result.pruned) - by_area} "
-          f"pruned by score, {by_area} by area) in {result.split_path}")
+    by_score = sum(cut.pruned_by_score for cut in result.classes.values())
+    by_area = sum(cut.pruned_by_area for cut in result.classes.values())
+    print(f"kept {len(result.kept)} of {len(result.kept) + len(result.pruned)} items ({by_score} pruned by score, "
+          f"{by_area} by area) in {result.split_path}")
     names = {name: name or "(no class)" for name in result.classes}
     width = max([len("class"), *map(len, names.values())])
     print(f"{'class':<{width}}  {'kept':>6}  {'by score':>8}  {'by area':>7}  {'lowest kept':>11}  {'median kept':>11}  "
