@@ -30,8 +30,8 @@ Data is bench_downstream's (the same --work layout and seeds): N synthetic image
 
 Every run folder and dataset is kept in --work, so a killed benchmark continues where it stopped (folds trained
 with another --fold-steps are refused: delete DATA/noise to train them again). The fold models train for 1200
-steps, half the rows' 2500, so that the whole default run fitted in about 1.6 hours on 2 cores at the tiny
-preset's former crop 64 (its rows take about 1.5 times as long at today's crop 80): they only score
+steps, half the rows' 2500, so that the whole default run fits in two hours on 2 cores (115.1 minutes on
+2026-12-06 at the tiny preset's crop 80, 19 of them for images and folds; 93.9 at its former crop 64): they only score
 items, and on 2026-11-27 fold models of 600, 1200 and 2500 steps pruned 16, 20 and 17 of the 40 wrong-shape images
 at α 0.3 (ratios 1.37, 1.75, 1.46), against 29.3, 28.6 and 29.1 % of the right ones. The rows' table is followed
 by bench_downstream's recall by object area, and the run ends with its wall time.
