@@ -63,21 +63,33 @@ def truths(dataset: Dataset) -> dict[str, np.ndarray]:
     return {r["id"]: clean(foreground(dataset.read_image(r["id"]))) for r in dataset.records()}
 
 
+class Overlap:
+    """Per-class intersection and union of masks with the true pixels, 255 left out, pooled over images."""
+
+    def __init__(self) -> None:
+        self.inter: dict[str, int] = {}
+        self.union: dict[str, int] = {}
+
+    def add(self, name: str, mask: np.ndarray, true: np.ndarray, label: int = 1) -> None:
+        kept, predicted = mask != IGNORE_INDEX, mask == label
+        self.inter[name] = self.inter.get(name, 0) + int((predicted & true & kept).sum())
+        self.union[name] = self.union.get(name, 0) + int(((predicted | true) & kept).sum())
+
+    def miou(self) -> float:
+        return float(np.mean([self.inter[c] / self.union[c] for c in self.inter if self.union[c]]))
+
+
 def score(dataset: Dataset, truth: dict[str, np.ndarray]) -> tuple[float, float]:
     """(mIoU over classes with pooled pixels and 255 left out, fraction of pixels labelled 255)."""
-    inter: dict[str, int] = {}
-    union: dict[str, int] = {}
+    overlap = Overlap()
     ignored = total = 0
     for record in dataset.records():
         name = record["classes"][0]
         mask = dataset.read_mask(record["id"])
-        kept = mask != IGNORE_INDEX
-        predicted = mask == dataset.class_index(name)
-        inter[name] = inter.get(name, 0) + int((predicted & truth[record["id"]] & kept).sum())
-        union[name] = union.get(name, 0) + int(((predicted | truth[record["id"]]) & kept).sum())
-        ignored += int((~kept).sum())
+        overlap.add(name, mask, truth[record["id"]], dataset.class_index(name))
+        ignored += int((mask == IGNORE_INDEX).sum())
         total += mask.size
-    return float(np.mean([inter[c] / union[c] for c in inter if union[c]])), ignored / total
+    return overlap.miou(), ignored / total
 
 
 def rows(args: argparse.Namespace) -> list[tuple[str, RefineConfig]]:
