@@ -4,6 +4,7 @@ random walk against a dense reference, self-attention propagation, CRF marginals
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from diffumask.errors import DiffumaskError
 from diffumask.masks.adaptive import (best_gamma, gamma_range, mean_ious, pool_counts, raw_sweep, shortlisted_sweep,
                                       sweep)
 from diffumask.masks.affinity import (AffinityConfig, AffinityNet, affinity_loss, affinity_mask, grid_labels,
-                                      seed_labels, train_affinity_net, walked_maps)
+                                      one_cycle, seed_labels, train_affinity_net, walked_maps)
 from diffumask.masks.assign import assign_labels
 from diffumask.masks.cleanup import cleanup_mask
 from diffumask.masks.otsu import otsu_threshold
@@ -489,6 +490,27 @@ def test_affinity_net_learns_object_boundaries_from_seeds():
     assert walked[interior].min() > 0.6 and walked[far].max() < 0.3
     refined = affinity_mask(net, image, {1: soft}, config) == 1
     assert iou(refined, truth) > raw_best + 0.05
+
+
+def test_affinity_training_runs_at_every_short_length():
+    """Eight epochs of 19 or 20 images are 10 steps, where torch's one-cycle schedule with a 10 % warm-up
+    divides by zero; every length warms up, peaks at the rate asked and ends near zero."""
+    config = AffinityConfig(width=4, blocks=1, feature_dim=4, batch_size=1, crop=8, lr=1e-2)
+    image, truth = scene(seed=0)
+    seeds = [grid_labels(truth.astype(np.uint8), 1)]
+    for steps in range(1, 26):
+        net = train_affinity_net(AffinityNet(1, config.width, config.feature_dim, config.blocks), lambda i: image,
+                                 seeds, replace(config, train_steps=steps))
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for steps in (1, 2, 10, 19, 20, 300):
+        schedule = one_cycle(optimizer, 0.5, steps)
+        rates = []
+        for _ in range(steps):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert max(rates) <= 0.5 + 1e-9 and rates[-1] < rates[min(1, steps - 1)] + 1e-9, (steps, rates)
 
 
 def test_affinity_net_works_on_a_feature_grid_for_large_images():

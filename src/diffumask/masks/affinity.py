@@ -335,6 +335,16 @@ def _deterministic_kernels() -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
+def one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """Warm-up over the first 10 % of ``steps``, then cosine decay; short runs warm up for about two steps.
+
+    torch's schedule divides by zero when the warm-up is exactly one step (``pct_start × steps == 1``, as at
+    10 steps), which an 8-epoch run on 19 or 20 images hits."""
+    steps = max(1, steps)
+    warmup = 0.1 if steps >= 20 else min(0.3, 2 / steps)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=warmup)
+
+
 def train_affinity_net(
     net: AffinityNet,
     read_image: Callable[[int], np.ndarray],
@@ -360,7 +370,7 @@ def train_affinity_net(
     stride = net.stride
     net.to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=max(1, steps), pct_start=0.1)
+    schedule = one_cycle(optimizer, config.lr, steps)
     net.train()
     with ThreadPoolExecutor(loaders) as pool, _deterministic_kernels():
         ahead: deque[tuple[list[_Crop], list[Future[np.ndarray]]]] = deque()
