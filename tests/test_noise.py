@@ -19,6 +19,7 @@ from diffumask.cli import main
 from diffumask.dataset import Dataset
 from diffumask.errors import ConfigError, DiffumaskError
 from diffumask.noise import FilterConfig, assign_folds, filter_dataset, item_score
+from diffumask.refine import RefineConfig, refine_dataset
 from diffumask.segment.run import RunFolder
 from diffumask.segment.train import TrainConfig
 from diffumask.validate import validate_dataset
@@ -123,6 +124,27 @@ def test_a_killed_filter_keeps_its_finished_folds(tmp_path):
     assert json.loads((dataset.root / "noise" / "fold-1" / "scores.json").read_text()) == scores
 
 
+def test_scores_belong_to_the_masks_they_were_scored_on(tmp_path):
+    """A mask changed after filter (by hand or by refine) makes its score stale: a re-cut and the finished
+    folds are refused, and refine drops the scores of the items it rewrites."""
+    dataset = make_dataset(tmp_path / "data", n=9, size=32, splits=("train",))
+    filter_dataset(config(dataset.root), progress=False)
+    filter_dataset(config(dataset.root), progress=False, recut=True)
+    record = Dataset(dataset.root).records()[0]
+    mask = dataset.read_mask(record["id"])
+    dataset.rewrite_mask(record, np.where(mask == 0, 1, 0).astype(np.uint8))
+    with pytest.raises(DiffumaskError, match=f"new mask since they were scored \\(e.g. {record['id']}\\)"):
+        filter_dataset(config(dataset.root), progress=False, recut=True)
+    with pytest.raises(DiffumaskError, match="masks of .* changed since the folds"):
+        filter_dataset(config(dataset.root), progress=False)
+    refine_dataset(dataset.root, RefineConfig(method="threshold"), progress=False)
+    assert not any("noise" in r for r in Dataset(dataset.root).records())
+    with pytest.raises(DiffumaskError, match="without --recut first"):
+        filter_dataset(config(dataset.root), progress=False, recut=True)
+    shutil.rmtree(dataset.root / "noise")
+    assert filter_dataset(config(dataset.root), progress=False).trained_folds == 3
+
+
 def test_bad_input_is_one_sentence(tmp_path, capsys):
     for bad in (dict(prune=1.0), dict(prune=-0.1), dict(folds=1), dict(min_area=0.5, max_area=0.2)):
         with pytest.raises(ConfigError):
@@ -132,6 +154,10 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
         filter_dataset(config(dataset.root), progress=False, recut=True)
     with pytest.raises(DiffumaskError, match="fewer than --folds"):
         filter_dataset(config(dataset.root, folds=5), progress=False)
+    with pytest.raises(DiffumaskError, match="no items in split 'nosplit'; it has: train"):
+        filter_dataset(config(dataset.root, split="nosplit"), progress=False)
+    with pytest.raises(DiffumaskError, match="--name 'train' is one of the dataset's own splits"):
+        filter_dataset(config(dataset.root, name="train"), progress=False)
     for path in (dataset.root / "SegmentationClass").glob("*.png"):
         path.unlink()
     with pytest.raises(DiffumaskError, match="needs a dataset with masks"):

@@ -7,7 +7,9 @@ the IoU between that prediction and its mask over the item's own classes (255 ig
 ranked within their class, so a hard class is not wiped out, and the worst ``prune`` share of each
 class is dropped; the kept ids go to ``ImageSets/Segmentation/<name>.txt``, so that ``diffumask
 train DATASET --split <name>`` trains on them. Each item's score and fold are recorded in the
-manifest (under ``noise``): another share is a re-cut (``recut=True``) without any training.
+manifest (under ``noise``, with a digest of the mask it was scored on): another share is a re-cut
+(``recut=True``) without any training. Scores belong to their masks: once a mask changes (``refine`` again,
+which drops the item's scores), finished folds and re-cuts are refused until ``DATASET/noise/`` is deleted.
 
 Work lives in ``DATASET/noise/``: a run folder per fold and its scores, written when the fold is
 finished, so a killed filter resumes and keeps finished folds. The paper's per-class area sanity
@@ -19,6 +21,7 @@ without folds; this is the paper's description.)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections import Counter
@@ -123,10 +126,17 @@ def _work(dataset: Dataset) -> Path:
     return dataset.root / "noise"
 
 
-def _settings(config: FilterConfig, assignment: Mapping[str, int]) -> dict[str, Any]:
+def _settings(config: FilterConfig, assignment: Mapping[str, int], masks: Mapping[str, str]) -> dict[str, Any]:
     preset = config.training.resolved_preset()
+    digest = hashlib.sha256("".join(f"{i} {masks[i]}\n" for i in sorted(masks)).encode()).hexdigest()
     return json.loads(json.dumps({"folds": config.folds, "seed": config.seed, "train": config.training.settings(preset)
-                                  | {"data": None, "split": None}, "assignment": dict(sorted(assignment.items()))}))
+                                  | {"data": None, "split": None}, "assignment": dict(sorted(assignment.items())),
+                                  "masks": digest}))
+
+
+def _mask_digests(dataset: Dataset, records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Item id → the first 16 hex digits of its mask file's SHA-256: scores are only valid for these masks."""
+    return {r["id"]: hashlib.sha256(dataset.current_mask_path(r["id"]).read_bytes()).hexdigest()[:16] for r in records}
 
 
 def _records(dataset: Dataset, config: FilterConfig) -> list[dict[str, Any]]:
@@ -138,13 +148,20 @@ def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> int:
     records = _records(dataset, config)
     by_id = {r["id"]: r for r in records}
     assignment = assign_folds(records, config.folds, config.seed)
+    masks = _mask_digests(dataset, records)
     work = _work(dataset)
     work.mkdir(exist_ok=True)
-    settings = _settings(config, assignment)
+    settings = _settings(config, assignment, masks)
     settings_path = work / "settings.json"
-    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
-        raise DiffumaskError(f"{work} holds folds trained with other settings or items; re-run with the same "
-                             "options to resume, or delete that folder to start again")
+    if settings_path.is_file():
+        earlier = json.loads(settings_path.read_text())
+        earlier.setdefault("masks", settings["masks"])  # folds from before masks were recorded
+        if earlier != settings and {**earlier, "masks": settings["masks"]} == settings:
+            raise DiffumaskError(f"the masks of {dataset.root} changed since the folds in {work} were trained (refined "
+                                 "again?); delete that folder to train and score them on these masks")
+        if earlier != settings:
+            raise DiffumaskError(f"{work} holds folds trained with other settings or items; re-run with the same "
+                                 "options to resume, or delete that folder to start again")
     write_text_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
     trained = 0
     for fold in range(config.folds):
@@ -170,7 +187,7 @@ def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> int:
     updates = {}
     for fold in range(config.folds):
         for item_id, score in json.loads((work / f"fold-{fold}" / "scores.json").read_text())["scores"].items():
-            updates[item_id] = {"noise": {"fold": fold, "score": score}}
+            updates[item_id] = {"noise": {"fold": fold, "score": score, "mask": masks[item_id]}}
     dataset.update_records(updates)
     return trained
 
@@ -185,9 +202,16 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
     """Run ``filter`` (see the module docstring); ``recut`` re-ranks the recorded scores without training."""
     dataset = Dataset(config.dataset)
     records = _records(dataset, config)
+    if not records:
+        splits = sorted({r.get("split", "train") for r in dataset.records()})
+        raise DiffumaskError(f"{dataset.root} holds no items in split {config.split!r}; it has: {', '.join(splits)} "
+                             "(--split)")
     if len(records) < config.folds:
         raise DiffumaskError(f"{dataset.root} holds {len(records)} items in split {config.split!r}, fewer than "
                              f"--folds {config.folds}")
+    if config.name in (own := {r.get("split", "train") for r in dataset.records()}):
+        raise DiffumaskError(f"--name {config.name!r} is one of the dataset's own splits ({', '.join(sorted(own))}), "
+                             "which filter would overwrite; name the kept list otherwise (default: filtered)")
     if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
         raise DiffumaskError(f"{dataset.root} has no mask for {len(missing)} item(s) (e.g. {missing[0]}); filter "
                              "needs a dataset with masks (SegmentationClass)")
@@ -196,6 +220,10 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
         if unscored := [r["id"] for r in records if "score" not in (r.get("noise") or {})]:
             raise DiffumaskError(f"{len(unscored)} item(s) have no recorded score (e.g. {unscored[0]}); run filter "
                                  "without --recut first")
+        masks = _mask_digests(dataset, records)
+        if stale := [r["id"] for r in records if r["noise"].get("mask", masks[r["id"]]) != masks[r["id"]]]:
+            raise DiffumaskError(f"{len(stale)} item(s) have a new mask since they were scored (e.g. {stale[0]}); "
+                                 f"delete {_work(dataset)} and run filter without --recut to score them again")
     else:
         trained = _train_folds(dataset, config, progress)
         records = _records(dataset, config)

@@ -323,7 +323,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
                                                       _window(workers)),
                                               total=len(pending), desc=f"refine {config.method}", unit="img",
                                               disable=not progress, dynamic_ncols=True):
-                dataset.commit_mask({**item.record, "refine": {**params, **extra}}, sha256)  # staged by a worker
+                record = {k: v for k, v in item.record.items() if k != "noise"}  # scored on the old mask
+                dataset.commit_mask({**record, "refine": {**params, **extra}}, sha256)  # staged by a worker
     if not worker.sharded:
         with dataset.lock():
             dataset.compact()  # a finished run leaves one line per item
