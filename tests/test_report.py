@@ -23,13 +23,16 @@ N_ITEMS = 14
 
 @pytest.fixture(scope="module")
 def refined(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
-    """Items with noise scores, refined by the adaptive γ per class (a 3-step AffinityNet, no CRF)."""
+    """Items refined by the adaptive γ per class (a 3-step AffinityNet, no CRF), then given noise scores as
+    filter records them (refine drops the scores of the masks it replaces)."""
     from diffumask.masks.affinity import AffinityConfig
     from diffumask.refine import RefineConfig, refine_dataset
 
-    dataset = make_dataset(tmp_path_factory.mktemp("report") / "data", n=N_ITEMS, noise=True)
+    dataset = make_dataset(tmp_path_factory.mktemp("report") / "data", n=N_ITEMS)
     refine_dataset(dataset.root, RefineConfig(method="adaptive", per_class=True, crf=False,
                                               affinity=AffinityConfig(train_steps=3, seed_crf=False)), progress=False)
+    rng = np.random.default_rng(1)
+    dataset.update_records({r["id"]: {"noise": {"score": round(float(rng.random()), 4)}} for r in dataset.records()})
     return dataset
 
 
@@ -83,6 +86,8 @@ def test_report_files_and_statistics(tmp_path):
         assert re.search(rf"</span>{k} {name}</td>\s*<td>\d+</td><td>{len(having)}</td>(?:(?!</tr>).)*<td>{share:.1f} %</td></tr>",
                          html, re.S), name
     assert 'value="noise-asc"' in html  # items carry record["noise"]["score"]: the gallery sorts by it
+    # filter's score is an IoU and it prunes the lowest: ascending order shows the noisiest items first
+    assert re.search(r'value="noise-asc">[^<]*noisiest', html) and "higher = cleaner" in html
 
 
 def test_report_figures_and_results(refined, run_and_evaluation, tmp_path):

@@ -10,7 +10,7 @@ Shown when present:
 
 - each item's image, its mask over it in the palette colours, and each class's fused soft map, with a
   class filter and sorting by mask area or by the noise-learning score ``record["noise"]["score"]``
-  (the manifest field the noise filter is to write; lower = cleaner), when items carry one;
+  (the held-out IoU ``diffumask filter`` records; higher = cleaner), when items carry one;
 - per class: items naming it, items whose mask has it, its area distribution, the share of 255;
 - the paper's Fig. 3 from ``refine --method adaptive --per-class``: each class's IoU against the
   AffinityNet mask over the γ sweep (``refine.jsonl``'s pooled curves), the chosen γ marked;
@@ -280,7 +280,7 @@ def _noise_summary(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any] | Non
         return None
     return {"count": len(scores), "median": float(np.median(scores)),
             "histogram": plots.histogram(scores, 10, min(scores), max(scores) + 1e-9, (170, 90, 60),
-                                         "noise score", "score (lower = cleaner)")}
+                                         "noise score", "score (higher = cleaner)")}
 
 
 def _runs(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
