@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,18 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_world(tmp_path_factory.mktemp("data") / "shapes", 24, 0, 6)
 
 
-def test_tiny_run_learns_and_writes_a_run_folder(shapes_data, tmp_path):
+def test_tiny_run_learns_and_writes_a_run_folder(shapes_data, tmp_path, monkeypatch):
+    from diffumask import dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "UMASK", 0o002)  # a group-shared cluster's: files 664, folders 775
+    previous = os.umask(0o002)  # what the process has, as read at import
+    try:
+        check_a_tiny_run(shapes_data, tmp_path)
+    finally:
+        os.umask(previous)
+
+
+def check_a_tiny_run(shapes_data: Path, tmp_path: Path) -> None:
     run = train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "run"), steps=40, lr=3e-3, **FAST),
                 progress=False)
     log = run.log_entries()
@@ -47,6 +59,8 @@ def test_tiny_run_learns_and_writes_a_run_folder(shapes_data, tmp_path):
                               json_path=tmp_path / "eval.json")
     assert evaluation.classes == ["background", *CLASSES] and evaluation.images == 6
     saved = json.loads((tmp_path / "eval.json").read_text())
+    for path in [p for root in (run.root, out) for p in (root, *root.rglob("*"))] + [tmp_path / "eval.json"]:
+        assert path.stat().st_mode & 0o777 == (0o775 if path.is_dir() else 0o664), path  # not mkstemp's 600
     assert saved["miou"] == pytest.approx(evaluation.miou) and set(saved["iou"]) == {"background", *CLASSES}
 
 

@@ -93,6 +93,24 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+UMASK = _read_umask()  # read once, at import: setting it to read it races with threads that create files
+
+
+def plain_modes(root: Path) -> None:
+    """Give ``root`` and all below it the modes mkdir/open would (umask applied): mkdtemp and
+    mkstemp, which make outputs appear whole, make them owner-only, unreadable by other users of a
+    shared file system (another job's UID, a web server)."""
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~UMASK)
+
+
 def atomic_write(path: Path, write: Any, exclusive: bool = False) -> bool:
     """Call ``write(tmp_path)``, fsync it, rename it over ``path`` and fsync the folder.
 
@@ -106,6 +124,7 @@ def atomic_write(path: Path, write: Any, exclusive: bool = False) -> bool:
     os.close(fd)
     try:
         write(Path(tmp))
+        plain_modes(Path(tmp))
         _fsync_path(Path(tmp))
         if not exclusive:
             os.replace(tmp, path)

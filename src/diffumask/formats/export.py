@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..dataset import IGNORE_INDEX, OBJECT_FOLDER, Dataset, read_index_png, voc_palette, write_text_atomic
+from ..dataset import (IGNORE_INDEX, OBJECT_FOLDER, Dataset, plain_modes, read_index_png, voc_palette,
+                       write_text_atomic)
 from ..errors import DiffumaskError
 from .names import match_names
 from .tables import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS
@@ -51,16 +52,6 @@ class ExportResult:
     format: str
     items: int
     notes: list[str] = field(default_factory=list)
-
-
-def plain_modes(root: Path) -> None:
-    """Give ``root`` and all below it the modes mkdir/open would (umask applied): mkdtemp and
-    mkstemp, which make outputs appear whole, make them owner-only, unusable from a web server or share."""
-    umask = os.umask(0)
-    os.umask(umask)
-    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
-    for path in paths:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 class NoDataset(DiffumaskError, ValueError):
@@ -395,5 +386,5 @@ def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLik
     return ExportResult(out, fmt, len(dataset.records()), notes)
 
 
-__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "NoDataset", "open_dataset", "plain_modes", "ade20k_lookup", "cityscapes_lookup", "export_dataset",
+__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "NoDataset", "open_dataset", "ade20k_lookup", "cityscapes_lookup", "export_dataset",
            "instance_masks"]

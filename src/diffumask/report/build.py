@@ -38,9 +38,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..dataset import IGNORE_INDEX, Dataset, voc_palette, write_text_atomic
+from ..dataset import IGNORE_INDEX, Dataset, plain_modes, voc_palette, write_text_atomic
 from ..errors import DiffumaskError
-from ..formats.export import open_dataset, plain_modes
+from ..formats.export import open_dataset
 from . import plots
 
 THUMB = 96  # thumbnail side in pixels (the longer side); the gallery shows them at this size

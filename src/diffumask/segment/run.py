@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..dataset import atomic_write, read_label_map, write_label_map, write_text_atomic
+from ..dataset import atomic_write, plain_modes, read_label_map, write_label_map, write_text_atomic
 from ..errors import DiffumaskError
 from ..formats.readers import FORMATS
 from .model import Segmenter, build_segmenter, load_segmenter
@@ -135,6 +135,7 @@ class RunFolder:
         tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=self.root))
         try:
             segmenter.save(tmp)
+            plain_modes(tmp)
             if self.model_dir.exists():
                 shutil.rmtree(self.model_dir)
             os.replace(tmp, self.model_dir)
