@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -295,7 +296,7 @@ def test_mask2former_targets_and_scores_match_transformers():
         assert (mine == reference_map).float().mean() > 0.99  # bilinear order of operations differs at edges
 
 
-def test_init_from_a_backbone_folder(tmp_path):
+def test_init_from_a_backbone_folder(shapes_data, tmp_path):
     from transformers import SwinBackbone, SwinConfig
 
     preset = get_preset("tiny-mask2former")
@@ -311,6 +312,13 @@ def test_init_from_a_backbone_folder(tmp_path):
         torch.testing.assert_close(encoder[key], value)
     with pytest.raises(ConfigError, match="not a transformers model"):
         init_from(segmenter, str(tmp_path))
+    run = tmp_path / "run"  # a bad source is refused before the run folder exists, so the fixed command is not
+    config = TrainConfig(data=[str(shapes_data)], out=str(run), preset="tiny-mask2former", steps=1, **FAST)
+    with pytest.raises(ConfigError, match="not a transformers model"):
+        train(dataclasses.replace(config, init_from=str(tmp_path / "nothing")), progress=False)
+    assert not run.exists()
+    trained = train(dataclasses.replace(config, init_from=str(tmp_path / "swin")), progress=False)
+    assert trained.settings["init_from"] == str(tmp_path / "swin") and trained.model_dir.is_dir()
 
 
 def test_api_errors(shapes_data, tmp_path):

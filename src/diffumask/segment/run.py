@@ -27,6 +27,9 @@ from .model import Segmenter, build_segmenter, load_segmenter
 from .presets import Preset, Schedule
 
 
+CHECKPOINT = "checkpoint.pt"  # in a run folder: the latest step's weights, optimiser and schedule
+
+
 class RunError(DiffumaskError, ValueError):
     """A run folder that is not one, or that was started with other settings."""
 
@@ -104,7 +107,7 @@ class RunFolder:
     # ----------------------------------------------------------------- paths
     @property
     def checkpoint_path(self) -> Path:
-        return self.root / "checkpoint.pt"
+        return self.root / CHECKPOINT
 
     @property
     def model_dir(self) -> Path:

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from ..models import check_device
 from .data import StepBatches, TrainingSamples, check_augment, open_splits, union_classes
 from .model import build_segmenter, init_from
 from .presets import Preset, get_preset, uses_composites
-from .run import RunFolder
+from .run import CHECKPOINT, RunFolder
 
 LOG_EVERY = 10
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -137,6 +138,11 @@ def train(config: TrainConfig, progress: bool = True,
 
     settings = config.settings(preset)
     RunFolder.check(config.out, classes, settings)  # every process, before any waits: a mismatch never hangs
+    segmenter = None
+    if config.init_from and not (Path(config.out) / CHECKPOINT).is_file():  # a bad source fails before --out is made
+        torch.manual_seed(config.seed)
+        segmenter = build_segmenter(preset, classes)
+        init_from(segmenter, config.init_from)
     accelerator.wait_for_everyone()  # and before the main process writes: a check mid-write saw a half-made run
     run = RunFolder.create(config.out, classes, settings) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
@@ -147,10 +153,9 @@ def train(config: TrainConfig, progress: bool = True,
     if start >= schedule.steps and run.model_dir.is_dir():
         return run
 
-    torch.manual_seed(config.seed)
-    segmenter = build_segmenter(preset, classes)
-    if config.init_from and state is None:
-        init_from(segmenter, config.init_from)
+    if segmenter is None:  # without --init-from, or resuming (the checkpoint holds the weights)
+        torch.manual_seed(config.seed)
+        segmenter = build_segmenter(preset, classes)
     optimizer = torch.optim.AdamW(segmenter.parameter_groups(schedule.lr, schedule.backbone_lr_mult,
                                                              schedule.weight_decay, schedule.weight_decay_norm,
                                                              schedule.weight_decay_embed))
