@@ -6,6 +6,7 @@ import importlib
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -370,6 +371,16 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
                                                    .replace("circle", "dog"))
     assert "predictions of other classes" in _cli_error(["predict", str(tmp_path / "run"), str(shapes_data), "--out",
                                                          str(tmp_path / "pred"), "--quiet"], capsys)
+
+    damaged = tmp_path / "damaged"  # a truncated image, read in a DataLoader worker: named, in one line
+    shutil.copytree(shapes_data, damaged)
+    first = (damaged / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[0]
+    image = next((damaged / "JPEGImages").glob(f"{first}.*"))
+    image.write_bytes(image.read_bytes()[:100])
+    for command in (["train", str(damaged), "--out", str(tmp_path / "r7"), "--steps", "2", "--batch-size", "24",
+                     "--crop", "32", "--workers", "1", "--quiet"], ["report", str(damaged), "--out",
+                                                                    str(tmp_path / "report.html"), "--quiet"]):
+        assert f"{image} cannot be read" in _cli_error(command, capsys)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import DiffumaskError
+from .errors import DiffumaskError, one_line
 from .models import SCHEDULERS
 from .softmaps import SELF_ATTENTION_KEEP
 
@@ -795,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = args.run(args)  # None, or an exit status (validate: 1 when it found problems)
     except DiffumaskError as error:
-        print(f"diffumask: error: {error}", file=sys.stderr)
+        print(f"diffumask: error: {one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # the disk or the system refused (full, read-only, permissions): no traceback
         where = f": {error.filename}" if error.filename else ""

@@ -47,7 +47,7 @@ from PIL import Image
 
 from . import softmaps
 from .distributed import Worker, current_worker
-from .errors import ConfigError, DiffumaskError
+from .errors import ConfigError, DiffumaskError, UnreadableFile
 
 IGNORE_INDEX = 255
 OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC's layout): 0 none, 255 void
@@ -160,11 +160,31 @@ def write_palette_png(path: Path, mask: np.ndarray) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+@contextlib.contextmanager
+def decoding(path: Path) -> Iterator[None]:
+    """Turn a decoder's failure on a damaged file into an error that names the file and the fix."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated or unidentified data, bad chunks
+        if isinstance(error, UnreadableFile):
+            raise
+        raise UnreadableFile(f"{path} cannot be read ({error}); replace the file or drop its item "
+                             "(`diffumask validate DATASET` lists every damaged file)") from None
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB."""
+    with decoding(path), Image.open(path) as image:
+        return np.array(image.convert("RGB"))
+
+
 def read_index_png(path: Path) -> np.ndarray:
     """Read a palette (or grey) PNG back as class indices, never as colours."""
-    with Image.open(path) as image:
+    with decoding(path), Image.open(path) as image:
         if image.mode not in ("P", "L"):
-            raise ValueError(f"{path} is a {image.mode} image, not a class-index PNG")
+            raise UnreadableFile(f"{path} is a {image.mode} image, not a class-index PNG")
         return np.array(image)
 
 
@@ -570,8 +590,7 @@ class Dataset:
 
     # ----------------------------------------------------------------- reading
     def read_image(self, item_id: str) -> np.ndarray:
-        with Image.open(self.image_path(item_id)) as image:
-            return np.array(image.convert("RGB"))
+        return read_rgb(self.image_path(item_id))
 
     def read_mask(self, item_id: str) -> np.ndarray:
         return read_index_png(self.current_mask_path(item_id))

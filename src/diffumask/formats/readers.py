@@ -18,9 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from ..dataset import IGNORE_INDEX, Dataset, read_index_png
+from ..dataset import IGNORE_INDEX, Dataset, read_index_png, read_rgb
 from ..errors import DiffumaskError
 from .tables import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS, VOC_CLASSES
 
@@ -29,11 +28,6 @@ FORMATS = ("diffumask", "voc", "cityscapes", "ade20k")
 
 class SourceError(DiffumaskError, ValueError):
     """A DATA argument names no readable dataset, or a split or item it does not have."""
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.array(image.convert("RGB"))
 
 
 class LabelledSource:
@@ -142,7 +136,7 @@ class VOCSource(LabelledSource):
         return path.read_text().split() if path.is_file() else None
 
     def read_image(self, item_id: str) -> np.ndarray:
-        return _read_rgb(self.root / "JPEGImages" / f"{item_id}.jpg")
+        return read_rgb(self.root / "JPEGImages" / f"{item_id}.jpg")
 
     def labels_path(self, item_id: str) -> Path:
         """SegmentationClass's mask, else SegmentationClassAug's (SBD) one."""
@@ -174,7 +168,7 @@ class CityscapesSource(LabelledSource):
         return sorted(f"{split}/{p.parent.name}/{p.name[:-len(self._SUFFIX)]}" for p in folder.glob(f"*/*{self._SUFFIX}"))
 
     def read_image(self, item_id: str) -> np.ndarray:
-        return _read_rgb(self.root / "leftImg8bit" / f"{item_id}_leftImg8bit.png")
+        return read_rgb(self.root / "leftImg8bit" / f"{item_id}_leftImg8bit.png")
 
     def labels_path(self, item_id: str) -> Path:
         return self.root / "gtFine" / f"{item_id}{self._SUFFIX}"
@@ -215,7 +209,7 @@ class ADE20KSource(LabelledSource):
         return self._folder_of[item_id]
 
     def read_image(self, item_id: str) -> np.ndarray:
-        return _read_rgb(self.root / "images" / self._folder(item_id) / f"{item_id}.jpg")
+        return read_rgb(self.root / "images" / self._folder(item_id) / f"{item_id}.jpg")
 
     def labels_path(self, item_id: str) -> Path:
         return self.root / "annotations" / self._folder(item_id) / f"{item_id}.png"

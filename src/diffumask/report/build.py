@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..dataset import IGNORE_INDEX, Dataset, plain_modes, voc_palette, write_text_atomic
+from ..dataset import IGNORE_INDEX, Dataset, decoding, plain_modes, voc_palette, write_text_atomic
 from ..errors import DiffumaskError
 from ..formats.export import open_dataset
 from . import plots
@@ -86,7 +86,7 @@ def _save_jpeg(path: Path, rgb: np.ndarray) -> None:
 
 def _read_image_small(path: Path, side: int) -> np.ndarray:
     """The image at about ``side`` px; JPEGs are decoded at reduced scale (draft), which is most of the saving."""
-    with Image.open(path) as image:
+    with decoding(path), Image.open(path) as image:
         image.draft("RGB", (side, side))
         return np.array(image.convert("RGB"))
 
