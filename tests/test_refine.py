@@ -185,7 +185,7 @@ def test_propagate_marks_an_uncertainty_band(dataset):
     assert (masks[0] == IGNORE_INDEX).any() and not (masks[1] == IGNORE_INDEX).any()
 
 
-def test_resume_redoes_only_unfinished_items_and_new_settings_start_over(dataset):
+def test_resume_redoes_only_unfinished_items_and_new_settings_start_over(dataset, capsys):
     root, truths = dataset
     config = RefineConfig(method="otsu")
     manifest = root / "manifest.jsonl"
@@ -207,6 +207,26 @@ def test_resume_redoes_only_unfinished_items_and_new_settings_start_over(dataset
     assert other.refined == len(truths)
     assert {r["refine"]["method"] for r in other.dataset.records()} == {"threshold"}
     assert len(manifest.read_text().splitlines()) == len(truths)  # compacted after each finished run
+    capsys.readouterr()
+    assert main(["refine", str(root), "--method", "otsu", "--quiet"]) == 0  # the command line's warning: one line
+    assert capsys.readouterr().err.splitlines() == [
+        f"diffumask: warning: {len(truths)} item(s) of {root} were refined with other settings; refining them again "
+        "with these (their earlier masks are replaced)"]
+
+
+@pytest.mark.parametrize("argv, kept", [(["train", "DATA", "--out", "RUN"], "the last checkpoint is kept"),
+                                        (["filter", "DATA"], "finished folds are kept"),
+                                        (["refine", "DATA", "--method", "otsu"], "finished masks are kept"), (["validate", "DATA"], None)])
+def test_an_interrupted_command_says_what_it_kept(argv, kept, monkeypatch, capsys):
+    from diffumask import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"_run_{argv[0]}", interrupted)
+    assert main(argv) == 130
+    said = f"diffumask: interrupted; {kept}, re-run the same command to resume" if kept else "diffumask: interrupted"
+    assert capsys.readouterr().err.splitlines() == [said]
 
 
 def test_a_killed_refine_leaves_every_mask_with_its_manifest_line(dataset, monkeypatch):

@@ -329,3 +329,14 @@ def test_sharded_refine_splits_items_in_shards_disjointly(dataset, monkeypatch):
     records = Dataset(root).records()
     assert sum(done) == len(truths) == len(records)
     assert all(r.get("rev") == 1 and "refine" in r for r in records)  # each refined once, none twice
+
+
+def test_pool_workers_leave_an_interrupt_to_the_parent():
+    """^C reaches the whole process group: the workers ignore it, so only the parent stops (no traceback each)."""
+    import signal
+
+    from diffumask.workers import cpu_pool
+
+    with cpu_pool(2) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

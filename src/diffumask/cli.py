@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import DiffumaskError, one_line
@@ -784,7 +786,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+KEPT_ON_INTERRUPT = {  # what a killed command leaves for its re-run to resume from
+    "generate": "finished items are kept",
+    "refine": "finished masks are kept",
+    "augment": "finished items are kept",
+    "train": "the last checkpoint is kept",
+    "filter": "finished folds are kept",
+}
+
+
+def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """``warnings.showwarning`` that prints diffumask's own warnings as one line a user reads (not a source
+    location and line) and leaves the others to ``show``."""
+    package = Path(__file__).resolve().parent
+
+    def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                     line: str | None = None) -> None:
+        if category is UserWarning and Path(filename).resolve().is_relative_to(package):
+            print(f"diffumask: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_warning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    python_show_warning = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(python_show_warning)
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = python_show_warning
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "shapes_command", None) == "train":
@@ -802,7 +837,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"diffumask: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("diffumask: interrupted; finished items are kept, re-run the same command to resume", file=sys.stderr)
+        kept = KEPT_ON_INTERRUPT.get(args.command)
+        print(f"diffumask: interrupted; {kept}, re-run the same command to resume" if kept else "diffumask: interrupted",
+              file=sys.stderr)
         return 130
     finally:  # a gloo group still open at shutdown can abort a torchrun rank after its work is done
         # ("terminate called without an active exception"); closed here, at the command's end, and not

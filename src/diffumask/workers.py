@@ -9,6 +9,7 @@ lines) — and a bounded number of items is in flight, so memory stays flat howe
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,11 +46,13 @@ class InlineExecutor(Executor):
         return future
 
 
-def _single_threaded() -> None:
-    """Each worker is one core's worth: torch's own thread pool would oversubscribe the machine."""
+def _worker_setup() -> None:
+    """Each worker is one core's worth: torch's own thread pool would oversubscribe the machine. ^C reaches
+    every process of the terminal's group: the parent stops the run, the workers do not each print a traceback."""
     import torch
 
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextmanager
@@ -70,7 +73,7 @@ def cpu_pool(workers: int, preload: Sequence[str] = ()) -> Iterator[Executor]:
         context.set_forkserver_preload(list(preload))
     else:
         context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup)
     try:
         yield pool
     finally:
