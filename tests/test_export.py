@@ -4,6 +4,7 @@ classes each, 255 bands along every edge, and (for half of them) their own objec
 from __future__ import annotations
 
 import json
+import shutil
 import os
 
 import numpy as np
@@ -218,3 +219,24 @@ def test_export_refuses_a_taken_folder_and_a_non_dataset(mixed, tmp_path, capsys
     assert main(["export", str(tmp_path), "--format", "ade20k", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffumask: error:") and "not a diffumask dataset" in err and err.count("\n") == 1
+
+
+def test_only_the_listed_items_are_exported_each_under_its_split(mixed, tmp_path, capsys):
+    """What filter kept of train, plus val: `--only filtered val`."""
+    from pycocotools.coco import COCO
+
+    data = tmp_path / "data"
+    shutil.copytree(mixed.root, data)
+    kept = mixed.split_ids("train")[::2]
+    (data / "ImageSets" / "Segmentation" / "filtered.txt").write_text("".join(f"{i}\n" for i in kept))
+    out = tmp_path / "coco"
+    assert main(["export", str(data), "--format", "coco", "--out", str(out), "--only", "filtered", "val"]) == 0
+    exported = {split: sorted(image["diffumask_id"] for image in COCO(str(out / "annotations" /
+                                                                       f"instances_{split}.json")).dataset["images"])
+                for split in ("train", "val")}
+    assert exported == {"train": sorted(kept), "val": sorted(mixed.split_ids("val"))}
+    assert json.loads((out / "export.json").read_text())["items"] == len(kept) + len(mixed.split_ids("val"))
+    capsys.readouterr()
+    assert main(["export", str(data), "--format", "coco", "--out", str(tmp_path / "x"), "--only", "kept"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no item list 'kept'" in err and "it has: filtered, train, val" in err and "\n" not in err

@@ -686,18 +686,22 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                     "  ade20k      ADEChallengeData2016 (0 = other: background and 255); mmseg\n"
                     "  hf          Hugging Face datasets save_to_disk folder (needs pip install 'diffumask[hf]')",
         epilog="examples:\n  diffumask export data/voc --format coco --out data/voc-coco\n"
-               "  diffumask export data/city --format cityscapes --out data/city-cs\n",
+               "  diffumask export data/city --format cityscapes --out data/city-cs\n"
+               "  diffumask export data/voc --format coco --out data/voc-kept --only filtered val\n",
     )
     p.add_argument("dataset", help="dataset folder (generate / refine / shapes export)")
     p.add_argument("--format", required=True, choices=list(EXPORT_FORMATS), help="target layout (see above)")
     p.add_argument("--out", required=True, help="new (or empty) folder for the export")
+    p.add_argument("--only", nargs="+", metavar="LIST", default=[],
+                   help="export only the items listed in ImageSets/Segmentation/LIST.txt, each under its own split: "
+                        "`--only filtered val` writes what `diffumask filter` kept of train, and val")
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> None:
     from .formats.export import export_dataset
 
-    result = export_dataset(args.dataset, args.format, args.out)
+    result = export_dataset(args.dataset, args.format, args.out, args.only)
     print(f"exported {result.items} items as {result.format} to {result.out}")
     for note in result.notes:
         print(f"note: {note}")

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,9 +69,9 @@ def open_dataset(root: str | os.PathLike[str]) -> Dataset:
     return dataset
 
 
-def _items(dataset: Dataset) -> Iterator[tuple[dict[str, Any], Path, np.ndarray]]:
-    """Every finished item with a mask: (record, image path, label mask)."""
-    for record in dataset.records():
+def _items(dataset: Dataset, records: Sequence[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], Path, np.ndarray]]:
+    """Each item of ``records`` with its mask: (record, image path, label mask)."""
+    for record in records:
         mask_path = dataset.mask_path(record["id"])
         if not mask_path.is_file():
             raise ExportError(f"item {record['id']!r} has no mask ({mask_path}); run `diffumask validate` on "
@@ -157,7 +157,7 @@ def _coco_annotation(rle: dict[str, Any], ann_id: int, image_id: int, category: 
             "iscrowd": 0}
 
 
-def _export_coco(dataset: Dataset, out: Path) -> list[str]:
+def _export_coco(dataset: Dataset, records: Sequence[dict[str, Any]], out: Path) -> list[str]:
     try:
         import pycocotools.mask  # noqa: F401
     except ImportError:
@@ -168,7 +168,7 @@ def _export_coco(dataset: Dataset, out: Path) -> list[str]:
                             "color": [0, 0, 0]},
                            *({**c, "isthing": 1, "color": list(voc_palette()[c["id"]])} for c in things)]
     splits: dict[str, dict[str, list[Any]]] = {}
-    for record, image_path, mask in _items(dataset):
+    for record, image_path, mask in _items(dataset, records):
         split = record.get("split", "train")
         tables = splits.setdefault(split, {"images": [], "annotations": [], "panoptic": []})
         image_id = len(tables["images"]) + 1
@@ -219,13 +219,13 @@ def cityscapes_lookup(classes: list[str]) -> tuple[np.ndarray, np.ndarray, dict[
     return label_ids, train_ids, matched
 
 
-def _export_cityscapes(dataset: Dataset, out: Path) -> list[str]:
+def _export_cityscapes(dataset: Dataset, records: Sequence[dict[str, Any]], out: Path) -> list[str]:
     label_ids, train_ids, matched = cityscapes_lookup(dataset.classes)
     if not matched:
         raise ExportError(f"none of the classes ({', '.join(dataset.classes)}) is one of Cityscapes' 19 train classes; "
                           "a Cityscapes export would be all 'ignore'")
     names: dict[str, str] = {}
-    for number, (record, image_path, mask) in enumerate(_items(dataset)):
+    for number, (record, image_path, mask) in enumerate(_items(dataset, records)):
         split = record.get("split", "train")
         stem = f"diffumask_{number // 1000000:06d}_{number % 1000000:06d}"
         names[f"{split}/diffumask/{stem}"] = record["id"]
@@ -261,11 +261,11 @@ def ade20k_lookup(classes: list[str]) -> tuple[np.ndarray, list[str], str | None
     return lut, ["other", *classes], note
 
 
-def _export_ade20k(dataset: Dataset, out: Path) -> list[str]:
+def _export_ade20k(dataset: Dataset, records: Sequence[dict[str, Any]], out: Path) -> list[str]:
     lut, names, note = ade20k_lookup(dataset.classes)
     root = out / "ADEChallengeData2016"
     notes = [note] if note else []
-    for record, image_path, mask in _items(dataset):
+    for record, image_path, mask in _items(dataset, records):
         split = record.get("split", "train")
         folder = ADE_SPLITS.get(split, split)
         target = root / "images" / folder / f"{record['id']}.jpg"
@@ -274,7 +274,7 @@ def _export_ade20k(dataset: Dataset, out: Path) -> list[str]:
         else:  # ADE20K readers look for .jpg; quality 95 as our own JPEGs
             _save_rgb(image_path, target, "JPEG", quality=95)
         _write_png(root / "annotations" / folder / f"{record['id']}.png", lut[mask])
-    other_splits = sorted({r.get("split", "train") for r in dataset.records()} - set(ADE_SPLITS))
+    other_splits = sorted({r.get("split", "train") for r in records} - set(ADE_SPLITS))
     if other_splits:
         notes.append(f"splits without an ADE20K folder kept their own name: {', '.join(other_splits)}")
     (root / "objectInfo.csv").write_text("Idx,Name\n" + "".join(f"{i},{n}\n" for i, n in enumerate(names)),
@@ -324,12 +324,11 @@ def _hf_rows(root: str, records: list[dict[str, Any]], kinds: dict[str, str]) ->
         yield row
 
 
-def _export_hf(dataset: Dataset, out: Path) -> list[str]:
+def _export_hf(dataset: Dataset, records: Sequence[dict[str, Any]], out: Path) -> list[str]:
     try:
         import datasets
     except ImportError:
         raise ExportError("--format hf needs the Hugging Face datasets library: pip install 'diffumask[hf]'") from None
-    records = dataset.records()
     fields = list(dict.fromkeys(k for r in records for k in r if k not in ("image", "mask")))
     kinds = {name: _column_type([r.get(name) for r in records]) for name in fields}
     value = {"string": datasets.Value("string"), "bool": datasets.Value("bool"), "int64": datasets.Value("int64"),
@@ -356,25 +355,40 @@ def _export_hf(dataset: Dataset, out: Path) -> list[str]:
     return [f"manifest fields stored as JSON text (json.loads to read): {', '.join(json_columns)}"] if json_columns else []
 
 
-_EXPORTERS: dict[str, Callable[[Dataset, Path], list[str]]] = {
+_EXPORTERS: dict[str, Callable[[Dataset, Sequence[dict[str, Any]], Path], list[str]]] = {
     "coco": _export_coco, "cityscapes": _export_cityscapes, "ade20k": _export_ade20k, "hf": _export_hf,
 }
 
 
-def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str]) -> ExportResult:
-    """Write the dataset at ``root`` in format ``fmt`` to the new folder ``out``, all or nothing."""
+def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str],
+                   only: Sequence[str] = ()) -> ExportResult:
+    """Write the dataset at ``root`` in format ``fmt`` to the new folder ``out``, all or nothing.
+
+    ``only``: names of item lists in ``ImageSets/Segmentation/`` (``filtered``, which ``diffumask filter``
+    writes, or a split); then only the items listed in any of them are written, each under its own split."""
     if fmt not in _EXPORTERS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     dataset = open_dataset(root)
+    records = dataset.records()
+    if only:
+        lists = dataset.root / "ImageSets" / "Segmentation"
+        if missing := [name for name in only if not (lists / f"{name}.txt").is_file()]:
+            have = sorted(p.stem for p in lists.glob("*.txt"))
+            raise ExportError(f"{dataset.root} has no item list {missing[0]!r} (ImageSets/Segmentation/"
+                              f"{missing[0]}.txt); it has: {', '.join(have) or 'none'}")
+        listed = {item_id for name in only for item_id in dataset.split_ids(name)}
+        records = [r for r in records if r["id"] in listed]
+        if not records:
+            raise ExportError(f"the item lists {', '.join(only)} of {dataset.root} name none of its finished items")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not empty; choose a new folder for --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        notes = _EXPORTERS[fmt](dataset, tmp)
+        notes = _EXPORTERS[fmt](dataset, records, tmp)
         write_text_atomic(tmp / "export.json", json.dumps(
-            {"format": fmt, "source": str(dataset.root.resolve()), "items": len(dataset.records()),
+            {"format": fmt, "source": str(dataset.root.resolve()), "items": len(records), "only": list(only),
              "notes": notes}, indent=1) + "\n")
         plain_modes(tmp)
         if out.exists():
@@ -383,7 +397,7 @@ def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLik
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out, fmt, len(dataset.records()), notes)
+    return ExportResult(out, fmt, len(records), notes)
 
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "NoDataset", "open_dataset", "ade20k_lookup", "cityscapes_lookup", "export_dataset",
