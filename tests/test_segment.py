@@ -371,6 +371,8 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
                                                    .replace("circle", "dog"))
     assert "predictions of other classes" in _cli_error(["predict", str(tmp_path / "run"), str(shapes_data), "--out",
                                                          str(tmp_path / "pred"), "--quiet"], capsys)
+    assert "holds ImageSets, so it is not a predictions folder" in _cli_error(
+        ["predict", str(tmp_path / "run"), str(shapes_data), "--out", str(shapes_data), "--quiet"], capsys)
 
     damaged = tmp_path / "damaged"  # a truncated image, read in a DataLoader worker: named, in one line
     shutil.copytree(shapes_data, damaged)

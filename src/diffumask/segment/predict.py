@@ -76,6 +76,10 @@ def predict_folder(run_dir: str | Path, data: str, out: str | Path, split: str =
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; predictions go into a folder")
+    if out.is_dir() and (other := next((p for p in sorted(out.iterdir()) if not p.name.startswith(".") and not
+                                        (p.is_file() and (p.suffix == ".png" or p.name == "classes.json"))), None)):
+        raise ConfigError(f"--out {out} holds {other.name}, so it is not a predictions folder (a dataset or a run?); "
+                          "choose a new folder")
     todo = [i for i in source.ids(split) if not (out / f"{i}.png").is_file()]
     if (out / "classes.json").is_file():
         if read_label_map(out) != run.classes:
