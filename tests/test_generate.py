@@ -178,7 +178,7 @@ def assert_clean_failure(capsys, out: Path, code: int, fragment: str) -> None:
     assert code == 2
     last = err.strip().splitlines()[-1]
     assert last.startswith("diffumask: error: ") and fragment in last and "Traceback" not in err, err
-    assert not list(out.glob("JPEGImages/*")) and not (out / "manifest.jsonl").exists()
+    assert not out.exists(), "a first run that fails leaves no folder behind"
 
 
 def test_bad_input_fails_cleanly(tmp_path, saved_pipelines, capsys):
@@ -193,6 +193,8 @@ def test_bad_input_fails_cleanly(tmp_path, saved_pipelines, capsys):
     code = run_cli("generate", "--model", model, "--classes", "dog", "--out", str(out), "--quiet",
                    "--prompts", str(bank), "--resolutions", "64", "--steps", "1")
     assert_clean_failure(capsys, out, code, "resolutions [64] not recorded")
+    code = run_cli(*cli_args(model, out, "--layers", "bogus"))
+    assert_clean_failure(capsys, out, code, "no cross-attention layer matches ['bogus']")
     code = run_cli("generate", "--model", model, "--classes", " , ", "--out", str(out))
     assert_clean_failure(capsys, out, code, "no classes given")
     code = run_cli(*cli_args("someone/not-cached-model", out))

@@ -102,6 +102,8 @@ def test_cityscapes_protocol_merges_and_ignores():
 def test_scorer_errors():
     with pytest.raises(ConfigError, match="none in common"):
         Scorer(["background", "dog"], {1: "car", 2: "bus"})
+    with pytest.raises(ConfigError, match="reports human, vehicle, and the evaluation set has none"):
+        Scorer(["background", "circle"], {0: "background", 1: "circle"}, protocol="cityscapes-human-vehicle")
     with pytest.raises(ConfigError, match="not among the evaluated classes"):
         Scorer(["background", "a"], {0: "background", 1: "a"}, unseen=["zebra"])
     assert parse_unseen("voc") == ["potted plant", "sheep", "sofa", "train", "tv monitor"]

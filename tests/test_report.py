@@ -133,7 +133,8 @@ def test_report_bad_input_is_a_one_line_error(refined, tmp_path, capsys):
     cases = [([str(tmp_path), "--out", str(tmp_path / "a.html")], "not a diffumask dataset"),
              ([str(refined.root), "--out", str(tmp_path / "folder")], "must name an .html file"),
              ([str(refined.root), "--out", str(tmp_path / "b.html"), "--evaluation", str(bad)], "diffumask evaluate --json"),
-             ([str(refined.root), "--out", str(tmp_path / "c.html"), "--run", str(tmp_path)], "not a training run")]
+             ([str(refined.root), "--out", str(tmp_path / "c.html"), "--run", str(tmp_path)], "not a training run"),
+             ([str(refined.root), "--out", str(tmp_path / "d.html"), "--fig2-items", "-1"], "--fig2-items is a count")]
     for args, message in cases:
         assert main(["report", *args, "--quiet"]) == 2
         err = capsys.readouterr().err

@@ -749,7 +749,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
                    help="a training run folder (diffumask train --out RUN) to show; repeatable")
     p.add_argument("--evaluation", action="append", default=[], metavar="FILE",
                    help="the JSON of `diffumask evaluate --json FILE`, shown as a per-class IoU table and chart; repeatable")
-    p.add_argument("--fig2-items", type=int, default=4, help="items shown per resolution (Fig. 2) (default: 4)")
+    p.add_argument("--fig2-items", type=int, default=4, help="items shown per resolution (Fig. 2; 0: none) (default: 4)")
     p.add_argument("--page-size", type=int, default=48, help="gallery cards per page (default: 48)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_report)

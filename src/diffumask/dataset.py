@@ -84,6 +84,9 @@ def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
     return tuple(palette)
 
 
+BARE_DATASET = frozenset({"dataset.json", "classes.json"})  # what Dataset.create writes before any item
+
+
 def _fsync_path(path: Path) -> None:
     """Flush a file's (or a folder's) data to the disk; a rename is durable only after both."""
     fd = os.open(path, os.O_RDONLY)

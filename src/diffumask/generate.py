@@ -20,8 +20,11 @@ import dataclasses
 import hashlib
 import inspect
 import re
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attention import ImageMaps, trace, word_locator
-from .dataset import IMAGE_FORMATS, BackgroundWriter, Dataset
+from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, Dataset
 from .distributed import current_worker
 from .errors import ConfigError
 from .masks import threshold_masks
@@ -316,6 +319,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     bank_parts = (bank.templates, bank.slots, bank.classes) + ((bank.compose, bank.pairs) if config.compose else ())
     settings = {**config.settings(), "prompt_bank": bank.source,
                 "prompt_bank_sha256": hashlib.sha256(repr(bank_parts).encode()).hexdigest()}
+    fresh = not Path(config.out).exists()
     dataset = Dataset.create(config.out, config.classes, settings, image_format=config.image_format)
     done = dataset.finished_ids()
     # Whole batches of the full list by rank: the shares never overlap however the workers interleave.
@@ -347,7 +351,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         dataset.note_skipped(item.id)
         bar.update()
 
-    with bar, BackgroundWriter() as writer:
+    with _removed_if_left_bare(dataset, fresh and not worker.sharded), bar, BackgroundWriter() as writer:
         for batch in (b for b in batches if any(item.id not in done for item in b)):
             results = generate_images(
                 pipe, [drawn[i.id][0] for i in batch], [[words[c] for c in drawn[i.id][1]] for i in batch],
@@ -388,6 +392,18 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                     writer.submit(skip, item)
     dataset.finalize(order=[item.id for item in items], complete={item.id for item in items})
     return dataset
+
+
+@contextmanager
+def _removed_if_left_bare(dataset: Dataset, fresh: bool) -> Iterator[None]:
+    """A folder this run created and a failure (a layer or resolution the model lacks, ^C) left holding only its
+    settings is removed, so a bad option writes nothing. Not under a launcher: another worker may be writing."""
+    try:
+        yield
+    except BaseException:
+        if fresh and {p.name for p in dataset.root.iterdir() if not p.name.startswith(".")} <= BARE_DATASET:
+            shutil.rmtree(dataset.root, ignore_errors=True)
+        raise
 
 
 def _rename_map_key(key: str, by_word: Mapping[str, str]) -> str:

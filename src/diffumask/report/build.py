@@ -365,6 +365,8 @@ def build_report(dataset_root: str | os.PathLike[str], out: str | os.PathLike[st
         raise ReportError(f"--out must name an .html file (its thumbnails go beside it in a _files folder), got {html}")
     if page_size < 1:
         raise ReportError(f"the page size must be at least 1, got {page_size}")
+    if fig2_items < 0:
+        raise ReportError(f"--fig2-items is a count of items (0: no Fig. 2), got {fig2_items}")
     run_summaries = _runs(runs)  # read before anything is written: a bad --run writes nothing
     evaluation_summary = _evaluations(evaluations)
     html.parent.mkdir(parents=True, exist_ok=True)

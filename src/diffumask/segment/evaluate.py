@@ -103,7 +103,11 @@ class Scorer:
         run_names = [rename(n) for n in run_classes]
         ordered = list(dict.fromkeys(n for n in truth_names.values() if n is not None))
         if protocol:
-            ordered = [n for n in _REPORTED[protocol] if n in ordered] or ordered
+            reported = [n for n in _REPORTED[protocol] if n in ordered]
+            if not reported:
+                raise ConfigError(f"--protocol {protocol} reports {', '.join(_REPORTED[protocol])}, and the evaluation "
+                                  f"set has none of their classes ({', '.join(label_names.values())}); leave it out")
+            ordered = reported
         matched = match_names(ordered, [n for n in run_names if n is not None])
         self.classes = [n for n in ordered if n in matched]
         self.not_in_run = [n for n in ordered if n not in matched]
