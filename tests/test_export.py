@@ -4,8 +4,8 @@ classes each, 255 bands along every edge, and (for half of them) their own objec
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 
 import numpy as np
 import pytest

@@ -510,7 +510,8 @@ def test_affinity_training_runs_at_every_short_length():
             rates.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
             schedule.step()
-        assert max(rates) <= 0.5 + 1e-9 and rates[-1] < rates[min(1, steps - 1)] + 1e-9, (steps, rates)
+        assert max(rates) == pytest.approx(0.5, rel=1e-6) or steps < 3, (steps, rates)  # peaks at the rate asked
+        assert rates[0] < max(rates) and rates[-1] < max(rates) or steps < 3, (steps, rates)  # warms up, decays
 
 
 def test_affinity_net_works_on_a_feature_grid_for_large_images():

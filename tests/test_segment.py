@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -30,11 +30,8 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_world(tmp_path_factory.mktemp("data") / "shapes", 24, 0, 6)
 
 
-def test_tiny_run_learns_and_writes_a_run_folder(shapes_data, tmp_path, monkeypatch):
-    from diffumask import dataset as dataset_module
-
-    monkeypatch.setattr(dataset_module, "UMASK", 0o002)  # a group-shared cluster's: files 664, folders 775
-    previous = os.umask(0o002)  # what the process has, as read at import
+def test_tiny_run_learns_and_writes_a_run_folder(shapes_data, tmp_path):
+    previous = os.umask(0o002)  # a group-shared cluster's: files 664, folders 775, set after diffumask was imported
     try:
         check_a_tiny_run(shapes_data, tmp_path)
     finally:
@@ -367,11 +364,13 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     assert "none in common" in _cli_error(["evaluate", str(tmp_path / "run"), f"voc:{voc}", "--quiet"], capsys)
     assert main(["predict", str(tmp_path / "run"), str(shapes_data), "--out", str(tmp_path / "pred"), "--quiet"]) == 0
+    (tmp_path / "pred" / "val" / "city").mkdir(parents=True)  # ids with folders (Cityscapes'): a re-run resumes
+    assert main(["predict", str(tmp_path / "run"), str(shapes_data), "--out", str(tmp_path / "pred"), "--quiet"]) == 0
     (tmp_path / "pred" / "classes.json").write_text((tmp_path / "run" / "classes.json").read_text()
                                                    .replace("circle", "dog"))
     assert "predictions of other classes" in _cli_error(["predict", str(tmp_path / "run"), str(shapes_data), "--out",
                                                          str(tmp_path / "pred"), "--quiet"], capsys)
-    assert "holds ImageSets, so it is not a predictions folder" in _cli_error(
+    assert "holds dataset.json, so it is a dataset or a run" in _cli_error(
         ["predict", str(tmp_path / "run"), str(shapes_data), "--out", str(shapes_data), "--quiet"], capsys)
 
     damaged = tmp_path / "damaged"  # a truncated image, read in a DataLoader worker: named, in one line
@@ -469,3 +468,26 @@ def test_negatives_teach_what_a_one_class_run_is_not(tmp_path):
     with pytest.raises(ConfigError, match="--negatives"):
         train(TrainConfig(data=[str(dogs.root)], negatives=[str(others.root)], weights=[1.0],
                           out=str(tmp_path / "run2"), steps=2, **FAST), progress=False)
+
+
+class _Failing(torch.utils.data.Dataset):
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise self.error
+
+
+def test_an_error_from_a_dataloader_worker_prints_as_its_own_message():
+    """torch re-raises a worker's error in the parent with the worker's traceback as its text."""
+    from diffumask.errors import DiffumaskError, UnreadableFile, one_line
+
+    for error in (UnreadableFile("a.png cannot be read (truncated); replace it"),
+                  DiffumaskError("line one\nline two: detail"), FileNotFoundError("no such file: x.png")):
+        with pytest.raises(type(error)) as raised:
+            next(iter(torch.utils.data.DataLoader(_Failing(error), num_workers=1)))
+        assert "Traceback" in str(raised.value) and one_line(raised.value) == str(error)
+    assert one_line(ValueError("plain")) == "plain"

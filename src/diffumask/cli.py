@@ -796,6 +796,7 @@ KEPT_ON_INTERRUPT = {  # what a killed command leaves for its re-run to resume f
     "augment": "finished items are kept",
     "train": "the last checkpoint is kept",
     "filter": "finished folds are kept",
+    "predict": "finished predictions are kept",
 }
 
 
@@ -838,7 +839,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     except OSError as error:  # the disk or the system refused (full, read-only, permissions): no traceback
         where = f": {error.filename}" if error.filename else ""
-        print(f"diffumask: error: {error.strerror or error}{where}", file=sys.stderr)
+        print(f"diffumask: error: {error.strerror or one_line(error)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = KEPT_ON_INTERRUPT.get(args.command)

@@ -96,22 +96,35 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _read_umask() -> int:
+def _set_and_restore_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
 
 
-UMASK = _read_umask()  # read once, at import: setting it to read it races with threads that create files
+_IMPORT_UMASK = _set_and_restore_umask()  # where the kernel does not report it (setting it races with threads)
+
+
+def current_umask() -> int:
+    """The process's umask as it is now, read without changing it where Linux reports it (``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return _IMPORT_UMASK
 
 
 def plain_modes(root: Path) -> None:
     """Give ``root`` and all below it the modes mkdir/open would (umask applied): mkdtemp and
     mkstemp, which make outputs appear whole, make them owner-only, unreadable by other users of a
     shared file system (another job's UID, a web server)."""
+    umask = current_umask()
     paths = [root, *root.rglob("*")] if root.is_dir() else [root]
     for path in paths:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~UMASK)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def atomic_write(path: Path, write: Any, exclusive: bool = False) -> bool:
@@ -168,13 +181,11 @@ def decoding(path: Path) -> Iterator[None]:
     """Turn a decoder's failure on a damaged file into an error that names the file and the fix."""
     try:
         yield
-    except FileNotFoundError:
-        raise
     except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated or unidentified data, bad chunks
-        if isinstance(error, UnreadableFile):
-            raise
-        raise UnreadableFile(f"{path} cannot be read ({error}); replace the file or drop its item "
-                             "(`diffumask validate DATASET` lists every damaged file)") from None
+        if isinstance(error, UnreadableFile) or getattr(error, "errno", None) is not None:
+            raise  # the system's own errors (missing file, permissions) say what they are
+        raise UnreadableFile(f"{path} cannot be read ({error}); replace the file, or drop its item from the "
+                             "manifest") from None
 
 
 def read_rgb(path: Path) -> np.ndarray:

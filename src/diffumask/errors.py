@@ -14,9 +14,14 @@ class UnreadableFile(DiffumaskError, ValueError):
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message. An error raised in a DataLoader worker comes back to the parent re-raised by torch as
-    the same type, its text the worker's whole traceback: then the traceback's last line, the original message."""
+    """The error's own message. An error raised in a DataLoader worker comes back to the parent re-raised by torch
+    as the same type, its text the worker's whole traceback ending in ``module.Type: message``: then that message."""
     text = str(error)
-    if "\nOriginal Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
-    return text
+    if "\nOriginal Traceback" not in text:
+        return text
+    kind = type(error)
+    for name in (f"{kind.__module__}.{kind.__qualname__}", kind.__qualname__):  # builtins print unqualified
+        _, found, message = text.rpartition(f"\n{name}: ")
+        if found:
+            return message.strip()
+    return text.rstrip().splitlines()[-1]

@@ -135,8 +135,10 @@ def _settings(config: FilterConfig, assignment: Mapping[str, int], masks: Mappin
 
 
 def _mask_digests(dataset: Dataset, records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """Item id → the first 16 hex digits of its mask file's SHA-256: scores are only valid for these masks."""
-    return {r["id"]: hashlib.sha256(dataset.current_mask_path(r["id"]).read_bytes()).hexdigest()[:16] for r in records}
+    """Item id → the first 16 hex digits of its mask file's SHA-256: scores are only valid for these masks. A
+    mask rewritten by diffumask (refine) has it in its manifest line; only the others' files are read."""
+    return {r["id"]: (r.get("mask_sha256") or
+                      hashlib.sha256(dataset.current_mask_path(r["id"]).read_bytes()).hexdigest())[:16] for r in records}
 
 
 def _records(dataset: Dataset, config: FilterConfig) -> list[dict[str, Any]]:
@@ -204,8 +206,8 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
     records = _records(dataset, config)
     if not records:
         splits = sorted({r.get("split", "train") for r in dataset.records()})
-        raise DiffumaskError(f"{dataset.root} holds no items in split {config.split!r}; it has: {', '.join(splits)} "
-                             "(--split)")
+        raise DiffumaskError(f"{dataset.root} holds no items in split {config.split!r}; it has: "
+                             f"{', '.join(splits) or 'no items at all'} (--split)")
     if len(records) < config.folds:
         raise DiffumaskError(f"{dataset.root} holds {len(records)} items in split {config.split!r}, fewer than "
                              f"--folds {config.folds}")
@@ -218,8 +220,9 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
     trained = 0
     if recut:
         if unscored := [r["id"] for r in records if "score" not in (r.get("noise") or {})]:
-            raise DiffumaskError(f"{len(unscored)} item(s) have no recorded score (e.g. {unscored[0]}); run filter "
-                                 "without --recut first")
+            fix = (f"their masks may be new since filter ran (refine drops the scores): delete {_work(dataset)} and run "
+                   "filter without --recut" if _work(dataset).is_dir() else "run filter without --recut first")
+            raise DiffumaskError(f"{len(unscored)} item(s) have no recorded score (e.g. {unscored[0]}); {fix}")
         masks = _mask_digests(dataset, records)
         if stale := [r["id"] for r in records if r["noise"].get("mask", masks[r["id"]]) != masks[r["id"]]]:
             raise DiffumaskError(f"{len(stale)} item(s) have a new mask since they were scored (e.g. {stale[0]}); "

@@ -9,8 +9,8 @@ lines) — and a bounded number of items is in flight, so memory stays flat howe
 from __future__ import annotations
 
 import multiprocessing
-import signal
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait

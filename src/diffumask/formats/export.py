@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..dataset import (IGNORE_INDEX, OBJECT_FOLDER, Dataset, decoding, plain_modes, read_index_png, voc_palette,
+from ..dataset import (IGNORE_INDEX, OBJECT_FOLDER, Dataset, plain_modes, read_index_png, read_rgb, voc_palette,
                        write_text_atomic)
 from ..errors import DiffumaskError
 from .names import match_names
@@ -86,8 +86,7 @@ def _copy(source: Path, target: Path) -> None:
 
 def _save_rgb(source: Path, target: Path, fmt: str, **options: Any) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    with decoding(source), Image.open(source) as image:
-        image.convert("RGB").save(target, format=fmt, **options)
+    Image.fromarray(read_rgb(source)).save(target, format=fmt, **options)  # a failed save is not a damaged source
 
 
 def _write_png(path: Path, array: np.ndarray, mode: str = "L") -> None:

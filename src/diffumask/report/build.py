@@ -400,7 +400,6 @@ def build_report(dataset_root: str | os.PathLike[str], out: str | os.PathLike[st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_text_atomic(html, page)
-    plain_modes(html)
     return ReportResult(html, html.parent / assets_name, len(entries), time.perf_counter() - start)
 
 

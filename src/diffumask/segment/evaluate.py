@@ -105,8 +105,10 @@ class Scorer:
         if protocol:
             reported = [n for n in _REPORTED[protocol] if n in ordered]
             if not reported:
+                names = list(label_names.values())
+                shown = ", ".join(names[:8]) + (f", … ({len(names)} in all)" if len(names) > 8 else "")
                 raise ConfigError(f"--protocol {protocol} reports {', '.join(_REPORTED[protocol])}, and the evaluation "
-                                  f"set has none of their classes ({', '.join(label_names.values())}); leave it out")
+                                  f"set has none of their classes ({shown}); leave it out")
             ordered = reported
         matched = match_names(ordered, [n for n in run_names if n is not None])
         self.classes = [n for n in ordered if n in matched]

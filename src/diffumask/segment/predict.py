@@ -67,6 +67,9 @@ def iter_predictions(run: RunFolder, source: LabelledSource, split: str, device:
     bar.close()
 
 
+NOT_PREDICTIONS = ("dataset.json", "manifest.jsonl", "JPEGImages", "ImageSets", "settings.json", "checkpoint.pt")
+
+
 def predict_folder(run_dir: str | Path, data: str, out: str | Path, split: str = "test", device: str | None = None,
                    batch_size: int = 16, progress: bool = True) -> Path:
     """Write ``out/<id>.png`` (palette PNGs in the run's indices) and ``out/classes.json``; images already
@@ -76,9 +79,8 @@ def predict_folder(run_dir: str | Path, data: str, out: str | Path, split: str =
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; predictions go into a folder")
-    if out.is_dir() and (other := next((p for p in sorted(out.iterdir()) if not p.name.startswith(".") and not
-                                        (p.is_file() and (p.suffix == ".png" or p.name == "classes.json"))), None)):
-        raise ConfigError(f"--out {out} holds {other.name}, so it is not a predictions folder (a dataset or a run?); "
+    if other := next((name for name in NOT_PREDICTIONS if (out / name).exists()), None):
+        raise ConfigError(f"--out {out} holds {other}, so it is a dataset or a run, not a predictions folder; "
                           "choose a new folder")
     todo = [i for i in source.ids(split) if not (out / f"{i}.png").is_file()]
     if (out / "classes.json").is_file():

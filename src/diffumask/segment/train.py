@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..formats import open_source
 from ..models import check_device
 from .data import StepBatches, TrainingSamples, check_augment, open_splits, union_classes
-from .model import build_segmenter, init_from
+from .model import Segmenter, build_segmenter, init_from
 from .presets import Preset, get_preset, uses_composites
 from .run import CHECKPOINT, RunFolder
 
@@ -138,7 +138,7 @@ def train(config: TrainConfig, progress: bool = True,
 
     settings = config.settings(preset)
     RunFolder.check(config.out, classes, settings)  # every process, before any waits: a mismatch never hangs
-    segmenter = None
+    segmenter: Segmenter | None = None
     if config.init_from and not (Path(config.out) / CHECKPOINT).is_file():  # a bad source fails before --out is made
         torch.manual_seed(config.seed)
         segmenter = build_segmenter(preset, classes)
