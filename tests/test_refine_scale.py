@@ -244,6 +244,8 @@ def test_sharded_workers_refine_disjoint_shares_that_add_up_to_one_run(dataset, 
     root, truths = dataset
     alone = root.parent / "alone"
     shutil.copytree(root, alone)
+    manifest = alone / "manifest.jsonl"  # the single process reads its items in another order: the same network
+    manifest.write_text("".join(reversed(manifest.read_text().splitlines(keepends=True))))
     config = RefineConfig(method="affinity", affinity=replace(TINY_AFFINITY, seed_crf=False))
     refine_dataset(alone, config, progress=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -265,12 +267,13 @@ def test_sharded_workers_refine_disjoint_shares_that_add_up_to_one_run(dataset, 
     assert sorted(ids) == sorted(truths) and len(ids) == len(set(ids))  # each item exactly once
     assert len(_refine_lines(root)) == len(truths) == len((root / "manifest.jsonl").read_text().splitlines())
     assert files(root, "SegmentationClass") == files(alone, "SegmentationClass")
+    assert files(root, "refine") == files(alone, "refine")  # one AffinityNet, trained on the items in one order
     with pytest.raises(Exception, match="--per-class pools every image's curve"):
         refine_dataset(root, RefineConfig(method="adaptive", per_class=True, crf=False), progress=False)
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert refine_dataset(root, config, progress=False).refined == 0  # one process afterwards: all done ...
-    assert Dataset(root).records() == Dataset(alone).records()  # ... and compacted
+    assert Dataset(root).records() == Dataset(alone).records()[::-1]  # ... and compacted
 
 
 def test_a_sharded_worker_finishes_its_own_committed_masks_before_staging_new_ones(dataset, monkeypatch):

@@ -312,7 +312,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if pending:
         with cpu_pool(workers, preload=WORKER_MODULES) as pool:
             if config.uses_affinity:
-                net, train_seconds, net_weights = _affinity_net(dataset, items, config, progress, pool, workers, device)
+                by_id = sorted(items, key=lambda item: item.id)  # one AffinityNet for any number of ranks
+                net, train_seconds, net_weights = _affinity_net(dataset, by_id, config, progress, pool, workers, device)
             if config.per_class:
                 if redo:
                     (dataset.root / LOG_NAME).unlink(missing_ok=True)
