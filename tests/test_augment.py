@@ -233,6 +233,12 @@ def test_cli_writes_an_augmented_dataset(tmp_path, capsys):
     assert len(records) == 3 and Dataset(tmp_path / "out").settings["augment"]["paste_scale"] == [0.4, 0.5]
     assert all(sum(t["name"] == "paste" for t in r["transforms"]) <= 1 for r in records)
     assert Dataset(tmp_path / "out").classes == source.classes
+    kept = source.split_ids("train")[:2]  # what filter kept: an ImageSets list, as train --split reads it
+    (source.root / "ImageSets" / "Segmentation" / "filtered.txt").write_text("".join(f"{i}\n" for i in kept))
+    assert main(["augment", str(source.root), "--out", str(tmp_path / "kept"), "--split", "filtered", "--items", "4",
+                 "--grids", "1,2", "--quiet"]) == 0
+    drawn = {s for r in Dataset(tmp_path / "kept").records() for s in r["sources"]}
+    assert drawn and drawn <= set(kept)
 
 
 def test_training_blurs_and_warps_on_the_fly_with_the_same_transforms():

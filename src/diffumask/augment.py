@@ -267,7 +267,8 @@ def compose(rng: np.random.Generator, ids: Sequence[str], read: Callable[[str], 
 def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, progress: bool = True) -> Dataset:
     """Run ``augment`` (see the module docstring): finished items are skipped on a re-run."""
     dataset = Dataset(source)
-    records = [r for r in dataset.records() if r.get("split", "train") == config.split]
+    listed = set(dataset.split_ids(config.split))  # ImageSets' list, as train reads it: `--split filtered` too
+    records = [r for r in dataset.records() if (r["id"] in listed if listed else r.get("split", "train") == config.split)]
     if not records:
         raise DiffumaskError(f"{dataset.root} holds no finished items in split {config.split!r} to augment")
     if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
