@@ -74,8 +74,9 @@ def _duplicate_line(root: Path) -> None:
 
 def _leftovers(root: Path) -> None:
     (root / "SegmentationClass" / ".item_0004.png.ab12cd.tmp").write_bytes(b"half")
-    (root / "manifest.1.jsonl").write_text('{"id": "item_0099"}\n')
+    (root / "manifest.1.jsonl").write_text('{"id": "item_0099"}\n')  # a stopped sharded run's finished item
     shutil.copy(root / "JPEGImages" / "item_0000.png", root / "JPEGImages" / "item_0099.png")
+    shutil.copy(root / "JPEGImages" / "item_0000.png", root / "JPEGImages" / "item_0098.png")  # an unfinished one
 
 
 BREAKS = {
@@ -95,9 +96,13 @@ BREAKS = {
     "duplicate": (_duplicate_line, ["item_0000: listed twice in manifest.jsonl (a refine was interrupted: re-run it to finish)"]),
     "leftovers": (_leftovers, [
         "SegmentationClass/.item_0004.png.ab12cd.tmp: temporary file of an interrupted write; delete it",
-        "manifest.1.jsonl: manifest shard not merged into manifest.jsonl",
-        "JPEGImages/item_0099.png: belongs to no manifest item (an unfinished item: re-run the command that "
+        "manifest.1.jsonl: manifest shard not merged into manifest.jsonl (a sharded run stopped before its end: "
+        "re-run the same command, with any number of workers, to finish)",
+        "JPEGImages/item_0098.png: belongs to no manifest item (an unfinished item: re-run the command that "
         "made the dataset, or delete it)"]),
+    "lists not written": (_remove("ImageSets/Segmentation/train.txt"), [
+        "ImageSets/Segmentation/train.txt: missing, but the manifest has 3 train items (the command that writes "
+        "the dataset stopped before its end: re-run it to finish)"]),
 }
 
 

@@ -59,10 +59,26 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _records(dataset: Dataset) -> Iterator[Problem | dict]:
+def _shard_ids(dataset: Dataset) -> set[str]:
+    """Ids in unmerged per-rank manifest shards: finished items of a sharded run that was stopped."""
+    ids = set()
+    for path in dataset.root.glob("manifest.*.jsonl"):
+        if SHARD.match(path.name):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line
+                if isinstance(record, dict) and isinstance(record.get("id"), str):
+                    ids.add(record["id"])
+    return ids
+
+
+def _records(dataset: Dataset, sharded: bool) -> Iterator[Problem | dict]:
     """Manifest lines as records, or problems for lines that are not (without repairing anything)."""
     if not dataset.manifest_path.is_file():
-        yield Problem("manifest.jsonl", "missing: the dataset has no finished item")
+        if not sharded:  # else the shards' own problem says what happened
+            yield Problem("manifest.jsonl", "missing: the dataset has no finished item")
         return
     lines = dataset.manifest_path.read_text(encoding="utf-8").splitlines(keepends=True)
     for number, line in enumerate(lines, start=1):
@@ -152,7 +168,8 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
     soft_maps = (root / "SoftMaps").is_dir() and any((root / "SoftMaps").iterdir())
     records = []
     seen: set[str] = set()
-    for entry in _records(dataset):
+    in_shards = _shard_ids(dataset)
+    for entry in _records(dataset, bool(in_shards)):
         if isinstance(entry, Problem):
             problems.append(entry)
             continue
@@ -166,7 +183,7 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
         records.append(entry)
         problems.extend(_check_item(dataset, entry, n_classes, soft_maps))
     problems.extend(_check_splits(dataset, records))
-    problems.extend(_check_files(dataset, seen))
+    problems.extend(_check_files(dataset, seen | in_shards))
     return problems, len(records)
 
 
@@ -180,7 +197,8 @@ def _check_splits(dataset: Dataset, records: list[dict]) -> Iterator[Problem]:
     for split in sorted(set(by_split) | set(listed)):
         where = f"ImageSets/Segmentation/{split}.txt"
         if split not in listed:
-            yield Problem(where, f"missing, but the manifest has {len(by_split[split])} {split} items")
+            yield Problem(where, f"missing, but the manifest has {len(by_split[split])} {split} items (the command "
+                                 "that writes the dataset stopped before its end: re-run it to finish)")
             continue
         ids = listed[split].read_text().split()
         if split not in by_split:  # a selection (filter's "filtered", its fold lists): any manifest items
@@ -208,7 +226,8 @@ def _check_files(dataset: Dataset, ids: set[str]) -> Iterator[Problem]:
             yield Problem(str(path.relative_to(root)), "temporary file of an interrupted write; delete it")
     for path in sorted(root.glob("manifest.*.jsonl")):
         if SHARD.match(path.name):
-            yield Problem(path.name, "manifest shard not merged into manifest.jsonl")
+            yield Problem(path.name, "manifest shard not merged into manifest.jsonl (a sharded run stopped before "
+                                     "its end: re-run the same command, with any number of workers, to finish)")
     for folder, suffixes in ITEM_FOLDERS.items():
         if not (root / folder).is_dir():
             continue
