@@ -118,6 +118,7 @@ if want shapes; then
     read -r -a shape_args <<< "${SHAPES_ARGS:---channels 64,128,128 --batch-size 64}"
     workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 0 ))
     stamp "shapes generator: a probe of 50 steps, then a run sized to $minutes minutes (${shape_args[*]})"
+    rm -rf "$work/shapes-probe" "$work/shapes-model"  # a kept WORK's earlier run: shapes train writes only new folders
     python3 -m diffumask.shapes.train --out "$work/shapes-probe" --steps 50 --device "$device" \
         --loader-workers "$workers" "${shape_args[@]}" > "$work/shapes_probe.log"
     steps=$(python3 - "$work/shapes-probe/train_log.jsonl" "$minutes" <<'PY'

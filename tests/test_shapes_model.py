@@ -246,11 +246,16 @@ def test_a_wider_unet_trains_loads_and_records(tmp_path, capsys) -> None:
                       (["--channels", "40,96,96"], "three positive multiples of 16"),
                       (["--channels", "a,b,c"], "three comma-separated numbers"),
                       (["--layers-per-block", "0"], "give 1 or more"),
-                      (["--channels", "48,96,96", "--init-from", str(WEIGHTS_DIR)], "not with --backbone dit or")):
+                      (["--channels", "48,96,96", "--init-from", str(WEIGHTS_DIR)], "not with --backbone dit or"),
+                      (["--batch-size", "0"], "--batch-size must be at least 1"), (["--lr", "-1"], "--lr must be positive"),
+                      (["--steps", "0"], "--steps must be at least 1")):
         with pytest.raises(SystemExit) as exited:
             main(["shapes", "train", "--out", str(tmp_path / "bad"), "--steps", "1", *bad])
         assert exited.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as exited:  # a folder with something in it (a pipeline, a dataset) is not overwritten
+        main(["shapes", "train", "--out", str(tmp_path / "wide"), "--steps", "1"])
+    assert exited.value.code == 2 and "exists and is not empty" in capsys.readouterr().err
 
 
 def test_the_diffusion_transformer_trains_and_records(tmp_path) -> None:

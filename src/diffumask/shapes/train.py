@@ -82,6 +82,21 @@ class TrainSettings:
     unet_channels: tuple[int, ...] | None = None
     layers_per_block: int | None = None
 
+    def __post_init__(self) -> None:
+        for name, value in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--threads", self.threads)):
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        for name, value in (("--save-every", self.save_every), ("--warmup-steps", self.warmup_steps),
+                            ("--loader-workers", self.loader_workers)):
+            if value < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {value}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.single_object_share <= 1:
+            raise ConfigError(f"--single-object-share is a share in [0, 1], got {self.single_object_share}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ConfigError(f"--minutes must be positive, got {self.minutes}")
+
     def unet_overrides(self) -> dict[str, Any]:
         """What this run's UNet changes of ``UNET_CONFIG`` (empty for the shipped architecture)."""
         out: dict[str, Any] = {}
@@ -177,6 +192,8 @@ def save_fp16(pipe: ShapesPipeline, out: Path) -> None:
 def train(out: str | Path, settings: TrainSettings | None = None, command: str | None = None) -> Path:
     """Train (from scratch, or on from ``settings.init_from``) and write the pipeline, ``train_log.jsonl`` and
     ``training.json`` to ``out``; torch's thread count is set for the run and given back after it."""
+    if Path(out).exists() and (not Path(out).is_dir() or any(not p.name.startswith(".") for p in Path(out).iterdir())):
+        raise ConfigError(f"{out} exists and is not empty: a run writes a whole pipeline there; choose a new folder")
     threads = torch.get_num_threads()
     try:
         return _train(out, settings, command)
