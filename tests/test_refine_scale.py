@@ -261,7 +261,7 @@ def test_sharded_workers_refine_disjoint_shares_that_add_up_to_one_run(dataset, 
         monkeypatch.setenv("RANK", rank)
         shares.append(refine_dataset(root, config, progress=False))
         assert bool(Dataset(root).shard_paths()) == (rank == "0")  # merged once every item is refined
-    assert [s.refined for s in shares] == [(len(truths) + 1) // 2, len(truths) // 2]
+    assert [s.refined for s in shares] == [s.share for s in shares] == [(len(truths) + 1) // 2, len(truths) // 2]
     assert shares[0].train_seconds > 0 and shares[1].train_seconds == 0  # rank 1 found rank 0's network
     ids = [r["id"] for r in shard_lines]
     assert sorted(ids) == sorted(truths) and len(ids) == len(set(ids))  # each item exactly once

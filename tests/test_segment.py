@@ -324,8 +324,10 @@ def test_api_errors(shapes_data, tmp_path):
         get_preset("resnet9000")
     with pytest.raises(SourceError, match="no split 'nope'.*test, train"):
         train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "r"), split="nope", **FAST), progress=False)
-    with pytest.raises(ConfigError, match="one non-negative weight per DATA"):
-        train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "r"), weights=[1, 1], **FAST), progress=False)
+    for weights in ([1, 1], [float("nan")], [float("inf")]):
+        with pytest.raises(ConfigError, match="one finite, non-negative weight per DATA"):
+            train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "r"), weights=weights, **FAST), progress=False)
+    assert not (tmp_path / "r").exists()
 
 
 def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
@@ -352,6 +354,7 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
         main(["train", str(shapes_data), "--out", str(tmp_path / "r5"), "--preset", "huge"])
     assert exit_info.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
     assert "not a training run" in _cli_error(["evaluate", str(tmp_path), str(shapes_data)], capsys)
+    assert "--json" in _cli_error(["evaluate", str(tmp_path), str(shapes_data), "--json", str(tmp_path)], capsys)
     assert "is not a cityscapes folder: it has no gtFine, leftImg8bit" in _cli_error(
         ["train", f"cityscapes:{shapes_data}", "--out", str(tmp_path / "r6")], capsys)
 

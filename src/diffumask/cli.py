@@ -161,7 +161,11 @@ def _run_generate(args: argparse.Namespace) -> None:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
     dataset = generate_dataset(config, progress=not args.quiet)
-    print(f"{len(dataset.records())} items in {dataset.root}")
+    from .distributed import current_worker
+
+    worker = current_worker()
+    finished = "" if not worker.sharded else f" (worker {worker.rank + 1} of {worker.world_size} done; so far)"
+    print(f"{len(dataset.records())} items in {dataset.root}{finished}")
 
 
 def _add_shapes(sub: argparse._SubParsersAction) -> None:
@@ -362,8 +366,11 @@ def _run_refine(args: argparse.Namespace) -> None:
     )
     result = refine_dataset(args.dataset, config, progress=not args.quiet, device=args.device or default_device(),
                             workers=args.workers, device_crf=args.crf_device == "device")
-    print(f"refined {result.refined} of {result.items} items in {result.dataset.root} with --method {args.method}"
-          + (f" ({result.items - result.refined} were already done)" if result.refined < result.items else ""))
+    share = result.items if result.share is None else result.share
+    which = (f"{share} items in {result.dataset.root}" if result.share is None else
+             f"this worker's {share} items (of {result.items} in {result.dataset.root})")
+    print(f"refined {result.refined} of {which} with --method {args.method}"
+          + (f" ({share - result.refined} were already done)" if result.refined < share else ""))
 
 
 _DATA_HELP = ("a dataset folder: ours (generate / refine / shapes export), or a real benchmark as voc:PATH, "
@@ -797,6 +804,7 @@ KEPT_ON_INTERRUPT = {  # what a killed command leaves for its re-run to resume f
     "train": "the last checkpoint is kept",
     "filter": "finished folds are kept",
     "predict": "finished predictions are kept",
+    "shapes export": "finished items are kept",
 }
 
 
@@ -842,7 +850,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"diffumask: error: {error.strerror or one_line(error)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = KEPT_ON_INTERRUPT.get(args.command)
+        command = f"shapes {args.shapes_command}" if args.command == "shapes" else args.command
+        kept = KEPT_ON_INTERRUPT.get(command)
         print(f"diffumask: interrupted; {kept}, re-run the same command to resume" if kept else "diffumask: interrupted",
               file=sys.stderr)
         return 130

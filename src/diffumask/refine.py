@@ -128,9 +128,10 @@ class RefineConfig:
 class RefineResult:
     dataset: Dataset
     items: int  # items in the dataset
-    refined: int  # items refined by this call (the rest were done by an earlier run)
+    refined: int  # items refined by this call (the rest of its share were done by an earlier run)
     train_seconds: float  # AffinityNet seeds + training (0 when loaded or not needed)
     seconds: float  # everything else: the per-item work of this call
+    share: int | None = None  # under a launcher: the items this worker refines (None: every item, one process)
 
 
 class ProgressLog:
@@ -334,7 +335,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
             if all(_refined_with(record, params) for record in dataset.records()):
                 dataset.compact()
     seconds = time.perf_counter() - start - train_seconds
-    return RefineResult(dataset, len(items), len(pending), train_seconds, seconds)
+    return RefineResult(dataset, len(items), len(pending), train_seconds, seconds,
+                        len(mine) if worker.sharded else None)
 
 
 __all__ = ["METHODS", "RefineConfig", "RefineResult", "refine_dataset"]

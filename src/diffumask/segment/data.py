@@ -208,8 +208,8 @@ class TrainingSamples(TorchDataset):
                                       "has no background class (Cityscapes, ADE20K): leave paste out of --augment")
         sizes = np.array([len(p.ids) for p in parts], np.float64)
         share = sizes if weights is None else np.asarray(weights, np.float64)
-        if len(share) != len(parts) or (share < 0).any() or share.sum() <= 0:
-            raise ConfigError(f"--weights needs one non-negative weight per DATA and --negatives dataset "
+        if len(share) != len(parts) or not np.isfinite(share).all() or (share < 0).any() or share.sum() <= 0:
+            raise ConfigError(f"--weights needs one finite, non-negative weight per DATA and --negatives dataset "
                               f"({len(parts)}), not all zero")
         self.probabilities = share / share.sum()
 
