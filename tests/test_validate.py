@@ -79,6 +79,18 @@ def _leftovers(root: Path) -> None:
     shutil.copy(root / "JPEGImages" / "item_0000.png", root / "JPEGImages" / "item_0098.png")  # an unfinished one
 
 
+def _shards_only(root: Path) -> None:
+    """A sharded run stopped before any merge: every line in a rank's shard, none in manifest.jsonl (and one of its
+    lines torn mid-character); and a refined mask committed but not yet renamed into place."""
+    (root / "manifest.jsonl").rename(root / "manifest.0.jsonl")
+    with open(root / "manifest.0.jsonl", "ab") as shard:
+        shard.write('{"id": "é'.encode()[:-1])
+    (root / "manifest.orig.jsonl").write_text('{"id": "item_0002"}\n')  # not a rank's shard: never merged
+    shutil.copy(root / "SegmentationClass" / "item_0001.png", root / "SegmentationClass" / ".item_0001.pending.png")
+    for split in root.glob("ImageSets/Segmentation/*.txt"):
+        split.unlink()
+
+
 BREAKS = {
     "missing image": (_remove("JPEGImages/item_0000.png"), ["item_0000: image missing (JPEGImages/item_0000.png)"]),
     "missing mask": (_remove("SegmentationClass/item_0004.png"),
@@ -90,7 +102,8 @@ BREAKS = {
     "soft map size": (_small_soft_map, ["item_0001: soft map {name!r} is (24, 24) but the image is (48, 48)"]),
     "splits": (_drop_from_split, [
         "ImageSets/Segmentation/val.txt: lists 1 items the manifest has not in split 'val': ghost_0001",
-        "ImageSets/Segmentation/val.txt: lacks 1 of the manifest's val items: item_0001"]),
+        "ImageSets/Segmentation/val.txt: lacks 1 of the manifest's val items: item_0001 (if the command that writes "
+        "the dataset was stopped: re-run it to finish)"]),
     "torn manifest": (_torn_manifest,
                       ["manifest.jsonl:7: torn last line (a killed write); the next run will drop it"]),
     "duplicate": (_duplicate_line, ["item_0000: listed twice in manifest.jsonl (a refine was interrupted: re-run it to finish)"]),
@@ -100,6 +113,13 @@ BREAKS = {
         "re-run the same command, with any number of workers, to finish)",
         "JPEGImages/item_0098.png: belongs to no manifest item (an unfinished item: re-run the command that "
         "made the dataset, or delete it)"]),
+    "shards only": (_shards_only, [
+        "manifest.0.jsonl: manifest shard not merged into manifest.jsonl (a sharded run stopped before its end: "
+        "re-run the same command, with any number of workers, to finish)",
+        "manifest.orig.jsonl: not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never merged; move it "
+        "out of the dataset",
+        "SegmentationClass/.item_0001.pending.png: a mask a stopped refine committed but did not rename into place: "
+        "re-run refine to finish (do not delete it)"]),
     "lists not written": (_remove("ImageSets/Segmentation/train.txt"), [
         "ImageSets/Segmentation/train.txt: missing, but the manifest has 3 train items (the command that writes "
         "the dataset stopped before its end: re-run it to finish)"]),
@@ -115,12 +135,12 @@ def test_each_break_is_one_line_and_a_failing_exit(sound, tmp_path, capsys, kind
     if kind == "soft map size":
         name = Dataset(root).records()[1]["classes"][0]
         expected = [line.format(name=name) for line in expected]
-    manifest = (root / "manifest.jsonl").read_bytes()
+    manifests = {p.name: p.read_bytes() for p in root.glob("manifest*.jsonl")}
     assert main(["validate", str(root)]) == 1
     captured = capsys.readouterr()
     assert captured.out.splitlines() == expected
     assert f"{len(expected)} problem" in captured.err
-    assert (root / "manifest.jsonl").read_bytes() == manifest  # it reports; repairing (a torn line) is not its job
+    assert {p.name: p.read_bytes() for p in root.glob("manifest*.jsonl")} == manifests  # it reports, repairs nothing
 
 
 def test_problems_add_up_and_the_api_returns_them(sound, tmp_path):

@@ -22,12 +22,11 @@ import numpy as np
 from PIL import Image
 
 from . import softmaps
-from .dataset import IGNORE_INDEX, IMAGE_FORMATS, OBJECT_FOLDER, Dataset, read_index_png
+from .dataset import IGNORE_INDEX, IMAGE_FORMATS, OBJECT_FOLDER, PENDING_MASK, Dataset, read_index_png
 from .errors import DiffumaskError
 
 #: Names that ``dataset.atomic_write`` gives a file while it is being written: ``.<name>.<random>.tmp``.
 TEMPORARY = re.compile(r"^\..+\.tmp$")
-SHARD = re.compile(r"^manifest\..+\.jsonl$")
 ITEM_FOLDERS = {"JPEGImages": tuple(f".{f}" for f in IMAGE_FORMATS), "SegmentationClass": (".png",),
                 "SoftMaps": (".npz",), OBJECT_FOLDER: (".png",)}
 
@@ -62,15 +61,14 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _shard_ids(dataset: Dataset) -> set[str]:
     """Ids in unmerged per-rank manifest shards: finished items of a sharded run that was stopped."""
     ids = set()
-    for path in dataset.root.glob("manifest.*.jsonl"):
-        if SHARD.match(path.name):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line
-                if isinstance(record, dict) and isinstance(record.get("id"), str):
-                    ids.add(record["id"])
+    for path in dataset.shard_paths():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a torn last line
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                ids.add(record["id"])
     return ids
 
 
@@ -214,7 +212,8 @@ def _check_splits(dataset: Dataset, records: list[dict]) -> Iterator[Problem]:
                           f"{', '.join(extra[:5])}{' …' if len(extra) > 5 else ''}")
         if missing := sorted(wanted - set(ids)):
             yield Problem(where, f"lacks {len(missing)} of the manifest's {split} items: "
-                          f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+                          f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''} (if the command that writes "
+                          "the dataset was stopped: re-run it to finish)")
         if len(ids) != len(set(ids)):
             yield Problem(where, "lists an item more than once")
 
@@ -224,15 +223,22 @@ def _check_files(dataset: Dataset, ids: set[str]) -> Iterator[Problem]:
     for path in sorted(root.rglob("*")):
         if path.is_file() and TEMPORARY.match(path.name):
             yield Problem(str(path.relative_to(root)), "temporary file of an interrupted write; delete it")
+    shards = set(dataset.shard_paths())
     for path in sorted(root.glob("manifest.*.jsonl")):
-        if SHARD.match(path.name):
+        if path in shards:
             yield Problem(path.name, "manifest shard not merged into manifest.jsonl (a sharded run stopped before "
                                      "its end: re-run the same command, with any number of workers, to finish)")
+        else:
+            yield Problem(path.name, "not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never "
+                                     "merged; move it out of the dataset")
     for folder, suffixes in ITEM_FOLDERS.items():
         if not (root / folder).is_dir():
             continue
         for path in sorted((root / folder).iterdir()):
-            if path.is_file() and path.suffix in suffixes and path.stem not in ids and not TEMPORARY.match(path.name):
+            if path.is_file() and path.name.startswith(".") and path.name.endswith(PENDING_MASK):
+                yield Problem(str(path.relative_to(root)), "a mask a stopped refine committed but did not rename into "
+                              "place: re-run refine to finish (do not delete it)")
+            elif path.is_file() and path.suffix in suffixes and path.stem not in ids and not TEMPORARY.match(path.name):
                 yield Problem(str(path.relative_to(root)), "belongs to no manifest item (an unfinished item: "
                               "re-run the command that made the dataset, or delete it)")
 
