@@ -239,6 +239,13 @@ def test_cli_writes_an_augmented_dataset(tmp_path, capsys):
                  "--grids", "1,2", "--quiet"]) == 0
     drawn = {s for r in Dataset(tmp_path / "kept").records() for s in r["sources"]}
     assert drawn and drawn <= set(kept)
+    capsys.readouterr()
+    (source.root / "ImageSets" / "Segmentation" / "filtered.txt").write_text(f"{kept[0]}\n")  # cut again
+    again = ["augment", str(source.root), "--out", str(tmp_path / "kept"), "--split", "filtered", "--items", "4",
+             "--grids", "1,2", "--quiet"]
+    assert main(again) == 2 and "source_ids differ" in capsys.readouterr().err  # a re-cut list is not resumed into
+    (source.root / "ImageSets" / "Segmentation" / "filtered.txt").write_text("ghost\n")
+    assert main(again) == 2 and "lists 1 item(s) the manifest lacks (e.g. ghost)" in capsys.readouterr().err
 
 
 def test_training_blurs_and_warps_on_the_fly_with_the_same_transforms():

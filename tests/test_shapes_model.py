@@ -255,7 +255,7 @@ def test_a_wider_unet_trains_loads_and_records(tmp_path, capsys) -> None:
     assert not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit) as exited:  # a folder with something in it (a pipeline, a dataset) is not overwritten
         main(["shapes", "train", "--out", str(tmp_path / "wide"), "--steps", "1"])
-    assert exited.value.code == 2 and "exists and is not empty" in capsys.readouterr().err
+    assert exited.value.code == 2 and "exists and is not an empty folder" in capsys.readouterr().err
 
 
 def test_the_diffusion_transformer_trains_and_records(tmp_path) -> None:

@@ -21,6 +21,7 @@ Each output item's manifest line names its sources and every transform with its 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class AugmentConfig:
     """What ``diffumask augment`` writes (recorded in the new dataset; see ``--help``)."""
 
     grids: tuple[int, ...] = (2,)  # Φ1: each output is a k×k mosaic, k drawn from these (1: one item)
-    split: str = "train"  # the source items drawn from (never the validation or test ones)
+    split: str = "train"  # the source items drawn from: a manifest split or an ImageSets list (filter's)
     items: int | None = None  # outputs; None: as many as the source has
     size: int | None = None  # output side in pixels; None: the source's first image's height
     blur: float = 0.5  # Φ2: probability per output
@@ -268,7 +269,11 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
     """Run ``augment`` (see the module docstring): finished items are skipped on a re-run."""
     dataset = Dataset(source)
     listed = set(dataset.split_ids(config.split))  # ImageSets' list, as train reads it: `--split filtered` too
-    records = [r for r in dataset.records() if (r["id"] in listed if listed else r.get("split", "train") == config.split)]
+    everything = dataset.records()
+    records = [r for r in everything if (r["id"] in listed if listed else r.get("split", "train") == config.split)]
+    if unknown := listed - {r["id"] for r in everything}:
+        raise DiffumaskError(f"ImageSets/Segmentation/{config.split}.txt of {dataset.root} lists {len(unknown)} item(s) "
+                             f"the manifest lacks (e.g. {min(unknown)}); write the list again (filter --recut)")
     if not records:
         raise DiffumaskError(f"{dataset.root} holds no finished items in split {config.split!r} to augment")
     if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
@@ -281,6 +286,8 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
     if not config.paste:  # without copy-paste, the settings (and bytes) of versions before it: those resume
         recorded = {k: v for k, v in recorded.items() if not k.startswith("paste")}
     settings = {"augment": recorded, "source": str(dataset.root.resolve())}
+    if config.split not in {r.get("split", "train") for r in everything}:  # a selection (filter's) may be cut again
+        settings["source_ids"] = hashlib.sha256("".join(f"{i}\n" for i in sorted(ids)).encode()).hexdigest()[:16]
     target = Dataset.create(out, dataset.classes, settings, image_format=dataset.image_format, worker=Worker())
     done = target.finished_ids()
 

@@ -164,7 +164,8 @@ def _run_generate(args: argparse.Namespace) -> None:
     from .distributed import current_worker
 
     worker = current_worker()
-    finished = "" if not worker.sharded else f" (worker {worker.rank + 1} of {worker.world_size} done; so far)"
+    finished = (f" so far (worker {worker.rank + 1} of {worker.world_size} finished its share)" if worker.sharded
+                else "")
     print(f"{len(dataset.records())} items in {dataset.root}{finished}")
 
 

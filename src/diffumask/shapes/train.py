@@ -193,7 +193,8 @@ def train(out: str | Path, settings: TrainSettings | None = None, command: str |
     """Train (from scratch, or on from ``settings.init_from``) and write the pipeline, ``train_log.jsonl`` and
     ``training.json`` to ``out``; torch's thread count is set for the run and given back after it."""
     if Path(out).exists() and (not Path(out).is_dir() or any(not p.name.startswith(".") for p in Path(out).iterdir())):
-        raise ConfigError(f"{out} exists and is not empty: a run writes a whole pipeline there; choose a new folder")
+        raise ConfigError(f"{out} exists and is not an empty folder: a run writes a whole pipeline there; choose a new "
+                          "--out (to go on from a saved pipeline or snapshot, pass it as --init-from)")
     threads = torch.get_num_threads()
     try:
         return _train(out, settings, command)
