@@ -330,6 +330,28 @@ def test_api_errors(shapes_data, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_each_data_can_take_its_own_split(shapes_data, tmp_path):
+    """What filter kept of a synthetic set beside a real set's split: --split filtered,test."""
+    from diffumask.formats import open_source
+    from diffumask.segment.data import open_splits
+
+    kept = tmp_path / "kept"
+    shutil.copytree(shapes_data, kept)
+    chosen = (kept / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:4]
+    (kept / "ImageSets" / "Segmentation" / "filtered.txt").write_text("".join(f"{i}\n" for i in chosen))
+    sources = [open_source(str(kept)), open_source(str(shapes_data))]
+    classes = ["background", *CLASSES]
+    first, second = open_splits(sources, "filtered,test", classes)
+    assert first.ids == chosen and second.ids == sources[1].ids("test")
+    assert [len(part.ids) for part in open_splits(sources, "train", classes)] == [24, 24]  # one name: every DATA
+    for bad in ("filtered,test,train", "filtered,"):
+        with pytest.raises(ConfigError, match="one split for every DATA, or one per DATA"):
+            open_splits(sources, bad, classes)
+    run = train(TrainConfig(data=[str(kept), str(shapes_data)], out=str(tmp_path / "run"), split="filtered,test",
+                            steps=1, **FAST), progress=False)
+    assert run.settings["split"] == "filtered,test" and run.model_dir.is_dir()
+
+
 def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

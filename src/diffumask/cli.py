@@ -578,7 +578,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("data", nargs="+", metavar="DATA", help=_DATA_HELP)
     p.add_argument("--out", required=True, help="run folder to create or resume")
-    p.add_argument("--split", default="train", help="ImageSets/Segmentation/<split>.txt of every DATA (default: train)")
+    p.add_argument("--split", default="train",
+                   help="ImageSets/Segmentation/<split>.txt of every DATA, or one per DATA, comma-separated "
+                        "(filtered,train: what filter kept of the first, the second's train) (default: train)")
     p.add_argument("--weights", type=_floats, help="sampling weight per DATA (then per --negatives dataset), e.g. 1,1 "
                    "for half real, half synthetic (default: proportional to their sizes)")
     _add_training_options(p)

@@ -105,9 +105,18 @@ def negative_lut(source: LabelledSource, run_classes: Sequence[str]) -> np.ndarr
 
 def open_splits(sources: Sequence[LabelledSource], split: str, run_classes: Sequence[str],
                 negatives: bool = False) -> list[SourceSplit]:
-    """Each source's items of ``split`` with its label lookup (``negatives``: see :func:`negative_lut`)."""
+    """Each source's items of ``split`` with its label lookup (``negatives``: see :func:`negative_lut`).
+
+    ``split`` names one split for every source, or one per source, comma-separated (``filtered,train``: what
+    filter kept of a synthetic set, and a real set's train split)."""
+    names = split.split(",")
+    if len(names) == 1:
+        names *= len(sources)
+    if len(names) != len(sources) or not all(names):
+        raise ConfigError(f"--split {split!r}: give one split for every DATA, or one per DATA in their order "
+                          f"({len(sources)}), comma-separated")
     parts = []
-    for source in sources:
+    for source, split in zip(sources, names):
         ids = source.ids(split)
         if not ids:
             raise SourceError(f"{source.spec} has no items in split {split!r}; generate some, or choose another --split")
