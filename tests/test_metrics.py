@@ -106,6 +106,8 @@ def test_scorer_errors():
         Scorer(["background", "circle"], {0: "background", 1: "circle"}, protocol="cityscapes-human-vehicle")
     with pytest.raises(ConfigError, match="not among the evaluated classes"):
         Scorer(["background", "a"], {0: "background", 1: "a"}, unseen=["zebra"])
+    with pytest.raises(ConfigError, match="names every evaluated class"):
+        Scorer(["background", "a", "b"], {0: "background", 1: "a", 2: "b"}, unseen=["a", "b"])
     assert parse_unseen("voc") == ["potted plant", "sheep", "sofa", "train", "tv monitor"]
     with pytest.raises(ConfigError):
         parse_unseen(" , ")

@@ -139,7 +139,11 @@ class Scorer:
         if missing := [n for n in names if n not in found]:
             raise ConfigError(f"--unseen {', '.join(missing)}: not among the evaluated classes "
                               f"({', '.join(self.classes)})")
-        return [found[n] for n in names]
+        chosen = [found[n] for n in names]
+        if not [c for c in self.classes if c not in chosen and normalise(c) != "background"]:
+            raise ConfigError("--unseen names every evaluated class: the zero-shot report needs seen ones too "
+                              "(leave --unseen out for plain mIoU)")
+        return chosen
 
     def update(self, prediction: np.ndarray, truth: np.ndarray) -> None:
         self.matrix.update(self.prediction_lut[prediction], self.truth_lut[truth])
