@@ -118,8 +118,8 @@ BREAKS = {
         "re-run the same command, with any number of workers, to finish)",
         "manifest.orig.jsonl: not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never merged; move it "
         "out of the dataset",
-        "SegmentationClass/.item_0001.pending.png: a mask a stopped refine committed but did not rename into place: "
-        "re-run refine to finish (do not delete it)"]),
+        "SegmentationClass/.item_0001.pending.png: a mask a stopped refine wrote beside the item's own (committed or "
+        "not): re-run refine to finish, do not delete it"]),
     "lists not written": (_remove("ImageSets/Segmentation/train.txt"), [
         "ImageSets/Segmentation/train.txt: missing, but the manifest has 3 train items (the command that writes "
         "the dataset stopped before its end: re-run it to finish)"]),

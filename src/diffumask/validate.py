@@ -236,8 +236,8 @@ def _check_files(dataset: Dataset, ids: set[str]) -> Iterator[Problem]:
             continue
         for path in sorted((root / folder).iterdir()):
             if path.is_file() and path.name.startswith(".") and path.name.endswith(PENDING_MASK):
-                yield Problem(str(path.relative_to(root)), "a mask a stopped refine committed but did not rename into "
-                              "place: re-run refine to finish (do not delete it)")
+                yield Problem(str(path.relative_to(root)), "a mask a stopped refine wrote beside the item's own (committed "
+                              "or not): re-run refine to finish, do not delete it")
             elif path.is_file() and path.suffix in suffixes and path.stem not in ids and not TEMPORARY.match(path.name):
                 yield Problem(str(path.relative_to(root)), "belongs to no manifest item (an unfinished item: "
                               "re-run the command that made the dataset, or delete it)")
