@@ -246,6 +246,7 @@ def test_bad_input_fails_cleanly(tmp_path, saved_pipelines, capsys):
     (["--resolutions", "0,16"], "--resolutions must be positive"),
     (["--device", "gpu0"], "unknown device 'gpu0'"),
     (["--step-window", "0.8,0.2"], "step window (0.8, 0.2) must satisfy 0 <= start < stop <= 1"),
+    (["--guidance", "1", "--negative-prompt", "blurry"], "the negative prompt would do nothing"),
 ])
 def test_bad_option_values_are_one_line_errors(tmp_path, saved_pipelines, capsys, extra, fragment):
     out = tmp_path / "bad"
@@ -541,3 +542,34 @@ def test_a_sharded_job_that_skips_flagged_images_still_merges(tmp_path, saved_pi
         monkeypatch.setenv("RANK", rank)
         dataset = generate_dataset(config(tmp_path / "out", flagged="skip"), pipe=pipe, progress=False)
     assert not dataset.shard_paths() and len(dataset.records()) == 4  # the last worker merged the shards
+
+
+def test_a_step_window_at_the_end_keeps_the_last_call():
+    """Fractions round to calls; a window near the end (0.99–1 of 50 steps) still holds the last one."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    from diffumask.generate import _step_range
+
+    pipe = SimpleNamespace(scheduler=DDIMScheduler())
+    assert _step_range((0.99, 1.0), 50, pipe) == (49, 50)
+    assert _step_range((0.9, 1.0), 4, pipe) == (3, 4)
+    assert _step_range((0.0, 0.5), 4, pipe) == (0, 2) and _step_range(None, 4, pipe) is None
+
+
+def test_flow_matching_models_refuse_a_sampler_swap_and_sizes_their_patches_cannot_make(saved_transformers, tmp_path,
+                                                                                          capsys):
+    from diffumask.testing import tiny_pipeline
+
+    for kind in ("sd3", "flux"):
+        out = tmp_path / kind
+        assert_clean_failure(capsys, out, run_cli("generate", "--model", saved_transformers[kind], "--classes", "dog",
+                                                  "--out", str(out), "--steps", "1", "--scheduler", "ddim", "--quiet"),
+                             "samples by flow matching")
+        pipe = tiny_pipeline(kind)
+        multiple = pipe.vae_scale_factor * 2  # SD3's patch of 2; FLUX's 2×2 packing
+        assert_clean_failure(capsys, out, run_cli("generate", "--model", saved_transformers[kind], "--classes", "dog",
+                                                  "--out", str(out), "--steps", "1", "--size", str(3 * multiple + 2),
+                                                  "--quiet"),
+                             f"multiple of {multiple} pixels")

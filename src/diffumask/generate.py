@@ -215,7 +215,8 @@ def _step_range(window: tuple[float, float] | None, steps: int, pipe: Any) -> tu
         calls = len(pipe.scheduler.timesteps)  # PNDM makes one call more than steps
     except ValueError:  # flow matching with a resolution-dependent shift (FLUX) needs its mu: one call per step
         calls = steps
-    return int(round(start * calls)), max(int(round(start * calls)) + 1, int(round(stop * calls)))
+    first = min(int(round(start * calls)), calls - 1)  # a window near the end keeps at least the last call
+    return first, max(first + 1, int(round(stop * calls)))
 
 
 def generate_images(
@@ -278,9 +279,19 @@ def _batches(items: list[WorkItem], batch_size: int) -> Iterator[list[WorkItem]]
 
 
 def _check_size(pipe: Any, size: int | None) -> None:
-    """A size the pipeline can make: latent models need a multiple of 8 pixels (diffusers' own check)."""
-    if size is not None and hasattr(pipe, "vae_scale_factor") and size % 8:
-        raise ConfigError(f"--size {size}: this model makes images whose side is a multiple of 8 pixels")
+    """A size the pipeline can make (diffusers' own checks, before any denoising): a UNet's latents need a multiple
+    of 8 pixels; a transformer's, a multiple of the VAE's factor times its patch (FLUX packs 2×2 latents: 16 px for
+    both on the real models; FLUX would otherwise resize silently, SD3 fail after loading)."""
+    if size is None or not hasattr(pipe, "vae_scale_factor"):
+        return
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        multiple = 8
+    else:
+        patch = 2 if is_flux_pipeline(pipe) else int(getattr(transformer.config, "patch_size", 1) or 1)
+        multiple = int(pipe.vae_scale_factor) * patch
+    if size % multiple:
+        raise ConfigError(f"--size {size}: this model makes images whose side is a multiple of {multiple} pixels")
 
 
 def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: bool = True) -> Dataset:
@@ -304,6 +315,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         pipe = load_pipeline(model, worker.device(config.device), config.dtype, config.scheduler, config.revision)
     pipe.set_progress_bar_config(disable=True)
     _check_size(pipe, config.size)
+    if config.negative_prompt and config.guidance is not None and config.guidance <= 1 and not is_flux_pipeline(pipe):
+        raise ConfigError(f"--negative-prompt with --guidance {config.guidance}: guidance of 1 or less runs without "
+                          "classifier-free guidance, so the negative prompt would do nothing; raise --guidance or "
+                          "leave it out")
     if config.negative_prompt and is_flux_pipeline(pipe):
         raise ConfigError("--negative-prompt: FLUX is guidance-distilled and generate calls it without true CFG, "
                           "so a negative prompt would do nothing; leave it out")

@@ -230,8 +230,13 @@ def load_pipeline(
 
 
 def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap the sampler, keeping the model's noise schedule and prediction type."""
-    pipe.scheduler = _scheduler_class(name).from_config(pipe.scheduler.config)
+    """Swap the sampler, keeping the model's noise schedule and prediction type (UNet pipelines: the samplers offered
+    are DDPM-family; a flow-matching model's (SD3, FLUX) would run with the wrong sampling math)."""
+    cls = _scheduler_class(name)
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+        raise ModelError(f"--scheduler {name}: this model samples by flow matching ({type(pipe.scheduler).__name__}), "
+                         "and the samplers offered are for noise-prediction UNets; leave --scheduler out")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
 def _scheduler_class(name: str) -> Any:
