@@ -55,6 +55,12 @@ def test_malformed_banks(tmp_path):
     path = tmp_path / "bank.json"
     path.write_text('{"templates": ["{name} at dawn"], "classes": {"cat": {"sub": ["tabby"]}}}')
     assert PromptBank.load(str(path)).draw("cat", 0) == "cat at dawn"
+    path.write_text('{"templates": ["a {name} in {place}"], "classes": {"dog": {}}}')  # {place}: defined nowhere
+    with pytest.raises(PromptBankError, match="has a slot {place} that neither the bank's slots nor any class"):
+        PromptBank.load(str(path))
+    path.write_text('{"templates": ["a {sub} {name} in {place}"], "slots": {"place": ["a park"]},'
+                    ' "classes": {"dog": {"sub": ["small"]}, "cat": {}}}')  # a class's own slot stays optional
+    assert PromptBank.load(str(path)).draw("cat", 0) == "a cat in a park"
     path.write_text('{"slots": {}}')
     with pytest.raises(PromptBankError, match="'templates' list"):
         PromptBank.load(str(path))

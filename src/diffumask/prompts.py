@@ -75,6 +75,11 @@ class PromptBank:
             if "name" not in _fields(template):
                 raise PromptBankError(f"{self.source}: template {template!r} has no {{name}} slot, "
                                       "so the class word would be missing from the prompt")
+        defined = {"name", "name2", *self.slots, *(key for e in self.classes.values() for key in e)}
+        for template in self.templates + self.pairs + [t for e in self.classes.values() for t in e.get("templates", [])]:
+            if unknown := [f for f in _fields(template) if f not in defined and f.removesuffix("2") not in defined]:
+                raise PromptBankError(f"{self.source}: template {template!r} has a slot {{{unknown[0]}}} that neither "
+                                      "the bank's slots nor any class defines (a typo?); define it under slots:")
         for template in self.pairs:
             if not {"name", "name2"} <= set(_fields(template)):
                 raise PromptBankError(f"{self.source}: pair template {template!r} needs both {{name}} and {{name2}}")
