@@ -247,6 +247,7 @@ def test_bad_input_fails_cleanly(tmp_path, saved_pipelines, capsys):
     (["--device", "gpu0"], "unknown device 'gpu0'"),
     (["--step-window", "0.8,0.2"], "step window (0.8, 0.2) must satisfy 0 <= start < stop <= 1"),
     (["--guidance", "1", "--negative-prompt", "blurry"], "the negative prompt would do nothing"),
+    (["--flagged", "bogus"], "--flagged must be one of record, skip, got 'bogus'"),
 ])
 def test_bad_option_values_are_one_line_errors(tmp_path, saved_pipelines, capsys, extra, fragment):
     out = tmp_path / "bad"

@@ -129,6 +129,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="lower edge of an uncertainty band, in (0, γ): pixels with map in (uncertain, threshold] are "
                         "labelled 255 (ignored) (default: no band)")
     p.add_argument("--image-format", choices=["jpg", "png"], default="jpg", help="image files (default: jpg, quality 95)")
+    p.add_argument("--flagged", default="record", metavar="record|skip",
+                   help="an image a pipeline's own safety checker blacked out: 'record' writes a manifest line marked "
+                        "flagged and no files, 'skip' writes nothing, so a re-run tries it again (default: record)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_generate)
@@ -152,7 +155,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         self_attention_every=args.self_attention_every,
         threshold=args.threshold, uncertain=args.uncertain,
         image_format=args.image_format, batch_size=args.batch_size, device=device, dtype=dtype,
-        revision=args.revision,
+        revision=args.revision, flagged=args.flagged,
     )
     if args.quiet:
         import diffusers

@@ -108,7 +108,7 @@ class GenerateConfig:
             raise ConfigError(f"--self-attention-keep must lie in (0, 1] (1 stores the matrix dense), "
                               f"got {self.self_attention_keep}")
         if self.flagged not in FLAGGED_CHOICES:
-            raise ConfigError(f"flagged must be one of {', '.join(FLAGGED_CHOICES)}, got {self.flagged!r}")
+            raise ConfigError(f"--flagged must be one of {', '.join(FLAGGED_CHOICES)}, got {self.flagged!r}")
         if self.image_format not in IMAGE_FORMATS:
             raise ConfigError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         if self.dtype not in DTYPES:
