@@ -338,8 +338,8 @@ def test_a_mask_and_its_line_agree_at_every_moment_of_a_rewrite(dataset, monkeyp
 def test_readers_never_rewrite_the_manifest_and_the_writer_cuts_a_torn_line(dataset):
     root, truths = dataset
     manifest = root / "manifest.jsonl"
-    with open(manifest, "a") as f:
-        f.write('{"id": "item_000", "refi')
+    with open(manifest, "ab") as f:  # killed inside a multi-byte character
+        f.write('{"id": "item_000", "refine": "é'.encode()[:-1])
     torn = manifest.read_bytes()
     ds = Dataset(root)
     assert len(ds.records()) == len(truths) and ds.finished_ids() == set(truths)
@@ -347,7 +347,7 @@ def test_readers_never_rewrite_the_manifest_and_the_writer_cuts_a_torn_line(data
     assert manifest.read_bytes() == torn  # reading (and listing splits) left it alone
     ds.write_item("extra", np.zeros((SIZE, SIZE, 3), np.uint8), {"classes": ["disc"]})
     text = manifest.read_text()
-    assert text == torn.decode()[:torn.decode().rindex("\n") + 1] + text.splitlines(keepends=True)[-1]
+    assert text.encode() == torn[:torn.rindex(b"\n") + 1] + text.splitlines(keepends=True)[-1].encode()
     assert [r["id"] for r in Dataset(root).records()][-1] == "extra"
 
 

@@ -347,9 +347,11 @@ class Dataset:
         skipped, never rewritten."""
         # Shards are read before the manifest: a compaction between the two reads then shows its lines twice
         # (harmless: the latest wins), never not at all.
-        texts = {path: path.read_text(encoding="utf-8") for path in self.shard_paths() if path.is_file()}
+        # errors="replace": a line torn inside a multi-byte character is still only a torn line
+        texts = {path: path.read_text(encoding="utf-8", errors="replace") for path in self.shard_paths()
+                 if path.is_file()}
         if self.manifest_path.is_file():
-            texts = {self.manifest_path: self.manifest_path.read_text(encoding="utf-8"), **texts}
+            texts = {self.manifest_path: self.manifest_path.read_text(encoding="utf-8", errors="replace"), **texts}
         out = []
         for path, text in texts.items():
             lines = text.splitlines(keepends=True)
@@ -494,6 +496,10 @@ class Dataset:
         self._append_record({**record, "rev": record.get("rev", 0) + 1, "mask_sha256": mask_sha256})
         os.replace(pending, self.mask_path(item_id))
         _fsync_path(pending.parent)
+
+    def mask_sha256(self, record: Mapping[str, Any]) -> str:
+        """The SHA-256 of an item's current mask: its manifest line's (:meth:`commit_mask` records it) or the file's."""
+        return record.get("mask_sha256") or _file_sha256(self.current_mask_path(record["id"]))
 
     def pending_mask_path(self, item_id: str) -> Path:
         return self.root / "SegmentationClass" / f".{item_id}{PENDING_MASK}"

@@ -137,8 +137,7 @@ def _settings(config: FilterConfig, assignment: Mapping[str, int], masks: Mappin
 def _mask_digests(dataset: Dataset, records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """Item id → the first 16 hex digits of its mask file's SHA-256: scores are only valid for these masks. A
     mask rewritten by diffumask (refine) has it in its manifest line; only the others' files are read."""
-    return {r["id"]: (r.get("mask_sha256") or
-                      hashlib.sha256(dataset.current_mask_path(r["id"]).read_bytes()).hexdigest())[:16] for r in records}
+    return {r["id"]: dataset.mask_sha256(r)[:16] for r in records}
 
 
 def _records(dataset: Dataset, config: FilterConfig) -> list[dict[str, Any]]:
@@ -204,14 +203,14 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
     """Run ``filter`` (see the module docstring); ``recut`` re-ranks the recorded scores without training."""
     dataset = Dataset(config.dataset)
     records = _records(dataset, config)
+    own = {r.get("split", "train") for r in dataset.records()}
     if not records:
-        splits = sorted({r.get("split", "train") for r in dataset.records()})
         raise DiffumaskError(f"{dataset.root} holds no items in split {config.split!r}; it has: "
-                             f"{', '.join(splits) or 'no items at all'} (--split)")
+                             f"{', '.join(sorted(own)) or 'no items at all'} (--split)")
     if len(records) < config.folds:
         raise DiffumaskError(f"{dataset.root} holds {len(records)} items in split {config.split!r}, fewer than "
                              f"--folds {config.folds}")
-    if config.name in (own := {r.get("split", "train") for r in dataset.records()}):
+    if config.name in own:
         raise DiffumaskError(f"--name {config.name!r} is one of the dataset's own splits ({', '.join(sorted(own))}), "
                              "which filter would overwrite; name the kept list otherwise (default: filtered)")
     if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
