@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -441,6 +442,62 @@ def test_compose_items_list_all_their_classes_and_masks_give_each_pixel_to_the_w
     after = snapshot(tmp_path / "c")
     assert all(after[k] == v for k, v in before.items() if k.startswith(("JPEGImages", "SoftMaps", "Segmentation")))
     assert len(Dataset(tmp_path / "c").records()) == 3 + 9
+
+
+def test_compose_extends_a_dataset_made_without_it_and_refuses_changed_pair_templates(tmp_path, sd1_pipe):
+    import hashlib
+
+    from diffumask.prompts import PromptBank
+
+    bank = tmp_path / "bank.yaml"
+    bank.write_text("templates: ['a photo of a {name}']\npairs: ['a {name} and a {name2}']\n")
+    out = tmp_path / "c"
+    generate_dataset(config(out, prompts=str(bank), images_per_class=1), pipe=sd1_pipe, progress=False)
+    before = snapshot(out)
+    generate_dataset(config(out, prompts=str(bank), images_per_class=1, compose=1), pipe=sd1_pipe, progress=False)
+    after = snapshot(out)
+    assert all(after[k] == v for k, v in before.items() if k.startswith(("JPEGImages", "SoftMaps", "Segmentation")))
+    composed = [r for r in Dataset(out).records() if "-compose-" in r["id"]]
+    assert len(composed) == 2 and all(" and a " in r["prompt"] for r in composed)
+    # Other pair templates: more composed items would mix two prompt sets, so they are refused by name ...
+    bank.write_text("templates: ['a photo of a {name}']\npairs: ['a {name} beside a {name2}']\n")
+    with pytest.raises(DiffumaskError, match="composed items were drawn from other multi-class templates"):
+        generate_dataset(config(out, prompts=str(bank), images_per_class=1, compose=2), pipe=sd1_pipe, progress=False)
+    # ... while the single-class items, which do not depend on them, still extend.
+    generate_dataset(config(out, prompts=str(bank), images_per_class=2), pipe=sd1_pipe, progress=False)
+    assert len(Dataset(out).records()) == 4 + 2
+    # A single-class template changed is refused as before.
+    bank.write_text("templates: ['a picture of a {name}']\npairs: ['a {name} beside a {name2}']\n")
+    with pytest.raises(DiffumaskError, match="prompt_bank_sha256 differ"):
+        generate_dataset(config(out, prompts=str(bank), images_per_class=3), pipe=sd1_pipe, progress=False)
+    # Datasets that composed before the split recorded one digest of the whole bank; they still resume.
+    older = tmp_path / "older"
+    bank.write_text("templates: ['a photo of a {name}']\npairs: ['a {name} and a {name2}']\n")
+    generate_dataset(config(older, prompts=str(bank), images_per_class=1, compose=1), pipe=sd1_pipe, progress=False)
+    loaded = PromptBank.load(str(bank))
+    whole = (loaded.templates, loaded.slots, loaded.classes, loaded.compose, loaded.pairs)
+    info = json.loads((older / "dataset.json").read_text())
+    info["settings"]["prompt_bank_sha256"] = hashlib.sha256(repr(whole).encode()).hexdigest()
+    (older / "dataset.json").write_text(json.dumps(info))
+    generate_dataset(config(older, prompts=str(bank), images_per_class=1, compose=2), pipe=sd1_pipe, progress=False)
+    assert len(Dataset(older).records()) == 2 + 4
+
+
+def test_resume_accepts_the_same_model_folder_spelled_another_way(tmp_path, saved_pipelines, monkeypatch, capsys):
+    model = Path(saved_pipelines["sd1"])
+    out = tmp_path / "d"
+    assert run_cli(*cli_args(str(model), out, "--images-per-class", "1")) == 0
+    monkeypatch.chdir(model.parent)
+    assert run_cli(*cli_args(model.name, out)) == 0  # relative this time
+    assert len(Dataset(out).records()) == 4
+    assert {r["model"] for r in Dataset(out).records()} == {str(model)}  # the dataset's own spelling throughout
+    (tmp_path / "link").symlink_to(model)
+    assert run_cli(*cli_args(str(tmp_path / "link"), out, "--images-per-class", "3")) == 0
+    other = tmp_path / "other"
+    shutil.copytree(model, other)  # the same files, but another folder: refused as before
+    capsys.readouterr()
+    assert run_cli(*cli_args(str(other), out, "--images-per-class", "4")) == 2
+    assert "model differ" in capsys.readouterr().err
 
 
 def test_compose_on_shapes_gives_two_object_captions(tmp_path, capsys):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import json
+import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -301,7 +303,9 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     own unless ``config.model`` names one.
     """
     Dataset.check_location(config.out)
+    recorded = _recorded_settings(config.out)
     model = config.model if config.model is not None else (pipeline_name(pipe) if pipe is not None else "shapes")
+    model = _same_model_as_recorded(model, recorded.get("model"))
     config = dataclasses.replace(config, model=model)
     bank: PromptBank = resolve_bank(config.prompts, model)
     items = work_items(config.classes, config.images_per_class, config.seed, config.compose)
@@ -329,13 +333,13 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     # is an error now, never an empty map later.
     locate = word_locator(pipe, **config.recorder_options())
     tokens = {i: locate(prompt, [words[c] for c in names]) for i, (prompt, names) in drawn.items()}
-    # The bank's fingerprint covers what the prompts depend on: a pair template added to a bank does not
-    # stop a dataset without composed items from resuming.
-    bank_parts = (bank.templates, bank.slots, bank.classes) + ((bank.compose, bank.pairs) if config.compose else ())
     settings = {**config.settings(), "prompt_bank": bank.source,
-                "prompt_bank_sha256": hashlib.sha256(repr(bank_parts).encode()).hexdigest()}
+                "prompt_bank_sha256": _bank_fingerprint(bank, recorded.get("prompt_bank_sha256"))}
+    compose_fingerprint = _digest((bank.compose, bank.pairs))
     fresh = not Path(config.out).exists()
     dataset = Dataset.create(config.out, config.classes, settings, image_format=config.image_format)
+    if config.compose:
+        _check_compose_templates_unchanged(dataset, compose_fingerprint)
     done = dataset.finished_ids()
     # Whole batches of the full list by rank: the shares never overlap however the workers interleave.
     # A batch with any item left is made whole again (its finished items are not rewritten), so an
@@ -398,6 +402,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                     "uncertain": config.uncertain,
                     "resolutions": list(result.maps.resolutions),
                     "diffumask": __version__,
+                    **({"compose_bank_sha256": compose_fingerprint} if item.compose else {}),
                 }
                 if not result.flagged:
                     writer.submit(write, item, result, record, labels[result.mask])
@@ -407,6 +412,49 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                     writer.submit(skip, item)
     dataset.finalize(order=[item.id for item in items], complete={item.id for item in items})
     return dataset
+
+
+def _recorded_settings(out: str | Path) -> dict[str, Any]:
+    """The settings a dataset already at ``out`` was made with ({} when there is none to read)."""
+    try:
+        settings = json.loads((Path(out) / "dataset.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def _same_model_as_recorded(model: str, recorded: Any) -> str:
+    """The dataset's own spelling of the model when both name one folder, so ``--model ./sd15`` resumes a dataset
+    made with ``--model /data/sd15`` (or through a symlink); a hub id or another folder stays as given."""
+    if isinstance(recorded, str) and recorded != model:
+        try:
+            if Path(model).is_dir() and Path(recorded).is_dir() and os.path.samefile(model, recorded):
+                return recorded
+        except OSError:
+            pass
+    return model
+
+
+def _digest(parts: Any) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _bank_fingerprint(bank: PromptBank, recorded: Any) -> str:
+    """What the single-class prompts depend on, so editing a bank's multi-class templates does not stop a dataset
+    from resuming, and ``--compose`` may be added to one made without it (composed items carry their own).
+    Datasets that composed before that split recorded one digest of everything, and still resume."""
+    single = (bank.templates, bank.slots, bank.classes)
+    whole = _digest(single + (bank.compose, bank.pairs))
+    return whole if recorded == whole else _digest(single)
+
+
+def _check_compose_templates_unchanged(dataset: Dataset, fingerprint: str) -> None:
+    """Composed items drawn from other multi-class templates than this run's would mix two prompt sets."""
+    made = {r.get("compose_bank_sha256") for r in dataset.records() if "compose_bank_sha256" in r}
+    if made - {fingerprint}:
+        raise ConfigError(f"{dataset.root}: its composed items were drawn from other multi-class templates "
+                          "(the bank's compose/pairs changed since); restore them to resume, or choose another "
+                          "output folder")
 
 
 @contextmanager
