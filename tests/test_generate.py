@@ -514,6 +514,24 @@ def test_compose_on_shapes_gives_two_object_captions(tmp_path, capsys):
         assert record["classes"] == [match[2], match[4]]
 
 
+def test_compose_templates_in_an_open_vocabulary_bank_name_any_class(tmp_path, sd1_pipe):
+    from diffumask.prompts import PromptBank, PromptBankError
+
+    bank = tmp_path / "bank.yaml"
+    bank.write_text("templates: ['a photo of a {name}']\nslots: {scene: [in the snow]}\n"
+                    "compose: ['a {red panda} beside a {snow_leopard} {scene}', 'a {yeti} and a {red_panda}']\n")
+    loaded = PromptBank.load(str(bank))
+    assert loaded.template_classes(loaded.compose[0]) == ["red panda", "snow leopard"]  # {scene} is a slot
+    ds = generate_dataset(config(tmp_path / "o", classes=["snow leopard", "red panda"], prompts=str(bank),
+                                 images_per_class=0, compose=1), pipe=sd1_pipe, progress=False)
+    for record in ds.records():  # the yeti template names a class the run lacks, so it is never drawn
+        assert record["prompt"] == "a red panda beside a snow leopard in the snow"
+        assert record["classes"] == ["red panda", "snow leopard"]
+    bank.write_text("templates: ['a {name}']\nslots: {scene: [here]}\ncompose: ['a {dog} {scene}']\n")
+    with pytest.raises(PromptBankError, match="names fewer than two classes; write each"):
+        PromptBank.load(str(bank))
+
+
 def test_compose_refuses_what_cannot_work(tmp_path, sd1_pipe):
     from diffumask.prompts import PromptBank, PromptBankError
 
