@@ -296,6 +296,10 @@ def test_prompt_errors_come_before_denoising(pipes):
     with pytest.raises(RecorderError, match="different prompts"):  # CLIP reads prompt_2
         with trace(pipes["sd3"]):
             run(pipes["sd3"], [PROMPTS[0]], [0], prompt_2=["a cat on a mat"])
+    # A prompt other than trace's is named as such, though SD3's CLIPs read it before its T5 (the words' source).
+    with pytest.raises(RecorderError, match="trace was given the prompt.* the pipeline encodes 'a cat on a mat' in"):
+        with trace(pipes["sd3"], PROMPTS[0], ["dog"]):
+            run(pipes["sd3"], ["a cat on a mat"], [0])
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])

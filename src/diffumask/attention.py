@@ -555,6 +555,10 @@ class AttentionRecorder:
             for other in sorted(set(self._encoded) & set(self._checked_encoders()) - {source}):
                 self._check_agreement(other)
             return
+        self._check_given_prompts(tokenizer, rows)
+
+    def _check_given_prompts(self, tokenizer: Any, rows: list[list[int]], encoder: str = "") -> None:
+        """An encoder's rows must be the prompts trace was given, in its own tokens."""
         expected = [prompt_ids(tokenizer, p) for p in self.given_prompts]
         if expected != rows:
             given, encoded = self.given_prompts, _shown(tokenizer, rows)
@@ -562,7 +566,7 @@ class AttentionRecorder:
                 i = next(i for i, (e, r) in enumerate(zip(expected, rows)) if e != r)
                 given, encoded = given[i], encoded[i]
             raise RecorderError(
-                f"trace was given the prompt(s) {given!r} but the pipeline encodes {encoded!r}; pass trace "
+                f"trace was given the prompt(s) {given!r} but the pipeline encodes {encoded!r}{encoder}; pass trace "
                 "the prompts the pipeline is called with, or use trace(pipe) and ask for words after the call"
             )
 
@@ -581,6 +585,10 @@ class AttentionRecorder:
         name, _, tokenizer = self.encoders[index]
         source_name, _, source_tokenizer = self.encoders[source]
         rows = self._encoded[index]
+        if source not in self._encoded and self.given_prompts is not None:
+            # Read before the source encoder (SD3's CLIPs before its T5): what it must match is what trace was given.
+            self._check_given_prompts(tokenizer, rows,
+                                      f" in {name} (prompt_2 / prompt_3, if given, must equal the prompt)")
         if type(tokenizer) is type(source_tokenizer) and source in self._encoded:
             source_rows = self._encoded[source]
             same = [token_texts(source_tokenizer, r) for r in source_rows] == [token_texts(tokenizer, r) for r in rows]
