@@ -17,6 +17,17 @@ def test_local_folder_loads_with_scheduler(saved_pipelines):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_pndm_samples_at_any_step_count(saved_pipelines, steps):
+    """PNDM runs as Stable Diffusion configures it (PLMS only); the class default's Runge-Kutta warm-up, which a
+    config without skip_prk_steps gets (the tiny one here), fails at a few steps."""
+    pipe = load_pipeline(saved_pipelines["sd1"], scheduler="pndm")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.skip_prk_steps
+    image = pipe("a dog", num_inference_steps=steps, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+
+
 def test_sdxl_folder_loads(saved_pipelines):
     assert type(load_pipeline(saved_pipelines["sdxl"])).__name__ == "StableDiffusionXLPipeline"
 

@@ -236,7 +236,10 @@ def set_scheduler(pipe: Any, name: str) -> None:
     if type(pipe.scheduler).__name__.startswith("FlowMatch"):
         raise ModelError(f"--scheduler {name}: this model samples by flow matching ({type(pipe.scheduler).__name__}), "
                          "and the samplers offered are for noise-prediction UNets; leave --scheduler out")
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    # PNDM as every Stable Diffusion release configures it: PLMS steps only. Its Runge-Kutta warm-up (the class
+    # default, so what a config without the key gets) fails at fewer than about 4 steps and is not the paper's sampler.
+    options = {"skip_prk_steps": True} if name == "pndm" else {}
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
 
 
 def _scheduler_class(name: str) -> Any:
