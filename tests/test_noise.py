@@ -65,11 +65,13 @@ def test_filter_cross_validates_prunes_per_class_and_recuts_without_training(tmp
     result = filter_dataset(config(dataset.root), progress=False)
     assert result.trained_folds == 3
     items = Dataset(dataset.root).records()
+    assignment = json.loads((dataset.root / "noise" / "settings.json").read_text())["assignment"]
     for record in items:  # every prediction came from the fold model that did not train on the item
         fold = record["noise"]["fold"]
-        run = RunFolder(dataset.root / "noise" / f"fold-{fold}" / "run")
-        trained_on = dataset.root / "ImageSets" / "Segmentation" / f"{run.settings['split']}.txt"
-        assert record["id"] not in trained_on.read_text().split()
+        assert assignment[record["id"]] == fold
+        [trained_on] = RunFolder(dataset.root / "noise" / f"fold-{fold}" / "run").trained_ids()
+        assert record["id"] not in trained_on
+        assert sorted(trained_on) == sorted(i for i, f in assignment.items() if f != fold)  # all the other folds
         assert 0 <= record["noise"]["score"] <= 1
     by_class: dict[str, list[dict]] = {}
     for record in items:
@@ -81,6 +83,7 @@ def test_filter_cross_validates_prunes_per_class_and_recuts_without_training(tmp
         cut = len(ranked) // 2
         assert {r["id"] for r in ranked[:cut]}.isdisjoint(kept) and {r["id"] for r in ranked[cut:]} <= kept
     assert validate_dataset(dataset.root)[0] == []
+    assert {p.stem for p in dataset.root.glob("ImageSets/Segmentation/*.txt")} == {"train", "filtered"}  # no fold lists
     summary = {}  # each class's cut, as the CLI prints it, from the manifest's scores and the kept ids
     for name, members in by_class.items():
         high = [r["noise"]["score"] for r in members if r["id"] in kept]

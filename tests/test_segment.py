@@ -193,6 +193,26 @@ def test_other_settings_on_an_existing_run_are_refused(shapes_data, tmp_path):
         train(TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "run"), steps=3, **FAST), progress=False)
 
 
+def test_a_run_records_its_items_and_refuses_to_resume_on_a_re_cut_list(shapes_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_data, data)
+    lists = data / "ImageSets" / "Segmentation"
+    ids = (lists / "train.txt").read_text().split()
+    (lists / "kept.txt").write_text("\n".join(ids[:16]) + "\n")
+
+    def config() -> TrainConfig:
+        return TrainConfig(data=[str(data)], out=str(tmp_path / "run"), split="kept", steps=6, save_every=2, **FAST)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(), progress=False, on_step=_kill_at(3))
+    assert RunFolder(tmp_path / "run").trained_ids() == [ids[:16]]
+    (lists / "kept.txt").write_text("\n".join(ids[2:18]) + "\n")  # re-cut (filter --recut) while it was stopped
+    with pytest.raises(RunError, match=r"started on other items of .* split 'kept' \(16 items then, 16 now, 4 in one"):
+        train(config(), progress=False)
+    (lists / "kept.txt").write_text("\n".join(ids[:16]) + "\n")
+    assert train(config(), progress=False).model_dir.is_dir()
+
+
 @pytest.mark.parametrize("preset", ["r50", "swin-b"])
 def test_paper_presets_build_from_config(preset):
     torch.manual_seed(0)

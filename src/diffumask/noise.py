@@ -185,6 +185,8 @@ def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> int:
             scores[item_id] = round(item_score(prediction, lut[truth], labels), 6)
         write_text_atomic(scores_path, json.dumps({"fold": fold, "scores": scores}, indent=1) + "\n")
         trained += 1
+    for fold in range(config.folds):  # the folds' training lists are settings.json's assignment: not splits to keep
+        (dataset.root / "ImageSets" / "Segmentation" / f"{SPLIT_PREFIX}{fold}.txt").unlink(missing_ok=True)
     updates = {}
     for fold in range(config.folds):
         for item_id, score in json.loads((work / f"fold-{fold}" / "scores.json").read_text())["scores"].items():

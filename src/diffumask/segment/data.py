@@ -45,6 +45,7 @@ class SourceSplit:
     then read from disk once)."""
 
     source: LabelledSource
+    split: str
     ids: list[str]
     lut: np.ndarray  # (256,) uint8: source label value → run class index, 255 where none
     cache_limit: int = 0
@@ -122,7 +123,7 @@ def open_splits(sources: Sequence[LabelledSource], split: str, run_classes: Sequ
             raise SourceError(f"{source.spec} has no items in split {split!r}; generate some, or choose another --split")
         source.check_labels(ids)
         lut = negative_lut(source, run_classes) if negatives else label_lut(source, run_classes)
-        parts.append(SourceSplit(source, ids, lut))
+        parts.append(SourceSplit(source, split, ids, lut))
     return parts
 
 

@@ -3,6 +3,7 @@
     RUN/
       classes.json        the run's label space, in a dataset's format (predictions use these indices)
       settings.json       what the run was started with; a re-run must match it to resume
+      items.json          the ids it trains on, per DATA (and --negatives) in order: a re-cut list cannot resume it
       train_log.jsonl     step, loss, lr, seconds per step, one line every few steps
       checkpoint.pt       the latest training state (model, optimiser, schedule, step), written atomically
       model/              the trained model (transformers ``save_pretrained``), written when training ends
@@ -28,6 +29,7 @@ from .presets import Preset, Schedule
 
 
 CHECKPOINT = "checkpoint.pt"  # in a run folder: the latest step's weights, optimiser and schedule
+ITEMS = "items.json"  # in a run folder: the ids trained on, one list per DATA (then --negatives)
 
 
 class RunError(DiffumaskError, ValueError):
@@ -83,6 +85,31 @@ class RunFolder:
         elif root.exists() and (not root.is_dir() or any(p.name != "classes.json" for p in root.iterdir()
                                                           if not p.name.startswith("."))):
             raise RunError(f"{root} exists and is not a training run; choose an empty or new folder for --out")
+
+    @staticmethod
+    def check_items(root: str | os.PathLike[str], items: list[dict[str, Any]]) -> None:
+        """Refuse to resume a run on other items than it started on (a split list re-cut by filter, items added):
+        the settings name the split, not what it holds. Runs made before items.json resume unchecked."""
+        path = Path(root) / ITEMS
+        if not path.is_file():
+            return
+        before = json.loads(path.read_text())["items"]
+        for old, new in zip(before, items):
+            if old["ids"] != new["ids"]:
+                differ = len(set(old["ids"]) ^ set(new["ids"]))
+                raise RunError(f"{root} was started on other items of {new['data']} split {new['split']!r} "
+                               f"({len(old['ids'])} items then, {len(new['ids'])} now, {differ} in one only: the "
+                               "list was re-cut or extended); restore it to resume, or choose another --out")
+
+    def record_items(self, items: list[dict[str, Any]]) -> None:
+        """Write items.json once, when the run starts (:meth:`check_items` has compared an existing one)."""
+        if not (self.root / ITEMS).is_file():
+            write_text_atomic(self.root / ITEMS, json.dumps({"items": items}) + "\n")
+
+    def trained_ids(self) -> list[list[str]] | None:
+        """The ids trained on, one list per DATA (then --negatives); None for a run made before items.json."""
+        path = self.root / ITEMS
+        return [part["ids"] for part in json.loads(path.read_text())["items"]] if path.is_file() else None
 
     @classmethod
     def create(cls, root: str | os.PathLike[str], classes: list[str], settings: Mapping[str, Any]) -> RunFolder:

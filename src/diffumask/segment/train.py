@@ -133,11 +133,13 @@ def train(config: TrainConfig, progress: bool = True,
     classes = union_classes(sources)
     parts = open_splits(sources, config.split, classes)
     parts += open_splits([open_source(d) for d in config.negatives], config.negatives_split, classes, negatives=True)
+    items = [{"data": part.source.spec, "split": part.split, "ids": part.ids} for part in parts]
     samples = TrainingSamples(parts, config.weights, schedule.crop, schedule.scale_range, schedule.augment, config.seed,
                               schedule.composite_share)
 
     settings = config.settings(preset)
     RunFolder.check(config.out, classes, settings)  # every process, before any waits: a mismatch never hangs
+    RunFolder.check_items(config.out, items)
     segmenter: Segmenter | None = None
     if config.init_from and not (Path(config.out) / CHECKPOINT).is_file():  # a bad source fails before --out is made
         torch.manual_seed(config.seed)
@@ -147,6 +149,8 @@ def train(config: TrainConfig, progress: bool = True,
     run = RunFolder.create(config.out, classes, settings) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     run = run or RunFolder(config.out)
+    if accelerator.is_main_process:
+        run.record_items(items)
     state = run.load_checkpoint()
     start = 0 if state is None else int(state["step"])
     elapsed_before = 0.0 if state is None else float(state.get("elapsed", 0.0))  # training seconds before a resume
