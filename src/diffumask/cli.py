@@ -120,7 +120,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "as datasets made before this option did (default: 2)")
     p.add_argument("--self-attention-keep", type=float, default=SELF_ATTENTION_KEEP, metavar="FRACTION",
                    help="share of each self-attention row stored (its largest entries; rows are peaked): "
-                        "1/8 keeps a 512 px item near 0.3 MB; 1 stores the matrix dense, 2 MB "
+                        "1/8 keeps a 512 px item near 0.18 MB; 1 stores the 1024x1024 matrix dense, 2 MB more "
                         f"(default: {SELF_ATTENTION_KEEP})")
     p.add_argument("--threshold", type=float,
                    help="γ in (0, 1): a pixel belongs to the class when its map exceeds it (default: the model's own; "
