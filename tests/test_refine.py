@@ -216,14 +216,17 @@ def test_resume_redoes_only_unfinished_items_and_new_settings_start_over(dataset
 
 @pytest.mark.parametrize("argv, kept", [(["train", "DATA", "--out", "RUN"], "the last checkpoint is kept"),
                                         (["filter", "DATA"], "finished folds are kept"),
-                                        (["refine", "DATA", "--method", "otsu"], "finished masks are kept"), (["validate", "DATA"], None)])
+                                        (["refine", "DATA", "--method", "otsu"], "finished masks are kept"),
+                                        (["generate", "--classes", "dog", "--out", "D"], "finished items are kept"),
+                                        (["shapes", "export", "D"], "finished items are kept"),
+                                        (["validate", "DATA"], None)])
 def test_an_interrupted_command_says_what_it_kept(argv, kept, monkeypatch, capsys):
     from diffumask import cli
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, f"_run_{argv[0]}", interrupted)
+    monkeypatch.setattr(cli, "_run_" + "_".join(argv[:2] if argv[0] == "shapes" else argv[:1]), interrupted)
     assert main(argv) == 130
     said = f"diffumask: interrupted; {kept}, re-run the same command to resume" if kept else "diffumask: interrupted"
     assert capsys.readouterr().err.splitlines() == [said]

@@ -14,6 +14,7 @@ import pytest
 
 from dataset_factory import snapshot
 
+from diffumask.cli import main
 from diffumask.dataset import Dataset
 from diffumask.distributed import Worker, current_worker
 from diffumask.errors import ConfigError
@@ -106,6 +107,18 @@ def test_resume_with_another_number_of_workers(tmp_path, sd1_pipe, monkeypatch):
         monkeypatch.setenv("RANK", rank)
         generate_dataset(config(out), pipe=sd1_pipe, progress=False)
     assert snapshot(out) == snapshot(reference)
+
+
+def test_a_sharded_generate_says_it_finished_its_share(tmp_path, saved_pipelines, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "d"
+    assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "2",
+                 "--steps", "1", "--batch-size", "1", "--out", str(out), "--quiet"]) == 0
+    written = len(Dataset(out).records())
+    assert 0 < written < 4  # this worker's batches only
+    assert capsys.readouterr().out.splitlines() == [
+        f"{written} items in {out} so far (worker 2 of 2 finished its share)"]
 
 
 @pytest.mark.slow
