@@ -12,11 +12,11 @@ import pytest
 from dataset_factory import MIXED_NAMES, make_dataset, snapshot
 
 from diffumask.augment import (AugmentConfig, augment_dataset, augment_item, hidden_share, mosaic, occlude,
-                               paste_object, perspective)
+                               paste_object, perspective, resize_pair)
 from diffumask.cli import main
-from diffumask.dataset import IGNORE_INDEX, Dataset
+from diffumask.dataset import IGNORE_INDEX, Dataset, resize_labels
 from diffumask.errors import ConfigError, DiffumaskError
-from diffumask.segment.data import IMAGENET_MEAN, IMAGENET_STD
+from diffumask.segment.data import IMAGENET_MEAN, IMAGENET_STD, resize_short_side
 
 RED = (220, 30, 30)
 
@@ -66,6 +66,33 @@ def test_mosaic_keeps_each_tile_aligned():
         assert iou(red(tile_image), tile_labels == k + 1) > 0.85
     with pytest.raises(ValueError, match="needs 9 items"):
         mosaic(scenes, 3, 64)
+
+
+@pytest.mark.parametrize("source, target", [(512, 64), (96, 32), (32, 40), (300, 512), (64, 48)])
+def test_resized_masks_stay_centred_on_their_resized_images(source, target):
+    """Every label resize (training's random scale, augment's tiles and pastes) lands where the image's does: the
+    reference is the object's own indicator resized as images are (area shrinking, bilinear growing) and cut at
+    0.5. Plain INTER_NEAREST gives 0.93, 0.89, 0.90, 0.99, 0.90 here and sits 0.3-0.5 px up and left."""
+    rng = np.random.default_rng(source + target)
+    ious, offsets = [], []
+    while len(ious) < 40:
+        (y0, y1), (x0, x1) = np.sort(rng.integers(0, source, (2, 2)), axis=1)
+        if min(y1 - y0, x1 - x0) < source // 6:
+            continue
+        labels = np.zeros((source, source), np.uint8)
+        labels[y0:y1, x0:x1] = 3
+        shown = cv2.resize((labels == 3).astype(np.float32), (target, target),
+                           interpolation=cv2.INTER_AREA if target < source else cv2.INTER_LINEAR)
+        for resized in (resize_short_side(np.zeros((source, source, 3), np.uint8), labels, target)[1],
+                        resize_pair(np.zeros((source, source, 3), np.uint8), labels, (target, target))[1]):
+            ours = resized == 3
+            ious.append(iou(shown > 0.5, ours))
+            rows, cols = np.nonzero(ours)
+            grid = np.arange(target)
+            offsets.append((rows.mean() - (shown.sum(1) * grid).sum() / shown.sum(),
+                            cols.mean() - (shown.sum(0) * grid).sum() / shown.sum()))
+    assert np.mean(ious) > 0.95
+    assert np.abs(np.mean(offsets, axis=0)).max() < 0.25
 
 
 def test_occlusion_pastes_pixels_and_labels_together():
@@ -145,8 +172,7 @@ def test_paste_keeps_each_object_visible_in_mosaics_and_after_later_pastes():
             exact = (donor == colours[int(paste["source"])]).all(axis=2)
             ys, xs = np.nonzero(exact)
             placed = np.zeros((48, 48), bool)  # the cut-out starts at the donor's object box, placed at "at"
-            box = np.nonzero(cv2.resize(scenes[int(paste["source"])][1], (paste["side"],) * 2,
-                                        interpolation=cv2.INTER_NEAREST))
+            box = np.nonzero(resize_labels(scenes[int(paste["source"])][1], (paste["side"],) * 2))
             y, x = paste["at"]
             placed[ys - box[0].min() + y, xs - box[1].min() + x] = True
             objects.append((placed, colours[int(paste["source"])]))
@@ -338,7 +364,7 @@ def _kind(image: np.ndarray, labels: np.ndarray, items: list[tuple[np.ndarray, n
     if any(same((image, labels), item) for item in items):
         return "item"
     halves = [cv2.resize(i, (24, 24), interpolation=cv2.INTER_AREA) for i, _ in items]
-    half_labels = [cv2.resize(m, (24, 24), interpolation=cv2.INTER_NEAREST) for _, m in items]
+    half_labels = [cv2.resize(m, (24, 24), interpolation=cv2.INTER_NEAREST_EXACT) for _, m in items]
     quadrants = [(image[y:y + 24, x:x + 24], labels[y:y + 24, x:x + 24]) for y in (0, 24) for x in (0, 24)]
     if all(any(same(q, item) for item in zip(halves, half_labels)) for q in quadrants):
         return "mosaic"

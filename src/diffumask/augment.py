@@ -36,7 +36,7 @@ from kornia.geometry.transform import get_perspective_transform, warp_perspectiv
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .dataset import IGNORE_INDEX, Dataset
+from .dataset import IGNORE_INDEX, Dataset, resize_labels
 from .distributed import Worker
 from .errors import ConfigError, DiffumaskError
 
@@ -92,11 +92,12 @@ class AugmentConfig:
 
 
 def resize_pair(image: np.ndarray, labels: np.ndarray, size: tuple[int, int]) -> Pair:
-    """Image by area averaging (shrinking) or bilinear (growing), labels by nearest neighbour; size (h, w)."""
+    """Image by area averaging (shrinking) or bilinear (growing), labels by the nearest pixel to each centre;
+    size (h, w)."""
     h, w = size
     shrink = h * w < labels.size
     image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return image, cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
+    return image, resize_labels(labels, (w, h))
 
 
 def mosaic(pairs: Sequence[Pair], k: int, size: int) -> Pair:

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..dataset import IGNORE_INDEX, Dataset, decoding, plain_modes, voc_palette, write_text_atomic
+from ..dataset import IGNORE_INDEX, Dataset, decoding, plain_modes, resize_labels, voc_palette, write_text_atomic
 from ..errors import DiffumaskError
 from ..formats.export import open_dataset
 from . import plots
@@ -163,7 +163,7 @@ def _item_assets(dataset: Dataset, record: Mapping[str, Any], number: int, asset
         entry["a"] = round(float(total - counts[0] - counts[IGNORE_INDEX]) / total, 4)
         entry["u"] = round(float(counts[IGNORE_INDEX]) / total, 4)
         entry["c"] = sorted(set(named) | {int(k) for k in np.flatnonzero(counts[1:len(names)]) + 1})
-        small = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+        small = resize_labels(mask, size)
         base = image if image is not None else np.full((*small.shape, 3), 128, np.uint8)
         panels.append(("mask", _overlay(base, small)))
     soft_path = dataset.soft_maps_path(item_id)

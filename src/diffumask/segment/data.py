@@ -19,6 +19,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
 from ..augment import AugmentConfig, compose, gaussian_blur, perspective, random_corners
+from ..dataset import resize_labels
 from ..errors import ConfigError
 from ..formats import LabelledSource, SourceError, match_names
 from .presets import COMPOSITES, uses_composites
@@ -133,13 +134,13 @@ def normalise(image: np.ndarray) -> torch.Tensor:
 
 
 def resize_short_side(image: np.ndarray, labels: np.ndarray | None, short: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scale so the shorter side is ``short`` px: bilinear for the image, nearest for labels."""
+    """Scale so the shorter side is ``short`` px: bilinear for the image, the centre's nearest pixel for labels."""
     h, w = image.shape[:2]
     scale = short / min(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
     if labels is not None:
-        labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+        labels = resize_labels(labels, size)
     return image, labels
 
 
