@@ -514,7 +514,7 @@ def test_compose_on_shapes_gives_two_object_captions(tmp_path, capsys):
         assert record["classes"] == [match[2], match[4]]
 
 
-def test_compose_templates_in_an_open_vocabulary_bank_name_any_class(tmp_path, sd1_pipe):
+def test_compose_templates_name_any_class(tmp_path, sd1_pipe):
     from diffumask.prompts import PromptBank, PromptBankError
 
     bank = tmp_path / "bank.yaml"
@@ -530,6 +530,13 @@ def test_compose_templates_in_an_open_vocabulary_bank_name_any_class(tmp_path, s
     bank.write_text("templates: ['a {name}']\nslots: {scene: [here]}\ncompose: ['a {dog} {scene}']\n")
     with pytest.raises(PromptBankError, match="names fewer than two classes; write each"):
         PromptBank.load(str(bank))
+    # The README's bank, as written: its compose template names person, which has no entry there.
+    block = README.read_text().split("**Prompt banks** are data")[1].split("```yaml")[1].split("```")[0]
+    bank.write_text(block)
+    loaded = PromptBank.load(str(bank))
+    assert loaded.template_classes(loaded.compose[0]) == ["person", "dog"]
+    prompt, names = loaded.draw_compose("dog", 3, ["dog", "person"])
+    assert names == ["person", "dog"] and prompt.startswith("a person walking a dog ")
 
 
 def test_compose_refuses_what_cannot_work(tmp_path, sd1_pipe):

@@ -17,9 +17,9 @@ item is seeded by the item's own seed, so a run is reproducible and independent 
 
 Several classes in one image (``generate --compose``) come from two optional lists::
 
-    compose:                    # scenes of named classes: a slot that names a class (or an alias;
-      - "a {person} riding a {horse}"   # spaces or _ alike) is that class's display name; in a bank
-                                # without classes: (open vocabulary) every slot not under slots: is a class
+    compose:                    # scenes of named classes: every slot not under slots: (nor a class's
+      - "a {person} riding a {horse}"   # own list) names a class: the bank's (or an alias; spaces or _
+                                # alike) as its display name, any other as spelled
     pairs:                      # any two classes: {name} and {name2}; {sub2}, {colour2} ... are the
       - "a {name} and a {name2}"        # second class's slots, drawn apart from the first's
 
@@ -77,6 +77,7 @@ class PromptBank:
                 raise PromptBankError(f"{self.source}: template {template!r} has no {{name}} slot, "
                                       "so the class word would be missing from the prompt")
         defined = {"name", "name2", *self.slots, *(key for e in self.classes.values() for key in e)}
+        self._fillers = defined  # what a compose template's slot may be besides a class
         for template in self.templates + self.pairs + [t for e in self.classes.values() for t in e.get("templates", [])]:
             if unknown := [f for f in _fields(template) if f not in defined and f.removesuffix("2") not in defined]:
                 raise PromptBankError(f"{self.source}: template {template!r} has a slot {{{unknown[0]}}} that neither "
@@ -86,9 +87,8 @@ class PromptBank:
                 raise PromptBankError(f"{self.source}: pair template {template!r} needs both {{name}} and {{name2}}")
         for template in self.compose:
             if len(self.template_classes(template)) < 2:
-                raise PromptBankError(f"{self.source}: compose template {template!r} names fewer than two classes"
-                                      f"{'' if self.open_vocabulary else ' of the bank'}; write each class as a slot, "
-                                      "e.g. 'a {person} riding a {horse}'")
+                raise PromptBankError(f"{self.source}: compose template {template!r} names fewer than two classes; "
+                                      "write each class as a slot, e.g. 'a {person} riding a {horse}'")
 
     @classmethod
     def load(cls, path_or_name: str | Path) -> PromptBank:
@@ -105,24 +105,20 @@ class PromptBank:
         return cls([str(t) for t in data["templates"]], slots, classes, source,
                    [str(t) for t in data.get("compose") or []], [str(t) for t in data.get("pairs") or []])
 
-    @property
-    def open_vocabulary(self) -> bool:
-        """A bank without a classes: section serves any class; its compose templates name classes freely."""
-        return not self.classes
-
     def key(self, class_name: str) -> str | None:
         """The bank's own name for a class (through its aliases), or None when it has no entry."""
         return self._aliases.get(_normalise(class_name))
 
-    def _compose_key(self, name: str) -> str | None:
-        """How compose templates and a run's classes are matched: the bank's key, or in an open-vocabulary bank
-        the normalised name ('potted_plant' and 'potted plant' alike)."""
-        return _normalise(name) if self.open_vocabulary else self.key(name)
+    def _compose_key(self, name: str) -> str:
+        """How compose templates and a run's classes are matched: the bank's key for its classes, the normalised
+        name for any other ('red_panda' and 'red panda' alike)."""
+        return self.key(name) or _normalise(name)
 
     def _class_slots(self, template: str) -> list[tuple[str, str]]:
-        """A compose template's slots that name classes, each with its class key, in order of appearance."""
-        return [(f, key) for f in _fields(template)
-                if f not in self.slots and f not in ("name", "name2") and (key := self._compose_key(f)) is not None]
+        """A compose template's slots that name classes, each with its class key, in order of appearance: the
+        bank's classes, and any slot that is not a list to draw from (slots:, a class's sub:, ...)."""
+        return [(f, self._compose_key(f)) for f in _fields(template)
+                if self.key(f) is not None or f not in self._fillers]
 
     def template_classes(self, template: str) -> list[str]:
         """The classes a compose template names as slots, in order of appearance."""
@@ -148,8 +144,8 @@ class PromptBank:
         """A prompt with ``class_name`` and at least one other class of ``available`` (the dataset's
         classes), and those classes as ``available`` spells them, in prompt order."""
         rng = random.Random(seed)
-        spelled = {self._compose_key(c) or c: c for c in available}
-        mine = self._compose_key(class_name) or class_name
+        spelled = {self._compose_key(c): c for c in available}
+        mine = self._compose_key(class_name)
         named = [t for t in self.compose
                  if mine in (keys := self.template_classes(t)) and all(k in spelled for k in keys)]
         if named:
