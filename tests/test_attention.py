@@ -204,6 +204,15 @@ def test_every_word_after_the_call(sd1_pipe):
         maps[0]["cat"]
     with pytest.raises(RecorderError, match="'photo' was not recorded"):
         classed.maps()[0]["photo"]
+    # A mapping of words: `in` says whether a map can be had, without adding the word; iteration and dict() give
+    # the classes (the traced ones, then those asked for); a non-word key is a TypeError that names the classes.
+    fresh = tr.maps()[1]
+    assert "next" in fresh and "cat" not in fresh and 0 not in fresh and list(fresh) == []
+    assert "photo" not in classed.maps()[0] and list(classed.maps()[0]) == ["dog", "sofa"]
+    assert dict(classed.maps()[0]).keys() == {"dog", "sofa"}
+    np.testing.assert_array_equal(dict(classed.maps()[0])["dog"], classed.maps()[0]["dog"])
+    with pytest.raises(TypeError, match=r"looked up by word.*not by int 0; these hold \['dog', 'sofa'\]"):
+        classed.maps()[0][0]
 
 
 def test_every_word_form_with_images_per_prompt_and_whole_words(sd1_pipe):
@@ -378,6 +387,37 @@ def test_nothing_recorded_is_an_error(sd1_pipe):
         pass
     with pytest.raises(RecorderError, match="no cross-attention was recorded"):
         recorder.maps()
+    with trace(sd1_pipe, PROMPTS[0], ["dog"], steps=(30, 50)) as recorder:
+        run(sd1_pipe, PROMPTS[0], [5], steps=4)
+    with pytest.raises(RecorderError, match=r"window \(30, 50\) holds none of the 4 denoiser calls"):
+        recorder.maps()
+
+
+@pytest.mark.parametrize("steps", [(5, 2), 5, (-1, 3), (1.5, 3), (1, 2, 3)])
+def test_a_bad_steps_window_is_refused_up_front(sd1_pipe, steps):
+    with pytest.raises(ConfigError, match=r"give \(start, stop\)"):
+        trace(sd1_pipe, PROMPTS[0], ["dog"], steps=steps)
+
+
+def test_what_is_not_a_pipeline_is_refused_in_one_sentence(sd1_pipe):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from diffumask.generate import generate_one
+
+    with pytest.raises(ConfigError, match=r"takes a loaded pipeline, not the name 'shapes': pipe = diffumask\.models"):
+        trace("shapes")
+    for thing in (None, sd1_pipe.unet, DDPMPipeline(unet=sd1_pipe.unet, scheduler=DDPMScheduler())):
+        with pytest.raises(ConfigError, match=f"text-to-image pipeline .*got {type(thing).__name__}"):
+            trace(thing)
+        with pytest.raises(ConfigError, match=f"generate takes a diffusers text-to-image pipeline"):
+            generate_one(thing, PROMPTS[0], ["dog"])
+    with pytest.raises(ConfigError, match="threshold must lie strictly between 0 and 1"):
+        generate_one(sd1_pipe, PROMPTS[0], ["dog"], steps=1, threshold=1.5)
+    # One class as a string is that class, not its letters.
+    assert generate_one(sd1_pipe, PROMPTS[0], "dog", steps=1).maps.classes == ["dog"]
+    with trace(sd1_pipe, PROMPTS[0], "dog") as recorder:
+        run(sd1_pipe, PROMPTS[0], [5], steps=1)
+    assert recorder.maps()[0].classes == ["dog"]
 
 
 def test_prompt_errors_come_before_denoising(sd1_pipe):

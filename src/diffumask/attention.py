@@ -25,7 +25,10 @@ Usage::
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import numbers
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,17 +162,41 @@ class ImageMaps:
     def positions(self, word: str) -> list[int]:
         """The token positions of ``word`` (whole words only), found on first use."""
         if word not in self.tokens:
-            if self.locate is None:
-                raise RecorderError(f"{word!r} was not traced; traced classes: {self.classes}")
-            spans = self.locate(self.prompt, [word])[word]
-            if not set(spans) <= set(self.columns):
-                raise RecorderError(
-                    f"{word!r} was not recorded: a trace with classes keeps only their token columns "
-                    f"({self.classes}); add {word!r} to the classes, or trace(pipe) without classes to "
-                    "keep every word"
-                )
-            self.tokens[word] = spans
+            self.tokens[word] = self._find(word)
         return self.tokens[word]
+
+    def _find(self, word: str) -> list[int]:
+        if not isinstance(word, str):
+            raise TypeError(f"maps are looked up by word, e.g. maps['dog'], not by {type(word).__name__} {word!r}; "
+                            f"these hold {self.classes}")
+        if self.locate is None:
+            raise RecorderError(f"{word!r} was not traced; traced classes: {self.classes}")
+        spans = self.locate(self.prompt, [word])[word]
+        if not set(spans) <= set(self.columns):
+            raise RecorderError(
+                f"{word!r} was not recorded: a trace with classes keeps only their token columns "
+                f"({self.classes}); add {word!r} to the classes, or trace(pipe) without classes to "
+                "keep every word"
+            )
+        return spans
+
+    def __contains__(self, word: object) -> bool:
+        """Whether ``maps[word]`` has a map: a traced class, or (a trace without classes) any whole word of the
+        prompt. Asking does not add the word to :attr:`classes`."""
+        if word in self.tokens:
+            return True
+        try:
+            self._find(word)  # type: ignore[arg-type]
+        except (TypeError, DiffumaskError):
+            return False
+        return True
+
+    def keys(self) -> list[str]:
+        """The classes, as a dict's keys: ``dict(maps)`` is each class's fused map."""
+        return self.classes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.classes)
 
     def token_grids(self, word: str) -> dict[int, np.ndarray]:
         """Grid height -> (k, h, w): the raw mean attention of each of the word's k token columns."""
@@ -398,7 +425,7 @@ class AttentionRecorder:
             self._set_prompts(self.given_prompts)  # a missing class word fails here, before denoising
         self.images_per_prompt = images_per_prompt
         self.layers = self._select_layers(layers)
-        self.steps = steps or (None, None)
+        self.steps = _check_steps(steps)
         self.self_attention_factor = self_attention
         if self_attention_max < 1:
             raise ConfigError(f"self_attention_max must be at least 1, got {self_attention_max}")
@@ -675,8 +702,11 @@ class AttentionRecorder:
             self._column_index = (index.pin_memory() if on_gpu else index).to(sample.device, non_blocking=on_gpu)
 
     def _in_window(self) -> bool:
+        return self._in_window_at(self._step)
+
+    def _in_window_at(self, step: int) -> bool:
         start, stop = self.steps
-        return (start is None or self._step >= start) and (stop is None or self._step < stop)
+        return (start is None or step >= start) and (stop is None or step < stop)
 
     def _self_attention_step(self) -> bool:
         """Whether this step records the self-attention: in the window, and every k-th step of it."""
@@ -815,6 +845,11 @@ class AttentionRecorder:
         """Per image (prompt-major, like the pipeline's output): its classes' maps (every word's,
         asked by name, when no classes were traced)."""
         if not self._sums:
+            start, stop = self.steps
+            if self._step >= 0 and not any(self._in_window_at(i) for i in range(self._step + 1)):
+                raise RecorderError(f"nothing was recorded: the steps window ({start}, {stop}) holds none of the "
+                                    f"{self._step + 1} denoiser calls this pipeline call made (0-{self._step}); "
+                                    "choose steps within them")
             raise RecorderError(
                 "no cross-attention was recorded: call the pipeline inside the trace, and do not "
                 "replace attention processors (xformers, attention slicing) while it is attached"
@@ -869,6 +904,30 @@ _CALLED_AGAIN = ("the pipeline was called again inside one recording (the timest
                  "use one trace per pipeline call so each image's maps come from its own generation")
 
 
+def _check_steps(steps: Any) -> tuple[int | None, int | None]:
+    """``steps=(start, stop)``: denoiser calls ``start <= i < stop``, either end None for open."""
+    if steps is None:
+        return None, None
+    if (not isinstance(steps, (tuple, list)) or len(steps) != 2
+            or not all(s is None or (isinstance(s, numbers.Integral) and s >= 0) for s in steps)
+            or None not in steps and steps[0] >= steps[1]):
+        raise ConfigError(f"steps={steps!r}: give (start, stop), denoiser calls start <= i < stop counted from 0, "
+                          "with start < stop, e.g. steps=(30, 50); None for an open end")
+    return tuple(None if s is None else int(s) for s in steps)  # type: ignore[return-value]
+
+
+def check_pipeline(pipe: Any, what: str = "trace") -> None:
+    """A loaded diffusers text-to-image pipeline, not its name or one of its parts: a one-line error otherwise
+    (the recorder would fail on a missing attribute)."""
+    if isinstance(pipe, (str, os.PathLike)):
+        raise ConfigError(f"{what} takes a loaded pipeline, not the name {str(pipe)!r}: "
+                          f"pipe = diffumask.models.load_pipeline({str(pipe)!r})")
+    denoiser = getattr(pipe, "unet", None) if getattr(pipe, "unet", None) is not None else getattr(pipe, "transformer", None)
+    if denoiser is None or not hasattr(pipe, "components") or "prompt" not in inspect.signature(pipe.__call__).parameters:
+        raise ConfigError(f"{what} takes a diffusers text-to-image pipeline (a UNet or transformer that reads a "
+                          f"prompt), got {type(pipe).__name__}; load one with diffumask.models.load_pipeline(...)")
+
+
 def trace(
     pipe: Any,
     prompts: str | Sequence[str] | None = None,
@@ -884,6 +943,9 @@ def trace(
     """
     from .joint_attention import DIT_OPTIONS, JointAttentionRecorder, is_transformer_pipeline
 
+    check_pipeline(pipe)
+    if isinstance(classes, str):  # one class for every prompt, not its letters
+        classes = [classes]
     if is_transformer_pipeline(pipe):
         return JointAttentionRecorder(pipe, prompts, classes, **options)
     given = sorted(set(options) & set(DIT_OPTIONS))

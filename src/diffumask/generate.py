@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .attention import ImageMaps, trace, word_locator
+from .attention import ImageMaps, check_pipeline, trace, word_locator
 from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, Dataset
 from .distributed import current_worker
 from .errors import ConfigError
@@ -242,10 +242,12 @@ def generate_images(
 ) -> list[GeneratedImage]:
     """Generate one batch: each prompt with its classes (words in the prompt) and seed. ``recorder_options``:
     a diffusion transformer's (``block_window``, ``text_tokens``)."""
+    check_pipeline(pipe, "generate")
     steps = steps or _pipeline_default(pipe, "num_inference_steps")
     guidance = _pipeline_default(pipe, "guidance_scale") if guidance is None else guidance
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     threshold = default_threshold(pipe) if threshold is None else threshold
+    check_band(threshold, uncertain, names=("threshold", "uncertain"))
     window = _step_range(step_window, steps, pipe)
     with trace(pipe, list(prompts), [list(c) for c in classes], layers=layers, steps=window,
                self_attention=self_attention, self_attention_max=self_attention_max,
@@ -269,7 +271,8 @@ def generate_images(
 
 def generate_one(pipe: Any, prompt: str, classes: Sequence[str], seed: int = 0, **options: Any) -> GeneratedImage:
     """One image with its class maps and mask: the five-line entry point."""
-    return generate_images(pipe, [prompt], [list(classes)], [seed], **options)[0]
+    return generate_images(pipe, [prompt], [[classes] if isinstance(classes, str) else list(classes)], [seed],
+                           **options)[0]
 
 
 def _batches(items: list[WorkItem], batch_size: int) -> Iterator[list[WorkItem]]:
