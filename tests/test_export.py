@@ -197,14 +197,18 @@ def test_hf_export_loads_with_datasets(mixed, tmp_path):
     out = tmp_path / "hf"
     assert main(["export", str(mixed.root), "--format", "hf", "--out", str(out)]) == 0
     loaded = datasets.load_from_disk(str(out))
-    assert sorted(loaded) == ["train", "val"] and len(loaded["train"]) == len(loaded["val"]) == 6
-    assert isinstance(loaded["train"].features["mask"], datasets.Image)
+    # Hugging Face's names, as transformers' semantic-segmentation examples read them
+    assert sorted(loaded) == ["train", "validation"] and len(loaded["train"]) == len(loaded["validation"]) == 6
+    assert isinstance(loaded["train"].features["label"], datasets.Image)
+    id2label = json.loads((out / "id2label.json").read_text())
+    assert id2label == {str(k): name for k, name in enumerate(["background", *mixed.classes])}
+    assert [r["id"] for r in loaded["validation"]] == mixed.split_ids("val")
     records = {r["id"]: r for r in mixed.records()}
     for row in loaded["train"]:
         record = records[row["id"]]
-        assert row["mask"].mode == "P"  # the palette PNG as it was written
-        assert row["mask"].getpalette()[3:6] == [128, 0, 0]
-        np.testing.assert_array_equal(np.array(row["mask"]), mixed.read_mask(row["id"]))
+        assert row["label"].mode == "P"  # the palette PNG as it was written
+        assert row["label"].getpalette()[3:6] == [128, 0, 0]
+        np.testing.assert_array_equal(np.array(row["label"]), mixed.read_mask(row["id"]))
         np.testing.assert_array_equal(np.array(row["image"].convert("RGB")), mixed.read_image(row["id"]))
         assert row["classes"] == record["classes"] and row["prompt"] == record["prompt"]
         assert row["seed"] == record["seed"] and row["size"] == record["size"] and row["split"] == "train"

@@ -13,8 +13,10 @@
   File names follow Cityscapes' ``city_sequence_frame`` pattern; ``ids.json`` maps them to item ids.
 - ``ade20k``: ``ADEChallengeData2016/{images,annotations}/{training,validation}``: 0 = "other" (background
   and 255); class k becomes its ADE20K index when every class is one of ADE's 150, else k with a note.
-- ``hf``: a Hugging Face ``datasets.DatasetDict`` (``save_to_disk``) with ``image`` and ``mask`` ``Image``
-  features (the palette PNG's bytes kept as they are) and the manifest's fields as columns.
+- ``hf``: a Hugging Face ``datasets.DatasetDict`` (``save_to_disk``) with ``image`` and ``label`` ``Image``
+  features (the palette PNG's bytes kept as they are) and the manifest's fields as columns, in Hugging Face's
+  names (transformers' segmentation examples read ``image``, ``label``, a ``validation`` split and
+  ``id2label.json``, written beside them).
 
 Every export is built in a temporary sibling folder and renamed into place when complete.
 """
@@ -33,8 +35,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..dataset import (IGNORE_INDEX, OBJECT_FOLDER, Dataset, plain_modes, read_index_png, read_rgb, voc_palette,
-                       write_text_atomic)
+from ..dataset import (IGNORE_INDEX, OBJECT_FOLDER, Dataset, plain_modes, read_index_png, read_label_map, read_rgb,
+                       voc_palette, write_text_atomic)
 from ..errors import DiffumaskError
 from .names import match_names
 from .tables import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS
@@ -312,7 +314,7 @@ def _hf_rows(root: str, records: list[dict[str, Any]], kinds: dict[str, str]) ->
             raise ExportError(f"item {record['id']!r} has no mask ({mask_path}); run `diffumask validate` on {root}")
         image_path = dataset.image_path(record["id"])
         row = {"image": {"bytes": image_path.read_bytes(), "path": image_path.name},
-               "mask": {"bytes": dataset.current_mask_path(record["id"]).read_bytes(), "path": mask_path.name}}
+               "label": {"bytes": dataset.current_mask_path(record["id"]).read_bytes(), "path": mask_path.name}}
         for name, kind in kinds.items():
             value = record.get(name)
             if value is not None and kind == "json":
@@ -323,29 +325,33 @@ def _hf_rows(root: str, records: list[dict[str, Any]], kinds: dict[str, str]) ->
         yield row
 
 
+HF_SPLITS = {"val": "validation"}  # Hugging Face's split names, where a VOC name differs
+
+
 def _export_hf(dataset: Dataset, records: Sequence[dict[str, Any]], out: Path) -> list[str]:
     try:
         import datasets
     except ImportError:
         raise ExportError("--format hf needs the Hugging Face datasets library: pip install 'diffumask[hf]'") from None
-    fields = list(dict.fromkeys(k for r in records for k in r if k not in ("image", "mask")))
+    fields = list(dict.fromkeys(k for r in records for k in r if k not in ("image", "label")))
     kinds = {name: _column_type([r.get(name) for r in records]) for name in fields}
     value = {"string": datasets.Value("string"), "bool": datasets.Value("bool"), "int64": datasets.Value("int64"),
              "float64": datasets.Value("float64"), "strings": datasets.Sequence(datasets.Value("string")),
              "ints": datasets.Sequence(datasets.Value("int64")), "floats": datasets.Sequence(datasets.Value("float64")),
              "json": datasets.Value("string")}
-    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image(),
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image(),
                                   **{name: value[kind] for name, kind in kinds.items()}})
     split_names = list(dict.fromkeys(r.get("split", "train") for r in records))
     cache = Path(tempfile.mkdtemp(prefix=f".{out.name}.cache.", dir=out.parent))  # Arrow files, not memory
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one bar per split and shard says nothing to an export's user
     try:
-        splits = {split: datasets.Dataset.from_generator(
-            _hf_rows, features=features, cache_dir=str(cache), split=datasets.Split(split),
+        splits = {HF_SPLITS.get(split, split): datasets.Dataset.from_generator(
+            _hf_rows, features=features, cache_dir=str(cache), split=datasets.Split(HF_SPLITS.get(split, split)),
             gen_kwargs={"root": str(dataset.root), "records": [r for r in records if r.get("split", "train") == split],
                         "kinds": kinds}) for split in split_names}
         datasets.DatasetDict(splits).save_to_disk(str(out))
+        write_text_atomic(out / "id2label.json", json.dumps(dict(enumerate(read_label_map(dataset.root))), indent=1) + "\n")
     finally:
         if bars:
             datasets.enable_progress_bars()
