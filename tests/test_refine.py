@@ -489,3 +489,19 @@ def test_a_refine_dataset_that_is_not_a_dataset_is_a_one_line_error(dataset, tmp
         assert main(["refine", str(folder), "--method", "otsu", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("diffumask: error: ") and fragment in err, err
+
+
+def test_the_help_quotes_the_readmes_measurements_of_the_papers_affinitynet_ways():
+    """--walk-steps, --no-stretch and --seed-grid cite what the README's table measured, not older runs."""
+    import re
+
+    from diffumask.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("**Where the AffinityNet path differs from the paper's code (PSA), measured.**")[1]
+    measured = set(re.findall(r"\| (0\.\d{3}) ", table.split("\n\n- ")[0]))
+    refine = build_parser()._subparsers._group_actions[0].choices["refine"]
+    for action in refine._actions:
+        if {"--walk-steps", "--no-stretch", "--seed-grid"} & set(action.option_strings):
+            quoted = set(re.findall(r"0\.\d{3}", action.help))
+            assert len(quoted) == 4 and quoted <= measured, (action.option_strings, quoted - measured)
