@@ -149,7 +149,8 @@ def test_diffumask_shapes_train_hands_its_options_to_the_trainer(tmp_path, capsy
 
     with pytest.raises(SystemExit) as exited:
         main(["shapes", "train", "--help"])
-    assert exited.value.code == 0 and "--single-object-share" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert exited.value.code == 0 and "--single-object-share" in shown and shown.startswith("usage: diffumask shapes train")
     assert main(["shapes", "train", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
                  "--single-object-share", "1"]) == 0
     record = json.loads((tmp_path / "run" / "training.json").read_text())

@@ -193,7 +193,7 @@ def _add_shapes(sub: argparse._SubParsersAction) -> None:
 def _run_shapes_train(args: argparse.Namespace) -> None:
     from .shapes.train import main as train_main
 
-    train_main(args.train_args)
+    train_main(args.train_args, prog="diffumask shapes train")
 
 
 def _run_shapes_export(args: argparse.Namespace) -> None:

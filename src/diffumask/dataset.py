@@ -14,9 +14,10 @@ Layout (Pascal VOC compatible, plus soft maps and a manifest)::
 Every file is written under a temporary name, flushed to the disk (``fsync``) and renamed, and the
 folder is synced after the rename; an item counts as finished only once its manifest line is
 written (last, and synced too), so a run killed at any moment — or a power cut — leaves whole
-items only. The manifest is append-only: a later line for an id (``refine`` appends one per item
-with its new mask) supersedes the earlier one, so a stage that rewrites masks records each one as
-it goes. Readers never change the manifest; a writer cuts a torn last line before appending.
+items only. While a stage runs the manifest is appended to: a later line for an id (``refine`` appends
+one per item with its new mask) supersedes the earlier one, so a stage that rewrites masks records each
+one as it goes; a finished stage compacts it to each item's latest line (:meth:`Dataset.compact`, an
+atomic rewrite). Readers never change the manifest; a writer cuts a torn last line before appending.
 
 Workers of a sharded job (torchrun, Slurm: :mod:`diffumask.distributed`) never write the same item,
 and each appends to its own shard ``manifest.<rank>.jsonl``, so no two processes ever append to

@@ -308,9 +308,9 @@ def _channels(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--channels {text}: give three comma-separated numbers, e.g. 64,128,128") from None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m diffumask.shapes.train") -> None:
     defaults = TrainSettings()
-    parser = argparse.ArgumentParser(prog="python -m diffumask.shapes.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (pipeline, logs, training.json)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock cap")
