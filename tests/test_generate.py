@@ -483,6 +483,22 @@ def test_compose_extends_a_dataset_made_without_it_and_refuses_changed_pair_temp
     assert len(Dataset(older).records()) == 2 + 4
 
 
+@pytest.mark.parametrize("bank, digest", [
+    ("voc", "43a6b319ac03c8d4b2a9a3504a723693e2b042a07963ae58f34642a5ade719e7"),
+    ("cityscapes", "64e69d6c4f89ed65c5b00d9f4ea0448c6777d6d22916b3d58d77a1184e5fd537"),
+    ("shapes", "e851f67d32f708ea3d8508b7136676f483c8f24a2b8b347ef898a05d67f6dd00"),
+    ("default", "7a0ee49c701c460021ce96c447da51be01957640c49f1d03a196e46735b1cc8e"),
+    ("auto", "5e792cab2b8c9e8cb8f3362272fe679de848a048b775d4b2909aed8b88db70e6"),
+])
+def test_built_in_banks_keep_the_fingerprint_their_datasets_recorded(bank, digest):
+    """Every dataset made with a built-in bank records this digest and resumes only while it holds: an edit to a
+    bank (an alias too) must be a decision to stop them resuming, not an accident. Pinned at commit 3e3d449."""
+    from diffumask.generate import _bank_fingerprint
+    from diffumask.prompts import resolve_bank
+
+    assert _bank_fingerprint(resolve_bank(bank, "tiny-sd1"), None) == digest
+
+
 def test_resume_accepts_the_same_model_folder_spelled_another_way(tmp_path, saved_pipelines, monkeypatch, capsys):
     model = Path(saved_pipelines["sd1"])
     out = tmp_path / "d"
