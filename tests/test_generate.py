@@ -502,18 +502,29 @@ def test_built_in_banks_keep_the_fingerprint_their_datasets_recorded(bank, diges
 def test_resume_accepts_the_same_model_folder_spelled_another_way(tmp_path, saved_pipelines, monkeypatch, capsys):
     model = Path(saved_pipelines["sd1"])
     out = tmp_path / "d"
-    assert run_cli(*cli_args(str(model), out, "--images-per-class", "1")) == 0
     monkeypatch.chdir(model.parent)
-    assert run_cli(*cli_args(model.name, out)) == 0  # relative this time
+    assert run_cli(*cli_args(model.name, out, "--images-per-class", "1")) == 0  # relative: recorded absolute
+    assert json.loads((out / "dataset.json").read_text())["settings"]["model"] == str(model)
+    assert run_cli(*cli_args(str(model), out)) == 0
     assert len(Dataset(out).records()) == 4
-    assert {r["model"] for r in Dataset(out).records()} == {str(model)}  # the dataset's own spelling throughout
+    assert {r["model"] for r in Dataset(out).records()} == {str(model)}  # one spelling throughout
     (tmp_path / "link").symlink_to(model)
     assert run_cli(*cli_args(str(tmp_path / "link"), out, "--images-per-class", "3")) == 0
-    other = tmp_path / "other"
+    other = tmp_path / "elsewhere" / model.name
     shutil.copytree(model, other)  # the same files, but another folder: refused as before
     capsys.readouterr()
     assert run_cli(*cli_args(str(other), out, "--images-per-class", "4")) == 2
     assert "model differ" in capsys.readouterr().err
+    # A dataset that recorded a relative path (as before this rule) resumes with that spelling, and a folder of that
+    # name elsewhere is not taken for it.
+    info = json.loads((out / "dataset.json").read_text())
+    info["settings"]["model"] = model.name
+    (out / "dataset.json").write_text(json.dumps(info))
+    monkeypatch.chdir(other.parent)
+    assert run_cli(*cli_args(str(other), out, "--images-per-class", "4")) == 2
+    assert "model differ" in capsys.readouterr().err
+    monkeypatch.chdir(model.parent)
+    assert run_cli(*cli_args(model.name, out, "--images-per-class", "4")) == 0
 
 
 def test_compose_on_shapes_gives_two_object_captions(tmp_path, capsys):

@@ -40,7 +40,7 @@ from .distributed import current_worker
 from .errors import ConfigError
 from .masks import threshold_masks
 from .masks.threshold import PAPER_THRESHOLD, check_band
-from .models import DTYPES, SCHEDULERS, load_pipeline, model_description, pipeline_name
+from .models import BUILTIN_MODELS, DTYPES, SCHEDULERS, load_pipeline, model_description, pipeline_name
 from .prompts import PromptBank, resolve_bank
 from .softmaps import SELF_ATTENTION_KEEP, pack
 from .joint_attention import TEXT_PARTS, is_flux_pipeline
@@ -427,15 +427,19 @@ def _recorded_settings(out: str | Path) -> dict[str, Any]:
 
 
 def _same_model_as_recorded(model: str, recorded: Any) -> str:
-    """The dataset's own spelling of the model when both name one folder, so ``--model ./sd15`` resumes a dataset
-    made with ``--model /data/sd15`` (or through a symlink); a hub id or another folder stays as given."""
-    if isinstance(recorded, str) and recorded != model:
-        try:
-            if Path(model).is_dir() and Path(recorded).is_dir() and os.path.samefile(model, recorded):
-                return recorded
-        except OSError:
-            pass
-    return model
+    """How the dataset records the model: a local folder as its absolute path (``./sd15`` and ``/data/sd15`` are one
+    model, and a relative path means another folder from another directory), and a folder the dataset recorded
+    absolute in that spelling (a symlink to it too). A spelling recorded before, relative or a hub id, resumes as
+    it is, and only that way."""
+    folder = Path(model).expanduser()
+    if model == recorded or model in BUILTIN_MODELS or not folder.is_dir():
+        return model
+    try:
+        if isinstance(recorded, str) and Path(recorded).is_absolute() and os.path.samefile(folder, recorded):
+            return recorded
+    except OSError:
+        pass
+    return str(folder.resolve())
 
 
 def _digest(parts: Any) -> str:
