@@ -557,6 +557,21 @@ def test_compose_templates_name_any_class(tmp_path, sd1_pipe):
     bank.write_text("templates: ['a {name}']\nslots: {scene: [here]}\ncompose: ['a {dog} {scene}']\n")
     with pytest.raises(PromptBankError, match="names fewer than two classes; write each"):
         PromptBank.load(str(bank))
+    # A second object's fill-in ({sub2}) is no class; one class spelled twice is one class; a slot that is no class of
+    # the bank or the run and no list is never drawn, and the run says so (a typo looks just like it).
+    bank.write_text("templates: ['a {name}']\nslots: {scene: [here]}\nclasses: {dog: {sub: [beagle]}}\n"
+                    "compose: ['a {sub} {dog} and a {sub2} {cat}', 'a {person} walking a {dog} {scen}']\n")
+    loaded = PromptBank.load(str(bank))
+    assert [loaded.template_classes(t) for t in loaded.compose] == [["dog", "cat"], ["person", "dog", "scen"]]
+    assert loaded.undrawable_compose(["dog", "cat", "person"]) == {loaded.compose[1]: ["scen"]}
+    with pytest.warns(UserWarning, match=r"names 'person', 'scen', neither a class of the bank or of --classes nor"):
+        ds = generate_dataset(config(tmp_path / "w", classes=["dog", "cat"], prompts=str(bank),
+                                     images_per_class=0, compose=1), pipe=sd1_pipe, progress=False)
+    prompts = {r["id"]: r["prompt"] for r in ds.records() if r["classes"] == ["dog", "cat"]}
+    assert prompts == {"dog-compose-000000": "a beagle dog and a cat", "cat-compose-000000": "a dog and a cat"}
+    bank.write_text("templates: ['a {name}']\ncompose: ['a {red panda} next to a {red_panda}']\n")
+    with pytest.raises(PromptBankError, match="names fewer than two classes"):
+        PromptBank.load(str(bank))
     # The README's bank, as written: its compose template names person, which has no entry there.
     block = README.read_text().split("**Prompt banks** are data")[1].split("```yaml")[1].split("```")[0]
     bank.write_text(block)

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -311,6 +312,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     model = _same_model_as_recorded(model, recorded.get("model"))
     config = dataclasses.replace(config, model=model)
     bank: PromptBank = resolve_bank(config.prompts, model)
+    if config.compose:
+        for template, slots in bank.undrawable_compose(config.classes).items():
+            warnings.warn(f"{bank.source}: compose template {template!r} names {', '.join(map(repr, slots))}, neither "
+                          "a class of the bank or of --classes nor a list under slots:, so it is never drawn (a typo?)")
     items = work_items(config.classes, config.images_per_class, config.seed, config.compose)
     drawn = {item.id: (bank.draw_compose(item.class_name, item.seed, config.classes) if item.compose
                        else (bank.draw(item.class_name, item.seed), [item.class_name])) for item in items}

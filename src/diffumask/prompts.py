@@ -116,13 +116,23 @@ class PromptBank:
 
     def _class_slots(self, template: str) -> list[tuple[str, str]]:
         """A compose template's slots that name classes, each with its class key, in order of appearance: the
-        bank's classes, and any slot that is not a list to draw from (slots:, a class's sub:, ...)."""
+        bank's classes, and any slot that is not a list to draw from (slots:, a class's sub:, ..., or its second
+        object's sub2: ...)."""
         return [(f, self._compose_key(f)) for f in _fields(template)
-                if self.key(f) is not None or f not in self._fillers]
+                if self.key(f) is not None or not {f, f.removesuffix("2")} & self._fillers]
 
     def template_classes(self, template: str) -> list[str]:
-        """The classes a compose template names as slots, in order of appearance."""
-        return [key for _, key in self._class_slots(template)]
+        """The classes a compose template names as slots, each once, in order of appearance."""
+        return list(dict.fromkeys(key for _, key in self._class_slots(template)))
+
+    def undrawable_compose(self, available: Sequence[str]) -> dict[str, list[str]]:
+        """Compose templates naming a slot that is neither a class of the bank nor of ``available`` (the run's
+        classes) nor a list to draw from, each with those slots: a run never draws them, and a typo ('{scen}')
+        looks just like that."""
+        run = {self._compose_key(c) for c in available}
+        found = {t: [f for f, key in self._class_slots(t) if self.key(f) is None and key not in run]
+                 for t in self.compose}
+        return {t: slots for t, slots in found.items() if slots}
 
     def entry(self, class_name: str) -> dict[str, Any]:
         key = self._aliases.get(_normalise(class_name))
