@@ -207,7 +207,7 @@ def test_every_word_after_the_call(sd1_pipe):
     # A mapping of words: `in` says whether a map can be had, without adding the word; iteration and dict() give
     # the classes (the traced ones, then those asked for); a non-word key is a TypeError that names the classes.
     fresh = tr.maps()[1]
-    assert "next" in fresh and "cat" not in fresh and 0 not in fresh and list(fresh) == []
+    assert "next" in fresh and "cat" not in fresh and 0 not in fresh and ["next"] not in fresh and list(fresh) == []
     assert "photo" not in classed.maps()[0] and list(classed.maps()[0]) == ["dog", "sofa"]
     assert dict(classed.maps()[0]).keys() == {"dog", "sofa"}
     np.testing.assert_array_equal(dict(classed.maps()[0])["dog"], classed.maps()[0]["dog"])

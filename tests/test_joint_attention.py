@@ -290,14 +290,14 @@ def test_unknown_processors_are_refused(saved_transformers):
 def test_prompt_errors_come_before_denoising(pipes):
     with pytest.raises(PromptError, match="hotdog"):
         trace(pipes["sd3"], "a sheepdog eating a hotdog", ["dog"])
-    with pytest.raises(RecorderError, match="encodes 'a cat on a mat'"):  # T5 reads prompt_3
+    with pytest.raises(RecorderError, match="encodes 'a cat on a mat' in text_encoder_3, which reads prompt_3"):
         with trace(pipes["sd3"], PROMPTS[0], ["dog"]):
             run(pipes["sd3"], [PROMPTS[0]], [0], prompt_3=["a cat on a mat"])
     with pytest.raises(RecorderError, match="different prompts"):  # CLIP reads prompt_2
         with trace(pipes["sd3"]):
             run(pipes["sd3"], [PROMPTS[0]], [0], prompt_2=["a cat on a mat"])
     # A prompt other than trace's is named as such, though SD3's CLIPs read it before its T5 (the words' source).
-    with pytest.raises(RecorderError, match="trace was given the prompt.* the pipeline encodes 'a cat on a mat' in"):
+    with pytest.raises(RecorderError, match="trace was given .* encodes 'a cat on a mat'; pass trace the prompts"):
         with trace(pipes["sd3"], PROMPTS[0], ["dog"]):
             run(pipes["sd3"], ["a cat on a mat"], [0])
 

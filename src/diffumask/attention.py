@@ -183,11 +183,13 @@ class ImageMaps:
     def __contains__(self, word: object) -> bool:
         """Whether ``maps[word]`` has a map: a traced class, or (a trace without classes) any whole word of the
         prompt. Asking does not add the word to :attr:`classes`."""
+        if not isinstance(word, str):
+            return False
         if word in self.tokens:
             return True
         try:
-            self._find(word)  # type: ignore[arg-type]
-        except (TypeError, DiffumaskError):
+            self._find(word)
+        except DiffumaskError:
             return False
         return True
 
@@ -582,20 +584,24 @@ class AttentionRecorder:
             for other in sorted(set(self._encoded) & set(self._checked_encoders()) - {source}):
                 self._check_agreement(other)
             return
-        self._check_given_prompts(tokenizer, rows)
+        self._check_given_prompts(index)
 
-    def _check_given_prompts(self, tokenizer: Any, rows: list[list[int]], encoder: str = "") -> None:
-        """An encoder's rows must be the prompts trace was given, in its own tokens."""
+    def _check_given_prompts(self, index: int) -> None:
+        """Encoder ``index``'s rows must be the prompts trace was given, in its own tokens. An encoder other than
+        the first reads its own argument (SDXL's text_encoder_2: prompt_2), so a mismatch there names it."""
+        name, _, tokenizer = self.encoders[index]
+        rows = self._encoded[index]
         expected = [prompt_ids(tokenizer, p) for p in self.given_prompts]
         if expected != rows:
             given, encoded = self.given_prompts, _shown(tokenizer, rows)
             if len(given) == len(encoded):
                 i = next(i for i, (e, r) in enumerate(zip(expected, rows)) if e != r)
                 given, encoded = given[i], encoded[i]
-            raise RecorderError(
-                f"trace was given the prompt(s) {given!r} but the pipeline encodes {encoded!r}{encoder}; pass trace "
-                "the prompts the pipeline is called with, or use trace(pipe) and ask for words after the call"
-            )
+            argument = "prompt" + name.removeprefix("text_encoder")
+            own = (f" in {name}, which reads {argument}: pass {argument} equal to the prompt or leave it out; or"
+                   if index else "; pass trace the prompts the pipeline is called with, or")
+            raise RecorderError(f"trace was given the prompt(s) {given!r} but the pipeline encodes {encoded!r}{own} "
+                                "use trace(pipe) and ask for words after the call")
 
     def _prompt_encoder(self) -> int:
         """The text encoder whose ids give the prompts' words when trace was given none."""
@@ -614,8 +620,7 @@ class AttentionRecorder:
         rows = self._encoded[index]
         if source not in self._encoded and self.given_prompts is not None:
             # Read before the source encoder (SD3's CLIPs before its T5): what it must match is what trace was given.
-            self._check_given_prompts(tokenizer, rows,
-                                      f" in {name} (prompt_2 / prompt_3, if given, must equal the prompt)")
+            self._check_given_prompts(index)
         if type(tokenizer) is type(source_tokenizer) and source in self._encoded:
             source_rows = self._encoded[source]
             same = [token_texts(source_tokenizer, r) for r in source_rows] == [token_texts(tokenizer, r) for r in rows]
