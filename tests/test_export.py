@@ -215,6 +215,16 @@ def test_hf_export_loads_with_datasets(mixed, tmp_path):
         assert json.loads(row["tokens"]) == record["tokens"]
 
 
+def test_hf_export_refuses_two_splits_it_would_name_alike(mixed, tmp_path, capsys):
+    pytest.importorskip("datasets", reason="the hf extra (pip install 'diffumask[hf]') is not installed")
+    data = tmp_path / "data"
+    shutil.copytree(mixed.root, data)
+    first = Dataset(data).split_ids("train")[0]
+    Dataset(data).update_records({first: {"split": "validation"}})  # a split of that name beside VOC's val
+    assert main(["export", str(data), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "both a 'val' and a 'validation' split" in capsys.readouterr().err
+
+
 def test_export_refuses_a_taken_folder_and_a_non_dataset(mixed, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")

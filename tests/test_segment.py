@@ -209,8 +209,13 @@ def test_a_run_records_its_items_and_refuses_to_resume_on_a_re_cut_list(shapes_d
     (lists / "kept.txt").write_text("\n".join(ids[2:18]) + "\n")  # re-cut (filter --recut) while it was stopped
     with pytest.raises(RunError, match=r"started on other items of .* split 'kept' \(16 items then, 16 now, 4 in one"):
         train(config(), progress=False)
+    (lists / "kept.txt").write_text("\n".join(reversed(ids[:16])) + "\n")
+    with pytest.raises(RunError, match=r"the same items in another order, which changes every batch"):
+        train(config(), progress=False)
     (lists / "kept.txt").write_text("\n".join(ids[:16]) + "\n")
+    (tmp_path / "run" / "items.json").unlink()  # as a run started before items.json: what it saw is unknown
     assert train(config(), progress=False).model_dir.is_dir()
+    assert RunFolder(tmp_path / "run").trained_ids() is None
 
 
 @pytest.mark.parametrize("preset", ["r50", "swin-b"])

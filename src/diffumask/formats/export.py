@@ -342,6 +342,9 @@ def _export_hf(dataset: Dataset, records: Sequence[dict[str, Any]], out: Path) -
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image(),
                                   **{name: value[kind] for name, kind in kinds.items()}})
     split_names = list(dict.fromkeys(r.get("split", "train") for r in records))
+    if {"val", "validation"} <= set(split_names):
+        raise ExportError("the items hold both a 'val' and a 'validation' split, and Hugging Face's 'validation' can "
+                          "only be one of them; rename one of them")
     cache = Path(tempfile.mkdtemp(prefix=f".{out.name}.cache.", dir=out.parent))  # Arrow files, not memory
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one bar per split and shard says nothing to an export's user

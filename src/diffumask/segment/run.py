@@ -97,13 +97,17 @@ class RunFolder:
         for old, new in zip(before, items):
             if old["ids"] != new["ids"]:
                 differ = len(set(old["ids"]) ^ set(new["ids"]))
+                what = (f"{len(old['ids'])} items then, {len(new['ids'])} now, {differ} in one only: the list was "
+                        "re-cut or extended" if differ or len(old["ids"]) != len(new["ids"]) else
+                        "the same items in another order, which changes every batch")
                 raise RunError(f"{root} was started on other items of {new['data']} split {new['split']!r} "
-                               f"({len(old['ids'])} items then, {len(new['ids'])} now, {differ} in one only: the "
-                               "list was re-cut or extended); restore it to resume, or choose another --out")
+                               f"({what}); restore it to resume, or choose another --out")
 
     def record_items(self, items: list[dict[str, Any]]) -> None:
-        """Write items.json once, when the run starts (:meth:`check_items` has compared an existing one)."""
-        if not (self.root / ITEMS).is_file():
+        """Write items.json when the run starts (:meth:`check_items` has compared an existing one); a run started
+        before items.json existed gets none, since what it trained on before is unknown."""
+        started = self.checkpoint_path.is_file() or self.model_dir.is_dir()
+        if not started and not (self.root / ITEMS).is_file():
             write_text_atomic(self.root / ITEMS, json.dumps({"items": items}) + "\n")
 
     def trained_ids(self) -> list[list[str]] | None:
