@@ -203,6 +203,12 @@ def read_index_png(path: Path) -> np.ndarray:
         return np.array(image)
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """A setting as an error message shows it."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A label map resized to ``size`` (w, h) by the nearest source pixel to each pixel's centre, as images are
     resized (cv2's INTER_NEAREST_EXACT). Plain INTER_NEAREST, what mmseg and torch's ``nearest`` do, samples
@@ -301,12 +307,15 @@ class Dataset:
                     "choose another output folder"
                 )
             if existing != info:
-                changed = sorted(
-                    k for k in set(existing["settings"]) | set(info["settings"])
-                    if existing["settings"].get(k) != info["settings"].get(k)
-                ) or [k for k in info if existing.get(k) != info[k]]
+                old, new = existing["settings"], info["settings"]
+                changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                if not changed:
+                    old, new = existing, info
+                    changed = [k for k in info if existing.get(k) != info[k]]
+                shown = "; ".join(f"{k} differ: {_short(old.get(k))} in the dataset, {_short(new.get(k))} now"
+                                  for k in changed)
                 raise DatasetMismatch(
-                    f"{root} holds a dataset made with other settings ({', '.join(changed)} differ); "
+                    f"{root} holds a dataset made with other settings ({shown}); "
                     "re-run with the same settings to resume, or choose another output folder"
                 )
             return cls(root, worker)
