@@ -340,6 +340,10 @@ def test_pool_workers_leave_an_interrupt_to_the_parent():
 
     from diffumask.workers import cpu_pool
 
-    with cpu_pool(2) as pool:
-        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts ignoring it
+    try:
+        with cpu_pool(2) as pool:
+            assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's own stays
+    finally:
+        signal.signal(signal.SIGINT, previous)
