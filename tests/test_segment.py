@@ -216,6 +216,13 @@ def test_a_run_records_its_items_and_refuses_to_resume_on_a_re_cut_list(shapes_d
     (tmp_path / "run" / "items.json").unlink()  # as a run started before items.json: what it saw is unknown
     assert train(config(), progress=False).model_dir.is_dir()
     assert RunFolder(tmp_path / "run").trained_ids() is None
+    # Killed before its first checkpoint, a run holds nothing its items made: it starts afresh on a re-cut list.
+    fresh = dataclasses.replace(config(), out=str(tmp_path / "fresh"), save_every=10)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh, progress=False, on_step=_kill_at(3))
+    (lists / "kept.txt").write_text("\n".join(ids[2:18]) + "\n")
+    assert train(fresh, progress=False).model_dir.is_dir()
+    assert RunFolder(tmp_path / "fresh").trained_ids() == [ids[2:18]]
 
 
 @pytest.mark.parametrize("preset", ["r50", "swin-b"])

@@ -59,6 +59,11 @@ def _differences(old: Any, new: Any, key: str = "") -> list[str]:
     return [f"{key} differs: {json.dumps(old)} in the run, {json.dumps(new)} now"]
 
 
+def _has_trained(root: Path) -> bool:
+    """Whether a run folder holds training state (a checkpoint or a finished model) that its items produced."""
+    return (root / CHECKPOINT).is_file() or (root / "model").is_dir()
+
+
 class RunFolder:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
@@ -89,9 +94,10 @@ class RunFolder:
     @staticmethod
     def check_items(root: str | os.PathLike[str], items: list[dict[str, Any]]) -> None:
         """Refuse to resume a run on other items than it started on (a split list re-cut by filter, items added):
-        the settings name the split, not what it holds. Runs made before items.json resume unchecked."""
+        the settings name the split, not what it holds. A run with no checkpoint yet starts afresh on today's items;
+        runs made before items.json resume unchecked."""
         path = Path(root) / ITEMS
-        if not path.is_file():
+        if not path.is_file() or not _has_trained(Path(root)):
             return
         before = json.loads(path.read_text())["items"]
         for old, new in zip(before, items):
@@ -104,10 +110,9 @@ class RunFolder:
                                f"({what}); restore it to resume, or choose another --out")
 
     def record_items(self, items: list[dict[str, Any]]) -> None:
-        """Write items.json when the run starts (:meth:`check_items` has compared an existing one); a run started
-        before items.json existed gets none, since what it trained on before is unknown."""
-        started = self.checkpoint_path.is_file() or self.model_dir.is_dir()
-        if not started and not (self.root / ITEMS).is_file():
+        """Write items.json while the run holds no training state (:meth:`check_items` compared it after); a run
+        started before items.json existed gets none, since what it trained on is unknown."""
+        if not _has_trained(self.root):
             write_text_atomic(self.root / ITEMS, json.dumps({"items": items}) + "\n")
 
     def trained_ids(self) -> list[list[str]] | None:
