@@ -619,8 +619,10 @@ class AttentionRecorder:
         source_name, _, source_tokenizer = self.encoders[source]
         rows = self._encoded[index]
         if source not in self._encoded and self.given_prompts is not None:
-            # Read before the source encoder (SD3's CLIPs before its T5): what it must match is what trace was given.
+            # Read before the source encoder (SD3's CLIPs before its T5): what it must match is what trace was given
+            # (the check below would compare the same ids again).
             self._check_given_prompts(index)
+            return
         if type(tokenizer) is type(source_tokenizer) and source in self._encoded:
             source_rows = self._encoded[source]
             same = [token_texts(source_tokenizer, r) for r in source_rows] == [token_texts(tokenizer, r) for r in rows]
@@ -927,8 +929,9 @@ def check_pipeline(pipe: Any, what: str = "trace") -> None:
     if isinstance(pipe, (str, os.PathLike)):
         raise ConfigError(f"{what} takes a loaded pipeline, not the name {str(pipe)!r}: "
                           f"pipe = diffumask.models.load_pipeline({str(pipe)!r})")
-    denoiser = getattr(pipe, "unet", None) if getattr(pipe, "unet", None) is not None else getattr(pipe, "transformer", None)
-    if denoiser is None or not hasattr(pipe, "components") or "prompt" not in inspect.signature(pipe.__call__).parameters:
+    has_denoiser = getattr(pipe, "unet", None) is not None or getattr(pipe, "transformer", None) is not None
+    reads_prompt = callable(pipe) and "prompt" in inspect.signature(pipe.__call__).parameters
+    if not has_denoiser or not hasattr(pipe, "components") or not reads_prompt:
         raise ConfigError(f"{what} takes a diffusers text-to-image pipeline (a UNet or transformer that reads a "
                           f"prompt), got {type(pipe).__name__}; load one with diffumask.models.load_pipeline(...)")
 

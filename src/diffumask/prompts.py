@@ -76,10 +76,10 @@ class PromptBank:
             if "name" not in _fields(template):
                 raise PromptBankError(f"{self.source}: template {template!r} has no {{name}} slot, "
                                       "so the class word would be missing from the prompt")
-        defined = {"name", "name2", *self.slots, *(key for e in self.classes.values() for key in e)}
-        self._fillers = defined  # what a compose template's slot may be besides a class
+        # The slots filled from lists (or the class words): anything else in a compose template names a class.
+        self._fillers = {"name", "name2", *self.slots, *(key for e in self.classes.values() for key in e)}
         for template in self.templates + self.pairs + [t for e in self.classes.values() for t in e.get("templates", [])]:
-            if unknown := [f for f in _fields(template) if f not in defined and f.removesuffix("2") not in defined]:
+            if unknown := [f for f in _fields(template) if not {f, f.removesuffix("2")} & self._fillers]:
                 raise PromptBankError(f"{self.source}: template {template!r} has a slot {{{unknown[0]}}} that neither "
                                       "the bank's slots nor any class defines (a typo?); define it under slots:")
         for template in self.pairs:

@@ -349,12 +349,13 @@ def _export_hf(dataset: Dataset, records: Sequence[dict[str, Any]], out: Path) -
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one bar per split and shard says nothing to an export's user
     try:
-        splits = {HF_SPLITS.get(split, split): datasets.Dataset.from_generator(
-            _hf_rows, features=features, cache_dir=str(cache), split=datasets.Split(HF_SPLITS.get(split, split)),
+        splits = {HF_SPLITS.get(split, split): split for split in split_names}
+        datasets.DatasetDict({name: datasets.Dataset.from_generator(
+            _hf_rows, features=features, cache_dir=str(cache), split=datasets.Split(name),
             gen_kwargs={"root": str(dataset.root), "records": [r for r in records if r.get("split", "train") == split],
-                        "kinds": kinds}) for split in split_names}
-        datasets.DatasetDict(splits).save_to_disk(str(out))
-        write_text_atomic(out / "id2label.json", json.dumps(dict(enumerate(read_label_map(dataset.root))), indent=1) + "\n")
+                        "kinds": kinds}) for name, split in splits.items()}).save_to_disk(str(out))
+        id2label = dict(enumerate(read_label_map(dataset.root)))
+        write_text_atomic(out / "id2label.json", json.dumps(id2label, indent=1) + "\n")
     finally:
         if bars:
             datasets.enable_progress_bars()

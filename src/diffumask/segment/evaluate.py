@@ -190,7 +190,8 @@ def evaluate_run(run_dir: str | Path, data: str, split: str = "test", unseen: It
                  progress: bool = True, json_path: str | Path | None = None) -> Evaluation:
     """Predict every image of ``split`` with the run and score it; optionally write the result as JSON."""
     if json_path is not None and Path(json_path).is_dir():
-        raise ConfigError(f"--json {json_path} is a folder; name the JSON file to write (e.g. {Path(json_path) / 'eval.json'})")
+        raise ConfigError(f"--json {json_path} is a folder; name the JSON file to write "
+                          f"(e.g. {Path(json_path) / 'eval.json'})")
     run = RunFolder(run_dir)
     source = open_source(data)
     scorer = Scorer(run.classes, source.label_names, protocol, unseen)
