@@ -67,6 +67,16 @@ def _torn_manifest(root: Path) -> None:
         f.write('{"id": "item_0006", "spl')
 
 
+def _torn_mid_character(root: Path) -> None:
+    with open(root / "manifest.jsonl", "ab") as f:
+        f.write('{"id": "é'.encode()[:-1])
+
+
+def _bad_shard_line(root: Path) -> None:
+    """A shard with a line that is no record before its last one: every run that reads the dataset stops on it."""
+    (root / "manifest.1.jsonl").write_text('{"id": "item_0099"\n{"id": "item_0098"}\n')
+
+
 def _duplicate_line(root: Path) -> None:
     lines = (root / "manifest.jsonl").read_text().splitlines(keepends=True)
     (root / "manifest.jsonl").write_text("".join(lines + lines[:1]))
@@ -106,6 +116,12 @@ BREAKS = {
         "the dataset was stopped: re-run it to finish)"]),
     "torn manifest": (_torn_manifest,
                       ["manifest.jsonl:7: torn last line (a killed write); the next run will drop it"]),
+    "torn mid-character": (_torn_mid_character,
+                           ["manifest.jsonl:7: torn last line (a killed write); the next run will drop it"]),
+    "bad shard line": (_bad_shard_line, [
+        "manifest.1.jsonl:1: not a JSON object with an 'id'",
+        "manifest.1.jsonl: manifest shard not merged into manifest.jsonl (a sharded run stopped before its end: "
+        "re-run the same command, with any number of workers, to finish)"]),
     "duplicate": (_duplicate_line, ["item_0000: listed twice in manifest.jsonl (a refine was interrupted: re-run it to finish)"]),
     "leftovers": (_leftovers, [
         "SegmentationClass/.item_0004.png.ab12cd.tmp: temporary file of an interrupted write; delete it",
@@ -114,6 +130,7 @@ BREAKS = {
         "JPEGImages/item_0098.png: belongs to no manifest item (an unfinished item: re-run the command that "
         "made the dataset, or delete it)"]),
     "shards only": (_shards_only, [
+        "manifest.0.jsonl:7: torn last line (a killed write); the next run will drop it",
         "manifest.0.jsonl: manifest shard not merged into manifest.jsonl (a sharded run stopped before its end: "
         "re-run the same command, with any number of workers, to finish)",
         "manifest.orig.jsonl: not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never merged; move it "

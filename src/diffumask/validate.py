@@ -58,27 +58,11 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _shard_ids(dataset: Dataset) -> set[str]:
-    """Ids in unmerged per-rank manifest shards: finished items of a sharded run that was stopped."""
-    ids = set()
-    for path in dataset.shard_paths():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a torn last line
-            if isinstance(record, dict) and isinstance(record.get("id"), str):
-                ids.add(record["id"])
-    return ids
-
-
-def _records(dataset: Dataset, sharded: bool) -> Iterator[Problem | dict]:
-    """Manifest lines as records, or problems for lines that are not (without repairing anything)."""
-    if not dataset.manifest_path.is_file():
-        if not sharded:  # else the shards' own problem says what happened
-            yield Problem("manifest.jsonl", "missing: the dataset has no finished item")
-        return
-    lines = dataset.manifest_path.read_text(encoding="utf-8").splitlines(keepends=True)
+def _entries(path: Path) -> Iterator[Problem | dict]:
+    """A manifest file's lines as records, or problems for lines that are not (without repairing anything):
+    a torn last line is what a killed write leaves, and the next run drops it; any other bad line stops every run."""
+    # errors="replace": a line torn inside a multi-byte character is still only a torn line
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     for number, line in enumerate(lines, start=1):
         try:
             if not line.endswith("\n"):
@@ -88,7 +72,7 @@ def _records(dataset: Dataset, sharded: bool) -> Iterator[Problem | dict]:
                 raise ValueError
         except ValueError:
             torn = number == len(lines) and not line.endswith("\n")
-            yield Problem(f"manifest.jsonl:{number}", "torn last line (a killed write); the next run will drop it"
+            yield Problem(f"{path.name}:{number}", "torn last line (a killed write); the next run will drop it"
                           if torn else "not a JSON object with an 'id'")
             continue
         yield record
@@ -166,8 +150,16 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
     soft_maps = (root / "SoftMaps").is_dir() and any((root / "SoftMaps").iterdir())
     records = []
     seen: set[str] = set()
-    in_shards = _shard_ids(dataset)
-    for entry in _records(dataset, bool(in_shards)):
+    in_shards: set[str] = set()  # finished items of a sharded run that was stopped, in its unmerged shards
+    for path in dataset.shard_paths():
+        for entry in _entries(path):
+            if isinstance(entry, Problem):
+                problems.append(entry)
+            else:
+                in_shards.add(entry["id"])
+    if not dataset.manifest_path.is_file() and not in_shards:  # else the shards' own problem says what happened
+        problems.append(Problem("manifest.jsonl", "missing: the dataset has no finished item"))
+    for entry in _entries(dataset.manifest_path) if dataset.manifest_path.is_file() else ():
         if isinstance(entry, Problem):
             problems.append(entry)
             continue
