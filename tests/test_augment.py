@@ -252,6 +252,8 @@ def test_an_augmentation_from_before_copy_paste_resumes(tmp_path):
     assert len(augment_dataset(source.root, tmp_path / "out", config, progress=False).records()) == 4
     with pytest.raises(DiffumaskError, match="other settings"):  # copy-paste is a change of settings
         augment_dataset(source.root, tmp_path / "out", replace(config, paste=0.5), progress=False)
+    with pytest.raises(DiffumaskError, match=r"other settings \(augment\.seed differs: 1 in the dataset, 2 now\)"):
+        augment_dataset(source.root, tmp_path / "out", replace(config, seed=2), progress=False)  # named, not cut off
 
 
 def test_bad_input_is_one_sentence(tmp_path, capsys):
@@ -267,6 +269,20 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
     assert main(["augment", str(source.root), "--out", str(tmp_path / "cli"), "--grids", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--grids" in err[0]
+    whole = make_dataset(tmp_path / "whole", n=2, size=32)
+    generated = Dataset.create(tmp_path / "generated", whole.classes, {"model": "shapes", "seed": 0}, image_format="png")
+    generated.write_item("item_0000", whole.read_image("item_0000"), {"classes": []},
+                         mask=whole.read_mask("item_0000"))
+    generated.finalize()
+    for out, expected in ((whole.root, "is the dataset being augmented"),
+                          (tmp_path / "." / "whole", "is the dataset being augmented"),
+                          (generated.root, "holds a dataset another command made")):
+        assert main(["augment", str(whole.root), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    with pytest.raises(DiffumaskError, match=r"\(a differs: null in the dataset, 1 now; b .*; d differs: null in the "
+                                             r"dataset, 4 now; and 2 more\)"):  # the first four of six, by name
+        Dataset.create(generated.root, whole.classes, {"model": "other", "seed": 1, "a": 1, "b": 2, "c": 3, "d": 4})
 
 
 def test_cli_writes_an_augmented_dataset(tmp_path, capsys):
@@ -287,7 +303,7 @@ def test_cli_writes_an_augmented_dataset(tmp_path, capsys):
     (source.root / "ImageSets" / "Segmentation" / "filtered.txt").write_text(f"{kept[0]}\n")  # cut again
     again = ["augment", str(source.root), "--out", str(tmp_path / "kept"), "--split", "filtered", "--items", "4",
              "--grids", "1,2", "--quiet"]
-    assert main(again) == 2 and "source_ids differ" in capsys.readouterr().err  # a re-cut list is not resumed into
+    assert main(again) == 2 and "source_ids differs" in capsys.readouterr().err  # a re-cut list is not resumed into
     (source.root / "ImageSets" / "Segmentation" / "filtered.txt").write_text("ghost\n")
     assert main(again) == 2 and "lists 1 item(s) the manifest lacks (e.g. ghost)" in capsys.readouterr().err
 

@@ -210,7 +210,7 @@ def test_bad_input_fails_cleanly(tmp_path, saved_pipelines, capsys):
     code = run_cli(*cli_args(model, out, "--prompts", "voc", "--guidance", "3"))
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "other settings (guidance differ: null in the dataset, 3.0 now)" in err
+    assert "other settings (guidance differs: null in the dataset, 3.0 now)" in err
     # Made recording the self-attention at every step, as datasets were before the option: the key is absent,
     # so such a dataset resumes with --self-attention-every 1, and the new default is refused by name.
     older = tmp_path / "older"
@@ -515,7 +515,7 @@ def test_resume_accepts_the_same_model_folder_spelled_another_way(tmp_path, save
     shutil.copytree(model, other)  # the same files, but another folder: refused as before
     capsys.readouterr()
     assert run_cli(*cli_args(str(other), out, "--images-per-class", "4")) == 2
-    assert f'model differ: "{model}" in the dataset, "{other}" now' in capsys.readouterr().err
+    assert f'model differs: "{model}" in the dataset, "{other}" now' in capsys.readouterr().err
     # A dataset that recorded a relative path (as before this rule) resumes with that spelling, and a folder of that
     # name elsewhere is not taken for it.
     info = json.loads((out / "dataset.json").read_text())

@@ -269,6 +269,9 @@ def compose(rng: np.random.Generator, ids: Sequence[str], read: Callable[[str], 
 def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, progress: bool = True) -> Dataset:
     """Run ``augment`` (see the module docstring): finished items are skipped on a re-run."""
     dataset = Dataset(source)
+    if Path(out).resolve() == dataset.root.resolve():
+        raise ConfigError(f"--out {out} is the dataset being augmented; augment writes a new dataset folder beside it "
+                          f"(e.g. --out {dataset.root}-aug), and train reads both")
     listed = set(dataset.split_ids(config.split))  # ImageSets' list, as train reads it: `--split filtered` too
     everything = dataset.records()
     records = [r for r in everything if (r["id"] in listed if listed else r.get("split", "train") == config.split)]

@@ -478,8 +478,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         "of the run's classes keep them, all others are background, and their classes are not added "
                         "(a one-class run, e.g. dog, learns from cat images that a cat is not a dog); their train "
                         "split is read (default: none)")
+    clipping = ", ".join(f"{name} {f'{norm:g}' if (norm := preset.schedule.max_grad_norm) else 'none'}"
+                         for name, preset in PRESETS.items())
     p.add_argument("--max-grad-norm", type=float, help="clip the whole model's gradient to this L2 norm; 0: no "
-                   "clipping (default: the preset's: Mask2Former's 0.01 for r50 and swin-b, none for the tiny ones)")
+                   f"clipping (default: the preset's: {clipping}; Mask2Former's is 0.01)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation (default: 0)")
     p.add_argument("--device", help="cpu, cuda or mps (default: cuda if available)")

@@ -48,7 +48,7 @@ from PIL import Image
 
 from . import softmaps
 from .distributed import Worker, current_worker
-from .errors import ConfigError, DiffumaskError, UnreadableFile
+from .errors import ConfigError, DiffumaskError, UnreadableFile, setting_differences
 
 IGNORE_INDEX = 255
 OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC's layout): 0 none, 255 void
@@ -203,12 +203,6 @@ def read_index_png(path: Path) -> np.ndarray:
         return np.array(image)
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    """A setting as an error message shows it."""
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A label map resized to ``size`` (w, h) where its image lands: by the nearest source pixel to each pixel's
     centre (cv2's INTER_NEAREST_EXACT), and, shrunk by a whole factor (a 2×2 mosaic's tiles), by the label most of
@@ -322,13 +316,13 @@ class Dataset:
                     "choose another output folder"
                 )
             if existing != info:
-                old, new = existing["settings"], info["settings"]
-                changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-                if not changed:
-                    old, new = existing, info
-                    changed = [k for k in info if existing.get(k) != info[k]]
-                shown = "; ".join(f"{k} differ: {_short(old.get(k))} in the dataset, {_short(new.get(k))} now"
-                                  for k in changed)
+                old_keys, new_keys = set(existing["settings"]), set(info["settings"])
+                if old_keys and new_keys and not old_keys & new_keys:
+                    raise DatasetMismatch(f"{root} holds a dataset another command made (its settings share none "
+                                          "with these); choose another output folder")
+                changed = setting_differences(existing["settings"], info["settings"], "dataset")
+                changed = changed or setting_differences(existing, info, "dataset")  # the image format
+                shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
                 raise DatasetMismatch(
                     f"{root} holds a dataset made with other settings ({shown}); "
                     "re-run with the same settings to resume, or choose another output folder"

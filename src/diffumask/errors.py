@@ -1,5 +1,9 @@
 """The base of every error a user can fix: the command line prints its message, no traceback."""
 
+import json
+from collections.abc import Callable
+from typing import Any
+
 
 class DiffumaskError(Exception):
     """Bad input or an unusable model/folder; the message names the problem and the fix."""
@@ -25,3 +29,22 @@ def one_line(error: BaseException) -> str:
         if found:
             return message.strip()
     return text.rstrip().splitlines()[-1]
+
+
+def setting_differences(old: Any, new: Any, holder: str, key: str = "",
+                        normalise: Callable[[str, Any], Any] = lambda key, value: value) -> list[str]:
+    """Each setting that differs between a folder's recorded settings and a re-run's, by its dotted path with both
+    values (``augment.seed differs: 0 in the dataset, 1 now``), so a user sees what to pass to resume, not a whole
+    block of settings cut off before the value that differs. ``normalise(key, value)`` is what is compared."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for name in sorted(set(old) | set(new))
+                for change in setting_differences(old.get(name), new.get(name), holder,
+                                                  f"{key}.{name}" if key else name, normalise)]
+    if normalise(key, old) == normalise(key, new):
+        return []
+    return [f"{key} differs: {_shown(old)} in the {holder}, {_shown(new)} now"]
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..dataset import atomic_write, plain_modes, read_label_map, write_label_map, write_text_atomic
-from ..errors import DiffumaskError
+from ..errors import DiffumaskError, setting_differences
 from ..formats.readers import FORMATS
 from .model import Segmenter, build_segmenter, load_segmenter
 from .presets import Preset, Schedule
@@ -48,17 +48,6 @@ def _located(key: str, value: Any) -> Any:
     return located
 
 
-def _differences(old: Any, new: Any, key: str = "") -> list[str]:
-    """Each setting that differs between a run and a re-run, by its dotted path with both values, so a user
-    sees what to pass to resume (``preset.schedule.crop differs: 64 in the run, 80 now``), not just ``preset``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [change for name in sorted(set(old) | set(new))
-                for change in _differences(old.get(name), new.get(name), f"{key}.{name}" if key else name)]
-    if _located(key, old) == _located(key, new):
-        return []
-    return [f"{key} differs: {json.dumps(old)} in the run, {json.dumps(new)} now"]
-
-
 def _has_trained(root: Path) -> bool:
     """Whether a run folder holds training state (a checkpoint or a finished model) that its items produced."""
     return (root / CHECKPOINT).is_file() or (root / "model").is_dir()
@@ -80,7 +69,7 @@ class RunFolder:
         settings = json.loads(json.dumps(dict(settings)))  # tuples → lists, so the comparison is exact
         if (root / "settings.json").is_file():
             run = cls(root)
-            changed = _differences(run.settings, settings)
+            changed = setting_differences(run.settings, settings, "run", normalise=_located)
             if changed:
                 raise RunError(f"{root} holds a run started with other settings ({'; '.join(changed)}); give "
                                "options that match them to resume it (a preset's defaults may have changed), "
