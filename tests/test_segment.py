@@ -423,6 +423,14 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "run"), str(shapes_data), "--out", str(tmp_path / "pred"), "--quiet"]) == 0
     (tmp_path / "pred" / "val" / "city").mkdir(parents=True)  # ids with folders (Cityscapes'): a re-run resumes
     assert main(["predict", str(tmp_path / "run"), str(shapes_data), "--out", str(tmp_path / "pred"), "--quiet"]) == 0
+    assert main(["train", str(shapes_data), "--out", str(tmp_path / "run2"), "--steps", "1", "--batch-size", "2",
+                 "--crop", "32", "--workers", "0", "--seed", "1", "--quiet"]) == 0
+    capsys.readouterr()  # another run of the same classes into the same --out: nothing would be predicted
+    assert f"holds predictions of another run ({tmp_path / 'run'})" in _cli_error(
+        ["predict", str(tmp_path / "run2"), str(shapes_data), "--out", str(tmp_path / "pred"), "--quiet"], capsys)
+    shutil.copy(tmp_path / "run2" / "model" / "model.safetensors", tmp_path / "run" / "model" / "model.safetensors")
+    assert "holds predictions of this run as it was before (it trained on since)" in _cli_error(
+        ["predict", str(tmp_path / "run"), str(shapes_data), "--out", str(tmp_path / "pred"), "--quiet"], capsys)
     (tmp_path / "pred" / "classes.json").write_text((tmp_path / "run" / "classes.json").read_text()
                                                    .replace("circle", "dog"))
     assert "predictions of other classes" in _cli_error(["predict", str(tmp_path / "run"), str(shapes_data), "--out",

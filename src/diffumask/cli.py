@@ -619,7 +619,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="write a trained run's label maps for a split as palette PNGs",
                        description="Predict every image of DATA's --split with RUN and write OUT/<id>.png (palette "
                                    "PNGs, indices as in RUN/classes.json, copied to OUT). Finished images are "
-                                   "skipped on a re-run.")
+                                   "skipped on a re-run; OUT/predicted_by.json names the weights that made them, "
+                                   "and another run (or this one trained on since) is refused there.")
     _add_run_and_data(p)
     p.add_argument("--out", required=True, help="folder for the predictions")
     p.set_defaults(run=_run_predict)

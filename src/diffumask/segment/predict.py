@@ -7,6 +7,7 @@ class indices (``RUN/classes.json``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..dataset import read_label_map, write_label_map, write_palette_png
+from ..dataset import read_label_map, write_label_map, write_palette_png, write_text_atomic
 from ..errors import ConfigError
 from ..formats import LabelledSource, open_source
 from ..models import check_device
@@ -67,6 +68,7 @@ def iter_predictions(run: RunFolder, source: LabelledSource, split: str, device:
     bar.close()
 
 
+PREDICTED_BY = "predicted_by.json"  # in a predictions folder: the run and the weights that made its predictions
 NOT_PREDICTIONS = ("dataset.json", "manifest.jsonl", "JPEGImages", "ImageSets", "settings.json", "checkpoint.pt")
 
 
@@ -89,6 +91,16 @@ def predict_folder(run_dir: str | Path, data: str, out: str | Path, split: str =
                               "choose another --out")
     else:
         write_label_map(out, run.classes)
+    made_by = {"run": str(run.root.resolve()), "weights_sha256": run.weights_sha256()}
+    if (out / PREDICTED_BY).is_file():  # folders from before it was written resume unchecked
+        earlier = json.loads((out / PREDICTED_BY).read_text())
+        if earlier["weights_sha256"] != made_by["weights_sha256"]:
+            which = ("this run as it was before (it trained on since)" if earlier["run"] == made_by["run"]
+                     else f"another run ({earlier['run']})")
+            raise ConfigError(f"{out} holds predictions of {which}, which a re-run would keep beside these; "
+                              "choose another --out, or delete it to predict again")
+    else:
+        write_text_atomic(out / PREDICTED_BY, json.dumps(made_by, indent=1) + "\n")
     for item_id, prediction, _ in iter_predictions(run, source, split, device, batch_size, progress, ids=todo):
         write_palette_png(out / f"{item_id}.png", prediction)
     return out

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -182,6 +183,19 @@ class RunFolder:
         segmenter = build_segmenter(self.preset, self.classes)
         segmenter.model.load_state_dict(state["model"])
         return segmenter
+
+    def weights_sha256(self) -> str:
+        """A digest of the weights ``load_segmenter`` reads (the finished model's files, else the checkpoint): what a
+        predictions folder records, so that predictions of another run, or of an earlier state of this one, are
+        never mixed into it. Empty while the run has neither."""
+        paths = sorted(self.model_dir.iterdir()) if self.model_dir.is_dir() else [self.checkpoint_path]
+        digest = hashlib.sha256()
+        for path in (p for p in paths if p.is_file()):
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as file:
+                while chunk := file.read(1 << 24):
+                    digest.update(chunk)
+        return digest.hexdigest() if any(p.is_file() for p in paths) else ""
 
     # ----------------------------------------------------------------- log
     def log_entries(self) -> list[dict[str, Any]]:
