@@ -394,9 +394,13 @@ def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
 def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
     from diffumask.dataset import Dataset
 
-    Dataset.create(tmp_path / "empty", ["circle"], {"source": "test"})
+    empty = Dataset.create(tmp_path / "empty", ["circle"], {"source": "test"})
     assert "holds no items yet" in _cli_error(["train", str(tmp_path / "empty"), "--out",
                                                                  str(tmp_path / "r1"), "--quiet"], capsys)
+    empty.write_item("item_0000", np.zeros((8, 8, 3), np.uint8), {"classes": []}, mask=np.zeros((8, 8), np.uint8))
+    assert ("holds 1 finished items but no split lists yet (ImageSets/Segmentation): the command that made it stopped "
+            "before its end; re-run it to finish") in _cli_error(  # a killed generate: not "no items"
+        ["train", str(tmp_path / "empty"), "--out", str(tmp_path / "r1"), "--quiet"], capsys)
     assert "no split 'val'" in _cli_error(["train", str(shapes_data), "--split", "val", "--out", str(tmp_path / "r2"),
                                            "--quiet"], capsys)
     if not torch.cuda.is_available():
