@@ -132,20 +132,29 @@ def test_scores_belong_to_the_masks_they_were_scored_on(tmp_path):
     folds are refused, and refine drops the scores of the items it rewrites."""
     dataset = make_dataset(tmp_path / "data", n=9, size=32, splits=("train",))
     filter_dataset(config(dataset.root), progress=False)
-    filter_dataset(config(dataset.root), progress=False, recut=True)
-    record = Dataset(dataset.root).records()[0]
+    kept = filter_dataset(config(dataset.root), progress=False, recut=True).kept
+    (dataset.root / "ImageSets" / "Segmentation" / "mine.txt").write_text(f"{kept[0]}\n")  # a list of the user's
+    record = next(r for r in Dataset(dataset.root).records() if r["id"] == kept[0])
     mask = dataset.read_mask(record["id"])
     dataset.rewrite_mask(record, np.where(mask == 0, 1, 0).astype(np.uint8))
     with pytest.raises(DiffumaskError, match=f"new mask since they were scored \\(e.g. {record['id']}\\)"):
         filter_dataset(config(dataset.root), progress=False, recut=True)
     with pytest.raises(DiffumaskError, match="masks of .* changed since the folds"):
         filter_dataset(config(dataset.root), progress=False)
+    stale = rf"filtered.txt of .* was cut by `diffumask filter` on masks that {{}} of its items no longer have \(e.g. "
+    with pytest.raises(DiffumaskError, match=stale.format(1) + record["id"]):  # what train, augment, export read
+        Dataset(dataset.root).split_ids("filtered")
+    assert Dataset(dataset.root).split_ids("mine") == [kept[0]]  # not filter's: read as it is
     refine_dataset(dataset.root, RefineConfig(method="threshold"), progress=False)
     assert not any("noise" in r for r in Dataset(dataset.root).records())
     with pytest.raises(DiffumaskError, match="masks may be new since filter ran .*: delete .*noise and run filter"):
         filter_dataset(config(dataset.root), progress=False, recut=True)
+    assert main(["train", str(dataset.root), "--split", "filtered", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    with pytest.raises(DiffumaskError, match=stale.format(len(kept))):
+        Dataset(dataset.root).split_ids("filtered")
     shutil.rmtree(dataset.root / "noise")
     assert filter_dataset(config(dataset.root), progress=False).trained_folds == 3
+    assert Dataset(dataset.root).split_ids("filtered")  # cut on today's masks
 
 
 def test_bad_input_is_one_sentence(tmp_path, capsys):

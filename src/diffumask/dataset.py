@@ -203,6 +203,18 @@ def read_index_png(path: Path) -> np.ndarray:
         return np.array(image)
 
 
+FILTER_CUTS = Path("noise") / "cuts.json"  # the lists `diffumask filter` wrote: {name: the split it ranked}
+
+
+def _scored_on_its_mask(record: Mapping[str, Any]) -> bool:
+    """Whether an item's noise score belongs to its mask: refine drops the score of a mask it replaces, and a
+    mask rewritten otherwise records a digest the score's no longer matches (a mask never rewritten has none)."""
+    noise = record.get("noise") or {}
+    if "score" not in noise:
+        return False
+    return "mask" not in noise or "mask_sha256" not in record or record["mask_sha256"][:16] == noise["mask"]
+
+
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A label map resized to ``size`` (w, h) where its image lands: by the nearest source pixel to each pixel's
     centre (cv2's INTER_NEAREST_EXACT), and, shrunk by a whole factor (a 2×2 mosaic's tiles), by the label most of
@@ -654,7 +666,20 @@ class Dataset:
 
     def split_ids(self, split: str = "train") -> list[str]:
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        return path.read_text().split() if path.is_file() else []
+        ids = path.read_text().split() if path.is_file() else []
+        if ids and (self.root / FILTER_CUTS).is_file() and split in json.loads((self.root / FILTER_CUTS).read_text()):
+            self._check_cut(split, set(ids))
+        return ids
+
+    def _check_cut(self, split: str, listed: set[str]) -> None:
+        """Refuse a list ``diffumask filter`` cut once masks it was ranked on were replaced (refine drops the
+        items' scores; a mask rewritten otherwise no longer matches the digest scored): that ranking says nothing
+        about the new masks, and training on it silently would keep an arbitrary selection."""
+        stale = [r["id"] for r in self.records() if r["id"] in listed and not _scored_on_its_mask(r)]
+        if stale:
+            raise DiffumaskError(f"ImageSets/Segmentation/{split}.txt of {self.root} was cut by `diffumask filter` on "
+                                 f"masks that {len(stale)} of its items no longer have (e.g. {stale[0]}, refined since); "
+                                 f"delete {self.root / 'noise'} and run filter again to cut on these masks")
 
 
 class BackgroundWriter:
