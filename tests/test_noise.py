@@ -141,7 +141,7 @@ def test_scores_belong_to_the_masks_they_were_scored_on(tmp_path):
         filter_dataset(config(dataset.root), progress=False, recut=True)
     with pytest.raises(DiffumaskError, match="masks of .* changed since the folds"):
         filter_dataset(config(dataset.root), progress=False)
-    stale = r"filtered.txt of .* was cut by `diffumask filter` on masks that {{}} of its items no longer have \(e.g. "
+    stale = r"filtered.txt of .* was cut by `diffumask filter` on masks that {} of its items no longer have \(e.g. "
     with pytest.raises(DiffumaskError, match=stale.format(1) + record["id"]):  # what train, augment, export read
         Dataset(dataset.root).split_ids("filtered")
     assert Dataset(dataset.root).split_ids("mine") == [kept[0]]  # not filter's: read as it is
