@@ -142,6 +142,9 @@ def test_resume_after_kill_and_extend(tmp_path, sd1_pipe, monkeypatch):
     assert all(after[k] == v for k, v in before.items() if k.startswith(("JPEGImages", "SoftMaps", "Segmentation")))
     assert len(Dataset(out).records()) == 10
     assert (out / "ImageSets/Segmentation/train.txt").read_text().split()[-1] == "potted_plant_000004"
+    with pytest.warns(UserWarning, match=r"holds 6 item\(s\) beyond the 4 this command makes .* nothing is deleted"):
+        generate_dataset(config(out, images_per_class=2), pipe=sd1_pipe, progress=False)  # fewer: said, not silent
+    assert len(Dataset(out).records()) == 10
 
 
 def test_batch_equals_single(tmp_path, sd1_pipe):

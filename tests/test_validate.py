@@ -177,3 +177,11 @@ def test_not_a_dataset_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "classes.json").write_text(json.dumps({"classes": [{"index": 0, "name": "background"}]}))
     assert main(["validate", str(tmp_path)]) == 2
     assert "no dataset.json" in capsys.readouterr().err
+    missing = tmp_path / "nosuch"  # a typo in the path: said so, not "not a dataset (no classes.json)"
+    for command in (["validate", str(missing)], ["refine", str(missing), "--method", "otsu"], ["filter", str(missing), "--quiet"],
+                    ["augment", str(missing), "--out", str(tmp_path / "aug")],
+                    ["export", str(missing), "--format", "coco", "--out", str(tmp_path / "coco")],
+                    ["report", str(missing), "--out", str(tmp_path / "report.html")]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{missing} does not exist; give the folder of a" in err[0], (command, err)

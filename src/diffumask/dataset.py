@@ -262,6 +262,8 @@ class Dataset:
     def __init__(self, root: str | os.PathLike[str], worker: Worker | None = None):
         self.root = Path(root)
         self.worker = current_worker() if worker is None else worker  # whose manifest shard appends go to
+        if not self.root.exists():
+            raise NotADataset(f"{self.root} does not exist; give the folder of a dataset `diffumask generate` made")
         if not (self.root / "classes.json").is_file():
             raise NotADataset(
                 f"{self.root} is not a diffumask dataset (no classes.json); "

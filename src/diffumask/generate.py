@@ -349,6 +349,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     if config.compose:
         _check_compose_templates_unchanged(dataset, compose_fingerprint)
     done = dataset.finished_ids()
+    if beyond := len(done - {item.id for item in items}):
+        warnings.warn(f"{dataset.root} holds {beyond} item(s) beyond the {len(items)} this command makes (an earlier "
+                      "run asked for more --images-per-class or --compose); they stay in the dataset and its lists, "
+                      "nothing is deleted")
     # Whole batches of the full list by rank: the shares never overlap however the workers interleave.
     # A batch with any item left is made whole again (its finished items are not rewritten), so an
     # item's bytes never depend on where an earlier run was killed.

@@ -138,6 +138,8 @@ def _check_item(dataset: Dataset, record: dict, n_classes: int, soft_maps: bool)
 def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
     """Every problem of the dataset at ``root``, and the number of manifest items checked."""
     root = Path(root)
+    if not root.exists():
+        raise ValidateError(f"{root} does not exist; give the folder of a diffumask dataset")
     for name in ("classes.json", "dataset.json"):
         if not (root / name).is_file():
             raise ValidateError(f"{root} is not a diffumask dataset (no {name})")

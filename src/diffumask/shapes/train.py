@@ -312,23 +312,32 @@ def main(argv: list[str] | None = None, prog: str = "python -m diffumask.shapes.
     defaults = TrainSettings()
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (pipeline, logs, training.json)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--minutes", type=float, default=None, help="wall-clock cap")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help=f"optimiser steps; the learning-rate schedule ends at the last (default: {defaults.steps})")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="wall-clock cap; the schedule still follows --steps (default: none)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help=f"seed of initialisation, scenes and noise (default: {defaults.seed})")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help=f"scenes per step (default: {defaults.batch_size})")
+    parser.add_argument("--lr", type=float, default=defaults.lr,
+                        help=f"peak learning rate of the cosine schedule (default: {defaults.lr:g})")
     parser.add_argument("--single-object-share", type=float, default=defaults.single_object_share,
-                        help="share of one-object scenes in each batch (the rest: two or three objects)")
+                        help="share of one-object scenes in each batch (the rest: two or three objects; default: "
+                             f"{defaults.single_object_share})")
     parser.add_argument("--backbone", choices=["unet", "dit"], default=defaults.backbone,
-                        help="unet: the shipped model; dit: an SD3-shaped diffusion transformer (flow matching)")
-    parser.add_argument("--save-every", type=int, default=0)
+                        help="unet: the shipped model; dit: an SD3-shaped diffusion transformer (flow matching; "
+                             f"default: {defaults.backbone})")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also save the pipeline to OUT/checkpoints/step_N every N steps (default: 0, at the end only)")
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
                         help=f"steps of linear learning-rate warm-up before the cosine decay (default: "
                              f"{defaults.warmup_steps})")
     parser.add_argument("--init-from", default=None, metavar="DIR",
                         help="go on training a saved pipeline (e.g. src/diffumask/shapes/weights) with a fresh "
                              "optimizer and learning-rate schedule (default: from scratch)")
-    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help=f"CPU threads torch uses (default: {defaults.threads})")
     parser.add_argument("--channels", default=None, metavar="C1,C2,C3",
                         help="a wider UNet: its three blocks' channels, multiples of 16 "
                              "(default: the shipped 32,64,64)")
