@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
+from dataset_factory import snapshot
 
 from diffumask.cli import main
 from diffumask.dataset import IGNORE_INDEX, Dataset, read_index_png
@@ -404,6 +405,19 @@ def test_cli_refine(dataset, capsys):
     assert "--per-class applies to --method adaptive only" in capsys.readouterr().err
     assert main(["refine", str(root), "--method", "adaptive", "--crf-shortlist", "-1"]) == 2
     assert "--crf-shortlist must be 0 (every candidate) or more" in capsys.readouterr().err
+
+
+def test_propagate_on_a_dataset_made_without_self_attention_is_refused_before_any_work(dataset, tmp_path, capsys):
+    root = tmp_path / "no-self"
+    shutil.copytree(dataset[0], root)
+    info = json.loads((root / "dataset.json").read_text())
+    info["settings"]["self_attention"] = None  # generate --self-attention none
+    (root / "dataset.json").write_text(json.dumps(info))
+    before = snapshot(root)
+    assert main(["refine", str(root), "--method", "propagate"]) == 2  # with its progress bar on
+    err = capsys.readouterr().err
+    assert err.startswith("diffumask: error: this dataset holds no self-attention") and err.count("\n") == 1, err
+    assert snapshot(root) == before
 
 
 def test_cli_refine_adaptive_the_papers_way(dataset):

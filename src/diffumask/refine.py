@@ -44,6 +44,7 @@ from .masks.adaptive import best_gamma, pool_counts, sweep_around
 from .masks.affinity import (AffinityConfig, AffinityNet, build_affinity_net, load_affinity_weights,
                              save_affinity_weights, train_affinity_net)
 from .masks.crf import SEED_CRF, CRFParams
+from .masks.propagate import NO_SELF_ATTENTION
 from .masks.threshold import PAPER_THRESHOLD, check_band
 from .models import check_device
 from .refine_items import Item, curve_steps, grid_seeds, item_steps
@@ -283,6 +284,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if missing := [r["id"] for r in records if not dataset.soft_maps_path(r["id"]).is_file()]:
         raise DiffumaskError(f"{dataset.root} has no soft maps for {len(missing)} item(s) (e.g. "
                              f"{dataset.soft_maps_path(missing[0])}); refine needs a dataset made by `diffumask generate`")
+    if config.method == "propagate" and "self_attention" in dataset.settings and not dataset.settings["self_attention"]:
+        raise DiffumaskError(NO_SELF_ATTENTION)  # generated without it: said before any work, not at the first item
     recorded = dataset.settings.get("threshold")  # generate's γ; absent in exported ground-truth data
     made_with = PAPER_THRESHOLD if recorded is None else float(recorded)
     if config.threshold is None:

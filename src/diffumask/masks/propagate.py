@@ -24,6 +24,9 @@ from .threshold import threshold_masks
 
 Matrix = np.ndarray | sp.spmatrix | sp.sparray
 
+NO_SELF_ATTENTION = ("this dataset holds no self-attention (no '__self__@<h>' in its soft maps); regenerate it with "
+                     "`diffumask generate --self-attention 2` (the default) to use --method propagate")
+
 
 def half_disc_offsets(radius: int) -> list[tuple[int, int]]:
     """Offsets (dy, dx) to the neighbours within ``radius`` that come later in raster order.
@@ -179,10 +182,7 @@ def self_attention_grid(soft_maps: dict[str, np.ndarray]) -> tuple[str, int]:
     """The key and grid height of the self-attention matrix in an item's soft maps."""
     keys = [k for k in soft_maps if k.startswith("__self__@")]
     if not keys:
-        raise DiffumaskError(
-            "this dataset holds no self-attention (no '__self__@<h>' in its soft maps); regenerate it "
-            "with `diffumask generate --self-attention 2` (the default) to use --method propagate"
-        )
+        raise DiffumaskError(NO_SELF_ATTENTION)
     key = min(keys, key=lambda k: int(k.split("@")[1]))
     return key, int(key.split("@")[1])
 
