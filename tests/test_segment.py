@@ -432,6 +432,13 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
     capsys.readouterr()  # another run of the same classes into the same --out: nothing would be predicted
     assert f"holds predictions of another run ({tmp_path / 'run'})" in _cli_error(
         ["predict", str(tmp_path / "run2"), str(shapes_data), "--out", str(tmp_path / "pred"), "--quiet"], capsys)
+    untrained = tmp_path / "untrained"  # a run with no weights yet: refused, and nothing recorded in --out
+    shutil.copytree(tmp_path / "run2", untrained, ignore=shutil.ignore_patterns("model", "checkpoint.pt"))
+    assert "has no trained model or checkpoint yet" in _cli_error(
+        ["predict", str(untrained), str(shapes_data), "--out", str(tmp_path / "pred3"), "--quiet"], capsys)
+    assert not (tmp_path / "pred3" / "predicted_by.json").exists()
+    shutil.copytree(tmp_path / "run2" / "model", untrained / "model")  # trained since: predicts there
+    assert main(["predict", str(untrained), str(shapes_data), "--out", str(tmp_path / "pred3"), "--quiet"]) == 0
     shutil.copy(tmp_path / "run2" / "model" / "model.safetensors", tmp_path / "run" / "model" / "model.safetensors")
     assert "holds predictions of this run as it was before (it trained on since)" in _cli_error(
         ["predict", str(tmp_path / "run"), str(shapes_data), "--out", str(tmp_path / "pred"), "--quiet"], capsys)

@@ -218,9 +218,10 @@ def _scored_on_its_mask(record: Mapping[str, Any]) -> bool:
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A label map resized to ``size`` (w, h) where its image lands: by the nearest source pixel to each pixel's
     centre (cv2's INTER_NEAREST_EXACT), and, shrunk by a whole factor (a 2×2 mosaic's tiles), by the label most of
-    each block holds, since no source pixel lies at the block's centre. Plain INTER_NEAREST, what mmseg and
-    torch's ``nearest`` do, samples at the top-left corner instead: a mask shrunk 8x sits 0.4 px off its image,
-    one grown 1.7x 0.5 px; a block's corner pixel puts a 2x shrink 0.25 px off."""
+    each block holds, which is centred on the block whatever its size (at an even factor no source pixel lies at
+    the block's centre). Plain INTER_NEAREST, what mmseg and torch's ``nearest`` do, samples at the top-left corner
+    instead: a mask shrunk 8x sits 0.4 px off its image, one grown 1.7x 0.5 px; a block's corner pixel puts a 2x
+    shrink 0.25 px off."""
     import cv2  # here, not at the top: reading and writing datasets needs no OpenCV
 
     height, width = labels.shape
@@ -232,11 +233,15 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def block_vote(labels: np.ndarray, fy: int, fx: int) -> np.ndarray:
     """Each fy×fx block's most frequent label (a tie goes to the lower one: the background before an object, an
-    object before 255), for a label map whose sides are whole multiples of the blocks'."""
-    blocks = labels.reshape(labels.shape[0] // fy, fy, labels.shape[1] // fx, fx)
-    values = np.unique(labels)  # ascending: argmax's first maximum is the lowest label
-    counts = np.stack([(blocks == value).sum(axis=(1, 3)) for value in values])
-    return values[counts.argmax(axis=0)].astype(labels.dtype)
+    object before 255), for a label map whose sides are whole multiples of the blocks'. Each block's labels are
+    sorted, so equal ones form runs; the first longest run is the lowest of the most frequent labels."""
+    rows, cols = labels.shape[0] // fy, labels.shape[1] // fx
+    ordered = np.sort(labels.reshape(rows, fy, cols, fx).transpose(0, 2, 1, 3).reshape(rows, cols, fy * fx), axis=-1)
+    position = np.arange(fy * fx)
+    starts = np.ones(ordered.shape, bool)
+    starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    run_length = position - np.maximum.accumulate(np.where(starts, position, 0), axis=-1)  # within its run, from 0
+    return np.take_along_axis(ordered, run_length.argmax(axis=-1)[..., None], axis=-1)[..., 0]
 
 
 def write_label_map(folder: Path, names: Sequence[str]) -> None:

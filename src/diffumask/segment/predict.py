@@ -84,23 +84,21 @@ def predict_folder(run_dir: str | Path, data: str, out: str | Path, split: str =
     if other := next((name for name in NOT_PREDICTIONS if (out / name).exists()), None):
         raise ConfigError(f"--out {out} holds {other}, so it is a dataset or a run, not a predictions folder; "
                           "choose a new folder")
+    if (out / "classes.json").is_file() and read_label_map(out) != run.classes:
+        raise ConfigError(f"{out} holds predictions of other classes ({', '.join(read_label_map(out))}); "
+                          "choose another --out")
+    made_by = {"run": str(run.root.resolve()), "weights_sha256": run.weights_sha256()}  # no weights: refused here
+    earlier = json.loads((out / PREDICTED_BY).read_text()) if (out / PREDICTED_BY).is_file() else None
+    if earlier and earlier["weights_sha256"] != made_by["weights_sha256"] and any(out.rglob("*.png")):
+        which = ("this run as it was before (it trained on since)" if earlier["run"] == made_by["run"]
+                 else f"another run ({earlier['run']})")
+        raise ConfigError(f"{out} holds predictions of {which}, which a re-run would keep beside these; "
+                          "choose another --out, or delete it to predict again")
     todo = [i for i in source.ids(split) if not (out / f"{i}.png").is_file()]
-    if (out / "classes.json").is_file():
-        if read_label_map(out) != run.classes:
-            raise ConfigError(f"{out} holds predictions of other classes ({', '.join(read_label_map(out))}); "
-                              "choose another --out")
-    else:
+    if not (out / "classes.json").is_file():
         write_label_map(out, run.classes)
-    made_by = {"run": str(run.root.resolve()), "weights_sha256": run.weights_sha256()}
-    if (out / PREDICTED_BY).is_file():  # folders from before it was written resume unchecked
-        earlier = json.loads((out / PREDICTED_BY).read_text())
-        if earlier["weights_sha256"] != made_by["weights_sha256"]:
-            which = ("this run as it was before (it trained on since)" if earlier["run"] == made_by["run"]
-                     else f"another run ({earlier['run']})")
-            raise ConfigError(f"{out} holds predictions of {which}, which a re-run would keep beside these; "
-                              "choose another --out, or delete it to predict again")
-    else:
-        write_text_atomic(out / PREDICTED_BY, json.dumps(made_by, indent=1) + "\n")
+    if earlier != made_by:  # a new folder, one a call left before its first image, a moved run, or one from before
+        write_text_atomic(out / PREDICTED_BY, json.dumps(made_by, indent=1) + "\n")  # predicted_by.json was written
     for item_id, prediction, _ in iter_predictions(run, source, split, device, batch_size, progress, ids=todo):
         write_palette_png(out / f"{item_id}.png", prediction)
     return out

@@ -179,7 +179,7 @@ class RunFolder:
             return load_segmenter(self.model_dir, family)
         state = self.load_checkpoint()
         if state is None:
-            raise RunError(f"{self.root} has no trained model or checkpoint yet; let `diffumask train` run first")
+            raise self._untrained()
         segmenter = build_segmenter(self.preset, self.classes)
         segmenter.model.load_state_dict(state["model"])
         return segmenter
@@ -187,15 +187,21 @@ class RunFolder:
     def weights_sha256(self) -> str:
         """A digest of the weights ``load_segmenter`` reads (the finished model's files, else the checkpoint): what a
         predictions folder records, so that predictions of another run, or of an earlier state of this one, are
-        never mixed into it. Empty while the run has neither."""
-        paths = sorted(self.model_dir.iterdir()) if self.model_dir.is_dir() else [self.checkpoint_path]
+        never mixed into it."""
+        paths = [p for p in (sorted(self.model_dir.iterdir()) if self.model_dir.is_dir() else [self.checkpoint_path])
+                 if p.is_file()]
+        if not paths:
+            raise self._untrained()
         digest = hashlib.sha256()
-        for path in (p for p in paths if p.is_file()):
+        for path in paths:
             digest.update(path.name.encode() + b"\0")
             with open(path, "rb") as file:
                 while chunk := file.read(1 << 24):
                     digest.update(chunk)
-        return digest.hexdigest() if any(p.is_file() for p in paths) else ""
+        return digest.hexdigest()
+
+    def _untrained(self) -> RunError:
+        return RunError(f"{self.root} has no trained model or checkpoint yet; let `diffumask train` run first")
 
     # ----------------------------------------------------------------- log
     def log_entries(self) -> list[dict[str, Any]]:
