@@ -132,6 +132,7 @@ def test_scores_belong_to_the_masks_they_were_scored_on(tmp_path):
     folds are refused, and refine drops the scores of the items it rewrites."""
     dataset = make_dataset(tmp_path / "data", n=9, size=32, splits=("train",))
     filter_dataset(config(dataset.root), progress=False)
+    filter_dataset(config(dataset.root, prune=0.3, name="other"), progress=False, recut=True)
     kept = filter_dataset(config(dataset.root), progress=False, recut=True).kept
     (dataset.root / "ImageSets" / "Segmentation" / "mine.txt").write_text(f"{kept[0]}\n")  # a list of the user's
     record = next(r for r in Dataset(dataset.root).records() if r["id"] == kept[0])
@@ -152,9 +153,16 @@ def test_scores_belong_to_the_masks_they_were_scored_on(tmp_path):
     assert main(["train", str(dataset.root), "--split", "filtered", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     with pytest.raises(DiffumaskError, match=stale.format(len(kept))):
         Dataset(dataset.root).split_ids("filtered")
-    shutil.rmtree(dataset.root / "noise")
+    shutil.rmtree(dataset.root / "noise")  # the fix the message gives: the list stays refused until filter runs
+    with pytest.raises(DiffumaskError, match=stale.format(len(kept))):
+        Dataset(dataset.root).split_ids("filtered")
     assert filter_dataset(config(dataset.root), progress=False).trained_folds == 3
-    assert Dataset(dataset.root).split_ids("filtered")  # cut on today's masks
+    assert Dataset(dataset.root).split_ids("filtered")  # cut again on today's masks
+    with pytest.raises(DiffumaskError, match=r"other.txt of .* on scores of other masks than today's .* "
+                                             r"diffumask filter .* --recut --name other --prune α"):
+        Dataset(dataset.root).split_ids("other")  # cut on the old masks' scores, not cut again
+    (dataset.root / "ImageSets" / "Segmentation" / "other.txt").write_text(f"{kept[1]}\n")  # rewritten by hand
+    assert Dataset(dataset.root).split_ids("other") == [kept[1]]  # the user's list now: read as it is
 
 
 def test_bad_input_is_one_sentence(tmp_path, capsys):

@@ -203,16 +203,23 @@ def read_index_png(path: Path) -> np.ndarray:
         return np.array(image)
 
 
-FILTER_CUTS = Path("noise") / "cuts.json"  # the lists `diffumask filter` wrote: {name: the split it ranked}
+CUT_SUFFIX = ".cut.json"  # ImageSets/Segmentation/<name>.cut.json, beside a list `diffumask filter` cut: what on
 
 
-def _scored_on_its_mask(record: Mapping[str, Any]) -> bool:
-    """Whether an item's noise score belongs to its mask: refine drops the score of a mask it replaces, and a
-    mask rewritten otherwise records a digest the score's no longer matches (a mask never rewritten has none)."""
+def scored_mask(record: Mapping[str, Any]) -> str:
+    """The digest of the mask an item's noise score was computed on, ``stale`` where the score no longer belongs
+    to the item's mask (refine drops the score of a mask it replaces; a mask rewritten otherwise records a digest
+    the score's no longer matches), "" for a score recorded before filter kept mask digests."""
     noise = record.get("noise") or {}
-    if "score" not in noise:
-        return False
-    return "mask" not in noise or "mask_sha256" not in record or record["mask_sha256"][:16] == noise["mask"]
+    if "score" not in noise or "mask" in noise and record.get("mask_sha256", "")[:16] not in ("", noise["mask"]):
+        return "stale"
+    return noise.get("mask", "")
+
+
+def scored_masks(records: Iterable[Mapping[str, Any]]) -> str:
+    """One digest of :func:`scored_mask` over these items: ``filter`` records it for the items of each list it cuts."""
+    return hashlib.sha256("".join(f"{r['id']} {scored_mask(r)}\n" for r in sorted(records, key=lambda r: r["id"]))
+                          .encode()).hexdigest()
 
 
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -673,20 +680,31 @@ class Dataset:
 
     def split_ids(self, split: str = "train") -> list[str]:
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        ids = path.read_text().split() if path.is_file() else []
-        if ids and (self.root / FILTER_CUTS).is_file() and split in json.loads((self.root / FILTER_CUTS).read_text()):
-            self._check_cut(split, set(ids))
-        return ids
+        if not path.is_file():
+            return []
+        text = path.read_text()
+        cut = path.with_name(f"{split}{CUT_SUFFIX}")
+        if cut.is_file():
+            self._check_cut(split, text, json.loads(cut.read_text()))
+        return text.split()
 
-    def _check_cut(self, split: str, listed: set[str]) -> None:
-        """Refuse a list ``diffumask filter`` cut once masks it was ranked on were replaced (refine drops the
-        items' scores; a mask rewritten otherwise no longer matches the digest scored): that ranking says nothing
-        about the new masks, and training on it silently would keep an arbitrary selection."""
-        stale = [r["id"] for r in self.records() if r["id"] in listed and not _scored_on_its_mask(r)]
-        if stale:
-            raise DiffumaskError(f"ImageSets/Segmentation/{split}.txt of {self.root} was cut by `diffumask filter` on "
-                                 f"masks that {len(stale)} of its items no longer have (e.g. {stale[0]}, refined since); "
-                                 f"delete {self.root / 'noise'} and run filter again to cut on these masks")
+    def _check_cut(self, split: str, text: str, cut: Mapping[str, Any]) -> None:
+        """Refuse a list ``diffumask filter`` cut once the masks its ranking was made on were replaced: that ranking
+        says nothing about the new masks, and training on it would keep an arbitrary selection. A list rewritten
+        since (by hand: its text is not the one filter wrote) is the user's and read as it is."""
+        if hashlib.sha256(text.encode()).hexdigest() != cut["list_sha256"]:
+            return
+        listed = set(text.split())
+        records = [r for r in self.records() if r["id"] in listed]
+        if scored_masks(records) == cut["scored_masks"]:
+            return
+        where = f"ImageSets/Segmentation/{split}.txt of {self.root} was cut by `diffumask filter`"
+        if stale := [r["id"] for r in records if scored_mask(r) == "stale"]:
+            raise DiffumaskError(f"{where} on masks that {len(stale)} of its items no longer have (e.g. {stale[0]}, "
+                                 f"refined since); delete {self.root / 'noise'} and run filter again to cut on these masks")
+        raise DiffumaskError(f"{where} on scores of other masks than today's (filter has scored these since); cut "
+                             f"it again from today's scores: diffumask filter {self.root} --recut --name {split} "
+                             "--prune α")
 
 
 class BackgroundWriter:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import FILTER_CUTS, IGNORE_INDEX, Dataset, write_text_atomic
+from .dataset import CUT_SUFFIX, IGNORE_INDEX, Dataset, scored_masks, write_text_atomic
 from .errors import ConfigError, DiffumaskError
 from .formats import open_source
 from .segment.data import label_lut
@@ -255,11 +255,11 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
                               float(np.median(high)) if high else None, float(np.median(low)) if low else None)
     kept = [r["id"] for r in records if r["id"] not in pruned]
     split_path = dataset.root / "ImageSets" / "Segmentation" / f"{config.name}.txt"
-    cuts_path = dataset.root / FILTER_CUTS
-    lists = json.loads(cuts_path.read_text()) if cuts_path.is_file() else {}  # every list filter cut here
-    cuts_path.parent.mkdir(exist_ok=True)
-    write_text_atomic(cuts_path, json.dumps({**lists, config.name: config.split}, indent=1) + "\n")
-    write_text_atomic(split_path, "".join(f"{i}\n" for i in kept))
+    text = "".join(f"{i}\n" for i in kept)
+    cut = {"list_sha256": hashlib.sha256(text.encode()).hexdigest(),
+           "scored_masks": scored_masks(r for r in records if r["id"] not in pruned)}  # what Dataset.split_ids checks
+    write_text_atomic(split_path.with_name(f"{config.name}{CUT_SUFFIX}"), json.dumps(cut, indent=1) + "\n")
+    write_text_atomic(split_path, text)
     return FilterResult(kept, pruned, split_path, trained, cuts)
 
 
