@@ -275,14 +275,19 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
                          mask=whole.read_mask("item_0000"))
     generated.finalize()
     for out, expected in ((whole.root, "is the dataset being augmented"),
-                          (tmp_path / "." / "whole", "is the dataset being augmented"),
+                          (f"{tmp_path}/./whole", "is the dataset being augmented"),
                           (generated.root, "holds a dataset another command made")):
         assert main(["augment", str(whole.root), "--out", str(out), "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
-    with pytest.raises(DiffumaskError, match=r"\(a differs: null in the dataset, 1 now; b .*; d differs: null in the "
-                                             r"dataset, 4 now; and 2 more\)"):  # the first four of six, by name
+    with pytest.raises(DiffumaskError, match=r"\(a differs: absent in the dataset, 1 now; b .*; d differs: absent in "
+                                             r"the dataset, 4 now; and 2 more\)"):  # the first four of six, by name
         Dataset.create(generated.root, whole.classes, {"model": "other", "seed": 1, "a": 1, "b": 2, "c": 3, "d": 4})
+    with pytest.raises(DiffumaskError, match=r"\(seed differs: 0 in the dataset, absent now\)"):  # not "()"
+        Dataset.create(generated.root, whole.classes, {"model": "shapes"})
+    far = "/data/" + "x" * 300 + "/model"  # a long value in full: the end is what differs
+    with pytest.raises(DiffumaskError, match=f'model differs: "shapes" in the dataset, "{far}" now'):
+        Dataset.create(generated.root, whole.classes, {"model": far, "seed": 0})
 
 
 def test_cli_writes_an_augmented_dataset(tmp_path, capsys):

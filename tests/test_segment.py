@@ -140,6 +140,9 @@ def test_a_run_resumes_with_its_data_spelled_relative_or_absolute(tmp_path, monk
     for other in (["other", "voc:voc"], ["data", "voc:data"], ["data", "ade20k:voc"]):
         with pytest.raises(RunError, match=r"other settings \(data differs: \["):
             RunFolder.check("run", classes, {"data": other, "seed": 0})
+    RunFolder.check("run", classes, {"data": ["data", "voc:voc"], "seed": 0, "init_from": None})  # newer, unset
+    with pytest.raises(RunError, match=r"other settings \(init_from differs: absent in the run, \"x\" now\)"):
+        RunFolder.check("run", classes, {"data": ["data", "voc:voc"], "seed": 0, "init_from": "x"})
 
 
 def test_each_process_takes_its_own_slots_of_every_batch():
@@ -398,7 +401,7 @@ def test_cli_bad_input_is_one_line(shapes_data, tmp_path, capsys):
     assert "holds no items yet" in _cli_error(["train", str(tmp_path / "empty"), "--out",
                                                                  str(tmp_path / "r1"), "--quiet"], capsys)
     empty.write_item("item_0000", np.zeros((8, 8, 3), np.uint8), {"classes": []}, mask=np.zeros((8, 8), np.uint8))
-    assert ("holds 1 finished items but no split lists yet (ImageSets/Segmentation): the command that made it stopped "
+    assert ("holds 1 finished item(s) but no split lists yet (ImageSets/Segmentation): the command that made it stopped "
             "before its end; re-run it to finish") in _cli_error(  # a killed generate: not "no items"
         ["train", str(tmp_path / "empty"), "--out", str(tmp_path / "r1"), "--quiet"], capsys)
     assert "no split 'val'" in _cli_error(["train", str(shapes_data), "--split", "val", "--out", str(tmp_path / "r2"),

@@ -92,7 +92,7 @@ class AugmentConfig:
 
 
 def resize_pair(image: np.ndarray, labels: np.ndarray, size: tuple[int, int]) -> Pair:
-    """Image by area averaging (shrinking) or bilinear (growing), labels by the nearest pixel to each centre;
+    """Image by area averaging (shrinking) or bilinear (growing), labels where the image lands (resize_labels);
     size (h, w)."""
     h, w = size
     shrink = h * w < labels.size

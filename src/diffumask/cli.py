@@ -80,7 +80,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="also N images per class that show it with other classes of --classes: the prompt bank's "
                         "multi-class templates ('a {person} riding a {horse}') or a pair of classes; each item lists "
                         "all its classes and its mask gives each pixel to the class whose map wins (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; each item's seed derives from (seed, class, index) (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed; each item's seed derives from (seed, class, index) (default: 0)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's own, 50 for Stable Diffusion)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's own, 7.5 for SD)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS),

@@ -34,17 +34,20 @@ def one_line(error: BaseException) -> str:
 def setting_differences(old: Any, new: Any, holder: str, key: str = "",
                         normalise: Callable[[str, Any], Any] = lambda key, value: value) -> list[str]:
     """Each setting that differs between a folder's recorded settings and a re-run's, by its dotted path with both
-    values (``augment.seed differs: 0 in the dataset, 1 now``), so a user sees what to pass to resume, not a whole
-    block of settings cut off before the value that differs. ``normalise(key, value)`` is what is compared."""
+    values in full (``augment.seed differs: 0 in the dataset, 1 now``), so a user sees what to pass to resume, not
+    a whole block of settings. A setting one side lacks is :data:`ABSENT` there, unequal to any value unless
+    ``normalise(key, value)``, what is compared, makes it one."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [change for name in sorted(set(old) | set(new))
-                for change in setting_differences(old.get(name), new.get(name), holder,
+                for change in setting_differences(old.get(name, ABSENT), new.get(name, ABSENT), holder,
                                                   f"{key}.{name}" if key else name, normalise)]
     if normalise(key, old) == normalise(key, new):
         return []
     return [f"{key} differs: {_shown(old)} in the {holder}, {_shown(new)} now"]
 
 
-def _shown(value: Any, limit: int = 200) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+ABSENT = object()  # a setting one side does not record
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is ABSENT else json.dumps(value)

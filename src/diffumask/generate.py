@@ -349,7 +349,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     if config.compose:
         _check_compose_templates_unchanged(dataset, compose_fingerprint)
     done = dataset.finished_ids()
-    if beyond := len(done - {item.id for item in items}):
+    if worker.rank == 0 and (beyond := len(done - {item.id for item in items})):  # once, not once per worker
         warnings.warn(f"{dataset.root} holds {beyond} item(s) beyond the {len(items)} this command makes (an earlier "
                       "run asked for more --images-per-class or --compose); they stay in the dataset and its lists, "
                       "nothing is deleted")

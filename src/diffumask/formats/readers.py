@@ -105,7 +105,7 @@ class DiffumaskSource(LabelledSource):
     def _split_ids(self, split: str) -> list[str] | None:
         if split not in self.splits():
             if not self.splits() and (finished := len(self.dataset.finished_ids())):
-                raise SourceError(f"{self.spec} holds {finished} finished items but no split lists yet (ImageSets/"
+                raise SourceError(f"{self.spec} holds {finished} finished item(s) but no split lists yet (ImageSets/"
                                   "Segmentation): the command that made it stopped before its end; re-run it to finish")
             if not self.splits():
                 raise SourceError(f"{self.spec} holds no items yet; generate some first (diffumask generate)")

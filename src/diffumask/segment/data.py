@@ -134,7 +134,7 @@ def normalise(image: np.ndarray) -> torch.Tensor:
 
 
 def resize_short_side(image: np.ndarray, labels: np.ndarray | None, short: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scale so the shorter side is ``short`` px: bilinear for the image, the centre's nearest pixel for labels."""
+    """Scale so the shorter side is ``short`` px: bilinear for the image, labels where it lands (resize_labels)."""
     h, w = image.shape[:2]
     scale = short / min(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))

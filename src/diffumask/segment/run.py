@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..dataset import atomic_write, plain_modes, read_label_map, write_label_map, write_text_atomic
-from ..errors import DiffumaskError, setting_differences
+from ..errors import ABSENT, DiffumaskError, setting_differences
 from ..formats.readers import FORMATS
 from .model import Segmenter, build_segmenter, load_segmenter
 from .presets import Preset, Schedule
@@ -39,7 +39,10 @@ class RunError(DiffumaskError, ValueError):
 
 def _located(key: str, value: Any) -> Any:
     """A setting as compared on resume: DATA folders by where they are, so a re-run that spells a folder
-    relative where the first run spelled it absolute (or the reverse, from the same directory) resumes."""
+    relative where the first run spelled it absolute (or the reverse, from the same directory) resumes; a setting
+    a run from before it was recorded lacks as None (unset), as it always resumed."""
+    if value is ABSENT:
+        return None
     if key not in ("data", "negatives") or not isinstance(value, list):
         return value
     located = []
