@@ -502,7 +502,7 @@ def test_a_refine_dataset_that_is_not_a_dataset_is_a_one_line_error(dataset, tmp
     shutil.copytree(root, no_soft)
     shutil.rmtree(no_soft / "SoftMaps")
     for folder, fragment in ((empty, "is not a diffumask dataset"), (a_file, "is not a diffumask dataset"),
-                             (tmp_path / "missing", "is not a diffumask dataset"),
+                             (tmp_path / "missing", "missing does not exist"),
                              (broken, "classes.json or dataset.json is missing or damaged"),
                              (no_soft, "has no soft maps for 12 item(s)")):
         assert main(["refine", str(folder), "--method", "otsu", "--quiet"]) == 2
