@@ -153,6 +153,9 @@ def test_scores_belong_to_the_masks_they_were_scored_on(tmp_path):
     assert main(["train", str(dataset.root), "--split", "filtered", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     with pytest.raises(DiffumaskError, match=stale.format(len(kept))):
         Dataset(dataset.root).split_ids("filtered")
+    problems = {p.where: p.what for p in validate_dataset(dataset.root)[0]}  # validate says so too
+    assert problems["ImageSets/Segmentation/filtered.txt"].startswith(f"was cut by `diffumask filter` on masks that "
+                                                                      f"{len(kept)} of its items no longer have")
     shutil.rmtree(dataset.root / "noise")  # the fix the message gives: the list stays refused until filter runs
     with pytest.raises(DiffumaskError, match=stale.format(len(kept))):
         Dataset(dataset.root).split_ids("filtered")

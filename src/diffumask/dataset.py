@@ -682,29 +682,31 @@ class Dataset:
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not path.is_file():
             return []
-        text = path.read_text()
-        cut = path.with_name(f"{split}{CUT_SUFFIX}")
-        if cut.is_file():
-            self._check_cut(split, text, json.loads(cut.read_text()))
-        return text.split()
+        if problem := self.cut_problem(split):
+            raise DiffumaskError(f"ImageSets/Segmentation/{split}.txt of {self.root} {problem}")
+        return path.read_text().split()
 
-    def _check_cut(self, split: str, text: str, cut: Mapping[str, Any]) -> None:
-        """Refuse a list ``diffumask filter`` cut once the masks its ranking was made on were replaced: that ranking
-        says nothing about the new masks, and training on it would keep an arbitrary selection. A list rewritten
-        since (by hand: its text is not the one filter wrote) is the user's and read as it is."""
+    def cut_problem(self, split: str) -> str | None:
+        """Why a list ``diffumask filter`` cut may not be read any more: the masks its ranking was made on were
+        replaced, so that ranking says nothing about the new ones, and training on it would keep an arbitrary
+        selection (None: it may be read, or filter did not cut it). A list rewritten since (by hand: its text is
+        not the one filter wrote) is the user's and read as it is."""
+        path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        cut_path = path.with_name(f"{split}{CUT_SUFFIX}")
+        if not cut_path.is_file() or not path.is_file():
+            return None
+        text, cut = path.read_text(), json.loads(cut_path.read_text())
         if hashlib.sha256(text.encode()).hexdigest() != cut["list_sha256"]:
-            return
+            return None
         listed = set(text.split())
         records = [r for r in self.records() if r["id"] in listed]
         if scored_masks(records) == cut["scored_masks"]:
-            return
-        where = f"ImageSets/Segmentation/{split}.txt of {self.root} was cut by `diffumask filter`"
+            return None
         if stale := [r["id"] for r in records if scored_mask(r) == "stale"]:
-            raise DiffumaskError(f"{where} on masks that {len(stale)} of its items no longer have (e.g. {stale[0]}, "
-                                 f"refined since); delete {self.root / 'noise'} and run filter again to cut on these masks")
-        raise DiffumaskError(f"{where} on scores of other masks than today's (filter has scored these since); cut "
-                             f"it again from today's scores: diffumask filter {self.root} --recut --name {split} "
-                             "--prune α")
+            return (f"was cut by `diffumask filter` on masks that {len(stale)} of its items no longer have (e.g. "
+                    f"{stale[0]}, refined since); delete {self.root / 'noise'} and run filter again to cut on these masks")
+        return (f"was cut by `diffumask filter` on scores of other masks than today's (filter has scored these since); "
+                f"cut it again from today's scores: diffumask filter {self.root} --recut --name {split} --prune α")
 
 
 class BackgroundWriter:
