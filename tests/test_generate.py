@@ -531,6 +531,25 @@ def test_resume_accepts_the_same_model_folder_spelled_another_way(tmp_path, save
     assert run_cli(*cli_args(model.name, out, "--images-per-class", "4")) == 0
 
 
+def test_a_moved_model_folder_is_named_with_the_link_that_resumes(tmp_path, saved_pipelines, capsys):
+    """A dataset records its model folder's path; once that folder is moved, the message says so and how to resume
+    (a link at the old path), and the link resumes it."""
+    first, moved, out = tmp_path / "models" / "sd15", tmp_path / "moved" / "sd15", tmp_path / "d"
+    shutil.copytree(saved_pipelines["sd1"], first)
+    assert run_cli(*cli_args(str(first), out, "--images-per-class", "1")) == 0
+    moved.parent.mkdir()
+    first.rename(moved)
+    capsys.readouterr()
+    assert run_cli(*cli_args(str(moved), out, "--images-per-class", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"diffumask: error: {out} was made with the model folder {first}, which no longer exists; a dataset "
+                   f"resumes only with the model it was made with: if {moved} is that model moved, link the old path "
+                   f"to it (ln -s {moved} {first}) and re-run, or choose another --out"]
+    first.symlink_to(moved)
+    assert run_cli(*cli_args(str(moved), out, "--images-per-class", "2")) == 0
+    assert len(Dataset(out).records()) == 4
+
+
 def test_compose_on_shapes_gives_two_object_captions(tmp_path, capsys):
     out = tmp_path / "shapes"
     assert run_cli("generate", "--classes", "star,ring,circle", "--images-per-class", "0", "--compose", "2",

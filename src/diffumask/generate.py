@@ -310,6 +310,11 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     recorded = _recorded_settings(config.out)
     model = config.model if config.model is not None else (pipeline_name(pipe) if pipe is not None else "shapes")
     model = _same_model_as_recorded(model, recorded.get("model"))
+    if (isinstance(was := recorded.get("model"), str) and model != was and Path(was).is_absolute()
+            and not Path(was).exists() and Path(model).is_dir()):
+        raise ConfigError(f"{config.out} was made with the model folder {was}, which no longer exists; a dataset "
+                          f"resumes only with the model it was made with: if {model} is that model moved, link the old "
+                          f"path to it (ln -s {model} {was}) and re-run, or choose another --out")
     config = dataclasses.replace(config, model=model)
     bank: PromptBank = resolve_bank(config.prompts, model)
     if config.compose:
