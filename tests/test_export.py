@@ -14,7 +14,7 @@ from PIL import Image
 
 from diffumask.cli import main
 from diffumask.dataset import IGNORE_INDEX, Dataset, read_index_png
-from diffumask.formats import open_source
+from diffumask.formats import SourceError, open_source
 from diffumask.formats.export import ExportError, export_dataset, instance_masks
 from diffumask.formats.tables import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS
 
@@ -142,6 +142,9 @@ def test_cityscapes_export_reads_back_through_the_label_table(mixed, tmp_path):
         np.testing.assert_array_equal(image, mixed.read_image(names[cs_id]))
         stored = read_index_png(out / "gtFine" / f"{cs_id}_gtFine_labelTrainIds.png")
         np.testing.assert_array_equal(stored, expected_lut[truth])
+    val = [r["id"] for r in mixed.records() if r.get("split") == "val"]  # an item's name whatever --only picks
+    export_dataset(mixed.root, "cityscapes", tmp_path / "val-only", only=["val"])
+    assert json.loads((tmp_path / "val-only" / "ids.json").read_text()) == {k: v for k, v in names.items() if v in val}
 
 
 def test_cityscapes_export_agrees_with_cityscapesscripts(mixed, tmp_path):
@@ -179,9 +182,13 @@ def test_ade20k_export_reads_back_with_the_ade_reader(tmp_path, names):
         assert result.notes[0].startswith("not ADE20K classes: dog;") and "own indices" in result.notes[0]
         target = {i: i for i in range(1, 7)}
         assert info[1:] == ["0,other", *(f"{i},{n}" for i, n in enumerate(names, start=1))]
+    # train reads the classes by name: ADE's 150, or the dataset's own listed in objectInfo.csv
+    assert list(source.label_names.values()) == (list(ADE20K_CLASSES) if names == ADE_NAMES else list(names))
     for split in ("train", "val"):
         for item in source.ids(split):
-            _, labels = source.read(item)
+            image, labels = source.read(item)
+            # a PNG source re-encoded as mmseg's .jpg keeps its colour at full resolution (4:4:4): no edge bleeds
+            assert np.abs(image.astype(int) - data.read_image(item)).max() < 40
             truth = data.read_mask(item)
             expected = np.full(truth.shape, IGNORE_INDEX, np.uint8)  # background and 255 both read as 255
             for ours, theirs in target.items():
@@ -190,6 +197,9 @@ def test_ade20k_export_reads_back_with_the_ade_reader(tmp_path, names):
             raw = read_index_png(out / "ADEChallengeData2016" / "annotations" /
                                  {"train": "training", "val": "validation"}[split] / f"{item}.png")
             assert raw[truth == 0].max(initial=0) == 0 and raw[truth == IGNORE_INDEX].max(initial=0) == 0
+    (out / "ADEChallengeData2016" / "objectInfo.csv").write_text("Idx,Ratio,Name\n1,0.1,wall\n")  # not ours
+    with pytest.raises(SourceError, match="objectInfo.csv is not an Idx,Name table numbered 0, 1, 2"):
+        open_source(out)
 
 
 def test_hf_export_loads_with_datasets(mixed, tmp_path):
@@ -230,6 +240,8 @@ def test_export_refuses_a_taken_folder_and_a_non_dataset(mixed, tmp_path, capsys
     (tmp_path / "taken" / "file").write_text("x")
     assert main(["export", str(mixed.root), "--format", "coco", "--out", str(tmp_path / "taken")]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(mixed.root), "--format", "coco", "--out", str(tmp_path / "taken" / "file")]) == 2
+    assert "taken/file is a file; --out is the folder the export is written to" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--format", "ade20k", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffumask: error:") and "not a diffumask dataset" in err and err.count("\n") == 1

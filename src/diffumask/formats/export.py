@@ -226,8 +226,9 @@ def _export_cityscapes(dataset: Dataset, records: Sequence[dict[str, Any]], out:
         raise ExportError(f"none of the classes ({', '.join(dataset.classes)}) is one of Cityscapes' 19 train classes; "
                           "a Cityscapes export would be all 'ignore'")
     names: dict[str, str] = {}
-    for number, (record, image_path, mask) in enumerate(_items(dataset, records)):
-        split = record.get("split", "train")
+    position = {r["id"]: k for k, r in enumerate(dataset.records())}  # an item's name whatever --only picks
+    for record, image_path, mask in _items(dataset, records):
+        split, number = record.get("split", "train"), position[record["id"]]
         stem = f"diffumask_{number // 1000000:06d}_{number % 1000000:06d}"
         names[f"{split}/diffumask/{stem}"] = record["id"]
         _save_rgb(image_path, out / "leftImg8bit" / split / "diffumask" / f"{stem}_leftImg8bit.png", "PNG")
@@ -272,8 +273,8 @@ def _export_ade20k(dataset: Dataset, records: Sequence[dict[str, Any]], out: Pat
         target = root / "images" / folder / f"{record['id']}.jpg"
         if image_path.suffix == ".jpg":
             _copy(image_path, target)
-        else:  # ADE20K readers look for .jpg; quality 95 as our own JPEGs
-            _save_rgb(image_path, target, "JPEG", quality=95)
+        else:  # ADE20K readers look for .jpg: quality 95 as our own JPEGs, colour at full resolution (4:4:4), since
+            _save_rgb(image_path, target, "JPEG", quality=95, subsampling=0)  # halved chroma bleeds across edges
         _write_png(root / "annotations" / folder / f"{record['id']}.png", lut[mask])
     other_splits = sorted({r.get("split", "train") for r in records} - set(ADE_SPLITS))
     if other_splits:
@@ -390,7 +391,9 @@ def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLik
         if not records:
             raise ExportError(f"the item lists {', '.join(only)} of {dataset.root} name none of its finished items")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; --out is the folder the export is written to: choose a new one")
+    if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose a new folder for --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -15,6 +15,7 @@ its label map, and ``label_names`` (label value → class name); pixels without 
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,20 @@ class CityscapesSource(LabelledSource):
         return self._lut[read_index_png(self.labels_path(item_id))]
 
 
+def ade20k_names(root: Path) -> list[str]:
+    """The classes of annotation values 1, 2, …: ADE20K's 150, or those ``objectInfo.csv`` lists (``diffumask
+    export --format ade20k`` of classes that are not all ADE's writes its own order there, ``Idx,Name``, 0 = other)."""
+    listing = root / "objectInfo.csv"
+    if not listing.is_file():
+        return list(ADE20K_CLASSES)
+    with open(listing, newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    if [row.get("Idx") for row in rows] != [str(i) for i in range(len(rows))] or not rows:
+        raise SourceError(f"{listing} is not an Idx,Name table numbered 0, 1, 2, … (the one diffumask export writes); "
+                          "move it out of the dataset to read it with ADE20K's 150 classes")
+    return [row["Name"] for row in rows[1:]]
+
+
 class ADE20KSource(LabelledSource):
     format = "ade20k"
     _FOLDERS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
@@ -187,7 +202,7 @@ class ADE20KSource(LabelledSource):
     def __init__(self, root: Path):
         if (root / "ADEChallengeData2016").is_dir():
             root = root / "ADEChallengeData2016"
-        super().__init__(root, {i + 1: name for i, name in enumerate(ADE20K_CLASSES)})
+        super().__init__(root, {i + 1: name for i, name in enumerate(ade20k_names(root))})
         self._require("images", "annotations")
         self._folder_of: dict[str, str] = {}
 
