@@ -202,6 +202,16 @@ def test_ade20k_export_reads_back_with_the_ade_reader(tmp_path, names):
         open_source(out)
 
 
+def test_ade20k_class_table_keeps_any_name_and_reads_a_spreadsheets_byte_order_mark(tmp_path):
+    names = ("big, round circle", 'a "quoted" star', "ring", "cross", "square", "triangle")  # six, as make_dataset draws
+    data = make_dataset(tmp_path / "data", n=2, names=names, soft_maps=False)
+    export_dataset(data.root, "ade20k", tmp_path / "ade")
+    assert list(open_source(tmp_path / "ade").label_names.values()) == list(names)
+    table = tmp_path / "ade" / "ADEChallengeData2016" / "objectInfo.csv"
+    table.write_text(table.read_text(encoding="utf-8"), encoding="utf-8-sig")  # saved again by a spreadsheet
+    assert list(open_source(tmp_path / "ade").label_names.values()) == list(names)
+
+
 def test_hf_export_loads_with_datasets(mixed, tmp_path):
     datasets = pytest.importorskip("datasets", reason="the hf extra (pip install 'diffumask[hf]') is not installed")
     out = tmp_path / "hf"

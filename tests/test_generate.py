@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -532,20 +533,19 @@ def test_resume_accepts_the_same_model_folder_spelled_another_way(tmp_path, save
 
 
 def test_a_moved_model_folder_is_named_with_the_link_that_resumes(tmp_path, saved_pipelines, capsys):
-    """A dataset records its model folder's path; once that folder is moved, the message says so and how to resume
-    (a link at the old path), and the link resumes it."""
-    first, moved, out = tmp_path / "models" / "sd15", tmp_path / "moved" / "sd15", tmp_path / "d"
+    """A dataset records its model folder's path; once that folder is moved (its parent folder too), the message
+    says so and gives the command that links the old path, and running that command resumes the dataset."""
+    first, moved, out = tmp_path / "my models" / "sd15", tmp_path / "weights" / "sd15", tmp_path / "d"
     shutil.copytree(saved_pipelines["sd1"], first)
     assert run_cli(*cli_args(str(first), out, "--images-per-class", "1")) == 0
-    moved.parent.mkdir()
-    first.rename(moved)
+    (tmp_path / "my models").rename(tmp_path / "weights")  # mv "my models" weights
     capsys.readouterr()
     assert run_cli(*cli_args(str(moved), out, "--images-per-class", "2")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"diffumask: error: {out} was made with the model folder {first}, which no longer exists; a dataset "
-                   f"resumes only with the model it was made with: if {moved} is that model moved, link the old path "
-                   f"to it (ln -s {moved} {first}) and re-run, or choose another --out"]
-    first.symlink_to(moved)
+    assert len(err) == 1 and err[0].startswith(f"diffumask: error: {out} was made with the model folder {first}, which "
+                                               f"no longer exists; a dataset resumes only with the model it was made with")
+    command = err[0].split("link the old path to it (", 1)[1].rsplit(") and re-run", 1)[0]
+    subprocess.run(["bash", "-c", command], check=True)  # the command as given, in a shell: quoted where it must be
     assert run_cli(*cli_args(str(moved), out, "--images-per-class", "2")) == 0
     assert len(Dataset(out).records()) == 4
 

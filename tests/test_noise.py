@@ -166,6 +166,18 @@ def test_scores_belong_to_the_masks_they_were_scored_on(tmp_path):
         Dataset(dataset.root).split_ids("other")  # cut on the old masks' scores, not cut again
     (dataset.root / "ImageSets" / "Segmentation" / "other.txt").write_text(f"{kept[1]}\n")  # rewritten by hand
     assert Dataset(dataset.root).split_ids("other") == [kept[1]]  # the user's list now: read as it is
+    lists = dataset.root / "ImageSets" / "Segmentation"
+    (lists / "filtered.cut.json").write_text("{not json")  # damaged: a sentence, in the readers and in validate
+    with pytest.raises(DiffumaskError, match=r"filtered.txt of .* has a damaged filtered.cut.json \(JSONDecodeError"):
+        Dataset(dataset.root).split_ids("filtered")
+    assert any(p.what.startswith("has a damaged filtered.cut.json") for p in validate_dataset(dataset.root)[0])
+    filter_dataset(config(dataset.root), progress=False, recut=True)  # the re-cut the message names mends it
+    listed = Dataset(dataset.root).split_ids("filtered")
+    manifest = dataset.root / "manifest.jsonl"
+    manifest.write_text("".join(line for line in manifest.read_text().splitlines(keepends=True)
+                                if json.loads(line)["id"] != listed[0]))  # an item taken out of the dataset
+    with pytest.raises(DiffumaskError, match=f"lists 1 item\\(s\\) the manifest no longer holds \\(e.g. {listed[0]}\\)"):
+        Dataset(dataset.root).split_ids("filtered")
 
 
 def test_bad_input_is_one_sentence(tmp_path, capsys):

@@ -686,27 +686,35 @@ class Dataset:
             raise DiffumaskError(f"ImageSets/Segmentation/{split}.txt of {self.root} {problem}")
         return path.read_text().split()
 
-    def cut_problem(self, split: str) -> str | None:
+    def cut_problem(self, split: str, records: Sequence[Mapping[str, Any]] | None = None) -> str | None:
         """Why a list ``diffumask filter`` cut may not be read any more: the masks its ranking was made on were
         replaced, so that ranking says nothing about the new ones, and training on it would keep an arbitrary
         selection (None: it may be read, or filter did not cut it). A list rewritten since (by hand: its text is
-        not the one filter wrote) is the user's and read as it is."""
+        not the one filter wrote) is the user's and read as it is. ``records``: the manifest, if already read."""
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         cut_path = path.with_name(f"{split}{CUT_SUFFIX}")
         if not cut_path.is_file() or not path.is_file():
             return None
-        text, cut = path.read_text(), json.loads(cut_path.read_text())
-        if hashlib.sha256(text.encode()).hexdigest() != cut["list_sha256"]:
+        text = path.read_text()
+        try:
+            cut = json.loads(cut_path.read_text())
+            written, scored = cut["list_sha256"], cut["scored_masks"]
+        except (ValueError, KeyError, TypeError) as error:
+            return (f"has a damaged {cut_path.name} ({type(error).__name__}: {error}); delete it to read the list as "
+                    f"it is, or cut it again: diffumask filter {self.root} --recut --name {split} --prune α")
+        if hashlib.sha256(text.encode()).hexdigest() != written:
             return None
         listed = set(text.split())
-        records = [r for r in self.records() if r["id"] in listed]
-        if scored_masks(records) == cut["scored_masks"]:
+        records = [r for r in (self.records() if records is None else records) if r["id"] in listed]
+        if scored_masks(records) == scored:
             return None
+        recut = f"cut it again from today's scores: diffumask filter {self.root} --recut --name {split} --prune α"
+        if gone := sorted(listed - {r["id"] for r in records}):
+            return f"lists {len(gone)} item(s) the manifest no longer holds (e.g. {gone[0]}); {recut}"
         if stale := [r["id"] for r in records if scored_mask(r) == "stale"]:
             return (f"was cut by `diffumask filter` on masks that {len(stale)} of its items no longer have (e.g. "
                     f"{stale[0]}, refined since); delete {self.root / 'noise'} and run filter again to cut on these masks")
-        return (f"was cut by `diffumask filter` on scores of other masks than today's (filter has scored these since); "
-                f"cut it again from today's scores: diffumask filter {self.root} --recut --name {split} --prune α")
+        return f"was cut by `diffumask filter` on scores of other masks than today's (filter has scored these since); {recut}"
 
 
 class BackgroundWriter:

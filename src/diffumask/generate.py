@@ -22,6 +22,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -312,9 +313,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     model = _same_model_as_recorded(model, recorded.get("model"))
     if (isinstance(was := recorded.get("model"), str) and model != was and Path(was).is_absolute()
             and not Path(was).exists() and Path(model).is_dir()):
+        link = f"mkdir -p {shlex.quote(str(Path(was).parent))} && ln -sfn {shlex.quote(model)} {shlex.quote(was)}"
         raise ConfigError(f"{config.out} was made with the model folder {was}, which no longer exists; a dataset "
                           f"resumes only with the model it was made with: if {model} is that model moved, link the old "
-                          f"path to it (ln -s {model} {was}) and re-run, or choose another --out")
+                          f"path to it ({link}) and re-run, or choose another --out")
     config = dataclasses.replace(config, model=model)
     bank: PromptBank = resolve_bank(config.prompts, model)
     if config.compose:

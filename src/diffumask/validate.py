@@ -194,7 +194,7 @@ def _check_splits(dataset: Dataset, records: list[dict]) -> Iterator[Problem]:
             continue
         ids = listed[split].read_text().split()
         if split not in by_split:  # a selection (filter's "filtered", its fold lists): any manifest items
-            if problem := dataset.cut_problem(split):  # refused where it is read
+            if problem := dataset.cut_problem(split, records):  # refused where it is read
                 yield Problem(where, problem)
             if unknown := [i for i in ids if i not in every]:
                 yield Problem(where, f"lists {len(unknown)} items the manifest does not hold: "

@@ -23,6 +23,7 @@ Every export is built in a temporary sibling folder and renamed into place when 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -273,14 +274,14 @@ def _export_ade20k(dataset: Dataset, records: Sequence[dict[str, Any]], out: Pat
         target = root / "images" / folder / f"{record['id']}.jpg"
         if image_path.suffix == ".jpg":
             _copy(image_path, target)
-        else:  # ADE20K readers look for .jpg: quality 95 as our own JPEGs, colour at full resolution (4:4:4), since
-            _save_rgb(image_path, target, "JPEG", quality=95, subsampling=0)  # halved chroma bleeds across edges
+        else:  # ADE20K readers look for .jpg: the dataset's quality, colour at full resolution (4:4:4) as its own
+            _save_rgb(image_path, target, "JPEG", quality=dataset.jpeg_quality, subsampling=0)  # JPEGs: no edge bleed
         _write_png(root / "annotations" / folder / f"{record['id']}.png", lut[mask])
     other_splits = sorted({r.get("split", "train") for r in records} - set(ADE_SPLITS))
     if other_splits:
         notes.append(f"splits without an ADE20K folder kept their own name: {', '.join(other_splits)}")
-    (root / "objectInfo.csv").write_text("Idx,Name\n" + "".join(f"{i},{n}\n" for i, n in enumerate(names)),
-                                         encoding="utf-8")
+    with open(root / "objectInfo.csv", "w", newline="", encoding="utf-8") as file:  # quoted where a name needs it
+        csv.writer(file).writerows([("Idx", "Name"), *enumerate(names)])
     return notes
 
 

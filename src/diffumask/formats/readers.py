@@ -182,14 +182,16 @@ class CityscapesSource(LabelledSource):
 
 
 def ade20k_names(root: Path) -> list[str]:
-    """The classes of annotation values 1, 2, …: ADE20K's 150, or those ``objectInfo.csv`` lists (``diffumask
-    export --format ade20k`` of classes that are not all ADE's writes its own order there, ``Idx,Name``, 0 = other)."""
+    """The classes of annotation values 1, 2, …: those ``objectInfo.csv`` lists (``diffumask export --format
+    ade20k`` writes it, ``Idx,Name`` from 0 = other: ADE's 150, or the dataset's own classes when they are not all
+    ADE's), else ADE20K's 150 (the official release has no such file)."""
     listing = root / "objectInfo.csv"
     if not listing.is_file():
         return list(ADE20K_CLASSES)
-    with open(listing, newline="", encoding="utf-8") as file:
+    with open(listing, newline="", encoding="utf-8-sig") as file:  # -sig: a table saved again by a spreadsheet
         rows = list(csv.DictReader(file))
-    if [row.get("Idx") for row in rows] != [str(i) for i in range(len(rows))] or not rows:
+    if (not rows or [row.get("Idx") for row in rows] != [str(i) for i in range(len(rows))]
+            or any(None in row or row.get("Name") is None for row in rows)):
         raise SourceError(f"{listing} is not an Idx,Name table numbered 0, 1, 2, … (the one diffumask export writes); "
                           "move it out of the dataset to read it with ADE20K's 150 classes")
     return [row["Name"] for row in rows[1:]]
