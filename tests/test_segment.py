@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,25 @@ def test_the_papers_presets_clip_the_gradient_and_runs_can_choose(shapes_data, t
     for flag, expected in ((["--max-grad-norm", "0"], 0.0), ([], 0.01)):
         main(["train", str(shapes_data), "--out", str(tmp_path / "cli"), "--preset", "r50", *flag])
         assert seen[-1].resolved_preset().schedule.max_grad_norm == expected
+
+
+def test_a_resume_with_another_number_of_processes_says_it_will_not_be_bit_identical(shapes_data, tmp_path):
+    """The checkpoint records how many processes trained it; the same run resumed by another number goes on (the
+    settings do not say where it runs) with a warning, since gradients are reduced across other processes."""
+    config = TrainConfig(data=[str(shapes_data)], out=str(tmp_path / "run"), steps=4, save_every=1, **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False, on_step=_kill_at(2))  # checkpoint at step 1 (and 2), then killed
+    run = RunFolder(tmp_path / "run")
+    state = run.load_checkpoint()
+    assert state["processes"] == 1
+    run.save_checkpoint({**state, "processes": 2})  # as if two processes had trained it so far
+    with pytest.warns(UserWarning, match=r"trained by 2 process\(es\) up to step 2 and goes on with 1: it resumes, "
+                                         r"but its weights will not be bit-identical"):
+        with pytest.raises(KeyboardInterrupt):
+            train(config, progress=False, on_step=_kill_at(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resumed by as many processes as trained it: silent
+        train(config, progress=False)
 
 
 def test_a_run_resumes_with_its_data_spelled_relative_or_absolute(tmp_path, monkeypatch):

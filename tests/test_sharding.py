@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataset_factory import snapshot
+from dataset_factory import make_dataset, snapshot
 
 from diffumask.cli import main
 from diffumask.dataset import Dataset
@@ -119,6 +119,22 @@ def test_a_sharded_generate_says_it_finished_its_share(tmp_path, saved_pipelines
     assert 0 < written < 4  # this worker's batches only
     assert capsys.readouterr().out.splitlines() == [
         f"{written} items in {out} so far (worker 2 of 2 finished its share)"]
+
+
+def test_commands_that_do_not_shard_refuse_a_launcher(tmp_path, monkeypatch, capsys):
+    """augment, predict and evaluate under torchrun/srun: every worker would do all the work and append each item to
+    the manifest once per worker; refused in one line before anything is written."""
+    data = make_dataset(tmp_path / "data", n=2, size=32, soft_maps=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (["augment", str(data.root), "--out", str(tmp_path / "aug")],
+                    ["predict", str(tmp_path / "run"), str(data.root), "--out", str(tmp_path / "pred")],
+                    ["evaluate", str(tmp_path / "run"), str(data.root)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err == (f"diffumask: error: {command[0]} runs as one process; run it without torchrun/srun (generate, "
+                       "refine and train are the commands that share their work between workers)\n"), err
+    assert not (tmp_path / "aug").exists() and not (tmp_path / "pred").exists()
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .dataset import IGNORE_INDEX, Dataset, resize_labels
-from .distributed import Worker
+from .distributed import Worker, require_one_process
 from .errors import ConfigError, DiffumaskError
 
 Pair = tuple[np.ndarray, np.ndarray]  # (H, W, 3) uint8 image, (H, W) uint8 labels
@@ -268,6 +268,7 @@ def compose(rng: np.random.Generator, ids: Sequence[str], read: Callable[[str], 
 
 def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, progress: bool = True) -> Dataset:
     """Run ``augment`` (see the module docstring): finished items are skipped on a re-run."""
+    require_one_process("augment")
     dataset = Dataset(source)
     if Path(out).resolve() == dataset.root.resolve():
         raise ConfigError(f"--out {out} is the dataset being augmented; augment writes a new dataset folder beside it "

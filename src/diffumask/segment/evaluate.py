@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..dataset import IGNORE_INDEX, write_text_atomic
+from ..distributed import require_one_process
 from ..errors import ConfigError
 from ..formats import open_source
 from ..formats.names import canonical, match_names, normalise
@@ -189,6 +190,7 @@ def evaluate_run(run_dir: str | Path, data: str, split: str = "test", unseen: It
                  protocol: str | None = None, device: str | None = None, batch_size: int = 16,
                  progress: bool = True, json_path: str | Path | None = None) -> Evaluation:
     """Predict every image of ``split`` with the run and score it; optionally write the result as JSON."""
+    require_one_process("evaluate")
     if json_path is not None and Path(json_path).is_dir():
         raise ConfigError(f"--json {json_path} is a folder; name the JSON file to write "
                           f"(e.g. {Path(json_path) / 'eval.json'})")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..dataset import read_label_map, write_label_map, write_palette_png, write_text_atomic
+from ..distributed import require_one_process
 from ..errors import ConfigError
 from ..formats import LabelledSource, open_source
 from ..models import check_device
@@ -76,6 +77,7 @@ def predict_folder(run_dir: str | Path, data: str, out: str | Path, split: str =
                    batch_size: int = 16, progress: bool = True) -> Path:
     """Write ``out/<id>.png`` (palette PNGs in the run's indices) and ``out/classes.json``; images already
     predicted are skipped, so a killed run resumes."""
+    require_one_process("predict")
     run = RunFolder(run_dir)
     source = open_source(data)
     out = Path(out)

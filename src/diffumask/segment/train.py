@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,11 @@ def train(config: TrainConfig, progress: bool = True,
     state = run.load_checkpoint()
     start = 0 if state is None else int(state["step"])
     elapsed_before = 0.0 if state is None else float(state.get("elapsed", 0.0))  # training seconds before a resume
+    if state is not None and state.get("processes", accelerator.num_processes) != accelerator.num_processes:
+        if accelerator.is_main_process:
+            warnings.warn(f"{run.root} was trained by {state['processes']} process(es) up to step {start} and goes on with "
+                          f"{accelerator.num_processes}: it resumes, but its weights will not be bit-identical to an "
+                          "uninterrupted run's (gradients are reduced across another number of processes)", stacklevel=2)
     if start >= schedule.steps and run.model_dir.is_dir():
         return run
 
@@ -212,7 +218,8 @@ def train(config: TrainConfig, progress: bool = True,
             if accelerator.is_main_process:
                 run.save_checkpoint({"step": done, "model": accelerator.unwrap_model(model).model.state_dict(),
                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                     "elapsed": elapsed_before + time.perf_counter() - began})
+                                     "elapsed": elapsed_before + time.perf_counter() - began,
+                                     "processes": accelerator.num_processes})
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(done)
