@@ -109,7 +109,7 @@ def test_resume_with_another_number_of_workers(tmp_path, sd1_pipe, monkeypatch):
     assert snapshot(out) == snapshot(reference)
 
 
-def test_a_sharded_generate_says_it_finished_its_share(tmp_path, saved_pipelines, monkeypatch, capsys):
+def test_a_sharded_generate_says_it_finished_its_share_or_the_dataset(tmp_path, saved_pipelines, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "d"
@@ -119,6 +119,12 @@ def test_a_sharded_generate_says_it_finished_its_share(tmp_path, saved_pipelines
     assert 0 < written < 4  # this worker's batches only
     assert capsys.readouterr().out.splitlines() == [
         f"{written} items in {out} so far (worker 2 of 2 finished its share)"]
+    monkeypatch.setenv("RANK", "0")  # the other worker, finishing last, merges the shards: it says so
+    assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "2",
+                 "--steps", "1", "--batch-size", "1", "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"4 items in {out} (worker 1 of 2 finished the last share: the dataset is complete)"]
+    assert not Dataset(out).shard_paths() and (out / "manifest.jsonl").is_file()
 
 
 def test_commands_that_do_not_shard_refuse_a_launcher(tmp_path, monkeypatch, capsys):

@@ -168,8 +168,11 @@ def _run_generate(args: argparse.Namespace) -> None:
     from .distributed import current_worker
 
     worker = current_worker()
-    finished = (f" so far (worker {worker.rank + 1} of {worker.world_size} finished its share)" if worker.sharded
-                else "")
+    finished = ""
+    if worker.sharded:  # the worker that finishes the last item merges the shards: the dataset is whole
+        finished = (f" (worker {worker.rank + 1} of {worker.world_size} finished the last share: the dataset is "
+                    "complete)" if not dataset.shard_paths() else
+                    f" so far (worker {worker.rank + 1} of {worker.world_size} finished its share)")
     print(f"{len(dataset.records())} items in {dataset.root}{finished}")
 
 
