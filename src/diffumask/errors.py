@@ -31,6 +31,9 @@ def one_line(error: BaseException) -> str:
     return text.rstrip().splitlines()[-1]
 
 
+ABSENT = object()  # a setting one side does not record
+
+
 def setting_differences(old: Any, new: Any, holder: str, key: str = "",
                         normalise: Callable[[str, Any], Any] = lambda key, value: value) -> list[str]:
     """Each setting that differs between a folder's recorded settings and a re-run's, by its dotted path with both
@@ -44,9 +47,6 @@ def setting_differences(old: Any, new: Any, holder: str, key: str = "",
     if normalise(key, old) == normalise(key, new):
         return []
     return [f"{key} differs: {_shown(old)} in the {holder}, {_shown(new)} now"]
-
-
-ABSENT = object()  # a setting one side does not record
 
 
 def _shown(value: Any) -> str:

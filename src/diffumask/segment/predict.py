@@ -99,8 +99,8 @@ def predict_folder(run_dir: str | Path, data: str, out: str | Path, split: str =
     todo = [i for i in source.ids(split) if not (out / f"{i}.png").is_file()]
     if not (out / "classes.json").is_file():
         write_label_map(out, run.classes)
-    if earlier != made_by:  # a new folder, one a call left before its first image, a moved run, or one from before
-        write_text_atomic(out / PREDICTED_BY, json.dumps(made_by, indent=1) + "\n")  # predicted_by.json was written
+    if earlier != made_by:  # a new folder, a moved run, or one left before its first image or before this record
+        write_text_atomic(out / PREDICTED_BY, json.dumps(made_by, indent=1) + "\n")
     for item_id, prediction, _ in iter_predictions(run, source, split, device, batch_size, progress, ids=todo):
         write_palette_png(out / f"{item_id}.png", prediction)
     return out
