@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import statistics
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -125,6 +126,46 @@ def test_a_killed_filter_keeps_its_finished_folds(tmp_path):
     again = filter_dataset(config(dataset.root), progress=False)
     assert again.trained_folds == 1 and again.kept == first.kept
     assert json.loads((dataset.root / "noise" / "fold-1" / "scores.json").read_text()) == scores
+
+
+@pytest.mark.slow
+def test_filter_under_torchrun_trains_together_scores_shares_and_reports_once(tmp_path):
+    """Two CPU workers train each fold together, each scores half of its held-out items, and the first writes and
+    reports: every item's recorded score is the one its fold's model gives it, one table, no fold lists left."""
+    import os
+    import subprocess
+    import sys
+
+    from diffumask.formats import open_source
+    from diffumask.segment.data import label_lut
+    from diffumask.segment.predict import iter_predictions
+
+    dataset = make_dataset(tmp_path / "data", n=12, size=32, soft_maps=False, splits=("train",))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffumask",
+               "filter", str(dataset.root), "--folds", "2", "--prune", "0.5", "--steps", "2", "--batch-size", "4",
+               "--crop", "32", "--workers", "0", "--device", "cpu", "--quiet"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [line.split()[0] for line in done.stdout.splitlines()].count("kept") == 1, done.stdout  # one report
+    items = Dataset(dataset.root).records()
+    source = open_source(str(dataset.root))
+    for fold in range(2):  # each fold's scores, recomputed here from its model: the gathered shares in their places
+        run = RunFolder(dataset.root / "noise" / f"fold-{fold}" / "run")
+        held_out = [r for r in items if r["noise"]["fold"] == fold]
+        [trained_on] = run.trained_ids()
+        assert held_out and not {r["id"] for r in held_out} & set(trained_on)
+        lut = label_lut(source, run.classes)
+        by_id = {r["id"]: r for r in held_out}
+        for item_id, prediction, truth in iter_predictions(run, source, split="", device="cpu", progress=False,
+                                                           ids=list(by_id)):
+            labels = [run.classes.index(c) for c in by_id[item_id]["classes"]]
+            assert by_id[item_id]["noise"]["score"] == pytest.approx(item_score(prediction, lut[truth], labels),
+                                                                     abs=1e-6)
+    sizes = Counter(noise.primary_class(r) for r in items)
+    assert len(Dataset(dataset.root).split_ids("filtered")) == sum(n - n // 2 for n in sizes.values())
+    assert {p.stem for p in dataset.root.glob("ImageSets/Segmentation/*.txt")} == {"train", "filtered"}
+    assert validate_dataset(dataset.root)[0] == []
 
 
 def test_scores_belong_to_the_masks_they_were_scored_on(tmp_path):

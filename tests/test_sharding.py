@@ -139,7 +139,7 @@ def test_commands_that_do_not_shard_refuse_a_launcher(tmp_path, monkeypatch, cap
         assert main(command) == 2, command
         err = capsys.readouterr().err
         assert err == (f"diffumask: error: {command[0]} runs as one process; run it without torchrun/srun (generate, "
-                       "refine and train are the commands that share their work between workers)\n"), err
+                       "refine, train and filter are the commands that share their work between workers)\n"), err
     assert not (tmp_path / "aug").exists() and not (tmp_path / "pred").exists()
 
 

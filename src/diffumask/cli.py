@@ -521,7 +521,8 @@ def _add_filter(sub: argparse._SubParsersAction) -> None:
                     "run resumes and keeps finished folds.",
         epilog="examples:\n"
                "  diffumask filter data/voc --folds 3 --prune 0.7 --preset r50 --init-from ./resnet-50 --device cuda\n"
-               "  diffumask filter data/voc --prune 0.5 --recut                 # another cut, no training\n",
+               "  diffumask filter data/voc --prune 0.5 --recut                 # another cut, no training\n"
+               "  torchrun --nproc_per_node 8 -m diffumask filter data/voc      # 8 GPUs train each fold together\n",
     )
     p.add_argument("dataset", metavar="DATASET", help="a diffumask dataset folder with masks")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds, at least 2 (default: 3)")
@@ -540,6 +541,7 @@ def _add_filter(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_filter(args: argparse.Namespace) -> None:
+    from .distributed import current_worker
     from .noise import FilterConfig, filter_dataset
 
     _quiet_transformers()
@@ -547,6 +549,8 @@ def _run_filter(args: argparse.Namespace) -> None:
                           prune=args.prune, split=args.split, name=args.name, min_area=args.min_area, max_area=args.max_area,
                           seed=args.seed)
     result = filter_dataset(config, progress=not args.quiet, recut=args.recut)
+    if current_worker().rank != 0:
+        return  # under a launcher the first worker reports
     by_score = sum(cut.pruned_by_score for cut in result.classes.values())
     by_area = sum(cut.pruned_by_area for cut in result.classes.values())
     print(f"kept {len(result.kept)} of {len(result.kept) + len(result.pruned)} items ({by_score} pruned by score, "

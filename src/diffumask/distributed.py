@@ -76,8 +76,8 @@ def require_one_process(command: str) -> None:
     """Refuse a launcher for a command that does not shard its work: every worker would do all of it, write the
     same files and, appending to one manifest, list each item once per worker."""
     if current_worker().sharded:
-        raise ConfigError(f"{command} runs as one process; run it without torchrun/srun (generate, refine and train "
-                          "are the commands that share their work between workers)")
+        raise ConfigError(f"{command} runs as one process; run it without torchrun/srun (generate, refine, train "
+                          "and filter are the commands that share their work between workers)")
 
 
 __all__ = ["Worker", "current_worker", "require_one_process"]

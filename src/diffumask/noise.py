@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 
 from .dataset import CUT_SUFFIX, IGNORE_INDEX, Dataset, scored_masks, write_text_atomic
+from .distributed import Worker, current_worker
 from .errors import ConfigError, DiffumaskError
 from .formats import open_source
 from .segment.data import label_lut
-from .segment.predict import iter_predictions
+from .segment.predict import iter_predictions, pick_device
 from .segment.train import TrainConfig, train
 
 SPLIT_PREFIX = "noise-train-"  # ImageSets/Segmentation/noise-train-<k>.txt: fold k's training items
@@ -144,8 +145,12 @@ def _records(dataset: Dataset, config: FilterConfig) -> list[dict[str, Any]]:
     return [r for r in dataset.records() if r.get("split", "train") == config.split]
 
 
-def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> int:
-    """Train and score every unfinished fold; returns how many were trained."""
+def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> tuple[int, dict[str, dict[str, Any]]]:
+    """Train and score every unfinished fold: how many were trained, and every item's ``noise`` record.
+
+    Under a launcher the workers train each fold together (``train``'s data parallelism), score a share of
+    its held-out items each on their own device, and gather the shares; only the first writes."""
+    worker = current_worker()
     records = _records(dataset, config)
     by_id = {r["id"]: r for r in records}
     assignment = assign_folds(records, config.folds, config.seed)
@@ -163,36 +168,53 @@ def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> int:
         if earlier != settings:
             raise DiffumaskError(f"{work} holds folds trained with other settings or items; re-run with the same "
                                  "options to resume, or delete that folder to start again")
-    write_text_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
+    if worker.rank == 0:
+        write_text_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
     trained = 0
+    updates: dict[str, dict[str, Any]] = {}
     for fold in range(config.folds):
         scores_path = work / f"fold-{fold}" / "scores.json"
-        if scores_path.is_file():
-            continue  # finished by an earlier run
-        held_out = [r["id"] for r in records if assignment[r["id"]] == fold]
-        training = [r["id"] for r in records if assignment[r["id"]] != fold]
-        write_text_atomic(dataset.root / "ImageSets" / "Segmentation" / f"{SPLIT_PREFIX}{fold}.txt",
-                          "".join(f"{i}\n" for i in training))
-        run_config = dataclasses.replace(config.training, data=[str(dataset.root)], out=str(work / f"fold-{fold}" / "run"),
-                                         split=f"{SPLIT_PREFIX}{fold}", weights=None)
-        run = train(run_config, progress=progress)
-        source = open_source(str(dataset.root))
-        lut = label_lut(source, run.classes)
-        scores = {}
-        for item_id, prediction, truth in iter_predictions(run, source, split="", device=config.training.device,
-                                                           progress=progress, ids=held_out):
-            labels = [run.classes.index(name) for name in by_id[item_id]["classes"] if name in run.classes]
-            scores[item_id] = round(item_score(prediction, lut[truth], labels), 6)
-        write_text_atomic(scores_path, json.dumps({"fold": fold, "scores": scores}, indent=1) + "\n")
-        trained += 1
-    for fold in range(config.folds):  # the folds' training lists are settings.json's assignment: not splits to keep
-        (dataset.root / "ImageSets" / "Segmentation" / f"{SPLIT_PREFIX}{fold}.txt").unlink(missing_ok=True)
-    updates = {}
-    for fold in range(config.folds):
-        for item_id, score in json.loads((work / f"fold-{fold}" / "scores.json").read_text())["scores"].items():
-            updates[item_id] = {"noise": {"fold": fold, "score": score, "mask": masks[item_id]}}
-    dataset.update_records(updates)
-    return trained
+        if scores_path.is_file():  # finished by an earlier run
+            scores = json.loads(scores_path.read_text())["scores"]
+        else:
+            scores = _train_fold(dataset, config, fold, assignment, by_id, worker, progress)
+            if worker.rank == 0:
+                write_text_atomic(scores_path, json.dumps({"fold": fold, "scores": scores}, indent=1) + "\n")
+            trained += 1
+        updates.update({i: {"noise": {"fold": fold, "score": score, "mask": masks[i]}} for i, score in scores.items()})
+    if worker.rank == 0:
+        for fold in range(config.folds):  # the folds' training lists are settings.json's assignment: not splits to keep
+            (dataset.root / "ImageSets" / "Segmentation" / f"{SPLIT_PREFIX}{fold}.txt").unlink(missing_ok=True)
+        dataset.update_records(updates)
+    return trained, updates
+
+
+def _train_fold(dataset: Dataset, config: FilterConfig, fold: int, assignment: Mapping[str, int],
+                by_id: Mapping[str, Mapping[str, Any]], worker: Worker, progress: bool) -> dict[str, float]:
+    """Fold ``fold``'s model, trained on the other folds, and its held-out items' scores (all of them, on every
+    worker: each scores its share and the shares are gathered)."""
+    held_out = [i for i in by_id if assignment[i] == fold]
+    training = [i for i in by_id if assignment[i] != fold]
+    write_text_atomic(dataset.root / "ImageSets" / "Segmentation" / f"{SPLIT_PREFIX}{fold}.txt",
+                      "".join(f"{i}\n" for i in training))  # the same text from every worker
+    run_config = dataclasses.replace(config.training, data=[str(dataset.root)], out=str(_work(dataset) / f"fold-{fold}" / "run"),
+                                     split=f"{SPLIT_PREFIX}{fold}", weights=None)
+    run = train(run_config, progress=progress and worker.rank == 0)
+    source = open_source(str(dataset.root))
+    lut = label_lut(source, run.classes)
+    scores = {}
+    device = worker.device(str(pick_device(config.training.device)))
+    for item_id, prediction, truth in iter_predictions(run, source, split="", device=device,
+                                                       progress=progress and worker.rank == 0, ids=worker.take(held_out)):
+        labels = [run.classes.index(name) for name in by_id[item_id]["classes"] if name in run.classes]
+        scores[item_id] = round(item_score(prediction, lut[truth], labels), 6)
+    if worker.sharded:  # train opened the workers' process group (accelerate)
+        import torch.distributed
+
+        shares: list[Any] = [None] * worker.world_size
+        torch.distributed.all_gather_object(shares, scores)
+        scores = {i: score for share in shares for i, score in share.items()}
+    return {i: scores[i] for i in held_out}
 
 
 def _area(dataset: Dataset, record: Mapping[str, Any]) -> float:
@@ -229,8 +251,8 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
             raise DiffumaskError(f"{len(stale)} item(s) have a new mask since they were scored (e.g. {stale[0]}); "
                                  f"delete {_work(dataset)} and run filter without --recut to score them again")
     else:
-        trained = _train_folds(dataset, config, progress)
-        records = _records(dataset, config)
+        trained, updates = _train_folds(dataset, config, progress)
+        records = [{**r, **updates.get(r["id"], {})} for r in records]  # as written: another worker may not have yet
     pruned: dict[str, str] = {}
     by_class: dict[str, list[Mapping[str, Any]]] = {}
     by_area: Counter[str] = Counter()
@@ -258,8 +280,9 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
     text = "".join(f"{i}\n" for i in kept)
     cut = {"list_sha256": hashlib.sha256(text.encode()).hexdigest(),
            "scored_masks": scored_masks(r for r in records if r["id"] not in pruned)}  # what Dataset.split_ids checks
-    write_text_atomic(split_path.with_name(f"{config.name}{CUT_SUFFIX}"), json.dumps(cut, indent=1) + "\n")
-    write_text_atomic(split_path, text)
+    if current_worker().rank == 0:  # under a launcher every worker cuts the same; the first writes
+        write_text_atomic(split_path.with_name(f"{config.name}{CUT_SUFFIX}"), json.dumps(cut, indent=1) + "\n")
+        write_text_atomic(split_path, text)
     return FilterResult(kept, pruned, split_path, trained, cuts)
 
 
