@@ -84,7 +84,8 @@ def _duplicate_line(root: Path) -> None:
 
 def _leftovers(root: Path) -> None:
     (root / "SegmentationClass" / ".item_0004.png.ab12cd.tmp").write_bytes(b"half")
-    (root / "manifest.1.jsonl").write_text('{"id": "item_0099"}\n')  # a stopped sharded run's finished item
+    line = (root / "manifest.jsonl").read_text().splitlines()[0]  # item_0000, as a sharded refine rewrote it
+    (root / "manifest.1.jsonl").write_text('{"id": "item_0099"}\n' + line + "\n")  # and a sharded run's new item
     shutil.copy(root / "JPEGImages" / "item_0000.png", root / "JPEGImages" / "item_0099.png")
     shutil.copy(root / "JPEGImages" / "item_0000.png", root / "JPEGImages" / "item_0098.png")  # an unfinished one
 
@@ -120,19 +121,19 @@ BREAKS = {
                            ["manifest.jsonl:7: torn last line (a killed write); the next run will drop it"]),
     "bad shard line": (_bad_shard_line, [
         "manifest.1.jsonl:1: not a JSON object with an 'id'",
-        "manifest.1.jsonl: manifest shard not merged into manifest.jsonl (a sharded run stopped before its end: "
-        "re-run the same command, with any number of workers, to finish)"]),
+        "manifest.1.jsonl: manifest shard not merged into manifest.jsonl: 1 finished item(s), 1 not listed there yet "
+        "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)"]),
     "duplicate": (_duplicate_line, ["item_0000: listed twice in manifest.jsonl (a refine was interrupted: re-run it to finish)"]),
     "leftovers": (_leftovers, [
         "SegmentationClass/.item_0004.png.ab12cd.tmp: temporary file of an interrupted write; delete it",
-        "manifest.1.jsonl: manifest shard not merged into manifest.jsonl (a sharded run stopped before its end: "
-        "re-run the same command, with any number of workers, to finish)",
+        "manifest.1.jsonl: manifest shard not merged into manifest.jsonl: 2 finished item(s), 1 not listed there yet "
+        "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
         "JPEGImages/item_0098.png: belongs to no manifest item (an unfinished item: re-run the command that "
         "made the dataset, or delete it)"]),
     "shards only": (_shards_only, [
         "manifest.0.jsonl:7: torn last line (a killed write); the next run will drop it",
-        "manifest.0.jsonl: manifest shard not merged into manifest.jsonl (a sharded run stopped before its end: "
-        "re-run the same command, with any number of workers, to finish)",
+        "manifest.0.jsonl: manifest shard not merged into manifest.jsonl: 6 finished item(s), 6 not listed there yet "
+        "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
         "manifest.orig.jsonl: not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never merged; move it "
         "out of the dataset",
         "SegmentationClass/.item_0001.pending.png: a mask a stopped refine wrote beside the item's own (committed or "

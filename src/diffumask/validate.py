@@ -14,7 +14,7 @@ import json
 import os
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,14 +152,14 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
     soft_maps = (root / "SoftMaps").is_dir() and any((root / "SoftMaps").iterdir())
     records = []
     seen: set[str] = set()
-    in_shards: set[str] = set()  # finished items of a sharded run that was stopped, in its unmerged shards
+    shard_ids: dict[Path, set[str]] = {}  # finished items of a sharded run that was stopped, in its unmerged shards
     for path in dataset.shard_paths():
         for entry in _entries(path):
             if isinstance(entry, Problem):
                 problems.append(entry)
             else:
-                in_shards.add(entry["id"])
-    if not dataset.manifest_path.is_file() and not in_shards:  # else the shards' own problem says what happened
+                shard_ids.setdefault(path, set()).add(entry["id"])
+    if not dataset.manifest_path.is_file() and not shard_ids:  # else the shards' own problem says what happened
         problems.append(Problem("manifest.jsonl", "missing: the dataset has no finished item"))
     for entry in _entries(dataset.manifest_path) if dataset.manifest_path.is_file() else ():
         if isinstance(entry, Problem):
@@ -175,7 +175,7 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
         records.append(entry)
         problems.extend(_check_item(dataset, entry, n_classes, soft_maps))
     problems.extend(_check_splits(dataset, records))
-    problems.extend(_check_files(dataset, seen | in_shards))
+    problems.extend(_check_files(dataset, seen, shard_ids))
     return problems, len(records)
 
 
@@ -214,15 +214,20 @@ def _check_splits(dataset: Dataset, records: list[dict]) -> Iterator[Problem]:
             yield Problem(where, "lists an item more than once")
 
 
-def _check_files(dataset: Dataset, ids: set[str]) -> Iterator[Problem]:
+def _check_files(dataset: Dataset, listed: set[str], shard_ids: Mapping[Path, set[str]]) -> Iterator[Problem]:
+    """Leftovers of interrupted writes, unmerged or foreign manifest shards, and files of no item that
+    manifest.jsonl (``listed``) or an unmerged shard holds."""
     root = dataset.root
+    ids = listed.union(*shard_ids.values())
     for path in sorted(root.rglob("*")):
         if path.is_file() and TEMPORARY.match(path.name):
             yield Problem(str(path.relative_to(root)), "temporary file of an interrupted write; delete it")
     shards = set(dataset.shard_paths())
     for path in sorted(root.glob("manifest.*.jsonl")):
         if path in shards:
-            yield Problem(path.name, "manifest shard not merged into manifest.jsonl (a sharded run stopped before "
+            held = shard_ids.get(path, set())
+            yield Problem(path.name, f"manifest shard not merged into manifest.jsonl: {len(held)} finished item(s), "
+                                     f"{len(held - listed)} not listed there yet (a sharded run stopped before "
                                      "its end: re-run the same command, with any number of workers, to finish)")
         else:
             yield Problem(path.name, "not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never "
