@@ -231,6 +231,11 @@ def test_an_interrupted_command_says_what_it_kept(argv, kept, monkeypatch, capsy
     assert main(argv) == 130
     said = f"diffumask: interrupted; {kept}, re-run the same command to resume" if kept else "diffumask: interrupted"
     assert capsys.readouterr().err.splitlines() == [said]
+    monkeypatch.setenv("RANK", "1")  # under torchrun every worker is interrupted: only the first says so
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv) == 130 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 130 and capsys.readouterr().err.splitlines() == [said]
 
 
 def test_a_killed_refine_leaves_every_mask_with_its_manifest_line(dataset, monkeypatch):

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import DiffumaskError, one_line
+from .errors import ConfigError, DiffumaskError, one_line
 from .models import SCHEDULERS
 from .softmaps import SELF_ATTENTION_KEEP
 
@@ -866,11 +866,12 @@ def _main(argv: Sequence[str] | None) -> int:
         where = f": {error.filename}" if error.filename else ""
         print(f"diffumask: error: {error.strerror or one_line(error)}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        command = f"shapes {args.shapes_command}" if args.command == "shapes" else args.command
-        kept = KEPT_ON_INTERRUPT.get(command)
-        print(f"diffumask: interrupted; {kept}, re-run the same command to resume" if kept else "diffumask: interrupted",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # under a launcher every worker gets the signal; the first says so
+        if _first_worker():
+            command = f"shapes {args.shapes_command}" if args.command == "shapes" else args.command
+            kept = KEPT_ON_INTERRUPT.get(command)
+            print(f"diffumask: interrupted; {kept}, re-run the same command to resume" if kept else
+                  "diffumask: interrupted", file=sys.stderr)
         return 130
     finally:  # a gloo group still open at shutdown can abort a torchrun rank after its work is done
         # ("terminate called without an active exception"); closed here, at the command's end, and not
@@ -878,6 +879,16 @@ def _main(argv: Sequence[str] | None) -> int:
         if _process_group_open() and not group_was_open:
             _torch_distributed().destroy_process_group()
     return status or 0
+
+
+def _first_worker() -> bool:
+    """Whether this process is the first (or only) worker of its launcher."""
+    from .distributed import current_worker
+
+    try:
+        return current_worker().rank == 0
+    except ConfigError:  # unreadable launcher variables: a lone process
+        return True
 
 
 def _torch_distributed() -> Any:
