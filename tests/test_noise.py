@@ -166,6 +166,72 @@ def test_filter_under_torchrun_trains_together_scores_shares_and_reports_once(tm
     assert len(Dataset(dataset.root).split_ids("filtered")) == sum(n - n // 2 for n in sizes.values())
     assert {p.stem for p in dataset.root.glob("ImageSets/Segmentation/*.txt")} == {"train", "filtered"}
     assert validate_dataset(dataset.root)[0] == []
+    scores = (dataset.root / "noise" / "fold-1" / "scores.json").read_bytes()
+    (dataset.root / "noise" / "fold-1" / "scores.json").unlink()  # killed after fold 1's model, before its scores
+    again = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=300)  # fold 0 as the first worker read it, fold 1 scored again by both
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (dataset.root / "noise" / "fold-1" / "scores.json").read_bytes() == scores
+    assert Dataset(dataset.root).records() == items
+
+
+def test_a_worker_scores_its_share_on_its_own_gpu_and_leaves_the_writing_to_the_first(tmp_path, monkeypatch):
+    """Worker 1 of 2 on a 2-GPU node (the group and its collectives stood in for): it predicts every second
+    held-out item on cuda:1, takes the other worker's share from the gather, writes nothing; a share that failed
+    elsewhere fails here in one sentence that names the worker."""
+    import accelerate
+
+    dataset = make_dataset(tmp_path / "data", n=8, size=32, soft_maps=False, splits=("train",))
+    before = {p: p.read_bytes() for p in dataset.root.rglob("*") if p.is_file()}
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: None)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda shared, src: shared.__setitem__(0, {}))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(noise, "pick_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(noise, "train", lambda config, progress: RunFolder.__new__(RunFolder))
+    monkeypatch.setattr(RunFolder, "classes", ["background", *Dataset(dataset.root).classes], raising=False)
+    asked = []
+
+    def predictions(run, source, split, device, ids, progress):
+        asked.append((device, ids))
+        for item_id in ids:
+            yield item_id, source.read(item_id)[1], source.read(item_id)[1]  # a perfect prediction: score 1
+
+    monkeypatch.setattr(noise, "iter_predictions", predictions)
+    assignment = assign_folds(Dataset(dataset.root).records(), 2, 0)
+    held_out = {fold: [r["id"] for r in Dataset(dataset.root).records() if assignment[r["id"]] == fold]
+                for fold in range(2)}
+    monkeypatch.setattr(noise, "_gather", lambda worker, mine: [({i: 0.0 for i in held_out[len(asked) - 1][0::2]},
+                                                                  None), mine])
+    trained, updates = noise._train_folds(Dataset(dataset.root), config(dataset.root, folds=2), progress=False)
+    assert asked == [("cuda:1", held_out[0][1::2]), ("cuda:1", held_out[1][1::2])]
+    assert trained == 2 and {i: (u["noise"]["fold"], u["noise"]["score"]) for i, u in updates.items()} == {
+        i: (fold, 1.0 if i in held_out[fold][1::2] else 0.0) for fold in range(2) for i in held_out[fold]}
+    asked.clear()
+    assert filter_dataset(config(dataset.root, folds=2), progress=False).kept  # the cut, as the first worker's
+    assert {p: p.read_bytes() for p in dataset.root.rglob("*") if p.is_file() and "noise-train" not in p.name} == before
+    monkeypatch.setattr(noise, "_gather", lambda worker, mine: [(None, "CUDA out of memory"), mine])
+    with pytest.raises(DiffumaskError, match=r"^worker 0 of 2 failed to score fold 0's held-out items: CUDA out of "
+                                             r"memory$"):
+        filter_dataset(config(dataset.root, folds=2), progress=False)
+
+
+@pytest.mark.parametrize("variables", [dict(SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="2"),
+                                       dict(RANK="0", WORLD_SIZE="2")])
+def test_train_and_filter_refuse_workers_that_cannot_form_a_group(tmp_path, monkeypatch, capsys, variables):
+    """srun alone (or RANK/WORLD_SIZE without torchrun's LOCAL_RANK) starts workers accelerate does not join: each
+    would train alone into the same run folder; refused in one line before anything is written."""
+    dataset = make_dataset(tmp_path / "data", n=4, size=32, soft_maps=False, splits=("train",))
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    for command in (["train", str(dataset.root), "--out", str(tmp_path / "run")], ["filter", str(dataset.root)]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (
+            f"diffumask: error: {command[0]} trains across its 2 workers through torch.distributed, which needs RANK, "
+            "WORLD_SIZE and LOCAL_RANK: launch it with torchrun or accelerate launch (under Slurm: srun torchrun …, "
+            "one task per node)\n")
+    assert not (tmp_path / "run").exists() and not (dataset.root / "noise").exists()
 
 
 def test_scores_belong_to_the_masks_they_were_scored_on(tmp_path):

@@ -3,10 +3,11 @@
 torchrun and ``accelerate launch`` set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; each task of an
 ``srun`` step gets ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` / ``SLURM_LOCALID`` (the step's own task count:
 a batch script outside ``srun`` also sees ``SLURM_NTASKS`` and ``SLURM_PROCID=0``, and must not take 1/N of
-the work). Slurm job arrays give every task rank 0 of 1; launch them through ``srun`` instead. No collectives are used:
-every worker enumerates the same work, takes every ``world_size``-th unit from ``rank`` on, and
-writes only its own items (and its own manifest shard), so workers never wait for each other and
-a job resumes with any number of them.
+the work). Slurm job arrays give every task rank 0 of 1; launch them through ``srun`` instead. generate and
+refine use no collectives: every worker enumerates the same work, takes every ``world_size``-th unit from
+``rank`` on, and writes only its own items (and its own manifest shard), so workers never wait for each other
+and a job resumes with any number of them. train and filter train across the workers through accelerate's
+torch.distributed group, so they need torchrun's or ``accelerate launch``'s variables.
 """
 
 from __future__ import annotations
@@ -80,5 +81,16 @@ def require_one_process(command: str) -> None:
                           "and filter are the commands that share their work between workers)")
 
 
-__all__ = ["Worker", "current_worker", "require_one_process"]
+def require_torch_launcher(command: str) -> None:
+    """Refuse a sharded job whose workers cannot form a torch.distributed group: ``command`` trains across them
+    (accelerate joins torchrun's or ``accelerate launch``'s variables, not Slurm's), and each would otherwise
+    train alone and write the same run folder."""
+    worker = current_worker()
+    if worker.sharded and not all(name in os.environ for name in LAUNCHER_VARIABLES[0]):
+        raise ConfigError(f"{command} trains across its {worker.world_size} workers through torch.distributed, which "
+                          "needs RANK, WORLD_SIZE and LOCAL_RANK: launch it with torchrun or accelerate launch (under "
+                          "Slurm: srun torchrun …, one task per node)")
+
+
+__all__ = ["Worker", "current_worker", "require_one_process", "require_torch_launcher"]
 

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from .dataset import CUT_SUFFIX, IGNORE_INDEX, Dataset, scored_masks, write_text_atomic
-from .distributed import Worker, current_worker
-from .errors import ConfigError, DiffumaskError
+from .distributed import Worker, current_worker, require_torch_launcher
+from .errors import ConfigError, DiffumaskError, one_line
 from .formats import open_source
 from .segment.data import label_lut
 from .segment.predict import iter_predictions, pick_device
@@ -151,6 +151,7 @@ def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> tupl
     Under a launcher the workers train each fold together (``train``'s data parallelism), score a share of
     its held-out items each on their own device, and gather the shares; only the first writes."""
     worker = current_worker()
+    require_torch_launcher("filter")
     records = _records(dataset, config)
     by_id = {r["id"]: r for r in records}
     assignment = assign_folds(records, config.folds, config.seed)
@@ -168,14 +169,15 @@ def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> tupl
         if earlier != settings:
             raise DiffumaskError(f"{work} holds folds trained with other settings or items; re-run with the same "
                                  "options to resume, or delete that folder to start again")
+    finished = _finished_folds(work, config, worker)  # after every worker has read the dataset: then rank 0 writes
     if worker.rank == 0:
         write_text_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
     trained = 0
     updates: dict[str, dict[str, Any]] = {}
     for fold in range(config.folds):
         scores_path = work / f"fold-{fold}" / "scores.json"
-        if scores_path.is_file():  # finished by an earlier run
-            scores = json.loads(scores_path.read_text())["scores"]
+        if fold in finished:  # by an earlier run
+            scores = finished[fold]
         else:
             scores = _train_fold(dataset, config, fold, assignment, by_id, worker, progress)
             if worker.rank == 0:
@@ -187,6 +189,23 @@ def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> tupl
             (dataset.root / "ImageSets" / "Segmentation" / f"{SPLIT_PREFIX}{fold}.txt").unlink(missing_ok=True)
         dataset.update_records(updates)
     return trained, updates
+
+
+def _finished_folds(work: Path, config: FilterConfig, worker: Worker) -> dict[int, dict[str, float]]:
+    """The scores of the folds an earlier run finished, as the first worker reads them: under a launcher every
+    worker must train the same folds (a file seen by one node and not yet by another would pair different folds'
+    training steps), so the first opens the workers' group, which train's accelerator then joins, and sends them."""
+    finished = {fold: json.loads(path.read_text())["scores"] for fold in range(config.folds)
+                if (path := work / f"fold-{fold}" / "scores.json").is_file()} if worker.rank == 0 else {}
+    if worker.sharded:
+        import torch.distributed
+        from accelerate import PartialState
+
+        PartialState(cpu=pick_device(config.training.device).type == "cpu")
+        shared = [finished]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        finished = shared[0]
+    return finished
 
 
 def _train_fold(dataset: Dataset, config: FilterConfig, fold: int, assignment: Mapping[str, int],
@@ -202,19 +221,35 @@ def _train_fold(dataset: Dataset, config: FilterConfig, fold: int, assignment: M
     run = train(run_config, progress=progress and worker.rank == 0)
     source = open_source(str(dataset.root))
     lut = label_lut(source, run.classes)
-    scores = {}
+    scores: dict[str, float] = {}
     device = worker.device(str(pick_device(config.training.device)))
-    for item_id, prediction, truth in iter_predictions(run, source, split="", device=device,
-                                                       progress=progress and worker.rank == 0, ids=worker.take(held_out)):
-        labels = [run.classes.index(name) for name in by_id[item_id]["classes"] if name in run.classes]
-        scores[item_id] = round(item_score(prediction, lut[truth], labels), 6)
-    if worker.sharded:  # train opened the workers' process group (accelerate)
-        import torch.distributed
-
-        shares: list[Any] = [None] * worker.world_size
-        torch.distributed.all_gather_object(shares, scores)
-        scores = {i: score for share in shares for i, score in share.items()}
+    try:
+        for item_id, prediction, truth in iter_predictions(run, source, split="", device=device, ids=worker.take(held_out),
+                                                           progress=progress and worker.rank == 0):
+            labels = [run.classes.index(name) for name in by_id[item_id]["classes"] if name in run.classes]
+            scores[item_id] = round(item_score(prediction, lut[truth], labels), 6)
+    except Exception as error:  # the others wait in the gather below: tell them, then fail here as usual
+        if not worker.sharded:
+            raise
+        _gather(worker, (None, one_line(error)))
+        raise
+    if worker.sharded:
+        shares = _gather(worker, (scores, None))
+        if failed := [(rank, said) for rank, (_, said) in enumerate(shares) if said is not None]:
+            rank, said = failed[0]
+            raise DiffumaskError(f"worker {rank} of {worker.world_size} failed to score fold {fold}'s held-out items: "
+                                 f"{said}")
+        scores = {i: score for share, _ in shares for i, score in share.items()}
     return {i: scores[i] for i in held_out}
+
+
+def _gather(worker: Worker, value: Any) -> list[Any]:
+    """Every worker's ``value``, in rank order (train opened the workers' group)."""
+    import torch.distributed
+
+    shares: list[Any] = [None] * worker.world_size
+    torch.distributed.all_gather_object(shares, value)
+    return shares
 
 
 def _area(dataset: Dataset, record: Mapping[str, Any]) -> float:

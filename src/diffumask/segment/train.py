@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..distributed import require_torch_launcher
 from ..errors import ConfigError
 from ..formats import open_source
 from ..models import check_device
@@ -127,6 +128,7 @@ def train(config: TrainConfig, progress: bool = True,
     """Train (or resume) the run in ``config.out``; ``on_step(step)`` is called after each finished step."""
     if not config.data:
         raise ConfigError("train needs at least one DATA folder")
+    require_torch_launcher("train")
     preset = config.resolved_preset()
     schedule = preset.schedule
     accelerator = _accelerator(config, preset.family)
