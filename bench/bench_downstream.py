@@ -2,6 +2,7 @@
 
     python bench/bench_downstream.py [--work DIR] [--n 600] [--steps 2500] [--rows a,b,c,d,oracle,silhouette,scale,zeroshot]
                                      [--augment LIST] [--crop PX] [--max-grad-norm N] [--seed S]
+                                     [--model DIR] [--guidance G]
 
 Everything is scored on the shapes world's held-out real test split (scenes of 1-3 objects, exact
 masks). The same segmenter preset (``tiny`` unless --preset) is trained, with the same steps, on:
@@ -105,12 +106,14 @@ def read_back_mask(dataset: Dataset, record: dict) -> np.ndarray:
     return np.where(clean(foreground(dataset.read_image(record["id"]))), dataset.class_index(name), 0).astype(np.uint8)
 
 
-def prepare(work: Path, n: int, sizes: list[int], model: str = "shapes") -> dict[str, Path]:
-    """Real scenes, synthetic images (raw and refined) from ``model`` and the subsets the rows train on."""
+def prepare(work: Path, n: int, sizes: list[int], model: str = "shapes", guidance: float | None = None) -> dict[str, Path]:
+    """Real scenes, synthetic images (raw and refined) from ``model`` at ``guidance`` (None: the model's own) and
+    the subsets the rows train on."""
     real = export_world(work / "real", n_train=n, n_val=0, n_test=TEST_SCENES)
     per_class = max(sizes) // len(CLASSES)
     raw = generate_dataset(GenerateConfig(classes=list(CLASSES), out=str(work / "synthetic-raw"), model=model,
-                                          images_per_class=per_class, seed=GENERATE_SEED, batch_size=120))
+                                          images_per_class=per_class, seed=GENERATE_SEED, batch_size=120,
+                                          guidance=guidance))
     paths = {"real": Path(real), "test": Path(real)}
     for size in sizes:
         ids = first_per_class(raw, size // len(CLASSES))
@@ -292,13 +295,16 @@ def main() -> None:
     parser.add_argument("--model", default="shapes",
                         help="the generator of the synthetic rows: the built-in shapes model (default) or another "
                              "saved shapes pipeline, e.g. one from `diffumask shapes train`; give it its own --work")
+    parser.add_argument("--guidance", type=float,
+                        help="the generator's guidance scale (generate's --guidance; default: the model's own, 4 for "
+                             "shapes); 1 turns classifier-free guidance off; give it its own --work")
     parser.add_argument("--prepare-only", action="store_true", help="make the data and stop")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     wanted = set(args.rows.split(","))
     sizes = [args.n] + ([2 * args.n, 4 * args.n] if "scale" in wanted else [])
-    paths = prepare(args.work, args.n, sizes, args.model)
+    paths = prepare(args.work, args.n, sizes, args.model, args.guidance)
     if args.prepare_only:
         return
     test = paths["test"]

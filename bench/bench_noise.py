@@ -2,6 +2,7 @@
 
     python bench/bench_noise.py [--work DIR] [--n 600] [--steps 2500] [--fold-steps 1200] [--rows catch,alpha,augment]
                                 [--alphas 0.3,0.5,0.7] [--fold-repeats 1] [--model shapes] [--fold-augment LIST]
+                                [--guidance G]
 
 Data is bench_downstream's (the same --work layout and seeds): N synthetic images refined with
 ``propagate --crf`` (row c of Table 1), scored on the world's real test split.
@@ -203,6 +204,9 @@ def main() -> None:
     parser.add_argument("--model", default="shapes",
                         help="the generator of the synthetic images: the built-in shapes model (default) or another "
                              "saved shapes pipeline, as bench_downstream's --model; give it its own --work")
+    parser.add_argument("--guidance", type=float,
+                        help="the generator's guidance scale, as bench_downstream's --guidance: 1 (no classifier-free "
+                             "guidance) draws the wrong shape more often; give it its own --work")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     started = time.monotonic()
@@ -216,7 +220,7 @@ def main() -> None:
         parser.error(f"--augment-alpha {args.augment_alpha} is not among --alphas {args.alphas}")
     if unknown := set(args.augment_rows.split(",")) - set(AUGMENT_ROWS):
         parser.error(f"unknown --augment-rows {', '.join(sorted(unknown))}; choose from {', '.join(AUGMENT_ROWS)}")
-    paths = prepare(args.work, args.n, [args.n], args.model)
+    paths = prepare(args.work, args.n, [args.n], args.model, args.guidance)
     refined = Dataset(paths[f"refined-{args.n}"])
     training = TrainConfig(data=[], out="", preset=args.preset, steps=args.fold_steps, seed=args.seed,
                            workers=args.workers, augment=args.fold_augment.split(",") if args.fold_augment else None)
