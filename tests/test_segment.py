@@ -50,13 +50,12 @@ def check_a_tiny_run(shapes_data: Path, tmp_path: Path) -> None:
     assert (run.root / "model" / "model.safetensors").is_file() and run.checkpoint_path.is_file()
     assert not list(run.root.glob(".*")), "no temporary files are left"
 
-    out = predict_folder(run.root, str(shapes_data), tmp_path / "pred", split="test", progress=False)
+    out = predict_folder(run, str(shapes_data), tmp_path / "pred", split="test", progress=False)  # train's RunFolder
     predictions = sorted(out.glob("*.png"))
     assert len(predictions) == 6 and read_label_map(out) == read_label_map(run.root)
     assert read_index_png(predictions[0]).shape == (32, 32)
     assert max(read_index_png(p).max() for p in predictions) <= len(CLASSES)
-    evaluation = evaluate_run(run.root, str(shapes_data), split="test", progress=False,
-                              json_path=tmp_path / "eval.json")
+    evaluation = evaluate_run(run, str(shapes_data), split="test", progress=False, json_path=tmp_path / "eval.json")
     assert evaluation.classes == ["background", *CLASSES] and evaluation.images == 6
     saved = json.loads((tmp_path / "eval.json").read_text())
     for path in [p for root in (run.root, out) for p in (root, *root.rglob("*"))] + [tmp_path / "eval.json"]:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .dataset import IGNORE_INDEX, Dataset, resize_labels
 from .distributed import Worker, require_one_process
-from .errors import ConfigError, DiffumaskError
+from .errors import ConfigError, DiffumaskError, check_sequences
 
 Pair = tuple[np.ndarray, np.ndarray]  # (H, W, 3) uint8 image, (H, W) uint8 labels
 _PASTE_TRIES = 10  # random places tried for a pasted object before it is left out
@@ -65,6 +65,9 @@ class AugmentConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_sequences("AugmentConfig", grids=(self.grids, "(2, 3)"), blur_sigma=(self.blur_sigma, "(0.5, 1.5)"),
+                        occlusion_side=(self.occlusion_side, "(0.15, 0.35)"),
+                        paste_objects=(self.paste_objects, "(1, 2)"), paste_scale=(self.paste_scale, "(0.5, 0.9)"))
         if not self.grids or min(self.grids) < 1:
             raise ConfigError(f"--grids must be whole numbers of at least 1 (1: no mosaic), got {list(self.grids)}")
         for name, value in (("--blur", self.blur), ("--occlusion", self.occlusion), ("--perspective", self.perspective),

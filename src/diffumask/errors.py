@@ -31,6 +31,14 @@ def one_line(error: BaseException) -> str:
     return text.rstrip().splitlines()[-1]
 
 
+def check_sequences(owner: str, **fields: tuple[Any, str]) -> None:
+    """Refuse a string (or a lone number) where ``owner`` takes a list: iterated letter by letter, ``"dog,cat"``
+    would fail far from here with a message about ``'d'``. ``fields``: name → (value, an example); None passes."""
+    for name, (value, example) in fields.items():
+        if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")):
+            raise ConfigError(f"{owner}.{name} takes a list, e.g. {example}, not {value!r}")
+
+
 ABSENT = object()  # a setting one side does not record
 
 

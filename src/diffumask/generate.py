@@ -39,7 +39,7 @@ from . import __version__
 from .attention import ImageMaps, check_pipeline, trace, word_locator
 from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, Dataset
 from .distributed import current_worker
-from .errors import ConfigError
+from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
 from .masks.threshold import PAPER_THRESHOLD, check_band
 from .models import BUILTIN_MODELS, DTYPES, SCHEDULERS, load_pipeline, model_description, pipeline_name
@@ -89,6 +89,10 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         """Refuse values that cannot work before anything is loaded or written."""
+        check_sequences("GenerateConfig", classes=(self.classes, '["dog", "cat"]'),
+                        resolutions=(self.resolutions, "[16, 32]"), layers=(self.layers, '["up_blocks"]'),
+                        step_window=(self.step_window, "(0.6, 1.0)"),
+                        block_window=(self.block_window, "(0.0, 0.33)"))
         if not self.classes:
             raise ConfigError("no classes given: pass at least one class name, e.g. --classes dog,cat")
         if len(set(self.classes)) != len(self.classes):

@@ -26,7 +26,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,11 @@ SPLIT_PREFIX = "noise-train-"  # ImageSets/Segmentation/noise-train-<k>.txt: fol
 
 @dataclass
 class FilterConfig:
-    """What ``diffumask filter`` does; ``training`` holds ``diffumask train``'s options for the fold models."""
+    """What ``diffumask filter`` does; ``training`` holds ``diffumask train``'s options for the fold models (its
+    ``data``, ``out`` and ``split`` are filter's own to set: each fold model trains on the others)."""
 
     dataset: str
-    training: TrainConfig
+    training: TrainConfig = field(default_factory=lambda: TrainConfig(data=[], out=""))
     folds: int = 3
     prune: float = 0.7  # the paper's best α
     split: str = "train"  # the items cross-validated and cut

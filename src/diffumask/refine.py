@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .dataset import Dataset, write_text_atomic
 from .distributed import current_worker
-from .errors import ConfigError, DiffumaskError
+from .errors import ConfigError, DiffumaskError, check_sequences
 from .masks.adaptive import best_gamma, pool_counts, sweep_around
 from .masks.affinity import (AffinityConfig, AffinityNet, build_affinity_net, load_affinity_weights,
                              save_affinity_weights, train_affinity_net)
@@ -83,8 +83,13 @@ class RefineConfig:
         check_band(self.threshold, self.uncertain)
         check_band(self.propagate_threshold, self.propagate_uncertain,
                    names=("--propagate-threshold", "--propagate-uncertain"))
+        check_sequences("RefineConfig", gammas=(self.gammas, "gamma_range(0.3, 0.7, 0.05)"))
         if self.gammas is not None and not all(0 < g < 1 for g in self.gammas):
             raise ConfigError(f"every γ of the sweep must lie in (0, 1), got {list(self.gammas)}")
+        if self.gammas is not None and list(self.gammas) != sorted(set(self.gammas)):  # (0.3, 0.7, 0.05) is no range
+            raise ConfigError(f"the γ sweep lists the values to try, rising and each once, got "
+                              f"{list(self.gammas)}; for the command line's START,STOP,STEP use "
+                              "diffumask.masks.adaptive.gamma_range")
         if self.power < 1:
             raise ConfigError(f"--power must be at least 1, got {self.power}")
         if not (0 <= self.min_area < 1 and 0 <= self.max_hole <= 1):

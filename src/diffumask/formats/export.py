@@ -38,7 +38,7 @@ from PIL import Image
 
 from ..dataset import (IGNORE_INDEX, OBJECT_FOLDER, Dataset, plain_modes, read_index_png, read_label_map, read_rgb,
                        voc_palette, write_text_atomic)
-from ..errors import DiffumaskError
+from ..errors import DiffumaskError, check_sequences
 from .names import match_names
 from .tables import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS
 
@@ -379,6 +379,7 @@ def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLik
     writes, or a split); then only the items listed in any of them are written, each under its own split."""
     if fmt not in _EXPORTERS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    check_sequences("export_dataset", only=(only, '["filtered"]'))
     dataset = open_dataset(root)
     records = dataset.records()
     if only:

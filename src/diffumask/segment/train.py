@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..distributed import require_torch_launcher
-from ..errors import ConfigError
+from ..errors import ConfigError, check_sequences
 from ..formats import open_source
 from ..models import check_device
 from .data import StepBatches, TrainingSamples, check_augment, open_splits, union_classes
@@ -59,6 +59,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # runtime only: bf16 on a GPU that has it, else off
     workers: int = 2  # runtime only: data-loading processes per training process
     extra: dict[str, Any] = field(default_factory=dict)  # schedule fields without a flag (e.g. scale_range)
+
+    def __post_init__(self) -> None:
+        check_sequences("TrainConfig", data=(self.data, '["data/voc"]'), augment=(self.augment, '["+mosaic", "paste"]'),
+                        weights=(self.weights, "[1.0, 1.0]"), negatives=(self.negatives, '["data/cats"]'))
 
     def resolved_preset(self) -> Preset:
         augment = None if self.augment is None else list(self.augment)
