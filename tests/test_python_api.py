@@ -88,3 +88,22 @@ def test_the_readmes_every_stage_block_names_real_functions_with_arguments_they_
         namespace[name] = stand_in(namespace[name], ([], 0) if name == "validate_dataset" else mock.MagicMock())
     exec(compile(calls, "README.md", "exec"), namespace)  # the imports left out: they would bring the real ones back
     assert called == list(stages)
+
+
+def test_progress_false_silences_the_libraries_bars_too_and_restores_them(tmp_path, capfd):
+    """generate's pipeline loading (diffusers' and transformers' per-component bars), train's model saving and
+    evaluate's loading print nothing with progress=False, and the libraries' own settings are as before after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from diffumask.generate import generate_dataset
+    from diffumask.segment.evaluate import evaluate_run
+    from diffumask.segment.train import train
+
+    data = generate_dataset(GenerateConfig(classes=["circle"], out=str(tmp_path / "data"), model="shapes",
+                                           images_per_class=2), progress=False)
+    run = train(TrainConfig(data=[str(data.root)], out=str(tmp_path / "run"), steps=2, batch_size=2, crop=32, workers=0,
+                            device="cpu"), progress=False)
+    evaluate_run(run, str(data.root), split="train", progress=False)
+    assert capfd.readouterr().err == ""
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()

@@ -158,12 +158,6 @@ def _run_generate(args: argparse.Namespace) -> None:
         image_format=args.image_format, batch_size=args.batch_size, device=device, dtype=dtype,
         revision=args.revision, flagged=args.flagged,
     )
-    if args.quiet:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
     dataset = generate_dataset(config, progress=not args.quiet)
     from .distributed import current_worker
 
@@ -544,7 +538,6 @@ def _run_filter(args: argparse.Namespace) -> None:
     from .distributed import current_worker
     from .noise import FilterConfig, filter_dataset
 
-    _quiet_transformers()
     config = FilterConfig(dataset=args.dataset, training=_training_config(args, [args.dataset], ""), folds=args.folds,
                           prune=args.prune, split=args.split, name=args.name, min_area=args.min_area, max_area=args.max_area,
                           seed=args.seed)
@@ -604,7 +597,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> None:
     from .segment.train import train, train_summary
 
-    _quiet_transformers()
     run = train(_training_config(args, args.data, args.out, args.split, args.weights), progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun / accelerate every process trains; one reports
@@ -637,7 +629,6 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> None:
     from .segment.predict import predict_folder
 
-    _quiet_transformers()
     out = predict_folder(args.run_dir, args.data, args.out, args.split, args.device,
                          _positive(args.batch_size, "--batch-size"), progress=not args.quiet)
     print(f"predictions in {out}")
@@ -673,7 +664,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> None:
     from .segment.evaluate import evaluate_run, parse_unseen
 
-    _quiet_transformers()
     evaluation = evaluate_run(args.run_dir, args.data, args.split, parse_unseen(args.unseen), args.protocol,
                               args.device, _positive(args.batch_size, "--batch-size"), progress=not args.quiet,
                               json_path=args.json)
@@ -684,13 +674,6 @@ def _positive(value: int, option: str) -> int:
     if value < 1:
         raise DiffumaskError(f"{option} must be at least 1, got {value}")
     return value
-
-
-def _quiet_transformers() -> None:
-    """transformers' per-file loading bars say nothing to a user of these commands."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

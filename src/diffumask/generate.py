@@ -42,7 +42,7 @@ from .distributed import current_worker
 from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
 from .masks.threshold import PAPER_THRESHOLD, check_band
-from .models import BUILTIN_MODELS, DTYPES, SCHEDULERS, load_pipeline, model_description, pipeline_name
+from .models import BUILTIN_MODELS, DTYPES, SCHEDULERS, library_bars, load_pipeline, model_description, pipeline_name
 from .prompts import PromptBank, resolve_bank
 from .softmaps import SELF_ATTENTION_KEEP, pack
 from .joint_attention import TEXT_PARTS, is_flux_pipeline
@@ -335,7 +335,8 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         raise ConfigError(f"two classes are the same word in prompts ({words}); name each class once")
     worker = current_worker()
     if pipe is None:
-        pipe = load_pipeline(model, worker.device(config.device), config.dtype, config.scheduler, config.revision)
+        with library_bars(progress):
+            pipe = load_pipeline(model, worker.device(config.device), config.dtype, config.scheduler, config.revision)
     pipe.set_progress_bar_config(disable=True)
     _check_size(pipe, config.size)
     if config.negative_prompt and config.guidance is not None and config.guidance <= 1 and not is_flux_pipeline(pipe):

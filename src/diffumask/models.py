@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +169,27 @@ def _hub_folder(model_id: str, revision: str | None, torch_dtype: torch.dtype) -
         f"cannot load {model_id!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
         "pass a local diffusers folder (--model /path/to/folder)"
     )
+
+
+@contextmanager
+def library_bars(shown: bool) -> Iterator[None]:
+    """diffusers' and transformers' own per-file loading and saving bars hidden in a block when not ``shown``
+    (then restored); shown, they are left as the caller set them."""
+    if shown:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    before = [(log, log.is_progress_bar_enabled()) for log in (diffusers_logging, transformers_logging)]
+    for log, _ in before:
+        log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for log, enabled in before:
+            if enabled:
+                log.enable_progress_bar()
 
 
 def load_pipeline(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import library_bars
 from .presets import Preset
 
 IGNORE_INDEX = 255
@@ -131,7 +132,8 @@ class Segmenter(nn.Module):
                 for (in_backbone, kind), params in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1]))]
 
     def save(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
+        with library_bars(False):  # transformers' per-shard bar says nothing here
+            self.model.save_pretrained(folder)
 
 
 def build_segmenter(preset: Preset, class_names: list[str]) -> Segmenter:
@@ -141,7 +143,8 @@ def build_segmenter(preset: Preset, class_names: list[str]) -> Segmenter:
 
 def load_segmenter(folder: Path, family: str) -> Segmenter:
     """A trained segmenter saved with ``Segmenter.save`` (``save_pretrained``)."""
-    return Segmenter(family, _model_class(family).from_pretrained(folder))
+    with library_bars(False):
+        return Segmenter(family, _model_class(family).from_pretrained(folder))
 
 
 def init_from(segmenter: Segmenter, source: str) -> dict[str, int]:
@@ -158,7 +161,8 @@ def init_from(segmenter: Segmenter, source: str) -> dict[str, int]:
         raise ConfigError(f"--init-from {source}: not a transformers model folder or reachable hub id ({error})") from None
     target_type = segmenter.model.config.model_type
     if config.model_type == target_type:
-        state = _model_class(segmenter.family).from_pretrained(source).state_dict()
+        with library_bars(False):
+            state = _model_class(segmenter.family).from_pretrained(source).state_dict()
         target = segmenter.model
     else:
         backbones = {"swin": SwinBackbone, "resnet": ResNetBackbone, "segformer": SegformerModel}
@@ -168,7 +172,8 @@ def init_from(segmenter: Segmenter, source: str) -> dict[str, int]:
         target = (segmenter.model.segformer if segmenter.family == "segformer"
                   else segmenter.model.model.pixel_level_module.encoder)
         extra = {} if config.model_type == "segformer" else {"out_features": target.config.out_features}
-        state = backbones[config.model_type].from_pretrained(source, **extra).state_dict()
+        with library_bars(False):
+            state = backbones[config.model_type].from_pretrained(source, **extra).state_dict()
     own = target.state_dict()
     loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not loadable:
