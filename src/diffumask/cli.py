@@ -542,22 +542,8 @@ def _run_filter(args: argparse.Namespace) -> None:
                           prune=args.prune, split=args.split, name=args.name, min_area=args.min_area, max_area=args.max_area,
                           seed=args.seed)
     result = filter_dataset(config, progress=not args.quiet, recut=args.recut)
-    if current_worker().rank != 0:
-        return  # under a launcher the first worker reports
-    by_score = sum(cut.pruned_by_score for cut in result.classes.values())
-    by_area = sum(cut.pruned_by_area for cut in result.classes.values())
-    print(f"kept {len(result.kept)} of {len(result.kept) + len(result.pruned)} items ({by_score} pruned by score, "
-          f"{by_area} by area) in {result.split_path}")
-    names = {name: name or "(no class)" for name in result.classes}
-    width = max([len("class"), *map(len, names.values())])
-    print(f"{'class':<{width}}  {'kept':>6}  {'by score':>8}  {'by area':>7}  {'lowest kept':>11}  {'median kept':>11}  "
-          f"{'median pruned':>13}")
-    for name, cut in result.classes.items():
-        scores = [f"{s:.3f}" if s is not None else "-" for s in (cut.lowest_kept, cut.median_kept, cut.median_pruned)]
-        print(f"{names[name]:<{width}}  {cut.kept:>6}  {cut.pruned_by_score:>8}  {cut.pruned_by_area:>7}  "
-              f"{scores[0]:>11}  {scores[1]:>11}  {scores[2]:>13}")
-    print("(scores: each item's IoU with a held-out prediction; a pruned median close to the kept one means the cut "
-          "falls among near-equal items and mostly removes data: check it against --prune 0)")
+    if current_worker().rank == 0:  # under a launcher the first worker reports
+        print(result.table())
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

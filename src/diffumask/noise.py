@@ -91,6 +91,24 @@ class FilterResult:
     trained_folds: int  # folds trained by this call (0 for a re-cut or when every fold was finished)
     classes: dict[str, ClassCut]  # primary class → its cut
 
+    def table(self) -> str:
+        """What was kept, then each class's cut, as ``diffumask filter`` prints them."""
+        by_score = sum(cut.pruned_by_score for cut in self.classes.values())
+        by_area = sum(cut.pruned_by_area for cut in self.classes.values())
+        names = {name: name or "(no class)" for name in self.classes}
+        width = max([len("class"), *map(len, names.values())])
+        lines = [f"kept {len(self.kept)} of {len(self.kept) + len(self.pruned)} items ({by_score} pruned by score, "
+                 f"{by_area} by area) in {self.split_path}",
+                 f"{'class':<{width}}  {'kept':>6}  {'by score':>8}  {'by area':>7}  {'lowest kept':>11}  "
+                 f"{'median kept':>11}  {'median pruned':>13}"]
+        for name, cut in self.classes.items():
+            scores = [f"{s:.3f}" if s is not None else "-" for s in (cut.lowest_kept, cut.median_kept, cut.median_pruned)]
+            lines.append(f"{names[name]:<{width}}  {cut.kept:>6}  {cut.pruned_by_score:>8}  {cut.pruned_by_area:>7}  "
+                         f"{scores[0]:>11}  {scores[1]:>11}  {scores[2]:>13}")
+        lines.append("(scores: each item's IoU with a held-out prediction; a pruned median close to the kept one means "
+                     "the cut falls among near-equal items and mostly removes data: check it against --prune 0)")
+        return "\n".join(lines)
+
 
 def primary_class(record: Mapping[str, Any]) -> str:
     """The class an item was drawn for: its first (composed items list the others after it)."""
