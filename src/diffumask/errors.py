@@ -32,10 +32,12 @@ def one_line(error: BaseException) -> str:
 
 
 def check_sequences(owner: str, **fields: tuple[Any, str]) -> None:
-    """Refuse a string (or a lone number) where ``owner`` takes a list: iterated letter by letter, ``"dog,cat"``
-    would fail far from here with a message about ``'d'``. ``fields``: name → (value, an example); None passes."""
+    """Refuse a string (or a lone number, or a one-pass iterator) where ``owner`` takes a list: iterated letter by
+    letter, ``"dog,cat"`` would fail far from here with a message about ``'d'``. ``fields``: name → (value, an
+    example); None passes."""
     for name, (value, example) in fields.items():
-        if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")):
+        if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")
+                                  or iter(value) is value):  # a generator: read once, here, and then empty
             raise ConfigError(f"{owner}.{name} takes a list, e.g. {example}, not {value!r}")
 
 

@@ -6,6 +6,7 @@ Stable Diffusion checkpoint, and every failure names its cause and its fix.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Iterator
@@ -173,15 +174,18 @@ def _hub_folder(model_id: str, revision: str | None, torch_dtype: torch.dtype) -
 
 @contextmanager
 def library_bars(shown: bool) -> Iterator[None]:
-    """diffusers' and transformers' own per-file loading and saving bars hidden in a block when not ``shown``
-    (then restored); shown, they are left as the caller set them."""
+    """diffusers' and transformers' own per-file loading and saving bars (and huggingface_hub's downloads) hidden
+    in a block when not ``shown``, then restored as they were, the hub's bars group by group (transformers' switch
+    resets all of them); shown, they are left as the caller set them."""
     if shown:
         yield
         return
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module: the package exports the class
     before = [(log, log.is_progress_bar_enabled()) for log in (diffusers_logging, transformers_logging)]
+    hub_states = dict(getattr(hub_tqdm, "progress_bar_states", {}))
     for log, _ in before:
         log.disable_progress_bar()
     try:
@@ -190,6 +194,9 @@ def library_bars(shown: bool) -> Iterator[None]:
         for log, enabled in before:
             if enabled:
                 log.enable_progress_bar()
+        if isinstance(states := getattr(hub_tqdm, "progress_bar_states", None), dict):
+            states.clear()
+            states.update(hub_states)
 
 
 def load_pipeline(

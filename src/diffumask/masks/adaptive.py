@@ -31,7 +31,7 @@ def sweep_around(threshold: float) -> tuple[float, ...]:
     The paper sweeps 0.35 … 0.54 around Stable Diffusion's fixed γ 0.4; a model whose fused maps
     want another γ (the shapes model's is 0.6) needs the same bracket around its own.
     """
-    return tuple(round(threshold - 0.05 + 0.01 * k, 2) for k in range(20))
+    return tuple(round(threshold - 0.05 + 0.01 * k, 6) for k in range(20))  # 6 places: 0.355's stays 20 values
 
 
 DEFAULT_GAMMAS: tuple[float, ...] = sweep_around(PAPER_THRESHOLD)

@@ -186,8 +186,8 @@ def parse_unseen(text: str | None) -> list[str] | None:
     return names
 
 
-def evaluate_run(run_dir: str | Path | RunFolder, data: str, split: str = "test", unseen: Iterable[str] | None = None,
-                 protocol: str | None = None, device: str | None = None, batch_size: int = 16,
+def evaluate_run(run_dir: str | Path | RunFolder, data: str | Path, split: str = "test",
+                 unseen: Iterable[str] | None = None, protocol: str | None = None, device: str | None = None, batch_size: int = 16,
                  progress: bool = True, json_path: str | Path | None = None) -> Evaluation:
     """Predict every image of ``split`` with the run and score it; optionally write the result as JSON."""
     require_one_process("evaluate")

@@ -156,7 +156,8 @@ def init_from(segmenter: Segmenter, source: str) -> dict[str, int]:
     from transformers import AutoConfig, ResNetBackbone, SegformerModel, SwinBackbone
 
     try:
-        config = AutoConfig.from_pretrained(source)
+        with library_bars(False):  # a hub id's config download too
+            config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ConfigError(f"--init-from {source}: not a transformers model folder or reachable hub id ({error})") from None
     target_type = segmenter.model.config.model_type

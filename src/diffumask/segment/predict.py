@@ -73,7 +73,7 @@ PREDICTED_BY = "predicted_by.json"  # in a predictions folder: the run and the w
 NOT_PREDICTIONS = ("dataset.json", "manifest.jsonl", "JPEGImages", "ImageSets", "settings.json", "checkpoint.pt")
 
 
-def predict_folder(run_dir: str | Path | RunFolder, data: str, out: str | Path, split: str = "test",
+def predict_folder(run_dir: str | Path | RunFolder, data: str | Path, out: str | Path, split: str = "test",
                    device: str | None = None, batch_size: int = 16, progress: bool = True) -> Path:
     """Write ``out/<id>.png`` (palette PNGs in the run's indices) and ``out/classes.json``; images already
     predicted are skipped, so a killed run resumes."""
