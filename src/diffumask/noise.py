@@ -263,7 +263,7 @@ def _train_fold(dataset: Dataset, config: FilterConfig, fold: int, assignment: M
 
 
 def _gather(worker: Worker, value: Any) -> list[Any]:
-    """Every worker's ``value``, in rank order (train opened the workers' group)."""
+    """Every worker's ``value``, in rank order (through the workers' group, open since _finished_folds)."""
     import torch.distributed
 
     shares: list[Any] = [None] * worker.world_size
