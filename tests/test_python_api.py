@@ -3,6 +3,8 @@ iterated letter by letter), a γ sweep is its values, filter's fold-model option
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from dataset_factory import make_dataset
 
@@ -28,7 +30,8 @@ from diffumask.segment.train import TrainConfig
     (lambda: TrainConfig(data=["d"], out="run", augment="+mosaic,paste"),
      "TrainConfig.augment takes a list, e.g. [\"+mosaic\", \"paste\"], not '+mosaic,paste'"),
     (lambda: AugmentConfig(grids=2), "AugmentConfig.grids takes a list, e.g. (2, 3), not 2"),
-    (lambda: TrainConfig(data=(d for d in ["a"]), out="run"), "TrainConfig.data takes a list, e.g. [\"data/voc\"], not <generator"),
+    (lambda: TrainConfig(data=(d for d in ["a"]), out="run"),
+     "TrainConfig.data takes a list, e.g. [\"data/voc\"], not <generator object <lambda>.<locals>.<genexpr> at 0x…>"),
     (lambda: RefineConfig(method="adaptive", gammas="0.3,0.7"),
      "RefineConfig.gammas takes a list, e.g. gamma_range(0.3, 0.7, 0.05), not '0.3,0.7'"),
     (lambda: RefineConfig(method="adaptive", gammas=(0.55, 0.74, 0.01)),  # the CLI's START,STOP,STEP, as values
@@ -38,7 +41,7 @@ from diffumask.segment.train import TrainConfig
 def test_a_string_or_number_where_a_list_goes_is_refused_by_name(make, said):
     with pytest.raises(ConfigError) as raised:
         make()
-    assert str(raised.value).startswith(said) and (said.endswith("<generator") or str(raised.value) == said)
+    assert re.sub(r"0x[0-9a-f]+", "0x…", str(raised.value)) == said
 
 
 def test_lists_and_ranges_are_taken_as_given():

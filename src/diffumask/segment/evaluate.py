@@ -187,14 +187,14 @@ def parse_unseen(text: str | None) -> list[str] | None:
 
 
 def evaluate_run(run_dir: str | Path | RunFolder, data: str | Path, split: str = "test",
-                 unseen: Iterable[str] | None = None, protocol: str | None = None, device: str | None = None, batch_size: int = 16,
-                 progress: bool = True, json_path: str | Path | None = None) -> Evaluation:
+                 unseen: Iterable[str] | None = None, protocol: str | None = None, device: str | None = None,
+                 batch_size: int = 16, progress: bool = True, json_path: str | Path | None = None) -> Evaluation:
     """Predict every image of ``split`` with the run and score it; optionally write the result as JSON."""
     require_one_process("evaluate")
     if json_path is not None and Path(json_path).is_dir():
         raise ConfigError(f"--json {json_path} is a folder; name the JSON file to write "
                           f"(e.g. {Path(json_path) / 'eval.json'})")
-    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)  # train() returns one
+    run = RunFolder.of(run_dir)
     source = open_source(data)
     scorer = Scorer(run.classes, source.label_names, protocol, unseen)
     for _, prediction, truth in iter_predictions(run, source, split, device, batch_size, progress):

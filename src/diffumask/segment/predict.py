@@ -78,7 +78,7 @@ def predict_folder(run_dir: str | Path | RunFolder, data: str | Path, out: str |
     """Write ``out/<id>.png`` (palette PNGs in the run's indices) and ``out/classes.json``; images already
     predicted are skipped, so a killed run resumes."""
     require_one_process("predict")
-    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)  # train() returns one
+    run = RunFolder.of(run_dir)
     source = open_source(data)
     out = Path(out)
     if out.exists() and not out.is_dir():

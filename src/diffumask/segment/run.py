@@ -67,6 +67,11 @@ class RunFolder:
         self.classes: list[str] = read_label_map(self.root)
 
     @classmethod
+    def of(cls, run: str | os.PathLike[str] | RunFolder) -> RunFolder:
+        """``run`` itself, or the run in that folder: the Python API takes what ``train`` returns or a path."""
+        return run if isinstance(run, RunFolder) else cls(run)
+
+    @classmethod
     def check(cls, root: str | os.PathLike[str], classes: list[str], settings: Mapping[str, Any]) -> None:
         """Refuse (read-only) a folder that holds another run, or anything else."""
         root = Path(root)
