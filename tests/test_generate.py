@@ -721,3 +721,31 @@ def test_flow_matching_models_refuse_a_sampler_swap_and_sizes_their_patches_cann
                                                   "--out", str(out), "--steps", "1", "--size", str(3 * multiple + 2),
                                                   "--quiet"),
                              f"multiple of {multiple} pixels")
+
+
+def test_generate_dataset_takes_the_gpu_by_default_and_records_the_precision_it_ran(tmp_path, monkeypatch, sd1_pipe):
+    """GenerateConfig's defaults are the command's: the GPU in its precision when there is one (it was the CPU in
+    float32 from Python); the dataset records the resolved precision, "auto" never, also for a pipeline passed in."""
+    loaded = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load(model, device, dtype, scheduler, revision):
+        loaded.update(model=model, device=device, dtype=dtype)
+        raise Loaded
+
+    monkeypatch.setattr("diffumask.generate.default_device", lambda: "cuda")
+    monkeypatch.setattr("diffumask.generate.check_device", lambda device: None)
+    monkeypatch.setattr("diffumask.generate.load_pipeline", load)
+    with pytest.raises(Loaded):
+        generate_dataset(GenerateConfig(classes=["circle"], out=str(tmp_path / "gpu")), progress=False)
+    assert loaded == {"model": "shapes", "device": "cuda", "dtype": "float16"}
+    with pytest.raises(Loaded):
+        generate_dataset(GenerateConfig(classes=["circle"], out=str(tmp_path / "gpu"), device="cpu"), progress=False)
+    assert loaded == {"model": "shapes", "device": "cpu", "dtype": "float32"}
+    dataset = generate_dataset(config(tmp_path / "given", images_per_class=1, dtype="auto"), pipe=sd1_pipe,
+                               progress=False)
+    assert dataset.settings["dtype"] == "float32"
+    with pytest.raises(DiffumaskError, match="dtype must be auto or one of"):
+        config(tmp_path / "bad", dtype="half")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import types
+
 import pytest
+import torch
 
 from diffumask.models import ModelError, load_pipeline, set_scheduler
 
@@ -108,3 +112,29 @@ def test_half_precision_reads_fp16_files_and_never_needs_the_safety_checker(save
         checker, loaded, bias = result.stdout.split()[-3:]
         assert checker == "None" and loaded == f"torch.{dtype}"
         assert (float(bias) == marker) if marker else float(bias) != 0.25
+
+
+def test_load_pipeline_takes_the_gpu_and_its_precision_when_there_is_one(monkeypatch):
+    """As the command line does: the Python default is the GPU in float16 (SD3/FLUX bfloat16), not the CPU."""
+    import diffumask.shapes
+
+    loaded = {}
+    monkeypatch.setattr("diffumask.models.default_device", lambda: "cuda")
+    monkeypatch.setattr("diffumask.models.check_device", lambda device: None)
+    monkeypatch.setattr(diffumask.shapes, "load_pipeline",
+                        lambda device, dtype: loaded.update(device=device, dtype=dtype)
+                        or types.SimpleNamespace(unet=object(), tokenizer=object()))
+    load_pipeline("shapes")
+    assert loaded == {"device": "cuda", "dtype": torch.float16}
+    load_pipeline("shapes", device="cpu")
+    assert loaded == {"device": "cpu", "dtype": torch.float32}
+    load_pipeline("shapes", dtype="bfloat16")
+    assert loaded == {"device": "cuda", "dtype": torch.bfloat16}
+
+
+def test_dtype_name_reads_the_denoisers_precision(sd1_pipe):
+    from diffumask.models import dtype_name
+
+    assert dtype_name(sd1_pipe) == "float32"
+    half = copy.deepcopy(sd1_pipe.unet).to(torch.bfloat16)
+    assert dtype_name(types.SimpleNamespace(unet=half, transformer=None)) == "bfloat16"

@@ -139,13 +139,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from .distributed import current_worker
     from .generate import GenerateConfig, generate_dataset
-    from .models import auto_dtype, check_device, default_device
 
-    device = args.device or default_device()
-    check_device(current_worker().device(device))
-    dtype = args.dtype if args.dtype != "auto" else auto_dtype(args.model, device, args.revision)
     config = GenerateConfig(
         classes=args.classes, out=args.out, images_per_class=args.images_per_class, model=args.model,
         compose=args.compose, seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, size=args.size,
@@ -155,7 +150,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         self_attention_max=args.self_attention_max, self_attention_keep=args.self_attention_keep,
         self_attention_every=args.self_attention_every,
         threshold=args.threshold, uncertain=args.uncertain,
-        image_format=args.image_format, batch_size=args.batch_size, device=device, dtype=dtype,
+        image_format=args.image_format, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         revision=args.revision, flagged=args.flagged,
     )
     dataset = generate_dataset(config, progress=not args.quiet)
@@ -341,7 +336,6 @@ def _run_refine(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from .masks.adaptive import gamma_range
-    from .models import default_device
     from .refine import RefineConfig, refine_dataset
 
     defaults = RefineConfig()
@@ -366,7 +360,7 @@ def _run_refine(args: argparse.Namespace) -> None:
         affinity_weights=args.affinity_weights, power=args.power, propagate_threshold=args.propagate_threshold,
         propagate_uncertain=None if args.propagate_uncertain < 0 else args.propagate_uncertain,
     )
-    result = refine_dataset(args.dataset, config, progress=not args.quiet, device=args.device or default_device(),
+    result = refine_dataset(args.dataset, config, progress=not args.quiet, device=args.device,
                             workers=args.workers, device_crf=args.crf_device == "device")
     share = result.items if result.share is None else result.share
     which = (f"{share} items in {result.dataset.root}" if result.share is None else

@@ -42,7 +42,8 @@ from .distributed import current_worker
 from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
 from .masks.threshold import PAPER_THRESHOLD, check_band
-from .models import BUILTIN_MODELS, DTYPES, SCHEDULERS, library_bars, load_pipeline, model_description, pipeline_name
+from .models import (BUILTIN_MODELS, DTYPES, SCHEDULERS, auto_dtype, check_device, default_device, dtype_name,
+                     library_bars, load_pipeline, model_description, pipeline_name)
 from .prompts import PromptBank, resolve_bank
 from .softmaps import SELF_ATTENTION_KEEP, pack
 from .joint_attention import TEXT_PARTS, is_flux_pipeline
@@ -83,8 +84,8 @@ class GenerateConfig:
     #: "record" writes a manifest line marked flagged and no files, "skip" writes nothing (a re-run retries).
     flagged: str = "record"
     batch_size: int = 4
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str | None = None  # None: the GPU when there is one (this worker's under a launcher), else the CPU
+    dtype: str = "auto"  # auto: float32 off the GPU; on it bfloat16 for SD3 and FLUX, float16 for the rest
     revision: str | None = None
 
     def __post_init__(self) -> None:
@@ -119,8 +120,8 @@ class GenerateConfig:
             raise ConfigError(f"--flagged must be one of {', '.join(FLAGGED_CHOICES)}, got {self.flagged!r}")
         if self.image_format not in IMAGE_FORMATS:
             raise ConfigError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         check_band(self.threshold, self.uncertain)
@@ -335,8 +336,14 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         raise ConfigError(f"two classes are the same word in prompts ({words}); name each class once")
     worker = current_worker()
     if pipe is None:
+        device = worker.device(config.device or default_device())
+        check_device(device)
+        if config.dtype == "auto":  # recorded as what it resolves to, as the command line always did
+            config = dataclasses.replace(config, dtype=auto_dtype(model, device, config.revision))
         with library_bars(progress):
-            pipe = load_pipeline(model, worker.device(config.device), config.dtype, config.scheduler, config.revision)
+            pipe = load_pipeline(model, device, config.dtype, config.scheduler, config.revision)
+    elif config.dtype == "auto":
+        config = dataclasses.replace(config, dtype=dtype_name(pipe))
     pipe.set_progress_bar_config(disable=True)
     _check_size(pipe, config.size)
     if config.negative_prompt and config.guidance is not None and config.guidance <= 1 and not is_flux_pipeline(pipe):

@@ -99,6 +99,12 @@ def _hub_class_name(model_id: str, revision: str | None) -> str | None:
         return None
 
 
+def dtype_name(pipe: Any) -> str:
+    """A loaded pipeline's precision (its denoiser's) by name, as a dataset records it: ``float16``."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return str(getattr(denoiser, "dtype", None) or pipe.dtype).removeprefix("torch.")
+
+
 def auto_dtype(model: str, device: str | torch.device, revision: str | None = None) -> str:
     """The precision a model runs in when none is given: float32 off the GPU; on it, bfloat16 for
     diffusion transformers (SD3, FLUX), else float16. The pipeline class comes from the model_index.json of
@@ -201,14 +207,18 @@ def library_bars(shown: bool) -> Iterator[None]:
 
 def load_pipeline(
     model: str = "shapes",
-    device: str = "cpu",
-    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    dtype: str | torch.dtype = "auto",
     scheduler: str | None = None,
     revision: str | None = None,
 ) -> Any:
-    """Load ``model`` (``shapes``, a local diffusers folder or a hub id) for generation with recording."""
-    torch_dtype = resolve_dtype(dtype)
+    """Load ``model`` (``shapes``, a local diffusers folder or a hub id) for generation with recording.
+
+    By default on the GPU when there is one, in the precision :func:`auto_dtype` picks for it there.
+    """
+    device = device or default_device()
     check_device(device)
+    torch_dtype = resolve_dtype(auto_dtype(model, device, revision) if dtype == "auto" else dtype)
     if scheduler is not None:
         _scheduler_class(scheduler)  # before the (slow) load
     if model in BUILTIN_MODELS:

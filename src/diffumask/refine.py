@@ -46,7 +46,7 @@ from .masks.affinity import (AffinityConfig, AffinityNet, build_affinity_net, lo
 from .masks.crf import SEED_CRF, CRFParams
 from .masks.propagate import NO_SELF_ATTENTION
 from .masks.threshold import PAPER_THRESHOLD, check_band
-from .models import check_device
+from .models import check_device, default_device
 from .refine_items import Item, curve_steps, grid_seeds, item_steps
 from .workers import check_workers, cpu_pool, ordered
 
@@ -264,11 +264,11 @@ def _refined_with(record: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
 
 
 def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True, redo: bool = False,
-                   device: str = "cpu", workers: int = 1, device_crf: bool = False) -> RefineResult:
+                   device: str | None = None, workers: int = 1, device_crf: bool = False) -> RefineResult:
     """Run ``refine`` on a dataset folder (see the module docstring); resumable.
 
-    ``device`` runs the AffinityNet, the random walk and the propagation (``cuda`` is this worker's
-    GPU under torchrun or Slurm); ``workers`` processes do the per-item CPU work (reading, CRF,
+    ``device`` runs the AffinityNet, the random walk and the propagation (None: the GPU when there is one;
+    ``cuda`` is this worker's GPU under torchrun or Slurm); ``workers`` processes do the per-item CPU work (reading, CRF,
     cleanup). ``device_crf`` runs the dense CRF on ``device`` in torch, in this process (not for adaptive,
     whose CRF stays in the workers); one call is bound by its kernel launches (~30 ms on an H200), so 16
     CPU workers keep up better, and it is for GPUs with few CPU cores. None of the three changes which
@@ -278,7 +278,7 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     """
     check_workers(workers)
     worker = current_worker()
-    device = check_device(worker.device(device))
+    device = check_device(worker.device(device or default_device()))
     if worker.sharded and config.per_class:
         raise ConfigError("--per-class pools every image's curve before any mask is written; run it as one "
                           "process (without torchrun/srun)")
