@@ -406,11 +406,15 @@ def test_what_is_not_a_pipeline_is_refused_in_one_sentence(sd1_pipe):
 
     with pytest.raises(ConfigError, match=r"takes a loaded pipeline, not the name 'shapes': pipe = diffumask\.models"):
         trace("shapes")
-    for thing in (None, sd1_pipe.unet, DDPMPipeline(unet=sd1_pipe.unet, scheduler=DDPMScheduler())):
+    for thing in (None, sd1_pipe.unet):
         with pytest.raises(ConfigError, match=f"text-to-image pipeline .*got {type(thing).__name__}"):
             trace(thing)
         with pytest.raises(ConfigError, match="generate takes a diffusers text-to-image pipeline"):
             generate_one(thing, PROMPTS[0], ["dog"])
+    unconditional = DDPMPipeline(unet=sd1_pipe.unet, scheduler=DDPMScheduler())
+    for call in (lambda: trace(unconditional), lambda: generate_one(unconditional, PROMPTS[0], ["dog"])):
+        with pytest.raises(ConfigError, match=r"^DDPMPipeline takes no prompt \(its call reads generator, "):
+            call()
     with pytest.raises(ConfigError, match="threshold must lie strictly between 0 and 1"):
         generate_one(sd1_pipe, PROMPTS[0], ["dog"], steps=1, threshold=1.5)
     # One class as a string is that class, not its letters.

@@ -731,8 +731,8 @@ def test_generate_dataset_takes_the_gpu_by_default_and_records_the_precision_it_
     class Loaded(Exception):
         pass
 
-    def load(model, device, dtype, scheduler, revision):
-        loaded.update(model=model, device=device, dtype=dtype)
+    def load(model, device, dtype, scheduler, revision, prompts_only):
+        loaded.update(model=model, device=device, dtype=dtype, prompts_only=prompts_only)
         raise Loaded
 
     monkeypatch.setattr("diffumask.generate.default_device", lambda: "cuda")
@@ -740,10 +740,10 @@ def test_generate_dataset_takes_the_gpu_by_default_and_records_the_precision_it_
     monkeypatch.setattr("diffumask.generate.load_pipeline", load)
     with pytest.raises(Loaded):
         generate_dataset(GenerateConfig(classes=["circle"], out=str(tmp_path / "gpu")), progress=False)
-    assert loaded == {"model": "shapes", "device": "cuda", "dtype": "float16"}
+    assert loaded == {"model": "shapes", "device": "cuda", "dtype": "float16", "prompts_only": True}
     with pytest.raises(Loaded):
         generate_dataset(GenerateConfig(classes=["circle"], out=str(tmp_path / "gpu"), device="cpu"), progress=False)
-    assert loaded == {"model": "shapes", "device": "cpu", "dtype": "float32"}
+    assert loaded == {"model": "shapes", "device": "cpu", "dtype": "float32", "prompts_only": True}
     dataset = generate_dataset(config(tmp_path / "given", images_per_class=1, dtype="auto"), pipe=sd1_pipe,
                                progress=False)
     assert dataset.settings["dtype"] == "float32"

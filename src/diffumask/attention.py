@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import numbers
 import os
@@ -40,6 +39,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from .errors import ConfigError, DiffumaskError
 from .tokens import class_token_indices, decode_prompt, prompt_ids, prompt_text, token_texts, trim_padding
+from .supported import SUPPORTED, check_loaded
 
 #: Processors whose arithmetic the recording processor reproduces; anything else (xformers,
 #: sliced or fused-QKV attention, adapters) would be silently replaced, so it is refused instead.
@@ -519,6 +519,10 @@ class AttentionRecorder:
         processors = self.model.attn_processors
         for name in self.layers + self.self_layers:
             proc = processors[name]
+            if "AddedKV" in type(proc).__name__:
+                raise RecorderError(
+                    f"layer {name} uses {type(proc).__name__}: this UNet reads the text as extra keys beside the "
+                    f"image's own (DeepFloyd IF, UnCLIP), not by cross-attention; {SUPPORTED}")
             if not isinstance(proc, STOCK_PROCESSORS):
                 raise RecorderError(
                     f"layer {name} uses {type(proc).__name__}, which hides the attention probabilities "
@@ -923,17 +927,18 @@ def _check_steps(steps: Any) -> tuple[int | None, int | None]:
     return tuple(None if s is None else int(s) for s in steps)  # type: ignore[return-value]
 
 
-def check_pipeline(pipe: Any, what: str = "trace") -> None:
-    """A loaded diffusers text-to-image pipeline, not its name or one of its parts: a one-line error otherwise
-    (the recorder would fail on a missing attribute)."""
+def check_pipeline(pipe: Any, what: str = "trace", prompts_only: bool = False) -> None:
+    """A loaded diffusers text-to-image pipeline the recorders read, not its name or one of its parts: a one-line
+    error otherwise (the recorder would fail on a missing attribute, or record the wrong rows). ``prompts_only``:
+    it must also make images from prompts alone, as ``generate`` calls it."""
     if isinstance(pipe, (str, os.PathLike)):
         raise ConfigError(f"{what} takes a loaded pipeline, not the name {str(pipe)!r}: "
                           f"pipe = diffumask.models.load_pipeline({str(pipe)!r})")
     has_denoiser = getattr(pipe, "unet", None) is not None or getattr(pipe, "transformer", None) is not None
-    reads_prompt = callable(pipe) and "prompt" in inspect.signature(pipe.__call__).parameters
-    if not has_denoiser or not hasattr(pipe, "components") or not reads_prompt:
+    if not has_denoiser or not hasattr(pipe, "components") or not callable(pipe):
         raise ConfigError(f"{what} takes a diffusers text-to-image pipeline (a UNet or transformer that reads a "
                           f"prompt), got {type(pipe).__name__}; load one with diffumask.models.load_pipeline(...)")
+    check_loaded(pipe, prompts_only)
 
 
 def trace(

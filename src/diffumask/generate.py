@@ -249,7 +249,7 @@ def generate_images(
 ) -> list[GeneratedImage]:
     """Generate one batch: each prompt with its classes (words in the prompt) and seed. ``recorder_options``:
     a diffusion transformer's (``block_window``, ``text_tokens``)."""
-    check_pipeline(pipe, "generate")
+    check_pipeline(pipe, "generate", prompts_only=True)
     steps = steps or _pipeline_default(pipe, "num_inference_steps")
     guidance = _pipeline_default(pipe, "guidance_scale") if guidance is None else guidance
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -260,7 +260,7 @@ def generate_images(
                self_attention=self_attention, self_attention_max=self_attention_max,
                self_attention_every=self_attention_every, **recorder_options) as recorder:
         output = pipe(
-            list(prompts), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+            prompt=list(prompts), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
             negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
             generator=generators, output_type="np",
         )
@@ -341,8 +341,9 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         if config.dtype == "auto":  # recorded as what it resolves to, as the command line always did
             config = dataclasses.replace(config, dtype=auto_dtype(model, device, config.revision))
         with library_bars(progress):
-            pipe = load_pipeline(model, device, config.dtype, config.scheduler, config.revision)
-    elif config.dtype == "auto":
+            pipe = load_pipeline(model, device, config.dtype, config.scheduler, config.revision, prompts_only=True)
+    check_pipeline(pipe, "generate", prompts_only=True)  # a pipeline passed in: before any word is looked up
+    if config.dtype == "auto":  # a pipeline passed in: the precision it is in
         config = dataclasses.replace(config, dtype=dtype_name(pipe))
     pipe.set_progress_bar_config(disable=True)
     _check_size(pipe, config.size)

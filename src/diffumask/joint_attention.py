@@ -496,7 +496,9 @@ class JointAttentionRecorder(AttentionRecorder):
                                           columns=columns)
         grid = self._latent_hw
         if picked.shape[1] != grid[0] * grid[1]:
-            raise RecorderError(f"layer {name} has {picked.shape[1]} image tokens, not the {grid[0]}x{grid[1]} grid")
+            raise RecorderError(f"layer {name} has {picked.shape[1]} image tokens, not the {grid[0]}x{grid[1]} grid: "
+                                "the pipeline adds tokens the recorder does not place (FLUX Kontext's reference "
+                                "image does); it records text-to-image and image-to-image FLUX and SD3")
         self._accumulate(grid, picked)
         if name == self._self_layer and self._self_attention_step():
             self._record_image_attention(query_images, key[:, :, images])

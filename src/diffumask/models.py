@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import DiffumaskError
+from .supported import check_model_index
 
 BUILTIN_MODELS = ("shapes",)
 SHAPES_PIPELINES = ("ShapesPipeline", "ShapesDiTPipeline")  # folders written by diffumask.shapes.train
@@ -85,16 +86,16 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def _hub_class_name(model_id: str, revision: str | None) -> str | None:
-    """The pipeline class a hub id's model_index.json names: from the cache, else (online) that one small file
-    downloaded; None where it cannot be had (offline and not cached, no such repository)."""
+def _hub_model_index(model_id: str, revision: str | None) -> dict[str, Any] | None:
+    """A hub id's model_index.json: from the cache, else (online) that one small file downloaded; None where it
+    cannot be had (offline and not cached, no such repository)."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     try:
         path = try_to_load_from_cache(model_id, "model_index.json", revision=revision)
         if not isinstance(path, str) and not _offline():
             path = hf_hub_download(model_id, "model_index.json", revision=revision)
-        return json.loads(Path(path).read_text()).get("_class_name", "") if isinstance(path, str) else None
+        return json.loads(Path(path).read_text()) if isinstance(path, str) else None
     except Exception:  # an id that is no repository, no network: the name decides
         return None
 
@@ -117,7 +118,7 @@ def auto_dtype(model: str, device: str | torch.device, revision: str | None = No
     except (OSError, ValueError):
         name = None
     if name is None and model not in BUILTIN_MODELS and not Path(model).expanduser().exists():
-        name = _hub_class_name(model, revision)
+        name = (_hub_model_index(model, revision) or {}).get("_class_name")
     lowered = (model if name is None else name).lower().replace("-", "").replace("_", "")
     return "bfloat16" if any(kind.lower() in lowered for kind in TRANSFORMER_PIPELINES) else "float16"
 
@@ -211,10 +212,13 @@ def load_pipeline(
     dtype: str | torch.dtype = "auto",
     scheduler: str | None = None,
     revision: str | None = None,
+    prompts_only: bool = False,
 ) -> Any:
     """Load ``model`` (``shapes``, a local diffusers folder or a hub id) for generation with recording.
 
-    By default on the GPU when there is one, in the precision :func:`auto_dtype` picks for it there.
+    By default on the GPU when there is one, in the precision :func:`auto_dtype` picks for it there. A pipeline
+    no recorder reads (or, ``prompts_only``, one that needs an input image) is refused from its model_index.json,
+    before a hub id's weights download.
     """
     device = device or default_device()
     check_device(device)
@@ -232,6 +236,8 @@ def load_pipeline(
         local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
         if local and not path.is_dir():
             raise ModelError(f"model folder {model} does not exist")
+        if not local and (hub_index := _hub_model_index(model, revision)) is not None:
+            check_model_index(hub_index, prompts_only)
         folder = path if local else _hub_folder(model, revision, torch_dtype)
         index = folder / "model_index.json"
         if not index.is_file():
@@ -248,6 +254,7 @@ def load_pipeline(
             if scheduler is not None:
                 set_scheduler(pipe, scheduler)
             return pipe
+        check_model_index(components, prompts_only)
         extra: dict[str, Any] = {k: v for k, v in UNUSED_COMPONENTS.items() if k in components}
         if "safety_checker" in components:
             extra["requires_safety_checker"] = False

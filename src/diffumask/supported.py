@@ -1,0 +1,82 @@
+"""Which diffusers pipelines diffumask records, and which ``generate`` can call, said in one line.
+
+The recorders read a UNet's cross-attention (Stable Diffusion 1.x/2.x/XL and pipelines built on that UNet)
+and the joint attention of SD3's and FLUX.1's transformers. Other denoisers (PixArt, Sana, Qwen-Image, FLUX.2,
+Chroma, video UNets, ...) would fail deep in the recorder or, worse, give maps of the wrong rows, so they are
+refused by name: from ``model_index.json`` before any weights load, and again on a pipeline passed in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import ConfigError
+
+#: Denoiser classes (or their subclasses) whose attention the recorders read.
+RECORDED_DENOISERS = {
+    "UNet2DConditionModel": "Stable Diffusion 1.x/2.x/XL",
+    "SD3Transformer2DModel": "Stable Diffusion 3/3.5",
+    "FluxTransformer2DModel": "FLUX.1",
+}
+SUPPORTED = ("diffumask records Stable Diffusion 1.x, 2.x and XL (and pipelines on their UNet), Stable Diffusion "
+             "3/3.5 and FLUX.1 pipelines")
+#: What a pipeline needs besides its prompt: ``generate`` calls with prompts alone.
+IMAGE_INPUTS = ("image", "mask_image", "control_image")
+
+
+def check_denoiser(pipeline: str, denoiser: str | None, ancestors: tuple[str, ...] = ()) -> None:
+    """Refuse a pipeline whose denoiser (class name, and the names of its base classes) no recorder reads."""
+    if denoiser is None:
+        raise ConfigError(f"{pipeline} has no UNet or transformer to record; {SUPPORTED}")
+    if denoiser not in RECORDED_DENOISERS and not set(ancestors) & set(RECORDED_DENOISERS):
+        raise ConfigError(f"{pipeline} denoises with {denoiser}, whose attention diffumask does not record; "
+                          f"{SUPPORTED}")
+
+
+def check_call(pipeline: str, parameters: Mapping[str, Any], prompts_only: bool) -> None:
+    """Refuse a pipeline call that reads no prompt, one the recorders cannot follow (perturbed-attention
+    guidance adds a third batch) and, for ``generate`` (``prompts_only``), one that needs an input image."""
+    if "prompt" not in parameters:
+        raise ConfigError(f"{pipeline} takes no prompt (its call reads {', '.join(list(parameters)[1:4])}, ...); "
+                          f"{SUPPORTED}")
+    if "pag_scale" in parameters:
+        raise ConfigError(f"{pipeline} adds perturbed-attention guidance, a third batch of images the recorder "
+                          "does not tell apart; record the pipeline without it (e.g. "
+                          "StableDiffusionPipeline.from_pipe(pipe), or the checkpoint's own pipeline class)")
+    if prompts_only and (needed := [name for name in IMAGE_INPUTS if name in parameters]):
+        raise ConfigError(f"{pipeline} needs {' and '.join(needed)} besides the prompt (image-to-image, inpainting "
+                          "or ControlNet), and generate makes images from prompts alone: load the text-to-image "
+                          "pipeline of the same checkpoint, or record your own calls from Python with "
+                          "diffumask.trace(pipe, prompts, classes)")
+
+
+def check_model_index(index: Mapping[str, Any], prompts_only: bool = False) -> None:
+    """The checks above from a diffusers folder's ``model_index.json``, before any weights load. Classes
+    diffusers does not know (a custom pipeline) are left to the check on the loaded pipeline."""
+    import diffusers
+
+    name = index.get("_class_name", "")
+    denoisers = [index[part] for part in ("unet", "transformer") if (index.get(part) or [None])[0] is not None]
+    if not denoisers:
+        check_denoiser(name, None)
+    library, denoiser = denoisers[0][:2]
+    if library == "diffusers":
+        known = getattr(diffusers, denoiser, None)
+        check_denoiser(name, denoiser, _ancestors(known) if isinstance(known, type) else ())
+    pipeline = getattr(diffusers, name, None) if name else None
+    if isinstance(pipeline, type) and callable(getattr(pipeline, "__call__", None)):
+        check_call(name, inspect.signature(pipeline.__call__).parameters, prompts_only)
+
+
+def check_loaded(pipe: Any, prompts_only: bool = False) -> None:
+    """The checks above on a loaded pipeline."""
+    name = type(pipe).__name__
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    check_denoiser(name, None if denoiser is None else type(denoiser).__name__, _ancestors(type(denoiser)))
+    check_call(name, inspect.signature(pipe.__call__).parameters, prompts_only)
+
+
+def _ancestors(cls: type) -> tuple[str, ...]:
+    return tuple(base.__name__ for base in cls.__mro__)
