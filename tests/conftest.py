@@ -42,6 +42,6 @@ def saved_transformers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, st
 def sd1_pipe(saved_pipelines: dict[str, str]):
     from diffumask.models import load_pipeline
 
-    pipe = load_pipeline(saved_pipelines["sd1"])
+    pipe = load_pipeline(saved_pipelines["sd1"], device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import shutil
@@ -655,7 +656,7 @@ def test_images_a_safety_checker_flags_get_no_files(tmp_path, saved_pipelines, p
     from diffumask.models import load_pipeline
     from diffumask.validate import validate_dataset
 
-    pipe = load_pipeline(saved_pipelines["sd1"])
+    pipe = load_pipeline(saved_pipelines["sd1"], device="cpu")
     object.__setattr__(pipe, "safety_checker", _FlagEverySecond())  # the pipeline's own, not a registered module
     object.__setattr__(pipe, "feature_extractor", _Features())
     out = tmp_path / policy
@@ -682,7 +683,7 @@ def test_images_a_safety_checker_flags_get_no_files(tmp_path, saved_pipelines, p
 def test_a_sharded_job_that_skips_flagged_images_still_merges(tmp_path, saved_pipelines, monkeypatch):
     from diffumask.models import load_pipeline
 
-    pipe = load_pipeline(saved_pipelines["sd1"])
+    pipe = load_pipeline(saved_pipelines["sd1"], device="cpu")
     object.__setattr__(pipe, "safety_checker", _FlagEverySecond())
     object.__setattr__(pipe, "feature_extractor", _Features())
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -744,8 +745,12 @@ def test_generate_dataset_takes_the_gpu_by_default_and_records_the_precision_it_
     with pytest.raises(Loaded):
         generate_dataset(GenerateConfig(classes=["circle"], out=str(tmp_path / "gpu"), device="cpu"), progress=False)
     assert loaded == {"model": "shapes", "device": "cpu", "dtype": "float32", "prompts_only": True}
-    dataset = generate_dataset(config(tmp_path / "given", images_per_class=1, dtype="auto"), pipe=sd1_pipe,
-                               progress=False)
-    assert dataset.settings["dtype"] == "float32"
+    half = copy.deepcopy(sd1_pipe).to(dtype=torch.bfloat16)
+    dataset = generate_dataset(config(tmp_path / "given", images_per_class=1, dtype="auto"), pipe=half, progress=False)
+    assert dataset.settings["dtype"] == "bfloat16"
+    # A dataset made from Python before recorded the config's float32 whatever the pipeline's: it still resumes.
+    generate_dataset(config(tmp_path / "before", images_per_class=1, dtype="float32"), pipe=half, progress=False)
+    again = generate_dataset(config(tmp_path / "before", images_per_class=2, dtype="auto"), pipe=half, progress=False)
+    assert again.settings["dtype"] == "float32" and len(again.records()) == 4
     with pytest.raises(DiffumaskError, match="dtype must be auto or one of"):
         config(tmp_path / "bad", dtype="half")

@@ -23,7 +23,7 @@ CLASSES = [["dog", "sofa"], ["aeroplane", "tree"]]
 def pipes(saved_transformers):
     loaded = {}
     for kind, folder in saved_transformers.items():
-        pipe = load_pipeline(folder)
+        pipe = load_pipeline(folder, device="cpu")
         pipe.set_progress_bar_config(disable=True)
         loaded[kind] = pipe
     return loaded
@@ -281,7 +281,7 @@ def test_self_attention_matches_reference(pipes, kind, limit):
 
 def test_unknown_processors_are_refused(saved_transformers):
     for kind in ("sd3", "flux"):
-        pipe = load_pipeline(saved_transformers[kind])
+        pipe = load_pipeline(saved_transformers[kind], device="cpu")
         pipe.transformer.fuse_qkv_projections()
         with pytest.raises(RecorderError, match="fused|Fused"):
             trace(pipe, PROMPTS[0], ["dog"]).attach()

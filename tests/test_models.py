@@ -12,7 +12,7 @@ from diffumask.models import ModelError, load_pipeline, set_scheduler
 
 
 def test_local_folder_loads_with_scheduler(saved_pipelines):
-    pipe = load_pipeline(saved_pipelines["sd2"], scheduler="euler")
+    pipe = load_pipeline(saved_pipelines["sd2"], device="cpu", scheduler="euler")
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # kept from the checkpoint
     for name in ("pndm", "ddim", "dpm++"):
@@ -25,7 +25,7 @@ def test_local_folder_loads_with_scheduler(saved_pipelines):
 def test_pndm_samples_at_any_step_count(saved_pipelines, steps):
     """PNDM runs as Stable Diffusion configures it (PLMS only); the class default's Runge-Kutta warm-up, which a
     config without skip_prk_steps gets (the tiny one here), fails at a few steps."""
-    pipe = load_pipeline(saved_pipelines["sd1"], scheduler="pndm")
+    pipe = load_pipeline(saved_pipelines["sd1"], device="cpu", scheduler="pndm")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.skip_prk_steps
     image = pipe("a dog", num_inference_steps=steps, height=32, width=32, output_type="np").images[0]
@@ -33,7 +33,7 @@ def test_pndm_samples_at_any_step_count(saved_pipelines, steps):
 
 
 def test_sdxl_folder_loads(saved_pipelines):
-    assert type(load_pipeline(saved_pipelines["sdxl"])).__name__ == "StableDiffusionXLPipeline"
+    assert type(load_pipeline(saved_pipelines["sdxl"], device="cpu")).__name__ == "StableDiffusionXLPipeline"
 
 
 def test_folder_without_model_index(tmp_path):
@@ -55,9 +55,9 @@ def test_unreachable_hub_id_says_to_pass_a_folder(monkeypatch):
 
 def test_unknown_scheduler_and_dtype(saved_pipelines):
     with pytest.raises(ModelError, match="unknown scheduler 'plms'"):
-        load_pipeline(saved_pipelines["sd1"], scheduler="plms")
+        load_pipeline(saved_pipelines["sd1"], device="cpu", scheduler="plms")
     with pytest.raises(ModelError, match="unknown dtype"):
-        load_pipeline(saved_pipelines["sd1"], dtype="float8")
+        load_pipeline(saved_pipelines["sd1"], device="cpu", dtype="float8")
 
 
 def test_hub_id_loads_from_the_local_cache(saved_pipelines, tmp_path):
@@ -95,7 +95,7 @@ def test_half_precision_reads_fp16_files_and_never_needs_the_safety_checker(save
     shutil.copytree(saved_pipelines["sd1"], snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
-    pipe = load_pipeline(saved_pipelines["sd1"])
+    pipe = load_pipeline(saved_pipelines["sd1"], device="cpu")
     with torch.no_grad():
         pipe.unet.conv_in.bias.fill_(0.25)  # marks the fp16 files apart from the full ones
     pipe.unet.to(torch.float16).save_pretrained(snapshot / "unet", variant="fp16")
@@ -138,3 +138,21 @@ def test_dtype_name_reads_the_denoisers_precision(sd1_pipe):
     assert dtype_name(sd1_pipe) == "float32"
     half = copy.deepcopy(sd1_pipe.unet).to(torch.bfloat16)
     assert dtype_name(types.SimpleNamespace(unet=half, transformer=None)) == "bfloat16"
+
+
+def test_load_pipeline_under_a_launcher_takes_this_workers_gpu(monkeypatch):
+    """Worker 1 of 2 on a node with two GPUs: cuda:1, not every worker's pipeline on cuda:0."""
+    import diffumask.shapes
+
+    loaded = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("diffumask.models.default_device", lambda: "cuda")
+    monkeypatch.setattr("diffumask.models.check_device", lambda device: None)
+    monkeypatch.setattr(diffumask.shapes, "load_pipeline",
+                        lambda device, dtype: loaded.update(device=device)
+                        or types.SimpleNamespace(unet=object(), tokenizer=object()))
+    load_pipeline("shapes")
+    assert loaded == {"device": "cuda:1"}

@@ -52,7 +52,7 @@ def test_pipelines_no_recorder_reads_are_refused_from_their_model_index(model_in
 ])
 def test_generate_refuses_pipelines_that_need_an_image_which_trace_records(pipeline, parts, needs):
     check_model_index(index(pipeline, **parts))  # trace records your own calls with the image
-    with pytest.raises(ConfigError, match=f"^{pipeline} needs {needs} besides the prompt"):
+    with pytest.raises(ConfigError, match=f"^{pipeline} reads {needs} besides the prompt"):
         check_model_index(index(pipeline, **parts), prompts_only=True)
 
 
@@ -144,7 +144,7 @@ def test_an_image_to_image_pipeline_is_traced_but_not_generated_from(sd1_pipe):
         img2img("a photo of a dog", image=start, strength=1.0, num_inference_steps=2, output_type="np")
     dog = recorder.maps()[0]["dog"]
     assert dog.shape == (64, 64) and dog.max() > 0
-    with pytest.raises(ConfigError, match="^StableDiffusionImg2ImgPipeline needs image besides the prompt"):
+    with pytest.raises(ConfigError, match="^StableDiffusionImg2ImgPipeline reads image besides the prompt"):
         generate_one(img2img, "a photo of a dog", ["dog"], steps=1)
     pag = StableDiffusionPAGPipeline(**sd1_pipe.components, pag_applied_layers=["mid"])
     with pytest.raises(ConfigError, match="^StableDiffusionPAGPipeline adds perturbed-attention guidance"):
@@ -187,5 +187,60 @@ def test_flux_kontexts_reference_image_tokens_are_named_in_the_refusal():
         with trace(pipe, "a photo of a dog", ["dog"]):
             pipe(prompt="a photo of a dog", image=reference, _auto_resize=False, height=32, width=32,
                  num_inference_steps=1, output_type="np")
-    with pytest.raises(ConfigError, match="^FluxKontextPipeline needs image besides the prompt"):
+    with pytest.raises(ConfigError, match="^FluxKontextPipeline reads image besides the prompt"):
         generate_one(pipe, "a photo of a dog", ["dog"], steps=1)
+
+
+def test_a_community_pipelines_optional_image_is_left_alone(sd1_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    class LongPrompt(StableDiffusionPipeline):
+        def __call__(self, prompt=None, image=None, mask_image=None, height=None, width=None,  # as lpw's
+                     num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, **options):
+            return super().__call__(prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt, **options)
+
+    LongPrompt.__module__ = "diffusers_modules.local.lpw_stable_diffusion"  # where custom_pipeline= puts it
+    pipe = LongPrompt(**sd1_pipe.components)
+    result = generate_one(pipe, "a photo of a dog", ["dog"], steps=1)
+    assert result.maps["dog"].max() > 0
+
+
+@pytest.mark.parametrize("odd", [
+    index(["my_module", "MyPipeline"], unet=UNET),  # diffusers' custom-code form
+    index("StableDiffusionPipeline", unet=["diffusers"]),
+    index("StableDiffusionPipeline", unet={}),
+    index("StableDiffusionPipeline", unet=5),
+    index("StableDiffusionPipeline", unet=["diffusers", None]),
+    ["not", "an", "index"],
+])
+def test_odd_model_index_contents_are_left_to_the_loader(odd, tmp_path, capsys):
+    """Never a traceback from the check: what it cannot read, loading reports (in one line)."""
+    check_model_index(odd)
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps(odd))
+    assert main(["generate", "--model", str(folder), "--classes", "dog", "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("diffumask: error: "), err
+
+
+def test_a_compiled_unet_is_read_through_its_wrapper(sd1_pipe):
+    from types import SimpleNamespace
+
+    from diffumask.models import dtype_name
+    from diffumask.supported import check_loaded, denoiser_of
+
+    compiled = torch.compile(sd1_pipe.unet)  # compiles lazily: nothing runs here
+    pipe = SimpleNamespace(unet=compiled, transformer=None)
+    assert denoiser_of(pipe) is sd1_pipe.unet and dtype_name(pipe) == "float32"
+    check_loaded(StableDiffusionWith(compiled, sd1_pipe))
+
+
+def StableDiffusionWith(unet, base):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**base.components)
+    object.__setattr__(pipe, "unet", unet)
+    return pipe

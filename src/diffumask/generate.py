@@ -343,8 +343,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         with library_bars(progress):
             pipe = load_pipeline(model, device, config.dtype, config.scheduler, config.revision, prompts_only=True)
     check_pipeline(pipe, "generate", prompts_only=True)  # a pipeline passed in: before any word is looked up
-    if config.dtype == "auto":  # a pipeline passed in: the precision it is in
-        config = dataclasses.replace(config, dtype=dtype_name(pipe))
+    if config.dtype == "auto":  # a pipeline passed in: the precision it is in, or the one its dataset records
+        # (datasets made from Python before recorded the config's dtype, float32 by default, whatever the pipeline's)
+        was = recorded.get("dtype")
+        config = dataclasses.replace(config, dtype=was if isinstance(was, str) else dtype_name(pipe))
     pipe.set_progress_bar_config(disable=True)
     _check_size(pipe, config.size)
     if config.negative_prompt and config.guidance is not None and config.guidance <= 1 and not is_flux_pipeline(pipe):

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .errors import DiffumaskError
-from .supported import check_model_index
+from .distributed import current_worker
+from .supported import check_model_index, denoiser_of
 
 BUILTIN_MODELS = ("shapes",)
 SHAPES_PIPELINES = ("ShapesPipeline", "ShapesDiTPipeline")  # folders written by diffumask.shapes.train
@@ -28,7 +29,7 @@ def is_shapes_folder(model: str | Path) -> bool:
     index = Path(model).expanduser() / "model_index.json"
     try:
         return index.is_file() and json.loads(index.read_text()).get("_class_name") in SHAPES_PIPELINES
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # AttributeError: an index that is no JSON object
         return False
 
 
@@ -95,15 +96,16 @@ def _hub_model_index(model_id: str, revision: str | None) -> dict[str, Any] | No
         path = try_to_load_from_cache(model_id, "model_index.json", revision=revision)
         if not isinstance(path, str) and not _offline():
             path = hf_hub_download(model_id, "model_index.json", revision=revision)
-        return json.loads(Path(path).read_text()) if isinstance(path, str) else None
+        index = json.loads(Path(path).read_text()) if isinstance(path, str) else None
+        return index if isinstance(index, dict) else None
     except Exception:  # an id that is no repository, no network: the name decides
         return None
 
 
 def dtype_name(pipe: Any) -> str:
     """A loaded pipeline's precision (its denoiser's) by name, as a dataset records it: ``float16``."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    return str(getattr(denoiser, "dtype", None) or pipe.dtype).removeprefix("torch.")
+    denoiser = denoiser_of(pipe)
+    return str(pipe.dtype if denoiser is None else denoiser.dtype).removeprefix("torch.")
 
 
 def auto_dtype(model: str, device: str | torch.device, revision: str | None = None) -> str:
@@ -115,11 +117,11 @@ def auto_dtype(model: str, device: str | torch.device, revision: str | None = No
     index = Path(model).expanduser() / "model_index.json"
     try:
         name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         name = None
     if name is None and model not in BUILTIN_MODELS and not Path(model).expanduser().exists():
         name = (_hub_model_index(model, revision) or {}).get("_class_name")
-    lowered = (model if name is None else name).lower().replace("-", "").replace("_", "")
+    lowered = (name if isinstance(name, str) else model).lower().replace("-", "").replace("_", "")  # custom: a list
     return "bfloat16" if any(kind.lower() in lowered for kind in TRANSFORMER_PIPELINES) else "float16"
 
 
@@ -220,7 +222,7 @@ def load_pipeline(
     no recorder reads (or, ``prompts_only``, one that needs an input image) is refused from its model_index.json,
     before a hub id's weights download.
     """
-    device = device or default_device()
+    device = current_worker().device(device or default_device())  # under a launcher: this worker's GPU
     check_device(device)
     torch_dtype = resolve_dtype(auto_dtype(model, device, revision) if dtype == "auto" else dtype)
     if scheduler is not None:
@@ -246,7 +248,16 @@ def load_pipeline(
                 ".safetensors/.ckpt file, convert it once: "
                 "StableDiffusionPipeline.from_single_file(FILE).save_pretrained(FOLDER)"
             )
-        components = json.loads(index.read_text())
+        try:
+            components = json.loads(index.read_text())
+        except ValueError as error:
+            raise ModelError(f"{index} is not JSON ({error})") from None
+        if not isinstance(components, dict):
+            raise ModelError(f"{index} is not a diffusers model index (a JSON object naming the pipeline's parts)")
+        if isinstance(custom := components.get("_class_name"), list):
+            raise ModelError(f"{folder} holds a custom-code pipeline ({'.'.join(map(str, custom))}), which diffumask does "
+                             "not load itself: load it with DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=..., "
+                             "trust_remote_code=True) and pass it in: generate_dataset(config, pipe=pipe)")
         if components.get("_class_name") in SHAPES_PIPELINES:  # a shapes model trained with diffumask.shapes.train
             from .shapes import load_pipeline as load_shapes
 
@@ -264,9 +275,11 @@ def load_pipeline(
             pipe = DiffusionPipeline.from_pretrained(folder, **extra)
         except (OSError, ValueError) as error:
             raise ModelError(f"cannot load the pipeline in {folder}: {str(error).splitlines()[0]}") from None
+        except (TypeError, KeyError, AttributeError) as error:  # a model index diffusers cannot follow
+            raise ModelError(f"cannot load the pipeline in {folder}: its model_index.json names something diffusers "
+                             f"cannot follow ({type(error).__name__}: {str(error).splitlines()[0]})") from None
         pipe.to(device)
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if denoiser is None or getattr(pipe, "tokenizer", None) is None:
+    if denoiser_of(pipe) is None or getattr(pipe, "tokenizer", None) is None:
         raise ModelError(
             f"{model} loads as {type(pipe).__name__}, which has no UNet or transformer with a tokenizer; "
             "diffumask records Stable Diffusion 1.x/2.x/XL/3-style and FLUX pipelines"

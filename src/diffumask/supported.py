@@ -35,47 +35,62 @@ def check_denoiser(pipeline: str, denoiser: str | None, ancestors: tuple[str, ..
                           f"{SUPPORTED}")
 
 
-def check_call(pipeline: str, parameters: Mapping[str, Any], prompts_only: bool) -> None:
+def check_call(pipeline: str, parameters: Mapping[str, Any], prompts_only: bool, diffusers_class: bool = True) -> None:
     """Refuse a pipeline call that reads no prompt, one the recorders cannot follow (perturbed-attention
-    guidance adds a third batch) and, for ``generate`` (``prompts_only``), one that needs an input image."""
-    if "prompt" not in parameters:
-        raise ConfigError(f"{pipeline} takes no prompt (its call reads {', '.join(list(parameters)[1:4])}, ...); "
-                          f"{SUPPORTED}")
-    if "pag_scale" in parameters:
+    guidance adds a third batch) and, for ``generate`` (``prompts_only``), one of diffusers' own image-to-image,
+    inpainting, ControlNet or editing pipelines (a community pipeline's optional ``image`` is left alone)."""
+    names = [name for name in parameters if name != "self"]
+    if "prompt" not in names:
+        raise ConfigError(f"{pipeline} takes no prompt (its call reads {', '.join(names[:3])}, ...); {SUPPORTED}")
+    if "pag_scale" in names:
         raise ConfigError(f"{pipeline} adds perturbed-attention guidance, a third batch of images the recorder "
                           "does not tell apart; record the pipeline without it (e.g. "
                           "StableDiffusionPipeline.from_pipe(pipe), or the checkpoint's own pipeline class)")
-    if prompts_only and (needed := [name for name in IMAGE_INPUTS if name in parameters]):
-        raise ConfigError(f"{pipeline} needs {' and '.join(needed)} besides the prompt (image-to-image, inpainting "
-                          "or ControlNet), and generate makes images from prompts alone: load the text-to-image "
-                          "pipeline of the same checkpoint, or record your own calls from Python with "
+    if prompts_only and diffusers_class and (taken := [name for name in IMAGE_INPUTS if name in names]):
+        raise ConfigError(f"{pipeline} reads {' and '.join(taken)} besides the prompt (an image-to-image, inpainting, "
+                          "ControlNet or editing pipeline), and generate makes images from prompts alone: load the "
+                          "text-to-image pipeline of the same checkpoint, or record your own calls from Python with "
                           "diffumask.trace(pipe, prompts, classes)")
 
 
-def check_model_index(index: Mapping[str, Any], prompts_only: bool = False) -> None:
-    """The checks above from a diffusers folder's ``model_index.json``, before any weights load. Classes
-    diffusers does not know (a custom pipeline) are left to the check on the loaded pipeline."""
+def check_model_index(index: Any, prompts_only: bool = False) -> None:
+    """The checks above from a diffusers folder's ``model_index.json``, before any weights load. What diffusers
+    does not name (a custom-code pipeline, a component it does not know) is left to the check on the loaded
+    pipeline, and a malformed index to the loading itself."""
     import diffusers
 
-    name = index.get("_class_name", "")
-    denoisers = [index[part] for part in ("unet", "transformer") if (index.get(part) or [None])[0] is not None]
-    if not denoisers:
-        check_denoiser(name, None)
-    library, denoiser = denoisers[0][:2]
+    name = index.get("_class_name") if isinstance(index, Mapping) else None
+    if not isinstance(name, str):
+        return
+    parts = [index.get(part) for part in ("unet", "transformer")]
+    named = [tuple(part) for part in parts if isinstance(part, (list, tuple)) and len(part) == 2
+             and all(isinstance(v, str) for v in part)]
+    if not named:
+        if all(part is None or isinstance(part, (list, tuple)) and all(v is None for v in part) for part in parts):
+            check_denoiser(name, None)
+        return
+    library, denoiser = named[0]
     if library == "diffusers":
         known = getattr(diffusers, denoiser, None)
         check_denoiser(name, denoiser, _ancestors(known) if isinstance(known, type) else ())
-    pipeline = getattr(diffusers, name, None) if name else None
+    pipeline = getattr(diffusers, name, None)
     if isinstance(pipeline, type) and callable(getattr(pipeline, "__call__", None)):
         check_call(name, inspect.signature(pipeline.__call__).parameters, prompts_only)
+
+
+def denoiser_of(pipe: Any) -> Any:
+    """A pipeline's UNet, else its transformer (None without either), unwrapped from ``torch.compile``."""
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else getattr(pipe, "transformer", None)
+    return getattr(denoiser, "_orig_mod", denoiser)
 
 
 def check_loaded(pipe: Any, prompts_only: bool = False) -> None:
     """The checks above on a loaded pipeline."""
     name = type(pipe).__name__
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    denoiser = denoiser_of(pipe)
     check_denoiser(name, None if denoiser is None else type(denoiser).__name__, _ancestors(type(denoiser)))
-    check_call(name, inspect.signature(pipe.__call__).parameters, prompts_only)
+    check_call(name, inspect.signature(pipe.__call__).parameters, prompts_only,
+               diffusers_class=type(pipe).__module__.startswith("diffusers."))
 
 
 def _ancestors(cls: type) -> tuple[str, ...]:
