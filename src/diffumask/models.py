@@ -18,7 +18,7 @@ import torch
 
 from .errors import DiffumaskError
 from .distributed import current_worker
-from .supported import check_model_index, denoiser_of
+from .supported import SUPPORTED, check_model_index, denoiser_of
 
 BUILTIN_MODELS = ("shapes",)
 SHAPES_PIPELINES = ("ShapesPipeline", "ShapesDiTPipeline")  # folders written by diffumask.shapes.train
@@ -281,8 +281,7 @@ def load_pipeline(
         pipe.to(device)
     if denoiser_of(pipe) is None or getattr(pipe, "tokenizer", None) is None:
         raise ModelError(
-            f"{model} loads as {type(pipe).__name__}, which has no UNet or transformer with a tokenizer; "
-            "diffumask records Stable Diffusion 1.x/2.x/XL/3-style and FLUX pipelines"
+            f"{model} loads as {type(pipe).__name__}, which has no UNet or transformer with a tokenizer; {SUPPORTED}"
         )
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
