@@ -73,8 +73,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated class names, e.g. 'dog,potted plant'; each must appear in its prompts")
     p.add_argument("--out", required=True, help="dataset folder to create or resume")
     p.add_argument("--model", default="shapes",
-                   help="'shapes' (built-in, offline), a local diffusers folder, or a Hugging Face hub id "
-                        "(default: shapes)")
+                   help="'shapes' (built-in, offline), a local diffusers folder, or a Hugging Face hub id of a "
+                        "text-to-image Stable Diffusion 1.x/2.x/XL, SD3/3.5 or FLUX.1 pipeline (others are refused "
+                        "before any weights load) (default: shapes)")
     p.add_argument("--images-per-class", type=int, default=10, help="images to generate per class (default: 10)")
     p.add_argument("--compose", type=int, default=0, metavar="N",
                    help="also N images per class that show it with other classes of --classes: the prompt bank's "
