@@ -736,8 +736,8 @@ def test_generate_dataset_takes_the_gpu_by_default_and_records_the_precision_it_
         loaded.update(model=model, device=device, dtype=dtype, prompts_only=prompts_only)
         raise Loaded
 
-    monkeypatch.setattr("diffumask.generate.default_device", lambda: "cuda")
-    monkeypatch.setattr("diffumask.generate.check_device", lambda device: None)
+    monkeypatch.setattr("diffumask.models.default_device", lambda: "cuda")
+    monkeypatch.setattr("diffumask.models.check_device", lambda device: None)
     monkeypatch.setattr("diffumask.generate.load_pipeline", load)
     with pytest.raises(Loaded):
         generate_dataset(GenerateConfig(classes=["circle"], out=str(tmp_path / "gpu")), progress=False)

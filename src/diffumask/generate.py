@@ -42,7 +42,7 @@ from .distributed import current_worker
 from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
 from .masks.threshold import PAPER_THRESHOLD, check_band
-from .models import (BUILTIN_MODELS, DTYPES, SCHEDULERS, auto_dtype, check_device, default_device, dtype_name,
+from .models import (BUILTIN_MODELS, DTYPES, SCHEDULERS, auto_dtype, dtype_name, resolve_device,
                      library_bars, load_pipeline, model_description, pipeline_name)
 from .prompts import PromptBank, resolve_bank
 from .softmaps import SELF_ATTENTION_KEEP, pack
@@ -336,8 +336,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         raise ConfigError(f"two classes are the same word in prompts ({words}); name each class once")
     worker = current_worker()
     if pipe is None:
-        device = worker.device(config.device or default_device())
-        check_device(device)
+        device = resolve_device(config.device)
         if config.dtype == "auto":  # recorded as what it resolves to, as the command line always did
             config = dataclasses.replace(config, dtype=auto_dtype(model, device, config.revision))
         with library_bars(progress):

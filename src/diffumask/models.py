@@ -24,13 +24,19 @@ BUILTIN_MODELS = ("shapes",)
 SHAPES_PIPELINES = ("ShapesPipeline", "ShapesDiTPipeline")  # folders written by diffumask.shapes.train
 
 
+def _read_model_index(folder: str | Path) -> dict[str, Any] | None:
+    """A local folder's model_index.json, or None where there is none that reads as a JSON object
+    (``load_pipeline`` says what is wrong with one; the guesses made before loading just do without)."""
+    try:
+        index = json.loads((Path(folder).expanduser() / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) else None
+
+
 def is_shapes_folder(model: str | Path) -> bool:
     """A folder holding a model trained by ``diffumask.shapes.train`` (the UNet or its DiT twin)."""
-    index = Path(model).expanduser() / "model_index.json"
-    try:
-        return index.is_file() and json.loads(index.read_text()).get("_class_name") in SHAPES_PIPELINES
-    except (OSError, ValueError, AttributeError):  # AttributeError: an index that is no JSON object
-        return False
+    return (_read_model_index(model) or {}).get("_class_name") in SHAPES_PIPELINES
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,6 +63,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def default_device() -> str:
     """The device a command uses when none is given: the GPU when there is one."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | torch.device | None) -> str | torch.device:
+    """The device a stage runs on: the one given, else the GPU when there is one, ``cuda`` being this worker's
+    own under a launcher (torchrun, Slurm); checked to exist here."""
+    device = current_worker().device(device or default_device())
+    check_device(device)
+    return device
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -114,13 +128,10 @@ def auto_dtype(model: str, device: str | torch.device, revision: str | None = No
     a local folder or of a hub id (cached, or that one file fetched); failing that, from the id's name."""
     if torch.device(device).type != "cuda":
         return "float32"
-    index = Path(model).expanduser() / "model_index.json"
-    try:
-        name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        name = None
-    if name is None and model not in BUILTIN_MODELS and not Path(model).expanduser().exists():
-        name = (_hub_model_index(model, revision) or {}).get("_class_name")
+    index = _read_model_index(model)
+    if index is None and model not in BUILTIN_MODELS and not Path(model).expanduser().exists():
+        index = _hub_model_index(model, revision)
+    name = (index or {}).get("_class_name")
     lowered = (name if isinstance(name, str) else model).lower().replace("-", "").replace("_", "")  # custom: a list
     return "bfloat16" if any(kind.lower() in lowered for kind in TRANSFORMER_PIPELINES) else "float16"
 
@@ -222,8 +233,7 @@ def load_pipeline(
     no recorder reads (or, ``prompts_only``, one that needs an input image) is refused from its model_index.json,
     before a hub id's weights download.
     """
-    device = current_worker().device(device or default_device())  # under a launcher: this worker's GPU
-    check_device(device)
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(auto_dtype(model, device, revision) if dtype == "auto" else dtype)
     if scheduler is not None:
         _scheduler_class(scheduler)  # before the (slow) load

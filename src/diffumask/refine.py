@@ -46,7 +46,7 @@ from .masks.affinity import (AffinityConfig, AffinityNet, build_affinity_net, lo
 from .masks.crf import SEED_CRF, CRFParams
 from .masks.propagate import NO_SELF_ATTENTION
 from .masks.threshold import PAPER_THRESHOLD, check_band
-from .models import check_device, default_device
+from .models import check_device, resolve_device
 from .refine_items import Item, curve_steps, grid_seeds, item_steps
 from .workers import check_workers, cpu_pool, ordered
 
@@ -278,7 +278,7 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     """
     check_workers(workers)
     worker = current_worker()
-    device = check_device(worker.device(device or default_device()))
+    device = check_device(resolve_device(device))
     if worker.sharded and config.per_class:
         raise ConfigError("--per-class pools every image's curve before any mask is written; run it as one "
                           "process (without torchrun/srun)")
