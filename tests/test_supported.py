@@ -206,6 +206,44 @@ def test_a_community_pipelines_optional_image_is_left_alone(sd1_pipe):
     assert result.maps["dog"].max() > 0
 
 
+def test_a_subclass_that_wraps_the_call_reads_its_parents_parameters(sd1_pipe):
+    """A subclass timing or logging its parent's call with (*args, **kwargs) was refused: 'takes no prompt'."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionPAGPipeline
+
+    calls = []
+
+    class Timed(StableDiffusionPipeline):
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs["prompt"])
+            return super().__call__(*args, **kwargs)
+
+    result = generate_one(Timed(**sd1_pipe.components), "a photo of a dog", ["dog"], steps=1)
+    assert result.maps["dog"].max() > 0 and calls == [["a photo of a dog"]]
+
+    class TimedPAG(StableDiffusionPAGPipeline):  # the parent's own parameters are still checked
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    with pytest.raises(ConfigError, match="^TimedPAG adds perturbed-attention guidance"):
+        trace(TimedPAG(**sd1_pipe.components, pag_applied_layers=["mid"]))
+
+
+def test_a_call_without_default_steps_asks_for_them(sd1_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    class Explicit(StableDiffusionPipeline):
+        def __call__(self, prompt, num_inference_steps, guidance_scale, **options):
+            return super().__call__(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                    **options)
+
+    pipe = Explicit(**sd1_pipe.components)
+    with pytest.raises(ConfigError, match="^Explicit's call has no default num_inference_steps: give --steps"):
+        generate_one(pipe, "a photo of a dog", ["dog"], guidance=1.0)
+    with pytest.raises(ConfigError, match="no default guidance_scale: give --guidance \\(guidance= from Python\\)"):
+        generate_one(pipe, "a photo of a dog", ["dog"], steps=1)
+    assert generate_one(pipe, "a photo of a dog", ["dog"], steps=1, guidance=1.0).maps["dog"].max() > 0
+
+
 @pytest.mark.parametrize("odd", [
     index(["my_module", "MyPipeline"], unet=UNET),  # diffusers' custom-code form
     index("StableDiffusionPipeline", unet=["diffusers"]),

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attention import ImageMaps, check_pipeline, trace, word_locator
+from .supported import call_parameters
 from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, Dataset
 from .distributed import current_worker
 from .errors import ConfigError, check_sequences
@@ -205,7 +206,13 @@ def work_items(classes: Sequence[str], images_per_class: int, base_seed: int, co
 
 
 def _pipeline_default(pipe: Any, argument: str) -> Any:
-    return inspect.signature(pipe.__call__).parameters[argument].default
+    """The default of the pipeline call's ``argument``, which generate passes when it is not given."""
+    parameter = call_parameters(type(pipe)).get(argument)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        option = {"num_inference_steps": "steps", "guidance_scale": "guidance"}[argument]
+        raise ConfigError(f"{type(pipe).__name__}'s call has no default {argument}: give --{option} "
+                          f"({option}= from Python)")
+    return parameter.default
 
 
 def _check_window(window: tuple[float, float] | None, name: str = "step window") -> None:

@@ -75,7 +75,7 @@ def check_model_index(index: Any, prompts_only: bool = False) -> None:
         check_denoiser(name, denoiser, _ancestors(known) if isinstance(known, type) else ())
     pipeline = getattr(diffusers, name, None)
     if isinstance(pipeline, type) and callable(getattr(pipeline, "__call__", None)):
-        check_call(name, inspect.signature(pipeline.__call__).parameters, prompts_only)
+        check_call(name, call_parameters(pipeline), prompts_only)
 
 
 def denoiser_of(pipe: Any) -> Any:
@@ -89,8 +89,22 @@ def check_loaded(pipe: Any, prompts_only: bool = False) -> None:
     name = type(pipe).__name__
     denoiser = denoiser_of(pipe)
     check_denoiser(name, None if denoiser is None else type(denoiser).__name__, _ancestors(type(denoiser)))
-    check_call(name, inspect.signature(pipe.__call__).parameters, prompts_only,
+    check_call(name, call_parameters(type(pipe)), prompts_only,
                diffusers_class=type(pipe).__module__.startswith("diffusers."))
+
+
+def call_parameters(cls: type) -> Mapping[str, inspect.Parameter]:
+    """The parameters a pipeline class's call reads: a subclass that wraps its parent's call in
+    ``(*args, **kwargs)`` (to time or log it) reads the parent's."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    for owner in cls.__mro__:
+        call = owner.__dict__.get("__call__")
+        if call is None:
+            continue
+        parameters = inspect.signature(call).parameters
+        if any(p.kind not in variadic for name, p in parameters.items() if name != "self"):
+            return parameters
+    return inspect.signature(cls.__call__).parameters
 
 
 def _ancestors(cls: type) -> tuple[str, ...]:
