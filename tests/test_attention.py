@@ -287,6 +287,23 @@ def test_step_window_and_layer_selection(sd1_pipe):
     np.testing.assert_allclose(got[16], grids[16], rtol=1e-4, atol=1e-7)
 
 
+def test_only_the_recorded_layers_processors_change_and_all_come_back(sd1_pipe):
+    """The recorder sets each hooked layer's processor and no other (a walk of the whole UNet per batch cost host
+    time while the GPU waited); the processors it replaced come back as the same objects."""
+    from diffumask.attention import RecordingProcessor
+
+    before = dict(sd1_pipe.unet.attn_processors)
+    with trace(sd1_pipe, PROMPTS[0], ["dog"], layers=["up_blocks.2"], self_attention=1):
+        during = sd1_pipe.unet.attn_processors
+        recording = {name for name, proc in during.items() if isinstance(proc, RecordingProcessor)}
+        expected = {name for name in cross_attention_layers(sd1_pipe.unet) if name.startswith("up_blocks.2")}
+        expected |= set(cross_attention_layers(sd1_pipe.unet, cross=False))  # the self-attention, at every layer
+        assert recording == expected and len(recording) < len(before)
+        assert all(during[name] is before[name] for name in set(before) - recording)
+    after = sd1_pipe.unet.attn_processors
+    assert after.keys() == before.keys() and all(after[name] is before[name] for name in before)
+
+
 def test_batch_equals_single(sd1_pipe):
     with trace(sd1_pipe, PROMPTS, CLASSES) as batched:
         batch_images = run(sd1_pipe, PROMPTS, [7, 8])

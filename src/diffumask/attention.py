@@ -1,8 +1,8 @@
 """The attention recorder: per-class soft maps from a diffusers UNet's cross-attention.
 
-Hooked only through diffusers' processor API: the cross-attention entries of
-``unet.attn_processors`` are replaced by :class:`RecordingProcessor` and the original dict is
-set back on exit. The layer output still comes from the fused kernel
+Hooked only through diffusers' processor API: the processors of the recorded cross-attention layers
+(``Attention.set_processor``) are replaced by :class:`RecordingProcessor` and the originals set back
+on exit. The layer output still comes from the fused kernel
 (``F.scaled_dot_product_attention``); the probabilities softmax(QKᵀ/√d) at the requested
 classes' token columns come from a second fused call whose values are one-hot at those columns,
 for the conditional half of the guidance batch only, averaged over heads and added in place into
@@ -346,10 +346,11 @@ class RecordingProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def cross_attention_layers(unet: torch.nn.Module, cross: bool = True) -> dict[str, Attention]:
-    """Cross- (or self-) attention modules keyed by their processor name in ``unet.attn_processors``."""
+def cross_attention_layers(unet: torch.nn.Module, cross: bool | None = True) -> dict[str, Attention]:
+    """Cross- (or self-, or with None all) attention modules keyed by their processor name in
+    ``unet.attn_processors``, in the model's order."""
     return {f"{name}.processor": module for name, module in unet.named_modules()
-            if isinstance(module, Attention) and module.is_cross_attention == cross}
+            if isinstance(module, Attention) and cross in (None, module.is_cross_attention)}
 
 
 def text_encoders(pipe: Any) -> list[tuple[str, torch.nn.Module, Any]]:
@@ -426,6 +427,7 @@ class AttentionRecorder:
         if self.given_prompts is not None:
             self._set_prompts(self.given_prompts)  # a missing class word fails here, before denoising
         self.images_per_prompt = images_per_prompt
+        self._modules = self._attention_modules()  # one walk of the model: every batch builds a recorder
         self.layers = self._select_layers(layers)
         self.steps = _check_steps(steps)
         self.self_attention_factor = self_attention
@@ -455,6 +457,7 @@ class AttentionRecorder:
         self._last_timestep: torch.Tensor | None = None
         self._restarted: torch.Tensor | None = None  # on the UNet's device: did the timesteps ever rise?
         self._saved_processors: dict[str, Any] | None = None
+        self._hooked: dict[str, Any] = {}  # processor name -> the attention module it belongs to, while attached
         self._hooks: list[Any] = []
 
     @property
@@ -491,7 +494,7 @@ class AttentionRecorder:
         return self.locator(prompt, words)
 
     def _self_attention_layers(self) -> list[str]:
-        return list(cross_attention_layers(self.model, cross=False))
+        return [name for name, module in self._modules.items() if not module.is_cross_attention]
 
     def _processor(self, name: str) -> Any:
         return RecordingProcessor(self, name)
@@ -505,7 +508,7 @@ class AttentionRecorder:
         return getattr(self.pipe, "do_classifier_free_guidance", None)
 
     def _select_layers(self, prefixes: Sequence[str] | None) -> list[str]:
-        layers = cross_attention_layers(self.model)
+        layers = [name for name, module in self._modules.items() if module.is_cross_attention]
         if not layers:
             raise RecorderError("this UNet has no cross-attention layers; nothing to record")
         chosen = [n for n in layers if prefixes is None or any(n.startswith(p) for p in prefixes)]
@@ -515,10 +518,14 @@ class AttentionRecorder:
         return chosen
 
     # ------------------------------------------------------------------ attach / detach
+    def _attention_modules(self) -> dict[str, Any]:
+        """Every attention module of the backbone, keyed by its processor name (as in ``attn_processors``), in
+        the model's order."""
+        return cross_attention_layers(self.model, cross=None)
+
     def _check_processors(self) -> None:
-        processors = self.model.attn_processors
         for name in self.layers + self.self_layers:
-            proc = processors[name]
+            proc = self._hooked[name].processor
             if "AddedKV" in type(proc).__name__:
                 raise RecorderError(
                     f"layer {name} uses {type(proc).__name__}: this UNet reads the text as extra keys beside the "
@@ -537,12 +544,13 @@ class AttentionRecorder:
         if self.given_prompts is None and not self.encoders:
             raise RecorderError(f"{type(self.pipe).__name__} has no text encoder whose input the recorder "
                                 "can read; pass the prompts: trace(pipe, prompts, classes)")
+        self._hooked = {name: self._modules[name] for name in self.layers + self.self_layers}
         self._check_processors()
-        self._saved_processors = dict(self.model.attn_processors)
-        procs = dict(self._saved_processors)
-        for name in self.layers + self.self_layers:
-            procs[name] = self._processor(name)
-        self.model.set_attn_processor(procs)
+        # Only the hooked layers' processors change (Attention.set_processor, which set_attn_processor calls for
+        # every layer): a walk of the whole model per batch was a few ms of host time while the GPU waited.
+        self._saved_processors = {name: module.processor for name, module in self._hooked.items()}
+        for name, module in self._hooked.items():
+            module.set_processor(self._processor(name))
         self._hooks = [self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
         self._hooks += [module.register_forward_pre_hook(functools.partial(self._on_encoder_call, i),
                                                          with_kwargs=True)
@@ -552,7 +560,8 @@ class AttentionRecorder:
     def detach(self) -> None:
         if self._saved_processors is None:
             return
-        self.model.set_attn_processor(self._saved_processors)
+        for name, module in self._hooked.items():
+            module.set_processor(self._saved_processors[name])
         self._saved_processors = None
         for hook in self._hooks:
             hook.remove()

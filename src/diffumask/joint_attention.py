@@ -383,7 +383,7 @@ class JointAttentionRecorder(AttentionRecorder):
         return [self._t5_encoder()] if _is_flux(self.model) else everything
 
     def _select_layers(self, prefixes: Sequence[str] | None) -> list[str]:
-        layers = list(joint_layers(self.model))
+        layers = list(self._modules)
         if not layers:
             raise RecorderError("this transformer has no joint-attention layers; nothing to record")
         if prefixes is not None:
@@ -399,14 +399,16 @@ class JointAttentionRecorder(AttentionRecorder):
     def _self_attention_layers(self) -> list[str]:
         return []  # recorded inside the joint layers' own processors
 
+    def _attention_modules(self) -> dict[str, Any]:
+        return joint_layers(self.model)
+
     def _check_processors(self) -> None:
         flux = _flux_parts()
         stock = (flux[0],) if _is_flux(self.model) and flux else (JointAttnProcessor2_0,)
-        modules = joint_layers(self.model)
         for name in self.layers:
-            proc = self.model.attn_processors[name]
+            proc = self._hooked[name].processor
             # FLUX's stock processor reads fused weights when the module says so; SD3's never does.
-            fused = _is_flux(self.model) and getattr(modules[name], "fused_projections", False)
+            fused = _is_flux(self.model) and getattr(self._hooked[name], "fused_projections", False)
             if type(proc) not in stock or fused:
                 raise RecorderError(
                     f"layer {name} uses {type(proc).__name__}{' with fused QKV projections' if fused else ''}, "
@@ -417,7 +419,7 @@ class JointAttentionRecorder(AttentionRecorder):
 
     def _processor(self, name: str) -> Any:
         if _is_flux(self.model):
-            return FluxRecordingProcessor(self, name, self.model.attn_processors[name])
+            return FluxRecordingProcessor(self, name, self._hooked[name].processor)
         return JointRecordingProcessor(self, name)
 
     def _patch(self) -> int:
