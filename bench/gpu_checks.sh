@@ -5,7 +5,8 @@
 #   dit       the joint-attention recorder's cost, full depth, bf16, 1024 px: SD3-medium and FLUX.1 shapes,
 #             and which fused kernel the twins call (with its log-sum-exp; checked against the stock call);
 #   generate  `diffumask generate` at 512 px on a saved SD-1.5-shaped pipeline (its defaults: 50 steps), 96
-#             items (6 per worker of a 16-core refine), and the soft maps' bytes per item;
+#             items (6 per worker of a 16-core refine), and the soft maps' bytes per item; then generate's time
+#             per image against the bare pipeline's and the GPU's wait between batches (bench_generate_host.py);
 #   refine    `diffumask refine` per image on that dataset, each method (bench/bench_refine_gpu.py);
 #   train     the r50 Mask2Former's training throughput at crop 512, batch 16, bf16, on that dataset;
 #   shapes    a larger shapes generator (SHAPES_ARGS, default --channels 64,128,128 --batch-size 64) trained for
@@ -92,6 +93,9 @@ soft = sum(p.stat().st_size for p in (root / "SoftMaps").glob("*.npz"))
 print(f"generate: {items} items in {end - start:.1f} s including loading ({(end - start) / items:.3f} s/image); "
       f"soft maps {soft / items / 1e6:.3f} MB per item")
 PY
+    stamp "generate against the bare pipeline, SD-1.5 shape, 512 px, fp16, batch 8, 20 steps"
+    python3 bench/bench_generate_host.py --model sd15 --device cuda --dtype float16 --batches 6 --steps 20 \
+        | tee -a "$out/generate.txt"
 fi
 
 if want refine; then

@@ -10,13 +10,15 @@ its classes, and its mask gives every pixel to the class whose map wins there.
 Under torchrun, ``accelerate launch`` or Slurm each worker takes every world-size-th batch of the
 full list (:mod:`diffumask.distributed`) on its own GPU and appends to its own manifest shard; the
 batches are the same whatever the number of workers, so 1, 2 or 3 workers write the same dataset,
-and a killed job resumes with any number. Items are encoded and written in a background thread
-while the next batch denoises.
+and a killed job resumes with any number. Each item's maps are fused and thresholded, and the item
+encoded and written, in a background thread while the next batch denoises: the main thread only reads
+the recorder's buffers between two pipeline calls, so the GPU does not wait for the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -27,7 +29,7 @@ import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,14 +168,33 @@ class WorkItem:
 
 @dataclass
 class GeneratedImage:
-    """One generated image with its class maps and thresholded mask."""
+    """One generated image with its class maps and thresholded mask.
 
-    image: np.ndarray  # (H, W, 3) uint8
+    The 8-bit pixels and the mask are worked out on first use, not when the batch comes back: ``generate``
+    reads them in its background writer, so the GPU starts the next batch instead of waiting while the host
+    fuses each class's maps at image size and thresholds them (10-20 ms an image at 512 px on a 2-core VM;
+    ``bench/bench_generate_host.py``).
+    """
+
+    output: np.ndarray = field(repr=False)  # (H, W, 3) floats in [0, 1], as the pipeline returned them
     maps: ImageMaps
-    mask: np.ndarray  # (H, W) uint8 label indices, in order of ``classes`` starting at 1
+    classes: list[str]  # the words whose maps make the mask: labels 1..n in this order
+    threshold: float
+    uncertain: float | None
     prompt: str
     seed: int
     flagged: bool = False  # the pipeline's safety checker replaced the image (black) after the maps were made
+
+    @functools.cached_property
+    def image(self) -> np.ndarray:
+        """(H, W, 3) uint8."""
+        return np.clip(np.rint(np.asarray(self.output) * 255), 0, 255).astype(np.uint8)
+
+    @functools.cached_property
+    def mask(self) -> np.ndarray:
+        """(H, W) uint8 label indices, in the order of ``classes`` from 1 (255: the uncertain band, if any)."""
+        return threshold_masks({i + 1: self.maps[n] for i, n in enumerate(self.classes)}, self.threshold,
+                               self.uncertain)
 
 
 def default_threshold(pipe: Any) -> float:
@@ -277,9 +298,8 @@ def generate_images(
                                                                seeds, flags):
         if resolutions is not None:
             image_maps.resolutions = tuple(resolutions)
-        mask = threshold_masks({i + 1: image_maps[n] for i, n in enumerate(names)}, threshold, uncertain)
-        pixels = np.clip(np.rint(np.asarray(image) * 255), 0, 255).astype(np.uint8)
-        results.append(GeneratedImage(pixels, image_maps, mask, prompt, int(seed), bool(flagged)))
+        results.append(GeneratedImage(image, image_maps, list(names), threshold, uncertain, prompt, int(seed),
+                                      bool(flagged)))
     return results
 
 
@@ -394,12 +414,13 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     bar = tqdm(total=len(mine), initial=len(mine) - len(pending), unit="img", desc=name,
                disable=not progress, dynamic_ncols=True)
 
-    def write(item: WorkItem, result: GeneratedImage, record: dict[str, Any], mask: np.ndarray) -> None:
+    def write(item: WorkItem, result: GeneratedImage, record: dict[str, Any], labels: np.ndarray) -> None:
+        """Fuse, threshold, encode and write one item: in the background writer, while the next batch denoises."""
         by_word = {words[c]: c for c in record["classes"]}
         logical = {_rename_map_key(k, by_word): v for k, v in result.maps.soft_maps().items()}
         soft = pack(logical, result.image.shape[:2], result.maps.resolutions, result.maps.token_average,
                     config.self_attention_keep)
-        dataset.write_item(item.id, result.image, record, mask=mask, soft_maps=soft)
+        dataset.write_item(item.id, result.image, record, mask=labels[result.mask], soft_maps=soft)
         bar.update()
 
     def flag(item: WorkItem, record: dict[str, Any]) -> None:
@@ -437,7 +458,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                     "scheduler": type(pipe.scheduler).__name__,
                     "steps": steps,
                     "guidance": guidance,
-                    "size": list(result.image.shape[:2]),
+                    "size": list(result.output.shape[:2]),
                     "threshold": config.threshold,
                     "uncertain": config.uncertain,
                     "resolutions": list(result.maps.resolutions),
@@ -445,7 +466,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                     **({"compose_bank_sha256": compose_fingerprint} if item.compose else {}),
                 }
                 if not result.flagged:
-                    writer.submit(write, item, result, record, labels[result.mask])
+                    writer.submit(write, item, result, record, labels)
                 elif config.flagged == "record":
                     writer.submit(flag, item, record)
                 else:
