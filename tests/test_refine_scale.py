@@ -347,3 +347,66 @@ def test_pool_workers_leave_an_interrupt_to_the_parent():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's own stays
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_pool_workers_end_with_the_process_that_made_them(tmp_path):
+    """A refine killed outright (SIGKILL; torchrun's teardown) left its pool workers waiting for tasks forever,
+    and the forkserver they hold open: about a third of a GB each, until the machine restarts."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "killed.py"
+    script.write_text("""
+import os, signal, time
+from diffumask.workers import cpu_pool
+
+def pids(_):
+    time.sleep(0.5)  # both workers start
+    return os.getpid(), os.getppid()
+
+if __name__ == "__main__":
+    with cpu_pool(2) as pool:
+        print(*{p for pair in pool.map(pids, range(2)) for p in pair}, flush=True)
+        pool.submit(time.sleep, 60)
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    left = {int(pid) for pid in done.stdout.split()}
+    assert len(left) == 3  # two workers and the forkserver that forked them
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}").exists() else "?"
+        return state != "Z"
+
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in left) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in left if alive(pid)]
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys):
+    import os
+    import signal
+
+    from diffumask import cli
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_run_refine", terminated)
+    started = time.monotonic()
+    assert main(["refine", "DATA", "--method", "otsu"]) == 143
+    assert time.monotonic() - started < 4
+    assert capsys.readouterr().err.splitlines() == [
+        "diffumask: terminated; finished masks are kept, re-run the same command to resume"]
+    assert signal.getsignal(signal.SIGTERM) == before  # Python's own handling again once the command returns

@@ -118,13 +118,34 @@ def test_a_sharded_generate_says_it_finished_its_share_or_the_dataset(tmp_path, 
     written = len(Dataset(out).records())
     assert 0 < written < 4  # this worker's batches only
     assert capsys.readouterr().out.splitlines() == [
-        f"{written} items in {out} so far (worker 2 of 2 finished its share)"]
+        f"{written} items in {out} so far (worker 2 of 2 finished its share; the others are still at work)"]
     monkeypatch.setenv("RANK", "0")  # the other worker, finishing last, merges the shards: it says so
     assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "2",
                  "--steps", "1", "--batch-size", "1", "--out", str(out), "--quiet"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"4 items in {out} (worker 1 of 2 finished the last share: the dataset is complete)"]
     assert not Dataset(out).shard_paths() and (out / "manifest.jsonl").is_file()
+
+
+def test_a_worker_without_a_share_does_not_call_the_dataset_complete(tmp_path, saved_pipelines, monkeypatch, capsys):
+    """Two batches, three workers: the third has none, and finished before the others wrote anything, which it
+    took for 'no shard left to merge: the dataset is complete'."""
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    out = tmp_path / "d"
+    assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "1",
+                 "--steps", "1", "--batch-size", "1", "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"0 items in {out} so far (worker 3 of 3 finished its share; the others are still at work)"]
+
+
+def test_a_dataset_extended_by_one_worker_reads_as_one_made_in_one_go(tmp_path, sd1_pipe):
+    """The manifest of a dataset extended by one process kept its write order (the old items, then the new ones),
+    unlike one made in one go or by several workers, whose lines follow the items' order."""
+    generate_dataset(config(tmp_path / "once", images_per_class=3), pipe=sd1_pipe, progress=False)
+    generate_dataset(config(tmp_path / "twice", images_per_class=2), pipe=sd1_pipe, progress=False)
+    generate_dataset(config(tmp_path / "twice", images_per_class=3), pipe=sd1_pipe, progress=False)
+    assert snapshot(tmp_path / "twice") == snapshot(tmp_path / "once")
 
 
 def test_commands_that_do_not_shard_refuse_a_launcher(tmp_path, monkeypatch, capsys):

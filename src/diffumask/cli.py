@@ -25,8 +25,16 @@ examples:
 
 
 def _csv(text: str) -> list[str]:
+    """Comma-separated names; a trailing comma is fine, an empty name between two (a name left out?) is not."""
     items = [part.strip() for part in text.split(",")]
-    return [item for item in items if item]
+    if not any(items):
+        return []  # the command says what it needs
+    if len(items) > 1 and not items[-1]:
+        items.pop()
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name between two commas; list each name once, "
+                                         "e.g. dog,cat")
+    return items
 
 
 def _ints(text: str) -> list[int]:
@@ -140,7 +148,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from .generate import GenerateConfig, generate_dataset
+    from .generate import GenerateConfig, generate_dataset, work_items
 
     config = GenerateConfig(
         classes=args.classes, out=args.out, images_per_class=args.images_per_class, model=args.model,
@@ -160,9 +168,11 @@ def _run_generate(args: argparse.Namespace) -> None:
     worker = current_worker()
     finished = ""
     if worker.sharded:  # the worker that finishes the last item merges the shards: the dataset is whole
+        ids = {item.id for item in work_items(config.classes, config.images_per_class, config.seed, config.compose)}
         finished = (f" (worker {worker.rank + 1} of {worker.world_size} finished the last share: the dataset is "
-                    "complete)" if not dataset.shard_paths() else
-                    f" so far (worker {worker.rank + 1} of {worker.world_size} finished its share)")
+                    "complete)" if dataset.is_complete(ids) else
+                    f" so far (worker {worker.rank + 1} of {worker.world_size} finished its share; the others are "
+                    "still at work)")
     print(f"{len(dataset.records())} items in {dataset.root}{finished}")
 
 
@@ -804,13 +814,29 @@ def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
     return show_warning
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (torchrun tearing down the other workers when one fails, ``timeout``, ``scancel``, ``kill``), taken
+    as ^C is: the command stops cleanly, its worker processes with it, instead of dying where it stands."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     python_show_warning = warnings.showwarning
     warnings.showwarning = _one_line_warnings(python_show_warning)
+    import signal
+    import threading
+
+    handles_signals = threading.current_thread() is threading.main_thread()  # only the main thread may
+    python_on_term = signal.signal(signal.SIGTERM, _terminate) if handles_signals else None
     try:
         return _main(argv)
     finally:
         warnings.showwarning = python_show_warning
+        if handles_signals:
+            signal.signal(signal.SIGTERM, python_on_term)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -830,13 +856,14 @@ def _main(argv: Sequence[str] | None) -> int:
         where = f": {error.filename}" if error.filename else ""
         print(f"diffumask: error: {error.strerror or one_line(error)}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # under a launcher every worker gets the signal; the first says so
+    except KeyboardInterrupt as stop:  # under a launcher every worker gets the signal; the first says so
+        how = "terminated" if isinstance(stop, Terminated) else "interrupted"
         if _first_worker():
             command = f"shapes {args.shapes_command}" if args.command == "shapes" else args.command
             kept = KEPT_ON_INTERRUPT.get(command)
-            print(f"diffumask: interrupted; {kept}, re-run the same command to resume" if kept else
-                  "diffumask: interrupted", file=sys.stderr)
-        return 130
+            print(f"diffumask: {how}; {kept}, re-run the same command to resume" if kept else
+                  f"diffumask: {how}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     finally:  # a gloo group still open at shutdown can abort a torchrun rank after its work is done
         # ("terminate called without an active exception"); closed here, at the command's end, and not
         # by train itself: filter trains several times in one group

@@ -513,6 +513,22 @@ class Dataset:
             f.flush()
             os.fsync(f.fileno())
 
+    def remove_interrupted_writes(self, ids: set[str]) -> None:
+        """Delete what killed writers left of these finished items' files (``.<file>.<random>.tmp`` beside the
+        image, mask and soft maps): the resumed run wrote each item whole under its own name, and ``validate``
+        would report every leftover. Only once all of a job's items are finished, when none is being written."""
+        any_id = next(iter(ids), "x")
+        for folder in {self.image_path(any_id).parent, self.mask_path(any_id).parent,
+                       self.soft_maps_path(any_id).parent}:
+            for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+                written = path.name[1:-len(".tmp")].rsplit(".", 1)[0]  # atomic_write's ".<name>.<random>.tmp"
+                if Path(written).stem in ids:
+                    path.unlink(missing_ok=True)
+
+    def is_complete(self, ids: set[str]) -> bool:
+        """Whether every one of ``ids`` is finished (written, flagged, or skipped by the safety checker)."""
+        return ids <= self.finished_ids() | self.skipped_ids()
+
     def skipped_ids(self) -> set[str]:
         path = self.root / SKIPPED_FILE
         return set(path.read_text(encoding="utf-8").split()) if path.is_file() else set()
@@ -644,13 +660,15 @@ class Dataset:
         """Rewrite the ImageSets split lists from the manifest (ids in ``order``, else in write order).
 
         ``complete``: every id the job makes. When all of them are finished, the shards are merged
-        into ``manifest.jsonl`` first. Under the lock, so of several workers finishing at once the
-        last one writes lists that hold every item.
+        into ``manifest.jsonl`` first, one line per item in ``order``, so a dataset extended or resumed by
+        one worker reads line for line as one made by several, or in one go. Under the lock, so of several
+        workers finishing at once the last one writes lists that hold every item.
         """
         with self.lock():
             records = self.records()
-            if complete is not None and self.shard_paths() and complete <= self.finished_ids() | self.skipped_ids():
+            if complete is not None and self.is_complete(complete):
                 self.compact(order)
+                self.remove_interrupted_writes(complete)
                 records = self.records()
             if order is not None:
                 rank = {item_id: i for i, item_id in enumerate(order)}

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
@@ -46,13 +49,39 @@ class InlineExecutor(Executor):
         return future
 
 
-def _worker_setup() -> None:
+def _worker_setup(parent: int) -> None:
     """Each worker is one core's worth: torch's own thread pool would oversubscribe the machine. ^C reaches
-    every process of the terminal's group: the parent stops the run, the workers do not each print a traceback."""
+    every process of the terminal's group: the parent stops the run, the workers do not each print a traceback.
+    A worker exits when ``parent`` (the process that made the pool) does, however it ends."""
     import torch
 
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_after, args=(parent,), name="diffumask-parent-watch", daemon=True).start()
+
+
+def _exit_after(parent: int) -> None:
+    """Wait for ``parent`` to end, then end this process. A parent killed outright (SIGKILL, an OOM kill, a
+    torchrun teardown) left its workers waiting for tasks forever, and with them the forkserver they hold open,
+    a third of a GB each: nothing else ever closes their task queue."""
+    try:
+        handle = os.pidfd_open(parent)  # Linux: readable once the parent has ended, zombie or reaped
+    except (AttributeError, OSError):  # elsewhere, or the parent is gone already: ask every second
+        while _alive(parent):
+            time.sleep(1.0)
+    else:
+        select.select([handle], [], [])
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process took the number: ours is gone
+        return False
+    return True
 
 
 @contextmanager
@@ -73,7 +102,7 @@ def cpu_pool(workers: int, preload: Sequence[str] = ()) -> Iterator[Executor]:
         context.set_forkserver_preload(list(preload))
     else:
         context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup, initargs=(os.getpid(),))
     try:
         yield pool
     finally:
