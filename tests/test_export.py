@@ -276,3 +276,24 @@ def test_only_the_listed_items_are_exported_each_under_its_split(mixed, tmp_path
     assert main(["export", str(data), "--format", "coco", "--out", str(tmp_path / "x"), "--only", "kept"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no item list 'kept'" in err and "it has: filtered, train, val" in err and "\n" not in err
+
+
+def test_an_unfinished_dataset_is_exported_and_reported_with_a_warning(mixed, tmp_path, capsys):
+    """A stopped sharded run, or a stopped refine, was exported (or reported) as it stood, silently: only the items
+    finished so far, or refined masks beside earlier ones."""
+    root = tmp_path / "data"
+    shutil.copytree(mixed.root, root)
+    assert main(["export", str(root), "--format", "coco", "--out", str(tmp_path / "whole")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    (root / "manifest.jsonl").rename(root / "manifest.0.jsonl")  # a sharded run, stopped before its merge
+    assert main(["export", str(root), "--format", "coco", "--out", str(tmp_path / "sharded")]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"diffumask: warning: {root} is not finished: a sharded run on it stopped before its end (its manifest "
+        "shards are not merged), so it holds only the items finished so far: re-run that command, with any number "
+        "of workers, to finish"]
+    (root / "manifest.0.jsonl").rename(root / "manifest.jsonl")
+    first = (root / "manifest.jsonl").read_text().splitlines()[0]
+    with open(root / "manifest.jsonl", "a") as manifest:  # a refine's line for one item, and no compaction yet
+        manifest.write(json.dumps({**json.loads(first), "rev": 1}) + "\n")
+    assert main(["report", str(root), "--out", str(tmp_path / "report.html")]) == 0
+    assert "a refine on it stopped before its end" in capsys.readouterr().err

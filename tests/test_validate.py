@@ -75,6 +75,8 @@ def _torn_mid_character(root: Path) -> None:
 def _bad_shard_line(root: Path) -> None:
     """A shard with a line that is no record before its last one: every run that reads the dataset stops on it."""
     (root / "manifest.1.jsonl").write_text('{"id": "item_0099"\n{"id": "item_0098"}\n')
+    for folder, suffix in (("JPEGImages", "png"), ("SegmentationClass", "png"), ("SoftMaps", "npz")):
+        shutil.copy(root / folder / f"item_0000.{suffix}", root / folder / f"item_0098.{suffix}")
 
 
 def _duplicate_line(root: Path) -> None:
@@ -86,8 +88,15 @@ def _leftovers(root: Path) -> None:
     (root / "SegmentationClass" / ".item_0004.png.ab12cd.tmp").write_bytes(b"half")
     line = (root / "manifest.jsonl").read_text().splitlines()[0]  # item_0000, as a sharded refine rewrote it
     (root / "manifest.1.jsonl").write_text('{"id": "item_0099"}\n' + line + "\n")  # and a sharded run's new item
-    shutil.copy(root / "JPEGImages" / "item_0000.png", root / "JPEGImages" / "item_0099.png")
+    for folder, suffix in (("JPEGImages", "png"), ("SegmentationClass", "png"), ("SoftMaps", "npz")):
+        shutil.copy(root / folder / f"item_0000.{suffix}", root / folder / f"item_0099.{suffix}")
     shutil.copy(root / "JPEGImages" / "item_0000.png", root / "JPEGImages" / "item_0098.png")  # an unfinished one
+
+
+def _broken_item_in_a_shard(root: Path) -> None:
+    """A stopped sharded run's finished item lost its mask: its line is only in the shard, and was not checked."""
+    _shards_only(root)
+    (root / "SegmentationClass" / "item_0004.png").unlink()
 
 
 def _shards_only(root: Path) -> None:
@@ -132,6 +141,15 @@ BREAKS = {
         "made the dataset, or delete it)"]),
     "shards only": (_shards_only, [
         "manifest.0.jsonl:7: torn last line (a killed write); the next run will drop it",
+        "manifest.0.jsonl: manifest shard not merged into manifest.jsonl: 6 finished item(s), 6 not listed there yet "
+        "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
+        "manifest.orig.jsonl: not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never merged; move it "
+        "out of the dataset",
+        "SegmentationClass/.item_0001.pending.png: a mask a stopped refine wrote beside the item's own (committed or "
+        "not): re-run refine to finish, do not delete it"]),
+    "broken item in a shard": (_broken_item_in_a_shard, [
+        "manifest.0.jsonl:7: torn last line (a killed write); the next run will drop it",
+        "item_0004: mask missing (SegmentationClass/item_0004.png)",
         "manifest.0.jsonl: manifest shard not merged into manifest.jsonl: 6 finished item(s), 6 not listed there yet "
         "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
         "manifest.orig.jsonl: not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never merged; move it "

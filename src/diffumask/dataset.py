@@ -525,6 +525,17 @@ class Dataset:
                 if Path(written).stem in ids:
                     path.unlink(missing_ok=True)
 
+    def unfinished(self) -> str | None:
+        """Why the dataset is not whole yet, as a reader that takes every item should warn (None: it is)."""
+        if self.shard_paths():
+            return ("a sharded run on it stopped before its end (its manifest shards are not merged), so it holds only "
+                    "the items finished so far: re-run that command, with any number of workers, to finish")
+        pending = (self.root / "SegmentationClass").glob(f".*{PENDING_MASK}")
+        if next(pending, None) is not None or len(self._lines()) != len(self._latest()):
+            return ("a refine on it stopped before its end, so some items hold refined masks and the others earlier "
+                    "ones: re-run the same refine to finish")
+        return None
+
     def is_complete(self, ids: set[str]) -> bool:
         """Whether every one of ``ids`` is finished (written, flagged, or skipped by the safety checker)."""
         return ids <= self.finished_ids() | self.skipped_ids()

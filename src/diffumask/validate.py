@@ -153,12 +153,15 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
     records = []
     seen: set[str] = set()
     shard_ids: dict[Path, set[str]] = {}  # finished items of a sharded run that was stopped, in its unmerged shards
+    sharded: dict[str, dict] = {}  # their latest lines
     for path in dataset.shard_paths():
         for entry in _entries(path):
             if isinstance(entry, Problem):
                 problems.append(entry)
             else:
                 shard_ids.setdefault(path, set()).add(entry["id"])
+                if entry.get("rev", 0) >= sharded.get(entry["id"], {}).get("rev", 0):
+                    sharded[entry["id"]] = entry
     if not dataset.manifest_path.is_file() and not shard_ids:  # else the shards' own problem says what happened
         problems.append(Problem("manifest.jsonl", "missing: the dataset has no finished item"))
     for entry in _entries(dataset.manifest_path) if dataset.manifest_path.is_file() else ():
@@ -174,9 +177,14 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
             continue  # flagged by the pipeline's safety checker: a line and no files, by design
         records.append(entry)
         problems.extend(_check_item(dataset, entry, n_classes, soft_maps))
+    checked = len(records)
+    for item_id, entry in sharded.items():  # finished, so checked as well, before the shards are merged
+        if item_id not in seen and not entry.get("flagged"):
+            checked += 1
+            problems.extend(_check_item(dataset, entry, n_classes, soft_maps))
     problems.extend(_check_splits(dataset, records))
     problems.extend(_check_files(dataset, seen, shard_ids))
-    return problems, len(records)
+    return problems, checked
 
 
 def _check_splits(dataset: Dataset, records: list[dict]) -> Iterator[Problem]:

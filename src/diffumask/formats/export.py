@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ def open_dataset(root: str | os.PathLike[str]) -> Dataset:
         raise NoDataset(str(error)) from None
     if not dataset.records():
         raise NoDataset(f"{dataset.root} holds no finished items")
+    if reason := dataset.unfinished():
+        warnings.warn(f"{dataset.root} is not finished: {reason}", stacklevel=3)
     return dataset
 
 
