@@ -207,6 +207,32 @@ def test_cli_generates_from_a_local_folder(tmp_path, saved_pipelines, capsys):
     assert "4 items" in capsys.readouterr().out
 
 
+def test_a_resume_with_other_settings_is_refused_before_the_model_loads(tmp_path, saved_pipelines, capsys,
+                                                                        monkeypatch):
+    """The refusal came after the pipeline had loaded (on every worker of a sharded job): minutes, for a real
+    checkpoint. The model's own threshold, known only once it has loaded, is still compared after."""
+    import diffumask.generate
+
+    model, out = saved_pipelines["sd1"], tmp_path / "d"
+    assert run_cli(*cli_args(model, out, "--images-per-class", "1")) == 0
+    capsys.readouterr()
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(diffumask.generate, "load_pipeline", loading)
+    assert run_cli(*cli_args(model, out, "--seed", "3")) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"diffumask: error: {out} holds a dataset made with other settings (seed differs: 0 in the dataset, 3 now); "
+        "re-run with the same settings to resume, or choose another output folder")
+    assert run_cli(*cli_args(model, out, "--image-format", "png")) == 2
+    assert "image_format differs" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert run_cli(*cli_args(model, out, "--threshold", "0.2")) == 2  # the recorded threshold is the model's own
+    assert "threshold differs" in capsys.readouterr().err
+    assert run_cli(*cli_args(model, out)) == 0  # and the same settings resume
+
+
 def assert_clean_failure(capsys, out: Path, code: int, fragment: str) -> None:
     err = capsys.readouterr().err
     assert code == 2

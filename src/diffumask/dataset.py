@@ -53,6 +53,7 @@ from .errors import ConfigError, DiffumaskError, UnreadableFile, setting_differe
 IGNORE_INDEX = 255
 OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC's layout): 0 none, 255 void
 SKIPPED_FILE = ".skipped"  # ids a run chose not to write (flagged="skip"), one per line
+JPEG_QUALITY = 95  # images written as JPEG; 4:4:4, so colours do not bleed across object edges
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
 IMAGE_FORMATS = ("jpg", "png")
 
@@ -306,13 +307,44 @@ class Dataset:
 
     # ----------------------------------------------------------------- creation
     @classmethod
+    def check_resumable(cls, root: Path, classes: Sequence[str], info: Mapping[str, Any],
+                        unknown: Iterable[str] = ()) -> bool:
+        """Whether ``root`` holds finished items of a dataset made with these classes and ``info`` (dataset.json's
+        contents: settings, image format); a :class:`DatasetMismatch` when it holds one made otherwise. Settings
+        named in ``unknown`` are not compared (a caller that checks before loading the model does not know them
+        all yet)."""
+        if not ((root / "dataset.json").is_file() and (root / "classes.json").is_file() and cls(root).finished_ids()):
+            return False
+        existing = json.loads((root / "dataset.json").read_text())
+        old_classes = [c["name"] for c in json.loads((root / "classes.json").read_text())["classes"][1:]]
+        if old_classes != list(classes):
+            raise DatasetMismatch(f"{root} holds a dataset of classes {old_classes}, not {list(classes)}; "
+                                  "choose another output folder")
+        skip = set(unknown)
+        existing = {**existing, "settings": {k: v for k, v in existing.get("settings", {}).items() if k not in skip}}
+        info = {**info, "settings": {k: v for k, v in info["settings"].items() if k not in skip}}
+        if existing != info:
+            old_keys, new_keys = set(existing["settings"]), set(info["settings"])
+            if old_keys and new_keys and not old_keys & new_keys:
+                raise DatasetMismatch(f"{root} holds a dataset another command made (its settings share none "
+                                      "with these); choose another output folder")
+            changed = setting_differences(existing["settings"], info["settings"], "dataset")
+            changed = changed or setting_differences(existing, info, "dataset")  # the image format
+            shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+            raise DatasetMismatch(
+                f"{root} holds a dataset made with other settings ({shown}); "
+                "re-run with the same settings to resume, or choose another output folder"
+            )
+        return True
+
+    @classmethod
     def create(
         cls,
         root: str | os.PathLike[str],
         classes: Iterable[str],
         settings: Mapping[str, Any],
         image_format: str = "jpg",
-        jpeg_quality: int = 95,
+        jpeg_quality: int = JPEG_QUALITY,
         worker: Worker | None = None,
     ) -> Dataset:
         """Create the directory, or reopen it when it was made with the same classes and settings.
@@ -333,26 +365,7 @@ class Dataset:
             raise ValueError(f"image format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         info = {"image_format": image_format, "jpeg_quality": jpeg_quality, "settings": dict(settings)}
         info = json.loads(json.dumps(info))  # normalise tuples etc. so the comparison is exact
-        if (root / "dataset.json").is_file() and (root / "classes.json").is_file() and cls(root).finished_ids():
-            existing = json.loads((root / "dataset.json").read_text())
-            old_classes = [c["name"] for c in json.loads((root / "classes.json").read_text())["classes"][1:]]
-            if old_classes != classes:
-                raise DatasetMismatch(
-                    f"{root} holds a dataset of classes {old_classes}, not {classes}; "
-                    "choose another output folder"
-                )
-            if existing != info:
-                old_keys, new_keys = set(existing["settings"]), set(info["settings"])
-                if old_keys and new_keys and not old_keys & new_keys:
-                    raise DatasetMismatch(f"{root} holds a dataset another command made (its settings share none "
-                                          "with these); choose another output folder")
-                changed = setting_differences(existing["settings"], info["settings"], "dataset")
-                changed = changed or setting_differences(existing, info, "dataset")  # the image format
-                shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
-                raise DatasetMismatch(
-                    f"{root} holds a dataset made with other settings ({shown}); "
-                    "re-run with the same settings to resume, or choose another output folder"
-                )
+        if cls.check_resumable(root, classes, info):
             return cls(root, worker)
         # A run that failed before its first item, or another worker of this job creating it right now
         # (dataset.json is written first, and temporary files are hidden, so it never looks foreign).

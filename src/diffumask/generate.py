@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attention import ImageMaps, check_pipeline, trace, word_locator
 from .supported import call_parameters
-from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, Dataset
+from .dataset import BARE_DATASET, IMAGE_FORMATS, JPEG_QUALITY, BackgroundWriter, Dataset
 from .distributed import current_worker
 from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
@@ -362,10 +362,22 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     if len(set(words.values())) < len(words):
         raise ConfigError(f"two classes are the same word in prompts ({words}); name each class once")
     worker = current_worker()
+    bank_fingerprint = _bank_fingerprint(bank, recorded.get("prompt_bank_sha256"))
+
+    def dataset_info(config: GenerateConfig) -> dict[str, Any]:
+        """dataset.json's contents for these settings, as ``Dataset.create`` compares them."""
+        settings = {**config.settings(), "prompt_bank": bank.source, "prompt_bank_sha256": bank_fingerprint}
+        return json.loads(json.dumps({"image_format": config.image_format, "jpeg_quality": JPEG_QUALITY,
+                                      "settings": settings}))
+
     if pipe is None:
         device = resolve_device(config.device)
         if config.dtype == "auto":  # recorded as what it resolves to, as the command line always did
             config = dataclasses.replace(config, dtype=auto_dtype(model, device, config.revision))
+        # A resume with other settings is refused before the weights load (on every worker of a sharded job);
+        # the model's own threshold is known only once it has.
+        Dataset.check_resumable(Path(config.out), config.classes, dataset_info(config),
+                                unknown=("threshold",) if config.threshold is None else ())
         with library_bars(progress):
             pipe = load_pipeline(model, device, config.dtype, config.scheduler, config.revision, prompts_only=True)
     check_pipeline(pipe, "generate", prompts_only=True)  # a pipeline passed in: before any word is looked up
@@ -389,11 +401,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     # is an error now, never an empty map later.
     locate = word_locator(pipe, **config.recorder_options())
     tokens = {i: locate(prompt, [words[c] for c in names]) for i, (prompt, names) in drawn.items()}
-    settings = {**config.settings(), "prompt_bank": bank.source,
-                "prompt_bank_sha256": _bank_fingerprint(bank, recorded.get("prompt_bank_sha256"))}
     compose_fingerprint = _digest((bank.compose, bank.pairs))
     fresh = not Path(config.out).exists()
-    dataset = Dataset.create(config.out, config.classes, settings, image_format=config.image_format)
+    dataset = Dataset.create(config.out, config.classes, dataset_info(config)["settings"],
+                             image_format=config.image_format, jpeg_quality=JPEG_QUALITY)
     if config.compose:
         _check_compose_templates_unchanged(dataset, compose_fingerprint)
     done = dataset.finished_ids()
