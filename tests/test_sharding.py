@@ -127,6 +127,18 @@ def test_a_sharded_generate_says_it_finished_its_share_or_the_dataset(tmp_path, 
     assert not Dataset(out).shard_paths() and (out / "manifest.jsonl").is_file()
 
 
+def test_a_bad_recorder_option_under_a_launcher_leaves_no_folder(tmp_path, saved_pipelines, monkeypatch, capsys):
+    """`--layers nosuch` failed at the first batch, after the dataset was made: under a launcher the folder stayed,
+    bare (dataset.json, classes.json), since no worker can tell whether another one uses it."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "d"
+    assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "dog", "--images-per-class", "1",
+                 "--steps", "1", "--layers", "nosuch", "--out", str(out), "--quiet"]) == 2
+    assert "no cross-attention layer matches ['nosuch']" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_worker_without_a_share_does_not_call_the_dataset_complete(tmp_path, saved_pipelines, monkeypatch, capsys):
     """Two batches, three workers: the third has none, and finished before the others wrote anything, which it
     took for 'no shard left to merge: the dataset is complete'."""

@@ -401,6 +401,12 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     # is an error now, never an empty map later.
     locate = word_locator(pipe, **config.recorder_options())
     tokens = {i: locate(prompt, [words[c] for c in names]) for i, (prompt, names) in drawn.items()}
+    # The recorder's options are checked before the dataset exists: a failure after would leave a sharded job's
+    # folder bare (one process removes it; a launcher's workers cannot tell whether another one uses it).
+    first_prompt, first_classes = next(iter(drawn.values()))
+    trace(pipe, [first_prompt], [[words[c] for c in first_classes]], layers=config.layers,
+          self_attention=config.self_attention, self_attention_max=config.self_attention_max,
+          self_attention_every=config.self_attention_every, **config.recorder_options())
     compose_fingerprint = _digest((bank.compose, bank.pairs))
     fresh = not Path(config.out).exists()
     dataset = Dataset.create(config.out, config.classes, dataset_info(config)["settings"],
