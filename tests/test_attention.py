@@ -287,11 +287,20 @@ def test_step_window_and_layer_selection(sd1_pipe):
     np.testing.assert_allclose(got[16], grids[16], rtol=1e-4, atol=1e-7)
 
 
-def test_only_the_recorded_layers_processors_change_and_all_come_back(sd1_pipe):
-    """The recorder sets each hooked layer's processor and no other (a walk of the whole UNet per batch cost host
-    time while the GPU waited); the processors it replaced come back as the same objects."""
+def test_only_the_recorded_layers_processors_change_and_all_come_back(sd1_pipe, monkeypatch):
+    """The recorder sets each hooked layer's processor and no other (set_attn_processor on the whole UNet, twice per
+    batch, cost host time while the GPU waited); the processors it replaced come back as the same objects."""
     from diffumask.attention import RecordingProcessor
 
+    names = {module: f"{name}.processor" for name, module in sd1_pipe.unet.named_modules()}
+    touched = []
+    set_processor = Attention.set_processor
+
+    def noting(module, processor):
+        touched.append(names[module])
+        return set_processor(module, processor)
+
+    monkeypatch.setattr(Attention, "set_processor", noting)
     before = dict(sd1_pipe.unet.attn_processors)
     with trace(sd1_pipe, PROMPTS[0], ["dog"], layers=["up_blocks.2"], self_attention=1):
         during = sd1_pipe.unet.attn_processors
@@ -302,6 +311,7 @@ def test_only_the_recorded_layers_processors_change_and_all_come_back(sd1_pipe):
         assert all(during[name] is before[name] for name in set(before) - recording)
     after = sd1_pipe.unet.attn_processors
     assert after.keys() == before.keys() and all(after[name] is before[name] for name in before)
+    assert sorted(touched) == sorted(2 * list(recording))  # set on attaching, set back on detaching: no other
 
 
 def test_batch_equals_single(sd1_pipe):

@@ -397,10 +397,15 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys):
 
     from diffumask import cli
 
+    during_cleanup = []
+
     def terminated(args):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises before this ends
-        raise AssertionError("SIGTERM did not stop the command")
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+            raise AssertionError("SIGTERM did not stop the command")
+        finally:  # while the command cleans up, a second SIGTERM (launchers repeat it) ends the process
+            during_cleanup.append(signal.getsignal(signal.SIGTERM))
 
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(cli, "_run_refine", terminated)
@@ -409,4 +414,5 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys):
     assert time.monotonic() - started < 4
     assert capsys.readouterr().err.splitlines() == [
         "diffumask: terminated; finished masks are kept, re-run the same command to resume"]
+    assert during_cleanup == [signal.SIG_DFL]
     assert signal.getsignal(signal.SIGTERM) == before  # Python's own handling again once the command returns

@@ -220,6 +220,15 @@ def test_a_subclass_that_wraps_the_call_reads_its_parents_parameters(sd1_pipe):
     result = generate_one(Timed(**sd1_pipe.components), "a photo of a dog", ["dog"], steps=1)
     assert result.maps["dog"].max() > 0 and calls == [["a photo of a dog"]]
 
+    class Logged(StableDiffusionPipeline):  # names one argument, passes the rest on: the parent's defaults hold
+        def __call__(self, prompt, **kwargs):
+            return super().__call__(prompt, **kwargs)
+
+    from diffumask.supported import call_parameters
+
+    assert call_parameters(Logged)["num_inference_steps"].default == 50
+    assert list(call_parameters(Logged))[0] == "prompt" and "kwargs" not in call_parameters(Logged)
+
     class TimedPAG(StableDiffusionPAGPipeline):  # the parent's own parameters are still checked
         def __call__(self, *args, **kwargs):
             return super().__call__(*args, **kwargs)

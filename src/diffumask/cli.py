@@ -820,6 +820,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM (launchers repeat it) ends the process at once
     raise Terminated
 
 
@@ -835,7 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
     finally:
         warnings.showwarning = python_show_warning
-        if handles_signals:
+        if handles_signals and python_on_term is not None:  # None: set outside Python, which cannot be restored
             signal.signal(signal.SIGTERM, python_on_term)
 
 

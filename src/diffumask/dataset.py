@@ -53,7 +53,7 @@ from .errors import ConfigError, DiffumaskError, UnreadableFile, setting_differe
 IGNORE_INDEX = 255
 OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC's layout): 0 none, 255 void
 SKIPPED_FILE = ".skipped"  # ids a run chose not to write (flagged="skip"), one per line
-JPEG_QUALITY = 95  # images written as JPEG; 4:4:4, so colours do not bleed across object edges
+JPEG_QUALITY = 95  # of images written as JPEG (at 4:4:4: colours do not bleed across object edges)
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
 IMAGE_FORMATS = ("jpg", "png")
 
@@ -306,6 +306,12 @@ class Dataset:
         return root
 
     # ----------------------------------------------------------------- creation
+    @staticmethod
+    def info(settings: Mapping[str, Any], image_format: str = "jpg", jpeg_quality: int = JPEG_QUALITY) -> dict[str, Any]:
+        """dataset.json's contents, normalised (tuples as lists) so that comparisons are exact."""
+        return json.loads(json.dumps({"image_format": image_format, "jpeg_quality": jpeg_quality,
+                                      "settings": dict(settings)}))
+
     @classmethod
     def check_resumable(cls, root: Path, classes: Sequence[str], info: Mapping[str, Any],
                         unknown: Iterable[str] = ()) -> bool:
@@ -363,8 +369,7 @@ class Dataset:
             raise ConfigError(f"at most {IGNORE_INDEX - 1} classes fit in a palette PNG, got {len(classes)}")
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image format must be one of {IMAGE_FORMATS}, got {image_format!r}")
-        info = {"image_format": image_format, "jpeg_quality": jpeg_quality, "settings": dict(settings)}
-        info = json.loads(json.dumps(info))  # normalise tuples etc. so the comparison is exact
+        info = cls.info(settings, image_format, jpeg_quality)
         if cls.check_resumable(root, classes, info):
             return cls(root, worker)
         # A run that failed before its first item, or another worker of this job creating it right now
@@ -526,6 +531,14 @@ class Dataset:
             f.flush()
             os.fsync(f.fileno())
 
+    def retry_skipped(self, ids: Iterable[str]) -> None:
+        """Take these ids off the skipped list: this worker makes them again, so until it has, the job is not
+        complete (another worker finishing first would merge the shards under it)."""
+        with self.lock():
+            skipped = self.skipped_ids()
+            if again := skipped & set(ids):
+                write_text_atomic(self.root / SKIPPED_FILE, "".join(f"{i}\n" for i in sorted(skipped - again)))
+
     def remove_interrupted_writes(self, ids: set[str]) -> None:
         """Delete what killed writers left of these finished items' files (``.<file>.<random>.tmp`` beside the
         image, mask and soft maps): the resumed run wrote each item whole under its own name, and ``validate``
@@ -544,7 +557,8 @@ class Dataset:
             return ("a sharded run on it stopped before its end (its manifest shards are not merged), so it holds only "
                     "the items finished so far: re-run that command, with any number of workers, to finish")
         pending = (self.root / "SegmentationClass").glob(f".*{PENDING_MASK}")
-        if next(pending, None) is not None or len(self._lines()) != len(self._latest()):
+        lines = self._lines()
+        if next(pending, None) is not None or len(lines) != len({line["id"] for line in lines}):
             return ("a refine on it stopped before its end, so some items hold refined masks and the others earlier "
                     "ones: re-run the same refine to finish")
         return None
@@ -691,8 +705,9 @@ class Dataset:
         with self.lock():
             records = self.records()
             if complete is not None and self.is_complete(complete):
-                self.compact(order)
-                self.remove_interrupted_writes(complete)
+                if self.shard_paths() or self.finished_ids() <= set(order or ()):  # items beyond the job keep
+                    self.compact(order)  # their place: a smaller re-run does not reorder the manifest
+                self.remove_interrupted_writes(complete & self.finished_ids())  # a skipped item's is a live retry
                 records = self.records()
             if order is not None:
                 rank = {item_id: i for i, item_id in enumerate(order)}
@@ -782,8 +797,8 @@ class BackgroundWriter:
         return self
 
     def __exit__(self, kind: Any, *exc: Any) -> None:
-        if kind is not None and not issubclass(kind, Exception):  # ^C: drop the queue (each item is whole)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if kind is not None and not issubclass(kind, Exception):  # ^C: drop the queue (each item is whole), but
+            self._pool.shutdown(wait=True, cancel_futures=True)  # let the running job end before the caller cleans up
             return
         try:
             while self._queued:  # finish the queued items even after an error: each is whole

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attention import ImageMaps, check_pipeline, trace, word_locator
 from .supported import call_parameters
-from .dataset import BARE_DATASET, IMAGE_FORMATS, JPEG_QUALITY, BackgroundWriter, Dataset
+from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, Dataset
 from .distributed import current_worker
 from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
@@ -172,8 +172,9 @@ class GeneratedImage:
 
     The 8-bit pixels and the mask are worked out on first use, not when the batch comes back: ``generate``
     reads them in its background writer, so the GPU starts the next batch instead of waiting while the host
-    fuses each class's maps at image size and thresholds them (10-20 ms an image at 512 px on a 2-core VM;
-    ``bench/bench_generate_host.py``).
+    fuses each class's maps at image size and thresholds them (12.6 ms an image with one class, 18.4 with two,
+    at 512 px on a 2-core VM: ``bench/bench_generate_host.py``). They follow ``maps.resolutions`` and
+    ``maps.token_average`` as they are at first use.
     """
 
     output: np.ndarray = field(repr=False)  # (H, W, 3) floats in [0, 1], as the pipeline returned them
@@ -367,8 +368,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     def dataset_info(config: GenerateConfig) -> dict[str, Any]:
         """dataset.json's contents for these settings, as ``Dataset.create`` compares them."""
         settings = {**config.settings(), "prompt_bank": bank.source, "prompt_bank_sha256": bank_fingerprint}
-        return json.loads(json.dumps({"image_format": config.image_format, "jpeg_quality": JPEG_QUALITY,
-                                      "settings": settings}))
+        return Dataset.info(settings, config.image_format)
 
     if pipe is None:
         device = resolve_device(config.device)
@@ -410,7 +410,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     compose_fingerprint = _digest((bank.compose, bank.pairs))
     fresh = not Path(config.out).exists()
     dataset = Dataset.create(config.out, config.classes, dataset_info(config)["settings"],
-                             image_format=config.image_format, jpeg_quality=JPEG_QUALITY)
+                             image_format=config.image_format)
     if config.compose:
         _check_compose_templates_unchanged(dataset, compose_fingerprint)
     done = dataset.finished_ids()
@@ -424,6 +424,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     batches = worker.take(list(_batches(items, config.batch_size)))
     mine = [item for batch in batches for item in batch]
     pending = [item for item in mine if item.id not in done]
+    dataset.retry_skipped(item.id for item in pending)  # a flagged image skipped before is tried again
     steps = config.steps or _pipeline_default(pipe, "num_inference_steps")
     guidance = _pipeline_default(pipe, "guidance_scale") if config.guidance is None else config.guidance
     model_info = model_description(model, pipe)

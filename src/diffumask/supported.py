@@ -94,17 +94,22 @@ def check_loaded(pipe: Any, prompts_only: bool = False) -> None:
 
 
 def call_parameters(cls: type) -> Mapping[str, inspect.Parameter]:
-    """The parameters a pipeline class's call reads: a subclass that wraps its parent's call in
-    ``(*args, **kwargs)`` (to time or log it) reads the parent's."""
+    """The parameters a pipeline class's call reads: a subclass's call that passes ``**kwargs`` on (to time or
+    log its parent's) reads its parent's too, its own first."""
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    read: dict[str, inspect.Parameter] = {}
     for owner in cls.__mro__:
         call = owner.__dict__.get("__call__")
         if call is None:
             continue
         parameters = inspect.signature(call).parameters
-        if any(p.kind not in variadic for name, p in parameters.items() if name != "self"):
-            return parameters
-    return inspect.signature(cls.__call__).parameters
+        for name, parameter in parameters.items():
+            if name != "self" and parameter.kind not in variadic:
+                read.setdefault(name, parameter)
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()) or owner.__module__.startswith(
+                "diffusers."):  # diffusers' own calls take **kwargs only for deprecated arguments
+            break
+    return read or inspect.signature(cls.__call__).parameters
 
 
 def _ancestors(cls: type) -> tuple[str, ...]:

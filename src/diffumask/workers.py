@@ -70,16 +70,16 @@ def _exit_after(parent: int) -> None:
         while _alive(parent):
             time.sleep(1.0)
     else:
-        select.select([handle], [], [])
+        watch = select.poll()
+        watch.register(handle, select.POLLIN)
+        watch.poll()
     os._exit(1)
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process took the number: ours is gone
+    except (ProcessLookupError, PermissionError):  # gone (or its number now another user's process)
         return False
     return True
 
