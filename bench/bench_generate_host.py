@@ -1,6 +1,6 @@
 """What `diffumask generate` adds to the pipeline's own time, and how long the GPU waits between its batches.
 
-    python bench/bench_generate_host.py [--size 512] [--batch 8] [--batches 4] [--steps 1] [--compose]   # CPU
+    python bench/bench_generate_host.py [--size 512] [--batch 8] [--batches 4] [--compose] [--writers N]   # CPU
     python bench/bench_generate_host.py --model sd15 --device cuda --dtype float16 --batches 6 --steps 20
 
 On a GPU the pipeline runs a batch while the host waits, then hands back the images; whatever the main thread
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--compose", action="store_true",
                         help="images that name both classes (generate --compose), each class fused and thresholded")
+    parser.add_argument("--writers", type=int, help="generate's writer threads (default: generate's own choice)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,7 +114,7 @@ def main() -> None:
         config = GenerateConfig(
             classes=CLASS_NAMES, out=str(Path(out) / "data"), images_per_class=0 if args.compose else per_class,
             compose=per_class if args.compose else 0, batch_size=args.batch, steps=args.steps, size=args.size,
-            device=args.device, dtype=args.dtype,
+            writers=args.writers, device=args.device, dtype=args.dtype,
         )
         started = time.perf_counter()
         generate_dataset(config, pipe, progress=False)
@@ -130,7 +131,7 @@ def main() -> None:
     bare = [end - start for start, end in pipe.calls]
     kind = "composed images (both classes each)" if args.compose else "one class per image"
     print(f"{args.model} on {args.device} ({args.dtype}): {len(generate_calls)} batches of {args.batch} at {args.size} px, "
-          f"{kind}, {args.steps} steps, torch threads {args.threads}")
+          f"{kind}, {args.steps} steps, torch threads {args.threads}, writers {args.writers or 'default'}")
     print(f"main thread between two pipeline calls of generate (the GPU's wait): {per_image(gaps, args.batch):.1f} ms "
           f"per image (median of {len(gaps)} gaps; {min(gaps) * 1e3:.0f}-{max(gaps) * 1e3:.0f} ms per batch)")
     print(f"generate, from one call's start to the next's: {per_image(cycles, args.batch):.1f} ms per image; the bare "

@@ -97,6 +97,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="sampler: pndm (the paper's), ddim, dpm++ or euler (default: the model's own)")
     p.add_argument("--size", type=int, help="image height and width in pixels (default: the model's native size)")
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default: 4)")
+    p.add_argument("--writers", type=int, metavar="N",
+                   help="threads that fuse, threshold and write items while the next batch denoises; the bytes do "
+                        "not depend on it (default: 1 on a CPU, else up to 4 of this worker's cores)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="model precision (default: on cuda bfloat16 for SD3 and FLUX, float16 for the rest; "
@@ -159,7 +162,8 @@ def _run_generate(args: argparse.Namespace) -> None:
         self_attention_max=args.self_attention_max, self_attention_keep=args.self_attention_keep,
         self_attention_every=args.self_attention_every,
         threshold=args.threshold, uncertain=args.uncertain,
-        image_format=args.image_format, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        image_format=args.image_format, batch_size=args.batch_size, writers=args.writers, device=args.device,
+        dtype=args.dtype,
         revision=args.revision, flagged=args.flagged,
     )
     dataset = generate_dataset(config, progress=not args.quiet)

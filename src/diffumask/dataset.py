@@ -38,6 +38,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -53,6 +54,7 @@ from .errors import ConfigError, DiffumaskError, UnreadableFile, setting_differe
 IGNORE_INDEX = 255
 OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC's layout): 0 none, 255 void
 SKIPPED_FILE = ".skipped"  # ids a run chose not to write (flagged="skip"), one per line
+_APPENDING = threading.Lock()  # one process's manifest appends, one at a time (a Dataset must pickle: no lock in it)
 JPEG_QUALITY = 95  # of images written as JPEG (at 4:4:4: colours do not bleed across object edges)
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
 IMAGE_FORMATS = ("jpg", "png")
@@ -482,14 +484,15 @@ class Dataset:
 
     def _append_record(self, record: Mapping[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
-        self._repair_manifest()
-        created = not self.append_path.exists()
-        with open(self.append_path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        if created:
-            _fsync_path(self.root)  # the new file's name is durable too
+        with _APPENDING:  # several writer threads append lines (and repair a torn one) in turn
+            self._repair_manifest()
+            created = not self.append_path.exists()
+            with open(self.append_path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            if created:
+                _fsync_path(self.root)  # the new file's name is durable too
 
     # ----------------------------------------------------------------- items
     def write_item(
@@ -775,17 +778,18 @@ class Dataset:
 
 
 class BackgroundWriter:
-    """Runs write jobs (whole items) in one background thread, in the order given, so JPEG/PNG encoding
-    and soft-map compression overlap the next batch's denoising instead of stalling the GPU.
+    """Runs write jobs (whole items) in ``threads`` background threads, so fusing, thresholding, JPEG/PNG encoding
+    and soft-map compression overlap the next batch's denoising instead of stalling the GPU. Items may finish out
+    of order; each one's bytes do not depend on which thread wrote it.
 
     At most ``depth`` jobs wait (memory stays flat); an error in a job is raised by the next
     :meth:`submit` or by leaving the ``with`` block. Each job writes its item atomically with its
     manifest line last, so a kill loses only unfinished items, which a re-run makes again.
     """
 
-    def __init__(self, depth: int = 16):
+    def __init__(self, depth: int = 16, threads: int = 1):
         self.depth = depth
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffumask-writer")
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="diffumask-writer")
         self._queued: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
 
     def submit(self, job: Any, *args: Any, **kwargs: Any) -> None:
