@@ -141,6 +141,35 @@ def test_maps_are_fused_and_thresholded_in_the_writer_not_between_batches(tmp_pa
         np.testing.assert_array_equal(dataset.read_mask(record["id"]), expected)
 
 
+def test_writer_threads_append_lines_in_the_order_items_were_submitted(tmp_path):
+    """Three threads finishing in reverse order (and one failing) still append the manifest lines in submission
+    order: left uncompacted (a killed run, a dataset holding items beyond the job), the manifest depended on
+    timing. A failed job's error comes at the next submit, not only once it reaches the head of the queue."""
+    import time
+
+    from diffumask.dataset import BackgroundWriter
+
+    dataset = Dataset.create(tmp_path / "d", ["dog"], {"x": 1}, image_format="png")
+    image = np.zeros((8, 8, 3), np.uint8)
+
+    def write(index: int, delay: float) -> None:
+        time.sleep(delay)
+        if index == 1:
+            raise RuntimeError("disk full")
+        dataset.write_item(f"dog_{index:06d}", image, {"classes": ["dog"]}, in_order=writer.in_turn)
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="disk full"):
+        with BackgroundWriter(threads=3) as writer:
+            for index, delay in enumerate([1.0, 0.05, 0.3, 0.2, 0.0]):
+                writer.submit(write, index, delay)
+            time.sleep(0.2)
+            writer.submit(write, 5, 0.0)  # job 1 failed while job 0 still runs: said now
+    assert time.monotonic() - started < 0.9 + 1.0  # the jobs already running finish; nothing waits for more
+    lines = [json.loads(line)["id"] for line in (tmp_path / "d" / "manifest.jsonl").read_text().splitlines()]
+    assert lines == ["dog_000000", "dog_000002", "dog_000003", "dog_000004"]
+
+
 def test_resume_after_kill_and_extend(tmp_path, sd1_pipe, monkeypatch):
     reference = tmp_path / "reference"
     generate_dataset(config(reference), pipe=sd1_pipe, progress=False)

@@ -99,7 +99,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default: 4)")
     p.add_argument("--writers", type=int, metavar="N",
                    help="threads that fuse, threshold and write items while the next batch denoises; the bytes do "
-                        "not depend on it (default: 1 on a CPU, else up to 4 of this worker's cores)")
+                        "not depend on it (default: 1 on a CPU, whose cores the pipeline uses, else 2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="model precision (default: on cuda bfloat16 for SD3 and FLUX, float16 for the rest; "

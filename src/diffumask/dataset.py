@@ -39,8 +39,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -503,8 +502,10 @@ class Dataset:
         mask: np.ndarray | None = None,
         soft_maps: Mapping[str, np.ndarray] | None = None,
         split: str = "train",
+        in_order: Callable[[Callable[[], Any]], Any] | None = None,
     ) -> None:
-        """Write one item's files, then its manifest line (which marks it finished)."""
+        """Write one item's files, then its manifest line (which marks it finished); ``in_order``: what runs the
+        append (a :class:`BackgroundWriter`'s ``in_turn``, so that several threads append in submission order)."""
         if "/" in item_id or item_id.startswith("."):
             raise ValueError(f"invalid item id {item_id!r}")
         pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
@@ -524,7 +525,11 @@ class Dataset:
             if mask.shape != (pil.height, pil.width):
                 raise ValueError(f"mask shape {mask.shape} does not match image size {(pil.height, pil.width)}")
             write_palette_png(self.mask_path(item_id), mask)
-        self._append_record({"id": item_id, "split": split, **record})
+        append = functools.partial(self._append_record, {"id": item_id, "split": split, **record})
+        if in_order is None:
+            append()
+        else:
+            in_order(append)
 
     def note_skipped(self, item_id: str) -> None:
         """Note an item a worker chose not to write (a flagged image with flagged="skip"), so the worker that
@@ -779,30 +784,60 @@ class Dataset:
 
 class BackgroundWriter:
     """Runs write jobs (whole items) in ``threads`` background threads, so fusing, thresholding, JPEG/PNG encoding
-    and soft-map compression overlap the next batch's denoising instead of stalling the GPU. Items may finish out
-    of order; each one's bytes do not depend on which thread wrote it.
+    and soft-map compression overlap the next batch's denoising instead of stalling the GPU.
 
-    At most ``depth`` jobs wait (memory stays flat); an error in a job is raised by the next
-    :meth:`submit` or by leaving the ``with`` block. Each job writes its item atomically with its
-    manifest line last, so a kill loses only unfinished items, which a re-run makes again.
+    Jobs run side by side, but what a job hands to :meth:`in_turn` (its manifest line) runs in the order the jobs
+    were submitted, so the manifest reads the same however the threads interleave, and a failed job does not
+    hold up the others. At most ``depth`` jobs wait (memory stays flat); an error in a job is raised by the next
+    :meth:`submit` or by leaving the ``with`` block. Each job writes its item atomically with its manifest line
+    last, so a kill loses only unfinished items, which a re-run makes again.
     """
 
     def __init__(self, depth: int = 16, threads: int = 1):
         self.depth = depth
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="diffumask-writer")
         self._queued: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+        self._submitted = 0
+        self._serving = 0  # the ticket whose turn it is
+        self._turn = threading.Condition()
+        self._job = threading.local()
+        self._failed: Exception | None = None
 
     def submit(self, job: Any, *args: Any, **kwargs: Any) -> None:
+        if self._failed is not None:  # as soon as any job failed, not once it reaches the head of the queue
+            raise self._failed
         while self._queued and (self._queued[0].done() or len(self._queued) >= self.depth):
             self._queued.popleft().result()
-        self._queued.append(self._pool.submit(job, *args, **kwargs))
+        self._queued.append(self._pool.submit(self._run, self._submitted, job, args, kwargs))
+        self._submitted += 1
+
+    def _run(self, ticket: int, job: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._job.ticket = ticket
+        try:
+            return job(*args, **kwargs)
+        except Exception as error:
+            self._failed = self._failed or error
+            raise
+        finally:  # the next job's turn, whether this one used its own or failed first
+            with self._turn:
+                self._turn.wait_for(lambda: self._serving == ticket)
+                self._serving += 1
+                self._turn.notify_all()
+
+    def in_turn(self, action: Callable[[], Any]) -> Any:
+        """Run ``action`` once every job submitted before the calling one has had its turn (from a job only).
+        Threads take jobs in submission order, so the job whose turn it is always runs: no deadlock."""
+        ticket = self._job.ticket
+        with self._turn:
+            self._turn.wait_for(lambda: self._serving == ticket)
+            return action()
 
     def __enter__(self) -> BackgroundWriter:
         return self
 
     def __exit__(self, kind: Any, *exc: Any) -> None:
         if kind is not None and not issubclass(kind, Exception):  # ^C: drop the queue (each item is whole), but
-            self._pool.shutdown(wait=True, cancel_futures=True)  # let the running job end before the caller cleans up
+            self._pool.shutdown(wait=True, cancel_futures=True)  # let the running jobs end before the caller cleans up
             return
         try:
             while self._queued:  # finish the queued items even after an error: each is whole

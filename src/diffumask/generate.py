@@ -89,7 +89,7 @@ class GenerateConfig:
     flagged: str = "record"
     batch_size: int = 4
     #: Threads that fuse, threshold, encode and write items while the next batch denoises (None: 1 on a CPU, whose
-    #: cores the pipeline uses; on a GPU up to 4, as this worker's cores allow). The bytes do not depend on it.
+    #: cores the pipeline uses; on a GPU 2, where this worker has the cores). The bytes do not depend on it.
     writers: int | None = None
     device: str | None = None  # None: the GPU when there is one (this worker's under a launcher), else the CPU
     dtype: str = "auto"  # auto: float32 off the GPU; on it bfloat16 for SD3 and FLUX, float16 for the rest
@@ -392,6 +392,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         config = dataclasses.replace(config, dtype=was if isinstance(was, str) else dtype_name(pipe))
     pipe.set_progress_bar_config(disable=True)
     _check_size(pipe, config.size)
+    writers = config.writers or _default_writers(pipe)
     if config.negative_prompt and config.guidance is not None and config.guidance <= 1 and not is_flux_pipeline(pipe):
         raise ConfigError(f"--negative-prompt with --guidance {config.guidance}: guidance of 1 or less runs without "
                           "classifier-free guidance, so the negative prompt would do nothing; raise --guidance or "
@@ -449,18 +450,18 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         logical = {_rename_map_key(k, by_word): v for k, v in result.maps.soft_maps().items()}
         soft = pack(logical, result.image.shape[:2], result.maps.resolutions, result.maps.token_average,
                     config.self_attention_keep)
-        dataset.write_item(item.id, result.image, record, mask=labels[result.mask], soft_maps=soft)
+        dataset.write_item(item.id, result.image, record, mask=labels[result.mask], soft_maps=soft,
+                           in_order=writer.in_turn)
         done_one()
 
     def flag(item: WorkItem, record: dict[str, Any]) -> None:
-        dataset.record_flagged(item.id, record)
+        writer.in_turn(lambda: dataset.record_flagged(item.id, record))
         done_one()
 
     def skip(item: WorkItem) -> None:
-        dataset.note_skipped(item.id)
+        writer.in_turn(lambda: dataset.note_skipped(item.id))
         done_one()
 
-    writers = config.writers or _default_writers(pipe)
     with (_removed_if_left_bare(dataset, fresh and not worker.sharded), bar,
           BackgroundWriter(threads=writers) as writer):
         for batch in (b for b in batches if any(item.id not in done for item in b)):
@@ -507,14 +508,17 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
 
 
 def _default_writers(pipe: Any) -> int:
-    """Writer threads: 1 beside a pipeline on the CPU (it uses the cores), else up to 4 of this worker's cores
-    (on two cores 2 write a 512 px item in 34 ms against 54 for 1, their fsyncs overlapping too:
-    ``bench/bench_generate_host.py --writers 1|2``)."""
-    from .supported import denoiser_of
+    """Writer threads: 1 beside a pipeline that runs on the CPU (it uses the cores), else 2 where this worker has
+    the cores (on two cores 2 write a 512 px item in 34 ms against 54 for 1, their fsyncs overlapping too:
+    ``bench/bench_generate_host.py --writers 1|2``). Not more by default: each thread's torch operations take
+    torch's whole intra-op thread pool, beside the thread that feeds the GPU."""
     from .workers import available_cores
 
-    on_cpu = next(denoiser_of(pipe).parameters()).device.type == "cpu"
-    return 1 if on_cpu else min(4, available_cores())
+    try:
+        device = torch.device(pipe._execution_device)  # where it runs, model offloading included
+    except (AttributeError, RuntimeError, TypeError):
+        device = torch.device("cpu")
+    return 1 if device.type == "cpu" else min(2, available_cores())
 
 
 def _recorded_settings(out: str | Path) -> dict[str, Any]:
