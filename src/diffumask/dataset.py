@@ -712,11 +712,12 @@ class Dataset:
         """
         with self.lock():
             records = self.records()
-            if complete is not None and self.is_complete(complete):
-                if self.shard_paths() or self.finished_ids() <= set(order or ()):  # items beyond the job keep
-                    self.compact(order)  # their place: a smaller re-run does not reorder the manifest
-                self.remove_interrupted_writes(complete & self.finished_ids())  # a skipped item's is a live retry
-                records = self.records()
+            finished = self.finished_ids() if complete is not None else set()
+            if complete is not None and complete <= finished | self.skipped_ids():
+                if self.shard_paths() or finished <= set(order or ()):  # items beyond the job keep their place:
+                    self.compact(order)  # a smaller re-run does not reorder the manifest
+                    records = self.records()
+                self.remove_interrupted_writes(complete & finished)  # a skipped item's is a live retry
             if order is not None:
                 rank = {item_id: i for i, item_id in enumerate(order)}
                 records.sort(key=lambda r: rank.get(r["id"], len(rank)))

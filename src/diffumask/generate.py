@@ -40,7 +40,6 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attention import ImageMaps, check_pipeline, trace, word_locator
-from .supported import call_parameters
 from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, Dataset
 from .distributed import current_worker
 from .errors import ConfigError, check_sequences
@@ -50,6 +49,7 @@ from .models import (BUILTIN_MODELS, DTYPES, SCHEDULERS, auto_dtype, dtype_name,
                      library_bars, load_pipeline, model_description, pipeline_name)
 from .prompts import PromptBank, resolve_bank
 from .softmaps import SELF_ATTENTION_KEEP, pack
+from .supported import call_parameters
 from .joint_attention import TEXT_PARTS, is_flux_pipeline
 
 
