@@ -41,7 +41,7 @@ from diffumask.masks.crf import CRFParams
 from diffumask.models import check_device, default_device
 from diffumask.refine import RefineConfig, refine_dataset
 from diffumask.refine_items import Item, grid_seeds
-from diffumask.workers import cpu_pool, ordered
+from diffumask.workers import cpu_pool, ordered, reuse_freed_memory
 
 CLASSES = ["dog", "cat", "car", "tree"]
 SIZE = 512
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(METHODS), help="methods to run (default: all)")
     parser.add_argument("--work", default="bench_refine_work/512", help="folder for the dataset (reused)")
     args = parser.parse_args()
+    reuse_freed_memory()  # as `diffumask refine` does: with 1 worker this process refines
     device = str(check_device(args.device))
     dataset = bench_dataset(Path(args.work), args.items or max(16, 8 * max(args.workers)))
     n = len(dataset.records())

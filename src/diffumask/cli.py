@@ -352,7 +352,9 @@ def _run_refine(args: argparse.Namespace) -> None:
 
     from .masks.adaptive import gamma_range
     from .refine import RefineConfig, refine_dataset
+    from .workers import reuse_freed_memory
 
+    reuse_freed_memory()  # this process refines too, with --workers 1 and on a GPU (the AffinityNet's training)
     defaults = RefineConfig()
     try:
         gammas = None if args.gammas is None else gamma_range(*args.gammas)
