@@ -364,7 +364,7 @@ def _faults_of_a_second_large_array(_: object) -> int:
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc parameters")
 def test_pool_workers_reuse_freed_memory_instead_of_faulting_it_in_again():
     """glibc gave every freed block above 32 MiB back to the kernel; the next one was faulted in page by page
-    (an AffinityNet walk's 64 MiB matrices: a third of a 512 px item's time in a fresh worker)."""
+    (the AffinityNet's full-size activations at 512 px: a third of an item's time in a worker)."""
     from diffumask.workers import cpu_pool
 
     with cpu_pool(2) as pool:

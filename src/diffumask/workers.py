@@ -59,10 +59,11 @@ _TRIM_THRESHOLD = 512 << 20
 def reuse_freed_memory() -> None:
     """Keep freed blocks of up to 256 MiB in this process for the next allocation, instead of glibc's default of
     returning every block above 32 MiB (and, until its threshold adapts, above 128 KiB) to the kernel, which
-    then faults in and zeroes the next one page by page. Refinement at 512 px allocates such blocks per item (an
-    AffinityNet walk's 4096² matrices are 64 MiB): a fresh worker spent 0.09 of its 0.28 s per affinity item in
-    the kernel (``bench_refine_512.py``), and a second worker brought 1.35× instead of 1.8×. A process keeps up
-    to 512 MiB of freed memory at the top of its heap. Elsewhere than glibc (macOS, musl) it does nothing."""
+    then faults in and zeroes the next one page by page. Refinement at 512 px allocates such blocks per item (the
+    AffinityNet's full-size activations are 32 MiB and a page, five per image): a worker spent 0.09 of its 0.28 s
+    per affinity item in the kernel (``bench_refine_512.py``), and a second worker brought 1.35× instead of 1.9×.
+    A process keeps up to 512 MiB of freed memory at the top of its heap. Elsewhere than glibc (macOS, musl) it
+    does nothing."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
