@@ -33,6 +33,15 @@ from .run import CHECKPOINT, RunFolder
 LOG_EVERY = 10
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
+#: DDP compares a gradient's strides with its bucket's literally, size-1 dimensions included: a depthwise conv's
+#: (C, 1, k, k) weight (SegFormer's Mix-FFN) gets its gradient with another stride on that dimension, the same
+#: layout in memory, and every rank warned in four lines at its first step. Only that case is silenced: the
+#: pattern requires the other three strides to agree.
+SIZE_ONE_STRIDE_WARNING = (r"(?s)Grad strides do not match bucket view strides\b.*"
+                           r"grad\.sizes\(\) = \[\d+, 1, \d+, \d+\], strides\(\) = \[(\d+), \d+, (\d+), (\d+)\]\s*"
+                           r"bucket_view\.sizes\(\) = \[\d+, 1, \d+, \d+\], strides\(\) = \[\1, \d+, \2, \3\]")
+warnings.filterwarnings("ignore", message=SIZE_ONE_STRIDE_WARNING, category=UserWarning)
+
 
 @dataclass
 class TrainConfig:
