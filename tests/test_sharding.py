@@ -176,6 +176,22 @@ def test_commands_that_do_not_shard_refuse_a_launcher(tmp_path, monkeypatch, cap
     assert not (tmp_path / "aug").exists() and not (tmp_path / "pred").exists()
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_a_launcher_only_the_first_worker_prints_the_usage_with_a_command_line_error(
+        tmp_path, monkeypatch, capsys, rank):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--classes", "circle,,star", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == ("diffumask generate: error: argument --classes: 'circle,,star' has an empty name between two "
+                       "commas; list each name once, e.g. dog,cat")
+    assert err[0].startswith("usage: diffumask generate") == (rank == "0")
+    assert len(err) == 1 or rank == "0"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_workers_write_the_same_dataset(tmp_path, saved_pipelines):
     """1 and 3 workers (torchrun on CPU) make byte-identical datasets: ids, images, masks, soft maps,

@@ -8,7 +8,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import ConfigError, DiffumaskError, one_line
 from .models import SCHEDULERS
@@ -768,8 +768,18 @@ def _run_report(args: argparse.Namespace) -> None:
           f"{result.size_bytes / 2**20:.1f} MiB, {result.seconds:.1f} s)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Under a launcher every worker parses the same command line: the first prints the usage with the error,
+    the others the error's line alone (eight GPUs printed the usage eight times over)."""
+
+    def error(self, message: str) -> NoReturn:
+        if _first_worker():
+            super().error(message)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="diffumask", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Semantic-segmentation training data from class names: a text-to-image diffusion model "
                     "generates the images and its cross-attention gives each class's mask (DiffuMask).",
