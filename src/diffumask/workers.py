@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -50,26 +51,35 @@ class InlineExecutor(Executor):
         return future
 
 
-#: glibc's mallopt parameters, and the values reuse_freed_memory gives them.
+#: glibc's mallopt parameters; the largest mmap threshold older glibc versions accept (half their 64 MiB heap).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 256 << 20
+_MMAP_THRESHOLDS = (256 << 20, 32 << 20)
 _TRIM_THRESHOLD = 512 << 20
+#: the user's own malloc settings, which reuse_freed_memory leaves as they are.
+_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
-def reuse_freed_memory() -> None:
+def reuse_freed_memory() -> bool:
     """Keep freed blocks of up to 256 MiB in this process for the next allocation, instead of glibc's default of
     returning every block above 32 MiB (and, until its threshold adapts, above 128 KiB) to the kernel, which
-    then faults in and zeroes the next one page by page. Refinement at 512 px allocates such blocks per item (the
-    AffinityNet's full-size activations are 32 MiB and a page, five per image): a worker spent 0.09 of its 0.28 s
-    per affinity item in the kernel (``bench_refine_512.py``), and a second worker brought 1.35× instead of 1.9×.
-    A process keeps up to 512 MiB of freed memory at the top of its heap. Elsewhere than glibc (macOS, musl) it
-    does nothing."""
+    then faults in and zeroes the next one page by page. Refinement allocates such blocks per item (the
+    AffinityNet's full-size activations are 32 MiB and a page at 512 px, five per image, 128 MiB at 1024 px): a
+    worker spent 0.09 of its 0.28 s per 512 px affinity item in the kernel (``bench_refine_512.py``), and a second
+    worker brought 1.35× instead of 1.9×. The price: a process keeps the memory of its largest item (at most
+    512 MiB freed at the top of its heap) between items. Returns whether it applied: only on Linux with glibc,
+    and not where the user set malloc's own variables (``MALLOC_*_``, ``GLIBC_TUNABLES``)."""
+    if not sys.platform.startswith("linux") or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
+            name in os.environ for name in _MALLOC_ENVIRONMENT):
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)  # both set: glibc stops adapting them
-    mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc
+        return False
+    # Both set: glibc stops adapting them. A threshold refused (an older glibc's limit, musl) leaves the trim
+    # threshold alone too: set alone, it would freeze glibc's threshold at 128 KiB.
+    if not any(mallopt(_M_MMAP_THRESHOLD, threshold) for threshold in _MMAP_THRESHOLDS):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
 def _worker_setup(parent: int) -> None:

@@ -35,12 +35,12 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 #: DDP compares a gradient's strides with its bucket's literally, size-1 dimensions included: a depthwise conv's
 #: (C, 1, k, k) weight (SegFormer's Mix-FFN) gets its gradient with another stride on that dimension, the same
-#: layout in memory, and every rank warned in four lines at its first step. Only that case is silenced: the
-#: pattern requires the other three strides to agree.
+#: layout in memory, and every rank warned in four lines at its first step. DDP warns once per process, for the
+#: first gradient that differs; that warning is silenced only when it is this case (the pattern requires the other
+#: three strides to agree), and only while train runs.
 SIZE_ONE_STRIDE_WARNING = (r"(?s)Grad strides do not match bucket view strides\b.*"
                            r"grad\.sizes\(\) = \[\d+, 1, \d+, \d+\], strides\(\) = \[(\d+), \d+, (\d+), (\d+)\]\s*"
                            r"bucket_view\.sizes\(\) = \[\d+, 1, \d+, \d+\], strides\(\) = \[\1, \d+, \2, \3\]")
-warnings.filterwarnings("ignore", message=SIZE_ONE_STRIDE_WARNING, category=UserWarning)
 
 
 @dataclass
@@ -139,6 +139,12 @@ def _accelerator(config: TrainConfig, family: str) -> Any:
 def train(config: TrainConfig, progress: bool = True,
           on_step: Callable[[int], None] | None = None) -> RunFolder:
     """Train (or resume) the run in ``config.out``; ``on_step(step)`` is called after each finished step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SIZE_ONE_STRIDE_WARNING, category=UserWarning)
+        return _train(config, progress, on_step)
+
+
+def _train(config: TrainConfig, progress: bool, on_step: Callable[[int], None] | None) -> RunFolder:
     if not config.data:
         raise ConfigError("train needs at least one DATA folder")
     require_torch_launcher("train")
