@@ -369,9 +369,9 @@ def _faults_of_a_second_large_array(_: object) -> int:
 def test_pool_workers_reuse_freed_memory_instead_of_faulting_it_in_again(monkeypatch):
     """glibc gave every freed block above 32 MiB back to the kernel; the next one was faulted in page by page
     (the AffinityNet's full-size activations at 512 px: a third of an item's time in a worker)."""
-    from diffumask.workers import cpu_pool, reuse_freed_memory
+    from diffumask.workers import _MALLOC_ENVIRONMENT, cpu_pool, reuse_freed_memory
 
-    for name in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+    for name in ("GLIBC_TUNABLES", *_MALLOC_ENVIRONMENT):
         monkeypatch.delenv(name, raising=False)
     with cpu_pool(2) as pool:
         faults = pool.submit(_faults_of_a_second_large_array, None).result()
@@ -395,18 +395,19 @@ def test_reuse_freed_memory_leaves_malloc_alone_where_it_cannot_or_should_not_ap
 
         def mallopt(self, parameter, value):
             calls.append((parameter, value))
-            return int(parameter != -3 or value <= self.accepts)  # -3: M_MMAP_THRESHOLD
+            return int(parameter != mmap or value <= self.accepts)
 
+    mmap, trim = workers._M_MMAP_THRESHOLD, workers._M_TRIM_THRESHOLD
     monkeypatch.setattr(sys, "platform", "linux")
     for name in ("GLIBC_TUNABLES", *workers._MALLOC_ENVIRONMENT):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc(accepts=0))  # refuses every threshold (musl)
     assert workers.reuse_freed_memory() is False
-    assert [parameter for parameter, _ in calls] == [-3, -3]  # both thresholds tried, the trim never set
+    assert [parameter for parameter, _ in calls] == [mmap, mmap]  # both thresholds tried, the trim never set
     calls.clear()
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc(accepts=32 << 20))  # an older glibc
     assert workers.reuse_freed_memory() is True
-    assert calls == [(-3, 256 << 20), (-3, 32 << 20), (-1, 512 << 20)]
+    assert calls == [(mmap, 256 << 20), (mmap, 32 << 20), (trim, 512 << 20)]
     calls.clear()
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert workers.reuse_freed_memory() is False and calls == []
