@@ -193,6 +193,7 @@ def test_resume_after_kill_and_extend(tmp_path, sd1_pipe, monkeypatch):
     with open(out / "manifest.jsonl", "a") as f:
         f.write('{"id": "potted_plant_000001", "spl')
     (out / "JPEGImages" / ".potted_plant_000001.jpg.abc.tmp").write_bytes(b"partial")
+    (out / ".manifest.jsonl.def.tmp").write_bytes(b"partial")  # a compaction's, had the kill come at the end
 
     generate_dataset(config(out), pipe=sd1_pipe, progress=False)
     ids = [r["id"] for r in Dataset(out).records()]

@@ -18,6 +18,7 @@ from diffumask.cli import main
 from diffumask.dataset import IGNORE_INDEX, Dataset, read_index_png
 from diffumask.masks.affinity import AffinityConfig
 from diffumask.refine import RefineConfig, refine_dataset
+from diffumask.validate import validate_dataset
 
 SIZE, GRID = 32, 16
 CLASSES = ["disc", "box"]
@@ -268,9 +269,17 @@ def test_a_killed_refine_leaves_every_mask_with_its_manifest_line(dataset, monke
             assert record["refine"]["method"] == "otsu" and on_disk == refined[f"{item_id}.png"]
         else:
             assert "refine" not in record and on_disk == before[f"{item_id}.png"]
+    # what a kill in the middle of atomic writes leaves: a worker's staged mask, a compaction, a saved AffinityNet
+    staged = Dataset(root).pending_mask_path(next(iter(records)))
+    leftovers = [staged.with_name(f".{staged.name}.a1b2c3.tmp"),  # atomic_write's temporary name
+                 root / ".manifest.jsonl.d4e5f6.tmp", root / "refine" / ".affinitynet-0123.safetensors.g7h8.tmp"]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
     assert refine_dataset(root, config, progress=False).refined == len(truths) - 5
     assert files(root, "SegmentationClass") == refined
     assert Dataset(root).records() == Dataset(whole).records()
+    assert not any(path.exists() for path in leftovers) and validate_dataset(root)[0] == []
 
 
 def test_a_staged_mask_counts_only_once_committed_with_its_checksum(dataset):

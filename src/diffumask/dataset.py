@@ -57,6 +57,10 @@ _APPENDING = threading.Lock()  # one process's manifest appends, one at a time (
 JPEG_QUALITY = 95  # of images written as JPEG (at 4:4:4: colours do not bleed across object edges)
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
 IMAGE_FORMATS = ("jpg", "png")
+REFINE_FOLDER = "refine"  # what refine keeps between runs: its trained AffinityNets
+#: Folders of the dataset's own files, not items': written under the lock, before the first item, or (an
+#: AffinityNet) before refine commits its first mask.
+METADATA_FOLDERS = (".", "ImageSets/Segmentation", REFINE_FOLDER)
 
 
 class DatasetMismatch(DiffumaskError, ValueError):
@@ -548,15 +552,17 @@ class Dataset:
                 write_text_atomic(self.root / SKIPPED_FILE, "".join(f"{i}\n" for i in sorted(skipped - again)))
 
     def remove_interrupted_writes(self, ids: set[str]) -> None:
-        """Delete what killed writers left of these finished items' files (``.<file>.<random>.tmp`` beside the
-        image, mask and soft maps): the resumed run wrote each item whole under its own name, and ``validate``
-        would report every leftover. Only once all of a job's items are finished, when none is being written."""
-        any_id = next(iter(ids), "x")
-        for folder in {self.image_path(any_id).parent, self.mask_path(any_id).parent,
-                       self.soft_maps_path(any_id).parent}:
+        """Delete what killed writers left (atomic_write's ``.<file>.<random>.tmp``) of these finished items' files
+        (image, mask, soft maps, a refine's pending mask) and of the dataset's own files (manifest, split lists,
+        an AffinityNet's weights): the resumed run wrote each whole under its own name, and ``validate`` would
+        report every leftover. Under the lock, once all of a job's items are finished, when none is being
+        written (the dataset's own files are written under the lock, or before the first item)."""
+        item_folders = {self.root / name for name in ("JPEGImages", "SegmentationClass", "SoftMaps", OBJECT_FOLDER)}
+        for folder in item_folders | {self.root / name for name in METADATA_FOLDERS}:
             for path in folder.glob(".*.tmp") if folder.is_dir() else ():
                 written = path.name[1:-len(".tmp")].rsplit(".", 1)[0]  # atomic_write's ".<name>.<random>.tmp"
-                if Path(written).stem in ids:
+                item = written[1:-len(PENDING_MASK)] if written.endswith(PENDING_MASK) else Path(written).stem
+                if folder not in item_folders or item in ids:
                     path.unlink(missing_ok=True)
 
     def unfinished(self) -> str | None:

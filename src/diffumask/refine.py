@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .dataset import Dataset, write_text_atomic
+from .dataset import REFINE_FOLDER, Dataset, write_text_atomic
 from .distributed import current_worker
 from .errors import ConfigError, DiffumaskError, check_sequences
 from .masks.adaptive import best_gamma, pool_counts, sweep_around
@@ -192,7 +192,7 @@ def _affinity_net(dataset: Dataset, items: list[Item], config: RefineConfig, pro
                       "seed_crf": config.seed_crf_params.as_dict(),
                       "weights": config.affinity_weights and str(Path(config.affinity_weights).resolve()),
                       "items": [i.id for i in items], "size": size}, sort_keys=True)
-    path = dataset.root / "refine" / f"affinitynet-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    path = dataset.root / REFINE_FOLDER / f"affinitynet-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         load_affinity_weights(net, path)
         return net.to(device).eval(), 0.0, str(path)
@@ -338,10 +338,12 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if not worker.sharded:
         with dataset.lock():
             dataset.compact()  # a finished run leaves one line per item
+            dataset.remove_interrupted_writes({item.id for item in items})  # a killed run's staged masks
     elif not redo:
         with dataset.lock():  # the worker that finds every item refined merges the shards
             if all(_refined_with(record, params) for record in dataset.records()):
                 dataset.compact()
+                dataset.remove_interrupted_writes({item.id for item in items})
     seconds = time.perf_counter() - start - train_seconds
     return RefineResult(dataset, len(items), len(pending), train_seconds, seconds,
                         len(mine) if worker.sharded else None)
