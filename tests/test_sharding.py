@@ -19,6 +19,7 @@ from diffumask.dataset import Dataset
 from diffumask.distributed import Worker, current_worker
 from diffumask.errors import ConfigError
 from diffumask.generate import GenerateConfig, generate_dataset
+from diffumask.validate import validate_dataset
 
 BIN = Path(sys.executable).parent
 CLASSES = ["dog", "cat"]
@@ -74,6 +75,61 @@ def test_shards_merge_and_the_latest_rev_wins(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert [(r["id"], r.get("rev", 0)) for r in lines] == [("y", 0), ("x", 1)]
     assert (tmp_path / "ImageSets" / "Segmentation" / "train.txt").read_text() == "y\nx\n"
+
+
+def sharded_dataset(root: Path) -> np.ndarray:
+    Dataset.create(root, ["a"], {})
+    image = np.zeros((4, 4, 3), np.uint8)
+    for rank, item_id in enumerate(["x", "y"]):
+        Dataset(root, Worker(rank, 2)).write_item(item_id, image, {"classes": ["a"]}, mask=np.zeros((4, 4), np.uint8))
+    Dataset(root, Worker(0, 2)).finalize()  # the split lists of the items so far; the shards stay
+    return image
+
+
+def test_a_reader_sees_every_item_while_the_last_worker_merges_the_shards(tmp_path, monkeypatch):
+    """A merge that removes shard 1 after a reader listed it and read shard 0 (a worker starting late, or
+    validate, while the last worker merges): the shard's lines are read from manifest.jsonl, written first."""
+    read_text, merged = Path.read_text, []
+
+    def merge_first(path, *args, **kwargs):
+        if path.name == "manifest.1.jsonl" and path.parent not in merged:
+            merged.append(path.parent)
+            with Dataset(path.parent).lock():
+                Dataset(path.parent).compact()
+        return read_text(path, *args, **kwargs)
+
+    for reader, root in ((lambda root: [r["id"] for r in Dataset(root).records()], tmp_path / "records"),
+                         (lambda root: validate_dataset(root)[0], tmp_path / "validate")):
+        sharded_dataset(root)
+        monkeypatch.setattr(Path, "read_text", merge_first)
+        result = reader(root)
+        monkeypatch.undo()
+        assert root in merged and not Dataset(root).shard_paths()
+        assert result == (["x", "y"] if root.name == "records" else [])
+
+
+def test_a_merge_keeps_a_shard_begun_while_it_read(tmp_path, monkeypatch):
+    """A worker's first line (a skipped item it retries) lands in a new shard while the merge reads the others:
+    that shard stays, and no line is removed unread."""
+    image = sharded_dataset(tmp_path)
+    Dataset(tmp_path).compact()  # manifest.jsonl holds x and y ...
+    Dataset(tmp_path, Worker(1, 2)).rewrite_mask(Dataset(tmp_path).records()[1], np.ones((4, 4), np.uint8))
+    read_text, appended = Path.read_text, []  # ... and shard 1 y's new line
+
+    def append_after(path, *args, **kwargs):
+        text = read_text(path, *args, **kwargs)
+        if path.name == "manifest.jsonl":  # after each of the merge's reads, worker 2 of 3 finishes an item
+            appended.append(f"z{len(appended)}")
+            Dataset(tmp_path, Worker(2, 3)).write_item(appended[-1], image, {"classes": ["a"]},
+                                                        mask=np.zeros((4, 4), np.uint8))
+        return text
+
+    with Dataset(tmp_path).lock():
+        monkeypatch.setattr(Path, "read_text", append_after)
+        Dataset(tmp_path).compact()
+        monkeypatch.undo()
+    assert appended and [r["id"] for r in Dataset(tmp_path).records()] == ["x", "y", *appended]
+    assert Dataset(tmp_path).records()[1]["rev"] == 1
 
 
 def test_an_unfinished_job_keeps_its_shards(tmp_path):

@@ -166,6 +166,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def read_manifest_text(path: Path) -> str:
+    """A manifest file's text; empty where there is none, or where a merge removed a shard since it was listed
+    (the merge writes manifest.jsonl first, and readers read it after the shards, so no line goes missing)."""
+    try:
+        # errors="replace": a line torn inside a multi-byte character is still only a torn line
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 def palette_png(mask: np.ndarray) -> bytes:
     """Class indices as palette PNG bytes: viewers show colours, trainers read indices."""
     if mask.ndim != 2:
@@ -424,11 +434,8 @@ class Dataset:
         skipped, never rewritten."""
         # Shards are read before the manifest: a compaction between the two reads then shows its lines twice
         # (harmless: the latest wins), never not at all.
-        # errors="replace": a line torn inside a multi-byte character is still only a torn line
-        texts = {path: path.read_text(encoding="utf-8", errors="replace") for path in self.shard_paths()
-                 if path.is_file()}
-        if self.manifest_path.is_file():
-            texts = {self.manifest_path: self.manifest_path.read_text(encoding="utf-8", errors="replace"), **texts}
+        texts = {path: read_manifest_text(path) for path in self.shard_paths()}
+        texts = {self.manifest_path: read_manifest_text(self.manifest_path), **texts}
         out = []
         for path, text in texts.items():
             lines = text.splitlines(keepends=True)
@@ -442,11 +449,11 @@ class Dataset:
                         raise DiffumaskError(f"{path}: line {number + 1} is not valid JSON") from None
         return out
 
-    def _latest(self) -> list[dict[str, Any]]:
+    def _latest(self, lines: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Every item's latest manifest line (the highest ``rev``; among equal ones the later line), in the
-        order items were first written; flagged items too."""
+        order items were first written; flagged items too. ``lines``: :meth:`_lines`, already read."""
         latest: dict[str, dict[str, Any]] = {}
-        for record in self._lines():
+        for record in self._lines() if lines is None else lines:
             known = latest.get(record["id"])
             if known is None or record.get("rev", 0) >= known.get("rev", 0):
                 latest[record["id"]] = record  # dict order stays the order of first appearance
@@ -677,12 +684,12 @@ class Dataset:
 
         Only when no other process appends: a sharded job's workers leave it to :meth:`finalize`.
         """
+        shards = self.shard_paths()  # before the lines are read: a shard begun since is not removed unread
         lines = self._lines()
-        records = self._latest()
+        records = self._latest(lines)
         if order is not None:
             rank = {item_id: i for i, item_id in enumerate(order)}
             records.sort(key=lambda r: rank.get(r["id"], len(rank)))
-        shards = self.shard_paths()
         torn = self.manifest_path.is_file() and not self.manifest_path.read_bytes().endswith(b"\n")
         if shards or torn or [r["id"] for r in lines] != [r["id"] for r in records]:
             self._rewrite_manifest(records)

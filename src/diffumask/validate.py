@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from . import softmaps
-from .dataset import IGNORE_INDEX, IMAGE_FORMATS, OBJECT_FOLDER, PENDING_MASK, Dataset, read_index_png
+from .dataset import (IGNORE_INDEX, IMAGE_FORMATS, OBJECT_FOLDER, PENDING_MASK, Dataset, read_index_png,
+                      read_manifest_text)
 from .errors import DiffumaskError
 
 #: Names that ``dataset.atomic_write`` gives a file while it is being written: ``.<name>.<random>.tmp``.
@@ -61,8 +62,7 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _entries(path: Path) -> Iterator[Problem | dict]:
     """A manifest file's lines as records, or problems for lines that are not (without repairing anything):
     a torn last line is what a killed write leaves, and the next run drops it; any other bad line stops every run."""
-    # errors="replace": a line torn inside a multi-byte character is still only a torn line
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    lines = read_manifest_text(path).splitlines(keepends=True)  # a shard a merge removed since: no lines
     for number, line in enumerate(lines, start=1):
         try:
             if not line.endswith("\n"):
