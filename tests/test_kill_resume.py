@@ -1,0 +1,87 @@
+"""Sharded jobs killed outright (SIGKILL of every worker, as a lost node or a preempted Slurm job leaves them) in
+the middle of their writes, resumed with other numbers of workers: the finished folder is the one an
+uninterrupted single process makes, byte for byte."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dataset_factory import snapshot
+
+from diffumask.dataset import read_manifest_text
+
+DIFFUMASK = str(Path(sys.executable).parent / "diffumask")
+GENERATE = [DIFFUMASK, "generate", "--classes", "circle,star,ring", "--images-per-class", "6", "--steps", "5",
+            "--batch-size", "2", "--device", "cpu", "--quiet"]
+REFINE = [DIFFUMASK, "refine", "--method", "propagate", "--crf", "--workers", "1", "--device", "cpu", "--quiet"]
+
+
+def progress(folder: Path, marker: str) -> int:
+    """How many manifest lines (shards included) hold ``marker``: how far the job has got (``"id":``, items made;
+    ``"refine":``, items refined; a compaction keeps each item's latest line, so this never goes back)."""
+    return sum(read_manifest_text(path).count(marker) for path in folder.glob("manifest*.jsonl"))  # shards vanish
+
+
+def run_workers(argv: list[str], workers: int, kill_after: int | None = None, delay: float = 0.0,
+                marker: str = "") -> bool:
+    """``workers`` processes of one job (torchrun's variables, so each takes its share); with ``kill_after``
+    every one is killed with SIGKILL ``delay`` seconds after they wrote that many more manifest lines holding
+    ``marker`` (or when they all ended first). Whether a kill hit a running worker."""
+    folder = Path(argv[argv.index("--out") + 1] if "--out" in argv else argv[-1])
+    start = progress(folder, marker) if folder.is_dir() else 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    processes = []
+    for rank in range(workers):
+        rank_env = {**env, "RANK": str(rank), "WORLD_SIZE": str(workers), "LOCAL_RANK": str(rank)} if workers > 1 \
+            else env
+        processes.append(subprocess.Popen(argv, env=rank_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          start_new_session=True))  # pool workers die with them
+    if kill_after is not None:
+        while any(p.poll() is None for p in processes) and not (folder.is_dir()
+                                                                and progress(folder, marker) >= start + kill_after):
+            time.sleep(0.005)
+        time.sleep(delay)
+        for process in processes:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode in (0, -signal.SIGKILL), err.decode()[-3000:]
+    return any(process.returncode == -signal.SIGKILL for process in processes)
+
+
+def kill_and_resume(argv: list[str], rng: random.Random, rounds: int, marker: str, item_seconds: float) -> int:
+    """Kill the job ``rounds`` times at a random point of its writes (up to about an item's time after its first
+    or second line), then run it to the end; a random number of workers each time. How many kills hit running
+    workers."""
+    hits = sum(run_workers(argv, rng.choice([1, 2, 3]), kill_after=rng.randint(1, 2),
+                           delay=rng.uniform(0.0, item_seconds), marker=marker) for _ in range(rounds))
+    run_workers(argv, rng.choice([2, 3]))
+    return hits
+
+
+@pytest.mark.slow
+def test_generate_and_refine_killed_at_random_resume_with_any_number_of_workers(tmp_path):
+    rng = random.Random(20261207)
+    reference = tmp_path / "reference"
+    run_workers([*GENERATE, "--out", str(reference)], 1)
+    killed = tmp_path / "killed"
+    assert kill_and_resume([*GENERATE, "--out", str(killed)], rng, rounds=3, marker='"id":', item_seconds=0.1) == 3
+    assert snapshot(killed) == snapshot(reference)
+
+    run_workers([*REFINE, str(reference)], 1)
+    refined = tmp_path / "refined"
+    shutil.copytree(killed, refined)
+    assert kill_and_resume([*REFINE, str(refined)], rng, rounds=2, marker='"refine":', item_seconds=0.01) == 2
+    assert snapshot(refined) == snapshot(reference)
