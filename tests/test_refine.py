@@ -282,6 +282,22 @@ def test_a_killed_refine_leaves_every_mask_with_its_manifest_line(dataset, monke
     assert not any(path.exists() for path in leftovers) and validate_dataset(root)[0] == []
 
 
+def test_a_finished_job_leaves_the_temporary_files_of_commands_begun_since(dataset):
+    """Of the dataset's own files' temporaries, a job removes those older than itself (a kill's), not another
+    command's in flight (filter writing its split lists), nor those of items it does not finish."""
+    root, truths = dataset
+    ds = Dataset(root)
+    lists = root / "ImageSets" / "Segmentation"
+    killed, live = lists / ".noise-train-0.txt.a1.tmp", lists / ".noise-train-1.txt.b2.tmp"
+    other_item = root / "JPEGImages" / ".unfinished_item.jpg.c3.tmp"
+    for path in (killed, live, other_item):
+        path.write_bytes(b"partial")
+    os.utime(killed, (ds.opened - 60, ds.opened - 60))
+    os.utime(live, (ds.opened + 1, ds.opened + 1))
+    ds.remove_interrupted_writes(set(truths))
+    assert not killed.exists() and live.exists() and other_item.exists()
+
+
 def test_a_staged_mask_counts_only_once_committed_with_its_checksum(dataset):
     """Workers stage masks ahead of the parent's commit: a staged mask is invisible to readers, dropped by
     the next writer unless committed, and a commit whose staged file is missing or differs appends nothing."""

@@ -258,10 +258,15 @@ def test_sharded_workers_refine_disjoint_shares_that_add_up_to_one_run(dataset, 
         return merge(self, *args, **kwargs)
 
     monkeypatch.setattr(Dataset, "compact", merge_and_note)
+    staged = Dataset(root).pending_mask_path(next(iter(truths)))
+    leftovers = [staged.with_name(f".{staged.name}.x1.tmp"), root / ".manifest.jsonl.x2.tmp"]  # an earlier kill's
+    for path in leftovers:
+        path.write_bytes(b"partial")
     for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
         shares.append(refine_dataset(root, config, progress=False))
         assert bool(Dataset(root).shard_paths()) == (rank == "0")  # merged once every item is refined
+        assert all(path.exists() for path in leftovers) == (rank == "0")  # and only then tidied
     assert [s.refined for s in shares] == [s.share for s in shares] == [(len(truths) + 1) // 2, len(truths) // 2]
     assert shares[0].train_seconds > 0 and shares[1].train_seconds == 0  # rank 1 found rank 0's network
     ids = [r["id"] for r in shard_lines]

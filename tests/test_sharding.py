@@ -109,8 +109,8 @@ def test_a_reader_sees_every_item_while_the_last_worker_merges_the_shards(tmp_pa
 
 
 def test_a_merge_keeps_a_shard_begun_while_it_read(tmp_path, monkeypatch):
-    """A worker's first line (a skipped item it retries) lands in a new shard while the merge reads the others:
-    that shard stays, and no line is removed unread."""
+    """A worker's first line lands in a new shard while the merge reads the others (appends take no lock; today's
+    merges wait for every item, so this guards the order): that shard stays, and no line is removed unread."""
     image = sharded_dataset(tmp_path)
     Dataset(tmp_path).compact()  # manifest.jsonl holds x and y ...
     Dataset(tmp_path, Worker(1, 2)).rewrite_mask(Dataset(tmp_path).records()[1], np.ones((4, 4), np.uint8))

@@ -39,6 +39,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,10 +58,11 @@ _APPENDING = threading.Lock()  # one process's manifest appends, one at a time (
 JPEG_QUALITY = 95  # of images written as JPEG (at 4:4:4: colours do not bleed across object edges)
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
 IMAGE_FORMATS = ("jpg", "png")
+#: The folders of one file per item, with the suffixes their files take.
+ITEM_FOLDERS = {"JPEGImages": tuple(f".{f}" for f in IMAGE_FORMATS), "SegmentationClass": (".png",),
+                "SoftMaps": (".npz",), OBJECT_FOLDER: (".png",)}
 REFINE_FOLDER = "refine"  # what refine keeps between runs: its trained AffinityNets
-#: Folders of the dataset's own files, not items': written under the lock, before the first item, or (an
-#: AffinityNet) before refine commits its first mask.
-METADATA_FOLDERS = (".", "ImageSets/Segmentation", REFINE_FOLDER)
+METADATA_FOLDERS = (".", "ImageSets/Segmentation", REFINE_FOLDER)  # the dataset's own files, not items'
 
 
 class DatasetMismatch(DiffumaskError, ValueError):
@@ -290,6 +292,7 @@ class Dataset:
     def __init__(self, root: str | os.PathLike[str], worker: Worker | None = None):
         self.root = Path(root)
         self.worker = current_worker() if worker is None else worker  # whose manifest shard appends go to
+        self.opened = time.time()  # what a job that opened it now may take as left over from before
         if not self.root.exists():
             raise NotADataset(f"{self.root} does not exist; give the folder of a dataset `diffumask generate` made")
         if not (self.root / "classes.json").is_file():
@@ -559,18 +562,22 @@ class Dataset:
                 write_text_atomic(self.root / SKIPPED_FILE, "".join(f"{i}\n" for i in sorted(skipped - again)))
 
     def remove_interrupted_writes(self, ids: set[str]) -> None:
-        """Delete what killed writers left (atomic_write's ``.<file>.<random>.tmp``) of these finished items' files
-        (image, mask, soft maps, a refine's pending mask) and of the dataset's own files (manifest, split lists,
-        an AffinityNet's weights): the resumed run wrote each whole under its own name, and ``validate`` would
-        report every leftover. Under the lock, once all of a job's items are finished, when none is being
-        written (the dataset's own files are written under the lock, or before the first item)."""
-        item_folders = {self.root / name for name in ("JPEGImages", "SegmentationClass", "SoftMaps", OBJECT_FOLDER)}
+        """Delete what killed writers left (atomic_write's ``.<file>.<random>.tmp``): of these finished items'
+        files (image, mask, soft maps, a refine's staged mask), and of the dataset's own files (manifest, split
+        lists, an AffinityNet's weights) those older than this job: the resumed run wrote each whole under its
+        own name, and ``validate`` would report every leftover. Under the lock, once all of a job's items are
+        finished, when none of their files is being written; a temporary file another command began since this
+        job opened the dataset (``filter``'s split lists) is its own."""
+        item_folders = {self.root / name for name in ITEM_FOLDERS}
         for folder in item_folders | {self.root / name for name in METADATA_FOLDERS}:
             for path in folder.glob(".*.tmp") if folder.is_dir() else ():
                 written = path.name[1:-len(".tmp")].rsplit(".", 1)[0]  # atomic_write's ".<name>.<random>.tmp"
-                item = written[1:-len(PENDING_MASK)] if written.endswith(PENDING_MASK) else Path(written).stem
-                if folder not in item_folders or item in ids:
-                    path.unlink(missing_ok=True)
+                staged = written.startswith(".") and written.endswith(PENDING_MASK)  # ".<id>.pending.png"
+                item = written[1:-len(PENDING_MASK)] if staged else Path(written).stem
+                with contextlib.suppress(FileNotFoundError):  # another cleaner was first
+                    left_over = item in ids if folder in item_folders else path.stat().st_mtime < self.opened
+                    if left_over:
+                        path.unlink()
 
     def unfinished(self) -> str | None:
         """Why the dataset is not whole yet, as a reader that takes every item should warn (None: it is)."""
@@ -670,11 +677,11 @@ class Dataset:
         """Merge fields into items' manifest lines (e.g. how a later stage changed them), atomically, with
         any shards merged in (a shard's line would otherwise stay the latest). One process only."""
         with self.lock():
+            shards = self.shard_paths()  # before the lines are read, as in compact
             records = self._latest()
             unknown = set(updates) - {r["id"] for r in records}
             if unknown:
                 raise KeyError(f"no such items in {self.root}: {sorted(unknown)[:5]}")
-            shards = self.shard_paths()
             self._rewrite_manifest([{**r, **updates.get(r["id"], {})} for r in records])
             self._remove(shards)
 
@@ -684,7 +691,8 @@ class Dataset:
 
         Only when no other process appends: a sharded job's workers leave it to :meth:`finalize`.
         """
-        shards = self.shard_paths()  # before the lines are read: a shard begun since is not removed unread
+        shards = self.shard_paths()  # before the lines are read: appends take no lock, and a shard begun since
+        # (never so far: merges wait for every item) must not be removed unread
         lines = self._lines()
         records = self._latest(lines)
         if order is not None:

@@ -22,14 +22,12 @@ import numpy as np
 from PIL import Image
 
 from . import softmaps
-from .dataset import (IGNORE_INDEX, IMAGE_FORMATS, OBJECT_FOLDER, PENDING_MASK, Dataset, read_index_png,
+from .dataset import (IGNORE_INDEX, ITEM_FOLDERS, OBJECT_FOLDER, PENDING_MASK, Dataset, read_index_png,
                       read_manifest_text)
 from .errors import DiffumaskError
 
 #: Names that ``dataset.atomic_write`` gives a file while it is being written: ``.<name>.<random>.tmp``.
 TEMPORARY = re.compile(r"^\..+\.tmp$")
-ITEM_FOLDERS = {"JPEGImages": tuple(f".{f}" for f in IMAGE_FORMATS), "SegmentationClass": (".png",),
-                "SoftMaps": (".npz",), OBJECT_FOLDER: (".png",)}
 
 
 class ValidateError(DiffumaskError, ValueError):
