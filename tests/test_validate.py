@@ -134,7 +134,8 @@ BREAKS = {
         "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)"]),
     "duplicate": (_duplicate_line, ["item_0000: listed twice in manifest.jsonl (a refine was interrupted: re-run it to finish)"]),
     "leftovers": (_leftovers, [
-        "SegmentationClass/.item_0004.png.ab12cd.tmp: temporary file of an interrupted write; delete it",
+        "SegmentationClass/.item_0004.png.ab12cd.tmp: temporary file of an interrupted write (or of a command still "
+        "writing; generate and refine remove their own when they finish); delete it once none runs",
         "manifest.1.jsonl: manifest shard not merged into manifest.jsonl: 2 finished item(s), 1 not listed there yet "
         "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
         "JPEGImages/item_0098.png: belongs to no manifest item (an unfinished item: re-run the command that "

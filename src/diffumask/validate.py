@@ -227,7 +227,8 @@ def _check_files(dataset: Dataset, listed: set[str], shard_ids: Mapping[Path, se
     ids = listed.union(*shard_ids.values())
     for path in sorted(root.rglob("*")):
         if path.is_file() and TEMPORARY.match(path.name):
-            yield Problem(str(path.relative_to(root)), "temporary file of an interrupted write; delete it")
+            yield Problem(str(path.relative_to(root)), "temporary file of an interrupted write (or of a command still "
+                          "writing; generate and refine remove their own when they finish); delete it once none runs")
     shards = set(dataset.shard_paths())
     for path in sorted(root.glob("manifest.*.jsonl")):
         if path in shards:
