@@ -335,15 +335,11 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
                                               disable=not progress, dynamic_ncols=True):
                 record = {k: v for k, v in item.record.items() if k != "noise"}  # scored on the old mask
                 dataset.commit_mask({**record, "refine": {**params, **extra}}, sha256)  # staged by a worker
-    if not worker.sharded:
-        with dataset.lock():
-            dataset.compact()  # a finished run leaves one line per item
-            dataset.remove_interrupted_writes({item.id for item in items})  # a killed run's staged masks
-    elif not redo:
-        with dataset.lock():  # the worker that finds every item refined merges the shards
-            if all(_refined_with(record, params) for record in dataset.records()):
-                dataset.compact()
-                dataset.remove_interrupted_writes({item.id for item in items})
+    if not (worker.sharded and redo):
+        with dataset.lock():  # one process, or the worker that finds every item refined, merges the shards ...
+            if not worker.sharded or all(_refined_with(record, params) for record in dataset.records()):
+                dataset.compact()  # ... into one line per item
+                dataset.remove_interrupted_writes({item.id for item in items})  # e.g. a killed run's staged masks
     seconds = time.perf_counter() - start - train_seconds
     return RefineResult(dataset, len(items), len(pending), train_seconds, seconds,
                         len(mine) if worker.sharded else None)
