@@ -274,7 +274,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     CPU workers keep up better, and it is for GPUs with few CPU cores. None of the three changes which
     masks are written (to float rounding), and the manifest records none. Under a
     launcher this process refines its share of the items (:class:`diffumask.distributed.Worker`).
-    ``redo`` refines every item again even where the manifest says it is done (benchmarks repeat runs).
+    ``redo`` refines every item again even where the manifest says it is done (benchmarks repeat runs); one
+    process only.
     """
     check_workers(workers)
     worker = current_worker()
@@ -282,6 +283,9 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if worker.sharded and config.per_class:
         raise ConfigError("--per-class pools every image's curve before any mask is written; run it as one "
                           "process (without torchrun/srun)")
+    if worker.sharded and redo:  # no worker could tell when every item is redone, so none would merge the shards
+        raise ConfigError("redo=True refines every item again, which the manifest cannot tell apart from done work "
+                          "across workers; run it as one process (without torchrun/srun)")
     dataset = Dataset(root)
     records = dataset.records()
     if not records:
@@ -335,11 +339,10 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
                                               disable=not progress, dynamic_ncols=True):
                 record = {k: v for k, v in item.record.items() if k != "noise"}  # scored on the old mask
                 dataset.commit_mask({**record, "refine": {**params, **extra}}, sha256)  # staged by a worker
-    if not (worker.sharded and redo):
-        with dataset.lock():  # one process, or the worker that finds every item refined, merges the shards ...
-            if not worker.sharded or all(_refined_with(record, params) for record in dataset.records()):
-                dataset.compact()  # ... into one line per item
-                dataset.remove_interrupted_writes({item.id for item in items})  # e.g. a killed run's staged masks
+    with dataset.lock():  # one process, or the worker that finds every item refined, merges the shards ...
+        if not worker.sharded or all(_refined_with(record, params) for record in dataset.records()):
+            dataset.compact()  # ... into one line per item
+            dataset.remove_interrupted_writes({item.id for item in items})  # e.g. a killed run's staged masks
     seconds = time.perf_counter() - start - train_seconds
     return RefineResult(dataset, len(items), len(pending), train_seconds, seconds,
                         len(mine) if worker.sharded else None)
