@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import statistics
+import time
 from collections import Counter
 
 import numpy as np
@@ -123,9 +125,16 @@ def test_a_killed_filter_keeps_its_finished_folds(tmp_path):
     scores = json.loads((dataset.root / "noise" / "fold-1" / "scores.json").read_text())
     (dataset.root / "noise" / "fold-1" / "scores.json").unlink()  # as if killed before fold 1 was scored
     shutil.rmtree(dataset.root / "noise" / "fold-1" / "run" / "model", ignore_errors=True)
+    leftovers = [dataset.root / "noise" / "fold-1" / ".scores.json.a1.tmp", dataset.root / "noise" / ".settings.json.b2.tmp",
+                 dataset.root / "ImageSets" / "Segmentation" / f".{noise.SPLIT_PREFIX}1.txt.c3.tmp",
+                 dataset.root / "noise" / "fold-1" / "run" / ".checkpoint.pt.d4.tmp"]  # what the kill's writes left
+    for path in leftovers:
+        path.write_text("partial")
+        os.utime(path, (time.time() - 60,) * 2)
     again = filter_dataset(config(dataset.root), progress=False)
     assert again.trained_folds == 1 and again.kept == first.kept
     assert json.loads((dataset.root / "noise" / "fold-1" / "scores.json").read_text()) == scores
+    assert not [path for path in leftovers if path.exists()] and validate_dataset(dataset.root) == ([], 9)
 
 
 @pytest.mark.slow

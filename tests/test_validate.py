@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,8 +14,14 @@ import pytest
 from dataset_factory import make_dataset
 from PIL import Image
 
+from diffumask.augment import AugmentConfig, augment_dataset
 from diffumask.cli import main
 from diffumask.dataset import Dataset, _save_npz, write_palette_png
+from diffumask.generate import GenerateConfig, generate_dataset
+from diffumask.noise import FilterConfig, filter_dataset
+from diffumask.refine import RefineConfig, refine_dataset
+from diffumask.segment.train import TrainConfig
+from diffumask.shapes.world import export_world
 from diffumask.validate import validate_dataset
 
 
@@ -134,8 +142,8 @@ BREAKS = {
         "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)"]),
     "duplicate": (_duplicate_line, ["item_0000: listed twice in manifest.jsonl (a refine was interrupted: re-run it to finish)"]),
     "leftovers": (_leftovers, [
-        "SegmentationClass/.item_0004.png.ab12cd.tmp: temporary file of an interrupted write (or of a command still "
-        "writing; generate and refine remove their own when they finish); delete it once none runs",
+        "SegmentationClass/.item_0004.png.ab12cd.tmp: temporary file of an interrupted write: re-run the command that "
+        "was stopped (it removes its own), or delete it",
         "manifest.1.jsonl: manifest shard not merged into manifest.jsonl: 2 finished item(s), 1 not listed there yet "
         "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
         "JPEGImages/item_0098.png: belongs to no manifest item (an unfinished item: re-run the command that "
@@ -188,6 +196,58 @@ def test_problems_add_up_and_the_api_returns_them(sound, tmp_path):
     (root / "manifest.r2.jsonl").write_text("")
     problems, items = validate_dataset(root)
     assert items == 6 and [p.where for p in problems] == ["item_0000", "item_0003", "manifest.r2.jsonl"]
+
+
+WRITING = (".: a diffumask command (generate, refine, filter, augment) is writing the dataset now: its finished "
+           "items were checked, not its lists and files in progress; validate again once it ends")
+
+
+def test_a_command_writing_the_dataset_is_told_apart_from_a_killed_ones_leftovers(sound, tmp_path, capsys):
+    """While a command writes, its files in flight (an unlisted item, a temporary file, a shard, a refine's appended
+    line) are no problems, yet its finished items are checked; once its process dies, they are a kill's leftovers."""
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+    _leftovers(root)
+    _duplicate_line(root)
+    _bad_label(root)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom diffumask.dataset import Dataset\n"
+                               "with Dataset(sys.argv[1]).writing():\n    print('writing', flush=True)\n    time.sleep(300)",
+                               str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "writing\n"
+        assert main(["validate", str(root)]) == 1
+        bad_label = "item_0003: mask values [7, 200] are neither classes of classes.json (0..6) nor 255"
+        assert capsys.readouterr().out.splitlines() == [WRITING, bad_label]
+        assert Dataset(root).unfinished().startswith("a diffumask command (generate, refine, filter, augment) is writing")
+    finally:
+        holder.kill()  # as a kill would: the kernel drops its lock
+        holder.wait()
+    assert main(["validate", str(root)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [bad_label, BREAKS["duplicate"][1][0], *BREAKS["leftovers"][1]]
+    assert Dataset(root).unfinished().startswith("a sharded run on it stopped before its end")
+
+
+def test_every_command_that_writes_a_dataset_says_so_while_it_runs(tmp_path, sd1_pipe, monkeypatch):
+    """Each manifest write of generate, refine, filter, augment and the shapes export happens while the dataset
+    reads as being written, and not after the command returns."""
+    seen: list[tuple[str, bool]] = []
+    for name in ("_append_record", "_rewrite_manifest"):
+        def watched(self, *args, _write=getattr(Dataset, name), **kwargs):
+            seen.append((self.root.name, self.being_written()))
+            return _write(self, *args, **kwargs)
+        monkeypatch.setattr(Dataset, name, watched)
+    generated = tmp_path / "generated"
+    generate_dataset(GenerateConfig(classes=["dog", "cat"], out=str(generated), images_per_class=2, model="tiny-sd1",
+                                    steps=2, batch_size=2, prompts="voc", threshold=0.8), pipe=sd1_pipe, progress=False)
+    refine_dataset(generated, RefineConfig(method="threshold", crf=False), progress=False)
+    export_world(tmp_path / "world", 4, 0, 0, size=32)
+    filter_dataset(FilterConfig(dataset=str(tmp_path / "world"), folds=2, prune=0.5, training=TrainConfig(
+        data=[], out="", steps=1, batch_size=2, crop=32, workers=0, device="cpu")), progress=False)
+    augment_dataset(tmp_path / "world", tmp_path / "augmented", AugmentConfig(grids=(1,), items=2), progress=False)
+    assert {name for name, _ in seen} == {"generated", "world", "augmented"} and all(writing for _, writing in seen)
+    assert [n for n, _ in seen].count("world") > 4  # the export's lines, then filter's rewrite
+    assert not any(Dataset(tmp_path / name).being_written() for name in ("generated", "world", "augmented"))
 
 
 def test_not_a_dataset_is_a_one_line_error(tmp_path, capsys):

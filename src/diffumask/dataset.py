@@ -10,6 +10,7 @@ Layout (Pascal VOC compatible, plus soft maps and a manifest)::
       SoftMaps/<id>.npz             per-class soft maps, float16
       SegmentationClass/<id>.png    palette PNG, class index per pixel, 255 = uncertain
       ImageSets/Segmentation/<split>.txt
+      .running                      every command writing the dataset holds a shared lock on it
 
 Every file is written under a temporary name, flushed to the disk (``fsync``) and renamed, and the
 folder is synced after the rename; an item counts as finished only once its manifest line is
@@ -54,6 +55,7 @@ from .errors import ConfigError, DiffumaskError, UnreadableFile, setting_differe
 IGNORE_INDEX = 255
 OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC's layout): 0 none, 255 void
 SKIPPED_FILE = ".skipped"  # ids a run chose not to write (flagged="skip"), one per line
+RUNNING_FILE = ".running"  # a command writing the dataset holds a shared lock on it (Dataset.writing)
 _APPENDING = threading.Lock()  # one process's manifest appends, one at a time (a Dataset must pickle: no lock in it)
 JPEG_QUALITY = 95  # of images written as JPEG (at 4:4:4: colours do not bleed across object edges)
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
@@ -62,7 +64,9 @@ IMAGE_FORMATS = ("jpg", "png")
 ITEM_FOLDERS = {"JPEGImages": tuple(f".{f}" for f in IMAGE_FORMATS), "SegmentationClass": (".png",),
                 "SoftMaps": (".npz",), OBJECT_FOLDER: (".png",)}
 REFINE_FOLDER = "refine"  # what refine keeps between runs: its trained AffinityNets
-METADATA_FOLDERS = (".", "ImageSets/Segmentation", REFINE_FOLDER)  # the dataset's own files, not items'
+NOISE_FOLDER = "noise"  # what filter keeps between runs: its folds' settings, training runs and scores
+#: The folders of the dataset's own files, not items' (globs).
+METADATA_FOLDERS = (".", "ImageSets/Segmentation", REFINE_FOLDER, NOISE_FOLDER, f"{NOISE_FOLDER}/fold-*")
 
 
 class DatasetMismatch(DiffumaskError, ValueError):
@@ -162,6 +166,16 @@ def atomic_write(path: Path, write: Any, exclusive: bool = False) -> bool:
         Path(tmp).unlink(missing_ok=True)
     _fsync_path(path.parent)
     return True
+
+
+def remove_old_temporaries(folder: Path, before: float) -> None:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` (``.<name>.<random>.tmp``) when its
+    writer was killed, of those last changed before ``before`` (a job's start): one changed since is another
+    command's write in flight."""
+    for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):  # another cleaner was first
+            if path.is_file() and path.stat().st_mtime < before:
+                path.unlink()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -397,6 +411,7 @@ class Dataset:
             raise DatasetMismatch(f"{root} exists and is not a diffumask dataset; choose an empty or new folder")
         write_text_atomic(root / "dataset.json", json.dumps(info, indent=1) + "\n")
         write_label_map(root, ["background", *classes])
+        (root / RUNNING_FILE).touch()  # made with the dataset, so a command that refuses its options writes nothing
         return cls(root, worker)
 
     @property
@@ -562,25 +577,31 @@ class Dataset:
                 write_text_atomic(self.root / SKIPPED_FILE, "".join(f"{i}\n" for i in sorted(skipped - again)))
 
     def remove_interrupted_writes(self, ids: set[str]) -> None:
-        """Delete what killed writers left (atomic_write's ``.<file>.<random>.tmp``): of these finished items'
-        files (image, mask, soft maps, a refine's staged mask), and of the dataset's own files (manifest, split
-        lists, an AffinityNet's weights) those older than this job: the resumed run wrote each whole under its
-        own name, and ``validate`` would report every leftover. Under the lock, once all of a job's items are
-        finished, when none of their files is being written; a temporary file another command began since this
-        job opened the dataset (``filter``'s split lists) is its own."""
-        item_folders = {self.root / name for name in ITEM_FOLDERS}
-        for folder in item_folders | {self.root / name for name in METADATA_FOLDERS}:
+        """Delete what killed writers left (atomic_write's ``.<file>.<random>.tmp``) of these finished items' files
+        (image, mask, soft maps, a refine's staged mask), and :meth:`remove_old_temporaries`: the resumed run wrote
+        each whole under its own name, and ``validate`` would report every leftover. Under the lock, once all of a
+        job's items are finished, when none of their files is being written."""
+        for folder in (self.root / name for name in ITEM_FOLDERS):
             for path in folder.glob(".*.tmp") if folder.is_dir() else ():
                 written = path.name[1:-len(".tmp")].rsplit(".", 1)[0]  # atomic_write's ".<name>.<random>.tmp"
                 staged = written.startswith(".") and written.endswith(PENDING_MASK)  # ".<id>.pending.png"
-                item = written[1:-len(PENDING_MASK)] if staged else Path(written).stem
-                with contextlib.suppress(FileNotFoundError):  # another cleaner was first
-                    left_over = item in ids if folder in item_folders else path.stat().st_mtime < self.opened
-                    if left_over:
-                        path.unlink()
+                if (written[1:-len(PENDING_MASK)] if staged else Path(written).stem) in ids:
+                    path.unlink(missing_ok=True)  # another cleaner may have been first
+        self.remove_old_temporaries()
+
+    def remove_old_temporaries(self) -> None:
+        """Delete what killed writers left of the dataset's own files (manifest, split lists, an AffinityNet's
+        weights, filter's fold scores): the temporary files older than this job (its :class:`Dataset` was
+        opened); one begun since is another command's in flight (``filter``'s split lists during a refine)."""
+        for pattern in METADATA_FOLDERS:
+            for folder in [self.root] if pattern == "." else self.root.glob(pattern):
+                remove_old_temporaries(folder, self.opened)
 
     def unfinished(self) -> str | None:
         """Why the dataset is not whole yet, as a reader that takes every item should warn (None: it is)."""
+        if self.being_written():
+            return ("a diffumask command (generate, refine, filter, augment) is writing it now, so it holds only the "
+                    "items finished so far: wait for that command to end")
         if self.shard_paths():
             return ("a sharded run on it stopped before its end (its manifest shards are not merged), so it holds only "
                     "the items finished so far: re-run that command, with any number of workers, to finish")
@@ -722,6 +743,29 @@ class Dataset:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Mark the dataset as being written while the block runs: a shared lock on ``.running``, which any
+        number of writers (a sharded job's workers) hold at once and the kernel drops when a writer dies, so
+        :meth:`being_written` tells a job in flight from a killed one's leftovers."""
+        with open(self.root / RUNNING_FILE, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            yield
+
+    def being_written(self) -> bool:
+        """Whether a command is writing the dataset now (holds :meth:`writing`); read-only."""
+        try:
+            handle = open(self.root / RUNNING_FILE, "rb")
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
 
     def finalize(self, order: Sequence[str] | None = None, complete: set[str] | None = None) -> None:
         """Rewrite the ImageSets split lists from the manifest (ids in ``order``, else in write order).

@@ -462,48 +462,49 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         writer.in_turn(lambda: dataset.note_skipped(item.id))
         done_one()
 
-    with (_removed_if_left_bare(dataset, fresh and not worker.sharded), bar,
-          BackgroundWriter(threads=writers) as writer):
-        for batch in (b for b in batches if any(item.id not in done for item in b)):
-            results = generate_images(
-                pipe, [drawn[i.id][0] for i in batch], [[words[c] for c in drawn[i.id][1]] for i in batch],
-                [i.seed for i in batch], steps=steps, guidance=guidance, size=config.size,
-                negative_prompt=config.negative_prompt, threshold=config.threshold,
-                uncertain=config.uncertain, resolutions=config.resolutions, layers=config.layers,
-                step_window=config.step_window, self_attention=config.self_attention,
-                self_attention_max=config.self_attention_max, self_attention_every=config.self_attention_every,
-                **config.recorder_options(),
-            )
-            for item, result in zip(batch, results):
-                if item.id in done:
-                    continue
-                names = drawn[item.id][1]
-                labels = np.arange(256, dtype=np.uint8)  # 1..n in prompt order → the dataset's indices
-                labels[1:len(names) + 1] = [dataset.class_index(c) for c in names]
-                record = {
-                    "classes": names,
-                    "prompt": result.prompt,
-                    "negative_prompt": config.negative_prompt,
-                    "seed": item.seed,
-                    "tokens": {c: tokens[item.id][words[c]] for c in names},
-                    **model_info,
-                    "scheduler": type(pipe.scheduler).__name__,
-                    "steps": steps,
-                    "guidance": guidance,
-                    "size": list(result.output.shape[:2]),
-                    "threshold": config.threshold,
-                    "uncertain": config.uncertain,
-                    "resolutions": list(result.maps.resolutions),
-                    "diffumask": __version__,
-                    **({"compose_bank_sha256": compose_fingerprint} if item.compose else {}),
-                }
-                if not result.flagged:
-                    writer.submit(write, item, result, record, labels)
-                elif config.flagged == "record":
-                    writer.submit(flag, item, record)
-                else:
-                    writer.submit(skip, item)
-    dataset.finalize(order=[item.id for item in items], complete={item.id for item in items})
+    with dataset.writing():  # validate and readers tell this job in flight from a killed one's leftovers
+        with (_removed_if_left_bare(dataset, fresh and not worker.sharded), bar,
+              BackgroundWriter(threads=writers) as writer):
+            for batch in (b for b in batches if any(item.id not in done for item in b)):
+                results = generate_images(
+                    pipe, [drawn[i.id][0] for i in batch], [[words[c] for c in drawn[i.id][1]] for i in batch],
+                    [i.seed for i in batch], steps=steps, guidance=guidance, size=config.size,
+                    negative_prompt=config.negative_prompt, threshold=config.threshold,
+                    uncertain=config.uncertain, resolutions=config.resolutions, layers=config.layers,
+                    step_window=config.step_window, self_attention=config.self_attention,
+                    self_attention_max=config.self_attention_max, self_attention_every=config.self_attention_every,
+                    **config.recorder_options(),
+                )
+                for item, result in zip(batch, results):
+                    if item.id in done:
+                        continue
+                    names = drawn[item.id][1]
+                    labels = np.arange(256, dtype=np.uint8)  # 1..n in prompt order → the dataset's indices
+                    labels[1:len(names) + 1] = [dataset.class_index(c) for c in names]
+                    record = {
+                        "classes": names,
+                        "prompt": result.prompt,
+                        "negative_prompt": config.negative_prompt,
+                        "seed": item.seed,
+                        "tokens": {c: tokens[item.id][words[c]] for c in names},
+                        **model_info,
+                        "scheduler": type(pipe.scheduler).__name__,
+                        "steps": steps,
+                        "guidance": guidance,
+                        "size": list(result.output.shape[:2]),
+                        "threshold": config.threshold,
+                        "uncertain": config.uncertain,
+                        "resolutions": list(result.maps.resolutions),
+                        "diffumask": __version__,
+                        **({"compose_bank_sha256": compose_fingerprint} if item.compose else {}),
+                    }
+                    if not result.flagged:
+                        writer.submit(write, item, result, record, labels)
+                    elif config.flagged == "record":
+                        writer.submit(flag, item, record)
+                    else:
+                        writer.submit(skip, item)
+        dataset.finalize(order=[item.id for item in items], complete={item.id for item in items})
     return dataset
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import CUT_SUFFIX, IGNORE_INDEX, Dataset, scored_masks, write_text_atomic
+from .dataset import CUT_SUFFIX, IGNORE_INDEX, NOISE_FOLDER, Dataset, scored_masks, write_text_atomic
 from .distributed import Worker, current_worker, require_torch_launcher
 from .errors import ConfigError, DiffumaskError, one_line
 from .formats import open_source
@@ -143,7 +143,7 @@ def item_score(prediction: np.ndarray, mask: np.ndarray, labels: Sequence[int]) 
 
 
 def _work(dataset: Dataset) -> Path:
-    return dataset.root / "noise"
+    return dataset.root / NOISE_FOLDER
 
 
 def _settings(config: FilterConfig, assignment: Mapping[str, int], masks: Mapping[str, str]) -> dict[str, Any]:
@@ -190,6 +190,8 @@ def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> tupl
                                  "options to resume, or delete that folder to start again")
     finished = _finished_folds(work, config, worker)  # after every worker has read the dataset: then rank 0 writes
     if worker.rank == 0:
+        with dataset.lock():  # a killed run's temporary files (its split lists', its scores'), before new ones
+            dataset.remove_old_temporaries()
         write_text_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
     trained = 0
     updates: dict[str, dict[str, Any]] = {}
@@ -294,49 +296,50 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
     if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
         raise DiffumaskError(f"{dataset.root} has no mask for {len(missing)} item(s) (e.g. {missing[0]}); filter "
                              "needs a dataset with masks (SegmentationClass)")
-    trained = 0
-    if recut:
-        if unscored := [r["id"] for r in records if "score" not in (r.get("noise") or {})]:
-            fix = (f"their masks may be new since filter ran (refine drops the scores): delete {_work(dataset)} and run "
-                   "filter without --recut" if _work(dataset).is_dir() else "run filter without --recut first")
-            raise DiffumaskError(f"{len(unscored)} item(s) have no recorded score (e.g. {unscored[0]}); {fix}")
-        masks = _mask_digests(dataset, records)
-        if stale := [r["id"] for r in records if r["noise"].get("mask", masks[r["id"]]) != masks[r["id"]]]:
-            raise DiffumaskError(f"{len(stale)} item(s) have a new mask since they were scored (e.g. {stale[0]}); "
-                                 f"delete {_work(dataset)} and run filter without --recut to score them again")
-    else:
-        trained, updates = _train_folds(dataset, config, progress)
-        records = [{**r, **updates.get(r["id"], {})} for r in records]  # as written: another worker may not have yet
-    pruned: dict[str, str] = {}
-    by_class: dict[str, list[Mapping[str, Any]]] = {}
-    by_area: Counter[str] = Counter()
-    for record in records:
-        name = primary_class(record)
-        by_class.setdefault(name, [])
-        if config.min_area > 0 or config.max_area < 1:
-            area = _area(dataset, record)
-            if not config.min_area <= area <= config.max_area:
-                pruned[record["id"]] = "area"
-                by_area[name] += 1
-                continue
-        by_class[name].append(record)
-    cuts: dict[str, ClassCut] = {}
-    for name, members in sorted(by_class.items()):
-        ranked = sorted(members, key=lambda r: (r["noise"]["score"], r["id"]))
-        cut = math.floor(config.prune * len(ranked))
-        for record in ranked[:cut]:
-            pruned[record["id"]] = "score"
-        low, high = [r["noise"]["score"] for r in ranked[:cut]], [r["noise"]["score"] for r in ranked[cut:]]
-        cuts[name] = ClassCut(len(high), len(low), by_area[name], high[0] if high else None,
-                              float(np.median(high)) if high else None, float(np.median(low)) if low else None)
-    kept = [r["id"] for r in records if r["id"] not in pruned]
-    split_path = dataset.root / "ImageSets" / "Segmentation" / f"{config.name}.txt"
-    text = "".join(f"{i}\n" for i in kept)
-    cut = {"list_sha256": hashlib.sha256(text.encode()).hexdigest(),
-           "scored_masks": scored_masks(r for r in records if r["id"] not in pruned)}  # what Dataset.split_ids checks
-    if current_worker().rank == 0:  # under a launcher every worker cuts the same; the first writes
-        write_text_atomic(split_path.with_name(f"{config.name}{CUT_SUFFIX}"), json.dumps(cut, indent=1) + "\n")
-        write_text_atomic(split_path, text)
+    with dataset.writing():  # validate and readers tell this job in flight from a killed one's leftovers
+        trained = 0
+        if recut:
+            if unscored := [r["id"] for r in records if "score" not in (r.get("noise") or {})]:
+                fix = (f"their masks may be new since filter ran (refine drops the scores): delete {_work(dataset)} and run "
+                       "filter without --recut" if _work(dataset).is_dir() else "run filter without --recut first")
+                raise DiffumaskError(f"{len(unscored)} item(s) have no recorded score (e.g. {unscored[0]}); {fix}")
+            masks = _mask_digests(dataset, records)
+            if stale := [r["id"] for r in records if r["noise"].get("mask", masks[r["id"]]) != masks[r["id"]]]:
+                raise DiffumaskError(f"{len(stale)} item(s) have a new mask since they were scored (e.g. {stale[0]}); "
+                                     f"delete {_work(dataset)} and run filter without --recut to score them again")
+        else:
+            trained, updates = _train_folds(dataset, config, progress)
+            records = [{**r, **updates.get(r["id"], {})} for r in records]  # as written: another worker may not have yet
+        pruned: dict[str, str] = {}
+        by_class: dict[str, list[Mapping[str, Any]]] = {}
+        by_area: Counter[str] = Counter()
+        for record in records:
+            name = primary_class(record)
+            by_class.setdefault(name, [])
+            if config.min_area > 0 or config.max_area < 1:
+                area = _area(dataset, record)
+                if not config.min_area <= area <= config.max_area:
+                    pruned[record["id"]] = "area"
+                    by_area[name] += 1
+                    continue
+            by_class[name].append(record)
+        cuts: dict[str, ClassCut] = {}
+        for name, members in sorted(by_class.items()):
+            ranked = sorted(members, key=lambda r: (r["noise"]["score"], r["id"]))
+            cut = math.floor(config.prune * len(ranked))
+            for record in ranked[:cut]:
+                pruned[record["id"]] = "score"
+            low, high = [r["noise"]["score"] for r in ranked[:cut]], [r["noise"]["score"] for r in ranked[cut:]]
+            cuts[name] = ClassCut(len(high), len(low), by_area[name], high[0] if high else None,
+                                  float(np.median(high)) if high else None, float(np.median(low)) if low else None)
+        kept = [r["id"] for r in records if r["id"] not in pruned]
+        split_path = dataset.root / "ImageSets" / "Segmentation" / f"{config.name}.txt"
+        text = "".join(f"{i}\n" for i in kept)
+        cut = {"list_sha256": hashlib.sha256(text.encode()).hexdigest(),
+               "scored_masks": scored_masks(r for r in records if r["id"] not in pruned)}  # what Dataset.split_ids checks
+        if current_worker().rank == 0:  # under a launcher every worker cuts the same; the first writes
+            write_text_atomic(split_path.with_name(f"{config.name}{CUT_SUFFIX}"), json.dumps(cut, indent=1) + "\n")
+            write_text_atomic(split_path, text)
     return FilterResult(kept, pruned, split_path, trained, cuts)
 
 

@@ -302,47 +302,48 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
         config = replace(config, threshold=made_with)
     if config.gammas is None:
         config = replace(config, gammas=sweep_around(made_with))
-    if not worker.sharded:  # other workers may be writing: a pending mask may be theirs, the manifest growing
-        with dataset.lock():
-            dataset.recover_masks()  # a mask a killed run committed but did not rename yet
-            dataset.compact()  # one line per item again before this run appends its own
-    items = [Item(dataset, r) for r in records]
-    if worker.sharded:  # the one order every worker sees, however the shards interleave (and so one AffinityNet)
-        items.sort(key=lambda item: item.id)
-    params = json.loads(json.dumps(config.params()))
-    if config.uses_affinity:
-        params["affinity_train_steps"] = config.affinity.train_steps_for(len(items))
-    mine = worker.take(items)  # the full, stable list: shares are disjoint however the workers start
-    if worker.sharded:  # this worker's share only: a mask its killed run committed but did not rename, before
-        dataset.recover_masks(item.id for item in mine)  # a worker stages a new one over it
-    pending = [item for item in mine if redo or not _refined_with(item.record, params)]
-    earlier = sum(1 for item in pending if item.record.get("refine")) if not redo else 0
-    if earlier:  # e.g. refined at full size before the CRF's 256 px default: refined again, not silently
-        warnings.warn(f"{earlier} item(s) of {dataset.root} were refined with other settings; refining them again "
-                      "with these (their earlier masks are replaced)", stacklevel=2)
-    net, train_seconds, net_weights, gammas = None, 0.0, None, None
-    start = time.perf_counter()
-    if pending:
-        with cpu_pool(workers, preload=WORKER_MODULES) as pool:
-            if config.uses_affinity:
-                by_id = sorted(items, key=lambda item: item.id)  # one AffinityNet for any number of ranks
-                net, train_seconds, net_weights = _affinity_net(dataset, by_id, config, progress, pool, workers, device)
-            if config.per_class:
-                if redo:
-                    (dataset.root / LOG_NAME).unlink(missing_ok=True)
-                gammas = _class_gammas(ProgressLog(dataset.root / LOG_NAME, params), items, config, net, progress,
-                                       pool, workers, device, net_weights)
-            steps = item_steps(config, net, gammas, device, net_weights, device_crf)
-            for item, (sha256, extra) in tqdm(ordered(pool, pending, steps.prepare, steps.device, steps.finish,
-                                                      _window(workers)),
-                                              total=len(pending), desc=f"refine {config.method}", unit="img",
-                                              disable=not progress, dynamic_ncols=True):
-                record = {k: v for k, v in item.record.items() if k != "noise"}  # scored on the old mask
-                dataset.commit_mask({**record, "refine": {**params, **extra}}, sha256)  # staged by a worker
-    with dataset.lock():  # one process, or the worker that finds every item refined, merges the shards ...
-        if not worker.sharded or all(_refined_with(record, params) for record in dataset.records()):
-            dataset.compact()  # ... into one line per item
-            dataset.remove_interrupted_writes({item.id for item in items})  # e.g. a killed run's staged masks
+    with dataset.writing():  # validate and readers tell this job in flight from a killed one's leftovers
+        if not worker.sharded:  # other workers may be writing: a pending mask may be theirs, the manifest growing
+            with dataset.lock():
+                dataset.recover_masks()  # a mask a killed run committed but did not rename yet
+                dataset.compact()  # one line per item again before this run appends its own
+        items = [Item(dataset, r) for r in records]
+        if worker.sharded:  # the one order every worker sees, however the shards interleave (and so one AffinityNet)
+            items.sort(key=lambda item: item.id)
+        params = json.loads(json.dumps(config.params()))
+        if config.uses_affinity:
+            params["affinity_train_steps"] = config.affinity.train_steps_for(len(items))
+        mine = worker.take(items)  # the full, stable list: shares are disjoint however the workers start
+        if worker.sharded:  # this worker's share only: a mask its killed run committed but did not rename, before
+            dataset.recover_masks(item.id for item in mine)  # a worker stages a new one over it
+        pending = [item for item in mine if redo or not _refined_with(item.record, params)]
+        earlier = sum(1 for item in pending if item.record.get("refine")) if not redo else 0
+        if earlier:  # e.g. refined at full size before the CRF's 256 px default: refined again, not silently
+            warnings.warn(f"{earlier} item(s) of {dataset.root} were refined with other settings; refining them again "
+                          "with these (their earlier masks are replaced)", stacklevel=2)
+        net, train_seconds, net_weights, gammas = None, 0.0, None, None
+        start = time.perf_counter()
+        if pending:
+            with cpu_pool(workers, preload=WORKER_MODULES) as pool:
+                if config.uses_affinity:
+                    by_id = sorted(items, key=lambda item: item.id)  # one AffinityNet for any number of ranks
+                    net, train_seconds, net_weights = _affinity_net(dataset, by_id, config, progress, pool, workers, device)
+                if config.per_class:
+                    if redo:
+                        (dataset.root / LOG_NAME).unlink(missing_ok=True)
+                    gammas = _class_gammas(ProgressLog(dataset.root / LOG_NAME, params), items, config, net, progress,
+                                           pool, workers, device, net_weights)
+                steps = item_steps(config, net, gammas, device, net_weights, device_crf)
+                for item, (sha256, extra) in tqdm(ordered(pool, pending, steps.prepare, steps.device, steps.finish,
+                                                          _window(workers)),
+                                                  total=len(pending), desc=f"refine {config.method}", unit="img",
+                                                  disable=not progress, dynamic_ncols=True):
+                    record = {k: v for k, v in item.record.items() if k != "noise"}  # scored on the old mask
+                    dataset.commit_mask({**record, "refine": {**params, **extra}}, sha256)  # staged by a worker
+        with dataset.lock():  # one process, or the worker that finds every item refined, merges the shards ...
+            if not worker.sharded or all(_refined_with(record, params) for record in dataset.records()):
+                dataset.compact()  # ... into one line per item
+                dataset.remove_interrupted_writes({item.id for item in items})  # e.g. a killed run's staged masks
     seconds = time.perf_counter() - start - train_seconds
     return RefineResult(dataset, len(items), len(pending), train_seconds, seconds,
                         len(mine) if worker.sharded else None)

@@ -3,7 +3,8 @@
 Every item of the manifest must have its image, its mask and (when the dataset holds soft maps) its
 soft maps; their sizes must agree; mask values must be classes of ``classes.json`` or 255; the
 ``ImageSets`` lists must hold exactly the manifest's items of each split; no temporary file of an
-interrupted write may be left, and no per-rank manifest shard (``manifest.<rank>.jsonl``) unmerged.
+interrupted write may be left, and no per-rank manifest shard (``manifest.<rank>.jsonl``) unmerged. While a
+command writes the dataset (:meth:`Dataset.being_written`) only its finished items are checked, and that is said.
 Sizes are read from file headers (the PNG/JPEG header, the ``.npy`` header inside the ``.npz``), so
 a check of 10,000 items decompresses only the masks.
 """
@@ -28,6 +29,7 @@ from .errors import DiffumaskError
 
 #: Names that ``dataset.atomic_write`` gives a file while it is being written: ``.<name>.<random>.tmp``.
 TEMPORARY = re.compile(r"^\..+\.tmp$")
+TORN = "torn last line (a killed write); the next run will drop it"
 
 
 class ValidateError(DiffumaskError, ValueError):
@@ -70,8 +72,7 @@ def _entries(path: Path) -> Iterator[Problem | dict]:
                 raise ValueError
         except ValueError:
             torn = number == len(lines) and not line.endswith("\n")
-            yield Problem(f"{path.name}:{number}", "torn last line (a killed write); the next run will drop it"
-                          if torn else "not a JSON object with an 'id'")
+            yield Problem(f"{path.name}:{number}", TORN if torn else "not a JSON object with an 'id'")
             continue
         yield record
 
@@ -145,7 +146,10 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
         dataset = Dataset(root)
     except (OSError, ValueError, KeyError) as error:
         raise ValidateError(f"{root}: dataset.json or classes.json is unreadable ({error})") from None
-    problems: list[Problem] = []
+    running = dataset.being_written()  # then what it has not finished yet is no problem, and not checked
+    problems = [Problem(".", "a diffumask command (generate, refine, filter, augment) is writing the dataset now: "
+                             "its finished items were checked, not its lists and files in progress; validate again "
+                             "once it ends")] if running else []
     n_classes = len(dataset.classes)
     soft_maps = (root / "SoftMaps").is_dir() and any((root / "SoftMaps").iterdir())
     records = []
@@ -167,8 +171,9 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
             problems.append(entry)
             continue
         if entry["id"] in seen:
-            problems.append(Problem(entry["id"], "listed twice in manifest.jsonl (a refine was interrupted: "
-                                                 "re-run it to finish)"))
+            if not running:  # a refine in flight appends each item's new line
+                problems.append(Problem(entry["id"], "listed twice in manifest.jsonl (a refine was interrupted: "
+                                                     "re-run it to finish)"))
             continue
         seen.add(entry["id"])
         if entry.get("flagged"):
@@ -180,6 +185,8 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
         if item_id not in seen and not entry.get("flagged"):
             checked += 1
             problems.extend(_check_item(dataset, entry, n_classes, soft_maps))
+    if running:  # a line being appended reads as a torn last line
+        return [p for p in problems if not p.what.startswith(TORN)], checked
     problems.extend(_check_splits(dataset, records))
     problems.extend(_check_files(dataset, seen, shard_ids))
     return problems, checked
@@ -222,13 +229,13 @@ def _check_splits(dataset: Dataset, records: list[dict]) -> Iterator[Problem]:
 
 def _check_files(dataset: Dataset, listed: set[str], shard_ids: Mapping[Path, set[str]]) -> Iterator[Problem]:
     """Leftovers of interrupted writes, unmerged or foreign manifest shards, and files of no item that
-    manifest.jsonl (``listed``) or an unmerged shard holds."""
+    manifest.jsonl (``listed``) or an unmerged shard holds: with no command writing the dataset."""
     root = dataset.root
     ids = listed.union(*shard_ids.values())
     for path in sorted(root.rglob("*")):
         if path.is_file() and TEMPORARY.match(path.name):
-            yield Problem(str(path.relative_to(root)), "temporary file of an interrupted write (or of a command still "
-                          "writing; generate and refine remove their own when they finish); delete it once none runs")
+            yield Problem(str(path.relative_to(root)), "temporary file of an interrupted write: re-run the command "
+                                                       "that was stopped (it removes its own), or delete it")
     shards = set(dataset.shard_paths())
     for path in sorted(root.glob("manifest.*.jsonl")):
         if path in shards:
