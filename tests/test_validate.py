@@ -219,6 +219,11 @@ def test_a_command_writing_the_dataset_is_told_apart_from_a_killed_ones_leftover
         bad_label = "item_0003: mask values [7, 200] are neither classes of classes.json (0..6) nor 255"
         assert capsys.readouterr().out.splitlines() == [WRITING, bad_label]
         assert Dataset(root).unfinished().startswith("a diffumask command (generate, refine, filter, augment) is writing")
+        (root / "manifest.jsonl").rename(root / "kept")  # before its first item: nothing finished, nothing to say
+        (root / "manifest.1.jsonl").rename(root / "kept.1")
+        assert [str(p) for p in validate_dataset(root)[0]] == [WRITING]
+        (root / "kept").rename(root / "manifest.jsonl")
+        (root / "kept.1").rename(root / "manifest.1.jsonl")
     finally:
         holder.kill()  # as a kill would: the kernel drops its lock
         holder.wait()

@@ -164,7 +164,7 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
                 shard_ids.setdefault(path, set()).add(entry["id"])
                 if entry.get("rev", 0) >= sharded.get(entry["id"], {}).get("rev", 0):
                     sharded[entry["id"]] = entry
-    if not dataset.manifest_path.is_file() and not shard_ids:  # else the shards' own problem says what happened
+    if not dataset.manifest_path.is_file() and not shard_ids and not running:  # else the shards' problem says what happened
         problems.append(Problem("manifest.jsonl", "missing: the dataset has no finished item"))
     for entry in _entries(dataset.manifest_path) if dataset.manifest_path.is_file() else ():
         if isinstance(entry, Problem):
