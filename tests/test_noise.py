@@ -128,6 +128,7 @@ def test_a_killed_filter_keeps_its_finished_folds(tmp_path):
     leftovers = [dataset.root / "noise" / "fold-1" / ".scores.json.a1.tmp", dataset.root / "noise" / ".settings.json.b2.tmp",
                  dataset.root / "ImageSets" / "Segmentation" / f".{noise.SPLIT_PREFIX}1.txt.c3.tmp",
                  dataset.root / "noise" / "fold-1" / "run" / ".checkpoint.pt.d4.tmp"]  # what the kill's writes left
+    # (filter's own files, and the fold's training run's checkpoint, which train removes as it reopens the run)
     for path in leftovers:
         path.write_text("partial")
         os.utime(path, (time.time() - 60,) * 2)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -198,8 +204,8 @@ def test_problems_add_up_and_the_api_returns_them(sound, tmp_path):
     assert items == 6 and [p.where for p in problems] == ["item_0000", "item_0003", "manifest.r2.jsonl"]
 
 
-WRITING = (".: a diffumask command (generate, refine, filter, augment) is writing the dataset now: its finished "
-           "items were checked, not its lists and files in progress; validate again once it ends")
+WRITING = (".: a diffumask command (generate, refine, filter, augment, shapes export) is writing the dataset now: its "
+           "finished items were checked, not its lists and files in progress; validate again once it ends")
 
 
 def test_a_command_writing_the_dataset_is_told_apart_from_a_killed_ones_leftovers(sound, tmp_path, capsys):
@@ -218,7 +224,8 @@ def test_a_command_writing_the_dataset_is_told_apart_from_a_killed_ones_leftover
         assert main(["validate", str(root)]) == 1
         bad_label = "item_0003: mask values [7, 200] are neither classes of classes.json (0..6) nor 255"
         assert capsys.readouterr().out.splitlines() == [WRITING, bad_label]
-        assert Dataset(root).unfinished().startswith("a diffumask command (generate, refine, filter, augment) is writing")
+        assert Dataset(root).unfinished().startswith("a diffumask command (generate, refine, filter, augment, shapes "
+                                                     "export) is writing")
         (root / "manifest.jsonl").rename(root / "kept")  # before its first item: nothing finished, nothing to say
         (root / "manifest.1.jsonl").rename(root / "kept.1")
         assert [str(p) for p in validate_dataset(root)[0]] == [WRITING]
@@ -231,6 +238,86 @@ def test_a_command_writing_the_dataset_is_told_apart_from_a_killed_ones_leftover
     lines = capsys.readouterr().out.splitlines()
     assert lines == [bad_label, BREAKS["duplicate"][1][0], *BREAKS["leftovers"][1]]
     assert Dataset(root).unfinished().startswith("a sharded run on it stopped before its end")
+
+
+def test_a_command_that_starts_during_the_scan_is_seen_before_its_files_are_called_leftovers(sound, tmp_path,
+                                                                                           monkeypatch):
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+    _leftovers(root)
+    _bad_label(root)
+    probes = iter([False, True])  # none when validate starts; one by the time it looks at the files
+    monkeypatch.setattr(Dataset, "being_written", lambda self: next(probes))
+    assert [str(p) for p in validate_dataset(root)[0]] == [
+        WRITING, "item_0003: mask values [7, 200] are neither classes of classes.json (0..6) nor 255"]
+
+
+def test_the_writing_lock_is_told_apart_from_a_reader_probing_and_outlives_no_writer(sound, tmp_path):
+    """Two readers probing at once meet (each takes the lock alone for a moment): that is no writer. A forked child
+    (a data loader's worker) still holding the file after the command's block ends holds no lock."""
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+    dataset = Dataset(root)
+    with open(root / ".running", "r+") as other_reader:
+        fcntl.flock(other_reader, fcntl.LOCK_EX)
+        threading.Timer(0.02, fcntl.flock, (other_reader, fcntl.LOCK_UN)).start()
+        assert not dataset.being_written()
+    with dataset.writing():
+        assert dataset.being_written()
+        child = os.fork()
+        if child == 0:  # holds the open file until it is killed
+            time.sleep(60)
+            os._exit(0)
+    try:
+        assert not dataset.being_written()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+def test_the_writing_lock_works_where_flock_is_a_posix_lock(sound, tmp_path, monkeypatch):
+    """NFSv4 turns flock into a POSIX lock, which needs a file open for reading to share it and open for writing to
+    hold it alone (EBADF otherwise); emulated here, as no NFS mount is at hand."""
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+    real = fcntl.flock
+
+    def posix_like(file, operation):
+        mode = fcntl.fcntl(file.fileno() if hasattr(file, "fileno") else file, fcntl.F_GETFL) & os.O_ACCMODE
+        if (operation & fcntl.LOCK_SH and mode == os.O_WRONLY) or (operation & fcntl.LOCK_EX and mode == os.O_RDONLY):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(file, operation)
+
+    monkeypatch.setattr(fcntl, "flock", posix_like)
+    dataset = Dataset(root)
+    assert not dataset.being_written()
+    with dataset.writing():
+        assert dataset.being_written()
+    assert validate_dataset(root) == ([], 6)
+
+
+@pytest.mark.parametrize("command", ["augment", "shapes export"])
+def test_a_rerun_removes_what_a_killed_ones_writes_left(tmp_path, command):
+    """As generate and refine do: once every item is written, the temporary files a kill left are gone (validate
+    says to re-run the command for them)."""
+    if command == "augment":
+        source = make_dataset(tmp_path / "source", n=4, size=32, soft_maps=False).root
+        def run() -> Path:
+            return augment_dataset(source, tmp_path / "out", AugmentConfig(grids=(1,), items=3), progress=False).root
+    else:
+        def run() -> Path:
+            return export_world(tmp_path / "out", 3, 1, 0, size=32)
+    root = run()
+    first = Dataset(root).records()[0]["id"]
+    (root / "manifest.jsonl").write_text("".join((root / "manifest.jsonl").read_text().splitlines(True)[:-1]))
+    leftovers = [root / "JPEGImages" / f".{first}.png.ab12.tmp", root / ".manifest.jsonl.cd34.tmp",
+                 root / "ImageSets" / "Segmentation" / ".train.txt.ef56.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+        os.utime(path, (time.time() - 60,) * 2)
+    assert validate_dataset(root)[0]
+    run()
+    assert not [path for path in leftovers if path.exists()] and validate_dataset(root)[0] == []
 
 
 def test_every_command_that_writes_a_dataset_says_so_while_it_runs(tmp_path, sd1_pipe, monkeypatch):

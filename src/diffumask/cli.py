@@ -717,7 +717,8 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         description="Check DATASET against its contract: each manifest item's image, mask and soft maps exist and "
                     "agree in size; mask values are classes of classes.json or 255; manifest and ImageSets agree; "
                     "no temporary file of an interrupted write and no unmerged manifest shard is left. Prints one "
-                    "line per problem and exits with 1 when there is any.")
+                    "line per problem and exits with 1 when there is any. While a command writes DATASET, only its "
+                    "finished items are checked, a first line says so, and the exit is 1: it is not finished.")
     p.add_argument("dataset", help="dataset folder")
     p.set_defaults(run=_run_validate)
 

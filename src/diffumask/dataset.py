@@ -600,8 +600,8 @@ class Dataset:
     def unfinished(self) -> str | None:
         """Why the dataset is not whole yet, as a reader that takes every item should warn (None: it is)."""
         if self.being_written():
-            return ("a diffumask command (generate, refine, filter, augment) is writing it now, so it holds only the "
-                    "items finished so far: wait for that command to end")
+            return ("a diffumask command (generate, refine, filter, augment, shapes export) is writing it now, so it "
+                    "holds only the items finished so far: wait for that command to end")
         if self.shard_paths():
             return ("a sharded run on it stopped before its end (its manifest shards are not merged), so it holds only "
                     "the items finished so far: re-run that command, with any number of workers, to finish")
@@ -748,24 +748,34 @@ class Dataset:
     def writing(self) -> Iterator[None]:
         """Mark the dataset as being written while the block runs: a shared lock on ``.running``, which any
         number of writers (a sharded job's workers) hold at once and the kernel drops when a writer dies, so
-        :meth:`being_written` tells a job in flight from a killed one's leftovers."""
-        with open(self.root / RUNNING_FILE, "a") as handle:
+        :meth:`being_written` tells a job in flight from a killed one's leftovers. Opened for reading and writing:
+        NFSv4 takes flock as a POSIX lock, which asks for the mode of the lock (EBADF otherwise)."""
+        with open(self.root / RUNNING_FILE, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH)
-            yield
+            try:
+                yield
+            finally:  # released now, though a forked child (a data loader's worker) still holds the file
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def being_written(self) -> bool:
-        """Whether a command is writing the dataset now (holds :meth:`writing`); read-only."""
+    def being_written(self, tries: int = 5) -> bool:
+        """Whether a command is writing the dataset now (holds :meth:`writing`). Probed with an exclusive lock
+        taken and dropped at once, so two readers probing at the same moment may meet: a writer holds its lock
+        for its whole job, a reader for microseconds, and a few tries tell the two apart. Not on a mount without
+        locks (NFS ``nolock``, ``local_lock``) across nodes, nor where the dataset is read-only to this user."""
         try:
-            handle = open(self.root / RUNNING_FILE, "rb")
-        except FileNotFoundError:
+            handle = open(self.root / RUNNING_FILE, "r+")  # read and write (NFSv4), never created: readers write nothing
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
             return False
         with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
+            for attempt in range(tries):
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    time.sleep(0.01 * (attempt + 1))
+                    continue
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                return False
+            return True
 
     def finalize(self, order: Sequence[str] | None = None, complete: set[str] | None = None) -> None:
         """Rewrite the ImageSets split lists from the manifest (ids in ``order``, else in write order).

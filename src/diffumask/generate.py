@@ -430,7 +430,6 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     batches = worker.take(list(_batches(items, config.batch_size)))
     mine = [item for batch in batches for item in batch]
     pending = [item for item in mine if item.id not in done]
-    dataset.retry_skipped(item.id for item in pending)  # a flagged image skipped before is tried again
     steps = config.steps or _pipeline_default(pipe, "num_inference_steps")
     guidance = _pipeline_default(pipe, "guidance_scale") if config.guidance is None else config.guidance
     model_info = model_description(model, pipe)
@@ -462,9 +461,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         writer.in_turn(lambda: dataset.note_skipped(item.id))
         done_one()
 
-    with dataset.writing():  # validate and readers tell this job in flight from a killed one's leftovers
-        with (_removed_if_left_bare(dataset, fresh and not worker.sharded), bar,
-              BackgroundWriter(threads=writers) as writer):
+    # The lock inside: on NFS a file held open keeps its folder from being removed.
+    with _removed_if_left_bare(dataset, fresh and not worker.sharded), dataset.writing():
+        dataset.retry_skipped(item.id for item in pending)  # a flagged image skipped before is tried again
+        with bar, BackgroundWriter(threads=writers) as writer:
             for batch in (b for b in batches if any(item.id not in done for item in b)):
                 results = generate_images(
                     pipe, [drawn[i.id][0] for i in batch], [[words[c] for c in drawn[i.id][1]] for i in batch],

@@ -188,10 +188,10 @@ def _train_folds(dataset: Dataset, config: FilterConfig, progress: bool) -> tupl
         if earlier != settings:
             raise DiffumaskError(f"{work} holds folds trained with other settings or items; re-run with the same "
                                  "options to resume, or delete that folder to start again")
+    if worker.rank == 0:  # a killed run's temporary files (its split lists', its scores'): before the broadcast in
+        dataset.remove_old_temporaries()  # _finished_folds, after which the other workers write their own
     finished = _finished_folds(work, config, worker)  # after every worker has read the dataset: then rank 0 writes
     if worker.rank == 0:
-        with dataset.lock():  # a killed run's temporary files (its split lists', its scores'), before new ones
-            dataset.remove_old_temporaries()
         write_text_atomic(settings_path, json.dumps(settings, indent=1) + "\n")
     trained = 0
     updates: dict[str, dict[str, Any]] = {}

@@ -30,6 +30,8 @@ from .errors import DiffumaskError
 #: Names that ``dataset.atomic_write`` gives a file while it is being written: ``.<name>.<random>.tmp``.
 TEMPORARY = re.compile(r"^\..+\.tmp$")
 TORN = "torn last line (a killed write); the next run will drop it"
+TWICE = "listed twice in manifest.jsonl (a refine was interrupted: re-run it to finish)"
+NO_ITEM = "missing: the dataset has no finished item"
 
 
 class ValidateError(DiffumaskError, ValueError):
@@ -43,6 +45,12 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.what}"
+
+
+#: The first problem while a command writes the dataset: it is not finished, and its files in flight are no leftovers.
+WRITING = Problem(".", "a diffumask command (generate, refine, filter, augment, shapes export) is writing the dataset "
+                       "now: its finished items were checked, not its lists and files in progress; validate again once "
+                       "it ends")
 
 
 def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -147,9 +155,7 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
     except (OSError, ValueError, KeyError) as error:
         raise ValidateError(f"{root}: dataset.json or classes.json is unreadable ({error})") from None
     running = dataset.being_written()  # then what it has not finished yet is no problem, and not checked
-    problems = [Problem(".", "a diffumask command (generate, refine, filter, augment) is writing the dataset now: "
-                             "its finished items were checked, not its lists and files in progress; validate again "
-                             "once it ends")] if running else []
+    problems: list[Problem] = []
     n_classes = len(dataset.classes)
     soft_maps = (root / "SoftMaps").is_dir() and any((root / "SoftMaps").iterdir())
     records = []
@@ -164,16 +170,14 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
                 shard_ids.setdefault(path, set()).add(entry["id"])
                 if entry.get("rev", 0) >= sharded.get(entry["id"], {}).get("rev", 0):
                     sharded[entry["id"]] = entry
-    if not dataset.manifest_path.is_file() and not shard_ids and not running:  # else the shards' problem says what happened
-        problems.append(Problem("manifest.jsonl", "missing: the dataset has no finished item"))
+    if not dataset.manifest_path.is_file() and not shard_ids:  # else the shards' own problem says what happened
+        problems.append(Problem("manifest.jsonl", NO_ITEM))
     for entry in _entries(dataset.manifest_path) if dataset.manifest_path.is_file() else ():
         if isinstance(entry, Problem):
             problems.append(entry)
             continue
         if entry["id"] in seen:
-            if not running:  # a refine in flight appends each item's new line
-                problems.append(Problem(entry["id"], "listed twice in manifest.jsonl (a refine was interrupted: "
-                                                     "re-run it to finish)"))
+            problems.append(Problem(entry["id"], TWICE))
             continue
         seen.add(entry["id"])
         if entry.get("flagged"):
@@ -185,11 +189,11 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
         if item_id not in seen and not entry.get("flagged"):
             checked += 1
             problems.extend(_check_item(dataset, entry, n_classes, soft_maps))
-    if running:  # a line being appended reads as a torn last line
-        return [p for p in problems if not p.what.startswith(TORN)], checked
-    problems.extend(_check_splits(dataset, records))
-    problems.extend(_check_files(dataset, seen, shard_ids))
-    return problems, checked
+    leftovers = [] if running else [*_check_splits(dataset, records), *_check_files(dataset, seen, shard_ids)]
+    if running or dataset.being_written():  # probed again last: a job begun during the scan has files in flight
+        # A line being appended reads as torn, a refine appends each item's new line, a new dataset has no item yet.
+        return [WRITING, *(p for p in problems if p.what not in (TORN, TWICE, NO_ITEM))], checked
+    return problems + leftovers, checked
 
 
 def _check_splits(dataset: Dataset, records: list[dict]) -> Iterator[Problem]:

@@ -219,6 +219,7 @@ def export_world(out_dir: str | Path, n_train: int, n_val: int, n_test: int, see
                 "splits": {"train": n_train, "val": n_val, "test": n_test}}
     ds = Dataset.create(out_dir, classes=list(CLASSES), settings=settings, image_format="png", worker=Worker())
     done = ds.finished_ids()
+    every = {f"{split}_{i:06d}" for split, n in zip(SPLITS, (n_train, n_val, n_test)) for i in range(n)}
     with ds.writing():  # validate and readers tell this job in flight from a killed one's leftovers
         for split, n in zip(SPLITS, (n_train, n_val, n_test)):
             for i, scene_seed in enumerate(split_seeds(split, n, seed)):
@@ -235,5 +236,5 @@ def export_world(out_dir: str | Path, n_train: int, n_val: int, n_test: int, see
                     objects[visible] = number
                 write_palette_png(Path(out_dir) / OBJECT_FOLDER / f"{item_id}.png", objects)
                 ds.write_item(item_id, scene.image, record, mask=scene.mask, split=split)  # its line comes last
-        ds.finalize()
+        ds.finalize(complete=every)  # with every scene written, a killed run's temporary files are removed
     return Path(out_dir)
