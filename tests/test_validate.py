@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -252,16 +251,17 @@ def test_a_command_that_starts_during_the_scan_is_seen_before_its_files_are_call
         WRITING, "item_0003: mask values [7, 200] are neither classes of classes.json (0..6) nor 255"]
 
 
-def test_the_writing_lock_is_told_apart_from_a_reader_probing_and_outlives_no_writer(sound, tmp_path):
+def test_the_writing_lock_is_told_apart_from_a_reader_probing_and_outlives_no_writer(sound, tmp_path, monkeypatch):
     """Two readers probing at once meet (each takes the lock alone for a moment): that is no writer. A forked child
     (a data loader's worker) still holding the file after the command's block ends holds no lock."""
     root = tmp_path / "data"
     shutil.copytree(sound, root)
     dataset = Dataset(root)
     with open(root / ".running", "r+") as other_reader:
-        fcntl.flock(other_reader, fcntl.LOCK_EX)
-        threading.Timer(0.02, fcntl.flock, (other_reader, fcntl.LOCK_UN)).start()
+        fcntl.flock(other_reader, fcntl.LOCK_EX)  # another reader's probe, met in its middle, ends before the retry
+        monkeypatch.setattr(time, "sleep", lambda seconds: fcntl.flock(other_reader, fcntl.LOCK_UN))
         assert not dataset.being_written()
+    monkeypatch.undo()
     with dataset.writing():
         assert dataset.being_written()
         child = os.fork()
@@ -293,6 +293,27 @@ def test_the_writing_lock_works_where_flock_is_a_posix_lock(sound, tmp_path, mon
     assert not dataset.being_written()
     with dataset.writing():
         assert dataset.being_written()
+    assert validate_dataset(root) == ([], 6)
+
+
+def test_a_read_only_dataset_is_validated_and_its_writer_still_seen(sound, tmp_path, monkeypatch):
+    """On a read-only mount the probe cannot open the lock file for writing (EROFS): it reads it, and a local file
+    system locks it all the same; no error either way."""
+    import builtins
+
+    import diffumask.dataset as dataset_module
+
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wa+x"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    with Dataset(root).writing():
+        monkeypatch.setattr(dataset_module, "open", read_only, raising=False)
+        assert [str(p) for p in validate_dataset(root)[0]] == [WRITING]
     assert validate_dataset(root) == ([], 6)
 
 

@@ -308,8 +308,8 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
             image, labels, made = augment_item(index, ids, read, config, size)
             present = [target.classes[v - 1] for v in np.unique(labels) if 0 < v <= len(target.classes)]
             target.write_item(f"aug_{index:06d}", image, {"classes": present, "seed": config.seed, **made}, mask=labels)
-        made = [f"aug_{i:06d}" for i in range(config.items)]
-        target.finalize(order=made, complete=set(made))  # with every item written, a killed run's temporaries go
+        every = [f"aug_{i:06d}" for i in range(config.items)]
+        target.finalize(order=every, complete=set(every))  # with every item written, a killed run's temporaries go
     return target
 
 

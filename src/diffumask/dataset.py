@@ -760,19 +760,29 @@ class Dataset:
     def being_written(self, tries: int = 5) -> bool:
         """Whether a command is writing the dataset now (holds :meth:`writing`). Probed with an exclusive lock
         taken and dropped at once, so two readers probing at the same moment may meet: a writer holds its lock
-        for its whole job, a reader for microseconds, and a few tries tell the two apart. Not on a mount without
-        locks (NFS ``nolock``, ``local_lock``) across nodes, nor where the dataset is read-only to this user."""
+        for its whole job, a reader for microseconds, and a few tries tell the two apart. False where it cannot
+        tell: a mount without locks across nodes (NFS ``local_lock=flock``), or on NFS a user who may not write
+        the dataset (NFSv4 holds a lock alone only for a file open for writing); never an error (a read-only mount)."""
+        path = self.root / RUNNING_FILE
         try:
-            handle = open(self.root / RUNNING_FILE, "r+")  # read and write (NFSv4), never created: readers write nothing
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            handle = open(path, "r+")  # read and write, for NFSv4; never created: readers write nothing
+        except FileNotFoundError:
             return False
+        except OSError:  # a read-only mount or another user's dataset: a local file system locks it all the same
+            try:
+                handle = open(path, "rb")
+            except OSError:
+                return False
         with handle:
             for attempt in range(tries):
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    time.sleep(0.01 * (attempt + 1))
+                    if attempt < tries - 1:
+                        time.sleep(0.01 * (attempt + 1))
                     continue
+                except OSError:  # no locks here (ENOLCK), or NFSv4 and a file open for reading only (EBADF)
+                    return False
                 fcntl.flock(handle, fcntl.LOCK_UN)
                 return False
             return True
