@@ -302,13 +302,13 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
     def read(item_id: str) -> Pair:
         return dataset.read_image(item_id), dataset.read_mask(item_id)
 
+    every = [f"aug_{i:06d}" for i in range(config.items)]
     with target.writing():  # validate and readers tell this job in flight from a killed one's leftovers
-        todo = [i for i in range(config.items) if f"aug_{i:06d}" not in done]
+        todo = [i for i, item_id in enumerate(every) if item_id not in done]
         for index in tqdm(todo, desc="augment", unit="img", disable=not progress, dynamic_ncols=True):
             image, labels, made = augment_item(index, ids, read, config, size)
             present = [target.classes[v - 1] for v in np.unique(labels) if 0 < v <= len(target.classes)]
-            target.write_item(f"aug_{index:06d}", image, {"classes": present, "seed": config.seed, **made}, mask=labels)
-        every = [f"aug_{i:06d}" for i in range(config.items)]
+            target.write_item(every[index], image, {"classes": present, "seed": config.seed, **made}, mask=labels)
         target.finalize(order=every, complete=set(every))  # with every item written, a killed run's temporaries go
     return target
 

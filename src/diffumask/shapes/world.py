@@ -219,22 +219,21 @@ def export_world(out_dir: str | Path, n_train: int, n_val: int, n_test: int, see
                 "splits": {"train": n_train, "val": n_val, "test": n_test}}
     ds = Dataset.create(out_dir, classes=list(CLASSES), settings=settings, image_format="png", worker=Worker())
     done = ds.finished_ids()
-    every = {f"{split}_{i:06d}" for split, n in zip(SPLITS, (n_train, n_val, n_test)) for i in range(n)}
+    scenes = [(f"{split}_{i:06d}", split, scene_seed) for split, n in zip(SPLITS, (n_train, n_val, n_test))
+              for i, scene_seed in enumerate(split_seeds(split, n, seed))]
     with ds.writing():  # validate and readers tell this job in flight from a killed one's leftovers
-        for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-            for i, scene_seed in enumerate(split_seeds(split, n, seed)):
-                item_id = f"{split}_{i:06d}"
-                if item_id in done:
-                    continue
-                scene = render_scene(scene_seed, size)
-                record = {"prompt": scene.caption, "seed": scene_seed,
-                          "classes": sorted({c for c, _ in scene.objects}, key=CLASSES.index),
-                          "objects": [{"class": c, "colour": col} for c, col in scene.objects],
-                          "texture": scene.texture, "size": [size, size], "source": "shapes-world"}
-                objects = np.zeros((size, size), np.uint8)  # VOC's SegmentationObject: instance number per pixel
-                for number, visible in enumerate(scene.instance_masks, start=1):
-                    objects[visible] = number
-                write_palette_png(Path(out_dir) / OBJECT_FOLDER / f"{item_id}.png", objects)
-                ds.write_item(item_id, scene.image, record, mask=scene.mask, split=split)  # its line comes last
-        ds.finalize(complete=every)  # with every scene written, a killed run's temporary files are removed
+        for item_id, split, scene_seed in scenes:
+            if item_id in done:
+                continue
+            scene = render_scene(scene_seed, size)
+            record = {"prompt": scene.caption, "seed": scene_seed,
+                      "classes": sorted({c for c, _ in scene.objects}, key=CLASSES.index),
+                      "objects": [{"class": c, "colour": col} for c, col in scene.objects],
+                      "texture": scene.texture, "size": [size, size], "source": "shapes-world"}
+            objects = np.zeros((size, size), np.uint8)  # VOC's SegmentationObject: instance number per pixel
+            for number, visible in enumerate(scene.instance_masks, start=1):
+                objects[visible] = number
+            write_palette_png(Path(out_dir) / OBJECT_FOLDER / f"{item_id}.png", objects)
+            ds.write_item(item_id, scene.image, record, mask=scene.mask, split=split)  # its line comes last
+        ds.finalize(complete={item_id for item_id, _, _ in scenes})  # then a killed run's temporary files go
     return Path(out_dir)
