@@ -290,8 +290,8 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
                         f"the paper does (default: {defaults.crf_shortlist})")
     p.add_argument("--reference-crf", action=argparse.BooleanOptionalAction, default=defaults.reference_crf,
                    help="adaptive with CRF: match candidates to the CRF-refined AffinityNet map instead of the raw one "
-                        "(the paper's): a second CRF per image, 1.4× the cost at 512 px, for +0.001 mIoU per image "
-                        "on the shapes benchmark (default: off)")
+                        "(the paper's): a second CRF per image, 1.4× the cost at 512 px, for +0.006 mIoU per image "
+                        "and +0.011 per class on the shapes benchmark (default: off)")
     p.add_argument("--affinity-epochs", type=float, default=affinity.epochs,
                    help="AffinityNet training length in passes over the dataset's images, in crops of "
                         f"{affinity.batch_size} (default: the paper's {affinity.epochs:g})")
@@ -310,18 +310,18 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
                         "without it of the map's maximum, as in the paper's code)")
     p.add_argument("--walk-steps", type=int, default=affinity.walk_steps,
                    help=f"random-walk steps on the affinity graph (default: {affinity.walk_steps}; the paper's code "
-                        "walks 256, i.e. T^256, which on the shapes benchmark gave the AffinityNet map 0.835 mIoU "
-                        "instead of 0.823, and 0.952 instead of 0.949 with --crf, for about twice the map's time)")
+                        "walks 256, i.e. T^256, which on the shapes benchmark gave the AffinityNet map 0.850 mIoU "
+                        "instead of 0.834, and 0.984 instead of 0.981 with --crf, for about twice the map's time)")
     p.add_argument("--no-stretch", action="store_true",
                    help="walk the soft maps as they are, as the paper's code does, instead of min-max stretching each "
-                        "first (default: stretch; on the shapes benchmark the map without it fell from 0.823 to "
-                        "0.773 mIoU, 0.949 to 0.927 with --crf)")
+                        "first (default: stretch; on the shapes benchmark the map without it fell from 0.834 to "
+                        "0.770 mIoU, 0.981 to 0.936 with --crf)")
     p.add_argument("--seed-grid", choices=list(SEED_GRID_RULES), default=affinity.seed_grid,
                    help="AffinityNet seeds per feature-grid cell: 'unanimous' keeps cells whose pixels all agree "
                         "(others unsure), 'vote' takes each cell's most frequent seed, like PSA's pooled argmax "
                         f"(default: {affinity.seed_grid}; the same where the grid stride is 1, images up to 64 px; "
-                        "at stride 2 on the shapes benchmark vote gave 0.788 mIoU instead of 0.782, 0.928 instead "
-                        "of 0.926 with --crf)")
+                        "at stride 2 on the shapes benchmark vote gave 0.800 mIoU instead of 0.797, 0.962 instead "
+                        "of 0.963 with --crf)")
     p.add_argument("--beta", type=float, default=affinity.beta,
                    help=f"affinity power before the walk (default: PSA's {affinity.beta:g})")
     p.add_argument("--no-seed-crf", action="store_true", help="AffinityNet seeds without the CRF")

@@ -32,8 +32,8 @@ class CRFParams:
 
     Defaults are the paper's adaptive-threshold CRF (§7) — Gaussian kernel sxy 3 / compat 3,
     bilateral kernel sxy 80 / compat 10, 10 mean-field iterations — except the bilateral colour
-    scale: 30 instead of the paper's 13, measured on the shapes benchmark (fixed γ 0.6 + CRF 0.942
-    mIoU at 30 against 0.890 at 13; see the README), the one place where masks can be scored.
+    scale: 30 instead of the paper's 13, measured on the shapes benchmark (fixed γ 0.6 + CRF 0.970
+    mIoU at 30 against 0.940 at 13; see the README), the one place where masks can be scored.
     Its label confidence 0.5 was spread over 21 labels, so a pixel's label was 20× likelier than
     any one other label; ``gt_prob`` 0.95 keeps that ratio for a class against background. These
     defaults are refine's (RefineConfig), the command's and the benchmark's alike.
