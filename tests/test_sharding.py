@@ -49,6 +49,25 @@ def test_worker_from_launcher_variables():
             current_worker(bad)
 
 
+def test_a_share_of_independent_jobs_splits_again_under_a_launcher():
+    """DIFFUMASK_SHARD=INDEX/COUNT (a job array's task) is one share of COUNT; a launcher inside it splits that
+    share, whatever its size, and never reaches into another share."""
+    assert current_worker({"DIFFUMASK_SHARD": "3/16"}) == Worker(3, 16, 0)
+    assert current_worker({"DIFFUMASK_SHARD": "0/1"}) == Worker(0, 1, 0)
+    launched = {"DIFFUMASK_SHARD": "2/3", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    assert current_worker(launched) == Worker(5, 6, 1)  # local rank: this node's GPU
+    units = list(range(47))
+    for size in (1, 2, 4):  # each share run by a launcher of any size takes what the plain share takes
+        for index in range(3):
+            inside = [current_worker({"DIFFUMASK_SHARD": f"{index}/3", "RANK": str(r), "WORLD_SIZE": str(size)})
+                      for r in range(size)]
+            taken = [u for worker in inside for u in worker.take(units)]
+            assert sorted(taken) == Worker(index, 3).take(units) and len(taken) == len(set(taken))
+    for bad in ("3/3", "-1/2", "1/0", "x/2", "3", "1/2/3", ""):
+        with pytest.raises(ConfigError, match="DIFFUMASK_SHARD .* is not INDEX/COUNT with 0 <= INDEX < COUNT"):
+            current_worker({"DIFFUMASK_SHARD": bad})
+
+
 def test_shares_are_disjoint_and_cover_everything():
     units = list(range(23))
     for size in (1, 2, 3, 7):
@@ -174,7 +193,7 @@ def test_a_sharded_generate_says_it_finished_its_share_or_the_dataset(tmp_path, 
     written = len(Dataset(out).records())
     assert 0 < written < 4  # this worker's batches only
     assert capsys.readouterr().out.splitlines() == [
-        f"{written} items in {out} so far (worker 2 of 2 finished its share; the others are still at work)"]
+        f"{written} items in {out} so far (worker 2 of 2 finished its share; the dataset is whole once the others have finished theirs)"]
     monkeypatch.setenv("RANK", "0")  # the other worker, finishing last, merges the shards: it says so
     assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "2",
                  "--steps", "1", "--batch-size", "1", "--out", str(out), "--quiet"]) == 0
@@ -204,7 +223,7 @@ def test_a_worker_without_a_share_does_not_call_the_dataset_complete(tmp_path, s
     assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "1",
                  "--steps", "1", "--batch-size", "1", "--out", str(out), "--quiet"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        f"0 items in {out} so far (worker 3 of 3 finished its share; the others are still at work)"]
+        f"0 items in {out} so far (worker 3 of 3 finished its share; the dataset is whole once the others have finished theirs)"]
 
 
 def test_a_dataset_extended_by_one_worker_reads_as_one_made_in_one_go(tmp_path, sd1_pipe):
@@ -214,6 +233,68 @@ def test_a_dataset_extended_by_one_worker_reads_as_one_made_in_one_go(tmp_path, 
     generate_dataset(config(tmp_path / "twice", images_per_class=2), pipe=sd1_pipe, progress=False)
     generate_dataset(config(tmp_path / "twice", images_per_class=3), pipe=sd1_pipe, progress=False)
     assert snapshot(tmp_path / "twice") == snapshot(tmp_path / "once")
+
+
+def test_job_array_tasks_write_what_one_process_writes(tmp_path, saved_pipelines, capsys):
+    """`generate --shard INDEX/3`, the three tasks one after the other in any order (an array run one task at a
+    time), one of them under a launcher of two workers: byte for byte one process's dataset; the last merges.
+    Then `refine --shard` the same way: what one refine writes."""
+    def generate(out: Path, *extra: str) -> list[str]:
+        assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "3",
+                     "--steps", "1", "--batch-size", "1", "--threshold", "0.8", "--out", str(out), "--quiet",
+                     *extra]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    generate(tmp_path / "one")
+    out = tmp_path / "array"
+    assert generate(out, "--shard", "2/3") == [
+        f"2 items in {out} so far (worker 3 of 3 finished its share; the dataset is whole once the others have "
+        "finished theirs)"]
+    assert [p.name for p in Dataset(out).shard_paths()] == ["manifest.2.jsonl"]
+    os.environ.update(RANK="1", WORLD_SIZE="2")  # task 0 runs torchrun with two workers: the second first
+    try:
+        assert generate(out, "--shard", "0/3") == [
+            f"3 items in {out} so far (worker 4 of 6 finished its share; the dataset is whole once the others have "
+            "finished theirs)"]
+        os.environ["RANK"] = "0"
+        generate(out, "--shard", "0/3")
+    finally:
+        del os.environ["RANK"], os.environ["WORLD_SIZE"]
+    assert "DIFFUMASK_SHARD" not in os.environ  # --shard is the command's, not the calling process's
+    assert generate(out, "--shard", "1/3") == [
+        f"6 items in {out} (worker 2 of 3 finished the last share: the dataset is complete)"]
+    assert snapshot(out) == snapshot(tmp_path / "one") and validate_dataset(out) == ([], 6)
+
+    def refine(root: Path, *extra: str) -> None:
+        assert main(["refine", str(root), "--method", "threshold", "--workers", "1", "--quiet", *extra]) == 0
+
+    refine(tmp_path / "one")
+    for index in (1, 0):
+        refine(out, "--shard", f"{index}/2")
+        assert bool(Dataset(out).shard_paths()) == (index == 1)
+    assert snapshot(out) == snapshot(tmp_path / "one")
+
+
+def test_a_bad_shard_and_commands_that_cannot_take_one_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    data = make_dataset(tmp_path / "data", n=2, size=32, soft_maps=False)
+    with pytest.raises(SystemExit):
+        main(["generate", "--classes", "dog", "--shard", "16/16", "--out", str(tmp_path / "out")])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "diffumask generate: error: argument --shard: '16/16' is not INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 3/16 "
+        "for the fourth of 16 shares (in a Slurm array: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT, --array=0-15)")
+    monkeypatch.setenv("DIFFUMASK_SHARD", "1/4")  # exported for a job array's generate, then other commands run
+    for command in (["train", str(data.root), "--out", str(tmp_path / "run"), "--steps", "1"],
+                    ["filter", str(data.root), "--recut"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (
+            f"diffumask: error: {command[0]} trains across its workers through torch.distributed, and DIFFUMASK_SHARD "
+            f"(--shard) splits only generate's and refine's work between independent jobs: unset it and run "
+            f"{command[0]} as one job (with torchrun inside it for several GPUs)\n")
+    assert main(["augment", str(data.root), "--out", str(tmp_path / "aug")]) == 2
+    assert capsys.readouterr().err == (
+        "diffumask: error: augment runs as one process; run it without torchrun/srun and with DIFFUMASK_SHARD unset "
+        "(generate, refine, train and filter are the commands that share their work between workers)\n")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "aug").exists()
 
 
 def test_commands_that_do_not_shard_refuse_a_launcher(tmp_path, monkeypatch, capsys):

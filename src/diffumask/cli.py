@@ -68,6 +68,24 @@ def _pair(kind: type, expected: str) -> Callable[[str], tuple]:
 _window = _pair(float, "START,STOP fractions such as 0.6,1.0")
 
 
+def _shard(text: str) -> str:
+    from .distributed import parse_shard
+
+    try:
+        index, count = parse_shard(text, "")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).strip()) from None
+    return f"{index}/{count}"
+
+
+SHARD_HELP = ("do share INDEX (from 0) of COUNT independent jobs that write this one dataset, e.g. the tasks of a job "
+              "array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with sbatch --array=0-15 (PBS: "
+              "$PBS_ARRAY_INDEX; LSF and SGE count from 1: $((LSB_JOBINDEX-1))). The shares never overlap, a share "
+              "may run under torchrun or srun, a job killed or failed resumes when run again, and the one that "
+              "finishes the last item merges the manifest; the result is the same as one process's (default: "
+              "$DIFFUMASK_SHARD, else the whole job)")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,6 +119,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="threads that fuse, threshold and write items while the next batch denoises; the bytes do "
                         "not depend on it (default: 1 on a CPU, whose cores the pipeline uses, else 2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
+    p.add_argument("--shard", type=_shard, metavar="INDEX/COUNT", help=SHARD_HELP)
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="model precision (default: on cuda bfloat16 for SD3 and FLUX, float16 for the rest; "
                         "float32 elsewhere)")
@@ -175,8 +194,8 @@ def _run_generate(args: argparse.Namespace) -> None:
         ids = {item.id for item in work_items(config.classes, config.images_per_class, config.seed, config.compose)}
         finished = (f" (worker {worker.rank + 1} of {worker.world_size} finished the last share: the dataset is "
                     "complete)" if dataset.is_complete(ids) else
-                    f" so far (worker {worker.rank + 1} of {worker.world_size} finished its share; the others are "
-                    "still at work)")
+                    f" so far (worker {worker.rank + 1} of {worker.world_size} finished its share; the dataset is "
+                    "whole once the others have finished theirs)")
     print(f"{len(dataset.records())} items in {dataset.root}{finished}")
 
 
@@ -343,6 +362,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=available_cores(),
                    help="processes for the per-item CPU work: reading, CRF, cleanup (default: the cores this "
                         f"process may use, {available_cores()} here); the masks do not depend on it")
+    p.add_argument("--shard", type=_shard, metavar="INDEX/COUNT", help=SHARD_HELP.replace("write", "refine"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_refine)
 
@@ -867,6 +887,11 @@ def _main(argv: Sequence[str] | None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     group_was_open = _process_group_open()
+    from .distributed import SHARD_VARIABLE
+
+    shard_before = os.environ.get(SHARD_VARIABLE)
+    if getattr(args, "shard", None):  # the process is that share: its datasets' manifest shard, messages, pool
+        os.environ[SHARD_VARIABLE] = args.shard
     try:
         status = args.run(args)  # None, or an exit status (validate: 1 when it found problems)
     except DiffumaskError as error:
@@ -889,6 +914,10 @@ def _main(argv: Sequence[str] | None) -> int:
         # by train itself: filter trains several times in one group
         if _process_group_open() and not group_was_open:
             _torch_distributed().destroy_process_group()
+        if shard_before is None:
+            os.environ.pop(SHARD_VARIABLE, None)
+        else:
+            os.environ[SHARD_VARIABLE] = shard_before
     return status or 0
 
 

@@ -3,7 +3,10 @@
 torchrun and ``accelerate launch`` set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; each task of an
 ``srun`` step gets ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` / ``SLURM_LOCALID`` (the step's own task count:
 a batch script outside ``srun`` also sees ``SLURM_NTASKS`` and ``SLURM_PROCID=0``, and must not take 1/N of
-the work). Slurm job arrays give every task rank 0 of 1; launch them through ``srun`` instead. generate and
+the work). A job array, or any set of independent jobs on one file system, names each job's share in
+``DIFFUMASK_SHARD=INDEX/COUNT`` (``--shard`` of generate and refine sets it), e.g.
+``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``: the scheduler's own variables are not read, as an array may
+as well run one whole job per task. A launcher inside each share splits it further. generate and
 refine use no collectives: every worker enumerates the same work, takes every ``world_size``-th unit from
 ``rank`` on, and writes only its own items (and its own manifest shard), so workers never wait for each other
 and a job resumes with any number of them. train and filter train across the workers through accelerate's
@@ -23,6 +26,8 @@ T = TypeVar("T")
 
 #: (rank, world size, local rank) variables, in the order they are looked for.
 LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"))
+#: ``INDEX/COUNT``: this job's share of the work when independent jobs (a job array) split it.
+SHARD_VARIABLE = "DIFFUMASK_SHARD"
 
 
 @dataclass(frozen=True)
@@ -55,9 +60,33 @@ class Worker:
         return f"cuda:{self.local_rank % max(1, torch.cuda.device_count())}"
 
 
+def parse_shard(text: str, name: str = "--shard") -> tuple[int, int]:
+    """``INDEX/COUNT`` → (index, count), with 0 ≤ index < count; a one-line error naming ``name`` otherwise."""
+    index, slash, count = text.strip().partition("/")
+    try:
+        parsed = int(index), int(count)
+    except ValueError:
+        parsed = None
+    if not slash or parsed is None or not 0 <= parsed[0] < parsed[1]:
+        raise ConfigError(f"{name} {text!r} is not INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 3/16 for the fourth of "
+                          "16 shares (in a Slurm array: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT, --array=0-15)")
+    return parsed
+
+
 def current_worker(environ: Mapping[str, str] | None = None) -> Worker:
-    """The worker this process is, from torchrun / accelerate / Slurm variables; a lone process is 0 of 1."""
+    """The worker this process is, from torchrun / accelerate / Slurm variables and :data:`SHARD_VARIABLE`; a lone
+    process is 0 of 1. Worker r of a launcher's N inside share INDEX of COUNT is worker r·COUNT + INDEX of
+    COUNT·N: it takes the units u with u mod COUNT = INDEX (the share's) and (u div COUNT) mod N = r, so a share
+    is the same whatever launcher runs it, and each share may run a different one."""
     environ = os.environ if environ is None else environ
+    inner = _launcher_worker(environ)
+    if SHARD_VARIABLE not in environ:
+        return inner
+    index, count = parse_shard(environ[SHARD_VARIABLE], SHARD_VARIABLE)
+    return Worker(inner.rank * count + index, count * inner.world_size, inner.local_rank)
+
+
+def _launcher_worker(environ: Mapping[str, str]) -> Worker:
     for rank_name, size_name, local_name in LAUNCHER_VARIABLES:
         if rank_name in environ and size_name in environ:
             try:
@@ -77,14 +106,27 @@ def require_one_process(command: str) -> None:
     """Refuse a launcher for a command that does not shard its work: every worker would do all of it, write the
     same files and, appending to one manifest, list each item once per worker."""
     if current_worker().sharded:
-        raise ConfigError(f"{command} runs as one process; run it without torchrun/srun (generate, refine, train "
-                          "and filter are the commands that share their work between workers)")
+        raise ConfigError(f"{command} runs as one process; run it without torchrun/srun{_unset_shard()} (generate, "
+                          "refine, train and filter are the commands that share their work between workers)")
+
+
+def _unset_shard() -> str:
+    return f" and with {SHARD_VARIABLE} unset" if SHARD_VARIABLE in os.environ else ""
+
+
+def require_no_shard(command: str) -> None:
+    """Refuse :data:`SHARD_VARIABLE` for a command whose workers must meet (train and filter train together)."""
+    if SHARD_VARIABLE in os.environ:
+        raise ConfigError(f"{command} trains across its workers through torch.distributed, and {SHARD_VARIABLE} "
+                          f"(--shard) splits only generate's and refine's work between independent jobs: unset it and "
+                          f"run {command} as one job (with torchrun inside it for several GPUs)")
 
 
 def require_torch_launcher(command: str) -> None:
     """Refuse a sharded job whose workers cannot form a torch.distributed group: ``command`` trains across them
     (accelerate joins torchrun's or ``accelerate launch``'s variables, not Slurm's), and each would otherwise
     train alone and write the same run folder."""
+    require_no_shard(command)
     worker = current_worker()
     if worker.sharded and not all(name in os.environ for name in LAUNCHER_VARIABLES[0]):
         raise ConfigError(f"{command} trains across its {worker.world_size} workers through torch.distributed, which "
@@ -92,5 +134,6 @@ def require_torch_launcher(command: str) -> None:
                           "Slurm: srun torchrun …, one task per node)")
 
 
-__all__ = ["Worker", "current_worker", "require_one_process", "require_torch_launcher"]
+__all__ = ["SHARD_VARIABLE", "Worker", "current_worker", "parse_shard", "require_no_shard", "require_one_process",
+           "require_torch_launcher"]
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .dataset import CUT_SUFFIX, IGNORE_INDEX, NOISE_FOLDER, Dataset, scored_masks, write_text_atomic
-from .distributed import Worker, current_worker, require_torch_launcher
+from .distributed import Worker, current_worker, require_no_shard, require_torch_launcher
 from .errors import ConfigError, DiffumaskError, one_line
 from .formats import open_source
 from .segment.data import label_lut
@@ -281,6 +281,7 @@ def _area(dataset: Dataset, record: Mapping[str, Any]) -> float:
 
 def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = False) -> FilterResult:
     """Run ``filter`` (see the module docstring); ``recut`` re-ranks the recorded scores without training."""
+    require_no_shard("filter")  # a re-cut too: only the first worker writes the list
     dataset = Dataset(config.dataset)
     records = _records(dataset, config)
     own = {r.get("split", "train") for r in dataset.records()}

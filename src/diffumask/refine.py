@@ -282,10 +282,10 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     device = check_device(resolve_device(device))
     if worker.sharded and config.per_class:
         raise ConfigError("--per-class pools every image's curve before any mask is written; run it as one "
-                          "process (without torchrun/srun)")
+                          "process (without torchrun/srun or --shard)")
     if worker.sharded and redo:  # no worker could tell when every item is redone, so none would merge the shards
         raise ConfigError("redo=True refines every item again, which the manifest cannot tell apart from done work "
-                          "across workers; run it as one process (without torchrun/srun)")
+                          "across workers; run it as one process (without torchrun/srun or --shard)")
     dataset = Dataset(root)
     records = dataset.records()
     if not records:
