@@ -281,7 +281,7 @@ def test_a_bad_shard_and_commands_that_cannot_take_one_are_one_line_errors(tmp_p
         main(["generate", "--classes", "dog", "--shard", "16/16", "--out", str(tmp_path / "out")])
     assert capsys.readouterr().err.splitlines()[-1] == (
         "diffumask generate: error: argument --shard: '16/16' is not INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 3/16 "
-        "for the fourth of 16 shares (in a Slurm array: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT, --array=0-15)")
+        "for the fourth of 16 shares (in a Slurm array --array=0-15: $SLURM_ARRAY_TASK_ID/16)")
     monkeypatch.setenv("DIFFUMASK_SHARD", "1/4")  # exported for a job array's generate, then other commands run
     for command in (["train", str(data.root), "--out", str(tmp_path / "run"), "--steps", "1"],
                     ["filter", str(data.root), "--recut"]):
@@ -295,6 +295,50 @@ def test_a_bad_shard_and_commands_that_cannot_take_one_are_one_line_errors(tmp_p
         "diffumask: error: augment runs as one process; run it without torchrun/srun and with DIFFUMASK_SHARD unset "
         "(generate, refine, train and filter are the commands that share their work between workers)\n")
     assert not (tmp_path / "run").exists() and not (tmp_path / "aug").exists()
+
+
+def test_every_share_of_a_job_array_says_what_happened_in_its_own_log(tmp_path, saved_pipelines, monkeypatch, capsys):
+    """Each task of an array is a job with a log of its own: share 2 of 2 is told of its interrupt and shown the
+    usage with an options error, as a lone process is (a launcher's workers, sharing one log, leave it to the
+    first). A --shard given over an exported DIFFUMASK_SHARD holds for the command only."""
+    import diffumask.generate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffumask.generate, "generate_images", interrupted)
+    monkeypatch.setenv("DIFFUMASK_SHARD", "0/4")
+    assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "2",
+                 "--steps", "1", "--batch-size", "1", "--out", str(tmp_path / "d"), "--quiet", "--shard", "1/2"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1].startswith("diffumask: interrupted; ")
+    assert os.environ["DIFFUMASK_SHARD"] == "0/4"
+    monkeypatch.setenv("DIFFUMASK_SHARD", "1/2")
+    with pytest.raises(SystemExit):
+        main(["generate", "--classes", "dog,,cat", "--out", str(tmp_path / "e")])
+    assert capsys.readouterr().err.startswith("usage: diffumask generate")
+
+
+def test_a_run_without_a_share_refuses_a_dataset_another_command_is_writing(tmp_path, saved_pipelines, monkeypatch,
+                                                                             capsys):
+    """A second run of a job, or a plain run beside a sharded job's workers (an array still running), would redo
+    their items and compact the manifest under them: generate and refine say so and write nothing. A share of
+    the job goes on."""
+    out = tmp_path / "d"
+    args = ["--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "2", "--steps", "1",
+            "--batch-size", "1", "--threshold", "0.8", "--out", str(out), "--quiet"]
+    assert main(["generate", *args, "--shard", "0/2"]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    with Dataset(out).writing():  # the other share, at work
+        for command in (["generate", *args], ["refine", str(out), "--method", "threshold", "--workers", "1"]):
+            assert main(command) == 2
+            assert capsys.readouterr().err == (
+                f"diffumask: error: another diffumask command is writing {out} now: wait for it to end before this "
+                f"{command[0]} (to split one job between several commands, give each --shard INDEX/COUNT)\n")
+        assert snapshot(out) == before
+        assert main(["generate", *args, "--shard", "1/2"]) == 0
+    assert "the dataset is complete" in capsys.readouterr().out
+    assert main(["refine", str(out), "--method", "threshold", "--workers", "1", "--quiet"]) == 0
 
 
 def test_commands_that_do_not_shard_refuse_a_launcher(tmp_path, monkeypatch, capsys):

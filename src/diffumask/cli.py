@@ -78,12 +78,13 @@ def _shard(text: str) -> str:
     return f"{index}/{count}"
 
 
-SHARD_HELP = ("do share INDEX (from 0) of COUNT independent jobs that write this one dataset, e.g. the tasks of a job "
-              "array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with sbatch --array=0-15 (PBS: "
-              "$PBS_ARRAY_INDEX; LSF and SGE count from 1: $((LSB_JOBINDEX-1))). The shares never overlap, a share "
-              "may run under torchrun or srun, a job killed or failed resumes when run again, and the one that "
-              "finishes the last item merges the manifest; the result is the same as one process's (default: "
-              "$DIFFUMASK_SHARD, else the whole job)")
+SHARD_HELP = ("do share INDEX (from 0) of COUNT independent jobs that write this one dataset, each the same command "
+              "but for INDEX, e.g. the tasks of a job array: --shard $SLURM_ARRAY_TASK_ID/16 with sbatch "
+              "--array=0-15 (COUNT written out: a resubmitted task's $SLURM_ARRAY_TASK_COUNT is not the array's; PBS "
+              "Pro: $PBS_ARRAY_INDEX; LSF and SGE count from 1: $((LSB_JOBINDEX-1)), $((SGE_TASK_ID-1))). The shares "
+              "never overlap, a share may run under torchrun or srun, a share killed or failed resumes when run "
+              "again, and the job that finishes the last item merges the manifest; the result is the same as one "
+              "process's (default: $DIFFUMASK_SHARD, else the whole job)")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -922,11 +923,12 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _first_worker() -> bool:
-    """Whether this process is the first (or only) worker of its launcher."""
-    from .distributed import current_worker
+    """Whether this process is the first (or only) worker of its launcher, which shares its output with the others;
+    each share of a job array (--shard) is a job of its own, with a log of its own."""
+    from .distributed import launcher_worker
 
     try:
-        return current_worker().rank == 0
+        return launcher_worker().rank == 0
     except ConfigError:  # unreadable launcher variables: a lone process
         return True
 

@@ -757,6 +757,15 @@ class Dataset:
             finally:  # released now, though a forked child (a data loader's worker) still holds the file
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def check_no_writer(self, command: str) -> None:
+        """Refuse a one-process ``command`` on a dataset another command is writing: a second run of the same job,
+        or a run without --shard beside a sharded job's workers, would redo their items and compact the manifest
+        under them (a sharded worker's lock is shared with its job's other workers, so it cannot ask)."""
+        if self.being_written():
+            raise DiffumaskError(f"another diffumask command is writing {self.root} now: wait for it to end before "
+                                 f"this {command} (to split one job between several commands, give each --shard "
+                                 "INDEX/COUNT)")
+
     def being_written(self, tries: int = 5) -> bool:
         """Whether a command is writing the dataset now (holds :meth:`writing`). Probed with an exclusive lock
         taken and dropped at once, so two readers probing at the same moment may meet: a writer holds its lock

@@ -4,9 +4,8 @@ torchrun and ``accelerate launch`` set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`
 ``srun`` step gets ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` / ``SLURM_LOCALID`` (the step's own task count:
 a batch script outside ``srun`` also sees ``SLURM_NTASKS`` and ``SLURM_PROCID=0``, and must not take 1/N of
 the work). A job array, or any set of independent jobs on one file system, names each job's share in
-``DIFFUMASK_SHARD=INDEX/COUNT`` (``--shard`` of generate and refine sets it), e.g.
-``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``: the scheduler's own variables are not read, as an array may
-as well run one whole job per task. A launcher inside each share splits it further. generate and
+``DIFFUMASK_SHARD=INDEX/COUNT`` (``--shard`` of generate and refine sets it), e.g. ``$SLURM_ARRAY_TASK_ID/16``:
+the scheduler's own variables are not read, as an array may as well run one whole job per task. A launcher inside each share splits it further. generate and
 refine use no collectives: every worker enumerates the same work, takes every ``world_size``-th unit from
 ``rank`` on, and writes only its own items (and its own manifest shard), so workers never wait for each other
 and a job resumes with any number of them. train and filter train across the workers through accelerate's
@@ -69,7 +68,7 @@ def parse_shard(text: str, name: str = "--shard") -> tuple[int, int]:
         parsed = None
     if not slash or parsed is None or not 0 <= parsed[0] < parsed[1]:
         raise ConfigError(f"{name} {text!r} is not INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 3/16 for the fourth of "
-                          "16 shares (in a Slurm array: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT, --array=0-15)")
+                          "16 shares (in a Slurm array --array=0-15: $SLURM_ARRAY_TASK_ID/16)")
     return parsed
 
 
@@ -79,14 +78,16 @@ def current_worker(environ: Mapping[str, str] | None = None) -> Worker:
     COUNT·N: it takes the units u with u mod COUNT = INDEX (the share's) and (u div COUNT) mod N = r, so a share
     is the same whatever launcher runs it, and each share may run a different one."""
     environ = os.environ if environ is None else environ
-    inner = _launcher_worker(environ)
+    inner = launcher_worker(environ)
     if SHARD_VARIABLE not in environ:
         return inner
     index, count = parse_shard(environ[SHARD_VARIABLE], SHARD_VARIABLE)
     return Worker(inner.rank * count + index, count * inner.world_size, inner.local_rank)
 
 
-def _launcher_worker(environ: Mapping[str, str]) -> Worker:
+def launcher_worker(environ: Mapping[str, str] | None = None) -> Worker:
+    """The worker this process is within its launcher (torchrun, accelerate, srun), leaving out any shard."""
+    environ = os.environ if environ is None else environ
     for rank_name, size_name, local_name in LAUNCHER_VARIABLES:
         if rank_name in environ and size_name in environ:
             try:
@@ -134,6 +135,6 @@ def require_torch_launcher(command: str) -> None:
                           "Slurm: srun torchrun …, one task per node)")
 
 
-__all__ = ["SHARD_VARIABLE", "Worker", "current_worker", "parse_shard", "require_no_shard", "require_one_process",
-           "require_torch_launcher"]
+__all__ = ["SHARD_VARIABLE", "Worker", "current_worker", "launcher_worker", "parse_shard", "require_no_shard",
+           "require_one_process", "require_torch_launcher"]
 

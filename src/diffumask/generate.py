@@ -417,6 +417,8 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     fresh = not Path(config.out).exists()
     dataset = Dataset.create(config.out, config.classes, dataset_info(config)["settings"],
                              image_format=config.image_format)
+    if not worker.sharded:
+        dataset.check_no_writer("generate")
     if config.compose:
         _check_compose_templates_unchanged(dataset, compose_fingerprint)
     done = dataset.finished_ids()

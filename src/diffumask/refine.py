@@ -287,6 +287,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
         raise ConfigError("redo=True refines every item again, which the manifest cannot tell apart from done work "
                           "across workers; run it as one process (without torchrun/srun or --shard)")
     dataset = Dataset(root)
+    if not worker.sharded:
+        dataset.check_no_writer("refine")
     records = dataset.records()
     if not records:
         raise DiffumaskError(f"{dataset.root} holds no finished items to refine")
