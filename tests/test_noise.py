@@ -133,16 +133,16 @@ def test_a_killed_filter_keeps_its_finished_folds(tmp_path, monkeypatch):
     for path in leftovers:
         path.write_text("partial")
         os.utime(path, (time.time() - 60,) * 2)
-    left_at_broadcast: list[Path] = []
+    left_at_broadcast: list[list[Path]] = []
     broadcast = noise._finished_folds
 
     def watched(*args, **kwargs):  # once it returns, a sharded run's other workers write temporaries of their own,
-        left_at_broadcast.extend(p for p in leftovers[:3] if p.exists())  # which a clock skewed between nodes
+        left_at_broadcast.append([p for p in leftovers[:3] if p.exists()])  # which a clock skewed between nodes
         return broadcast(*args, **kwargs)  # (NFS's mtime is the server's) could make look older than this job
 
     monkeypatch.setattr(noise, "_finished_folds", watched)
     again = filter_dataset(config(dataset.root), progress=False)
-    assert left_at_broadcast == [], "the first worker tidies before the others may write"
+    assert left_at_broadcast == [[]], "the first worker tidies before the others may write"
     assert again.trained_folds == 1 and again.kept == first.kept
     assert json.loads((dataset.root / "noise" / "fold-1" / "scores.json").read_text()) == scores
     assert not [path for path in leftovers if path.exists()] and validate_dataset(dataset.root) == ([], 9)

@@ -326,6 +326,12 @@ def test_a_run_without_a_share_refuses_a_dataset_another_command_is_writing(tmp_
     out = tmp_path / "d"
     args = ["--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "2", "--steps", "1",
             "--batch-size", "1", "--threshold", "0.8", "--out", str(out), "--quiet"]
+    starting = Dataset.create(tmp_path / "new", ["dog", "cat"], {}, worker=Worker(0, 2))
+    before = snapshot(starting.root)
+    with starting.writing():  # a job's first share, no item finished yet: its settings are not rewritten
+        assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "bird", "--steps", "1", "--out",
+                     str(starting.root), "--quiet"]) == 2
+    assert "is writing" in capsys.readouterr().err and snapshot(starting.root) == before
     assert main(["generate", *args, "--shard", "0/2"]) == 0
     before = snapshot(out)
     capsys.readouterr()
@@ -333,8 +339,9 @@ def test_a_run_without_a_share_refuses_a_dataset_another_command_is_writing(tmp_
         for command in (["generate", *args], ["refine", str(out), "--method", "threshold", "--workers", "1"]):
             assert main(command) == 2
             assert capsys.readouterr().err == (
-                f"diffumask: error: another diffumask command is writing {out} now: wait for it to end before this "
-                f"{command[0]} (to split one job between several commands, give each --shard INDEX/COUNT)\n")
+                f"diffumask: error: another diffumask command (generate, refine, filter, augment, shapes export) is "
+                f"writing {out} now: wait for it to end before this {command[0]} (to split one job between several "
+                "commands, give each --shard INDEX/COUNT)\n")
         assert snapshot(out) == before
         assert main(["generate", *args, "--shard", "1/2"]) == 0
     assert "the dataset is complete" in capsys.readouterr().out

@@ -178,6 +178,48 @@ def remove_old_temporaries(folder: Path, before: float) -> None:
                 path.unlink()
 
 
+def being_written(root: Path, tries: int = 5) -> bool:
+    """Whether a command is writing the dataset at ``root`` now (holds :meth:`Dataset.writing`). Probed with an
+    exclusive lock taken and dropped at once, so two readers probing at the same moment may meet: a writer holds its
+    lock for its whole job, a reader for microseconds, and a few tries tell the two apart. False where it cannot
+    tell: a mount without locks across nodes (NFS ``local_lock=flock``), or on NFS a user who may not write
+    the dataset (NFSv4 holds a lock alone only for a file open for writing); never an error (a read-only mount)."""
+    path = Path(root) / RUNNING_FILE
+    try:
+        handle = open(path, "r+")  # read and write, for NFSv4; never created: readers write nothing
+    except FileNotFoundError:
+        return False
+    except OSError:  # a read-only mount or another user's dataset: a local file system locks it all the same
+        try:
+            handle = open(path, "rb")
+        except OSError:
+            return False
+    with handle:
+        for attempt in range(tries):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if attempt < tries - 1:
+                    time.sleep(0.01 * (attempt + 1))
+                continue
+            except OSError:  # no locks here (ENOLCK), or NFSv4 and a file open for reading only (EBADF)
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+        return True
+
+
+def check_no_writer(root: Path, command: str) -> None:
+    """Refuse a one-process ``command`` on a dataset another command is writing: a second run of the same job, or a
+    run without --shard beside a sharded job's workers, would redo their items and compact the manifest under them
+    (a sharded worker's lock is shared with its job's other workers, so it cannot ask). Checked before the command
+    writes anything, its settings included; a check, not a lock: two runs started in the same instant both pass."""
+    if being_written(root):
+        raise DiffumaskError(f"another diffumask command (generate, refine, filter, augment, shapes export) is writing "
+                             f"{root} now: wait for it to end before this {command} (to split one job between several "
+                             "commands, give each --shard INDEX/COUNT)")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -757,44 +799,9 @@ class Dataset:
             finally:  # released now, though a forked child (a data loader's worker) still holds the file
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def check_no_writer(self, command: str) -> None:
-        """Refuse a one-process ``command`` on a dataset another command is writing: a second run of the same job,
-        or a run without --shard beside a sharded job's workers, would redo their items and compact the manifest
-        under them (a sharded worker's lock is shared with its job's other workers, so it cannot ask)."""
-        if self.being_written():
-            raise DiffumaskError(f"another diffumask command is writing {self.root} now: wait for it to end before "
-                                 f"this {command} (to split one job between several commands, give each --shard "
-                                 "INDEX/COUNT)")
-
     def being_written(self, tries: int = 5) -> bool:
-        """Whether a command is writing the dataset now (holds :meth:`writing`). Probed with an exclusive lock
-        taken and dropped at once, so two readers probing at the same moment may meet: a writer holds its lock
-        for its whole job, a reader for microseconds, and a few tries tell the two apart. False where it cannot
-        tell: a mount without locks across nodes (NFS ``local_lock=flock``), or on NFS a user who may not write
-        the dataset (NFSv4 holds a lock alone only for a file open for writing); never an error (a read-only mount)."""
-        path = self.root / RUNNING_FILE
-        try:
-            handle = open(path, "r+")  # read and write, for NFSv4; never created: readers write nothing
-        except FileNotFoundError:
-            return False
-        except OSError:  # a read-only mount or another user's dataset: a local file system locks it all the same
-            try:
-                handle = open(path, "rb")
-            except OSError:
-                return False
-        with handle:
-            for attempt in range(tries):
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if attempt < tries - 1:
-                        time.sleep(0.01 * (attempt + 1))
-                    continue
-                except OSError:  # no locks here (ENOLCK), or NFSv4 and a file open for reading only (EBADF)
-                    return False
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                return False
-            return True
+        """Whether a command is writing the dataset now (holds :meth:`writing`); see :func:`being_written`."""
+        return being_written(self.root, tries)
 
     def finalize(self, order: Sequence[str] | None = None, complete: set[str] | None = None) -> None:
         """Rewrite the ImageSets split lists from the manifest (ids in ``order``, else in write order).

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attention import ImageMaps, check_pipeline, trace, word_locator
-from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, Dataset
+from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, Dataset, check_no_writer
 from .distributed import current_worker
 from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
@@ -75,7 +75,7 @@ class GenerateConfig:
     self_attention: int | None = 2  # record self-attention at latent/F for refinement; None: off
     self_attention_max: int = 32  # ... halving the grid until no side exceeds this (SDXL 1024 px: 32, not 64)
     self_attention_keep: float = SELF_ATTENTION_KEEP  # share of each self-attention row stored; 1: dense
-    #: Record the self-attention at every k-th step: 2 moves propagate's shapes mIoU by -0.002 (bench_softmaps).
+    #: Record the self-attention at every k-th step: 2 moves propagate's shapes mIoU by -0.001 (bench_softmaps).
     self_attention_every: int = 2
     #: Diffusion transformers (SD3, FLUX) only: the joint blocks recorded, as fractions of the depth (None: the
     #: recorder's default, the first third), and which text tokens give a word's map (None: "both" on SD3).
@@ -415,10 +415,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
           self_attention_every=config.self_attention_every, **config.recorder_options())
     compose_fingerprint = _digest((bank.compose, bank.pairs))
     fresh = not Path(config.out).exists()
+    if not worker.sharded:  # before create, which rewrites the settings of a folder with no finished item yet
+        check_no_writer(Path(config.out), "generate")
     dataset = Dataset.create(config.out, config.classes, dataset_info(config)["settings"],
                              image_format=config.image_format)
-    if not worker.sharded:
-        dataset.check_no_writer("generate")
     if config.compose:
         _check_compose_templates_unchanged(dataset, compose_fingerprint)
     done = dataset.finished_ids()
