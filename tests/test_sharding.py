@@ -318,33 +318,42 @@ def test_every_share_of_a_job_array_says_what_happened_in_its_own_log(tmp_path, 
     assert capsys.readouterr().err.startswith("usage: diffumask generate")
 
 
-def test_a_run_without_a_share_refuses_a_dataset_another_command_is_writing(tmp_path, saved_pipelines, monkeypatch,
-                                                                             capsys):
-    """A second run of a job, or a plain run beside a sharded job's workers (an array still running), would redo
-    their items and compact the manifest under them: generate and refine say so and write nothing. A share of
-    the job goes on."""
+def test_a_command_run_alone_and_a_sharded_job_never_write_one_dataset_at_once(tmp_path, saved_pipelines, capsys):
+    """A second run of a job, or a plain run beside a sharded job's workers (an array still running), redid their
+    items and compacted the manifest under them. A command run as one process holds the dataset's lock alone, a
+    sharded job's workers share it: whichever comes second is refused in one line and writes nothing, and the
+    shares of one job go on together."""
     out = tmp_path / "d"
     args = ["--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "2", "--steps", "1",
             "--batch-size", "1", "--threshold", "0.8", "--out", str(out), "--quiet"]
+    alone = ("another diffumask command (generate, refine, filter, augment, shapes export) is writing {} now: wait "
+             "for it to end, then run this one again (to split one job between several commands, give each --shard "
+             "INDEX/COUNT)")
     starting = Dataset.create(tmp_path / "new", ["dog", "cat"], {}, worker=Worker(0, 2))
     before = snapshot(starting.root)
     with starting.writing():  # a job's first share, no item finished yet: its settings are not rewritten
         assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "bird", "--steps", "1", "--out",
                      str(starting.root), "--quiet"]) == 2
-    assert "is writing" in capsys.readouterr().err and snapshot(starting.root) == before
+    assert capsys.readouterr().err == f"diffumask: error: {alone.format(starting.root)}\n"
+    assert snapshot(starting.root) == before
     assert main(["generate", *args, "--shard", "0/2"]) == 0
     before = snapshot(out)
     capsys.readouterr()
-    with Dataset(out).writing():  # the other share, at work
+    with Dataset(out, worker=Worker(0, 2)).writing():  # the other share, at work
         for command in (["generate", *args], ["refine", str(out), "--method", "threshold", "--workers", "1"]):
             assert main(command) == 2
-            assert capsys.readouterr().err == (
-                f"diffumask: error: another diffumask command (generate, refine, filter, augment, shapes export) is "
-                f"writing {out} now: wait for it to end before this {command[0]} (to split one job between several "
-                "commands, give each --shard INDEX/COUNT)\n")
+            assert capsys.readouterr().err == f"diffumask: error: {alone.format(out)}\n"
         assert snapshot(out) == before
         assert main(["generate", *args, "--shard", "1/2"]) == 0
     assert "the dataset is complete" in capsys.readouterr().out
+    before = snapshot(out)
+    with Dataset(out).writing():  # a command run alone (a refine), at work
+        for command in (["generate", *args], ["refine", str(out), "--method", "threshold", "--workers", "1"]):
+            assert main([*command, "--shard", "0/2"]) == 2
+            assert capsys.readouterr().err == (
+                f"diffumask: error: a diffumask command run as one process is writing {out} now: wait for it to end, "
+                "then start this job's workers again\n")
+        assert snapshot(out) == before and out.is_dir()
     assert main(["refine", str(out), "--method", "threshold", "--workers", "1", "--quiet"]) == 0
 
 

@@ -55,7 +55,7 @@ from .errors import ConfigError, DiffumaskError, UnreadableFile, setting_differe
 IGNORE_INDEX = 255
 OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC's layout): 0 none, 255 void
 SKIPPED_FILE = ".skipped"  # ids a run chose not to write (flagged="skip"), one per line
-RUNNING_FILE = ".running"  # a command writing the dataset holds a shared lock on it (Dataset.writing)
+RUNNING_FILE = ".running"  # a command writing the dataset holds a lock on it (Dataset.writing)
 _APPENDING = threading.Lock()  # one process's manifest appends, one at a time (a Dataset must pickle: no lock in it)
 JPEG_QUALITY = 95  # of images written as JPEG (at 4:4:4: colours do not bleed across object edges)
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
@@ -71,6 +71,10 @@ METADATA_FOLDERS = (".", "ImageSets/Segmentation", REFINE_FOLDER, NOISE_FOLDER, 
 
 class DatasetMismatch(DiffumaskError, ValueError):
     """The output folder holds a dataset made with other classes or settings."""
+
+
+class BeingWritten(DiffumaskError):
+    """Another command writes the dataset now (see :meth:`Dataset.writing`)."""
 
 
 class NotADataset(DiffumaskError, FileNotFoundError):
@@ -209,15 +213,21 @@ def being_written(root: Path, tries: int = 5) -> bool:
         return True
 
 
-def check_no_writer(root: Path, command: str) -> None:
-    """Refuse a one-process ``command`` on a dataset another command is writing: a second run of the same job, or a
-    run without --shard beside a sharded job's workers, would redo their items and compact the manifest under them
-    (a sharded worker's lock is shared with its job's other workers, so it cannot ask). Checked before the command
-    writes anything, its settings included; a check, not a lock: two runs started in the same instant both pass."""
+def check_no_writer(root: Path) -> None:
+    """Refuse, before it writes anything, a one-process command on a dataset another command is writing (a second
+    run of a job, or a run without --shard beside a sharded job's workers): for generate, whose Dataset.create
+    rewrites the settings of a folder with no finished item yet before :meth:`Dataset.writing` refuses it."""
     if being_written(root):
-        raise DiffumaskError(f"another diffumask command (generate, refine, filter, augment, shapes export) is writing "
-                             f"{root} now: wait for it to end before this {command} (to split one job between several "
-                             "commands, give each --shard INDEX/COUNT)")
+        raise BeingWritten(_being_written(root, alone=True))
+
+
+def _being_written(root: Path, alone: bool) -> str:
+    if alone:
+        return (f"another diffumask command (generate, refine, filter, augment, shapes export) is writing {root} now: "
+                "wait for it to end, then run this one again (to split one job between several commands, give each "
+                "--shard INDEX/COUNT)")
+    return (f"a diffumask command run as one process is writing {root} now: wait for it to end, then start this "
+            "job's workers again")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -787,13 +797,23 @@ class Dataset:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
-        """Mark the dataset as being written while the block runs: a shared lock on ``.running``, which any
-        number of writers (a sharded job's workers) hold at once and the kernel drops when a writer dies, so
-        :meth:`being_written` tells a job in flight from a killed one's leftovers. Opened for reading and writing:
-        NFSv4 takes flock as a POSIX lock, which asks for the mode of the lock (EBADF otherwise)."""
+    def writing(self, tries: int = 5) -> Iterator[None]:
+        """Mark the dataset as being written while the block runs: a lock on ``.running``, which the kernel drops
+        when a writer dies, so :meth:`being_written` tells a job in flight from a killed one's leftovers. A sharded
+        job's workers share it; a command run as one process holds it alone. So a second command on a dataset
+        being written is refused at once, whichever starts first (:class:`BeingWritten`); ``tries`` outlast a
+        reader's probe, which holds it for microseconds. Opened for reading and writing: NFSv4 takes flock as a
+        POSIX lock, which asks for the mode of the lock (EBADF otherwise)."""
+        alone = not self.worker.sharded
         with open(self.root / RUNNING_FILE, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH)
+            for attempt in range(tries):
+                try:
+                    fcntl.flock(handle, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == tries - 1:
+                        raise BeingWritten(_being_written(self.root, alone)) from None
+                    time.sleep(0.01 * (attempt + 1))
             try:
                 yield
             finally:  # released now, though a forked child (a data loader's worker) still holds the file

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attention import ImageMaps, check_pipeline, trace, word_locator
-from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, Dataset, check_no_writer
+from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, BeingWritten, Dataset, check_no_writer
 from .distributed import current_worker
 from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
@@ -416,7 +416,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     compose_fingerprint = _digest((bank.compose, bank.pairs))
     fresh = not Path(config.out).exists()
     if not worker.sharded:  # before create, which rewrites the settings of a folder with no finished item yet
-        check_no_writer(Path(config.out), "generate")
+        check_no_writer(Path(config.out))
     dataset = Dataset.create(config.out, config.classes, dataset_info(config)["settings"],
                              image_format=config.image_format)
     if config.compose:
@@ -577,6 +577,8 @@ def _removed_if_left_bare(dataset: Dataset, fresh: bool) -> Iterator[None]:
     settings is removed, so a bad option writes nothing. Not under a launcher: another worker may be writing."""
     try:
         yield
+    except BeingWritten:  # the folder is another command's
+        raise
     except BaseException:
         if fresh and {p.name for p in dataset.root.iterdir() if not p.name.startswith(".")} <= BARE_DATASET:
             shutil.rmtree(dataset.root, ignore_errors=True)

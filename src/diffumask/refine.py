@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .dataset import REFINE_FOLDER, Dataset, check_no_writer, write_text_atomic
+from .dataset import REFINE_FOLDER, Dataset, write_text_atomic
 from .distributed import current_worker
 from .errors import ConfigError, DiffumaskError, check_sequences
 from .masks.adaptive import best_gamma, pool_counts, sweep_around
@@ -287,8 +287,6 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
         raise ConfigError("redo=True refines every item again, which the manifest cannot tell apart from done work "
                           "across workers; run it as one process (without torchrun/srun or --shard)")
     dataset = Dataset(root)
-    if not worker.sharded:
-        check_no_writer(dataset.root, "refine")
     records = dataset.records()
     if not records:
         raise DiffumaskError(f"{dataset.root} holds no finished items to refine")
