@@ -447,11 +447,16 @@ def test_pool_workers_end_with_the_process_that_made_them(tmp_path):
 
     script = tmp_path / "killed.py"
     script.write_text("""
-import os, signal, time
+import os, signal, sys, time
+from pathlib import Path
 from diffumask.workers import cpu_pool
 
-def pids(_):
-    time.sleep(0.5)  # both workers start
+def pids(_):  # each task waits for the other worker's, so both workers start however slowly one does
+    here = Path(sys.argv[1])
+    (here / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(list(here.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     return os.getpid(), os.getppid()
 
 if __name__ == "__main__":
@@ -460,7 +465,9 @@ if __name__ == "__main__":
         pool.submit(time.sleep, 60)
         os.kill(os.getpid(), signal.SIGKILL)
 """)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    (tmp_path / "started").mkdir()
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "started")], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr
     left = {int(pid) for pid in done.stdout.split()}
     assert len(left) == 3  # two workers and the forkserver that forked them
