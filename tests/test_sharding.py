@@ -336,6 +336,11 @@ def test_a_command_run_alone_and_a_sharded_job_never_write_one_dataset_at_once(t
                      str(starting.root), "--quiet"]) == 2
     assert capsys.readouterr().err == f"diffumask: error: {alone.format(starting.root)}\n"
     assert snapshot(starting.root) == before
+    with Dataset(starting.root, worker=Worker()).writing():  # a command run alone, its first item not yet done
+        assert main(["generate", "--model", saved_pipelines["sd1"], "--classes", "bird", "--steps", "1", "--out",
+                     str(starting.root), "--quiet", "--shard", "0/2"]) == 2
+    assert "a diffumask command run as one process is writing" in capsys.readouterr().err
+    assert snapshot(starting.root) == before
     assert main(["generate", *args, "--shard", "0/2"]) == 0
     before = snapshot(out)
     capsys.readouterr()
@@ -365,12 +370,14 @@ def test_commands_that_do_not_shard_refuse_a_launcher(tmp_path, monkeypatch, cap
     monkeypatch.setenv("WORLD_SIZE", "2")
     for command in (["augment", str(data.root), "--out", str(tmp_path / "aug")],
                     ["predict", str(tmp_path / "run"), str(data.root), "--out", str(tmp_path / "pred")],
-                    ["evaluate", str(tmp_path / "run"), str(data.root)]):
+                    ["evaluate", str(tmp_path / "run"), str(data.root)],
+                    ["shapes", "export", str(tmp_path / "world"), "--train", "2", "--val", "0", "--test", "0"]):
         assert main(command) == 2, command
         err = capsys.readouterr().err
-        assert err == (f"diffumask: error: {command[0]} runs as one process; run it without torchrun/srun (generate, "
+        name = " ".join(command[:2]) if command[0] == "shapes" else command[0]
+        assert err == (f"diffumask: error: {name} runs as one process; run it without torchrun/srun (generate, "
                        "refine, train and filter are the commands that share their work between workers)\n"), err
-    assert not (tmp_path / "aug").exists() and not (tmp_path / "pred").exists()
+    assert not [p for p in ("aug", "pred", "world") if (tmp_path / p).exists()]
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])

@@ -275,6 +275,29 @@ def test_the_writing_lock_is_told_apart_from_a_reader_probing_and_outlives_no_wr
         os.waitpid(child, 0)
 
 
+def test_a_writer_starting_while_a_reader_probes_waits_for_the_probe(sound, tmp_path, monkeypatch):
+    """A writer takes the lock without waiting (a second command is refused at once); a reader's probe, which
+    holds it a moment, must not refuse a writer starting then: the writer tries again."""
+    import diffumask.dataset as dataset_module
+
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+    probe = open(root / ".running", "a+")
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the reader, mid-probe
+    waits: list[float] = []
+
+    def probe_ends(seconds: float) -> None:
+        waits.append(seconds)
+        fcntl.flock(probe, fcntl.LOCK_UN)
+
+    monkeypatch.setattr(dataset_module.time, "sleep", probe_ends)
+    with Dataset(root).writing():
+        assert len(waits) == 1
+        monkeypatch.undo()
+        assert Dataset(root).being_written()
+    probe.close()
+
+
 def test_the_writing_lock_works_where_flock_is_a_posix_lock(sound, tmp_path, monkeypatch):
     """NFSv4 turns flock into a POSIX lock, which needs a file open for reading to share it and open for writing to
     hold it alone (EBADF otherwise); emulated here, as no NFS mount is at hand."""

@@ -10,7 +10,8 @@ Layout (Pascal VOC compatible, plus soft maps and a manifest)::
       SoftMaps/<id>.npz             per-class soft maps, float16
       SegmentationClass/<id>.png    palette PNG, class index per pixel, 255 = uncertain
       ImageSets/Segmentation/<split>.txt
-      .running                      every command writing the dataset holds a shared lock on it
+      .running                      every command writing the dataset holds a lock on it (shared by a sharded
+                                    job's workers, alone otherwise)
 
 Every file is written under a temporary name, flushed to the disk (``fsync``) and renamed, and the
 folder is synced after the rename; an item counts as finished only once its manifest line is
@@ -43,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -213,12 +214,18 @@ def being_written(root: Path, tries: int = 5) -> bool:
         return True
 
 
-def check_no_writer(root: Path) -> None:
-    """Refuse, before it writes anything, a one-process command on a dataset another command is writing (a second
-    run of a job, or a run without --shard beside a sharded job's workers): for generate, whose Dataset.create
-    rewrites the settings of a folder with no finished item yet before :meth:`Dataset.writing` refuses it."""
-    if being_written(root):
-        raise BeingWritten(_being_written(root, alone=True))
+def _lock(handle: IO[str], alone: bool, root: Path, tries: int = 10) -> None:
+    """Take ``.running``'s lock on ``handle`` alone (a command run as one process) or shared (a sharded job's
+    workers), without waiting: a writer holds it for its whole job, a reader's probe for microseconds (milliseconds
+    on NFS), and the tries (half a second in all) outlast a probe. Refused: :class:`BeingWritten`."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise BeingWritten(_being_written(root, alone)) from None
+            time.sleep(0.01 * (attempt + 1))
 
 
 def _being_written(root: Path, alone: bool) -> str:
@@ -458,6 +465,10 @@ class Dataset:
             return cls(root, worker)
         # A run that failed before its first item, or another worker of this job creating it right now
         # (dataset.json is written first, and temporary files are hidden, so it never looks foreign).
+        if (root / RUNNING_FILE).is_file():  # but not under a command at work on it, its first item not yet done
+            with open(root / RUNNING_FILE, "a+") as handle:
+                _lock(handle, not (current_worker() if worker is None else worker).sharded, root)
+                fcntl.flock(handle, fcntl.LOCK_UN)
         holds_empty_dataset = (root / "dataset.json").is_file()
         if root.exists() and any(not p.name.startswith(".") for p in root.iterdir()) and not holds_empty_dataset:
             raise DatasetMismatch(f"{root} exists and is not a diffumask dataset; choose an empty or new folder")
@@ -797,23 +808,16 @@ class Dataset:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def writing(self, tries: int = 5) -> Iterator[None]:
+    def writing(self, tries: int = 10) -> Iterator[None]:
         """Mark the dataset as being written while the block runs: a lock on ``.running``, which the kernel drops
         when a writer dies, so :meth:`being_written` tells a job in flight from a killed one's leftovers. A sharded
         job's workers share it; a command run as one process holds it alone. So a second command on a dataset
-        being written is refused at once, whichever starts first (:class:`BeingWritten`); ``tries`` outlast a
-        reader's probe, which holds it for microseconds. Opened for reading and writing: NFSv4 takes flock as a
-        POSIX lock, which asks for the mode of the lock (EBADF otherwise)."""
-        alone = not self.worker.sharded
+        being written is refused at once, whichever starts first (:class:`BeingWritten`; :meth:`create` asks the
+        same before it re-initialises a folder with no finished item); not a share run with other settings than
+        its job's other shares, which share the lock (every share runs the same command). Opened for reading and
+        writing: NFSv4 takes flock as a POSIX lock, which asks for the mode of the lock (EBADF otherwise)."""
         with open(self.root / RUNNING_FILE, "a+") as handle:
-            for attempt in range(tries):
-                try:
-                    fcntl.flock(handle, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if attempt == tries - 1:
-                        raise BeingWritten(_being_written(self.root, alone)) from None
-                    time.sleep(0.01 * (attempt + 1))
+            _lock(handle, not self.worker.sharded, self.root, tries)
             try:
                 yield
             finally:  # released now, though a forked child (a data loader's worker) still holds the file

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attention import ImageMaps, check_pipeline, trace, word_locator
-from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, BeingWritten, Dataset, check_no_writer
+from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, BeingWritten, Dataset
 from .distributed import current_worker
 from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
@@ -415,8 +415,6 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
           self_attention_every=config.self_attention_every, **config.recorder_options())
     compose_fingerprint = _digest((bank.compose, bank.pairs))
     fresh = not Path(config.out).exists()
-    if not worker.sharded:  # before create, which rewrites the settings of a folder with no finished item yet
-        check_no_writer(Path(config.out))
     dataset = Dataset.create(config.out, config.classes, dataset_info(config)["settings"],
                              image_format=config.image_format)
     if config.compose:

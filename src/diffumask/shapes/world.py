@@ -206,8 +206,10 @@ def export_world(out_dir: str | Path, n_train: int, n_val: int, n_test: int, see
     Resumable: scenes already in the manifest are skipped. Images are PNG so pixels stay exact.
     """
     from diffumask.dataset import OBJECT_FOLDER, Dataset, write_palette_png
-    from diffumask.distributed import Worker
+    from diffumask.distributed import Worker, require_one_process
     from diffumask.errors import ConfigError
+
+    require_one_process("shapes export")
 
     counts = {"--train": n_train, "--val": n_val, "--test": n_test}
     if min(counts.values()) < 0 or sum(counts.values()) < 1:
