@@ -183,37 +183,6 @@ def remove_old_temporaries(folder: Path, before: float) -> None:
                 path.unlink()
 
 
-def being_written(root: Path, tries: int = 5) -> bool:
-    """Whether a command is writing the dataset at ``root`` now (holds :meth:`Dataset.writing`). Probed with an
-    exclusive lock taken and dropped at once, so two readers probing at the same moment may meet: a writer holds its
-    lock for its whole job, a reader for microseconds, and a few tries tell the two apart. False where it cannot
-    tell: a mount without locks across nodes (NFS ``local_lock=flock``), or on NFS a user who may not write
-    the dataset (NFSv4 holds a lock alone only for a file open for writing); never an error (a read-only mount)."""
-    path = Path(root) / RUNNING_FILE
-    try:
-        handle = open(path, "r+")  # read and write, for NFSv4; never created: readers write nothing
-    except FileNotFoundError:
-        return False
-    except OSError:  # a read-only mount or another user's dataset: a local file system locks it all the same
-        try:
-            handle = open(path, "rb")
-        except OSError:
-            return False
-    with handle:
-        for attempt in range(tries):
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if attempt < tries - 1:
-                    time.sleep(0.01 * (attempt + 1))
-                continue
-            except OSError:  # no locks here (ENOLCK), or NFSv4 and a file open for reading only (EBADF)
-                return False
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
-        return True
-
-
 def _lock(handle: IO[str], alone: bool, root: Path, tries: int = 10) -> None:
     """Take ``.running``'s lock on ``handle`` alone (a command run as one process) or shared (a sharded job's
     workers), without waiting: a writer holds it for its whole job, a reader's probe for microseconds (milliseconds
@@ -224,11 +193,12 @@ def _lock(handle: IO[str], alone: bool, root: Path, tries: int = 10) -> None:
             return
         except BlockingIOError:
             if attempt == tries - 1:
-                raise BeingWritten(_being_written(root, alone)) from None
+                raise BeingWritten(_refusal(root, alone)) from None
             time.sleep(0.01 * (attempt + 1))
 
 
-def _being_written(root: Path, alone: bool) -> str:
+def _refusal(root: Path, alone: bool) -> str:
+    """Why a writer is refused the lock, and what to do."""
     if alone:
         return (f"another diffumask command (generate, refine, filter, augment, shapes export) is writing {root} now: "
                 "wait for it to end, then run this one again (to split one job between several commands, give each "
@@ -824,8 +794,34 @@ class Dataset:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def being_written(self, tries: int = 5) -> bool:
-        """Whether a command is writing the dataset now (holds :meth:`writing`); see :func:`being_written`."""
-        return being_written(self.root, tries)
+        """Whether a command is writing the dataset now (holds :meth:`writing`). Probed with an exclusive lock
+        taken and dropped at once, so two readers probing at the same moment may meet: a writer holds its lock
+        for its whole job, a reader for microseconds, and a few tries tell the two apart. False where it cannot
+        tell: a mount without locks across nodes (NFS ``local_lock=flock``), or on NFS a user who may not write
+        the dataset (NFSv4 holds a lock alone only for a file open for writing); never an error (a read-only mount)."""
+        path = self.root / RUNNING_FILE
+        try:
+            handle = open(path, "r+")  # read and write, for NFSv4; never created: readers write nothing
+        except FileNotFoundError:
+            return False
+        except OSError:  # a read-only mount or another user's dataset: a local file system locks it all the same
+            try:
+                handle = open(path, "rb")
+            except OSError:
+                return False
+        with handle:
+            for attempt in range(tries):
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if attempt < tries - 1:
+                        time.sleep(0.01 * (attempt + 1))
+                    continue
+                except OSError:  # no locks here (ENOLCK), or NFSv4 and a file open for reading only (EBADF)
+                    return False
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                return False
+            return True
 
     def finalize(self, order: Sequence[str] | None = None, complete: set[str] | None = None) -> None:
         """Rewrite the ImageSets split lists from the manifest (ids in ``order``, else in write order).
