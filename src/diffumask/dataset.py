@@ -183,18 +183,25 @@ def remove_old_temporaries(folder: Path, before: float) -> None:
                 path.unlink()
 
 
-def _lock(handle: IO[str], alone: bool, root: Path, tries: int = 10) -> None:
-    """Take ``.running``'s lock on ``handle`` alone (a command run as one process) or shared (a sharded job's
-    workers), without waiting: a writer holds it for its whole job, a reader's probe for microseconds (milliseconds
-    on NFS), and the tries (half a second in all) outlast a probe. Refused: :class:`BeingWritten`."""
+def _flock_soon(handle: IO[Any], operation: int, tries: int) -> bool:
+    """Whether ``handle`` got the flock ``operation`` within ``tries`` non-blocking tries, a little apart: a writer
+    holds ``.running``'s lock for its whole job, a reader's probe for microseconds (milliseconds on NFS), so a few
+    tries tell the two apart. Other lock errors (ENOLCK, NFSv4's EBADF) are raised."""
     for attempt in range(tries):
         try:
-            fcntl.flock(handle, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            return
+            fcntl.flock(handle, operation | fcntl.LOCK_NB)
+            return True
         except BlockingIOError:
-            if attempt == tries - 1:
-                raise BeingWritten(_refusal(root, alone)) from None
-            time.sleep(0.01 * (attempt + 1))
+            if attempt < tries - 1:
+                time.sleep(0.01 * (attempt + 1))
+    return False
+
+
+def _lock(handle: IO[str], alone: bool, root: Path, tries: int = 10) -> None:
+    """Take ``.running``'s lock on ``handle`` alone (a command run as one process) or shared (a sharded job's
+    workers), without waiting beyond the tries (half a second in all). Refused: :class:`BeingWritten`."""
+    if not _flock_soon(handle, fcntl.LOCK_EX if alone else fcntl.LOCK_SH, tries):
+        raise BeingWritten(_refusal(root, alone))
 
 
 def _refusal(root: Path, alone: bool) -> str:
@@ -795,8 +802,8 @@ class Dataset:
 
     def being_written(self, tries: int = 5) -> bool:
         """Whether a command is writing the dataset now (holds :meth:`writing`). Probed with an exclusive lock
-        taken and dropped at once, so two readers probing at the same moment may meet: a writer holds its lock
-        for its whole job, a reader for microseconds, and a few tries tell the two apart. False where it cannot
+        taken and dropped at once, so two readers probing at the same moment may meet: a few tries tell a writer
+        from another reader (:func:`_flock_soon`). False where it cannot
         tell: a mount without locks across nodes (NFS ``local_lock=flock``), or on NFS a user who may not write
         the dataset (NFSv4 holds a lock alone only for a file open for writing); never an error (a read-only mount)."""
         path = self.root / RUNNING_FILE
@@ -810,18 +817,13 @@ class Dataset:
             except OSError:
                 return False
         with handle:
-            for attempt in range(tries):
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if attempt < tries - 1:
-                        time.sleep(0.01 * (attempt + 1))
-                    continue
-                except OSError:  # no locks here (ENOLCK), or NFSv4 and a file open for reading only (EBADF)
-                    return False
-                fcntl.flock(handle, fcntl.LOCK_UN)
+            try:
+                taken = _flock_soon(handle, fcntl.LOCK_EX, tries)
+            except OSError:  # no locks here (ENOLCK), or NFSv4 and a file open for reading only (EBADF)
                 return False
-            return True
+            if taken:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            return not taken
 
     def finalize(self, order: Sequence[str] | None = None, complete: set[str] | None = None) -> None:
         """Rewrite the ImageSets split lists from the manifest (ids in ``order``, else in write order).

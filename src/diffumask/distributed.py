@@ -5,11 +5,12 @@ torchrun and ``accelerate launch`` set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`
 a batch script outside ``srun`` also sees ``SLURM_NTASKS`` and ``SLURM_PROCID=0``, and must not take 1/N of
 the work). A job array, or any set of independent jobs on one file system, names each job's share in
 ``DIFFUMASK_SHARD=INDEX/COUNT`` (``--shard`` of generate and refine sets it), e.g. ``$SLURM_ARRAY_TASK_ID/16``:
-the scheduler's own variables are not read, as an array may as well run one whole job per task. A launcher inside each share splits it further. generate and
-refine use no collectives: every worker enumerates the same work, takes every ``world_size``-th unit from
-``rank`` on, and writes only its own items (and its own manifest shard), so workers never wait for each other
-and a job resumes with any number of them. train and filter train across the workers through accelerate's
-torch.distributed group, so they need torchrun's or ``accelerate launch``'s variables.
+the scheduler's own variables are not read, as an array may as well run one whole job per task. A launcher
+inside each share splits it further. generate and refine use no collectives: every worker enumerates the same
+work, takes every ``world_size``-th unit from ``rank`` on, and writes only its own items (and its own manifest
+shard), so workers never wait for each other and a job resumes with any number of them. train and filter train
+across the workers through accelerate's torch.distributed group, so they need torchrun's or ``accelerate
+launch``'s variables.
 """
 
 from __future__ import annotations
