@@ -16,7 +16,7 @@ from dataset_factory import make_dataset, snapshot
 
 from diffumask.cli import main
 from diffumask.dataset import Dataset
-from diffumask.distributed import Worker, current_worker
+from diffumask.distributed import Worker, current_worker, job_split
 from diffumask.errors import ConfigError
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.validate import validate_dataset
@@ -66,6 +66,10 @@ def test_a_share_of_independent_jobs_splits_again_under_a_launcher():
     for bad in ("3/3", "-1/2", "1/0", "x/2", "3", "1/2/3", ""):
         with pytest.raises(ConfigError, match="DIFFUMASK_SHARD .* is not INDEX/COUNT with 0 <= INDEX < COUNT"):
             current_worker({"DIFFUMASK_SHARD": bad})
+    # what the workers of one job must share: the shares' COUNT, whatever launcher runs each; else the launcher's size
+    assert job_split(launched) == job_split({"DIFFUMASK_SHARD": "0/3"}) == {"shares": 3}
+    assert job_split({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8"}) == {"workers": 8}
+    assert job_split({}) == {"workers": 1}
 
 
 def test_shares_are_disjoint_and_cover_everything():
@@ -318,7 +322,8 @@ def test_every_share_of_a_job_array_says_what_happened_in_its_own_log(tmp_path, 
     assert capsys.readouterr().err.startswith("usage: diffumask generate")
 
 
-def test_a_command_run_alone_and_a_sharded_job_never_write_one_dataset_at_once(tmp_path, saved_pipelines, capsys):
+def test_a_command_run_alone_and_a_sharded_job_never_write_one_dataset_at_once(tmp_path, saved_pipelines, monkeypatch,
+                                                                               capsys):
     """A second run of a job, or a plain run beside a sharded job's workers (an array still running), redid their
     items and compacted the manifest under them. A command run as one process holds the dataset's lock alone, a
     sharded job's workers share it: whichever comes second is refused in one line and writes nothing, and the
@@ -341,10 +346,12 @@ def test_a_command_run_alone_and_a_sharded_job_never_write_one_dataset_at_once(t
                      str(starting.root), "--quiet", "--shard", "0/2"]) == 2
     assert "a diffumask command run as one process is writing" in capsys.readouterr().err
     assert snapshot(starting.root) == before
+    joined = joined_terms(monkeypatch)
     assert main(["generate", *args, "--shard", "0/2"]) == 0
-    before = snapshot(out)
+    assert not (out / ".job.json").exists()
     capsys.readouterr()
-    with Dataset(out, worker=Worker(0, 2)).writing():  # the other share, at work
+    with Dataset(out, worker=Worker(0, 2)).writing(joined[-1]):  # share 0, at work
+        before = snapshot(out)
         for command in (["generate", *args], ["refine", str(out), "--method", "threshold", "--workers", "1"]):
             assert main(command) == 2
             assert capsys.readouterr().err == f"diffumask: error: {alone.format(out)}\n"
@@ -360,6 +367,124 @@ def test_a_command_run_alone_and_a_sharded_job_never_write_one_dataset_at_once(t
                 "then start this job's workers again\n")
         assert snapshot(out) == before and out.is_dir()
     assert main(["refine", str(out), "--method", "threshold", "--workers", "1", "--quiet"]) == 0
+
+
+def joined_terms(monkeypatch) -> list:
+    """The terms each sharded worker joins its job on (diffumask.dataset._join's), as the calls come."""
+    import diffumask.dataset
+
+    seen = []
+    join = diffumask.dataset._join
+
+    def spy(handle, root, terms, tries=10):
+        seen.append(terms)
+        return join(handle, root, terms, tries)
+
+    monkeypatch.setattr(diffumask.dataset, "_join", spy)
+    return seen
+
+
+def test_a_share_started_with_other_terms_than_the_job_at_work_is_refused(tmp_path, saved_pipelines, monkeypatch,
+                                                                         capsys):
+    """The shares of one job split the items by their worker count and batches: a share started with another --shard
+    COUNT or batch size beside the others would make some items twice and others never, and one with other settings
+    re-initialised dataset.json under the first share's first batch. Refused in one line, writing nothing (a sharded
+    refine beside a sharded generate too); once the job has ended, a job on other terms resumes the dataset."""
+    import diffumask.generate
+
+    out = tmp_path / "d"
+    args = ["--model", saved_pipelines["sd1"], "--classes", "dog,cat", "--images-per-class", "2", "--steps", "1",
+            "--threshold", "0.8", "--out", str(out), "--quiet"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    joined = joined_terms(monkeypatch)
+    with monkeypatch.context() as patch:  # share 0 of 2 in its first batch, no item finished yet
+        patch.setattr(diffumask.generate, "generate_images", interrupted)
+        assert main(["generate", *args, "--batch-size", "1", "--shard", "0/2"]) == 130
+    terms = joined[-1]
+    assert (terms["command"], terms["shares"], terms["batch_size"]) == ("generate", 2, 1)
+    assert not (out / ".job.json").exists()  # its last worker gone, the job's terms go
+    capsys.readouterr()
+    with Dataset(out, worker=Worker(0, 2)).writing(terms):
+        before = snapshot(out)
+        for extra, difference in ((["--batch-size", "1", "--shard", "1/3"], "shares differs: 2 in the job at work, 3 now"),
+                                  (["--batch-size", "2", "--shard", "1/2"],
+                                   "batch_size differs: 1 in the job at work, 2 now"),
+                                  (["--batch-size", "1", "--shard", "1/2", "--seed", "7"],
+                                   "dataset.settings.seed differs: 0 in the job at work, 7 now")):
+            assert main(["generate", *args, *extra]) == 2
+            assert capsys.readouterr().err == (
+                f"diffumask: error: the workers of a sharded diffumask generate are writing {out} now with other terms "
+                f"({difference}); the workers of one job run the same command but for --shard's INDEX: start this one "
+                "so, or wait for the job to end\n")
+        assert snapshot(out) == before  # dataset.json keeps share 0's seed
+        with monkeypatch.context() as patch:  # the job's other share, under a launcher of its own
+            patch.setenv("RANK", "1")
+            patch.setenv("WORLD_SIZE", "2")
+            assert main(["generate", *args, "--batch-size", "1", "--shard", "1/2"]) == 0
+    assert main(["generate", *args, "--batch-size", "2", "--shard", "0/3"]) == 0  # a later job, on its own terms
+    terms = joined[-1]
+    with Dataset(out, worker=Worker(0, 3)).writing(terms):
+        assert main(["refine", str(out), "--method", "threshold", "--workers", "1", "--shard", "1/3"]) == 2
+        assert capsys.readouterr().err.endswith(
+            f"error: the workers of a sharded diffumask generate are writing {out} now: wait for them to end, then run "
+            "refine\n")
+    assert main(["refine", str(out), "--method", "threshold", "--workers", "1", "--shard", "0/2", "--quiet"]) == 0
+    with Dataset(out, worker=Worker(0, 2)).writing(joined[-1]):  # refine's share 0, at work
+        assert main(["refine", str(out), "--method", "otsu", "--workers", "1", "--shard", "1/2"]) == 2
+        assert ('(refine.method differs: "threshold" in the job at work, "otsu" now; '
+                in capsys.readouterr().err)  # the method first, not its parameters
+
+
+def test_a_sharded_worker_joins_a_job_only_on_its_terms(tmp_path):
+    """The lock protocol itself, with one open file per worker as separate processes hold them: workers on the same
+    terms share the lock, one on others is refused while any of them is at work and starts its own job after; a
+    reader's probe at the moment the first worker comes does not make it read a finished job's terms as live."""
+    import fcntl
+    import threading
+
+    from diffumask.dataset import BeingWritten, _join, _leave
+
+    root = tmp_path
+    running = root / ".running"
+    running.touch()
+    first, second, other = (open(running, "a+") for _ in range(3))
+    _join(first, root, {"command": "generate", "workers": 2})
+    _join(second, root, {"command": "generate", "workers": 2})
+    with pytest.raises(BeingWritten, match=r"other terms \(workers differs: 2 in the job at work, 4 now\)"):
+        _join(other, root, {"command": "generate", "workers": 4})
+    _leave(first, root)
+    with pytest.raises(BeingWritten):  # one worker of the job still at work
+        _join(other, root, {"command": "generate", "workers": 4})
+    _leave(second, root)
+    assert not (root / ".job.json").exists()  # gone with the job's last worker
+    (root / ".job.json").write_text('{"command": "generate", "workers": 2}')  # a killed job's
+    _join(other, root, {"command": "generate", "workers": 4})  # no job at work: this one sets the terms
+    assert json.loads((root / ".job.json").read_text()) == {"command": "generate", "workers": 4}
+    fcntl.flock(other, fcntl.LOCK_UN)
+    probe = open(running, "r+")
+    fcntl.flock(probe, fcntl.LOCK_EX)  # a reader's probe (Dataset.being_written), let go a moment later
+    threading.Timer(0.05, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
+    _join(first, root, {"command": "refine", "workers": 2})  # not refused for the stale generate terms
+    assert json.loads((root / ".job.json").read_text()) == {"command": "refine", "workers": 2}
+    for handle in (first, second, other, probe):
+        handle.close()
+
+
+def test_a_writer_that_finds_its_dataset_re_initialised_since_it_opened_it_is_refused(tmp_path):
+    """Two commands started together on a folder with no finished item each re-initialise it before either holds
+    the lock: the one whose settings dataset.json no longer holds is refused when it takes the lock."""
+    from diffumask.dataset import BeingWritten
+
+    first = Dataset.create(tmp_path / "d", ["dog"], {"steps": 1}, worker=Worker())
+    second = Dataset.create(tmp_path / "d", ["dog"], {"steps": 2}, worker=Worker())
+    with pytest.raises(BeingWritten, match="re-initialised .* with other settings just now"):
+        with first.writing():
+            pass
+    with second.writing():
+        pass
 
 
 def test_commands_that_do_not_shard_refuse_a_launcher(tmp_path, monkeypatch, capsys):

@@ -82,7 +82,8 @@ SHARD_HELP = ("do share INDEX (from 0) of COUNT independent jobs that write this
               "but for INDEX, e.g. the tasks of a job array: --shard $SLURM_ARRAY_TASK_ID/16 with sbatch "
               "--array=0-15 (COUNT written out: a resubmitted task's $SLURM_ARRAY_TASK_COUNT is not the array's; PBS "
               "Pro: $PBS_ARRAY_INDEX; LSF and SGE count from 1: $((LSB_JOBINDEX-1)), $((SGE_TASK_ID-1))). The shares "
-              "never overlap, a share may run under torchrun or srun, a share killed or failed resumes when run "
+              "never overlap (a share started with other options than those at work is refused), a share may run "
+              "under torchrun or srun, a share killed or failed resumes when run "
               "again, and the job that finishes the last item merges the manifest; the result is the same as one "
               "process's (default: $DIFFUMASK_SHARD, else the whole job)")
 

@@ -12,6 +12,7 @@ Layout (Pascal VOC compatible, plus soft maps and a manifest)::
       ImageSets/Segmentation/<split>.txt
       .running                      every command writing the dataset holds a lock on it (shared by a sharded
                                     job's workers, alone otherwise)
+      .job.json                     the terms every worker of the sharded job at work must share (Dataset.writing)
 
 Every file is written under a temporary name, flushed to the disk (``fsync``) and renamed, and the
 folder is synced after the rename; an item counts as finished only once its manifest line is
@@ -57,6 +58,7 @@ IGNORE_INDEX = 255
 OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC's layout): 0 none, 255 void
 SKIPPED_FILE = ".skipped"  # ids a run chose not to write (flagged="skip"), one per line
 RUNNING_FILE = ".running"  # a command writing the dataset holds a lock on it (Dataset.writing)
+JOB_FILE = ".job.json"  # the terms of the sharded job writing the dataset, which each of its workers must share
 _APPENDING = threading.Lock()  # one process's manifest appends, one at a time (a Dataset must pickle: no lock in it)
 JPEG_QUALITY = 95  # of images written as JPEG (at 4:4:4: colours do not bleed across object edges)
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
@@ -197,11 +199,80 @@ def _flock_soon(handle: IO[Any], operation: int, tries: int) -> bool:
     return False
 
 
-def _lock(handle: IO[str], alone: bool, root: Path, tries: int = 10) -> None:
-    """Take ``.running``'s lock on ``handle`` alone (a command run as one process) or shared (a sharded job's
-    workers), without waiting beyond the tries (half a second in all). Refused: :class:`BeingWritten`."""
-    if not _flock_soon(handle, fcntl.LOCK_EX if alone else fcntl.LOCK_SH, tries):
-        raise BeingWritten(_refusal(root, alone))
+@contextlib.contextmanager
+def _running_lock(root: Path, sharded: bool, job: Any, tries: int = 10) -> Iterator[None]:
+    """Hold ``.running``'s lock while the block runs: alone for a command run as one process, without waiting
+    beyond the tries (half a second in all); shared for a worker of a sharded job on the terms ``job``
+    (:func:`_join`). Opened for reading and writing: NFSv4 takes flock as a POSIX lock, which asks for the mode of
+    the lock (EBADF otherwise). Refused: :class:`BeingWritten`."""
+    with open(root / RUNNING_FILE, "a+") as handle:
+        if sharded:
+            _join(handle, root, job, tries)
+        elif not _flock_soon(handle, fcntl.LOCK_EX, tries):
+            raise BeingWritten(_refusal(root, alone=True))
+        try:
+            yield
+        finally:  # released now, though a forked child (a data loader's worker) still holds the file
+            if sharded:
+                _leave(handle, root)
+            else:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _join(handle: IO[str], root: Path, terms: Any, tries: int = 10) -> None:
+    """Take ``.running``'s lock on ``handle`` shared, as a worker of a sharded job whose ``terms`` (its command, how
+    it splits (:func:`diffumask.distributed.job_split`) and whatever else decides which worker makes which item, and
+    how) every worker at work must share: shares started with another --shard COUNT or batch size would make some
+    items twice and others never. The worker that
+    finds none at work writes its terms to :data:`JOB_FILE` (a stale file, a killed or finished job's, is
+    overwritten, so a later job resumes with any terms); the others compare theirs. Taking the lock alone and then
+    shared lets another worker in between, which may write its own terms, so each worker compares while it holds
+    the lock shared, when no terms can change. Refused: :class:`BeingWritten`."""
+    terms = json.loads(json.dumps(terms))  # tuples as lists, as they read back
+    refusal = _refusal(root, alone=False)
+    for attempt in range(tries):
+        if _flock_soon(handle, fcntl.LOCK_EX, 1):  # no other writer at work: this worker sets the terms
+            write_text_atomic(root / JOB_FILE, json.dumps(terms, sort_keys=True) + "\n")
+        if _flock_soon(handle, fcntl.LOCK_SH, 1):
+            try:
+                recorded = json.loads((root / JOB_FILE).read_text())
+            except (OSError, ValueError):
+                recorded = None
+            if recorded == terms:
+                return
+            fcntl.flock(handle, fcntl.LOCK_UN)  # perhaps a reader's probe kept this worker from writing the terms
+            refusal = _other_terms(root, recorded, terms)
+        if attempt < tries - 1:
+            time.sleep(0.01 * (attempt + 1))
+    raise BeingWritten(refusal)
+
+
+def _leave(handle: IO[str], root: Path) -> None:
+    """Let go of a sharded job's shared lock on ``handle``; the job's last worker to leave removes its terms, so a
+    dataset reads the same whichever number of workers made it (a killed job's stay, until the next job's first
+    worker writes its own). Taking the lock alone without waiting drops this worker's share of it in the same step
+    (on Linux's local file systems), so of two workers leaving at once the second gets it; where it does not, the
+    terms may stay, which is harmless."""
+    if _flock_soon(handle, fcntl.LOCK_EX, 1):
+        (root / JOB_FILE).unlink(missing_ok=True)
+    fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _other_terms(root: Path, recorded: Any, terms: Any) -> str:
+    """Why a sharded job's worker may not join the one at work, and what to do."""
+    command = recorded.get("command") if isinstance(recorded, dict) else None
+    if not isinstance(command, str):
+        return (f"a sharded job of another diffumask version is writing {root} now: wait for it to end, then start "
+                "this job's workers again")
+    if command != terms.get("command"):
+        return (f"the workers of a sharded diffumask {command} are writing {root} now: wait for them to end, then "
+                f"run {terms.get('command')}")
+    changed = sorted(setting_differences(recorded, terms, "job at work"),  # a method first, then the shortest
+                     key=lambda line: (".method differs" not in line, len(line)))
+    shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return (f"the workers of a sharded diffumask {command} are writing {root} now with other terms ({shown}); the "
+            "workers of one job run the same command but for --shard's INDEX: start this one so, or wait for the job "
+            "to end")
 
 
 def _refusal(root: Path, alone: bool) -> str:
@@ -354,6 +425,7 @@ class Dataset:
             self.classes: list[str] = read_label_map(self.root)[1:]
             info = json.loads((self.root / "dataset.json").read_text())
             self.settings: dict[str, Any] = info["settings"]
+            self.dataset_json: dict[str, Any] = info  # as opened: a writer finds it unchanged (writing)
             self.image_format: str = info["image_format"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise NotADataset(f"{self.root} is not a readable diffumask dataset: classes.json or dataset.json "
@@ -420,10 +492,12 @@ class Dataset:
         image_format: str = "jpg",
         jpeg_quality: int = JPEG_QUALITY,
         worker: Worker | None = None,
+        job: Any = None,
     ) -> Dataset:
         """Create the directory, or reopen it when it was made with the same classes and settings.
 
-        A folder whose dataset has no finished item yet is simply re-initialised.
+        A folder whose dataset has no finished item yet is simply re-initialised, unless a command is at work on
+        it: for a worker of a sharded job, one of another job (``job``, its terms: :meth:`writing`).
         """
         root = Dataset.check_location(root)
         classes = list(classes)
@@ -441,17 +515,16 @@ class Dataset:
         if cls.check_resumable(root, classes, info):
             return cls(root, worker)
         # A run that failed before its first item, or another worker of this job creating it right now
-        # (dataset.json is written first, and temporary files are hidden, so it never looks foreign).
-        if (root / RUNNING_FILE).is_file():  # but not under a command at work on it, its first item not yet done
-            with open(root / RUNNING_FILE, "a+") as handle:
-                _lock(handle, not (current_worker() if worker is None else worker).sharded, root)
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        # (the lock file comes first, then dataset.json, and temporary files are hidden: it never looks foreign).
         holds_empty_dataset = (root / "dataset.json").is_file()
         if root.exists() and any(not p.name.startswith(".") for p in root.iterdir()) and not holds_empty_dataset:
             raise DatasetMismatch(f"{root} exists and is not a diffumask dataset; choose an empty or new folder")
-        write_text_atomic(root / "dataset.json", json.dumps(info, indent=1) + "\n")
-        write_label_map(root, ["background", *classes])
-        (root / RUNNING_FILE).touch()  # made with the dataset, so a command that refuses its options writes nothing
+        root.mkdir(parents=True, exist_ok=True)
+        # Written under the lock: never under a command at work on the folder (its first item not yet done), and
+        # a command that opened it before finds the change when it takes the lock (writing).
+        with _running_lock(root, (current_worker() if worker is None else worker).sharded, job):
+            write_text_atomic(root / "dataset.json", json.dumps(info, indent=1) + "\n")
+            write_label_map(root, ["background", *classes])
         return cls(root, worker)
 
     @property
@@ -785,20 +858,23 @@ class Dataset:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def writing(self, tries: int = 10) -> Iterator[None]:
+    def writing(self, job: Any = None, tries: int = 10) -> Iterator[None]:
         """Mark the dataset as being written while the block runs: a lock on ``.running``, which the kernel drops
         when a writer dies, so :meth:`being_written` tells a job in flight from a killed one's leftovers. A sharded
-        job's workers share it; a command run as one process holds it alone. So a second command on a dataset
-        being written is refused at once, whichever starts first (:class:`BeingWritten`; :meth:`create` asks the
-        same before it re-initialises a folder with no finished item); not a share run with other settings than
-        its job's other shares, which share the lock (every share runs the same command). Opened for reading and
-        writing: NFSv4 takes flock as a POSIX lock, which asks for the mode of the lock (EBADF otherwise)."""
-        with open(self.root / RUNNING_FILE, "a+") as handle:
-            _lock(handle, not self.worker.sharded, self.root, tries)
+        job's workers share it, if they share its terms (``job``: :func:`_join`); a command run as one process holds
+        it alone. So a second command on a dataset being written is refused at once, whichever starts first
+        (:class:`BeingWritten`; :meth:`create` asks the same before it re-initialises a folder with no finished
+        item), and so is a writer that finds dataset.json changed since it opened the dataset (another command
+        re-initialised it in between, before either held the lock)."""
+        with _running_lock(self.root, self.worker.sharded, job, tries):
             try:
-                yield
-            finally:  # released now, though a forked child (a data loader's worker) still holds the file
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                now = json.loads((self.root / "dataset.json").read_text())
+            except (OSError, ValueError):
+                now = None
+            if now != self.dataset_json:
+                raise BeingWritten(f"another diffumask command re-initialised {self.root} with other settings "
+                                   "just now: wait for it to end, then run this one again")
+            yield
 
     def being_written(self, tries: int = 5) -> bool:
         """Whether a command is writing the dataset now (holds :meth:`writing`). Probed with an exclusive lock

@@ -86,6 +86,15 @@ def current_worker(environ: Mapping[str, str] | None = None) -> Worker:
     return Worker(inner.rank * count + index, count * inner.world_size, inner.local_rank)
 
 
+def job_split(environ: Mapping[str, str] | None = None) -> dict[str, int]:
+    """What every worker of one job must share to split its work alike: the ``--shard`` COUNT of independent jobs
+    (each share may run a launcher of its own, which splits it further), else the launcher's worker count."""
+    environ = os.environ if environ is None else environ
+    if SHARD_VARIABLE in environ:
+        return {"shares": parse_shard(environ[SHARD_VARIABLE], SHARD_VARIABLE)[1]}
+    return {"workers": launcher_worker(environ).world_size}
+
+
 def launcher_worker(environ: Mapping[str, str] | None = None) -> Worker:
     """The worker this process is within its launcher (torchrun, accelerate, srun), leaving out any shard."""
     environ = os.environ if environ is None else environ
@@ -136,6 +145,6 @@ def require_torch_launcher(command: str) -> None:
                           "Slurm: srun torchrun …, one task per node)")
 
 
-__all__ = ["SHARD_VARIABLE", "Worker", "current_worker", "launcher_worker", "parse_shard", "require_no_shard",
+__all__ = ["SHARD_VARIABLE", "Worker", "current_worker", "job_split", "launcher_worker", "parse_shard", "require_no_shard",
            "require_one_process", "require_torch_launcher"]
 

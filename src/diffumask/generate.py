@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attention import ImageMaps, check_pipeline, trace, word_locator
 from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, BeingWritten, Dataset
-from .distributed import current_worker
+from .distributed import current_worker, job_split
 from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
 from .masks.threshold import PAPER_THRESHOLD, check_band
@@ -415,8 +415,11 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
           self_attention_every=config.self_attention_every, **config.recorder_options())
     compose_fingerprint = _digest((bank.compose, bank.pairs))
     fresh = not Path(config.out).exists()
+    # What every worker of a sharded job must share: the dataset's settings, and what splits the work items.
+    job = {"command": "generate", **job_split(), "batch_size": config.batch_size,
+           "images_per_class": config.images_per_class, "compose": config.compose, "dataset": dataset_info(config)}
     dataset = Dataset.create(config.out, config.classes, dataset_info(config)["settings"],
-                             image_format=config.image_format)
+                             image_format=config.image_format, job=job)
     if config.compose:
         _check_compose_templates_unchanged(dataset, compose_fingerprint)
     done = dataset.finished_ids()
@@ -462,7 +465,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
         done_one()
 
     # The lock inside: on NFS a file held open keeps its folder from being removed.
-    with _removed_if_left_bare(dataset, fresh and not worker.sharded), dataset.writing():
+    with _removed_if_left_bare(dataset, fresh and not worker.sharded), dataset.writing(job):
         dataset.retry_skipped(item.id for item in pending)  # a flagged image skipped before is tried again
         with bar, BackgroundWriter(threads=writers) as writer:
             for batch in (b for b in batches if any(item.id not in done for item in b)):

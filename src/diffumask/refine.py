@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .dataset import REFINE_FOLDER, Dataset, write_text_atomic
-from .distributed import current_worker
+from .distributed import current_worker, job_split
 from .errors import ConfigError, DiffumaskError, check_sequences
 from .masks.adaptive import best_gamma, pool_counts, sweep_around
 from .masks.affinity import (AffinityConfig, AffinityNet, build_affinity_net, load_affinity_weights,
@@ -302,7 +302,11 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
         config = replace(config, threshold=made_with)
     if config.gammas is None:
         config = replace(config, gammas=sweep_around(made_with))
-    with dataset.writing():  # validate and readers tell this job in flight from a killed one's leftovers
+    params = json.loads(json.dumps(config.params()))
+    if config.uses_affinity:
+        params["affinity_train_steps"] = config.affinity.train_steps_for(len(records))
+    # validate and readers tell this job in flight from a killed one's leftovers; a sharded job's workers share params
+    with dataset.writing({"command": "refine", **job_split(), "refine": params}):
         if not worker.sharded:  # other workers may be writing: a pending mask may be theirs, the manifest growing
             with dataset.lock():
                 dataset.recover_masks()  # a mask a killed run committed but did not rename yet
@@ -310,9 +314,6 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
         items = [Item(dataset, r) for r in records]
         if worker.sharded:  # the one order every worker sees, however the shards interleave (and so one AffinityNet)
             items.sort(key=lambda item: item.id)
-        params = json.loads(json.dumps(config.params()))
-        if config.uses_affinity:
-            params["affinity_train_steps"] = config.affinity.train_steps_for(len(items))
         mine = worker.take(items)  # the full, stable list: shares are disjoint however the workers start
         if worker.sharded:  # this worker's share only: a mask its killed run committed but did not rename, before
             dataset.recover_masks(item.id for item in mine)  # a worker stages a new one over it
