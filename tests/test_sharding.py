@@ -16,7 +16,7 @@ from dataset_factory import make_dataset, snapshot
 
 from diffumask.cli import main
 from diffumask.dataset import Dataset
-from diffumask.distributed import Worker, current_worker, job_split
+from diffumask.distributed import Worker, current_worker, job_terms
 from diffumask.errors import ConfigError
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.validate import validate_dataset
@@ -67,9 +67,13 @@ def test_a_share_of_independent_jobs_splits_again_under_a_launcher():
         with pytest.raises(ConfigError, match="DIFFUMASK_SHARD .* is not INDEX/COUNT with 0 <= INDEX < COUNT"):
             current_worker({"DIFFUMASK_SHARD": bad})
     # what the workers of one job must share: the shares' COUNT, whatever launcher runs each; else the launcher's size
-    assert job_split(launched) == job_split({"DIFFUMASK_SHARD": "0/3"}) == {"shares": 3}
-    assert job_split({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8"}) == {"workers": 8}
-    assert job_split({}) == {"workers": 1}
+    assert job_terms(launched) == job_terms({"DIFFUMASK_SHARD": "0/3"}) == {"shares": 3}
+    step = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0"}
+    assert job_terms(step) == {"workers": 8, "launch": {"SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0"}}
+    torchrun = {"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}
+    assert job_terms(torchrun) == job_terms({**torchrun, "RANK": "3", "LOCAL_RANK": "3"})  # one launch, any worker
+    assert job_terms(torchrun) != job_terms({**torchrun, "MASTER_PORT": "29501"})  # a second launch beside it
+    assert job_terms({}) == {"workers": 1, "launch": {}}
 
 
 def test_shares_are_disjoint_and_cover_everything():
@@ -366,7 +370,9 @@ def test_a_command_run_alone_and_a_sharded_job_never_write_one_dataset_at_once(t
                 f"diffumask: error: a diffumask command run as one process is writing {out} now: wait for it to end, "
                 "then start this job's workers again\n")
         assert snapshot(out) == before and out.is_dir()
+    (out / ".job.json").write_text('{"command": "generate", "shares": 2}')  # a killed job's terms
     assert main(["refine", str(out), "--method", "threshold", "--workers", "1", "--quiet"]) == 0
+    assert not (out / ".job.json").exists()  # gone with the next command to write the dataset
 
 
 def joined_terms(monkeypatch) -> list:
@@ -469,6 +475,16 @@ def test_a_sharded_worker_joins_a_job_only_on_its_terms(tmp_path):
     threading.Timer(0.05, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
     _join(first, root, {"command": "refine", "workers": 2})  # not refused for the stale generate terms
     assert json.loads((root / ".job.json").read_text()) == {"command": "refine", "workers": 2}
+    threading.Timer(0.05, _leave, (first, root)).start()  # the job's last worker, leaving a moment later ...
+    _join(second, root, {"command": "generate", "workers": 8})  # ... and a new job's worker, which waits for it
+    assert json.loads((root / ".job.json").read_text()) == {"command": "generate", "workers": 8}
+    _leave(second, root)
+    assert not (root / ".job.json").exists()
+    torchrun = {"command": "filter", "workers": 2, "launch": {"MASTER_ADDR": "n1", "MASTER_PORT": "29500"}}
+    _join(first, root, torchrun)
+    with pytest.raises(BeingWritten, match=r"another launch of a sharded diffumask filter \(torchrun, srun\) is "):
+        _join(other, root, {**torchrun, "launch": {"MASTER_ADDR": "n1", "MASTER_PORT": "29501"}})
+    _leave(first, root)
     for handle in (first, second, other, probe):
         handle.close()
 

@@ -59,6 +59,7 @@ OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC'
 SKIPPED_FILE = ".skipped"  # ids a run chose not to write (flagged="skip"), one per line
 RUNNING_FILE = ".running"  # a command writing the dataset holds a lock on it (Dataset.writing)
 JOB_FILE = ".job.json"  # the terms of the sharded job writing the dataset, which each of its workers must share
+LOCK_FILE = ".lock"  # held for short steps of a sharded job's workers: merging the manifest, joining the job
 _APPENDING = threading.Lock()  # one process's manifest appends, one at a time (a Dataset must pickle: no lock in it)
 JPEG_QUALITY = 95  # of images written as JPEG (at 4:4:4: colours do not bleed across object edges)
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
@@ -147,13 +148,13 @@ def plain_modes(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def atomic_write(path: Path, write: Any, exclusive: bool = False) -> bool:
+def atomic_write(path: Path, write: Any, exclusive: bool = False, sync: bool = True) -> bool:
     """Call ``write(tmp_path)``, fsync it, rename it over ``path`` and fsync the folder.
 
     Readers never see a partial file, and after a power cut the file is either the old one or
     the whole new one (the data is on disk before the rename, the rename before we return).
     ``exclusive`` never replaces an existing ``path``: the first of several writers wins, and the
-    others get False.
+    others get False. ``sync=False`` skips the fsyncs, for a file that means nothing after a crash.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -161,7 +162,8 @@ def atomic_write(path: Path, write: Any, exclusive: bool = False) -> bool:
     try:
         write(Path(tmp))
         plain_modes(Path(tmp))
-        _fsync_path(Path(tmp))
+        if sync:
+            _fsync_path(Path(tmp))
         if not exclusive:
             os.replace(tmp, path)
         else:
@@ -171,7 +173,8 @@ def atomic_write(path: Path, write: Any, exclusive: bool = False) -> bool:
                 return False
     finally:
         Path(tmp).unlink(missing_ok=True)
-    _fsync_path(path.parent)
+    if sync:
+        _fsync_path(path.parent)
     return True
 
 
@@ -200,16 +203,29 @@ def _flock_soon(handle: IO[Any], operation: int, tries: int) -> bool:
 
 
 @contextlib.contextmanager
+def _held(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created), waiting for it: for short steps that must not interleave."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def _running_lock(root: Path, sharded: bool, job: Any, tries: int = 10) -> Iterator[None]:
     """Hold ``.running``'s lock while the block runs: alone for a command run as one process, without waiting
-    beyond the tries (half a second in all); shared for a worker of a sharded job on the terms ``job``
-    (:func:`_join`). Opened for reading and writing: NFSv4 takes flock as a POSIX lock, which asks for the mode of
-    the lock (EBADF otherwise). Refused: :class:`BeingWritten`."""
+    beyond the tries (half a second in all), and then a killed sharded job's terms go; shared for a worker of a
+    sharded job on the terms ``job`` (:func:`_join`). Opened for reading and writing: NFSv4 takes flock as a POSIX
+    lock, which asks for the mode of the lock (EBADF otherwise). Refused: :class:`BeingWritten`."""
     with open(root / RUNNING_FILE, "a+") as handle:
         if sharded:
             _join(handle, root, job, tries)
         elif not _flock_soon(handle, fcntl.LOCK_EX, tries):
             raise BeingWritten(_refusal(root, alone=True))
+        else:
+            (root / JOB_FILE).unlink(missing_ok=True)
         try:
             yield
         finally:  # released now, though a forked child (a data loader's worker) still holds the file
@@ -220,28 +236,28 @@ def _running_lock(root: Path, sharded: bool, job: Any, tries: int = 10) -> Itera
 
 
 def _join(handle: IO[str], root: Path, terms: Any, tries: int = 10) -> None:
-    """Take ``.running``'s lock on ``handle`` shared, as a worker of a sharded job whose ``terms`` (its command, how
-    it splits (:func:`diffumask.distributed.job_split`) and whatever else decides which worker makes which item, and
-    how) every worker at work must share: shares started with another --shard COUNT or batch size would make some
-    items twice and others never. The worker that
-    finds none at work writes its terms to :data:`JOB_FILE` (a stale file, a killed or finished job's, is
-    overwritten, so a later job resumes with any terms); the others compare theirs. Taking the lock alone and then
-    shared lets another worker in between, which may write its own terms, so each worker compares while it holds
-    the lock shared, when no terms can change. Refused: :class:`BeingWritten`."""
+    """Take ``.running``'s lock on ``handle`` shared, as a worker of a sharded job whose ``terms`` (its command, which
+    job it is (:func:`diffumask.distributed.job_terms`) and whatever else decides which worker makes which item,
+    and how) every worker at work must share: shares started with another --shard COUNT or batch size would make
+    some items twice and others never. The worker that finds none at work writes its terms to :data:`JOB_FILE` (a
+    stale file, a killed job's, is overwritten, so a later job resumes with any terms); the others compare theirs.
+    Each try runs under the ``.lock`` file, so joining and leaving workers take turns; between tries a leaving worker
+    may end the job at work. Refused: :class:`BeingWritten`."""
     terms = json.loads(json.dumps(terms))  # tuples as lists, as they read back
     refusal = _refusal(root, alone=False)
     for attempt in range(tries):
-        if _flock_soon(handle, fcntl.LOCK_EX, 1):  # no other writer at work: this worker sets the terms
-            write_text_atomic(root / JOB_FILE, json.dumps(terms, sort_keys=True) + "\n")
-        if _flock_soon(handle, fcntl.LOCK_SH, 1):
-            try:
-                recorded = json.loads((root / JOB_FILE).read_text())
-            except (OSError, ValueError):
-                recorded = None
-            if recorded == terms:
-                return
-            fcntl.flock(handle, fcntl.LOCK_UN)  # perhaps a reader's probe kept this worker from writing the terms
-            refusal = _other_terms(root, recorded, terms)
+        with _held(root / LOCK_FILE):
+            if _flock_soon(handle, fcntl.LOCK_EX, 1):  # no other writer at work: this worker sets the terms
+                write_text_atomic(root / JOB_FILE, json.dumps(terms, sort_keys=True) + "\n", sync=False)
+            if _flock_soon(handle, fcntl.LOCK_SH, 1):  # on a local file system Linux converts it in one step
+                try:
+                    recorded = json.loads((root / JOB_FILE).read_text())
+                except (OSError, ValueError):
+                    recorded = None
+                if recorded == terms:
+                    return
+                fcntl.flock(handle, fcntl.LOCK_UN)  # perhaps a reader's probe kept this worker from writing them
+                refusal = _other_terms(root, recorded, terms)
         if attempt < tries - 1:
             time.sleep(0.01 * (attempt + 1))
     raise BeingWritten(refusal)
@@ -249,13 +265,13 @@ def _join(handle: IO[str], root: Path, terms: Any, tries: int = 10) -> None:
 
 def _leave(handle: IO[str], root: Path) -> None:
     """Let go of a sharded job's shared lock on ``handle``; the job's last worker to leave removes its terms, so a
-    dataset reads the same whichever number of workers made it (a killed job's stay, until the next job's first
-    worker writes its own). Taking the lock alone without waiting drops this worker's share of it in the same step
-    (on Linux's local file systems), so of two workers leaving at once the second gets it; where it does not, the
-    terms may stay, which is harmless."""
-    if _flock_soon(handle, fcntl.LOCK_EX, 1):
-        (root / JOB_FILE).unlink(missing_ok=True)
-    fcntl.flock(handle, fcntl.LOCK_UN)
+    dataset reads the same whichever number of workers made it (a killed job's stay until the next command that
+    writes the dataset). Taking the lock alone without waiting drops this worker's share of it, and any other
+    worker at work keeps it from being taken; a few tries outlast a reader's probe."""
+    with _held(root / LOCK_FILE):
+        if _flock_soon(handle, fcntl.LOCK_EX, 5):
+            (root / JOB_FILE).unlink(missing_ok=True)
+        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _other_terms(root: Path, recorded: Any, terms: Any) -> str:
@@ -267,6 +283,9 @@ def _other_terms(root: Path, recorded: Any, terms: Any) -> str:
     if command != terms.get("command"):
         return (f"the workers of a sharded diffumask {command} are writing {root} now: wait for them to end, then "
                 f"run {terms.get('command')}")
+    if recorded.get("launch") != terms.get("launch") and {"workers", "launch"} <= recorded.keys() & terms.keys():
+        return (f"another launch of a sharded diffumask {command} (torchrun, srun) is writing {root} now: wait for it "
+                "to end, then start this one again (to run several at once, give each --shard INDEX/COUNT)")
     changed = sorted(setting_differences(recorded, terms, "job at work"),  # a method first, then the shortest
                      key=lambda line: (".method differs" not in line, len(line)))
     shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
@@ -285,8 +304,8 @@ def _refusal(root: Path, alone: bool) -> str:
             "job's workers again")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def write_text_atomic(path: Path, text: str, sync: bool = True) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), sync=sync)
 
 
 def read_manifest_text(path: Path) -> str:
@@ -523,8 +542,9 @@ class Dataset:
         # Written under the lock: never under a command at work on the folder (its first item not yet done), and
         # a command that opened it before finds the change when it takes the lock (writing).
         with _running_lock(root, (current_worker() if worker is None else worker).sharded, job):
-            write_text_atomic(root / "dataset.json", json.dumps(info, indent=1) + "\n")
-            write_label_map(root, ["background", *classes])
+            if not cls.check_resumable(root, classes, info):  # again: a job at work may have finished its first item
+                write_text_atomic(root / "dataset.json", json.dumps(info, indent=1) + "\n")
+                write_label_map(root, ["background", *classes])
         return cls(root, worker)
 
     @property
@@ -850,12 +870,8 @@ class Dataset:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the dataset's lock file (``.lock``) against the other workers of a sharded job."""
-        with open(self.root / ".lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with _held(self.root / LOCK_FILE):
+            yield
 
     @contextlib.contextmanager
     def writing(self, job: Any = None, tries: int = 10) -> Iterator[None]:

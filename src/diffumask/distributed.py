@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
@@ -26,6 +26,10 @@ T = TypeVar("T")
 
 #: (rank, world size, local rank) variables, in the order they are looked for.
 LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"))
+#: What names one launch, the same on all its workers, by the launcher's rank variable: torchrun's (and accelerate
+#: launch's) rendezvous, an srun step.
+LAUNCH_VARIABLES = {"RANK": ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"),
+                    "SLURM_PROCID": ("SLURM_JOB_ID", "SLURM_STEP_ID")}
 #: ``INDEX/COUNT``: this job's share of the work when independent jobs (a job array) split it.
 SHARD_VARIABLE = "DIFFUMASK_SHARD"
 
@@ -86,13 +90,16 @@ def current_worker(environ: Mapping[str, str] | None = None) -> Worker:
     return Worker(inner.rank * count + index, count * inner.world_size, inner.local_rank)
 
 
-def job_split(environ: Mapping[str, str] | None = None) -> dict[str, int]:
-    """What every worker of one job must share to split its work alike: the ``--shard`` COUNT of independent jobs
-    (each share may run a launcher of its own, which splits it further), else the launcher's worker count."""
+def job_terms(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What every worker of one job shares, and a worker of another job beside it does not: the ``--shard`` COUNT
+    of independent jobs (each share may run a launcher of its own, which splits it further); else the launcher's
+    size and which launch it is (torchrun's rendezvous, the srun step), so a second launch beside the first differs."""
     environ = os.environ if environ is None else environ
     if SHARD_VARIABLE in environ:
         return {"shares": parse_shard(environ[SHARD_VARIABLE], SHARD_VARIABLE)[1]}
-    return {"workers": launcher_worker(environ).world_size}
+    launcher = next((rank for rank, size, _ in LAUNCHER_VARIABLES if rank in environ and size in environ), None)
+    launch = {name: environ.get(name) for name in LAUNCH_VARIABLES.get(launcher, ())}
+    return {"workers": launcher_worker(environ).world_size, "launch": launch}
 
 
 def launcher_worker(environ: Mapping[str, str] | None = None) -> Worker:
@@ -145,6 +152,6 @@ def require_torch_launcher(command: str) -> None:
                           "Slurm: srun torchrun …, one task per node)")
 
 
-__all__ = ["SHARD_VARIABLE", "Worker", "current_worker", "job_split", "launcher_worker", "parse_shard", "require_no_shard",
+__all__ = ["SHARD_VARIABLE", "Worker", "current_worker", "job_terms", "launcher_worker", "parse_shard", "require_no_shard",
            "require_one_process", "require_torch_launcher"]
 

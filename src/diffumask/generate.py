@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attention import ImageMaps, check_pipeline, trace, word_locator
 from .dataset import BARE_DATASET, IMAGE_FORMATS, BackgroundWriter, BeingWritten, Dataset
-from .distributed import current_worker, job_split
+from .distributed import current_worker, job_terms
 from .errors import ConfigError, check_sequences
 from .masks import threshold_masks
 from .masks.threshold import PAPER_THRESHOLD, check_band
@@ -416,7 +416,7 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     compose_fingerprint = _digest((bank.compose, bank.pairs))
     fresh = not Path(config.out).exists()
     # What every worker of a sharded job must share: the dataset's settings, and what splits the work items.
-    job = {"command": "generate", **job_split(), "batch_size": config.batch_size,
+    job = {"command": "generate", **job_terms(), "batch_size": config.batch_size,
            "images_per_class": config.images_per_class, "compose": config.compose, "dataset": dataset_info(config)}
     dataset = Dataset.create(config.out, config.classes, dataset_info(config)["settings"],
                              image_format=config.image_format, job=job)

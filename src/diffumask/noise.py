@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .dataset import CUT_SUFFIX, IGNORE_INDEX, NOISE_FOLDER, Dataset, scored_masks, write_text_atomic
-from .distributed import Worker, current_worker, require_no_shard, require_torch_launcher
+from .distributed import Worker, current_worker, job_terms, require_no_shard, require_torch_launcher
 from .errors import ConfigError, DiffumaskError, one_line
 from .formats import open_source
 from .segment.data import label_lut
@@ -297,7 +297,8 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
     if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
         raise DiffumaskError(f"{dataset.root} has no mask for {len(missing)} item(s) (e.g. {missing[0]}); filter "
                              "needs a dataset with masks (SegmentationClass)")
-    with dataset.writing():  # validate and readers tell this job in flight from a killed one's leftovers
+    # validate and readers tell this job in flight from a killed one's leftovers; a second launch beside it is refused
+    with dataset.writing({"command": "filter", **job_terms()}):
         trained = 0
         if recut:
             if unscored := [r["id"] for r in records if "score" not in (r.get("noise") or {})]:

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .dataset import REFINE_FOLDER, Dataset, write_text_atomic
-from .distributed import current_worker, job_split
+from .distributed import current_worker, job_terms
 from .errors import ConfigError, DiffumaskError, check_sequences
 from .masks.adaptive import best_gamma, pool_counts, sweep_around
 from .masks.affinity import (AffinityConfig, AffinityNet, build_affinity_net, load_affinity_weights,
@@ -306,7 +306,7 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if config.uses_affinity:
         params["affinity_train_steps"] = config.affinity.train_steps_for(len(records))
     # validate and readers tell this job in flight from a killed one's leftovers; a sharded job's workers share params
-    with dataset.writing({"command": "refine", **job_split(), "refine": params}):
+    with dataset.writing({"command": "refine", **job_terms(), "refine": params}):
         if not worker.sharded:  # other workers may be writing: a pending mask may be theirs, the manifest growing
             with dataset.lock():
                 dataset.recover_masks()  # a mask a killed run committed but did not rename yet
