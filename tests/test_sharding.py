@@ -71,7 +71,9 @@ def test_a_share_of_independent_jobs_splits_again_under_a_launcher():
     step = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0"}
     assert job_terms(step) == {"workers": 8, "launch": {"SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0"}}
     torchrun = {"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}
+    assert job_terms(torchrun) == {"workers": 4, "launch": {"MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}}
     assert job_terms(torchrun) == job_terms({**torchrun, "RANK": "3", "LOCAL_RANK": "3"})  # one launch, any worker
+    assert job_terms(torchrun) == job_terms({**torchrun, "MASTER_ADDR": "10.0.0.1"})  # a static rendezvous' nodes
     assert job_terms(torchrun) != job_terms({**torchrun, "MASTER_PORT": "29501"})  # a second launch beside it
     assert job_terms({}) == {"workers": 1, "launch": {}}
 

@@ -27,8 +27,9 @@ T = TypeVar("T")
 #: (rank, world size, local rank) variables, in the order they are looked for.
 LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"))
 #: What names one launch, the same on all its workers, by the launcher's rank variable: torchrun's (and accelerate
-#: launch's) rendezvous, an srun step.
-LAUNCH_VARIABLES = {"RANK": ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"),
+#: launch's) rendezvous, an srun step. Not MASTER_ADDR: a static rendezvous gives each node the text it was started
+#: with (10.0.0.1 on one, node0 on another); two launches on one host take two ports.
+LAUNCH_VARIABLES = {"RANK": ("MASTER_PORT", "TORCHELASTIC_RUN_ID"),
                     "SLURM_PROCID": ("SLURM_JOB_ID", "SLURM_STEP_ID")}
 #: ``INDEX/COUNT``: this job's share of the work when independent jobs (a job array) split it.
 SHARD_VARIABLE = "DIFFUMASK_SHARD"
