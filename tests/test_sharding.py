@@ -372,9 +372,10 @@ def test_a_command_run_alone_and_a_sharded_job_never_write_one_dataset_at_once(t
                 f"diffumask: error: a diffumask command run as one process is writing {out} now: wait for it to end, "
                 "then start this job's workers again\n")
         assert snapshot(out) == before and out.is_dir()
-    (out / ".job.json").write_text('{"command": "generate", "shares": 2}')  # a killed job's terms
+    (out / ".job.json").write_text('{"command": "generate", "shares": 2}')  # a killed job's terms and rank lock
+    (out / ".worker.1.lock").touch()
     assert main(["refine", str(out), "--method", "threshold", "--workers", "1", "--quiet"]) == 0
-    assert not (out / ".job.json").exists()  # gone with the next command to write the dataset
+    assert not [p for p in (".job.json", ".worker.1.lock") if (out / p).exists()]  # gone with the next writer
 
 
 def joined_terms(monkeypatch) -> list:
@@ -428,6 +429,11 @@ def test_a_share_started_with_other_terms_than_the_job_at_work_is_refused(tmp_pa
                 f"({difference}); the workers of one job run the same command but for --shard's INDEX: start this one "
                 "so, or wait for the job to end\n")
         assert snapshot(out) == before  # dataset.json keeps share 0's seed
+        assert main(["generate", *args, "--batch-size", "1", "--shard", "0/2"]) == 2  # share 0 again, beside itself
+        assert capsys.readouterr().err == (
+            f"diffumask: error: the sharded job's worker 0 (of 2) is writing {out} already: its share or launch was "
+            "started twice; let that run end, then re-run it to resume what is left\n")
+        assert snapshot(out) == before
         with monkeypatch.context() as patch:  # the job's other share, under a launcher of its own
             patch.setenv("RANK", "1")
             patch.setenv("WORLD_SIZE", "2")

@@ -13,6 +13,7 @@ Layout (Pascal VOC compatible, plus soft maps and a manifest)::
       .running                      every command writing the dataset holds a lock on it (shared by a sharded
                                     job's workers, alone otherwise)
       .job.json                     the terms every worker of the sharded job at work must share (Dataset.writing)
+      .worker.<rank>.lock           held by that worker of the sharded job at work
 
 Every file is written under a temporary name, flushed to the disk (``fsync``) and renamed, and the
 folder is synced after the rename; an item counts as finished only once its manifest line is
@@ -59,6 +60,7 @@ OBJECT_FOLDER = "SegmentationObject"  # optional per-item instance numbers (VOC'
 SKIPPED_FILE = ".skipped"  # ids a run chose not to write (flagged="skip"), one per line
 RUNNING_FILE = ".running"  # a command writing the dataset holds a lock on it (Dataset.writing)
 JOB_FILE = ".job.json"  # the terms of the sharded job writing the dataset, which each of its workers must share
+WORKER_LOCK = ".worker.{rank}.lock"  # held by a sharded job's worker of that rank while it writes, so it runs once
 LOCK_FILE = ".lock"  # held for short steps of a sharded job's workers: merging the manifest, joining the job
 _APPENDING = threading.Lock()  # one process's manifest appends, one at a time (a Dataset must pickle: no lock in it)
 JPEG_QUALITY = 95  # of images written as JPEG (at 4:4:4: colours do not bleed across object edges)
@@ -214,25 +216,52 @@ def _held(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _running_lock(root: Path, sharded: bool, job: Any, tries: int = 10) -> Iterator[None]:
+def _running_lock(root: Path, worker: Worker, job: Any, tries: int = 10) -> Iterator[None]:
     """Hold ``.running``'s lock while the block runs: alone for a command run as one process, without waiting
-    beyond the tries (half a second in all), and then a killed sharded job's terms go; shared for a worker of a
-    sharded job on the terms ``job`` (:func:`_join`). Opened for reading and writing: NFSv4 takes flock as a POSIX
-    lock, which asks for the mode of the lock (EBADF otherwise). Refused: :class:`BeingWritten`."""
+    beyond the tries (half a second in all), and then a killed sharded job's files go; shared for a worker of a
+    sharded job on the terms ``job`` (:func:`_join`), which also holds its rank's own lock (:func:`_own_rank`).
+    Opened for reading and writing: NFSv4 takes flock as a POSIX lock, which asks for the mode of the lock (EBADF
+    otherwise). Refused: :class:`BeingWritten`."""
     with open(root / RUNNING_FILE, "a+") as handle:
-        if sharded:
-            _join(handle, root, job, tries)
-        elif not _flock_soon(handle, fcntl.LOCK_EX, tries):
-            raise BeingWritten(_refusal(root, alone=True))
-        else:
-            (root / JOB_FILE).unlink(missing_ok=True)
+        if not worker.sharded:
+            if not _flock_soon(handle, fcntl.LOCK_EX, tries):
+                raise BeingWritten(_refusal(root, alone=True))
+            _remove_job_files(root)
+            try:
+                yield
+            finally:  # released now, though a forked child (a data loader's worker) still holds the file
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+        _join(handle, root, job, tries)
+        try:
+            with _own_rank(root, worker):
+                yield
+        finally:
+            _leave(handle, root)
+
+
+@contextlib.contextmanager
+def _own_rank(root: Path, worker: Worker) -> Iterator[None]:
+    """Hold the lock of this worker's rank: a share (or a launch) started twice beside itself joins on the same
+    terms, and would make its items twice. Taken after joining and let go before leaving, so a worker holds it only
+    while it holds ``.running`` shared, and the job's last worker may remove the file (:func:`_leave`)."""
+    with open(root / WORKER_LOCK.format(rank=worker.rank), "a") as handle:
+        if not _flock_soon(handle, fcntl.LOCK_EX, 5):
+            raise BeingWritten(f"the sharded job's worker {worker.rank} (of {worker.world_size}) is writing {root} "
+                               "already: its share or launch was started twice; let that run end, then re-run it to "
+                               "resume what is left")
         try:
             yield
-        finally:  # released now, though a forked child (a data loader's worker) still holds the file
-            if sharded:
-                _leave(handle, root)
-            else:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_job_files(root: Path) -> None:
+    """Remove a sharded job's terms and its workers' rank locks, as one holding ``.running`` alone may: no worker of
+    the job is at work."""
+    (root / JOB_FILE).unlink(missing_ok=True)
+    for path in root.glob(WORKER_LOCK.format(rank="*")):
+        path.unlink(missing_ok=True)
 
 
 def _join(handle: IO[str], root: Path, terms: Any, tries: int = 10) -> None:
@@ -264,16 +293,16 @@ def _join(handle: IO[str], root: Path, terms: Any, tries: int = 10) -> None:
 
 
 def _leave(handle: IO[str], root: Path) -> None:
-    """Let go of a sharded job's shared lock on ``handle``; the job's last worker to leave removes its terms, so a
-    dataset reads the same whichever number of workers made it (a killed job's stay until the next command that
-    writes the dataset). Taking the lock alone without waiting drops this worker's share of it, and any other
+    """Let go of a sharded job's shared lock on ``handle``; the job's last worker to leave removes its terms and rank
+    locks, so a dataset reads the same whichever number of workers made it (a killed job's stay until the next
+    command that writes the dataset). Taking the lock alone without waiting drops this worker's share of it, and any other
     worker at work keeps it from being taken; a few tries outlast a reader's probe. Each try runs under the ``.lock``
     file, where a new job's first worker writes its terms and takes its share at once, so a later try never
     removes them; the waits between tries do not hold up the other workers."""
     for attempt in range(5):
         with _held(root / LOCK_FILE):
             if _flock_soon(handle, fcntl.LOCK_EX, 1):
-                (root / JOB_FILE).unlink(missing_ok=True)
+                _remove_job_files(root)
                 break
         time.sleep(0.01 * (attempt + 1))
     fcntl.flock(handle, fcntl.LOCK_UN)
@@ -546,7 +575,7 @@ class Dataset:
         root.mkdir(parents=True, exist_ok=True)
         # Written under the lock: never under a command at work on the folder (its first item not yet done), and
         # a command that opened it before finds the change when it takes the lock (writing).
-        with _running_lock(root, (current_worker() if worker is None else worker).sharded, job):
+        with _running_lock(root, current_worker() if worker is None else worker, job):
             if not cls.check_resumable(root, classes, info):  # again: a job at work may have finished its first item
                 write_text_atomic(root / "dataset.json", json.dumps(info, indent=1) + "\n")
                 write_label_map(root, ["background", *classes])
@@ -887,7 +916,7 @@ class Dataset:
         (:class:`BeingWritten`; :meth:`create` asks the same before it re-initialises a folder with no finished
         item), and so is a writer that finds dataset.json changed since it opened the dataset (another command
         re-initialised it in between, before either held the lock)."""
-        with _running_lock(self.root, self.worker.sharded, job, tries):
+        with _running_lock(self.root, self.worker, job, tries):
             try:
                 now = json.loads((self.root / "dataset.json").read_text())
             except (OSError, ValueError):
