@@ -418,7 +418,8 @@ def test_a_share_started_with_other_terms_than_the_job_at_work_is_refused(tmp_pa
     capsys.readouterr()
     with Dataset(out, worker=Worker(0, 2)).writing(terms):
         before = snapshot(out)
-        for extra, difference in ((["--batch-size", "1", "--shard", "1/3"], "shares differs: 2 in the job at work, 3 now"),
+        for extra, difference in ((["--batch-size", "1", "--shard", "1/3"],
+                                   "shares differs: 2 in the job at work, 3 now"),
                                   (["--batch-size", "2", "--shard", "1/2"],
                                    "batch_size differs: 1 in the job at work, 2 now"),
                                   (["--batch-size", "1", "--shard", "1/2", "--seed", "7"],

@@ -295,10 +295,10 @@ def _join(handle: IO[str], root: Path, terms: Any, tries: int = 10) -> None:
 def _leave(handle: IO[str], root: Path) -> None:
     """Let go of a sharded job's shared lock on ``handle``; the job's last worker to leave removes its terms and rank
     locks, so a dataset reads the same whichever number of workers made it (a killed job's stay until the next
-    command that writes the dataset). Taking the lock alone without waiting drops this worker's share of it, and any other
-    worker at work keeps it from being taken; a few tries outlast a reader's probe. Each try runs under the ``.lock``
-    file, where a new job's first worker writes its terms and takes its share at once, so a later try never
-    removes them; the waits between tries do not hold up the other workers."""
+    command that writes the dataset). Taking the lock alone without waiting drops this worker's share of it, and
+    any other worker at work keeps it from being taken; a few tries outlast a reader's probe. Each try runs under
+    the ``.lock`` file, where a new job's first worker writes its terms and takes its share at once, so a later try
+    never removes them; the waits between tries do not hold up the other workers."""
     for attempt in range(5):
         with _held(root / LOCK_FILE):
             if _flock_soon(handle, fcntl.LOCK_EX, 1):

@@ -153,6 +153,6 @@ def require_torch_launcher(command: str) -> None:
                           "Slurm: srun torchrun …, one task per node)")
 
 
-__all__ = ["SHARD_VARIABLE", "Worker", "current_worker", "job_terms", "launcher_worker", "parse_shard", "require_no_shard",
-           "require_one_process", "require_torch_launcher"]
+__all__ = ["SHARD_VARIABLE", "Worker", "current_worker", "job_terms", "launcher_worker", "parse_shard",
+           "require_no_shard", "require_one_process", "require_torch_launcher"]
 
