@@ -257,6 +257,53 @@ def test_export_refuses_a_taken_folder_and_a_non_dataset(mixed, tmp_path, capsys
     assert err.startswith("diffumask: error:") and "not a diffumask dataset" in err and err.count("\n") == 1
 
 
+def abandoned(parent, name: str, age: float = 60.0):
+    """A temporary folder as a killed run leaves it: a file in it, unlocked, unchanged for ``age`` seconds."""
+    path = parent / name
+    path.mkdir(parents=True)
+    (path / "part.json").write_text("{")
+    then = path.stat().st_mtime - age
+    os.utime(path, (then, then))
+    return path
+
+
+def test_a_run_removes_the_temporary_folders_killed_runs_left_and_no_other(tmp_path):
+    """A killed export or report leaves its hidden .<name>.<random>.tmp folder beside its output; the next run
+    removes those no run holds and that have not changed for a while, never one a run at work holds (its lock),
+    one made a moment ago, or another output's."""
+    import fcntl
+
+    from diffumask.dataset import temporary_folder
+
+    killed, old_cache = abandoned(tmp_path, ".out.k1ll3d.tmp"), abandoned(tmp_path, ".out.cache.x1.tmp")
+    young, other = abandoned(tmp_path, ".out.y0ung.tmp", age=0), abandoned(tmp_path, ".other.k1ll3d.tmp")
+    with temporary_folder(tmp_path, "out") as running:  # a run at work, its folder old by now
+        then = running.stat().st_mtime - 60
+        os.utime(running, (then, then))
+        with temporary_folder(tmp_path, "out") as tmp:
+            assert tmp.name.startswith(".out.") and tmp.name.endswith(".tmp") and tmp.is_dir()
+            assert not killed.exists() and not old_cache.exists()
+            assert young.is_dir() and other.is_dir() and running.is_dir()
+            probe = os.open(running, os.O_RDONLY)
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.close(probe)
+            tmp.rename(tmp_path / "out")  # renamed into place, as export does
+    with pytest.raises(KeyError), temporary_folder(tmp_path, "out") as failed:
+        raise KeyError
+    assert not failed.exists()  # a failed run's is removed at once
+
+
+def test_export_and_report_remove_what_a_killed_run_left_beside_their_output(mixed, tmp_path):
+    from diffumask.report import build_report
+
+    for name in (".coco.k1ll3d.tmp", ".coco.cache.k1ll3d.tmp", ".r_files.k1ll3d.tmp", ".r_files.old.4242.tmp"):
+        abandoned(tmp_path, name)
+    export_dataset(mixed.root, "coco", tmp_path / "coco")
+    build_report(mixed.root, tmp_path / "r.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "r.html", "r_files"]
+
+
 def test_only_the_listed_items_are_exported_each_under_its_split(mixed, tmp_path, capsys):
     """What filter kept of train, plus val: `--only filtered val`."""
     from pycocotools.coco import COCO

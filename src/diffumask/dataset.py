@@ -37,10 +37,12 @@ import concurrent.futures
 import contextlib
 import fcntl
 import functools
+import glob
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -188,6 +190,49 @@ def remove_old_temporaries(folder: Path, before: float) -> None:
         with contextlib.suppress(FileNotFoundError):  # another cleaner was first
             if path.is_file() and path.stat().st_mtime < before:
                 path.unlink()
+
+
+#: Seconds a temporary folder must stand unlocked and unchanged before a later run takes it for a killed run's.
+ABANDONED_AFTER = 10.0
+
+
+@contextlib.contextmanager
+def temporary_folder(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new hidden folder ``parent/.<prefix>.<random>.tmp`` for output renamed into place once whole; removed when
+    the block fails. Its run holds a lock on it, so the next run removes the ones killed runs left beside it
+    (:func:`_remove_abandoned`); where folders cannot be locked (NFS), none is removed."""
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}.", suffix=".tmp", dir=parent))
+    handle = os.open(tmp, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # NFS locks no folder: then no run removes it either
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(handle)
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the folders ``.<prefix>.*.tmp`` in ``parent`` that no run holds (its lock is free) and that have not
+    changed for :data:`ABANDONED_AFTER` seconds (one just made is locked a moment later)."""
+    for path in parent.glob(f".{glob.escape(prefix)}.*.tmp"):
+        try:
+            if not path.is_dir() or time.time() - path.stat().st_mtime < ABANDONED_AFTER:
+                continue
+            handle = os.open(path, os.O_RDONLY)
+        except OSError:  # removed meanwhile, or not ours to open
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a run at work holds it, or it cannot be locked here
+            os.close(handle)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(handle)
 
 
 def _flock_soon(handle: IO[Any], operation: int, tries: int) -> bool:

@@ -27,7 +27,6 @@ import csv
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from ..dataset import (IGNORE_INDEX, OBJECT_FOLDER, Dataset, plain_modes, read_index_png, read_label_map, read_rgb,
-                       voc_palette, write_text_atomic)
+                       temporary_folder, voc_palette, write_text_atomic)
 from ..errors import DiffumaskError, check_sequences
 from .names import match_names
 from .tables import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS
@@ -350,21 +349,22 @@ def _export_hf(dataset: Dataset, records: Sequence[dict[str, Any]], out: Path) -
     if {"val", "validation"} <= set(split_names):
         raise ExportError("the items hold both a 'val' and a 'validation' split, and Hugging Face's 'validation' can "
                           "only be one of them; rename one of them")
-    cache = Path(tempfile.mkdtemp(prefix=f".{out.name}.cache.", dir=out.parent))  # Arrow files, not memory
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one bar per split and shard says nothing to an export's user
-    try:
-        splits = {HF_SPLITS.get(split, split): split for split in split_names}
-        datasets.DatasetDict({name: datasets.Dataset.from_generator(
-            _hf_rows, features=features, cache_dir=str(cache), split=datasets.Split(name),
-            gen_kwargs={"root": str(dataset.root), "records": [r for r in records if r.get("split", "train") == split],
-                        "kinds": kinds}) for name, split in splits.items()}).save_to_disk(str(out))
-        id2label = dict(enumerate(read_label_map(dataset.root)))
-        write_text_atomic(out / "id2label.json", json.dumps(id2label, indent=1) + "\n")
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-        shutil.rmtree(cache, ignore_errors=True)
+    with temporary_folder(out.parent, f"{out.name}.cache") as cache:  # Arrow files, not memory
+        try:
+            splits = {HF_SPLITS.get(split, split): split for split in split_names}
+            datasets.DatasetDict({name: datasets.Dataset.from_generator(
+                _hf_rows, features=features, cache_dir=str(cache), split=datasets.Split(name),
+                gen_kwargs={"root": str(dataset.root), "kinds": kinds,
+                            "records": [r for r in records if r.get("split", "train") == split]})
+                for name, split in splits.items()}).save_to_disk(str(out))
+            id2label = dict(enumerate(read_label_map(dataset.root)))
+            write_text_atomic(out / "id2label.json", json.dumps(id2label, indent=1) + "\n")
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
+            shutil.rmtree(cache, ignore_errors=True)
     json_columns = [name for name, kind in kinds.items() if kind == "json"]
     return [f"manifest fields stored as JSON text (json.loads to read): {', '.join(json_columns)}"] if json_columns else []
 
@@ -400,9 +400,7 @@ def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLik
         raise ExportError(f"{out} is a file; --out is the folder the export is written to: choose a new one")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose a new folder for --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with temporary_folder(out.parent, out.name) as tmp:  # what a killed export left there goes first
         notes = _EXPORTERS[fmt](dataset, records, tmp)
         write_text_atomic(tmp / "export.json", json.dumps(
             {"format": fmt, "source": str(dataset.root.resolve()), "items": len(records), "only": list(only),
@@ -411,9 +409,6 @@ def export_dataset(root: str | os.PathLike[str], fmt: str, out: str | os.PathLik
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(out, fmt, len(records), notes)
 
 

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,7 +37,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..dataset import IGNORE_INDEX, Dataset, decoding, plain_modes, resize_labels, voc_palette, write_text_atomic
+from ..dataset import (IGNORE_INDEX, Dataset, decoding, plain_modes, resize_labels, temporary_folder, voc_palette,
+                       write_text_atomic)
 from ..errors import DiffumaskError
 from ..formats.export import open_dataset
 from . import plots
@@ -371,8 +371,7 @@ def build_report(dataset_root: str | os.PathLike[str], out: str | os.PathLike[st
     evaluation_summary = _evaluations(evaluations)
     html.parent.mkdir(parents=True, exist_ok=True)
     assets_name = f"{html.stem}_files"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{assets_name}.", suffix=".tmp", dir=html.parent))
-    try:
+    with temporary_folder(html.parent, assets_name) as tmp:  # what a killed report left there goes first
         names = ["background", *dataset.classes]
         stats = _Stats(len(dataset.classes))
         from tqdm.auto import tqdm
@@ -396,9 +395,6 @@ def build_report(dataset_root: str | os.PathLike[str], out: str | os.PathLike[st
             generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         plain_modes(tmp)
         _replace_folder(tmp, html.parent / assets_name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_text_atomic(html, page)
     return ReportResult(html, html.parent / assets_name, len(entries), time.perf_counter() - start)
 
