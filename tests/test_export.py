@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -258,8 +262,9 @@ def test_export_refuses_a_taken_folder_and_a_non_dataset(mixed, tmp_path, capsys
 
 
 def abandoned(parent, name: str, age: float = 60.0):
-    """A temporary folder as a killed run leaves it: a file in it, unlocked, unchanged for ``age`` seconds."""
-    path = parent / name
+    """A temporary folder as a killed run leaves it: a file in it, unlocked, unchanged for ``age`` seconds. ``{host}``
+    in ``name`` is this machine's name."""
+    path = parent / name.format(host=socket.gethostname())
     path.mkdir(parents=True)
     (path / "part.json").write_text("{")
     then = path.stat().st_mtime - age
@@ -268,22 +273,22 @@ def abandoned(parent, name: str, age: float = 60.0):
 
 
 def test_a_run_removes_the_temporary_folders_killed_runs_left_and_no_other(tmp_path):
-    """A killed export or report leaves its hidden .<name>.<random>.tmp folder beside its output; the next run
-    removes those no run holds and that have not changed for a while, never one a run at work holds (its lock),
-    one made a moment ago, or another output's."""
+    """A killed export or report leaves its hidden .<name>.<host>.<random>.tmp folder beside its output; the next
+    run removes those no run holds and that have not changed for a while, never one a run at work holds (its lock),
+    one made a moment ago, another output's, another machine's, or a folder of the user's named alike."""
     import fcntl
 
     from diffumask.dataset import temporary_folder
 
-    killed, old_cache = abandoned(tmp_path, ".out.k1ll3d.tmp"), abandoned(tmp_path, ".out.cache.x1.tmp")
-    young, other = abandoned(tmp_path, ".out.y0ung.tmp", age=0), abandoned(tmp_path, ".other.k1ll3d.tmp")
+    killed = abandoned(tmp_path, ".out.{host}.k1ll3d_0.tmp")
+    kept = [abandoned(tmp_path, ".out.{host}.y0ung000.tmp", age=0), abandoned(tmp_path, ".out.b.{host}.k1ll3d_0.tmp"),
+            abandoned(tmp_path, ".out.elsewhere.k1ll3d_0.tmp"), abandoned(tmp_path, ".out.{host}.backup.tmp")]
     with temporary_folder(tmp_path, "out") as running:  # a run at work, its folder old by now
         then = running.stat().st_mtime - 60
         os.utime(running, (then, then))
         with temporary_folder(tmp_path, "out") as tmp:
-            assert tmp.name.startswith(".out.") and tmp.name.endswith(".tmp") and tmp.is_dir()
-            assert not killed.exists() and not old_cache.exists()
-            assert young.is_dir() and other.is_dir() and running.is_dir()
+            assert tmp.name.startswith(f".out.{socket.gethostname()}.") and tmp.name.endswith(".tmp") and tmp.is_dir()
+            assert not killed.exists() and running.is_dir() and all(path.is_dir() for path in kept)
             probe = os.open(running, os.O_RDONLY)
             with pytest.raises(BlockingIOError):
                 fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -294,14 +299,41 @@ def test_a_run_removes_the_temporary_folders_killed_runs_left_and_no_other(tmp_p
     assert not failed.exists()  # a failed run's is removed at once
 
 
-def test_export_and_report_remove_what_a_killed_run_left_beside_their_output(mixed, tmp_path):
+@pytest.mark.parametrize("fmt", ["coco", "hf"])
+def test_an_export_removes_what_a_killed_export_left_beside_its_output(mixed, tmp_path, fmt):
+    """Killed while it writes (SIGKILL: nothing of its own clean-up runs), an export leaves its hidden folder (the
+    hf export's Arrow cache inside it); the next export removes it once it has stood for a while."""
+    if fmt == "hf":
+        pytest.importorskip("datasets", reason="the hf extra (pip install 'diffumask[hf]') is not installed")
+    out = tmp_path / "exports" / fmt
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal, sys
+import diffumask.formats.export as export
+killer = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+if {fmt!r} == "hf":
+    import datasets
+    datasets.Dataset.from_generator = killer
+else:
+    export.write_palette_png = export.Image.Image.save = killer
+export.export_dataset(sys.argv[1], {fmt!r}, sys.argv[2])
+""", str(mixed.root), str(out)], capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()
+    [left] = (tmp_path / "exports").iterdir()
+    assert left.name.startswith(f".{fmt}.") and left.is_dir()
+    then = time.time() - 60
+    os.utime(left, (then, then))
+    export_dataset(mixed.root, fmt, out)
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == [fmt]
+    assert not (out / ".arrow-cache").exists()
+
+
+def test_a_report_removes_what_a_killed_report_left_beside_it(mixed, tmp_path):
     from diffumask.report import build_report
 
-    for name in (".coco.k1ll3d.tmp", ".coco.cache.k1ll3d.tmp", ".r_files.k1ll3d.tmp", ".r_files.old.4242.tmp"):
+    for name in (".r_files.{host}.k1ll3d_0.tmp", ".r_files.{host}.k1ll3d_1.tmp"):  # its folder, the one it replaced
         abandoned(tmp_path, name)
-    export_dataset(mixed.root, "coco", tmp_path / "coco")
     build_report(mixed.root, tmp_path / "r.html")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "r.html", "r_files"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r_files"]
 
 
 def test_only_the_listed_items_are_exported_each_under_its_split(mixed, tmp_path, capsys):

@@ -43,6 +43,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -198,16 +199,26 @@ ABANDONED_AFTER = 10.0
 
 @contextlib.contextmanager
 def temporary_folder(parent: Path, prefix: str) -> Iterator[Path]:
-    """A new hidden folder ``parent/.<prefix>.<random>.tmp`` for output renamed into place once whole; removed when
-    the block fails. Its run holds a lock on it, so the next run removes the ones killed runs left beside it
-    (:func:`_remove_abandoned`); where folders cannot be locked (NFS), none is removed."""
+    """A new hidden folder ``parent/.<prefix>.<host>.<random>.tmp`` for output renamed into place once whole;
+    removed when the block fails. Its run holds a lock on it, so the next run on this machine removes the ones
+    killed runs left beside it (:func:`_remove_abandoned`); where folders cannot be locked (NFS), none is removed.
+    The host's name keeps a machine from removing another's: where locks are not shared between machines (NFS with
+    ``local_lock``, sshfs), a lock another machine holds is not seen."""
     parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{prefix}.{socket.gethostname()}"
     _remove_abandoned(parent, prefix)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}.", suffix=".tmp", dir=parent))
-    handle = os.open(tmp, os.O_RDONLY)
-    try:
-        with contextlib.suppress(OSError):  # NFS locks no folder: then no run removes it either
+    while True:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}.", suffix=".tmp", dir=parent))
+        handle = os.open(tmp, os.O_RDONLY)
+        try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a cleaner whose clock runs ahead is removing it: make another
+            os.close(handle)
+            continue
+        except OSError:  # NFS locks no folder: then no run removes it either
+            pass
+        break
+    try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -217,11 +228,12 @@ def temporary_folder(parent: Path, prefix: str) -> Iterator[Path]:
 
 
 def _remove_abandoned(parent: Path, prefix: str) -> None:
-    """Remove the folders ``.<prefix>.*.tmp`` in ``parent`` that no run holds (its lock is free) and that have not
-    changed for :data:`ABANDONED_AFTER` seconds (one just made is locked a moment later)."""
-    for path in parent.glob(f".{glob.escape(prefix)}.*.tmp"):
+    """Remove the folders in ``parent`` named as :func:`temporary_folder` names them after ``prefix`` (mkdtemp's
+    eight characters) that no run holds (its lock is free) and that have not changed for :data:`ABANDONED_AFTER`
+    seconds (one just made is locked a moment later)."""
+    for path in parent.glob(f".{glob.escape(prefix)}." + "[a-z0-9_]" * 8 + ".tmp"):
         try:
-            if not path.is_dir() or time.time() - path.stat().st_mtime < ABANDONED_AFTER:
+            if path.is_symlink() or not path.is_dir() or time.time() - path.stat().st_mtime < ABANDONED_AFTER:
                 continue
             handle = os.open(path, os.O_RDONLY)
         except OSError:  # removed meanwhile, or not ours to open

@@ -351,20 +351,21 @@ def _export_hf(dataset: Dataset, records: Sequence[dict[str, Any]], out: Path) -
                           "only be one of them; rename one of them")
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one bar per split and shard says nothing to an export's user
-    with temporary_folder(out.parent, f"{out.name}.cache") as cache:  # Arrow files, not memory
-        try:
-            splits = {HF_SPLITS.get(split, split): split for split in split_names}
-            datasets.DatasetDict({name: datasets.Dataset.from_generator(
-                _hf_rows, features=features, cache_dir=str(cache), split=datasets.Split(name),
-                gen_kwargs={"root": str(dataset.root), "kinds": kinds,
-                            "records": [r for r in records if r.get("split", "train") == split]})
-                for name, split in splits.items()}).save_to_disk(str(out))
-            id2label = dict(enumerate(read_label_map(dataset.root)))
-            write_text_atomic(out / "id2label.json", json.dumps(id2label, indent=1) + "\n")
-        finally:
-            if bars:
-                datasets.enable_progress_bars()
-            shutil.rmtree(cache, ignore_errors=True)
+    # Arrow files, not memory, in the export's own temporary folder: a killed export's go with it (export_dataset)
+    cache = out / ".arrow-cache"
+    try:
+        splits = {HF_SPLITS.get(split, split): split for split in split_names}
+        datasets.DatasetDict({name: datasets.Dataset.from_generator(
+            _hf_rows, features=features, cache_dir=str(cache), split=datasets.Split(name),
+            gen_kwargs={"root": str(dataset.root), "kinds": kinds,
+                        "records": [r for r in records if r.get("split", "train") == split]})
+            for name, split in splits.items()}).save_to_disk(str(out))
+        id2label = dict(enumerate(read_label_map(dataset.root)))
+        write_text_atomic(out / "id2label.json", json.dumps(id2label, indent=1) + "\n")
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+        shutil.rmtree(cache, ignore_errors=True)
     json_columns = [name for name, kind in kinds.items() if kind == "json"]
     return [f"manifest fields stored as JSON text (json.loads to read): {', '.join(json_columns)}"] if json_columns else []
 

@@ -343,14 +343,13 @@ def _templates() -> Any:
 
 
 def _replace_folder(new: Path, target: Path) -> None:
-    """Put ``new`` where ``target`` is, with no moment at which ``target`` holds a mix of both."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old.{os.getpid()}.tmp")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put ``new`` where ``target`` is, with no moment at which ``target`` holds a mix of both. The old one goes
+    through a temporary folder, which a later run removes if this one is killed before it does."""
+    with temporary_folder(target.parent, target.name) as trash:
+        if target.exists():
+            os.replace(target, trash / "old")
+        os.replace(new, target)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def build_report(dataset_root: str | os.PathLike[str], out: str | os.PathLike[str],
