@@ -416,10 +416,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     compose_fingerprint = _digest((bank.compose, bank.pairs))
     fresh = not Path(config.out).exists()
     # What every worker of a sharded job must share: the dataset's settings, and what splits the work items.
+    info = dataset_info(config)
     job = {"command": "generate", **job_terms(), "batch_size": config.batch_size,
-           "images_per_class": config.images_per_class, "compose": config.compose, "dataset": dataset_info(config)}
-    dataset = Dataset.create(config.out, config.classes, dataset_info(config)["settings"],
-                             image_format=config.image_format, job=job)
+           "images_per_class": config.images_per_class, "compose": config.compose, "dataset": info}
+    dataset = Dataset.create(config.out, config.classes, info["settings"], image_format=config.image_format, job=job)
     if config.compose:
         _check_compose_templates_unchanged(dataset, compose_fingerprint)
     done = dataset.finished_ids()
