@@ -498,6 +498,44 @@ def test_a_sharded_worker_joins_a_job_only_on_its_terms(tmp_path):
         handle.close()
 
 
+HOLD_AND_FORK = """
+import multiprocessing, sys, time
+from diffumask.dataset import Dataset
+from diffumask.distributed import Worker
+sharded = sys.argv[2] == "1"
+with Dataset(sys.argv[1], worker=Worker(0, 2) if sharded else Worker()).writing({"command": "filter"}):
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))  # as a data loader forks
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["alone", "sharded"])
+def test_a_forked_child_does_not_keep_a_killed_writers_lock(tmp_path, sharded):
+    """filter forks data loader workers while it holds the dataset; a flock belongs to the open file, which a fork
+    shares, so after filter was killed outright its orphaned workers held the dataset for seconds and the re-run was
+    told that another command was writing. The child's copies of the locks are dropped at the fork."""
+    import signal
+
+    root = Dataset.create(tmp_path / "d", ["dog"], {}, worker=Worker()).root
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(root), str(int(sharded))],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the forked child lives on
+        if sharded:  # the killed worker's share run again: its rank's lock is free
+            with Dataset(root, worker=Worker(0, 2)).writing({"command": "filter"}):
+                pass
+        with Dataset(root, worker=Worker()).writing():
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        holder.stdout.close()
+
+
 def test_a_writer_that_finds_its_dataset_re_initialised_since_it_opened_it_is_refused(tmp_path):
     """Two commands started together on a folder with no finished item each re-initialise it before either holds
     the lock: the one whose settings dataset.json no longer holds is refused when it takes the lock."""

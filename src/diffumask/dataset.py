@@ -193,6 +193,38 @@ def remove_old_temporaries(folder: Path, before: float) -> None:
                 path.unlink()
 
 
+#: Descriptors of the locks this process holds for a whole command, which a forked child must not keep.
+_HELD_LOCKS: set[int] = set()
+
+
+@contextlib.contextmanager
+def _not_inherited(descriptor: int) -> Iterator[None]:
+    """Keep a forked child (a data loader's worker, forked while ``filter`` trains its fold models) from holding
+    the lock on ``descriptor`` while the block runs: a flock belongs to the open file, which a fork shares, so a
+    child outliving a parent killed outright held the dataset for seconds, and the re-run was told that another
+    command was writing."""
+    _HELD_LOCKS.add(descriptor)
+    try:
+        yield
+    finally:
+        _HELD_LOCKS.discard(descriptor)
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: point each held lock's descriptor at /dev/null (the number stays valid for the parent's
+    objects the child holds), so the lock lives and ends with the parent alone."""
+    if not _HELD_LOCKS:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for descriptor in _HELD_LOCKS:
+        os.dup2(null, descriptor, inheritable=False)
+    os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 #: Seconds a temporary folder must stand unlocked and unchanged before a later run takes it for a killed run's.
 ABANDONED_AFTER = 10.0
 
@@ -219,7 +251,8 @@ def temporary_folder(parent: Path, prefix: str) -> Iterator[Path]:
             pass
         break
     try:
-        yield tmp
+        with _not_inherited(handle):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -279,14 +312,14 @@ def _running_lock(root: Path, worker: Worker, job: Any, tries: int = 10) -> Iter
     sharded job on the terms ``job`` (:func:`_join`), which also holds its rank's own lock (:func:`_own_rank`).
     Opened for reading and writing: NFSv4 takes flock as a POSIX lock, which asks for the mode of the lock (EBADF
     otherwise). Refused: :class:`BeingWritten`."""
-    with open(root / RUNNING_FILE, "a+") as handle:
+    with open(root / RUNNING_FILE, "a+") as handle, _not_inherited(handle.fileno()):
         if not worker.sharded:
             if not _flock_soon(handle, fcntl.LOCK_EX, tries):
                 raise BeingWritten(_refusal(root, alone=True))
             _remove_job_files(root)
             try:
                 yield
-            finally:  # released now, though a forked child (a data loader's worker) still holds the file
+            finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
             return
         _join(handle, root, job, tries)
@@ -302,7 +335,7 @@ def _own_rank(root: Path, worker: Worker) -> Iterator[None]:
     """Hold the lock of this worker's rank: a share (or a launch) started twice beside itself joins on the same
     terms, and would make its items twice. Taken after joining and let go before leaving, so a worker holds it only
     while it holds ``.running`` shared, and the job's last worker may remove the file (:func:`_leave`)."""
-    with open(root / WORKER_LOCK.format(rank=worker.rank), "a") as handle:
+    with open(root / WORKER_LOCK.format(rank=worker.rank), "a") as handle, _not_inherited(handle.fileno()):
         if not _flock_soon(handle, fcntl.LOCK_EX, 5):
             raise BeingWritten(f"the sharded job's worker {worker.rank} (of {worker.world_size}) is writing {root} "
                                "already: its share or launch was started twice; let that run end, then re-run it to "
