@@ -615,3 +615,29 @@ def test_an_error_from_a_dataloader_worker_prints_as_its_own_message():
             next(iter(torch.utils.data.DataLoader(_Failing(error), num_workers=1)))
         assert "Traceback" in str(raised.value) and one_line(raised.value) == str(error)
     assert one_line(ValueError("plain")) == "plain"
+
+
+def test_sigterm_to_the_command_and_its_loader_workers_stops_train_as_ctrl_c_does(shapes_data, tmp_path):
+    """``timeout``, ``scancel`` and launchers signal every process of the job, the loader's workers too; killed by
+    SIGTERM, a worker made torch raise "DataLoader worker ... is killed by signal" over train's clean stop."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "diffumask", "train", str(shapes_data), "--steps", "100000", "--batch-size", "4",
+               "--crop", "32", "--workers", "2", "--out", str(out), "--quiet"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        log = out / "train_log.jsonl"  # written empty at the start, its first entry after 10 steps
+        while not (log.exists() and log.stat().st_size) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # the loader's workers are at work
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert err == "diffumask: terminated; the last checkpoint is kept, re-run the same command to resume\n"
+    assert process.returncode == 143

@@ -94,6 +94,14 @@ def _worker_setup(parent: int) -> None:
     threading.Thread(target=_exit_after, args=(parent,), name="diffumask-parent-watch", daemon=True).start()
 
 
+def loader_worker_setup(worker_id: int) -> None:
+    """A torch data loader's ``worker_init_fn``. SIGTERM (``timeout``, ``scancel``, a launcher's teardown) reaches the
+    loader's workers with the command; killed by it, a worker made torch raise "DataLoader worker ... is killed by
+    signal" in the parent over its clean stop, a traceback in place of the one line. Taken as ^C, the worker ends
+    quietly (torch's worker loop stops on KeyboardInterrupt) and the parent stops the run as it does on ^C."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _exit_after(parent: int) -> None:
     """Wait for ``parent`` to end, then end this process. A parent killed outright (SIGKILL, an OOM kill, a
     torchrun teardown) left its workers waiting for tasks forever, and with them the forkserver they hold open,
@@ -185,4 +193,5 @@ def ordered(pool: Executor, tasks: Iterable[T], prepare: Callable[[T], Any],
 
 _END: Any = object()
 
-__all__ = ["InlineExecutor", "available_cores", "check_workers", "cpu_pool", "ordered", "reuse_freed_memory"]
+__all__ = ["InlineExecutor", "available_cores", "check_workers", "cpu_pool", "loader_worker_setup", "ordered",
+           "reuse_freed_memory"]
