@@ -116,7 +116,6 @@ def main() -> None:
             compose=per_class if args.compose else 0, batch_size=args.batch, steps=args.steps, size=args.size,
             writers=args.writers, device=args.device, dtype=args.dtype,
         )
-        started = time.perf_counter()
         generate_dataset(config, pipe, progress=False)
         finished = time.perf_counter()
     generate_calls, pipe.calls = pipe.calls, []

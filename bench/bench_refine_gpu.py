@@ -52,7 +52,9 @@ def main() -> None:
         refine_dataset(warm_up, RefineConfig(method="threshold", crf=True), progress=False, redo=True,
                        device=args.device, workers=args.workers, device_crf=True)  # CUDA's start, the CRF's imports
         shutil.rmtree(warm_up)
-        for row in args.methods.split(","):
+        rows = args.methods.split(",")
+        width = max(map(len, rows))
+        for row in rows:
             copy = Path(scratch) / row
             shutil.copytree(args.dataset, copy)
             options, device_crf = ROWS[row]
@@ -60,13 +62,13 @@ def main() -> None:
                 result = refine_dataset(copy, RefineConfig(**options), progress=False, redo=True,
                                         device=args.device, workers=args.workers, device_crf=device_crf)
             except Exception as error:  # one row's failure must not cost the others' figures on a lent GPU
-                print(f"{row:22s} failed: {type(error).__name__}: {error}", flush=True)
+                print(f"{row:{width}s} failed: {type(error).__name__}: {error}", flush=True)
                 continue
             finally:
                 shutil.rmtree(copy)
             per_image = result.seconds / max(result.refined, 1)
             extra = f"; AffinityNet seeds + training {result.train_seconds:.1f} s" if result.train_seconds else ""
-            print(f"{row:22s} {per_image * 1000:8.1f} ms/image over {result.refined} images{extra}", flush=True)
+            print(f"{row:{width}s} {per_image * 1000:8.1f} ms/image over {result.refined} images{extra}", flush=True)
 
 
 if __name__ == "__main__":

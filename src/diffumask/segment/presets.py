@@ -17,7 +17,6 @@ from typing import Any
 
 from ..errors import ConfigError
 
-FAMILIES = ("segformer", "mask2former")
 COMPOSITES = ("mosaic", "paste", "occlusion")  # augmentations that make one sample of several items
 
 
