@@ -19,7 +19,7 @@ from dataset_factory import snapshot
 
 from diffumask.cli import main
 from diffumask.dataset import Dataset, voc_palette
-from diffumask.errors import DiffumaskError
+from diffumask.errors import ConfigError, DiffumaskError
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.validate import validate_dataset
 
@@ -370,6 +370,24 @@ def test_an_empty_class_name_between_commas_is_refused(tmp_path, capsys):
         "list each name once, e.g. dog,cat")
     args = build_parser().parse_args(["generate", "--classes", " circle, star ,", "--out", "d"])
     assert args.classes == ["circle", "star"]
+
+
+def test_classes_whose_item_ids_would_be_the_same_are_refused(tmp_path, saved_pipelines, capsys):
+    """"red car" and "red-car" are two words to the tokenizer, but ids keep only ASCII letters and digits: the second
+    class's items took the first's ids, so a run made one class's items and called itself complete."""
+    from diffumask.generate import work_items
+
+    out = tmp_path / "d"
+    code = run_cli("generate", "--model", saved_pipelines["sd1"], "--classes", "red car,red-car", "--out", str(out),
+                   "--quiet", "--steps", "1")
+    assert_clean_failure(capsys, out, code, "classes 'red car' and 'red-car' would share the item ids red_car_NNNNNN")
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="'café' and 'caf' would share"):
+        work_items(["café", "caf"], 1, 0)
+    names = ["potted plant", "tv/monitor", "café", "dining table"]
+    items = work_items(names, 2, 0, compose=1)
+    assert len({item.id for item in items}) == len(items) == 12
+    assert [item.id for item in items[:2]] == ["potted_plant_000000", "potted_plant_000001"]  # as ids always were
 
 
 @pytest.mark.parametrize("extra, fragment", [

@@ -224,7 +224,14 @@ def class_slug(name: str) -> str:
 
 def work_items(classes: Sequence[str], images_per_class: int, base_seed: int, compose: int = 0) -> list[WorkItem]:
     """Every item of a run: ``images_per_class`` single-class items per class, then ``compose``
-    multi-class ones per class (ids ``<class>-compose-<k>``: slugs have no '-', so they never clash)."""
+    multi-class ones per class (ids ``<class>-compose-<k>``: slugs have no '-', so they never clash). Two classes
+    whose slugs are the same are refused: the second's items took the first's ids, so they were never made."""
+    named: dict[str, str] = {}
+    for name in classes:
+        first = named.setdefault(class_slug(name), name)
+        if first != name:
+            raise ConfigError(f"classes {first!r} and {name!r} would share the item ids {class_slug(name)}_NNNNNN (ids "
+                              "keep only the ASCII letters and digits of a class's name): rename one of them")
     single = [WorkItem(f"{class_slug(c)}_{k:06d}", c, k, item_seed(base_seed, c, k))
               for c in classes for k in range(images_per_class)]
     composed = [WorkItem(f"{class_slug(c)}-compose-{k:06d}", c, k, item_seed(base_seed, f"compose/{c}", k), True)
