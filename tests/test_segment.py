@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -623,7 +624,6 @@ def test_sigterm_to_the_command_and_its_loader_workers_stops_train_as_ctrl_c_doe
     import signal
     import subprocess
     import sys
-    import time
 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "diffumask", "train", str(shapes_data), "--steps", "100000", "--batch-size", "4",
@@ -641,3 +641,32 @@ def test_sigterm_to_the_command_and_its_loader_workers_stops_train_as_ctrl_c_doe
             os.killpg(process.pid, signal.SIGKILL)
     assert err == "diffumask: terminated; the last checkpoint is kept, re-run the same command to resume\n"
     assert process.returncode == 143
+
+
+def _setup_after_a_while(worker_id: int) -> None:
+    from diffumask.workers import loader_worker_setup
+
+    time.sleep(1.0)  # the moment between a worker's fork and its handler, made long
+    loader_worker_setup(worker_id)
+
+
+@pytest.mark.parametrize("when", ["before its handler", "twice"])
+def test_a_loader_worker_signalled_by_another_process_ends_quietly(when):
+    """A worker killed by SIGTERM, or one whose own exit a second SIGTERM interrupted, made torch raise in the parent
+    over the command's clean stop. Signalled by another process (``timeout``, ``scancel``), before the handler is in
+    place (torch's own lets a worker die by a SIGTERM that is not its parent's) or twice at once (as a ``timeout``
+    inside a job relays the job's), it ends with 0."""
+    import subprocess
+
+    from diffumask.workers import loader_worker_setup, start_loader
+
+    setup = _setup_after_a_while if when == "before its handler" else loader_worker_setup
+    for _ in range(1 if when == "before its handler" else 20):  # two at once hit the worker's exit now and then
+        batches = start_loader(torch.utils.data.DataLoader(range(64), num_workers=1, worker_init_fn=setup))
+        worker = batches._workers[0]
+        if when == "twice":
+            next(batches)  # at work, its handler in place
+        subprocess.run(["sh", "-c", f"kill -TERM {worker.pid}; kill -TERM {worker.pid} 2>/dev/null"], check=True)
+        worker.join(30)
+        assert worker.exitcode == 0
+        del batches

@@ -95,11 +95,34 @@ def _worker_setup(parent: int) -> None:
 
 
 def loader_worker_setup(worker_id: int) -> None:
-    """A torch data loader's ``worker_init_fn``. SIGTERM (``timeout``, ``scancel``, a launcher's teardown) reaches the
-    loader's workers with the command; killed by it, a worker made torch raise "DataLoader worker ... is killed by
-    signal" in the parent over its clean stop, a traceback in place of the one line. Taken as ^C, the worker ends
-    quietly (torch's worker loop stops on KeyboardInterrupt) and the parent stops the run as it does on ^C."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    """A torch data loader's ``worker_init_fn`` (its loader started by :func:`start_loader`). SIGTERM (``timeout``,
+    ``scancel``, a launcher's teardown) reaches the loader's workers with the command; killed by it, a worker made
+    torch raise "DataLoader worker ... is killed by signal" in the parent over its clean stop, a traceback in place of
+    the one line. Taken as ^C, the worker ends quietly (torch's worker loop stops on KeyboardInterrupt) and the
+    parent stops the run as it does on ^C. A SIGTERM that came since the fork, held until now, is taken here."""
+    signal.signal(signal.SIGTERM, _stop_loader_worker)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _stop_loader_worker(signum: int, frame: Any) -> None:
+    """Once: a second SIGTERM (launchers repeat it; a ``timeout`` inside a job relays the job's) interrupted the
+    worker's own exit, which torch reported in the parent as a worker that "exited unexpectedly"."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def start_loader(loader: Iterable[T]) -> Iterator[T]:
+    """``iter(loader)``, its worker processes forked holding SIGTERM until :func:`loader_worker_setup` has put its
+    handler in place: before that, torch's own handler let a worker die by a SIGTERM that came from anyone but its
+    parent, and torch raised over the parent's clean stop."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _exit_after(parent: int) -> None:
@@ -194,4 +217,4 @@ def ordered(pool: Executor, tasks: Iterable[T], prepare: Callable[[T], Any],
 _END: Any = object()
 
 __all__ = ["InlineExecutor", "available_cores", "check_workers", "cpu_pool", "loader_worker_setup", "ordered",
-           "reuse_freed_memory"]
+           "reuse_freed_memory", "start_loader"]

@@ -25,7 +25,7 @@ from ..distributed import require_torch_launcher
 from ..errors import ConfigError, check_sequences
 from ..formats import open_source
 from ..models import check_device
-from ..workers import loader_worker_setup
+from ..workers import loader_worker_setup, start_loader
 from .data import StepBatches, TrainingSamples, check_augment, open_splits, union_classes
 from .model import Segmenter, build_segmenter, init_from
 from .presets import Preset, get_preset, uses_composites
@@ -209,7 +209,7 @@ def _train(config: TrainConfig, progress: bool, on_step: Callable[[int], None] |
     losses: list[torch.Tensor] = []
     tick = began = time.perf_counter()
     model.train()
-    for step, (pixels, labels) in zip(range(start, schedule.steps), loader):
+    for step, (pixels, labels) in zip(range(start, schedule.steps), start_loader(loader)):
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout / drop-path: the same on resume
         pixels = pixels.to(accelerator.device, non_blocking=True)
         labels = labels.to(accelerator.device, non_blocking=True)

@@ -33,7 +33,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from ..errors import ConfigError
 from ..models import is_shapes_folder
-from ..workers import loader_worker_setup
+from ..workers import loader_worker_setup, start_loader
 from .model import (DIT_CONFIG, DIT_SCHEDULER_CONFIG, SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, ShapesDiTPipeline,
                     ShapesPipeline, build_pipeline, load_pipeline)
 from .world import COUNT_PROBS, Scene, caption_for, render_scene
@@ -236,7 +236,7 @@ def _train(out: str | Path, settings: TrainSettings | None, command: str | None)
     log = log_path.open("w")
     start = time.time()
     step = 0
-    for step, (images, captions) in enumerate(scene_batches(s), start=1):
+    for step, (images, captions) in enumerate(start_loader(scene_batches(s)), start=1):
         images = images.to(device, non_blocking=True)
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
