@@ -127,6 +127,23 @@ def test_report_replaces_an_older_one_whole(refined, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_a_report_named_with_a_urls_characters_links_its_files(refined, tmp_path):
+    """'#' and '%' in a page's name are a URL's fragment and escapes: "r #1.html" linked "r #1_files/items.js", which
+    a browser reads as the file "r " and the fragment "1_files/…", so the page loaded no script and no image."""
+    import urllib.parse
+
+    out = tmp_path / "r #%1 é.html"
+    build_report(refined.root, out, page_size=5)
+    data = _items_js(out)
+    urls = re.findall(r'src="([^"]+)"', out.read_text()) + [f"{data['meta']['assets']}/{item['f']}.jpg"
+                                                             for item in data["items"]]
+    assert len(urls) > N_ITEMS and not [url for url in urls if "#" in url]
+    assert not [url for url in urls if not (tmp_path / urllib.parse.unquote(url)).is_file()]
+    if find_chromium() is not None:
+        page = load_page(out.resolve().as_uri())
+        assert page.errors == [] and page.ready and page.cards == 5
+
+
 def test_report_bad_input_is_a_one_line_error(refined, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")

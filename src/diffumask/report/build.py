@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -370,6 +371,7 @@ def build_report(dataset_root: str | os.PathLike[str], out: str | os.PathLike[st
     evaluation_summary = _evaluations(evaluations)
     html.parent.mkdir(parents=True, exist_ok=True)
     assets_name = f"{html.stem}_files"
+    assets_url = urllib.parse.quote(assets_name)  # a page named "r #1.html": '#' and '%' are not a path's in a URL
     with temporary_folder(html.parent, assets_name) as tmp:  # what a killed report left there goes first
         names = ["background", *dataset.classes]
         stats = _Stats(len(dataset.classes))
@@ -380,7 +382,7 @@ def build_report(dataset_root: str | os.PathLike[str], out: str | os.PathLike[st
         figures = _fig2(dataset, records, names, tmp, fig2_items)
         palette = voc_palette()
         meta = {"names": names, "colors": [list(palette[k]) for k in range(len(names))], "pageSize": page_size,
-                "assets": assets_name, "noise": any(e["z"] is not None for e in entries)}
+                "assets": assets_url, "noise": any(e["z"] is not None for e in entries)}
         write_text_atomic(tmp / "items.js", "window.DIFFUMASK = " + json.dumps({"meta": meta, "items": entries},
                                                                                separators=(",", ":")) + ";\n")
         splits = Counter(e["s"] for e in entries)
@@ -388,8 +390,9 @@ def build_report(dataset_root: str | os.PathLike[str], out: str | os.PathLike[st
             title=dataset.root.name, root=str(dataset.root), items=len(entries), splits=dict(splits),
             classes=_class_table(stats, names), ignored=(stats.total_ignored / stats.total_pixels)
             if stats.total_pixels else None, with_masks=sum(e["a"] is not None for e in entries),
-            with_maps=sum(any(isinstance(v, int) for v in e["v"]) for e in entries), settings=dataset.settings, assets=assets_name,
-            fig3=_gamma_curves(dataset, records, names), fig2=figures, refine=_refine_summary(records),
+            with_maps=sum(any(isinstance(v, int) for v in e["v"]) for e in entries), settings=dataset.settings,
+            assets=assets_name, assets_url=assets_url, fig3=_gamma_curves(dataset, records, names), fig2=figures,
+            refine=_refine_summary(records),
             noise=_noise_summary(entries), runs=run_summaries, evaluation=evaluation_summary, meta=meta,
             generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         plain_modes(tmp)
