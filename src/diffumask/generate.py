@@ -231,8 +231,8 @@ def work_items(classes: Sequence[str], images_per_class: int, base_seed: int, co
         first = named.setdefault(class_slug(name), name)
         if first != name:
             raise ConfigError(f"classes {first!r} and {name!r} would share the item ids {class_slug(name)}_NNNNNN (ids "
-                              "keep only the ASCII letters and digits of a class's name): rename one of them, with another --out "
-                              "where a dataset was made with both")
+                              "keep only the ASCII letters and digits of a class's name): rename one of them, with "
+                              "another --out where a dataset was made with both")
     single = [WorkItem(f"{class_slug(c)}_{k:06d}", c, k, item_seed(base_seed, c, k))
               for c in classes for k in range(images_per_class)]
     composed = [WorkItem(f"{class_slug(c)}-compose-{k:06d}", c, k, item_seed(base_seed, f"compose/{c}", k), True)
