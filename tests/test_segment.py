@@ -643,11 +643,8 @@ def test_sigterm_to_the_command_and_its_loader_workers_stops_train_as_ctrl_c_doe
     assert process.returncode == 143
 
 
-def _setup_after_a_while(worker_id: int) -> None:
-    from diffumask.workers import loader_worker_setup
-
-    time.sleep(1.0)  # the moment between a worker's fork and its handler, made long
-    loader_worker_setup(worker_id)
+def _a_while(worker_id: int) -> None:
+    time.sleep(1.0)  # the moment between a worker's fork and its SIGTERM handler, made long
 
 
 @pytest.mark.parametrize("when", ["before its handler", "twice"])
@@ -658,9 +655,9 @@ def test_a_loader_worker_signalled_by_another_process_ends_quietly(when):
     inside a job relays the job's), it ends with 0."""
     import subprocess
 
-    from diffumask.workers import loader_worker_setup, start_loader
+    from diffumask.workers import start_loader
 
-    setup = _setup_after_a_while if when == "before its handler" else loader_worker_setup
+    setup = _a_while if when == "before its handler" else None
     for _ in range(1 if when == "before its handler" else 20):  # two at once hit the worker's exit now and then
         batches = start_loader(torch.utils.data.DataLoader(range(64), num_workers=1, worker_init_fn=setup))
         worker = batches._workers[0]

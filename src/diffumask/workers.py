@@ -9,6 +9,7 @@ lines) — and a bounded number of items is in flight, so memory stays flat howe
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing
 import os
 import select
@@ -94,12 +95,27 @@ def _worker_setup(parent: int) -> None:
     threading.Thread(target=_exit_after, args=(parent,), name="diffumask-parent-watch", daemon=True).start()
 
 
-def loader_worker_setup(worker_id: int) -> None:
-    """A torch data loader's ``worker_init_fn`` (its loader started by :func:`start_loader`). SIGTERM (``timeout``,
-    ``scancel``, a launcher's teardown) reaches the loader's workers with the command; killed by it, a worker made
-    torch raise "DataLoader worker ... is killed by signal" in the parent over its clean stop, a traceback in place of
-    the one line. Taken as ^C, the worker ends quietly (torch's worker loop stops on KeyboardInterrupt) and the
-    parent stops the run as it does on ^C. A SIGTERM that came since the fork, held until now, is taken here."""
+def start_loader(loader: Any) -> Iterator[Any]:
+    """``iter(loader)`` (a torch DataLoader) whose worker processes end as ^C ends them on SIGTERM. ``timeout``,
+    ``scancel`` and a launcher's teardown signal the command's loader workers with it; killed by the signal, a worker
+    made torch raise "DataLoader worker ... is killed by signal" in the parent over its clean stop, a traceback in
+    place of the one line. The workers are forked holding SIGTERM until their handler is in place (before it,
+    torch's own let a worker die by a SIGTERM that came from anyone but its parent)."""
+    loader.worker_init_fn = functools.partial(_loader_worker_setup, loader.worker_init_fn)
+    if not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _loader_worker_setup(then: Callable[[int], None] | None, worker_id: int) -> None:
+    """A loader worker's start (after the loader's own ``worker_init_fn``, ``then``, which runs with SIGTERM still
+    held): SIGTERM taken as ^C, on which torch's worker loop ends quietly; one that came since the fork is taken now."""
+    if then is not None:
+        then(worker_id)
     signal.signal(signal.SIGTERM, _stop_loader_worker)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
@@ -110,19 +126,6 @@ def _stop_loader_worker(signum: int, frame: Any) -> None:
     worker's own exit, which torch reported in the parent as a worker that "exited unexpectedly"."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
-
-
-def start_loader(loader: Iterable[T]) -> Iterator[T]:
-    """``iter(loader)``, its worker processes forked holding SIGTERM until :func:`loader_worker_setup` has put its
-    handler in place: before that, torch's own handler let a worker die by a SIGTERM that came from anyone but its
-    parent, and torch raised over the parent's clean stop."""
-    if not hasattr(signal, "pthread_sigmask"):
-        return iter(loader)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _exit_after(parent: int) -> None:
@@ -216,5 +219,5 @@ def ordered(pool: Executor, tasks: Iterable[T], prepare: Callable[[T], Any],
 
 _END: Any = object()
 
-__all__ = ["InlineExecutor", "available_cores", "check_workers", "cpu_pool", "loader_worker_setup", "ordered",
-           "reuse_freed_memory", "start_loader"]
+__all__ = ["InlineExecutor", "available_cores", "check_workers", "cpu_pool", "ordered", "reuse_freed_memory",
+           "start_loader"]

@@ -25,7 +25,7 @@ from ..distributed import require_torch_launcher
 from ..errors import ConfigError, check_sequences
 from ..formats import open_source
 from ..models import check_device
-from ..workers import loader_worker_setup, start_loader
+from ..workers import start_loader
 from .data import StepBatches, TrainingSamples, check_augment, open_splits, union_classes
 from .model import Segmenter, build_segmenter, init_from
 from .presets import Preset, get_preset, uses_composites
@@ -202,7 +202,7 @@ def _train(config: TrainConfig, progress: bool, on_step: Callable[[int], None] |
 
     batches = StepBatches(start, schedule.steps, schedule.batch_size, accelerator.process_index,
                           accelerator.num_processes)
-    loader = DataLoader(samples, batch_sampler=batches, num_workers=config.workers, worker_init_fn=loader_worker_setup,
+    loader = DataLoader(samples, batch_sampler=batches, num_workers=config.workers,
                         persistent_workers=False, pin_memory=accelerator.device.type == "cuda")
     bar = tqdm(total=schedule.steps, initial=start, unit="step", disable=not (progress and accelerator.is_main_process),
                desc="train")

@@ -33,7 +33,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from ..errors import ConfigError
 from ..models import is_shapes_folder
-from ..workers import loader_worker_setup, start_loader
+from ..workers import start_loader
 from .model import (DIT_CONFIG, DIT_SCHEDULER_CONFIG, SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, ShapesDiTPipeline,
                     ShapesPipeline, build_pipeline, load_pipeline)
 from .world import COUNT_PROBS, Scene, caption_for, render_scene
@@ -165,7 +165,6 @@ def scene_batches(s: TrainSettings) -> torch.utils.data.DataLoader:
     """Steps 1, 2, …'s (images, captions), rendered in ``s.loader_workers`` processes (or in the loop). The loader
     seeds its workers from a generator of its own, so the model's random draws are those of a run without it."""
     return torch.utils.data.DataLoader(_Batches(s), batch_size=None, num_workers=s.loader_workers,
-                                       worker_init_fn=loader_worker_setup,
                                        pin_memory=torch.device(s.device).type == "cuda", generator=torch.Generator())
 
 
