@@ -214,6 +214,75 @@ def test_resume_after_kill_and_extend(tmp_path, sd1_pipe, monkeypatch):
     assert len(Dataset(out).records()) == 10
 
 
+def _lines_without_revs(manifest: bytes) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "rev"} for line in manifest.splitlines()]
+
+
+def test_a_re_run_makes_again_the_items_whose_files_are_gone(tmp_path, sd1_pipe, monkeypatch):
+    """A finished item that lost its image, mask or soft maps (a disk fault, a file deleted by hand) stopped train
+    and export with a bare 'No such file or directory', and a re-run took it for done. A re-run makes it again,
+    byte for byte; one killed at it leaves the items marked lost (left out by readers, the job not complete,
+    named by validate), and the next finishes them."""
+    reference = tmp_path / "reference"
+    generate_dataset(config(reference), pipe=sd1_pipe, progress=False)
+    out = tmp_path / "damaged"
+    shutil.copytree(reference, out)
+    ids = [r["id"] for r in Dataset(out).records()]
+    gone = {ids[0]: ("image", f"JPEGImages/{ids[0]}.jpg"), ids[3]: ("mask", f"SegmentationClass/{ids[3]}.png"),
+            ids[5]: ("soft maps", f"SoftMaps/{ids[5]}.npz")}
+    for _, path in gone.values():
+        (out / path).unlink()
+    real_write = Dataset.write_item
+
+    def dying_write(self, item_id, *args, **kwargs):
+        raise KeyboardInterrupt  # killed before it made the first one again
+
+    monkeypatch.setattr(Dataset, "write_item", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    monkeypatch.setattr(Dataset, "write_item", real_write)
+    dataset = Dataset(out)
+    assert [r["id"] for r in dataset.records()] == [i for i in ids if i not in gone]
+    assert not dataset.is_complete(set(ids))
+    assert dataset.unfinished().startswith(f"3 of its items lost their files (e.g. {ids[0]}: image missing")
+    stopped = "a run making the item again stopped before it had; re-run it to finish"
+    assert sorted(map(str, validate_dataset(out)[0])) == sorted(
+        f"{item_id}: {what} missing ({path}): {stopped}" for item_id, (what, path) in gone.items())
+
+    generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    assert validate_dataset(out)[0] == []
+    after, before = snapshot(out), snapshot(reference)
+    assert _lines_without_revs(after.pop("manifest.jsonl")) == _lines_without_revs(before.pop("manifest.jsonl"))
+    assert after == before
+    assert [r.get("rev", 0) for r in Dataset(out).records()] == [2 if i in gone else 0 for i in ids]
+
+
+def test_an_item_made_again_in_a_refined_dataset_is_refined_by_the_next_refine(tmp_path, sd1_pipe):
+    """Refined in place, an item's line has a higher rev than generate's: the remade item's line must still
+    supersede it (else the manifest would say 'refined' of a raw mask), and the same refine run again refines it
+    alone, to the mask it had."""
+    from diffumask.dataset import MissingItemFile
+    from diffumask.refine import RefineConfig, refine_dataset
+
+    reference = tmp_path / "reference"
+    generate_dataset(config(reference), pipe=sd1_pipe, progress=False)
+    refine_dataset(reference, RefineConfig(method="threshold"), progress=False)
+    out = tmp_path / "damaged"
+    shutil.copytree(reference, out)
+    lost = Dataset(out).records()[2]["id"]
+    (out / "SegmentationClass" / f"{lost}.png").unlink()
+    with pytest.raises(MissingItemFile, match=rf"^item {lost} of {re.escape(str(out))} lost its mask \(SegmentationClass/"
+                       rf"{lost}.png\); `diffumask validate .*` lists every damaged item, .* then refine again"):
+        Dataset(out).read_mask(lost)
+    generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    remade = next(r for r in Dataset(out).records() if r["id"] == lost)
+    assert "refine" not in remade and remade["rev"] == 3  # over the refined line's 1 and the mark's 2
+    assert refine_dataset(out, RefineConfig(method="threshold"), progress=False).refined == 1
+    after, before = snapshot(out), snapshot(reference)
+    assert _lines_without_revs(after.pop("manifest.jsonl")) == _lines_without_revs(before.pop("manifest.jsonl"))
+    assert after == before
+
+
 def test_batch_equals_single(tmp_path, sd1_pipe):
     batched = generate_dataset(config(tmp_path / "b", batch_size=3), pipe=sd1_pipe, progress=False)
     single = generate_dataset(config(tmp_path / "s", batch_size=1), pipe=sd1_pipe, progress=False)

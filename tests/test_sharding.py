@@ -194,6 +194,44 @@ def test_resume_with_another_number_of_workers(tmp_path, sd1_pipe, monkeypatch):
     assert snapshot(out) == snapshot(reference)
 
 
+def test_lost_items_are_made_again_by_their_workers_and_hold_the_merge_until_then(tmp_path, sd1_pipe, monkeypatch):
+    """Items whose image is gone, one in each worker's share (batches of 2: batch 0 is worker 0's, batch 1 worker
+    1's). Worker 0 marks its own lost and is killed; worker 1 makes its own again and must not take the job for
+    complete and merge the shards (worker 0's item is not made yet); worker 0, resumed, finishes and merges."""
+    import shutil
+
+    reference = tmp_path / "one"
+    generate_dataset(config(reference), pipe=sd1_pipe, progress=False)
+    out = tmp_path / "sharded"
+    shutil.copytree(reference, out)
+    ids = [r["id"] for r in Dataset(out).records()]
+    for item_id in (ids[0], ids[2]):
+        (out / "JPEGImages" / f"{item_id}.jpg").unlink()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    real_write = Dataset.write_item
+
+    def dying_write(self, item_id, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Dataset, "write_item", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    monkeypatch.setattr(Dataset, "write_item", real_write)
+    monkeypatch.setenv("RANK", "1")
+    generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    dataset = Dataset(out)
+    assert [p.name for p in dataset.shard_paths()] == ["manifest.0.jsonl", "manifest.1.jsonl"]  # not merged
+    assert {r["id"] for r in dataset.records()} == set(ids) - {ids[0]}
+    monkeypatch.setenv("RANK", "0")
+    generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    after, before = snapshot(out), snapshot(reference)
+    revs = [json.loads(line).pop("rev", 0) for line in after["manifest.jsonl"].splitlines()]
+    assert revs == [2 if i in (ids[0], ids[2]) else 0 for i in ids]
+    assert after.pop("manifest.jsonl").replace(b', "rev": 2', b"") == before.pop("manifest.jsonl")
+    assert after == before and validate_dataset(out)[0] == []
+
+
 def test_a_sharded_generate_says_it_finished_its_share_or_the_dataset(tmp_path, saved_pipelines, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

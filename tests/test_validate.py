@@ -124,11 +124,14 @@ def _shards_only(root: Path) -> None:
         split.unlink()
 
 
+REMADE = ": run again the command that made the dataset to make the item again"
 BREAKS = {
-    "missing image": (_remove("JPEGImages/item_0000.png"), ["item_0000: image missing (JPEGImages/item_0000.png)"]),
+    "missing image": (_remove("JPEGImages/item_0000.png"),
+                      [f"item_0000: image missing (JPEGImages/item_0000.png){REMADE}"]),
     "missing mask": (_remove("SegmentationClass/item_0004.png"),
-                     ["item_0004: mask missing (SegmentationClass/item_0004.png)"]),
-    "missing soft maps": (_remove("SoftMaps/item_0005.npz"), ["item_0005: soft maps missing (SoftMaps/item_0005.npz)"]),
+                     [f"item_0004: mask missing (SegmentationClass/item_0004.png){REMADE}"]),
+    "missing soft maps": (_remove("SoftMaps/item_0005.npz"),
+                          [f"item_0005: soft maps missing (SoftMaps/item_0005.npz){REMADE}"]),
     "mask size": (_bigger_mask, ["item_0002: mask is 48x50 but the image is 48x48"]),
     "object map size": (_small_objects, ["item_0004: object map is 40x48 but the image is 48x48"]),
     "label values": (_bad_label, ["item_0003: mask values [7, 200] are neither classes of classes.json (0..6) nor 255"]),
@@ -163,7 +166,7 @@ BREAKS = {
         "not): re-run refine to finish, do not delete it"]),
     "broken item in a shard": (_broken_item_in_a_shard, [
         "manifest.0.jsonl:7: torn last line (a killed write); the next run will drop it",
-        "item_0004: mask missing (SegmentationClass/item_0004.png)",
+        f"item_0004: mask missing (SegmentationClass/item_0004.png){REMADE}",
         "manifest.0.jsonl: manifest shard not merged into manifest.jsonl: 6 finished item(s), 6 not listed there yet "
         "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
         "manifest.orig.jsonl: not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never merged; move it "
@@ -340,17 +343,19 @@ def test_a_read_only_dataset_is_validated_and_its_writer_still_seen(sound, tmp_p
     assert validate_dataset(root) == ([], 6)
 
 
+def _writer(command: str, tmp_path: Path) -> Callable[[], Path]:
+    """A run of ``augment`` or ``shapes export`` into ``tmp_path/out``, to be repeated."""
+    if command == "augment":
+        source = make_dataset(tmp_path / "source", n=4, size=32, soft_maps=False).root
+        return lambda: augment_dataset(source, tmp_path / "out", AugmentConfig(grids=(1,), items=3), progress=False).root
+    return lambda: export_world(tmp_path / "out", 3, 1, 0, size=32)
+
+
 @pytest.mark.parametrize("command", ["augment", "shapes export"])
 def test_a_rerun_removes_what_a_killed_ones_writes_left(tmp_path, command):
     """As generate and refine do: once every item is written, the temporary files a kill left are gone (validate
     says to re-run the command for them)."""
-    if command == "augment":
-        source = make_dataset(tmp_path / "source", n=4, size=32, soft_maps=False).root
-        def run() -> Path:
-            return augment_dataset(source, tmp_path / "out", AugmentConfig(grids=(1,), items=3), progress=False).root
-    else:
-        def run() -> Path:
-            return export_world(tmp_path / "out", 3, 1, 0, size=32)
+    run = _writer(command, tmp_path)
     root = run()
     first = Dataset(root).records()[0]["id"]
     (root / "manifest.jsonl").write_text("".join((root / "manifest.jsonl").read_text().splitlines(True)[:-1]))
@@ -362,6 +367,25 @@ def test_a_rerun_removes_what_a_killed_ones_writes_left(tmp_path, command):
     assert validate_dataset(root)[0]
     run()
     assert not [path for path in leftovers if path.exists()] and validate_dataset(root)[0] == []
+
+
+@pytest.mark.parametrize("command", ["augment", "shapes export"])
+def test_a_rerun_makes_again_the_items_whose_files_are_gone(tmp_path, command):
+    """As generate does: an item whose image or mask is gone is made again, byte for byte, its line superseding the
+    old one (validate said to run the command again for it)."""
+    run = _writer(command, tmp_path)
+    root = run()
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    ids = [r["id"] for r in Dataset(root).records()]
+    (root / "JPEGImages" / f"{ids[0]}.png").unlink()
+    (root / "SegmentationClass" / f"{ids[-1]}.png").unlink()
+    assert [p.where for p in validate_dataset(root)[0]] == [ids[0], ids[-1]]
+    run()
+    after = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    manifest = Path("manifest.jsonl")
+    assert after.pop(manifest).replace(b', "rev": 2', b"") == before.pop(manifest) and after == before
+    assert [r.get("rev", 0) for r in Dataset(root).records()] == [2] + [0] * (len(ids) - 2) + [2]
+    assert validate_dataset(root)[0] == []
 
 
 def test_every_command_that_writes_a_dataset_says_so_while_it_runs(tmp_path, sd1_pipe, monkeypatch):
@@ -401,3 +425,25 @@ def test_not_a_dataset_is_a_one_line_error(tmp_path, capsys):
         assert main(command) == 2, command
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{missing} does not exist; give the folder of a" in err[0], (command, err)
+
+
+@pytest.mark.parametrize("what, command", [
+    ("image", ["export", "{root}", "--format", "coco", "--out", "{tmp}/coco"]),
+    ("mask", ["train", "{root}", "--out", "{tmp}/run", "--steps", "1", "--quiet"]),
+    ("soft maps", ["refine", "{root}", "--method", "threshold", "--quiet"]),
+    ("mask", ["augment", "{root}", "--out", "{tmp}/aug", "--quiet"]),
+    ("mask", ["filter", "{root}", "--quiet"]),
+])
+def test_a_lost_file_stops_a_command_in_one_line_that_names_the_item_and_the_fix(sound, tmp_path, capsys, what,
+                                                                                command):
+    """A finished item whose file is gone stopped export, augment and train with the system's bare 'No such file or
+    directory', and refine with 'refine needs a dataset made by `diffumask generate`' (it was)."""
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+    path = {"image": "JPEGImages/item_0002.png", "mask": "SegmentationClass/item_0002.png",
+            "soft maps": "SoftMaps/item_0002.npz"}[what]
+    (root / path).unlink()
+    assert main([part.format(root=root, tmp=tmp_path) for part in command]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"diffumask: error: item item_0002 of {root} lost its {what} ({path}); `diffumask validate {root}` lists every "
+        "damaged item, and running again the command that made the dataset makes them again")

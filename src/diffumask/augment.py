@@ -284,10 +284,8 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
                              f"the manifest lacks (e.g. {min(unknown)}); write the list again (filter --recut)")
     if not records:
         raise DiffumaskError(f"{dataset.root} holds no finished items in split {config.split!r} to augment")
-    if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
-        raise DiffumaskError(f"{dataset.root} has no mask for {len(missing)} item(s) (e.g. {missing[0]}); augment "
-                             "needs a dataset with masks (SegmentationClass)")
     ids = [r["id"] for r in records]
+    dataset.require_files(ids, "mask", "augment needs a dataset with masks (SegmentationClass)")
     size = config.size or dataset.read_image(ids[0]).shape[0]
     config = dataclasses.replace(config, size=size, items=config.items or len(ids))
     recorded = dataclasses.asdict(config)
@@ -297,13 +295,13 @@ def augment_dataset(source: str | Path, out: str | Path, config: AugmentConfig, 
     if config.split not in {r.get("split", "train") for r in everything}:  # a selection (filter's) may be cut again
         settings["source_ids"] = hashlib.sha256("".join(f"{i}\n" for i in sorted(ids)).encode()).hexdigest()[:16]
     target = Dataset.create(out, dataset.classes, settings, image_format=dataset.image_format, worker=Worker())
-    done = target.finished_ids()
 
     def read(item_id: str) -> Pair:
         return dataset.read_image(item_id), dataset.read_mask(item_id)
 
     every = [f"aug_{i:06d}" for i in range(config.items)]
     with target.writing():  # validate and readers tell this job in flight from a killed one's leftovers
+        done = target.finished_whole(every)  # an item whose files are gone is made again
         todo = [i for i, item_id in enumerate(every) if item_id not in done]
         for index in tqdm(todo, desc="augment", unit="img", disable=not progress, dynamic_ncols=True):
             image, labels, made = augment_item(index, ids, read, config, size)

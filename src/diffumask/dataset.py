@@ -47,6 +47,8 @@ import socket
 import tempfile
 import threading
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -68,6 +70,7 @@ LOCK_FILE = ".lock"  # held for short steps of a sharded job's workers: merging 
 _APPENDING = threading.Lock()  # one process's manifest appends, one at a time (a Dataset must pickle: no lock in it)
 JPEG_QUALITY = 95  # of images written as JPEG (at 4:4:4: colours do not bleed across object edges)
 PENDING_MASK = ".pending.png"  # SegmentationClass/.<id>.pending.png: a rewritten mask not yet renamed into place
+LOST = "lost"  # a manifest line's key: the item's files went missing and a run makes it again (Dataset.finished_whole)
 IMAGE_FORMATS = ("jpg", "png")
 #: The folders of one file per item, with the suffixes their files take.
 ITEM_FOLDERS = {"JPEGImages": tuple(f".{f}" for f in IMAGE_FORMATS), "SegmentationClass": (".png",),
@@ -88,6 +91,10 @@ class BeingWritten(DiffumaskError):
 
 class NotADataset(DiffumaskError, FileNotFoundError):
     """A folder given as a dataset is not one (or its label map / settings cannot be read)."""
+
+
+class MissingItemFile(UnreadableFile, FileNotFoundError):
+    """A finished item's image, mask or soft maps are gone from the disk: named, with the fix."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -459,27 +466,30 @@ def write_palette_png(path: Path, mask: np.ndarray) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+REPLACE_FILE = "replace the file, or drop its item from the manifest"
+
+
 @contextlib.contextmanager
-def decoding(path: Path) -> Iterator[None]:
-    """Turn a decoder's failure on a damaged file into an error that names the file and the fix."""
+def decoding(path: Path, fix: str = REPLACE_FILE) -> Iterator[None]:
+    """Turn a decoder's failure on a damaged file into an error that names the file and ``fix``."""
     try:
         yield
-    except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated or unidentified data, bad chunks
+    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # PIL: truncated
+        # or unidentified data, bad chunks; numpy's .npz: a truncated or corrupt archive
         if isinstance(error, UnreadableFile) or getattr(error, "errno", None) is not None:
             raise  # the system's own errors (missing file, permissions) say what they are
-        raise UnreadableFile(f"{path} cannot be read ({error}); replace the file, or drop its item from the "
-                             "manifest") from None
+        raise UnreadableFile(f"{path} cannot be read ({error}); {fix}") from None
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path, fix: str = REPLACE_FILE) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB."""
-    with decoding(path), Image.open(path) as image:
+    with decoding(path, fix), Image.open(path) as image:
         return np.array(image.convert("RGB"))
 
 
-def read_index_png(path: Path) -> np.ndarray:
+def read_index_png(path: Path, fix: str = REPLACE_FILE) -> np.ndarray:
     """Read a palette (or grey) PNG back as class indices, never as colours."""
-    with decoding(path), Image.open(path) as image:
+    with decoding(path, fix), Image.open(path) as image:
         if image.mode not in ("P", "L"):
             raise UnreadableFile(f"{path} is a {image.mode} image, not a class-index PNG")
         return np.array(image)
@@ -557,6 +567,7 @@ class Dataset:
         self.root = Path(root)
         self.worker = current_worker() if worker is None else worker  # whose manifest shard appends go to
         self.opened = time.time()  # what a job that opened it now may take as left over from before
+        self._remade: dict[str, int] = {}  # lost items this run makes again → the rev their new line takes
         if not self.root.exists():
             raise NotADataset(f"{self.root} does not exist; give the folder of a dataset `diffumask generate` made")
         if not (self.root / "classes.json").is_file():
@@ -740,14 +751,54 @@ class Dataset:
 
         Read-only: a torn last line is skipped here and cut by the next writer.
         """
-        return [r for r in self._latest() if not r.get("flagged")]
+        return [r for r in self._latest() if not r.get("flagged") and not r.get(LOST)]
 
     def flagged_records(self) -> list[dict[str, Any]]:
         return [r for r in self._latest() if r.get("flagged")]
 
     def finished_ids(self) -> set[str]:
-        """Ids a re-run need not make again: written items and flagged ones."""
-        return {r["id"] for r in self._latest()}
+        """Ids a re-run need not make again: written items and flagged ones (not those marked lost)."""
+        return {r["id"] for r in self._latest() if not r.get(LOST)}
+
+    def finished_whole(self, share: Iterable[str]) -> set[str]:
+        """The finished ids a re-run keeps: :meth:`finished_ids`, less those of ``share`` (the items this run makes)
+        whose image, mask or soft maps are gone (a disk fault, a file deleted by hand), so a re-run makes them again.
+
+        Each such item first gets a line marking it lost, so no reader takes it and no worker of a sharded job takes
+        the job for complete (and merges the shards under this one) until it is made again; its new line then
+        supersedes the mark (a higher ``rev``, however often the item was rewritten before). An item a stopped run
+        marked is made again too. Folders are listed once: no file is opened."""
+        latest = {r["id"]: r for r in self._latest()}
+        present = {name: _names(self.root / name) for name in ("JPEGImages", "SegmentationClass", "SoftMaps")}
+        marks, remade = [], {}
+        for item_id in share:
+            record = latest.get(item_id)
+            if record is None or record.get("flagged"):
+                continue
+            if not record.get(LOST):
+                if (gone := self._gone(item_id, present)) is None:
+                    continue
+                record = {"id": item_id, "split": record.get("split", "train"), "rev": record.get("rev", 0) + 1,
+                          LOST: gone}
+                marks.append(record)
+            remade[item_id] = record["rev"] + 1
+        if marks:
+            with self.lock():  # not while another worker merges the shards: it would remove a mark unread
+                for record in marks:
+                    self._append_record(record)
+        self._remade.update(remade)
+        return {item_id for item_id, record in latest.items() if not record.get(LOST)} - set(remade)
+
+    def _gone(self, item_id: str, present: Mapping[str, set[str]]) -> str | None:
+        """Which file of a finished item is gone, if one is (its soft maps only where the dataset keeps them)."""
+        wanted = [("image", self.image_path(item_id)), ("mask", self.mask_path(item_id))]
+        if present["SoftMaps"]:
+            wanted.append(("soft maps", self.soft_maps_path(item_id)))
+        for what, path in wanted:
+            staged = what == "mask" and self.pending_mask_path(item_id).name in present["SegmentationClass"]
+            if path.name not in present[path.parent.name] and not staged:
+                return f"{what} missing ({path.relative_to(self.root)})"
+        return None
 
     def _repair_manifest(self) -> None:
         """Cut a torn last line (a run killed mid-append) of this process's manifest file, so the next
@@ -768,6 +819,8 @@ class Dataset:
             os.fsync(f.fileno())
 
     def _append_record(self, record: Mapping[str, Any]) -> None:
+        if (rev := self._remade.pop(record["id"], None)) is not None:  # a lost item made again
+            record = {**record, "rev": max(rev, record.get("rev", 0))}
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with _APPENDING:  # several writer threads append lines (and repair a torn one) in turn
             self._repair_manifest()
@@ -864,6 +917,9 @@ class Dataset:
                     "the items finished so far: re-run that command, with any number of workers, to finish")
         pending = (self.root / "SegmentationClass").glob(f".*{PENDING_MASK}")
         lines = self._lines()
+        if lost := [r for r in self._latest(lines) if r.get(LOST)]:
+            return (f"{len(lost)} of its items lost their files (e.g. {lost[0]['id']}: {lost[0][LOST]}) and the run "
+                    "making them again stopped before its end, so they are left out: re-run it to finish")
         if next(pending, None) is not None or len(lines) != len({line["id"] for line in lines}):
             return ("a refine on it stopped before its end, so some items hold refined masks and the others earlier "
                     "ones: re-run the same refine to finish")
@@ -1053,9 +1109,10 @@ class Dataset:
             records = self.records()
             finished = self.finished_ids() if complete is not None else set()
             if complete is not None and complete <= finished | self.skipped_ids():
-                if self.shard_paths() or finished <= set(order or ()):  # items beyond the job keep their place:
-                    self.compact(order)  # a smaller re-run does not reorder the manifest
-                    records = self.records()
+                # One line per item (a lost item made again had three), in ``order`` unless items beyond the job
+                # have their places: a smaller re-run does not reorder the manifest.
+                self.compact(order if self.shard_paths() or finished <= set(order or ()) else None)
+                records = self.records()
                 self.remove_interrupted_writes(complete & finished)  # a skipped item's is a live retry
             if order is not None:
                 rank = {item_id: i for i, item_id in enumerate(order)}
@@ -1069,10 +1126,14 @@ class Dataset:
 
     # ----------------------------------------------------------------- reading
     def read_image(self, item_id: str) -> np.ndarray:
-        return read_rgb(self.image_path(item_id))
+        path = self.image_path(item_id)
+        with self._item_file(item_id, "image", path):
+            return read_rgb(path, self._remake_fix(item_id))
 
     def read_mask(self, item_id: str) -> np.ndarray:
-        return read_index_png(self.current_mask_path(item_id))
+        path = self.current_mask_path(item_id)
+        with self._item_file(item_id, "mask", path):
+            return read_index_png(path, self._remake_fix(item_id))
 
     def read_soft_maps(self, item_id: str, keys: Iterable[str] | None = None,
                        fused: bool = True) -> dict[str, np.ndarray]:
@@ -1080,8 +1141,47 @@ class Dataset:
         :mod:`diffumask.softmaps`); only ``keys`` (those present) when given, since the self-attention
         matrix costs more to read than everything else a fixed-γ refine does; ``fused=False`` skips the
         fused maps that would be recomputed from the stored grids."""
-        with np.load(self.soft_maps_path(item_id)) as data:
-            return softmaps.unpack(data, keys, fused)
+        path = self.soft_maps_path(item_id)
+        with self._item_file(item_id, "soft maps", path), decoding(path, self._remake_fix(item_id)):
+            with np.load(path) as data:
+                return softmaps.unpack(data, keys, fused)
+
+    @contextlib.contextmanager
+    def _item_file(self, item_id: str, what: str, path: Path) -> Iterator[None]:
+        """A finished item's file that is gone, as an error that names the item and the fix, not the system's."""
+        try:
+            yield
+        except FileNotFoundError as error:
+            if isinstance(error, DiffumaskError):
+                raise
+            raise self.lost_files([item_id], what, path) from None
+
+    def lost_files(self, ids: Sequence[str], what: str, path: Path) -> MissingItemFile:
+        """The error for finished items whose ``what`` (image, mask, soft maps) is gone; ``path``: the first's."""
+        which = (f"item {ids[0]} of {self.root} lost its {what}" if len(ids) == 1 else
+                 f"{len(ids)} items of {self.root} lost their {what} (e.g. {ids[0]})")
+        return MissingItemFile(f"{which} ({path.relative_to(self.root)}); `diffumask validate {self.root}` lists every "
+                               "damaged item, and running again the command that made the dataset makes them again"
+                               f"{self._refined_hint()}")
+
+    def require_files(self, ids: Sequence[str], what: str, needs: str) -> None:
+        """Refuse, before any work, items whose ``what`` (image, mask, soft maps) is not on disk: lost, where others
+        keep theirs, else never made (``needs``: what the command needs instead)."""
+        path = {"image": self.image_path, "mask": self.current_mask_path, "soft maps": self.soft_maps_path}[what]
+        if not (missing := [item_id for item_id in ids if not path(item_id).is_file()]):
+            return
+        if len(missing) < len(ids):
+            raise self.lost_files(missing, what, path(missing[0]))
+        raise DiffumaskError(f"{self.root} has no {what} for {len(missing)} item(s) (e.g. {path(missing[0])}); {needs}")
+
+    def _remake_fix(self, item_id: str) -> str:
+        return (f"delete it, and run again the command that made {self.root} to make item {item_id} again (`diffumask "
+                f"validate {self.root}` lists every damaged item){self._refined_hint()}")
+
+    def _refined_hint(self) -> str:
+        records = self.records()
+        refined = records and "refine" in records[0]
+        return "; then refine again with the same options, since it was refined" if refined else ""
 
     def split_ids(self, split: str = "train") -> list[str]:
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
@@ -1188,6 +1288,15 @@ class BackgroundWriter:
                     future.exception()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def _names(folder: Path) -> set[str]:
+    """The names in a folder (none when it is not there)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {entry.name for entry in entries}
+    except FileNotFoundError:
+        return set()
 
 
 def _file_sha256(path: Path) -> str:

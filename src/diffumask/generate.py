@@ -430,8 +430,8 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     dataset = Dataset.create(config.out, config.classes, info["settings"], image_format=config.image_format, job=job)
     if config.compose:
         _check_compose_templates_unchanged(dataset, compose_fingerprint)
-    done = dataset.finished_ids()
-    if worker.rank == 0 and (beyond := len(done - {item.id for item in items})):  # once, not once per worker
+    beyond = len(dataset.finished_ids() - {item.id for item in items})
+    if worker.rank == 0 and beyond:  # once, not once per worker
         warnings.warn(f"{dataset.root} holds {beyond} item(s) beyond the {len(items)} this command makes (an earlier "
                       "run asked for more --images-per-class or --compose); they stay in the dataset and its lists, "
                       "nothing is deleted")
@@ -440,14 +440,10 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     # item's bytes never depend on where an earlier run was killed.
     batches = worker.take(list(_batches(items, config.batch_size)))
     mine = [item for batch in batches for item in batch]
-    pending = [item for item in mine if item.id not in done]
     steps = config.steps or _pipeline_default(pipe, "num_inference_steps")
     guidance = _pipeline_default(pipe, "guidance_scale") if config.guidance is None else config.guidance
     model_info = model_description(model, pipe)
     name = f"generate [{worker.rank + 1}/{worker.world_size}]" if worker.sharded else "generate"
-    bar = tqdm(total=len(mine), initial=len(mine) - len(pending), unit="img", desc=name,
-               disable=not progress, dynamic_ncols=True)
-
     counting = threading.Lock()  # the writer threads advance one bar
 
     def done_one() -> None:
@@ -474,7 +470,11 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
 
     # The lock inside: on NFS a file held open keeps its folder from being removed.
     with _removed_if_left_bare(dataset, fresh and not worker.sharded), dataset.writing(job):
+        done = dataset.finished_whole(item.id for item in mine)  # an item whose files are gone is made again
+        pending = [item for item in mine if item.id not in done]
         dataset.retry_skipped(item.id for item in pending)  # a flagged image skipped before is tried again
+        bar = tqdm(total=len(mine), initial=len(mine) - len(pending), unit="img", desc=name,
+                   disable=not progress, dynamic_ncols=True)
         with bar, BackgroundWriter(threads=writers) as writer:
             for batch in (b for b in batches if any(item.id not in done for item in b)):
                 results = generate_images(

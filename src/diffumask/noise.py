@@ -294,9 +294,7 @@ def filter_dataset(config: FilterConfig, progress: bool = True, recut: bool = Fa
     if config.name in own:
         raise DiffumaskError(f"--name {config.name!r} is one of the dataset's own splits ({', '.join(sorted(own))}), "
                              "which filter would overwrite; name the kept list otherwise (default: filtered)")
-    if missing := [r["id"] for r in records if not dataset.current_mask_path(r["id"]).is_file()]:
-        raise DiffumaskError(f"{dataset.root} has no mask for {len(missing)} item(s) (e.g. {missing[0]}); filter "
-                             "needs a dataset with masks (SegmentationClass)")
+    dataset.require_files([r["id"] for r in records], "mask", "filter needs a dataset with masks (SegmentationClass)")
     # validate and readers tell this job in flight from a killed one's leftovers; a second launch beside it is refused
     with dataset.writing({"command": "filter", **job_terms()}):
         trained = 0

@@ -290,9 +290,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     records = dataset.records()
     if not records:
         raise DiffumaskError(f"{dataset.root} holds no finished items to refine")
-    if missing := [r["id"] for r in records if not dataset.soft_maps_path(r["id"]).is_file()]:
-        raise DiffumaskError(f"{dataset.root} has no soft maps for {len(missing)} item(s) (e.g. "
-                             f"{dataset.soft_maps_path(missing[0])}); refine needs a dataset made by `diffumask generate`")
+    dataset.require_files([r["id"] for r in records], "soft maps",
+                          "refine needs a dataset made by `diffumask generate`")
     if config.method == "propagate" and "self_attention" in dataset.settings and not dataset.settings["self_attention"]:
         raise DiffumaskError(NO_SELF_ATTENTION)  # generated without it: said before any work, not at the first item
     recorded = dataset.settings.get("threshold")  # generate's γ; absent in exported ground-truth data

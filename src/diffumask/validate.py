@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import softmaps
-from .dataset import (IGNORE_INDEX, ITEM_FOLDERS, OBJECT_FOLDER, PENDING_MASK, Dataset, read_index_png,
+from .dataset import (IGNORE_INDEX, ITEM_FOLDERS, LOST, OBJECT_FOLDER, PENDING_MASK, Dataset, read_index_png,
                       read_manifest_text)
 from .errors import DiffumaskError
 
@@ -32,6 +32,7 @@ TEMPORARY = re.compile(r"^\..+\.tmp$")
 TORN = "torn last line (a killed write); the next run will drop it"
 TWICE = "listed twice in manifest.jsonl (a refine was interrupted: re-run it to finish)"
 NO_ITEM = "missing: the dataset has no finished item"
+REMAKE = "run again the command that made the dataset to make the item again"
 
 
 class ValidateError(DiffumaskError, ValueError):
@@ -90,21 +91,21 @@ def _check_item(dataset: Dataset, record: dict, n_classes: int, soft_maps: bool)
     size = None
     image_path = dataset.image_path(item_id)
     if not image_path.is_file():
-        yield Problem(item_id, f"image missing ({image_path.relative_to(dataset.root)})")
+        yield Problem(item_id, f"image missing ({image_path.relative_to(dataset.root)}): {REMAKE}")
     else:
         try:
             with Image.open(image_path) as image:
                 size = (image.height, image.width)
         except OSError as error:
-            yield Problem(item_id, f"image unreadable: {error}")
+            yield Problem(item_id, f"image unreadable ({error}): delete it, and {REMAKE}")
     mask_path = dataset.mask_path(item_id)
     if not mask_path.is_file():
-        yield Problem(item_id, f"mask missing ({mask_path.relative_to(dataset.root)})")
+        yield Problem(item_id, f"mask missing ({mask_path.relative_to(dataset.root)}): {REMAKE}")
     else:
         try:
             mask = read_index_png(mask_path)
         except (OSError, ValueError) as error:
-            yield Problem(item_id, f"mask unreadable: {error}")
+            yield Problem(item_id, f"mask unreadable ({error}): delete it, and {REMAKE}")
         else:
             if size is not None and mask.shape != size:
                 yield Problem(item_id, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[1]}x{size[0]}")
@@ -122,12 +123,12 @@ def _check_item(dataset: Dataset, record: dict, n_classes: int, soft_maps: bool)
     if soft_maps:
         path = dataset.soft_maps_path(item_id)
         if not path.is_file():
-            yield Problem(item_id, f"soft maps missing ({path.relative_to(dataset.root)})")
+            yield Problem(item_id, f"soft maps missing ({path.relative_to(dataset.root)}): {REMAKE}")
             return
         try:
             shapes = _npz_shapes(path)
         except (OSError, ValueError, zipfile.BadZipFile) as error:
-            yield Problem(item_id, f"soft maps unreadable: {error}")
+            yield Problem(item_id, f"soft maps unreadable ({error}): delete them, and {REMAKE}")
             return
         if softmaps.META_KEY in shapes:  # fused maps are recomputed from the grids at the recorded size
             with np.load(path) as data:
@@ -172,9 +173,22 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
                     sharded[entry["id"]] = entry
     if not dataset.manifest_path.is_file() and not shard_ids:  # else the shards' own problem says what happened
         problems.append(Problem("manifest.jsonl", NO_ITEM))
-    for entry in _entries(dataset.manifest_path) if dataset.manifest_path.is_file() else ():
+    manifest = list(_entries(dataset.manifest_path)) if dataset.manifest_path.is_file() else []
+    latest: dict[str, dict] = {}  # each item's latest line, as Dataset reads them: the highest rev, else the last
+    for entry in [e for e in manifest if isinstance(e, dict)] + list(sharded.values()):
+        if entry.get("rev", 0) >= latest.get(entry["id"], {}).get("rev", 0):
+            latest[entry["id"]] = entry
+    lost = {item_id: entry for item_id, entry in latest.items() if entry.get(LOST)}
+    stopped = [Problem(item_id, f"{entry[LOST]}: a run making the item again stopped before it had; re-run it to "
+                                "finish") for item_id, entry in lost.items()]  # unless that run is at work now
+    for entry in manifest:
         if isinstance(entry, Problem):
             problems.append(entry)
+            continue
+        if entry["id"] in lost:  # its files are gone, and said so: only its split is checked
+            if entry["id"] not in seen:
+                seen.add(entry["id"])
+                records.append(entry)
             continue
         if entry["id"] in seen:
             problems.append(Problem(entry["id"], TWICE))
@@ -186,14 +200,14 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
         problems.extend(_check_item(dataset, entry, n_classes, soft_maps))
     checked = len(records)
     for item_id, entry in sharded.items():  # finished, so checked as well, before the shards are merged
-        if item_id not in seen and not entry.get("flagged"):
+        if item_id not in seen and not entry.get("flagged") and item_id not in lost:
             checked += 1
             problems.extend(_check_item(dataset, entry, n_classes, soft_maps))
     leftovers = [] if running else [*_check_splits(dataset, records), *_check_files(dataset, seen, shard_ids)]
     if running or dataset.being_written():  # probed again last: a job begun during the scan has files in flight
         # A line being appended reads as torn, a refine appends each item's new line, a new dataset has no item yet.
         return [WRITING, *(p for p in problems if p.what not in (TORN, TWICE, NO_ITEM))], checked
-    return problems + leftovers, checked
+    return stopped + problems + leftovers, checked
 
 
 def _check_splits(dataset: Dataset, records: list[dict]) -> Iterator[Problem]:

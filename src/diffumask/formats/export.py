@@ -76,11 +76,9 @@ def open_dataset(root: str | os.PathLike[str]) -> Dataset:
 
 def _items(dataset: Dataset, records: Sequence[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], Path, np.ndarray]]:
     """Each item of ``records`` with its mask: (record, image path, label mask)."""
+    for what in ("image", "mask"):  # before any file is written
+        dataset.require_files([r["id"] for r in records], what, "export needs a dataset with images and masks")
     for record in records:
-        mask_path = dataset.mask_path(record["id"])
-        if not mask_path.is_file():
-            raise ExportError(f"item {record['id']!r} has no mask ({mask_path}); run `diffumask validate` on "
-                              f"{dataset.root}")
         yield record, dataset.image_path(record["id"]), dataset.read_mask(record["id"])
 
 
@@ -312,10 +310,10 @@ def _column_type(values: list[Any]) -> str:
 def _hf_rows(root: str, records: list[dict[str, Any]], kinds: dict[str, str]) -> Iterator[dict[str, Any]]:
     """One split's rows, read one item at a time (the files' bytes as they are: a palette PNG stays one)."""
     dataset = Dataset(root)
+    for what in ("image", "mask"):
+        dataset.require_files([r["id"] for r in records], what, "export needs a dataset with images and masks")
     for record in records:
         mask_path = dataset.mask_path(record["id"])
-        if not mask_path.is_file():
-            raise ExportError(f"item {record['id']!r} has no mask ({mask_path}); run `diffumask validate` on {root}")
         image_path = dataset.image_path(record["id"])
         row = {"image": {"bytes": image_path.read_bytes(), "path": image_path.name},
                "label": {"bytes": dataset.current_mask_path(record["id"]).read_bytes(), "path": mask_path.name}}

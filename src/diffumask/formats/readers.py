@@ -119,6 +119,9 @@ class DiffumaskSource(LabelledSource):
     def labels_path(self, item_id: str) -> Path:
         return self.dataset.mask_path(item_id)
 
+    def check_labels(self, ids: list[str]) -> None:
+        self.dataset.require_files(ids, "mask", "training needs a dataset with masks (SegmentationClass)")
+
     def read_labels(self, item_id: str) -> np.ndarray:
         return self.dataset.read_mask(item_id)  # the mask that agrees with the item's manifest line
 

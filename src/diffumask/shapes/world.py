@@ -220,10 +220,10 @@ def export_world(out_dir: str | Path, n_train: int, n_val: int, n_test: int, see
     settings = {"source": "shapes-world", "seed": seed, "size": size,
                 "splits": {"train": n_train, "val": n_val, "test": n_test}}
     ds = Dataset.create(out_dir, classes=list(CLASSES), settings=settings, image_format="png", worker=Worker())
-    done = ds.finished_ids()
     scenes = [(f"{split}_{i:06d}", split, scene_seed) for split, n in zip(SPLITS, (n_train, n_val, n_test))
               for i, scene_seed in enumerate(split_seeds(split, n, seed))]
     with ds.writing():  # validate and readers tell this job in flight from a killed one's leftovers
+        done = ds.finished_whole(item_id for item_id, _, _ in scenes)  # an item whose files are gone is made again
         for item_id, split, scene_seed in scenes:
             if item_id in done:
                 continue
