@@ -238,7 +238,8 @@ def test_a_re_run_makes_again_the_items_whose_files_are_gone(tmp_path, sd1_pipe,
         raise KeyboardInterrupt  # killed before it made the first one again
 
     monkeypatch.setattr(Dataset, "write_item", dying_write)
-    with pytest.raises(KeyboardInterrupt):
+    said = rf"^3 finished item\(s\) of .* lost their files \(e.g. {ids[0]}: image missing .*\): making them again"
+    with pytest.warns(UserWarning, match=said), pytest.raises(KeyboardInterrupt):
         generate_dataset(config(out), pipe=sd1_pipe, progress=False)
     monkeypatch.setattr(Dataset, "write_item", real_write)
     dataset = Dataset(out)

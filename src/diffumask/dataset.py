@@ -47,6 +47,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -786,6 +787,8 @@ class Dataset:
             with self.lock():  # not while another worker merges the shards: it would remove a mark unread
                 for record in marks:
                     self._append_record(record)
+            warnings.warn(f"{len(marks)} finished item(s) of {self.root} lost their files (e.g. {marks[0]['id']}: "
+                          f"{marks[0][LOST]}): making them again", stacklevel=2)
         self._remade.update(remade)
         return {item_id for item_id, record in latest.items() if not record.get(LOST)} - set(remade)
 
