@@ -21,7 +21,8 @@ from PIL import Image
 
 from diffumask.augment import AugmentConfig, augment_dataset
 from diffumask.cli import main
-from diffumask.dataset import Dataset, _save_npz, write_palette_png
+from diffumask.dataset import Dataset, DatasetMismatch, _save_npz, write_palette_png
+from diffumask.errors import DiffumaskError
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.noise import FilterConfig, filter_dataset
 from diffumask.refine import RefineConfig, refine_dataset
@@ -386,6 +387,80 @@ def test_a_rerun_makes_again_the_items_whose_files_are_gone(tmp_path, command):
     assert after.pop(manifest).replace(b', "rev": 2', b"") == before.pop(manifest) and after == before
     assert [r.get("rev", 0) for r in Dataset(root).records()] == [2] + [0] * (len(ids) - 2) + [2]
     assert validate_dataset(root)[0] == []
+
+
+def _killed_at(monkeypatch, method: str, run: Callable[[], Path]) -> None:
+    """``run`` killed (^C) as it calls ``Dataset.<method>``."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Dataset, method, killed)
+        with pytest.warns(UserWarning, match="lost their files"), pytest.raises(KeyboardInterrupt):
+            run()
+
+
+def test_a_run_killed_while_it_makes_lost_items_again_is_said_to_be_re_run(tmp_path, monkeypatch):
+    """Killed after it marked an item lost: the item's split list is refused with the fix (augment said to re-cut
+    it with filter, train stopped at the missing file) and validate names the item. Killed after it made the item
+    again but before it compacted the manifest: the dataset read as a stopped refine's, in validate too."""
+    def run() -> Path:
+        return export_world(tmp_path / "out", 3, 1, 0, size=32)
+
+    root = run()
+    (root / "JPEGImages" / "train_000001.png").unlink()
+    _killed_at(monkeypatch, "write_item", run)
+    dataset = Dataset(root)
+    refused = (f"ImageSets/Segmentation/train.txt of {root} lists 1 item(s) that lost their files (e.g. train_000001: "
+               "image missing (JPEGImages/train_000001.png)), and the run making them again stopped before its end: "
+               "re-run it to finish")
+    with pytest.raises(DiffumaskError) as error:
+        dataset.split_ids("train")
+    assert str(error.value) == refused
+    with pytest.raises(DiffumaskError) as error:
+        augment_dataset(root, tmp_path / "aug", AugmentConfig(grids=(1,), items=2), progress=False)
+    assert str(error.value) == refused
+    assert [str(p) for p in validate_dataset(root)[0]] == ["train_000001: image missing (JPEGImages/train_000001.png): "
+                                                           "a run making the item again stopped before it had; re-run "
+                                                           "it to finish"]
+    run()
+    (root / "SegmentationClass" / "train_000002.png").unlink()
+    _killed_at(monkeypatch, "finalize", run)
+    assert Dataset(root).split_ids("train") == ["train_000000", "train_000001", "train_000002"]
+    assert Dataset(root).unfinished() == ("the run that made again its items that had lost their files stopped before "
+                                          "its end: re-run it to finish")
+    assert [str(p) for p in validate_dataset(root)[0]] == ["train_000002: listed again in manifest.jsonl: made again "
+                                                           "after it lost its files, by a run that stopped before its "
+                                                           "end: re-run it to finish"]
+    run()
+    assert validate_dataset(root)[0] == [] and Dataset(root).unfinished() is None
+
+
+def test_a_dataset_whose_items_are_all_marked_lost_still_refuses_other_settings(tmp_path, monkeypatch):
+    """Every item lost and marked so by a killed re-run: the folder read as holding no dataset, so a run with
+    another seed was taken for a new one and rewrote dataset.json over the marked items."""
+    root = export_world(tmp_path / "out", 2, 0, 0, size=32)
+    shutil.rmtree(root / "JPEGImages")
+    _killed_at(monkeypatch, "write_item", lambda: export_world(root, 2, 0, 0, size=32))
+    assert Dataset(root).records() == []
+    with pytest.raises(DatasetMismatch, match=r"made with other settings \(seed differs: 0 in the dataset, 7 now\)"):
+        export_world(root, 2, 0, 0, seed=7, size=32)
+
+
+def test_reading_an_item_reads_no_manifest(sound, monkeypatch):
+    """The fix a damaged file's error names depends on the manifest (was the dataset refined?): it was worked out,
+    reading the whole manifest, on every read of every item, so a 20,000-item dataset read in quadratic time."""
+    dataset = Dataset(sound)
+    monkeypatch.setattr(Dataset, "_lines", lambda self: pytest.fail("an item's read read the manifest"))
+    assert dataset.read_image("item_0001").shape == (48, 48, 3) and dataset.read_mask("item_0001").shape == (48, 48)
+    assert dataset.read_soft_maps("item_0001")
+
+
+def test_a_report_shows_an_item_that_lost_its_image_without_it(sound, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+    (root / "JPEGImages" / "item_0000.png").unlink()  # the first item, which Fig. 2 shows
+    assert main(["report", str(root), "--out", str(tmp_path / "report.html"), "--quiet"]) == 0
 
 
 def test_every_command_that_writes_a_dataset_says_so_while_it_runs(tmp_path, sd1_pipe, monkeypatch):

@@ -471,24 +471,25 @@ REPLACE_FILE = "replace the file, or drop its item from the manifest"
 
 
 @contextlib.contextmanager
-def decoding(path: Path, fix: str = REPLACE_FILE) -> Iterator[None]:
-    """Turn a decoder's failure on a damaged file into an error that names the file and ``fix``."""
+def decoding(path: Path, fix: str | Callable[[], str] = REPLACE_FILE) -> Iterator[None]:
+    """Turn a decoder's failure on a damaged file into an error that names the file and ``fix`` (a callable: made
+    only then)."""
     try:
         yield
     except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # PIL: truncated
         # or unidentified data, bad chunks; numpy's .npz: a truncated or corrupt archive
         if isinstance(error, UnreadableFile) or getattr(error, "errno", None) is not None:
             raise  # the system's own errors (missing file, permissions) say what they are
-        raise UnreadableFile(f"{path} cannot be read ({error}); {fix}") from None
+        raise UnreadableFile(f"{path} cannot be read ({error}); {fix if isinstance(fix, str) else fix()}") from None
 
 
-def read_rgb(path: Path, fix: str = REPLACE_FILE) -> np.ndarray:
+def read_rgb(path: Path, fix: str | Callable[[], str] = REPLACE_FILE) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB."""
     with decoding(path, fix), Image.open(path) as image:
         return np.array(image.convert("RGB"))
 
 
-def read_index_png(path: Path, fix: str = REPLACE_FILE) -> np.ndarray:
+def read_index_png(path: Path, fix: str | Callable[[], str] = REPLACE_FILE) -> np.ndarray:
     """Read a palette (or grey) PNG back as class indices, never as colours."""
     with decoding(path, fix), Image.open(path) as image:
         if image.mode not in ("P", "L"):
@@ -614,7 +615,7 @@ class Dataset:
         contents: settings, image format); a :class:`DatasetMismatch` when it holds one made otherwise. Settings
         named in ``unknown`` are not compared (a caller that checks before loading the model does not know them
         all yet)."""
-        if not ((root / "dataset.json").is_file() and (root / "classes.json").is_file() and cls(root).finished_ids()):
+        if not ((root / "dataset.json").is_file() and (root / "classes.json").is_file() and cls(root)._latest()):
             return False
         existing = json.loads((root / "dataset.json").read_text())
         old_classes = [c["name"] for c in json.loads((root / "classes.json").read_text())["classes"][1:]]
@@ -923,6 +924,9 @@ class Dataset:
         if lost := [r for r in self._latest(lines) if r.get(LOST)]:
             return (f"{len(lost)} of its items lost their files (e.g. {lost[0]['id']}: {lost[0][LOST]}) and the run "
                     "making them again stopped before its end, so they are left out: re-run it to finish")
+        if any(line.get(LOST) for line in lines):  # made again, but the manifest not compacted yet
+            return ("the run that made again its items that had lost their files stopped before its end: re-run it "
+                    "to finish")
         if next(pending, None) is not None or len(lines) != len({line["id"] for line in lines}):
             return ("a refine on it stopped before its end, so some items hold refined masks and the others earlier "
                     "ones: re-run the same refine to finish")
@@ -1131,12 +1135,12 @@ class Dataset:
     def read_image(self, item_id: str) -> np.ndarray:
         path = self.image_path(item_id)
         with self._item_file(item_id, "image", path):
-            return read_rgb(path, self._remake_fix(item_id))
+            return read_rgb(path, functools.partial(self._remake_fix, item_id))
 
     def read_mask(self, item_id: str) -> np.ndarray:
         path = self.current_mask_path(item_id)
         with self._item_file(item_id, "mask", path):
-            return read_index_png(path, self._remake_fix(item_id))
+            return read_index_png(path, functools.partial(self._remake_fix, item_id))
 
     def read_soft_maps(self, item_id: str, keys: Iterable[str] | None = None,
                        fused: bool = True) -> dict[str, np.ndarray]:
@@ -1145,7 +1149,8 @@ class Dataset:
         matrix costs more to read than everything else a fixed-γ refine does; ``fused=False`` skips the
         fused maps that would be recomputed from the stored grids."""
         path = self.soft_maps_path(item_id)
-        with self._item_file(item_id, "soft maps", path), decoding(path, self._remake_fix(item_id)):
+        fix = functools.partial(self._remake_fix, item_id)
+        with self._item_file(item_id, "soft maps", path), decoding(path, fix):
             with np.load(path) as data:
                 return softmaps.unpack(data, keys, fused)
 
@@ -1192,7 +1197,13 @@ class Dataset:
             return []
         if problem := self.cut_problem(split):
             raise DiffumaskError(f"ImageSets/Segmentation/{split}.txt of {self.root} {problem}")
-        return path.read_text().split()
+        ids = path.read_text().split()
+        lost = {r["id"]: r[LOST] for r in self._latest() if r.get(LOST)}
+        if stopped := [item_id for item_id in ids if item_id in lost]:
+            raise DiffumaskError(f"ImageSets/Segmentation/{split}.txt of {self.root} lists {len(stopped)} item(s) that "
+                                 f"lost their files (e.g. {stopped[0]}: {lost[stopped[0]]}), and the run making them "
+                                 "again stopped before its end: re-run it to finish")
+        return ids
 
     def cut_problem(self, split: str, records: Sequence[Mapping[str, Any]] | None = None) -> str | None:
         """Why a list ``diffumask filter`` cut may not be read any more: the masks its ranking was made on were

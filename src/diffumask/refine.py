@@ -291,7 +291,8 @@ def refine_dataset(root: str | Path, config: RefineConfig, progress: bool = True
     if not records:
         raise DiffumaskError(f"{dataset.root} holds no finished items to refine")
     dataset.require_files([r["id"] for r in records], "soft maps",
-                          "refine needs a dataset made by `diffumask generate`")
+                          "refine needs the soft maps `diffumask generate` writes: a SoftMaps folder deleted whole is "
+                          "not made again, so generate the dataset anew in another folder")
     if config.method == "propagate" and "self_attention" in dataset.settings and not dataset.settings["self_attention"]:
         raise DiffumaskError(NO_SELF_ATTENTION)  # generated without it: said before any work, not at the first item
     recorded = dataset.settings.get("threshold")  # generate's γ; absent in exported ground-truth data

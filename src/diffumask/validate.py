@@ -33,6 +33,8 @@ TORN = "torn last line (a killed write); the next run will drop it"
 TWICE = "listed twice in manifest.jsonl (a refine was interrupted: re-run it to finish)"
 NO_ITEM = "missing: the dataset has no finished item"
 REMAKE = "run again the command that made the dataset to make the item again"
+REMADE_STOPPED = ("listed again in manifest.jsonl: made again after it lost its files, by a run that stopped "
+                  "before its end: re-run it to finish")
 
 
 class ValidateError(DiffumaskError, ValueError):
@@ -179,6 +181,7 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
         if entry.get("rev", 0) >= latest.get(entry["id"], {}).get("rev", 0):
             latest[entry["id"]] = entry
     lost = {item_id: entry for item_id, entry in latest.items() if entry.get(LOST)}
+    remade = {e["id"] for e in manifest if isinstance(e, dict) and e.get(LOST)} - set(lost)  # lines not compacted yet
     stopped = [Problem(item_id, f"{entry[LOST]}: a run making the item again stopped before it had; re-run it to "
                                 "finish") for item_id, entry in lost.items()]  # unless that run is at work now
     for entry in manifest:
@@ -191,7 +194,10 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
                 records.append(entry)
             continue
         if entry["id"] in seen:
-            problems.append(Problem(entry["id"], TWICE))
+            if entry["id"] not in remade:
+                problems.append(Problem(entry["id"], TWICE))
+            elif entry.get(LOST):  # said once, at its mark
+                problems.append(Problem(entry["id"], REMADE_STOPPED))
             continue
         seen.add(entry["id"])
         if entry.get("flagged"):

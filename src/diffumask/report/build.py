@@ -238,8 +238,8 @@ def _fig2(dataset: Dataset, records: Sequence[Mapping[str, Any]], names: list[st
         if len(figures) == count:
             break
         path = dataset.soft_maps_path(record["id"])
-        if not path.is_file() or not record.get("classes"):
-            continue
+        if not path.is_file() or not record.get("classes") or not dataset.image_path(record["id"]).is_file():
+            continue  # the gallery shows an item's files that are there, and validate names the lost ones
         name = record["classes"][0]
         with np.load(path) as data:
             grids = sorted((int(m["res"]), key) for key in data.files
