@@ -4,6 +4,7 @@ uninterrupted single process makes, byte for byte."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -26,10 +27,17 @@ REFINE = [DIFFUMASK, "refine", "--method", "propagate", "--crf", "--workers", "1
 
 
 def progress(folder: Path, stage: str) -> int:
-    """How many items the job has made (``stage`` generate) or refined so far, as the dataset's readers see them."""
+    """How far the job is: the manifest's lines (``stage`` generate: an item made, or one marked lost to be made
+    again), or the items refined so far, as the dataset's readers see them."""
     if not (folder / "classes.json").is_file():  # written after dataset.json: a Dataset opens
         return 0
-    return sum(1 for record in Dataset(folder).records() if stage == "generate" or "refine" in record)
+    if stage == "generate":
+        return len(Dataset(folder)._lines())
+    return sum(1 for record in Dataset(folder).records() if "refine" in record)
+
+
+def without_revs(manifest: bytes) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "rev"} for line in manifest.splitlines()]
 
 
 def run_workers(argv: list[str], workers: int, kill_after: int | None = None, delay: float = 0.0) -> bool:
@@ -85,3 +93,14 @@ def test_generate_and_refine_killed_at_random_resume_with_any_number_of_workers(
     shutil.copytree(killed, refined)
     assert kill_and_resume([*REFINE, str(refined)], rng, rounds=2, item_seconds=0.01) >= 1  # 2 of 2 here
     assert snapshot(refined) == snapshot(reference)
+
+    # Files of finished items lost (a disk fault): generate, killed at random while it marks and makes them again,
+    # then refine, end as the refined reference, the lines of the remade items with higher revs.
+    for number, item_id in enumerate(rng.sample([r["id"] for r in Dataset(refined).records()], 4)):
+        folder, suffix = [("JPEGImages", "jpg"), ("SegmentationClass", "png"), ("SoftMaps", "npz")][number % 3]
+        (refined / folder / f"{item_id}.{suffix}").unlink()
+    assert kill_and_resume([*GENERATE, "--out", str(refined)], rng, rounds=2, item_seconds=0.1) >= 1
+    kill_and_resume([*REFINE, str(refined)], rng, rounds=1, item_seconds=0.01)
+    after, before = snapshot(refined), snapshot(reference)
+    assert without_revs(after.pop("manifest.jsonl")) == without_revs(before.pop("manifest.jsonl"))
+    assert after == before
