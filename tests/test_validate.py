@@ -126,6 +126,14 @@ def _shards_only(root: Path) -> None:
 
 
 REMADE = ": run again the command that made the dataset to make the item again"
+SHARDS_ONLY = [
+    "manifest.0.jsonl:7: torn last line (a killed write); the next run will drop it",
+    "manifest.0.jsonl: manifest shard not merged into manifest.jsonl: 6 finished item(s), 6 not listed there yet "
+    "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
+    "manifest.orig.jsonl: not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never merged; move it "
+    "out of the dataset",
+    "SegmentationClass/.item_0001.pending.png: a mask a stopped refine wrote beside the item's own (committed or "
+    "not): re-run refine to finish, do not delete it"]
 BREAKS = {
     "missing image": (_remove("JPEGImages/item_0000.png"),
                       [f"item_0000: image missing (JPEGImages/item_0000.png){REMADE}"]),
@@ -157,23 +165,9 @@ BREAKS = {
         "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
         "JPEGImages/item_0098.png: belongs to no manifest item (an unfinished item: re-run the command that "
         "made the dataset, or delete it)"]),
-    "shards only": (_shards_only, [
-        "manifest.0.jsonl:7: torn last line (a killed write); the next run will drop it",
-        "manifest.0.jsonl: manifest shard not merged into manifest.jsonl: 6 finished item(s), 6 not listed there yet "
-        "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
-        "manifest.orig.jsonl: not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never merged; move it "
-        "out of the dataset",
-        "SegmentationClass/.item_0001.pending.png: a mask a stopped refine wrote beside the item's own (committed or "
-        "not): re-run refine to finish, do not delete it"]),
-    "broken item in a shard": (_broken_item_in_a_shard, [
-        "manifest.0.jsonl:7: torn last line (a killed write); the next run will drop it",
-        f"item_0004: mask missing (SegmentationClass/item_0004.png){REMADE}",
-        "manifest.0.jsonl: manifest shard not merged into manifest.jsonl: 6 finished item(s), 6 not listed there yet "
-        "(a sharded run stopped before its end: re-run the same command, with any number of workers, to finish)",
-        "manifest.orig.jsonl: not a manifest shard diffumask writes (manifest.<rank>.jsonl), so never merged; move it "
-        "out of the dataset",
-        "SegmentationClass/.item_0001.pending.png: a mask a stopped refine wrote beside the item's own (committed or "
-        "not): re-run refine to finish, do not delete it"]),
+    "shards only": (_shards_only, SHARDS_ONLY),
+    "broken item in a shard": (_broken_item_in_a_shard, [  # its item's problem comes before the files'
+        SHARDS_ONLY[0], f"item_0004: mask missing (SegmentationClass/item_0004.png){REMADE}", *SHARDS_ONLY[1:]]),
     "lists not written": (_remove("ImageSets/Segmentation/train.txt"), [
         "ImageSets/Segmentation/train.txt: missing, but the manifest has 3 train items (the command that writes "
         "the dataset stopped before its end: re-run it to finish)"]),
