@@ -467,7 +467,8 @@ def write_palette_png(path: Path, mask: np.ndarray) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-REPLACE_FILE = "replace the file, or drop its item from the manifest"
+REPLACE_FILE = ("replace the file, or take its item out of the split list read; in a dataset diffumask made, delete "
+                "it and run again the command that made the dataset, which makes the item again")
 
 
 @contextlib.contextmanager
