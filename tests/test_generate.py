@@ -229,9 +229,10 @@ def test_a_re_run_makes_again_the_items_whose_files_are_gone(tmp_path, sd1_pipe,
     shutil.copytree(reference, out)
     ids = [r["id"] for r in Dataset(out).records()]
     gone = {ids[0]: ("image", f"JPEGImages/{ids[0]}.jpg"), ids[3]: ("mask", f"SegmentationClass/{ids[3]}.png"),
-            ids[5]: ("soft maps", f"SoftMaps/{ids[5]}.npz")}
+            ids[5]: ("image", f"JPEGImages/{ids[5]}.jpg")}
     for _, path in gone.values():
         (out / path).unlink()
+    (out / "SoftMaps" / f"{ids[5]}.npz").unlink()  # soft maps alone make no item again: with its image, whole
     real_write = Dataset.write_item
 
     def dying_write(self, item_id, *args, **kwargs):
@@ -258,6 +259,21 @@ def test_a_re_run_makes_again_the_items_whose_files_are_gone(tmp_path, sd1_pipe,
     assert [r.get("rev", 0) for r in Dataset(out).records()] == [2 if i in gone else 0 for i in ids]
 
 
+def test_a_softmaps_folder_emptied_to_save_space_makes_no_item_again(tmp_path, sd1_pipe, recwarn):
+    """Missing soft maps made an item be made again only while the folder held others': one extension of a dataset
+    whose SoftMaps folder was deleted whole filled it again, and the next re-run remade every older item."""
+    out = tmp_path / "d"
+    generate_dataset(config(out, images_per_class=2), pipe=sd1_pipe, progress=False)
+    images = {p.name: p.read_bytes() for p in (out / "JPEGImages").iterdir()}
+    shutil.rmtree(out / "SoftMaps")
+    for _ in range(2):  # extended, then run again
+        generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    assert not [w for w in recwarn if "lost their files" in str(w.message)]
+    assert all("rev" not in r for r in Dataset(out).records())
+    assert all((out / "JPEGImages" / name).read_bytes() == data for name, data in images.items())
+    assert len(list((out / "SoftMaps").iterdir())) == 2  # the extension's items' only
+
+
 def test_an_item_made_again_in_a_refined_dataset_is_refined_by_the_next_refine(tmp_path, sd1_pipe):
     """Refined in place, an item's line has a higher rev than generate's: the remade item's line must still
     supersede it (else the manifest would say 'refined' of a raw mask), and the same refine run again refines it
@@ -268,6 +284,7 @@ def test_an_item_made_again_in_a_refined_dataset_is_refined_by_the_next_refine(t
     reference = tmp_path / "reference"
     generate_dataset(config(reference), pipe=sd1_pipe, progress=False)
     refine_dataset(reference, RefineConfig(method="threshold"), progress=False)
+    assert Dataset(reference).unfinished() is None
     out = tmp_path / "damaged"
     shutil.copytree(reference, out)
     lost = Dataset(out).records()[2]["id"]
@@ -275,10 +292,14 @@ def test_an_item_made_again_in_a_refined_dataset_is_refined_by_the_next_refine(t
     with pytest.raises(MissingItemFile, match=rf"^item {lost} of {re.escape(str(out))} lost its mask \(SegmentationClass/"
                        rf"{lost}.png\); `diffumask validate .*` lists every damaged item, .* then refine again"):
         Dataset(out).read_mask(lost)
-    generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    with pytest.warns(UserWarning, match=r"was refined: run the same `diffumask refine` again to refine the 1 item"):
+        generate_dataset(config(out), pipe=sd1_pipe, progress=False)
     remade = next(r for r in Dataset(out).records() if r["id"] == lost)
     assert "refine" not in remade and remade["rev"] == 3  # over the refined line's 1 and the mark's 2
+    assert Dataset(out).unfinished() == (f"1 of its items (e.g. {lost}) were made since it was refined, and hold "
+                                         "unrefined masks: run the same refine again to refine them")
     assert refine_dataset(out, RefineConfig(method="threshold"), progress=False).refined == 1
+    assert Dataset(out).unfinished() is None
     after, before = snapshot(out), snapshot(reference)
     assert _lines_without_revs(after.pop("manifest.jsonl")) == _lines_without_revs(before.pop("manifest.jsonl"))
     assert after == before

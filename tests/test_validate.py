@@ -21,7 +21,7 @@ from PIL import Image
 
 from diffumask.augment import AugmentConfig, augment_dataset
 from diffumask.cli import main
-from diffumask.dataset import Dataset, DatasetMismatch, _save_npz, write_palette_png
+from diffumask.dataset import Dataset, DatasetMismatch, MissingItemFile, _save_npz, write_palette_png
 from diffumask.errors import DiffumaskError
 from diffumask.generate import GenerateConfig, generate_dataset
 from diffumask.noise import FilterConfig, filter_dataset
@@ -140,7 +140,9 @@ BREAKS = {
     "missing mask": (_remove("SegmentationClass/item_0004.png"),
                      [f"item_0004: mask missing (SegmentationClass/item_0004.png){REMADE}"]),
     "missing soft maps": (_remove("SoftMaps/item_0005.npz"),
-                          [f"item_0005: soft maps missing (SoftMaps/item_0005.npz){REMADE}"]),
+                          ["item_0005: soft maps missing (SoftMaps/item_0005.npz): refine needs them; delete the "
+                           "item's image too, and run again the command that made the dataset to make the item again "
+                           "whole"]),
     "mask size": (_bigger_mask, ["item_0002: mask is 48x50 but the image is 48x48"]),
     "object map size": (_small_objects, ["item_0004: object map is 40x48 but the image is 48x48"]),
     "label values": (_bad_label, ["item_0003: mask values [7, 200] are neither classes of classes.json (0..6) nor 255"]),
@@ -426,8 +428,39 @@ def test_a_run_killed_while_it_makes_lost_items_again_is_said_to_be_re_run(tmp_p
     assert [str(p) for p in validate_dataset(root)[0]] == ["train_000002: listed again in manifest.jsonl: made again "
                                                            "after it lost its files, by a run that stopped before its "
                                                            "end: re-run it to finish"]
+    with Dataset(root).writing():  # the run at work again: not a stopped one
+        assert [str(p) for p in validate_dataset(root)[0]] == [WRITING]
     run()
     assert validate_dataset(root)[0] == [] and Dataset(root).unfinished() is None
+
+
+def test_a_worker_marks_items_lost_only_between_merges(tmp_path):
+    """Another worker of a sharded job merging the shards (under the dataset's lock) would remove a mark appended
+    while it read them: marks wait for the lock."""
+    import threading
+
+    root = export_world(tmp_path / "out", 2, 0, 0, size=32)
+    (root / "JPEGImages" / "train_000001.png").unlink()
+    dataset = Dataset(root)
+    kept: list[set[str]] = []
+    with Dataset(root).lock():
+        marking = threading.Thread(target=lambda: kept.append(dataset.finished_whole(["train_000000", "train_000001"])))
+        marking.start()
+        marking.join(0.5)
+        assert marking.is_alive() and '"lost"' not in (root / "manifest.jsonl").read_text()
+    marking.join()
+    assert kept == [{"train_000000"}] and '"lost"' in (root / "manifest.jsonl").read_text()
+
+
+def test_items_that_lost_their_files_are_named_as_lost_though_none_of_those_asked_for_is_left(tmp_path):
+    """Only ids whose files are all gone, while the folder holds others': lost, not 'never made'."""
+    root = export_world(tmp_path / "out", 2, 1, 0, size=32)
+    (root / "JPEGImages" / "val_000000.png").unlink()
+    with pytest.raises(MissingItemFile, match=r"^item val_000000 of .* lost its image"):
+        Dataset(root).require_files(["val_000000"], "image", "export needs images")
+    shutil.rmtree(root / "SegmentationClass")
+    with pytest.raises(DiffumaskError, match=r"has no mask for 3 item\(s\) .*; export needs masks$"):
+        Dataset(root).require_files(["train_000000", "train_000001", "val_000000"], "mask", "export needs masks")
 
 
 def test_a_dataset_whose_items_are_all_marked_lost_still_refuses_other_settings(tmp_path, monkeypatch):
@@ -515,4 +548,5 @@ def test_a_lost_file_stops_a_command_in_one_line_that_names_the_item_and_the_fix
     assert main([part.format(root=root, tmp=tmp_path) for part in command]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"diffumask: error: item item_0002 of {root} lost its {what} ({path}); `diffumask validate {root}` lists every "
-        "damaged item, and running again the command that made the dataset makes them again")
+        "damaged item, and running again the command that made the dataset makes them again"
+        + (" whole, once their images are deleted too" if what == "soft maps" else ""))

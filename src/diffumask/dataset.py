@@ -765,14 +765,16 @@ class Dataset:
 
     def finished_whole(self, share: Iterable[str]) -> set[str]:
         """The finished ids a re-run keeps: :meth:`finished_ids`, less those of ``share`` (the items this run makes)
-        whose image, mask or soft maps are gone (a disk fault, a file deleted by hand), so a re-run makes them again.
+        whose image or mask is gone (a disk fault, a file deleted by hand), so a re-run makes them again. Soft maps
+        alone do not count: a SoftMaps folder emptied to save space must not make every later re-run remake the
+        dataset (validate says to delete such an item's image too, to have it made again whole).
 
         Each such item first gets a line marking it lost, so no reader takes it and no worker of a sharded job takes
         the job for complete (and merges the shards under this one) until it is made again; its new line then
         supersedes the mark (a higher ``rev``, however often the item was rewritten before). An item a stopped run
         marked is made again too. Folders are listed once: no file is opened."""
         latest = {r["id"]: r for r in self._latest()}
-        present = {name: _names(self.root / name) for name in ("JPEGImages", "SegmentationClass", "SoftMaps")}
+        present = {name: _names(self.root / name) for name in ("JPEGImages", "SegmentationClass")}
         marks, remade = [], {}
         for item_id in share:
             record = latest.get(item_id)
@@ -795,11 +797,8 @@ class Dataset:
         return {item_id for item_id, record in latest.items() if not record.get(LOST)} - set(remade)
 
     def _gone(self, item_id: str, present: Mapping[str, set[str]]) -> str | None:
-        """Which file of a finished item is gone, if one is (its soft maps only where the dataset keeps them)."""
-        wanted = [("image", self.image_path(item_id)), ("mask", self.mask_path(item_id))]
-        if present["SoftMaps"]:
-            wanted.append(("soft maps", self.soft_maps_path(item_id)))
-        for what, path in wanted:
+        """Which file of a finished item, its image or its mask, is gone, if one is."""
+        for what, path in (("image", self.image_path(item_id)), ("mask", self.mask_path(item_id))):
             staged = what == "mask" and self.pending_mask_path(item_id).name in present["SegmentationClass"]
             if path.name not in present[path.parent.name] and not staged:
                 return f"{what} missing ({path.relative_to(self.root)})"
@@ -931,6 +930,10 @@ class Dataset:
         if next(pending, None) is not None or len(lines) != len({line["id"] for line in lines}):
             return ("a refine on it stopped before its end, so some items hold refined masks and the others earlier "
                     "ones: re-run the same refine to finish")
+        items = [r for r in self._latest(lines) if not r.get("flagged")]
+        if unrefined := [r["id"] for r in items if "refine" not in r] if any("refine" in r for r in items) else []:
+            return (f"{len(unrefined)} of its items (e.g. {unrefined[0]}) were made since it was refined, and hold "
+                    "unrefined masks: run the same refine again to refine them")
         return None
 
     def is_complete(self, ids: set[str]) -> bool:
@@ -1169,9 +1172,10 @@ class Dataset:
         """The error for finished items whose ``what`` (image, mask, soft maps) is gone; ``path``: the first's."""
         which = (f"item {ids[0]} of {self.root} lost its {what}" if len(ids) == 1 else
                  f"{len(ids)} items of {self.root} lost their {what} (e.g. {ids[0]})")
+        again = "running again the command that made the dataset makes them again" + (
+            " whole, once their images are deleted too" if what == "soft maps" else "")
         return MissingItemFile(f"{which} ({path.relative_to(self.root)}); `diffumask validate {self.root}` lists every "
-                               "damaged item, and running again the command that made the dataset makes them again"
-                               f"{self._refined_hint()}")
+                               f"damaged item, and {again}{self._refined_hint()}")
 
     def require_files(self, ids: Sequence[str], what: str, needs: str) -> None:
         """Refuse, before any work, items whose ``what`` (image, mask, soft maps) is not on disk: lost, where others
@@ -1179,7 +1183,7 @@ class Dataset:
         path = {"image": self.image_path, "mask": self.current_mask_path, "soft maps": self.soft_maps_path}[what]
         if not (missing := [item_id for item_id in ids if not path(item_id).is_file()]):
             return
-        if len(missing) < len(ids):
+        if len(missing) < len(ids) or _names(path(missing[0]).parent):  # others' files are there: these were lost
             raise self.lost_files(missing, what, path(missing[0]))
         raise DiffumaskError(f"{self.root} has no {what} for {len(missing)} item(s) (e.g. {path(missing[0])}); {needs}")
 

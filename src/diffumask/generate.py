@@ -516,6 +516,9 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
                     else:
                         writer.submit(skip, item)
         dataset.finalize(order=[item.id for item in items], complete={item.id for item in items})
+    if pending and any("refine" in record for record in dataset.records()):
+        warnings.warn(f"{dataset.root} was refined: run the same `diffumask refine` again to refine the "
+                      f"{len(pending)} item(s) this run made", stacklevel=2)
     return dataset
 
 

@@ -125,12 +125,14 @@ def _check_item(dataset: Dataset, record: dict, n_classes: int, soft_maps: bool)
     if soft_maps:
         path = dataset.soft_maps_path(item_id)
         if not path.is_file():
-            yield Problem(item_id, f"soft maps missing ({path.relative_to(dataset.root)}): {REMAKE}")
+            yield Problem(item_id, f"soft maps missing ({path.relative_to(dataset.root)}): refine needs them; delete "
+                                   f"the item's image too, and {REMAKE} whole")
             return
         try:
             shapes = _npz_shapes(path)
         except (OSError, ValueError, zipfile.BadZipFile) as error:
-            yield Problem(item_id, f"soft maps unreadable ({error}): delete them, and {REMAKE}")
+            yield Problem(item_id, f"soft maps unreadable ({error}): delete them and the item's image, and {REMAKE} "
+                                   "whole")
             return
         if softmaps.META_KEY in shapes:  # fused maps are recomputed from the grids at the recorded size
             with np.load(path) as data:
@@ -212,7 +214,7 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
     leftovers = [] if running else [*_check_splits(dataset, records), *_check_files(dataset, seen, shard_ids)]
     if running or dataset.being_written():  # probed again last: a job begun during the scan has files in flight
         # A line being appended reads as torn, a refine appends each item's new line, a new dataset has no item yet.
-        return [WRITING, *(p for p in problems if p.what not in (TORN, TWICE, NO_ITEM))], checked
+        return [WRITING, *(p for p in problems if p.what not in (TORN, TWICE, NO_ITEM, REMADE_STOPPED))], checked
     return stopped + problems + leftovers, checked
 
 
