@@ -209,7 +209,7 @@ def test_a_worker_scores_its_share_on_its_own_gpu_and_leaves_the_writing_to_the_
     monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda shared, src: shared.__setitem__(0, {}))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(noise, "pick_device", lambda device: torch.device("cuda"))
-    monkeypatch.setattr(noise, "train", lambda config, progress: RunFolder.__new__(RunFolder))
+    monkeypatch.setattr(noise, "train", lambda config, progress, warn_unfinished: RunFolder.__new__(RunFolder))
     monkeypatch.setattr(RunFolder, "classes", ["background", *Dataset(dataset.root).classes], raising=False)
     asked = []
 

@@ -407,6 +407,22 @@ def test_each_data_can_take_its_own_split(shapes_data, tmp_path):
     assert run.settings["split"] == "filtered,test" and run.model_dir.is_dir()
 
 
+def test_training_on_a_dataset_not_yet_whole_warns(shapes_data, tmp_path):
+    """train read a dataset being written (or a stopped run's) without a word, as export and report did not: it
+    trained on the items finished so far. Filter's folds train on the dataset filter itself is writing: silent."""
+    from diffumask.dataset import Dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_data, data)
+    config = TrainConfig(data=[str(data)], out=str(tmp_path / "run"), steps=1, **FAST)
+    with Dataset(data).writing():
+        with pytest.warns(UserWarning, match=rf"^{data} is not finished: a diffumask command .* is writing it now"):
+            train(config, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            train(dataclasses.replace(config, out=str(tmp_path / "fold")), progress=False, warn_unfinished=False)
+
+
 def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

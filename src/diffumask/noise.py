@@ -239,7 +239,7 @@ def _train_fold(dataset: Dataset, config: FilterConfig, fold: int, assignment: M
                       "".join(f"{i}\n" for i in training))  # the same text from every worker
     run_config = dataclasses.replace(config.training, data=[str(dataset.root)], out=str(_work(dataset) / f"fold-{fold}" / "run"),
                                      split=f"{SPLIT_PREFIX}{fold}", weights=None)
-    run = train(run_config, progress=progress and worker.rank == 0)
+    run = train(run_config, progress=progress and worker.rank == 0, warn_unfinished=False)  # filter writes it
     source = open_source(str(dataset.root))
     lut = label_lut(source, run.classes)
     scores: dict[str, float] = {}

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..distributed import require_torch_launcher
 from ..errors import ConfigError, check_sequences
 from ..formats import open_source
+from ..formats.readers import DiffumaskSource
 from ..models import check_device
 from ..workers import start_loader
 from .data import StepBatches, TrainingSamples, check_augment, open_splits, union_classes
@@ -137,15 +138,18 @@ def _accelerator(config: TrainConfig, family: str) -> Any:
     return Accelerator(cpu=device == "cpu", mixed_precision=precision, kwargs_handlers=handlers)
 
 
-def train(config: TrainConfig, progress: bool = True,
-          on_step: Callable[[int], None] | None = None) -> RunFolder:
-    """Train (or resume) the run in ``config.out``; ``on_step(step)`` is called after each finished step."""
+def train(config: TrainConfig, progress: bool = True, on_step: Callable[[int], None] | None = None,
+          warn_unfinished: bool = True) -> RunFolder:
+    """Train (or resume) the run in ``config.out``; ``on_step(step)`` is called after each finished step.
+    ``warn_unfinished``: warn of a diffumask dataset that is not whole yet (being written, a stopped run's, items
+    unrefined beside refined ones); off for filter's folds, which train on the dataset filter is writing."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=SIZE_ONE_STRIDE_WARNING, category=UserWarning)
-        return _train(config, progress, on_step)
+        return _train(config, progress, on_step, warn_unfinished)
 
 
-def _train(config: TrainConfig, progress: bool, on_step: Callable[[int], None] | None) -> RunFolder:
+def _train(config: TrainConfig, progress: bool, on_step: Callable[[int], None] | None,
+           warn_unfinished: bool) -> RunFolder:
     if not config.data:
         raise ConfigError("train needs at least one DATA folder")
     require_torch_launcher("train")
@@ -153,6 +157,9 @@ def _train(config: TrainConfig, progress: bool, on_step: Callable[[int], None] |
     schedule = preset.schedule
     accelerator = _accelerator(config, preset.family)
     sources = [open_source(d) for d in config.data]
+    for source in sources if warn_unfinished and accelerator.is_main_process else ():
+        if isinstance(source, DiffumaskSource) and (reason := source.dataset.unfinished()):
+            warnings.warn(f"{source.root} is not finished: {reason}", stacklevel=3)
     classes = union_classes(sources)
     parts = open_splits(sources, config.split, classes)
     parts += open_splits([open_source(d) for d in config.negatives], config.negatives_split, classes, negatives=True)
