@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -432,6 +433,19 @@ def test_a_run_killed_while_it_makes_lost_items_again_is_said_to_be_re_run(tmp_p
         assert [str(p) for p in validate_dataset(root)[0]] == [WRITING]
     run()
     assert validate_dataset(root)[0] == [] and Dataset(root).unfinished() is None
+
+
+def test_an_unreadable_file_is_named_with_the_decoders_words_and_the_fix_once(sound, tmp_path):
+    """validate wrapped the reader's whole error, fix included, in its own: two fixes in one line."""
+    root = tmp_path / "data"
+    shutil.copytree(sound, root)
+    (root / "JPEGImages/item_0001.png").write_bytes(b"not an image")  # validate reads images' headers only
+    (root / "SegmentationClass/item_0003.png").write_bytes((root / "SegmentationClass/item_0003.png").read_bytes()[:100])
+    problems = [str(p) for p in validate_dataset(root)[0]]
+    assert len(problems) == 2
+    for problem, what in zip(problems, ("item_0001: image", "item_0003: mask")):
+        assert re.fullmatch(rf"{what} unreadable \([^;()]+\): delete it, and run again the command that made the "
+                            "dataset to make the item again", problem), problem
 
 
 def test_a_worker_marks_items_lost_only_between_merges(tmp_path):

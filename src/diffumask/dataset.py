@@ -481,7 +481,8 @@ def decoding(path: Path, fix: str | Callable[[], str] = REPLACE_FILE) -> Iterato
         # or unidentified data, bad chunks; numpy's .npz: a truncated or corrupt archive
         if isinstance(error, UnreadableFile) or getattr(error, "errno", None) is not None:
             raise  # the system's own errors (missing file, permissions) say what they are
-        raise UnreadableFile(f"{path} cannot be read ({error}); {fix if isinstance(fix, str) else fix()}") from None
+        raise UnreadableFile(f"{path} cannot be read ({error}); {fix if isinstance(fix, str) else fix()}",
+                             reason=str(error)) from None
 
 
 def read_rgb(path: Path, fix: str | Callable[[], str] = REPLACE_FILE) -> np.ndarray:
@@ -1192,8 +1193,7 @@ class Dataset:
                 f"validate {self.root}` lists every damaged item){self._refined_hint()}")
 
     def _refined_hint(self) -> str:
-        records = self.records()
-        refined = records and "refine" in records[0]
+        refined = any("refine" in record for record in self.records())  # its first item may be one made since
         return "; then refine again with the same options, since it was refined" if refined else ""
 
     def split_ids(self, split: str = "train") -> list[str]:

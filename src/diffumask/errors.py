@@ -14,7 +14,12 @@ class ConfigError(DiffumaskError, ValueError):
 
 
 class UnreadableFile(DiffumaskError, ValueError):
-    """An image or mask on disk that cannot be decoded (truncated, corrupt): named, with the fix."""
+    """An image or mask on disk that cannot be decoded (truncated, corrupt): named, with the fix; ``reason``: the
+    decoder's own words, for a caller that words the fix itself (validate)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = message if reason is None else reason
 
 
 def one_line(error: BaseException) -> str:

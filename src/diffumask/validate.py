@@ -107,7 +107,7 @@ def _check_item(dataset: Dataset, record: dict, n_classes: int, soft_maps: bool)
         try:
             mask = read_index_png(mask_path)
         except (OSError, ValueError) as error:
-            yield Problem(item_id, f"mask unreadable ({error}): delete it, and {REMAKE}")
+            yield Problem(item_id, f"mask unreadable ({getattr(error, 'reason', error)}): delete it, and {REMAKE}")
         else:
             if size is not None and mask.shape != size:
                 yield Problem(item_id, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[1]}x{size[0]}")
