@@ -259,6 +259,27 @@ def test_a_re_run_makes_again_the_items_whose_files_are_gone(tmp_path, sd1_pipe,
     assert [r.get("rev", 0) for r in Dataset(out).records()] == [2 if i in gone else 0 for i in ids]
 
 
+def test_a_smaller_re_run_names_the_lost_items_beyond_it(tmp_path, sd1_pipe, monkeypatch):
+    """A run killed while it made lost items again left them marked; a re-run asking for fewer images per class
+    does not make them, and the dataset said only 're-run it to finish': it says which run makes them."""
+    out = tmp_path / "d"
+    generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    (out / "JPEGImages" / "dog_000002.jpg").unlink()
+    def dying_write(*args, **kwargs):
+        raise KeyboardInterrupt  # after the mark, before the item
+
+    monkeypatch.setattr(Dataset, "write_item", dying_write)
+    with pytest.warns(UserWarning, match="lost their files"), pytest.raises(KeyboardInterrupt):
+        generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning) as said:
+        generate_dataset(config(out, images_per_class=2), pipe=sd1_pipe, progress=False)
+    assert f"{out} holds 1 item(s) beyond the 4 this command makes that lost their files (e.g. dog_000002): run it " \
+           "with the --images-per-class and --compose that made them to make them again" in [str(w.message) for w in said]
+    generate_dataset(config(out), pipe=sd1_pipe, progress=False)
+    assert Dataset(out).lost_ids() == set() and validate_dataset(out)[0] == []
+
+
 def test_a_softmaps_folder_emptied_to_save_space_makes_no_item_again(tmp_path, sd1_pipe, recwarn):
     """Missing soft maps made an item be made again only while the folder held others': one extension of a dataset
     whose SoftMaps folder was deleted whole filled it again, and the next re-run remade every older item."""

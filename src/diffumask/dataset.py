@@ -764,6 +764,10 @@ class Dataset:
         """Ids a re-run need not make again: written items and flagged ones (not those marked lost)."""
         return {r["id"] for r in self._latest() if not r.get(LOST)}
 
+    def lost_ids(self) -> set[str]:
+        """Items marked lost (:meth:`finished_whole`) that no run has made again yet."""
+        return {r["id"] for r in self._latest() if r.get(LOST)}
+
     def finished_whole(self, share: Iterable[str]) -> set[str]:
         """The finished ids a re-run keeps: :meth:`finished_ids`, less those of ``share`` (the items this run makes)
         whose image or mask is gone (a disk fault, a file deleted by hand), so a re-run makes them again. Soft maps

@@ -430,11 +430,16 @@ def generate_dataset(config: GenerateConfig, pipe: Any | None = None, progress: 
     dataset = Dataset.create(config.out, config.classes, info["settings"], image_format=config.image_format, job=job)
     if config.compose:
         _check_compose_templates_unchanged(dataset, compose_fingerprint)
-    beyond = len(dataset.finished_ids() - {item.id for item in items})
+    made_here = {item.id for item in items}
+    beyond = len(dataset.finished_ids() - made_here)
     if worker.rank == 0 and beyond:  # once, not once per worker
         warnings.warn(f"{dataset.root} holds {beyond} item(s) beyond the {len(items)} this command makes (an earlier "
                       "run asked for more --images-per-class or --compose); they stay in the dataset and its lists, "
                       "nothing is deleted")
+    if worker.rank == 0 and (stranded := sorted(dataset.lost_ids() - made_here)):
+        warnings.warn(f"{dataset.root} holds {len(stranded)} item(s) beyond the {len(items)} this command makes that "
+                      f"lost their files (e.g. {stranded[0]}): run it with the --images-per-class and --compose that "
+                      "made them to make them again")
     # Whole batches of the full list by rank: the shares never overlap however the workers interleave.
     # A batch with any item left is made whole again (its finished items are not rewritten), so an
     # item's bytes never depend on where an earlier run was killed.
