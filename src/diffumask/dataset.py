@@ -926,7 +926,8 @@ class Dataset:
                     "the items finished so far: re-run that command, with any number of workers, to finish")
         pending = (self.root / "SegmentationClass").glob(f".*{PENDING_MASK}")
         lines = self._lines()
-        if lost := [r for r in self._latest(lines) if r.get(LOST)]:
+        latest = self._latest(lines)
+        if lost := [r for r in latest if r.get(LOST)]:
             return (f"{len(lost)} of its items lost their files (e.g. {lost[0]['id']}: {lost[0][LOST]}) and the run "
                     "making them again stopped before its end, so they are left out: re-run it to finish")
         if any(line.get(LOST) for line in lines):  # made again, but the manifest not compacted yet
@@ -935,7 +936,7 @@ class Dataset:
         if next(pending, None) is not None or len(lines) != len({line["id"] for line in lines}):
             return ("a refine on it stopped before its end, so some items hold refined masks and the others earlier "
                     "ones: re-run the same refine to finish")
-        items = [r for r in self._latest(lines) if not r.get("flagged")]
+        items = [r for r in latest if not r.get("flagged")]
         if unrefined := [r["id"] for r in items if "refine" not in r] if any("refine" in r for r in items) else []:
             return (f"{len(unrefined)} of its items (e.g. {unrefined[0]}) were made since it was refined, and hold "
                     "unrefined masks: run the same refine again to refine them")
@@ -1188,7 +1189,7 @@ class Dataset:
         path = {"image": self.image_path, "mask": self.current_mask_path, "soft maps": self.soft_maps_path}[what]
         if not (missing := [item_id for item_id in ids if not path(item_id).is_file()]):
             return
-        if len(missing) < len(ids) or _names(path(missing[0]).parent):  # others' files are there: these were lost
+        if len(missing) < len(ids) or _holds_files(path(missing[0]).parent):  # others' are there: these were lost
             raise self.lost_files(missing, what, path(missing[0]))
         raise DiffumaskError(f"{self.root} has no {what} for {len(missing)} item(s) (e.g. {path(missing[0])}); {needs}")
 
@@ -1320,6 +1321,15 @@ def _names(folder: Path) -> set[str]:
             return {entry.name for entry in entries}
     except FileNotFoundError:
         return set()
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether a folder has any entry (False when it is not there), without listing it whole."""
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except FileNotFoundError:
+        return False
 
 
 def _file_sha256(path: Path) -> str:

@@ -178,11 +178,8 @@ def validate_dataset(root: str | os.PathLike[str]) -> tuple[list[Problem], int]:
     if not dataset.manifest_path.is_file() and not shard_ids:  # else the shards' own problem says what happened
         problems.append(Problem("manifest.jsonl", NO_ITEM))
     manifest = list(_entries(dataset.manifest_path)) if dataset.manifest_path.is_file() else []
-    latest: dict[str, dict] = {}  # each item's latest line, as Dataset reads them: the highest rev, else the last
-    for entry in [e for e in manifest if isinstance(e, dict)] + list(sharded.values()):
-        if entry.get("rev", 0) >= latest.get(entry["id"], {}).get("rev", 0):
-            latest[entry["id"]] = entry
-    lost = {item_id: entry for item_id, entry in latest.items() if entry.get(LOST)}
+    latest = dataset._latest([e for e in manifest if isinstance(e, dict)] + list(sharded.values()))  # as readers see
+    lost = {entry["id"]: entry for entry in latest if entry.get(LOST)}
     remade = {e["id"] for e in manifest if isinstance(e, dict) and e.get(LOST)} - set(lost)  # lines not compacted yet
     stopped = [Problem(item_id, f"{entry[LOST]}: a run making the item again stopped before it had; re-run it to "
                                 "finish") for item_id, entry in lost.items()]  # unless that run is at work now
